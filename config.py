@@ -1,0 +1,398 @@
+"""
+Configuration: one small dataclass per concern, three presets, and `--section.key=value` overrides.
+
+Every knob of the project lives here, with a comment that says why it has its default. Scripts call
+`get_config(argv)` and get back a fully resolved `Config`; nothing else in the repo reads argv.
+
+    python train.py --preset=toy --stage=sft --train.lr=3e-4 --rl.tree_schedule=[0,8,16]
+    python train.py -h            # every key, its type and its value under the chosen preset
+
+Rules (STYLE.md rule 5): a key that does not exist, or a value that does not parse as the default's
+type, is a one-line error naming the valid keys or the expected type. The resolved config is printed
+by the scripts and saved as `config.json` next to every run's outputs (`save_config`).
+
+Presets:
+  toy   -- 2-core CPU, minutes. 32x32 images, 4x4 grid, ~1M-parameter model.
+  small -- one GPU, about an hour. 64x64 images, bigger model, bf16.
+  base  -- several GPUs under torchrun. Same code, bigger numbers.
+
+Paper unknowns (PAPER.md §14) that became config fields are marked "unknown in the paper" below,
+with the reading we took as the default.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+import os
+import sys
+from dataclasses import dataclass, field, fields, asdict
+
+
+class ConfigError(ValueError):
+    """A bad command line: the message is one line that says what to fix."""
+
+
+# ----------------------------------------------------------------------------------------------
+# the sections
+
+@dataclass
+class ModelConfig:
+    n_layer: int = 4
+    n_head: int = 4
+    d_model: int = 128
+    mlp_hidden: int = 0              # SwiGLU hidden width; 0 -> 8/3 * d_model rounded to 32 (LLaMA)
+    tie_weights: bool = True         # share token embedding and output head: fewer params at toy size
+    prefix_dlm: bool = False         # LaViDa prefix-DLM layout: prompt attends only to prompt (cacheable)
+    rope_base: float = 10000.0
+    max_len: int = 512               # longest prompt+response the rotary table covers
+    dropout: float = 0.0             # toy runs are short; dropout only slows them down
+
+
+@dataclass
+class DataConfig:
+    image_size: int = 32             # pixels per side of the rendered scene
+    grid: int = 4                    # the scene is a grid x grid board of cells, one shape per cell at most
+    min_shapes: int = 3
+    max_shapes: int = 7
+    n_sft: int = 400                 # traced SFT examples per task family ("deliberately limited")
+    n_rl: int = 4000                 # answer-only RL prompts per family (no traces: rewards need none)
+    n_eval: int = 200                # held-out examples per family, disjoint from both pools
+    hard_frac: float = 0.4           # share of math/VQA + grounding questions drawn from the hard types
+    teacher_slip: float = 0.0        # fraction of traces with a random miscount carried to a wrong answer
+    teacher_bias: str = ""           # a colour the teacher always overcounts by one ("" = none)
+    seed: int = 0                    # the world seed: same seed -> same scenes, questions and splits
+    jsonl: str = ""                  # optional user data (see data.load_jsonl); "" = synthetic only
+    cache_dir: str = "cache"         # VQ checkpoint and tokenized datasets are cached here
+
+
+@dataclass
+class VQConfig:
+    codebook_size: int = 64          # 4 colours x 3 kinds x 2 sizes + empty = 25 cell types, with room
+    code_dim: int = 32
+    hidden: int = 64                 # conv channels
+    downsample: int = 8              # 32px / 8 = 4x4 tokens: one token per grid cell at toy size
+    batch_size: int = 64
+    lr: float = 2e-3
+    steps: int = 1500
+    time_budget_s: float = 150.0     # stop early if the step budget would overrun this (issue: <= 3 min)
+    beta: float = 0.25               # commitment loss weight (VQ-VAE paper)
+    ema_decay: float = 0.9           # EMA codebook updates (van den Oord et al. 2017, appendix)
+    dead_threshold: float = 0.5      # restart codes used less than this many times per batch (EMA count)
+    n_images: int = 6000             # training images (rendered scenes, all splits' scenes excluded)
+
+
+@dataclass
+class DiffusionConfig:
+    eps: float = 1e-3                # t ~ U(eps, 1): never an empty mask (LLaDA p_mask = (1-eps)t + eps)
+    loss_weight: str = "mean"        # "mean": plain mean CE over masked tokens (LaViDa-O); "elbo": 1/t
+    complementary: bool = True       # SFT also trains on the complementary mask (LaViDa)
+    prompt_drop: float = 0.1         # drop the text prompt (-> [MASK]) for classifier-free guidance
+    tokens_per_step: int = 2         # text: reveal this many tokens per step (LLaDA: 1 = best, slowest)
+    block_len: int = 16              # text: semi-autoregressive block length
+    image_steps: int = 8             # image region: number of denoising steps (cosine schedule)
+    temperature: float = 0.0         # text sampling temperature (0 = greedy) for eval
+    image_temperature: float = 1.0   # image token sampling temperature
+    cfg_scale: float = 0.0           # image CFG: logits = (1+g) cond - g uncond; 0 = off
+    remask: str = "low_confidence"   # which masked tokens to reveal: "low_confidence" | "random"
+
+
+@dataclass
+class TrainConfig:
+    stage: str = "all"               # vq | sft | rl | all (vq if not cached -> sft -> rl -> eval)
+    out_dir: str = "runs/toy"
+    device: str = "auto"             # auto -> cuda > mps > cpu
+    dtype: str = "auto"              # auto -> bfloat16 on CUDA with bf16 support, else float32
+    compile: bool = False            # torch.compile; off on CPU (slow to compile, little gain)
+    seed: int = 0
+    batch_size: int = 64             # GLOBAL batch (sequences per optimizer step, all ranks together)
+    micro_batch: int = 64            # per-rank micro batch; grad accumulation is derived from these
+    lr: float = 1e-3
+    min_lr_frac: float = 0.1         # cosine decay to lr * this
+    warmup: int = 100
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    max_steps: int = 4000
+    time_budget_s: float = 300.0     # SFT stops at max_steps or after this many seconds, whichever first
+    log_interval: int = 50
+    eval_interval: int = 500         # quick held-out eval during SFT (the saturation curve); 0 = off
+    ckpt_interval: int = 500
+    task_mix: str = "vqa:4,ground:3,edit:2,t2i:1"   # SFT sampling ratios of the four families
+    resume: bool = False             # continue from the latest checkpoint in out_dir
+    init_from: str = ""              # start from this checkpoint's weights (e.g. RL from the SFT ckpt)
+
+
+@dataclass
+class RLConfig:
+    group_size: int = 8              # N rollouts per prompt (unknown in the paper; d1 uses 6, TRL 8)
+    prompts_per_step: int = 4        # prompts per task per step
+    sft_rows: int = 16               # SFT rows (A = 1) mixed into every step (ratio unknown in the paper)
+    gamma: float = 0.5               # A = gamma * A_distill + (1 - gamma) * A_GRPO (paper: 0.5)
+    adv_std: bool = True             # divide GRPO advantage by the group std (unknown; standard GRPO)
+    tau: float = 0.5                 # a group "all failed" when every reward < tau (paper: 0.5)
+    af_prob: float = 0.1             # answer-forcing probability (paper: "10%")
+    af_mode: str = "failed_groups"   # "failed_groups": p applies to all-failed groups (reading 1, default)
+                                     # "all_groups": p of all groups get the forced sample (reading 2)
+    tree_schedule: str = "0,8"       # tree-search rounds: 0 = fresh round, s = branch at image step s
+    tree_tasks: str = "edit"         # tasks that use tree search (real-valued rewards)
+    likelihood: str = "complementary"  # complementary | elbo_mc | mc_unweighted | one_step
+    n_mc: int = 2                    # forward passes for the MC estimators (complementary uses 2)
+    kl_coef: float = 0.0             # ablation only: KL to a frozen reference copy (paper: none)
+    lr: float = 3e-4
+    max_steps: int = 400
+    time_budget_s: float = 300.0
+    task_mix: str = "vqa:1,ground:1,edit:1"  # RL task mix (t2i is SFT-only, as in the paper)
+    temperature: float = 1.0         # rollout sampling temperature (unknown in the paper)
+
+
+@dataclass
+class EvalConfig:
+    n_per_task: int = 200            # held-out examples per family (capped by data.n_eval)
+    batch_size: int = 100
+    seed: int = 1234                 # fixed sampling seed: eval numbers are reproducible
+    grid_rows: int = 4               # rows per task in the PNG sample grid
+
+
+@dataclass
+class Config:
+    preset: str = "toy"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    vq: VQConfig = field(default_factory=VQConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+SECTIONS = [f.name for f in fields(Config) if f.name != "preset"]
+
+# ----------------------------------------------------------------------------------------------
+# presets: only the differences from the dataclass defaults (which are the toy preset)
+
+PRESETS: dict[str, dict[str, dict]] = {
+    "toy": {},
+    "small": {
+        "model": dict(n_layer=8, n_head=8, d_model=512, prefix_dlm=True, max_len=1024),
+        "data": dict(image_size=64, grid=4, n_sft=2000, n_rl=20000, n_eval=500),
+        "vq": dict(codebook_size=256, hidden=128, downsample=8, steps=4000, time_budget_s=900,
+                   n_images=20000),
+        "diffusion": dict(image_steps=16),
+        "train": dict(out_dir="runs/small", batch_size=128, micro_batch=128, lr=5e-4,
+                      max_steps=20000, time_budget_s=2400, eval_interval=2000, ckpt_interval=1000),
+        "rl": dict(group_size=8, prompts_per_step=8, sft_rows=64, max_steps=2000,
+                   time_budget_s=1800, lr=1e-4),
+        "eval": dict(n_per_task=500),
+    },
+    "base": {
+        "model": dict(n_layer=16, n_head=16, d_model=1024, prefix_dlm=True, max_len=2048),
+        "data": dict(image_size=128, grid=8, max_shapes=16, n_sft=20000, n_rl=200000, n_eval=1000),
+        "vq": dict(codebook_size=1024, hidden=192, downsample=8, steps=20000, time_budget_s=7200,
+                   n_images=100000),
+        "diffusion": dict(image_steps=64),
+        "train": dict(out_dir="runs/base", batch_size=512, micro_batch=64, lr=3e-4,
+                      max_steps=100000, time_budget_s=1e9, eval_interval=5000, ckpt_interval=2000),
+        "rl": dict(group_size=8, prompts_per_step=32, sft_rows=256, max_steps=5000,
+                   time_budget_s=1e9, lr=5e-5),
+        "eval": dict(n_per_task=1000),
+    },
+}
+
+# ----------------------------------------------------------------------------------------------
+# parsing
+
+def _parse_value(text: str, default, where: str):
+    """Parse `text` into the type of `default`, or raise a one-line ConfigError."""
+    kind = type(default)
+    try:
+        if kind is bool:
+            low = text.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if kind is int:
+            v = ast.literal_eval(text)
+            if isinstance(v, bool) or not isinstance(v, int):
+                if isinstance(v, float) and v.is_integer():   # allow 1e4 for big step counts
+                    return int(v)
+                raise ValueError
+            return v
+        if kind is float:
+            v = ast.literal_eval(text)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ValueError
+            return float(v)
+        if kind is str:
+            return text
+    except (ValueError, SyntaxError, TypeError):   # TypeError: literal_eval("{[]: 1}") (unhashable)
+        pass
+    raise ConfigError(f"--{where}={text!r}: expected {kind.__name__} (default {default!r})")
+
+
+def _apply(cfg: Config, section: str, key: str, text_or_value, from_cli: bool = True):
+    if section not in SECTIONS:
+        raise ConfigError(f"unknown section {section!r} in --{section}.{key}; "
+                          f"sections are: {', '.join(SECTIONS)}")
+    sec = getattr(cfg, section)
+    names = [f.name for f in fields(sec)]
+    if key not in names:
+        raise ConfigError(f"unknown key --{section}.{key}; valid keys of [{section}]: {', '.join(names)}")
+    default = getattr(sec, key)
+    value = _parse_value(text_or_value, default, f"{section}.{key}") if from_cli else text_or_value
+    if type(value) is int and isinstance(getattr(type(sec)(), key), float):
+        value = float(value)     # a preset's 900 in a float field stays a float, so --x=1.5 still parses
+    setattr(sec, key, value)
+
+
+def make_config(preset: str = "toy", overrides: dict | None = None) -> Config:
+    """Build a Config from a preset name plus {"section.key": value} overrides (used by tests/code)."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; presets are: {', '.join(PRESETS)}")
+    cfg = Config(preset=preset)
+    for section, kv in PRESETS[preset].items():
+        for k, v in kv.items():
+            _apply(cfg, section, k, v, from_cli=False)
+    for dotted, v in (overrides or {}).items():
+        section, _, key = dotted.partition(".")
+        _apply(cfg, section, key, str(v) if not isinstance(v, str) else v)
+    return cfg
+
+
+def help_text(cfg: Config) -> str:
+    lines = [f"usage: python train.py [--preset={'|'.join(PRESETS)}] [--stage=...] [--section.key=value ...]",
+             f"keys and their values under preset {cfg.preset!r}:"]
+    for section in SECTIONS:
+        sec = getattr(cfg, section)
+        for f in fields(sec):
+            v = getattr(sec, f.name)
+            lines.append(f"  --{section}.{f.name}={v!r}  ({type(v).__name__})")
+    lines.append("shortcuts: --stage=X means --train.stage=X; --out_dir=X means --train.out_dir=X")
+    return "\n".join(lines)
+
+
+SHORTCUTS = {"stage": "train.stage", "out_dir": "train.out_dir", "seed": "train.seed",
+             "device": "train.device", "resume": "train.resume"}
+
+
+def get_config(argv: list[str] | None = None) -> Config:
+    """Parse argv (default sys.argv[1:]) into a Config. Exits with a one-line message on errors."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        preset, rest, want_help = "toy", [], False
+        for arg in argv:
+            if arg in ("-h", "--help"):
+                want_help = True
+            elif arg.startswith("--preset="):
+                preset = arg.split("=", 1)[1]
+            elif arg == "--resume":                         # bare flag is allowed for the common case
+                rest.append(("train.resume", "true"))
+            elif arg.startswith("--") and "=" in arg:
+                key, value = arg[2:].split("=", 1)
+                key = SHORTCUTS.get(key, key)
+                if "." not in key:
+                    raise ConfigError(f"--{key}: write overrides as --section.key=value "
+                                      f"(sections: {', '.join(SECTIONS)}; shortcuts: {', '.join(SHORTCUTS)})")
+                rest.append((key, value))
+            else:
+                raise ConfigError(f"cannot parse argument {arg!r}: write --section.key=value (see -h)")
+        cfg = make_config(preset)
+        for key, value in rest:
+            section, _, k = key.partition(".")
+            _apply(cfg, section, k, value)
+        validate(cfg)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+    if want_help:
+        print(help_text(cfg))
+        raise SystemExit(0)
+    return cfg
+
+
+def validate(cfg: Config):
+    """Cross-field checks that a type check cannot do. Each failure is one line with the fix."""
+    d, m, t, r = cfg.data, cfg.model, cfg.train, cfg.rl
+    if cfg.train.stage not in ("vq", "sft", "rl", "eval", "all"):
+        raise ConfigError(f"--train.stage={t.stage!r}: expected one of vq, sft, rl, eval, all")
+    if d.image_size % cfg.vq.downsample:
+        raise ConfigError(f"data.image_size={d.image_size} must be divisible by vq.downsample={cfg.vq.downsample}")
+    if d.image_size % d.grid:
+        raise ConfigError(f"data.image_size={d.image_size} must be divisible by data.grid={d.grid}")
+    if m.d_model % m.n_head:
+        raise ConfigError(f"model.d_model={m.d_model} must be divisible by model.n_head={m.n_head}")
+    if not (1 <= d.min_shapes <= d.max_shapes <= d.grid * d.grid):
+        raise ConfigError(f"need 1 <= data.min_shapes <= data.max_shapes <= grid^2={d.grid ** 2}")
+    if cfg.diffusion.loss_weight not in ("mean", "elbo"):
+        raise ConfigError(f"--diffusion.loss_weight={cfg.diffusion.loss_weight!r}: expected mean or elbo")
+    if cfg.diffusion.remask not in ("low_confidence", "random"):
+        raise ConfigError(f"--diffusion.remask={cfg.diffusion.remask!r}: expected low_confidence or random")
+    if r.likelihood not in ("complementary", "elbo_mc", "mc_unweighted", "one_step"):
+        raise ConfigError(f"--rl.likelihood={r.likelihood!r}: expected complementary, elbo_mc, "
+                          f"mc_unweighted or one_step")
+    if r.af_mode not in ("failed_groups", "all_groups"):
+        raise ConfigError(f"--rl.af_mode={r.af_mode!r}: expected failed_groups or all_groups")
+    if t.batch_size % t.micro_batch:
+        raise ConfigError(f"train.batch_size={t.batch_size} must be a multiple of train.micro_batch={t.micro_batch}")
+    parse_mix(t.task_mix, "train.task_mix")
+    parse_mix(r.task_mix, "rl.task_mix")
+    parse_int_list(r.tree_schedule, "rl.tree_schedule")
+
+
+TASKS = ("vqa", "ground", "edit", "t2i")
+
+
+def parse_mix(text: str, where: str = "task_mix") -> dict[str, float]:
+    """'vqa:4,ground:3' -> {'vqa': 4/7, 'ground': 3/7}. Unknown tasks or bad weights are errors."""
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, w = part.partition(":")
+        if name not in TASKS:
+            raise ConfigError(f"--{where}: unknown task {name!r}; tasks are {', '.join(TASKS)}")
+        try:
+            out[name] = float(w) if w else 1.0
+        except ValueError:
+            raise ConfigError(f"--{where}: weight {w!r} of {name!r} is not a number") from None
+        if out[name] < 0:
+            raise ConfigError(f"--{where}: weight of {name!r} is negative")
+    total = sum(out.values())
+    if total <= 0:
+        raise ConfigError(f"--{where}={text!r}: needs at least one positive weight, e.g. vqa:1")
+    return {k: v / total for k, v in out.items() if v > 0}
+
+
+def parse_int_list(text: str, where: str) -> list[int]:
+    try:
+        return [int(x) for x in text.strip("[]").split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--{where}={text!r}: expected comma-separated integers, e.g. 0,8") from None
+
+
+def to_dict(cfg: Config) -> dict:
+    return asdict(cfg)
+
+
+def from_dict(d: dict) -> Config:
+    """Rebuild a Config from to_dict() output (e.g. a checkpoint). Unknown keys are ignored and
+    missing ones keep their defaults, so old checkpoints still load (nanochat's patch-missing-keys)."""
+    cfg = Config(preset=d.get("preset", "toy"))
+    for section in SECTIONS:
+        sec = getattr(cfg, section)
+        names = {f.name for f in fields(sec)}
+        for k, v in d.get(section, {}).items():
+            if k in names:
+                setattr(sec, k, v)
+    return cfg
+
+
+def save_config(cfg: Config, out_dir: str, argv: list[str] | None = None):
+    os.makedirs(out_dir, exist_ok=True)
+    payload = to_dict(cfg)
+    payload["argv"] = list(sys.argv if argv is None else argv)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(payload, f, indent=2)
+
+
+def format_config(cfg: Config) -> str:
+    return json.dumps(to_dict(cfg), indent=1)

@@ -1,0 +1,763 @@
+"""
+The toy multimodal world: a Pillow-rendered "shape world", four task families that mirror the
+paper's, the text tokenizer, the unified vocabulary, batching, and a JSONL loader for your own data.
+
+Paper mapping (PAPER.md §1, §6, §8):
+  * visual math / VQA (MathVista-like)       -> `vqa`:    counting, arithmetic over counts, "sides"
+  * reason-intensive grounding (LISA-like)   -> `ground`: a referring expression that needs reasoning;
+                                                          the answer is a box in pixel coordinates
+  * image editing with reasoning (ImgEdit)   -> `edit`:   recolour / remove / move / add; the response
+                                                          is a short plan followed by the edited image's
+                                                          VQ tokens (LaViDa-O "planning")
+  * text-to-image (SFT only, as in the paper)-> `t2i`:    a scene description -> the image's VQ tokens
+
+Every scene is a `grid x grid` board; each cell is empty or holds one shape (kind, colour, size).
+Because shapes are cell-aligned, `read_scene` can re-read every attribute from a picture exactly,
+and that one function scores edits, text-to-image, and the VQ tokenizer's reconstructions.
+
+Each family yields three disjoint pools, as in the paper's data:
+  sft  -- prompt + full step-by-step reasoning trace + answer (deliberately small: data.n_sft)
+  rl   -- prompt + ground-truth answer / box / target only, no trace (data.n_rl): verifiable rewards
+          need no traces
+  eval -- held out; any (scene, prompt) that also occurs in sft or rl is dropped.
+The traced pool can come from an imperfect teacher (data.teacher_slip: random miscounts carried
+through to a wrong answer; data.teacher_bias: a colour the teacher always overcounts by one), as
+distilled reasoning data really does.
+
+Sequence layout (all families share it, so positions mean the same thing in every batch):
+    [task tag] [<boi> image codes <eoi>] prompt words [PAD ...] | response (R_f positions) [PAD ...]
+    |<-------------------- P = fixed prompt width -------------->|
+  vqa/ground response: <think> trace </think> [EOS ...] <answer> z </answer>     (answer at the END,
+                       so answer-forcing's canvas "[M] ... [M] <answer> z </answer>" is in-distribution)
+  edit response:       <think> plan </think> [EOS ...] then n_img image codes
+  t2i response:        n_img image codes
+Text positions are masked with [MASK], image positions with [IMASK] (LaViDa-O also keeps a separate
+VQ mask id), so the model always knows which modality a masked slot holds.
+
+Simplified away: SigLIP features (images enter only as VQ codes), digits drawn in the image, real
+charts. Exercise it with `python data.py` (prints samples) and `python -m pytest tests/test_data.py`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import zlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+# ----------------------------------------------------------------------------------------------
+# the world
+
+COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 90, 235), "yellow": (235, 215, 40)}
+KINDS = ("circle", "square", "triangle")
+SIZES = ("small", "large")
+SIDES = {"circle": 0, "square": 4, "triangle": 3}
+PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles"}
+SUPERSAMPLE = 4          # draw at 4x and box-filter down: anti-aliased, so kinds stay distinct at 8 px
+
+
+@dataclass(frozen=True)
+class Shape:
+    kind: str
+    colour: str
+    size: str
+
+    def words(self) -> str:
+        return f"{self.size} {self.colour} {self.kind}"
+
+
+# A scene is a tuple of grid*grid cells, row-major, each a Shape or None.
+Scene = tuple
+
+
+def cell_name(i: int, grid: int) -> str:
+    return f"r{i // grid}c{i % grid}"
+
+
+def scene_key(scene: Scene) -> str:
+    return "|".join("." if s is None else f"{s.kind[0]}{s.colour[0]}{s.size[0]}" for s in scene)
+
+
+def random_scene(rng: np.random.Generator, grid: int, min_shapes: int, max_shapes: int) -> Scene:
+    n = int(rng.integers(min_shapes, max_shapes + 1))
+    cells = rng.choice(grid * grid, size=n, replace=False)
+    scene = [None] * (grid * grid)
+    for c in cells:
+        scene[int(c)] = Shape(KINDS[rng.integers(3)], list(COLOURS)[rng.integers(4)], SIZES[rng.integers(2)])
+    return tuple(scene)
+
+
+def _inset(size: str, cell: int) -> int:
+    # large shapes leave a 1/8-cell margin, small ones a 1/4-cell margin (8 px cell: 6 px vs 4 px)
+    return max(1, cell // 8) if size == "large" else cell // 4
+
+
+def shape_box(i: int, shape: Shape, grid: int, image_size: int) -> tuple[int, int, int, int]:
+    """Pixel box (x0, y0, x1, y1), x1/y1 exclusive, of the shape in cell i. Grounding's answer."""
+    cell = image_size // grid
+    r, c = divmod(i, grid)
+    m = _inset(shape.size, cell)
+    return (c * cell + m, r * cell + m, (c + 1) * cell - m, (r + 1) * cell - m)
+
+
+def render(scene: Scene, grid: int, image_size: int) -> np.ndarray:
+    """Scene -> (H, W, 3) uint8 picture on a black background."""
+    S = SUPERSAMPLE
+    img = Image.new("RGB", (image_size * S, image_size * S), (0, 0, 0))
+    draw = ImageDraw.Draw(img)
+    for i, sh in enumerate(scene):
+        if sh is None:
+            continue
+        x0, y0, x1, y1 = (v * S for v in shape_box(i, sh, grid, image_size))
+        col = COLOURS[sh.colour]
+        if sh.kind == "circle":
+            draw.ellipse([x0, y0, x1 - 1, y1 - 1], fill=col)
+        elif sh.kind == "square":
+            draw.rectangle([x0, y0, x1 - 1, y1 - 1], fill=col)
+        else:  # apex at the top centre, base along the bottom
+            draw.polygon([((x0 + x1) / 2, y0), (x1 - 1, y1 - 1), (x0, y1 - 1)], fill=col)
+    img = img.resize((image_size, image_size), Image.BOX)
+    return np.asarray(img, dtype=np.uint8)
+
+
+_TEMPLATES: dict = {}
+
+
+def _templates(grid: int, image_size: int) -> tuple[list[Shape], np.ndarray]:
+    """Brightness maps of every (kind, size) drawn in white in cell 0, unit-normalised: (6, c*c)."""
+    key = (grid, image_size)
+    if key not in _TEMPLATES:
+        cell = image_size // grid
+        shapes = [Shape(k, "red", s) for k in KINDS for s in SIZES]
+        maps = []
+        for sh in shapes:
+            img = render((sh,) + (None,) * (grid * grid - 1), grid, image_size)
+            a = img[:cell, :cell].max(-1).astype(np.float32).ravel()
+            maps.append(a / np.linalg.norm(a))
+        _TEMPLATES[key] = (shapes, np.stack(maps))
+    return _TEMPLATES[key]
+
+
+def read_scene(img: np.ndarray, grid: int) -> Scene:
+    """Re-read every cell's (kind, colour, size) from a picture: (H, W, 3) uint8 or float in [0, 1].
+
+    This is the scorer for edits and text-to-image, and the attribute-recovery check of the VQ
+    tokenizer. Per cell: brightness = max over RGB; empty if the cell has less than a third of the
+    smallest shape's ink; colour = nearest palette entry to the mean of the bright pixels;
+    kind and size = the template with the highest cosine similarity of brightness maps.
+    """
+    img = np.asarray(img)
+    if img.dtype != np.uint8:
+        img = (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
+    image_size = img.shape[0]
+    cell = image_size // grid
+    shapes, maps = _templates(grid, image_size)
+    min_ink = (maps[[j for j, s in enumerate(shapes) if s.size == "small"]] > 0).sum(1).min() * 255 / 3
+    palette = np.array(list(COLOURS.values()), dtype=np.float32)
+    out = []
+    for i in range(grid * grid):
+        r, c = divmod(i, grid)
+        patch = img[r * cell:(r + 1) * cell, c * cell:(c + 1) * cell].astype(np.float32)   # (c, c, 3)
+        bright = patch.max(-1).ravel()                                                      # (c*c,)
+        if bright.sum() < min_ink:
+            out.append(None)
+            continue
+        px = patch.reshape(-1, 3)[bright > 0.5 * bright.max()]
+        colour = list(COLOURS)[int(((palette - px.mean(0)) ** 2).sum(1).argmin())]
+        sim = maps @ (bright / (np.linalg.norm(bright) + 1e-8))
+        best = shapes[int(sim.argmax())]
+        out.append(Shape(best.kind, colour, best.size))
+    return tuple(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# task families. Each maker returns (prompt, trace, answer_text, answer, qtype) or None (rejected).
+# `trace` is the step-by-step reasoning a (possibly imperfect) teacher writes.
+
+@dataclass
+class Teacher:
+    slip: float = 0.0      # probability that one count in a trace is off by one
+    bias: str = ""         # colour always overcounted by one
+    rng: np.random.Generator | None = None
+    slipped: bool = False  # set when this trace got its one random slip
+
+    def count(self, cells: list[int], colour: str | None) -> int:
+        n = len(cells) + (1 if self.bias and colour == self.bias else 0)
+        if not self.slipped and self.rng is not None and self.rng.random() < self.slip:
+            self.slipped = True
+            n = max(0, n + (1 if n == 0 or self.rng.random() < 0.5 else -1))
+        return n
+
+
+def _filters():
+    # (phrase used in questions/traces, predicate, the colour it counts if any)
+    out = [(f"{c} shapes", (lambda s, c=c: s.colour == c), c) for c in COLOURS]
+    out += [(PLURAL[k], (lambda s, k=k: s.kind == k), None) for k in KINDS]
+    out += [(f"{z} shapes", (lambda s, z=z: s.size == z), None) for z in SIZES]
+    return out
+
+
+FILTERS = _filters()
+
+
+def _cells(scene: Scene, pred) -> list[int]:
+    return [i for i, s in enumerate(scene) if s is not None and pred(s)]
+
+
+def _list(cells: list[int], grid: int) -> str:
+    return " ".join(cell_name(i, grid) for i in cells) if cells else "none"
+
+
+VQA_EASY = ("count", "compare")
+VQA_HARD = ("add", "diff", "sides")
+
+
+def make_vqa(scene: Scene, rng, grid: int, hard: bool, teacher: Teacher):
+    qtype = VQA_HARD[rng.integers(3)] if hard else VQA_EASY[rng.integers(2)]
+    if qtype == "sides":
+        cells = [i for i, s in enumerate(scene) if s is not None]
+        # the trace lists each shape's sides; a slip miscounts one term of the sum
+        terms = [SIDES[scene[i].kind] for i in cells]
+        if teacher.rng is not None and teacher.rng.random() < teacher.slip and terms:
+            j = int(teacher.rng.integers(len(terms)))
+            terms[j] = terms[j] + 1 if terms[j] == 0 or teacher.rng.random() < 0.5 else terms[j] - 1
+        total = sum(terms)
+        trace = "sides : " + " ".join(f"{cell_name(i, grid)} {t}" for i, t in zip(cells, terms))
+        trace += " . " + " + ".join(str(t) for t in terms) + f" = {total}"
+        truth = sum(SIDES[scene[i].kind] for i in cells)
+        return "how many sides do the shapes have in total ?", trace, str(total), str(truth), qtype
+    idx = rng.choice(len(FILTERS), size=2, replace=False)
+    (pa, fa, ca), (pb, fb, cb) = FILTERS[idx[0]], FILTERS[idx[1]]
+    A, B = _cells(scene, fa), _cells(scene, fb)
+    a = teacher.count(A, ca)
+    if qtype == "count":
+        trace = f"{pa} : {_list(A, grid)} . count {a}"
+        return f"how many {pa} are there ?", trace, str(a), str(len(A)), qtype
+    b = teacher.count(B, cb)
+    trace = f"{pa} : {_list(A, grid)} . count {a} . {pb} : {_list(B, grid)} . count {b} . "
+    if qtype == "compare":
+        ans = "yes" if a > b else "no"
+        trace += f"{a} > {b} {ans}"
+        truth = "yes" if len(A) > len(B) else "no"
+        return f"are there more {pa} than {pb} ?", trace, ans, truth, qtype
+    if qtype == "add":
+        trace += f"{a} + {b} = {a + b}"
+        return f"how many {pa} plus {pb} ?", trace, str(a + b), str(len(A) + len(B)), qtype
+    hi, lo = max(a, b), min(a, b)
+    trace += f"{hi} - {lo} = {hi - lo}"
+    return (f"what is the difference between the number of {pa} and {pb} ?", trace, str(hi - lo),
+            str(abs(len(A) - len(B))), qtype)
+
+
+GROUND_EASY = ("unique",)
+GROUND_HARD = ("odd_colour", "left_of", "above")
+
+
+def _unique_pairs(scene: Scene) -> list[int]:
+    """Cells whose (colour, kind) pair occurs exactly once: nameable as 'the red circle'."""
+    pairs = [(s.colour, s.kind) if s else None for s in scene]
+    return [i for i, p in enumerate(pairs) if p is not None and pairs.count(p) == 1]
+
+
+def make_ground(scene: Scene, rng, grid: int, hard: bool):
+    """Returns (prompt, trace, target cell, qtype) or None when this scene cannot pose the question."""
+    qtype = GROUND_HARD[rng.integers(3)] if hard else "unique"
+    uniq = _unique_pairs(scene)
+    if qtype == "unique":
+        if not uniq:
+            return None
+        t = int(rng.choice(uniq))
+        s = scene[t]
+        return f"where is the {s.colour} {s.kind} ?", f"{s.colour} {s.kind} : {cell_name(t, grid)}", t, qtype
+    if qtype == "odd_colour":
+        counts = {c: sum(1 for s in scene if s and s.colour == c) for c in COLOURS}
+        once = [c for c, n in counts.items() if n == 1]
+        if len(once) != 1:
+            return None
+        t = next(i for i, s in enumerate(scene) if s and s.colour == once[0])
+        trace = " ".join(f"{c} {n}" for c, n in counts.items() if n) + f" . once : {once[0]} . "
+        trace += f"{once[0]} : {cell_name(t, grid)}"
+        return "where is the shape whose colour appears only once ?", trace, t, qtype
+    # relational: anchor named by a unique (colour, kind); candidates in the same row (left_of)
+    # or column (above) before it; a size word picks exactly one of them
+    rng.shuffle(uniq)
+    for anchor in uniq:
+        r, c = divmod(anchor, grid)
+        cand = [r * grid + j for j in range(c)] if qtype == "left_of" else [i * grid + c for i in range(r)]
+        cand = [i for i in cand if scene[i] is not None]
+        for size in SIZES:
+            pick = [i for i in cand if scene[i].size == size]
+            if len(pick) == 1:
+                a = scene[anchor]
+                rel = "left of" if qtype == "left_of" else "above"
+                trace = (f"{a.colour} {a.kind} : {cell_name(anchor, grid)} . {rel.split()[0]} : "
+                         f"{_list(cand, grid)} . {size} : {cell_name(pick[0], grid)}")
+                return f"where is the {size} shape {rel} the {a.colour} {a.kind} ?", trace, pick[0], qtype
+    return None
+
+
+EDIT_TYPES = ("recolour", "remove", "move", "add")
+
+
+def make_edit(scene: Scene, rng, grid: int):
+    """Returns (prompt, plan, target scene, qtype) or None."""
+    qtype = EDIT_TYPES[rng.integers(4)]
+    uniq, empty = _unique_pairs(scene), [i for i, s in enumerate(scene) if s is None]
+    tgt = list(scene)
+    if qtype == "add":
+        if not empty:
+            return None
+        j = int(rng.choice(empty))
+        new = Shape(KINDS[rng.integers(3)], list(COLOURS)[rng.integers(4)], SIZES[rng.integers(2)])
+        tgt[j] = new
+        return (f"add a {new.size} {new.colour} {new.kind} at {cell_name(j, grid)}",
+                f"{cell_name(j, grid)} empty . add", tuple(tgt), qtype)
+    if not uniq:
+        return None
+    t = int(rng.choice(uniq))
+    s = scene[t]
+    name = f"{s.colour} {s.kind}"
+    if qtype == "recolour":
+        newc = [c for c in COLOURS if c != s.colour][rng.integers(3)]
+        tgt[t] = Shape(s.kind, newc, s.size)
+        return f"make the {name} {newc}", f"{name} : {cell_name(t, grid)} . recolour {newc}", tuple(tgt), qtype
+    if qtype == "remove":
+        tgt[t] = None
+        return f"remove the {name}", f"{name} : {cell_name(t, grid)} . remove", tuple(tgt), qtype
+    if not empty:
+        return None
+    j = int(rng.choice(empty))
+    tgt[t], tgt[j] = None, s
+    return (f"move the {name} to {cell_name(j, grid)}",
+            f"{name} : {cell_name(t, grid)} . move {cell_name(j, grid)}", tuple(tgt), qtype)
+
+
+def describe(scene: Scene, grid: int) -> str:
+    """The text-to-image prompt: every shape with its attributes and cell, in reading order."""
+    parts = [f"{s.words()} {cell_name(i, grid)}" for i, s in enumerate(scene) if s is not None]
+    return " , ".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------
+# examples and pools
+
+@dataclass
+class Example:
+    task: str                     # vqa | ground | edit | t2i
+    qtype: str                    # question type within the family (for per-type metrics)
+    prompt: str                   # question / instruction / description (words)
+    scene: Scene | None           # the input picture's scene (None for t2i)
+    answer: object                # vqa: "3"/"yes"; ground: (x0,y0,x1,y1); edit/t2i: target Scene
+    trace: str | None = None      # reasoning text (sft pool only; None in the answer-only RL pool)
+    answer_text: str | None = None  # the answer the trace ends in (may be wrong: imperfect teacher)
+    image: np.ndarray | None = None         # input picture; rendered from `scene` unless user-given
+    target_image: np.ndarray | None = None  # edit/t2i target picture (kept for scoring, never shown)
+    key: str = ""                 # (scene, prompt) identity, for split disjointness
+
+
+def box_text(box) -> str:
+    return " ".join(str(int(v)) for v in box)
+
+
+def _make_example(task, scene, rng, cfg, teacher: Teacher | None) -> Example | None:
+    d = cfg
+    hard = rng.random() < d.hard_frac
+    if task == "vqa":
+        q, trace, ans_text, truth, qtype = make_vqa(scene, rng, d.grid, hard, teacher or Teacher())
+        ex = Example(task, qtype, q, scene, truth, trace, ans_text)
+    elif task == "ground":
+        out = make_ground(scene, rng, d.grid, hard)
+        if out is None:
+            return None
+        q, trace, cell, qtype = out
+        box = shape_box(cell, scene[cell], d.grid, d.image_size)
+        ex = Example(task, qtype, q, scene, box, trace, box_text(box))
+    elif task == "edit":
+        out = make_edit(scene, rng, d.grid)
+        if out is None:
+            return None
+        q, plan, target, qtype = out
+        ex = Example(task, qtype, q, scene, target, plan)
+    else:
+        ex = Example("t2i", "t2i", describe(scene, d.grid), None, scene, "")
+    ex.key = f"{task}|{scene_key(scene)}|{ex.prompt}"
+    return ex
+
+
+SPLITS = ("sft", "rl", "eval")
+
+
+def build_pools(dcfg) -> dict[str, dict[str, list[Example]]]:
+    """All synthetic examples: pools[task][split]. Deterministic in dcfg (seed and sizes).
+
+    Example i of (task, split) is drawn from its own generator seeded by (seed, task, split, i), so
+    changing n_rl does not change the sft pool. Disjointness: rl drops keys seen in sft, eval drops
+    keys seen in either (the scenes are random, so collisions are rare but possible).
+    """
+    sizes = {"sft": dcfg.n_sft, "rl": dcfg.n_rl, "eval": dcfg.n_eval}
+    pools: dict[str, dict[str, list[Example]]] = {}
+    for ti, task in enumerate(("vqa", "ground", "edit", "t2i")):
+        seen: set[str] = set()
+        pools[task] = {}
+        for si, split in enumerate(SPLITS):
+            out, i = [], 0
+            while len(out) < sizes[split]:
+                rng = np.random.default_rng([dcfg.seed, ti, si, i])
+                i += 1
+                scene = random_scene(rng, dcfg.grid, dcfg.min_shapes, dcfg.max_shapes)
+                teacher = Teacher(dcfg.teacher_slip, dcfg.teacher_bias, rng) if split == "sft" else None
+                ex = _make_example(task, scene, rng, dcfg, teacher)
+                if ex is None or ex.key in seen:
+                    continue
+                if split != "sft":          # answer-only pools carry no trace (rewards need none)
+                    ex.trace = ex.trace if split == "eval" else None
+                out.append(ex)
+            seen.update(e.key for e in out)
+            pools[task][split] = out
+    return pools
+
+
+def ensure_images(examples: list[Example], dcfg):
+    """Render input and target pictures that are not user-given (cheap: ~0.1 ms per 32 px image)."""
+    for ex in examples:
+        if ex.image is None and ex.scene is not None:
+            ex.image = render(ex.scene, dcfg.grid, dcfg.image_size)
+        if ex.target_image is None and ex.task in ("edit", "t2i"):
+            ex.target_image = render(ex.answer, dcfg.grid, dcfg.image_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# tokenizer and the unified vocabulary
+
+SPECIALS = ["[PAD]", "[MASK]", "[IMASK]", "[EOS]", "[UNK]", "<boi>", "<eoi>", "<think>", "</think>",
+            "<answer>", "</answer>", "<vqa>", "<ground>", "<edit>", "<t2i>"]
+
+
+class Tokenizer:
+    """Word-level tokenizer over the task language plus VQ codes at an offset.
+
+    ids: [0, n_special) special tokens | [n_special, img_offset) words | [img_offset, +n_codes) VQ codes.
+    Unknown words map to [UNK] and are counted in `self.n_unknown`, never silently dropped.
+    """
+
+    def __init__(self, words: list[str], n_codes: int):
+        self.itos = SPECIALS + [w for w in words if w not in SPECIALS]
+        self.stoi = {w: i for i, w in enumerate(self.itos)}
+        self.img_offset = len(self.itos)
+        self.n_codes = n_codes
+        self.vocab_size = self.img_offset + n_codes
+        self.n_unknown = 0
+        self.PAD, self.MASK, self.IMASK, self.EOS, self.UNK = range(5)   # SPECIALS[:5]
+        # readable aliases for the tags above
+        self.BOI, self.EOI = self.stoi["<boi>"], self.stoi["<eoi>"]
+        self.THINK, self.ETHINK = self.stoi["<think>"], self.stoi["</think>"]
+        self.ANS, self.EANS = self.stoi["<answer>"], self.stoi["</answer>"]
+        self.TASK = {t: self.stoi[f"<{t}>"] for t in ("vqa", "ground", "edit", "t2i")}
+
+    @classmethod
+    def fit(cls, texts: list[str], n_codes: int, max_number: int = 64) -> "Tokenizer":
+        """Vocabulary = every word in `texts` plus the numbers 0..max_number (answers, box coords)."""
+        words = {w for t in texts for w in t.split()}
+        words |= {str(i) for i in range(max_number + 1)}
+        return cls(sorted(words - set(SPECIALS)), n_codes)
+
+    def encode(self, text: str) -> list[int]:
+        ids = []
+        for w in text.split():
+            i = self.stoi.get(w)
+            if i is None:
+                self.n_unknown += 1
+                i = self.UNK
+            ids.append(i)
+        return ids
+
+    def decode(self, ids, skip: tuple[str, ...] = ("[PAD]", "[EOS]")) -> str:
+        """ids -> text; VQ codes print as <img:k>, masks as [MASK]/[IMASK]."""
+        out = []
+        for i in (ids.tolist() if torch.is_tensor(ids) else ids):
+            if i >= self.img_offset:
+                out.append(f"<img:{i - self.img_offset}>")
+            elif self.itos[i] not in skip:
+                out.append(self.itos[i])
+        return " ".join(out)
+
+    def state(self) -> dict:
+        return {"words": self.itos[len(SPECIALS):self.img_offset], "n_codes": self.n_codes}
+
+    @classmethod
+    def from_state(cls, st: dict) -> "Tokenizer":
+        return cls(st["words"], st["n_codes"])
+
+
+def all_texts(pools) -> list[str]:
+    return [t for task in pools.values() for exs in task.values() for ex in exs
+            for t in (ex.prompt, ex.trace or "", ex.answer_text or "")]
+
+
+# ----------------------------------------------------------------------------------------------
+# tokenized sets: fixed-width tensors per family, built once (VQ codes cached, STYLE rule 15)
+
+@dataclass
+class Layout:
+    """Per-family response layout: R_text text positions then n_img image positions."""
+    R_text: int
+    n_img: int
+    ans_len: int      # length of the '<answer> z </answer>' block at the end of the text region
+
+    @property
+    def R(self) -> int:
+        return self.R_text + self.n_img
+
+
+@dataclass
+class TaskSet:
+    """One family x split, tokenized. prompt: (N, P) PAD-padded; response: (N, R) or None."""
+    task: str
+    examples: list[Example]
+    prompt: torch.Tensor
+    response: torch.Tensor | None
+    layout: Layout
+
+    def __len__(self):
+        return len(self.examples)
+
+
+def response_ids(ex: Example, tok: Tokenizer, lay: Layout, target_codes=None) -> list[int]:
+    """The SFT target: <think> trace </think> [EOS...] <answer> z </answer> | image codes."""
+    text = []
+    if lay.R_text:
+        think = [tok.THINK] + tok.encode(ex.trace or "") + [tok.ETHINK]
+        ans = [tok.ANS] + tok.encode(ex.answer_text) + [tok.EANS] if lay.ans_len else []
+        if len(think) + len(ans) > lay.R_text:      # user data longer than the canvas: clip the trace
+            think = think[:lay.R_text - len(ans) - 1] + [tok.ETHINK]
+        text = think + [tok.EOS] * (lay.R_text - len(think) - len(ans)) + ans
+    img = [] if lay.n_img == 0 else [tok.img_offset + int(c) for c in target_codes]
+    return text + img
+
+
+def prompt_ids(ex: Example, tok: Tokenizer, codes=None) -> list[int]:
+    ids = [tok.TASK[ex.task]]
+    if codes is not None:
+        ids += [tok.BOI] + [tok.img_offset + int(c) for c in codes] + [tok.EOI]
+    return ids + tok.encode(ex.prompt)
+
+
+def answer_ids(ex: Example, tok: Tokenizer) -> list[int]:
+    """The '<answer> z </answer>' block of the ground truth: what answer-forcing writes in clear."""
+    z = ex.answer if ex.task == "vqa" else box_text(ex.answer)
+    return [tok.ANS] + tok.encode(z) + [tok.EANS]
+
+
+def layouts_for(pools, tok: Tokenizer, n_img: int) -> dict[str, Layout]:
+    """Fixed response widths per family: the longest traced response over every pool + 2 spare."""
+    lay = {}
+    for task, splits in pools.items():
+        exs = [e for s in splits.values() for e in s]
+        ans = max((len(answer_ids(e, tok)) for e in exs), default=0) if task in ("vqa", "ground") else 0
+        think = max((len(tok.encode(e.trace)) + 2 for e in exs if e.trace), default=2) if task != "t2i" else 0
+        R_text = 0 if task == "t2i" else think + ans + 2
+        lay[task] = Layout(R_text, n_img if task in ("edit", "t2i") else 0, ans)
+    return lay
+
+
+def prompt_width(pools, tok: Tokenizer, n_img: int) -> int:
+    """The fixed prompt width P: the longest prompt of any family (tag + picture + words)."""
+    return max(1 + (0 if task == "t2i" else n_img + 2) + len(e.prompt.split())
+               for task, splits in pools.items() for s in splits.values() for e in s)
+
+
+def tokenize_split(task: str, examples: list[Example], tok: Tokenizer, lay: Layout, P: int,
+                   codes: torch.Tensor | None, target_codes: torch.Tensor | None) -> TaskSet:
+    """codes: (N, n_img) VQ codes of the input pictures; target_codes: of the targets (edit/t2i)."""
+    N = len(examples)
+    prompt = torch.full((N, P), tok.PAD, dtype=torch.long)
+    traced = all(e.trace is not None for e in examples) and N > 0
+    response = torch.full((N, lay.R), tok.PAD, dtype=torch.long) if traced else None
+    for n, ex in enumerate(examples):
+        p = prompt_ids(ex, tok, None if codes is None else codes[n])
+        if len(p) > P:
+            raise ValueError(f"{task} prompt of {len(p)} tokens exceeds the prompt width P={P}: "
+                             f"shorten it or raise the width (it is computed from the pools)")
+        prompt[n, :len(p)] = torch.tensor(p)
+        if response is not None:
+            response[n] = torch.tensor(response_ids(ex, tok, lay, None if target_codes is None else target_codes[n]))
+    return TaskSet(task, examples, prompt, response, lay)
+
+
+# ----------------------------------------------------------------------------------------------
+# batches
+
+@dataclass
+class Batch:
+    """A padded batch in the shared layout. All tensors (B, T) with T = P + R.
+
+    tokens     token ids; the response part may hold [MASK]/[IMASK]
+    valid      False at [PAD] (attention ignores those keys)
+    is_prompt  the prompt part (never masked, never scored)
+    is_resp    the response canvas (what diffusion masks, predicts and scores)
+    is_image   response positions that hold VQ codes (masked with [IMASK], sampled from codes only)
+    P          the prompt width: the response starts at column P for every row
+    """
+    tokens: torch.Tensor
+    valid: torch.Tensor
+    is_prompt: torch.Tensor
+    is_resp: torch.Tensor
+    is_image: torch.Tensor
+    P: int
+    tasks: list[str] = field(default_factory=list)
+
+    def to(self, device) -> "Batch":
+        return Batch(*(t.to(device) for t in (self.tokens, self.valid, self.is_prompt, self.is_resp,
+                                              self.is_image)), self.P, self.tasks)
+
+    def with_tokens(self, tokens: torch.Tensor) -> "Batch":
+        return Batch(tokens, self.valid, self.is_prompt, self.is_resp, self.is_image, self.P, self.tasks)
+
+    def repeat(self, n: int) -> "Batch":
+        """Each row n times in a row (rows 0..n-1 = copies of row 0): a rollout group per prompt."""
+        r = lambda t: t.repeat_interleave(n, 0)
+        return Batch(r(self.tokens), r(self.valid), r(self.is_prompt), r(self.is_resp), r(self.is_image),
+                     self.P, [t for t in self.tasks for _ in range(n)])
+
+    @property
+    def response(self) -> torch.Tensor:
+        return self.tokens[:, self.P:]
+
+
+def make_batch(prompts: torch.Tensor, responses: torch.Tensor, layouts: list[Layout], tasks: list[str],
+               tok: Tokenizer) -> Batch:
+    """prompts: (B, P); responses: list/tensor of rows padded to R_max with [PAD]."""
+    B, P = prompts.shape
+    R = responses.shape[1]
+    tokens = torch.cat([prompts, responses], 1)                      # (B, P + R)
+    col = torch.arange(P + R)
+    is_resp = torch.zeros(B, P + R, dtype=torch.bool)
+    is_image = torch.zeros_like(is_resp)
+    for b, lay in enumerate(layouts):
+        is_resp[b, P:P + lay.R] = True
+        is_image[b, P + lay.R_text:P + lay.R] = True
+    valid = (tokens != tok.PAD) | is_resp        # a response slot is valid even while masked
+    is_prompt = (col < P)[None] & valid
+    return Batch(tokens, valid, is_prompt, is_resp, is_image, P, list(tasks))
+
+
+def collate(sets: dict[str, TaskSet], items: list[tuple[str, int]], tok: Tokenizer,
+            responses: bool = True) -> Batch:
+    """items: (task, index) pairs -> one Batch. responses=False leaves an all-mask canvas."""
+    prompts = torch.stack([sets[t].prompt[i] for t, i in items])
+    lays = [sets[t].layout for t, _ in items]
+    R = max(l.R for l in lays)
+    resp = torch.full((len(items), R), tok.PAD, dtype=torch.long)
+    for b, ((t, i), lay) in enumerate(zip(items, lays)):
+        if responses:
+            resp[b, :lay.R] = sets[t].response[i]
+        else:
+            resp[b, :lay.R_text] = tok.MASK
+            resp[b, lay.R_text:lay.R] = tok.IMASK
+    return make_batch(prompts, resp, lays, [t for t, _ in items], tok)
+
+
+# ----------------------------------------------------------------------------------------------
+# users' own data
+
+class JSONLError(ValueError):
+    pass
+
+
+JSONL_NEEDS = {"vqa": ("image",), "ground": ("image", "box"), "edit": ("image", "target_image"),
+               "t2i": ("target_image",)}
+
+
+def load_jsonl(path: str, dcfg, strict: bool = True) -> tuple[list[Example], int]:
+    """Read users' examples: one JSON object per line,
+        {"task": "vqa"|"ground"|"edit"|"t2i", "image": "a.png", "prompt": "...",
+         "response": "<think> ... </think> <answer> 3 </answer>" | "answer": "3" | "box": [x0,y0,x1,y1]
+         | "target_image": "b.png"}
+    Image paths are relative to the JSONL file; pictures are resized to data.image_size.
+    A malformed row raises JSONLError('file:line: problem; fix') in strict mode, else it is counted
+    and skipped. Returns (examples, n_skipped).
+    """
+    if not os.path.exists(path):
+        raise JSONLError(f"{path}: no such file; pass an existing path with --data.jsonl=...")
+    base = os.path.dirname(os.path.abspath(path))
+    out, skipped = [], 0
+
+    def load_img(rel, where):
+        try:
+            p = os.path.join(base, rel)       # inside the try: a non-string path is a row error too
+            im = Image.open(p).convert("RGB").resize((dcfg.image_size, dcfg.image_size), Image.BOX)
+        except Exception as e:
+            raise JSONLError(f"{where}: cannot read image {rel!r} ({type(e).__name__}); "
+                             f"fix the path (relative to the JSONL file)") from None
+        return np.asarray(im, dtype=np.uint8)
+
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise JSONLError(f"{where}: not valid JSON ({e.msg}); one object per line") from None
+                if not isinstance(row, dict):
+                    raise JSONLError(f"{where}: expected a JSON object, got {type(row).__name__}")
+                task = row.get("task")
+                if task not in JSONL_NEEDS:
+                    raise JSONLError(f"{where}: task {task!r} unknown; use one of {', '.join(JSONL_NEEDS)}")
+                if not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+                    raise JSONLError(f"{where}: missing 'prompt' (a non-empty string)")
+                for k in JSONL_NEEDS[task]:
+                    if k not in row:
+                        raise JSONLError(f"{where}: task {task} needs key {k!r}")
+                trace, ans_text, answer = None, None, None
+                if task == "vqa":
+                    if "response" in row:
+                        r = str(row["response"])
+                        if "<answer>" not in r or "</answer>" not in r:
+                            raise JSONLError(f"{where}: 'response' needs '<answer> ... </answer>'")
+                        ans_text = r.split("<answer>")[1].split("</answer>")[0].strip()
+                        trace = r.split("<answer>")[0].replace("<think>", "").replace("</think>", "").strip()
+                    elif "answer" in row:
+                        ans_text = str(row["answer"]).strip()
+                    else:
+                        raise JSONLError(f"{where}: vqa needs 'response' or 'answer'")
+                    answer = ans_text
+                elif task == "ground":
+                    b = row["box"]
+                    num = lambda v: (type(v) is int) or (type(v) is float and math.isfinite(v))  # no bool/NaN/inf
+                    if not (isinstance(b, list) and len(b) == 4 and all(num(v) for v in b)):
+                        raise JSONLError(f"{where}: 'box' must be [x0, y0, x1, y1] numbers")
+                    answer = tuple(int(round(v)) for v in b)
+                    ans_text = box_text(answer)
+                    trace = row.get("response")
+                else:
+                    trace = row.get("response", "" if task == "t2i" else None)
+                ex = Example(task, "user", row["prompt"].strip(), None, answer, trace, ans_text)
+                if "image" in row:
+                    ex.image = load_img(row["image"], where)
+                if "target_image" in row:
+                    ex.target_image = load_img(row["target_image"], where)
+                    ex.answer = read_scene(ex.target_image, dcfg.grid)   # scored like the synthetic sets
+                ex.key = f"user|{lineno}"
+                out.append(ex)
+            except JSONLError:
+                if strict:
+                    raise
+                skipped += 1
+    return out, skipped
+
+
+if __name__ == "__main__":
+    from config import get_config
+    cfg = get_config()
+    pools = build_pools(cfg.data)
+    for task in pools:
+        print(f"--- {task}: " + ", ".join(f"{s}={len(v)}" for s, v in pools[task].items()))
+        for ex in pools[task]["sft"][:3]:
+            print(f"  [{ex.qtype}] {ex.prompt}\n     trace: {ex.trace}\n     answer: {ex.answer_text or ''}")

@@ -1,0 +1,295 @@
+"""
+Masked diffusion over the response: the forward (masking) process, the SFT loss, and the sampler.
+
+Paper mapping (PAPER.md §1 notation, §5.1, §7, §8.1; PEERS.md §3.1, §3.4):
+  forward process   y_t: each response token independently becomes [M] with probability t,
+                    t ~ U(eps, 1). The prompt (question text, input-image codes) is never masked.
+                    Text slots get [MASK], image slots [IMASK] (LaViDa-O keeps a separate VQ mask id).
+  SFT loss          cross-entropy on the masked response positions only, weighted either
+                      "mean": plain mean over masked tokens (LaViDa / LaViDa-O; the default), or
+                      "elbo": (1/t) * sum CE / R per sequence (LLaDA / MDLM: the negative ELBO).
+                    With `complementary` each example is also trained with the complementary mask
+                    (every response token supervised exactly once per pair: LaViDa).
+                    With `prompt_drop` the text prompt of image-producing examples is replaced by
+                    [MASK] so the model also learns the unconditional branch that CFG needs.
+  sampler           start from an all-mask response and reveal it over a fixed number of steps:
+                      text  -- semi-autoregressive blocks of `block_len`, `tokens_per_step` per step,
+                               equal counts per step (LLaDA `generate`);
+                      image -- one block, cosine count schedule over `image_steps` (MaskGIT);
+                    which masked tokens are revealed: highest confidence (p of the sampled token
+                    under the noise-free softmax, LLaDA "low_confidence") or random. Tokens are
+                    sampled by Gumbel-max at a temperature (noise in float64, as LLaDA does);
+                    classifier-free guidance on image slots: (1+g) cond - g uncond.
+                    It keeps fixed tokens untouched (answer-forcing's inpainting), can start from a
+                    partially revealed state (tree search), never re-masks a revealed token, and
+                    returns for every position the step at which it was revealed (the order).
+
+Simplified: no timestep shifting, no PMJ stratified image order (LaViDa-O), no EOS-confidence hacks,
+no dynamic/threshold decoding. Every reading is a field of `DiffusionConfig`.
+
+Exercise: python -m pytest tests/test_diffusion.py -q
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from data import Batch, Tokenizer
+
+# ----------------------------------------------------------------------------------------------
+# forward process: the one place in the repo that turns tokens into [MASK]/[IMASK]
+
+
+def apply_mask(tokens: torch.Tensor, mask: torch.Tensor, is_image: torch.Tensor, tok: Tokenizer) -> torch.Tensor:
+    """Replace tokens where `mask` is True by [IMASK] (image slots) or [MASK] (text slots)."""
+    filler = torch.where(is_image, torch.full_like(tokens, tok.IMASK), torch.full_like(tokens, tok.MASK))
+    return torch.where(mask, filler, tokens)
+
+
+def draw_mask(batch: Batch, t: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """M(y_t): each response position masked independently with probability t (one t per row).
+    t: (B,) -> mask (B, T) bool, never True outside the response."""
+    u = torch.rand(batch.tokens.shape, generator=generator, device=batch.tokens.device)
+    return (u < t[:, None]) & batch.is_resp
+
+
+def sample_t(B: int, eps: float, device, generator: torch.Generator | None = None) -> torch.Tensor:
+    """t ~ U(eps, 1): eps > 0 keeps the 1/t weight finite and the mask non-empty in expectation."""
+    return eps + (1 - eps) * torch.rand(B, generator=generator, device=device)
+
+
+def drop_prompt_text(batch: Batch, rows: torch.Tensor, tok: Tokenizer) -> torch.Tensor:
+    """The unconditional input for CFG: prompt *words* of the selected rows become [MASK].
+    The task tag and the input picture's codes stay (edit keeps its source image)."""
+    t = batch.tokens
+    words = batch.is_prompt & (t >= len_specials(tok)) & (t < tok.img_offset)
+    return torch.where(words & rows[:, None], torch.full_like(t, tok.MASK), t)
+
+
+def len_specials(tok: Tokenizer) -> int:
+    return tok.TASK["t2i"] + 1      # SPECIALS end with the four task tags
+
+
+# ----------------------------------------------------------------------------------------------
+# SFT loss
+
+def masked_ce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, t_row: torch.Tensor,
+              weighting: str, n_resp: torch.Tensor) -> torch.Tensor:
+    """The SFT objective from logits. Only positions with mask=True contribute, so the logits at
+    every other position can be anything (tests check exactly that).
+
+      mean:  L = sum_{b,k in M} CE_bk / |M|                     (LaViDa-O: plain mean, no 1/t)
+      elbo:  L = mean_b [ (1/t_b) * sum_{k in M_b} CE_bk / R_b ]  (LLaDA SFT: 1/t, per-answer length)
+    logits (B, T, V); targets, mask (B, T); t_row, n_resp (B,).
+    """
+    ce = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")   # (B, T)
+    ce = ce * mask
+    if weighting == "mean":
+        return ce.sum() / mask.sum().clamp(min=1)
+    return (ce.sum(1) / t_row / n_resp.clamp(min=1)).mean()
+
+
+def sft_loss(model, batch: Batch, dcfg, tok: Tokenizer, generator: torch.Generator | None = None,
+             t: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """One SFT loss evaluation on a clean batch (targets = batch.tokens).
+
+    With dcfg.complementary the batch is doubled: rows with mask M1 at rate t and rows with the
+    complement M2 = resp \\ M1 (expected rate 1 - t), so every response token is supervised once.
+    """
+    B, dev = batch.tokens.shape[0], batch.tokens.device
+    if t is None:
+        t = sample_t(B, dcfg.eps, dev, generator)
+    m1 = draw_mask(batch, t, generator)
+    masks, ts = [m1], [t]
+    if dcfg.complementary:
+        masks.append(batch.is_resp & ~m1)
+        ts.append((1 - t).clamp(min=dcfg.eps))      # the complement's rate, for the 1/t weight
+    k = len(masks)
+    big = batch if k == 1 else Batch(*(x.repeat(k, 1) for x in (batch.tokens, batch.valid, batch.is_prompt,
+                                                             batch.is_resp, batch.is_image)),
+                                     batch.P, batch.tasks * k)
+    mask, t_row = torch.cat(masks), torch.cat(ts)
+    inp = apply_mask(big.tokens, mask, big.is_image, tok)                       # y_t, (kB, T)
+    if dcfg.prompt_drop > 0:
+        # CFG training: drop the text prompt of image-producing rows with probability prompt_drop
+        gen_rows = torch.tensor([x in ("t2i", "edit") for x in big.tasks], device=dev)
+        drop = (torch.rand(mask.shape[0], generator=generator, device=dev) < dcfg.prompt_drop) & gen_rows
+        inp = drop_prompt_text(big.with_tokens(inp), drop, tok)
+    logits = model(inp, big.valid, big.is_prompt)                                # (kB, T, V)
+    loss = masked_ce(logits, big.tokens, mask, t_row, dcfg.loss_weight, big.is_resp.sum(1))
+    with torch.no_grad():
+        acc = ((logits.argmax(-1) == big.tokens) & mask).sum() / mask.sum().clamp(min=1)
+    return loss, {"loss": loss.item(), "masked_acc": acc.item(), "mask_frac": (mask.sum() / big.is_resp.sum()).item()}
+
+
+# ----------------------------------------------------------------------------------------------
+# the sampler
+
+def vocab_masks(tok: Tokenizer, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which ids a text slot and an image slot may take: (V,) bool each."""
+    V = tok.vocab_size
+    img = torch.zeros(V, dtype=torch.bool, device=device)
+    img[tok.img_offset:] = True
+    text = ~img
+    for bad in (tok.PAD, tok.MASK, tok.IMASK, tok.UNK, tok.BOI, tok.EOI, *tok.TASK.values()):
+        text[bad] = False
+    return text, img
+
+
+@dataclass
+class Step:
+    """One denoising step of the plan: the active block [lo, hi) of the response, the step's index
+    j within the block and the block's step count S, and the count schedule."""
+    lo: int
+    hi: int
+    j: int
+    S: int
+    cosine: bool
+
+    def cum_target(self, m: torch.Tensor) -> torch.Tensor:
+        """How many of the block's m sampler-filled tokens are revealed after this step, per row.
+        linear (LLaDA): equal shares, the remainder to the earliest steps;
+        cosine (MaskGIT): a fraction cos(pi/2 * (j+1)/S) of them is still masked."""
+        if self.cosine:
+            still = torch.floor(m.double() * math.cos(math.pi / 2 * (self.j + 1) / self.S)).long()
+            return m - still if self.j + 1 < self.S else m
+        return (m // self.S) * (self.j + 1) + torch.minimum(m % self.S, torch.full_like(m, self.j + 1))
+
+
+def make_plan(R_text: int, n_img: int, dcfg) -> list[Step]:
+    """The whole schedule: text blocks first (the reasoning / plan), then the image block."""
+    plan = []
+    for lo in range(0, R_text, dcfg.block_len):
+        hi = min(lo + dcfg.block_len, R_text)
+        S = math.ceil((hi - lo) / dcfg.tokens_per_step)
+        plan += [Step(lo, hi, j, S, False) for j in range(S)]
+    if n_img:
+        S = min(dcfg.image_steps, n_img)
+        plan += [Step(R_text, R_text + n_img, j, S, True) for j in range(S)]
+    return plan
+
+
+def gumbel_argmax(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+    """x0 ~ softmax(logits / T) via argmax(logits/T + Gumbel). Float64 noise: low-precision Gumbel
+    noise measurably hurts masked-diffusion sampling (LLaDA, citing arXiv:2409.02908)."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=torch.float64)
+    g = -torch.log(-torch.log(u.clamp_min(1e-20)))
+    return (logits.double() / temperature + g).argmax(-1)
+
+
+def _response_logits(model, batch: Batch, resp: torch.Tensor, cache) -> torch.Tensor:
+    """Logits at the response positions (B, R, V); with a prefix cache only the response runs."""
+    if cache is not None:
+        return model.forward_cached(resp, cache, batch.valid[:, batch.P:])
+    tokens = torch.cat([batch.tokens[:, :batch.P], resp], 1)
+    return model(tokens, batch.valid, batch.is_prompt)[:, batch.P:]
+
+
+@torch.no_grad()
+def sample(model, batch: Batch, tok: Tokenizer, dcfg, *, temperature: float | None = None,
+           image_temperature: float | None = None, cfg_scale: float | None = None,
+           generator: torch.Generator | None = None, order: torch.Tensor | None = None,
+           start_step: int = 0, use_cache: bool = True, on_step=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fill every [MASK]/[IMASK] in the response of `batch` and return (tokens (B, T), order (B, R)).
+
+    batch.tokens holds the canvas: masked slots are filled, every other response token is FIXED and
+    never changed (answer-forcing writes '<answer> z </answer>' this way). All rows must share one
+    response layout (one task family). order[b, k] = the global step that revealed slot k, or -1
+    for tokens that were given. To continue a partial state (tree search), pass the state's tokens,
+    its `order` (-1 for still-masked and given slots) and `start_step`; `rebuild_state` makes both.
+    on_step(g, tokens) is called before every step g (tests use it to record intermediate states).
+    """
+    temperature = dcfg.temperature if temperature is None else temperature
+    image_temperature = dcfg.image_temperature if image_temperature is None else image_temperature
+    cfg_scale = dcfg.cfg_scale if cfg_scale is None else cfg_scale
+    P, dev = batch.P, batch.tokens.device
+    is_img = batch.is_image[:, P:]                                          # (B, R)
+    R_text = int((batch.is_resp[0, P:] & ~is_img[0]).sum())
+    n_img = int(is_img[0].sum())
+    assert bool((batch.is_resp[:, P:] == batch.is_resp[0:1, P:]).all()), "sample(): one layout per call"
+    resp = batch.tokens[:, P:].clone()                                      # (B, R)
+    order = torch.full(resp.shape, -1, dtype=torch.long, device=dev) if order is None else order.clone()
+    masked = (resp == tok.MASK) | (resp == tok.IMASK)
+    order[masked] = -1
+    text_ok, img_ok = vocab_masks(tok, dev)
+    allowed = torch.where(is_img[..., None], img_ok, text_ok)               # (B, R, V)
+
+    # prefix-DLM: the prompt never attends to the response, so encode it once for all steps
+    use_cache = use_cache and getattr(model, "cfg", None) is not None and model.cfg.prefix_dlm
+    guided = cfg_scale > 0 and n_img > 0
+    uncond = batch.with_tokens(drop_prompt_text(batch, torch.ones(len(resp), dtype=torch.bool, device=dev), tok)) \
+        if guided else None
+    cache = model.encode_prefix(batch.tokens[:, :P], batch.valid[:, :P]) if use_cache else None
+    ucache = model.encode_prefix(uncond.tokens[:, :P], uncond.valid[:, :P]) if (use_cache and guided) else None
+
+    plan = make_plan(R_text, n_img, dcfg)
+    col = torch.arange(resp.shape[1], device=dev)
+    for g in range(start_step, len(plan)):
+        st = plan[g]
+        if on_step is not None:
+            on_step(g, torch.cat([batch.tokens[:, :P], resp], 1))
+        in_block = (col >= st.lo) & (col < st.hi)                           # (R,)
+        cand = masked & in_block                                            # (B, R)
+        filled = ((order >= 0) & in_block).sum(1)                           # revealed by the sampler so far
+        m = cand.sum(1) + filled                                            # sampler-filled slots in block
+        k = (st.cum_target(m) - filled).clamp(min=0)                        # (B,) to reveal now
+        if not bool((k > 0).any()):
+            continue
+        logits = _response_logits(model, batch, resp, cache).float()        # (B, R, V)
+        if guided:
+            ul = _response_logits(model, uncond, resp, ucache).float()
+            # CFG on image slots only: (1+g) cond - g uncond (MaskGIT/Muse form; PAPER.md §7)
+            logits = torch.where(is_img[..., None], (1 + cfg_scale) * logits - cfg_scale * ul, logits)
+        logits = logits.masked_fill(~allowed, float("-inf"))
+        temp = torch.where(is_img, torch.tensor(image_temperature, device=dev),
+                           torch.tensor(temperature, device=dev))
+        if st.cosine:
+            x0 = gumbel_argmax(logits, image_temperature, generator)
+        else:
+            x0 = gumbel_argmax(logits, temperature, generator)
+        if dcfg.remask == "random":
+            conf = torch.rand(resp.shape, generator=generator, device=dev)
+        else:  # confidence = p(x0) under the noise-free softmax (LLaDA#42: not the noisy one)
+            conf = logits.softmax(-1).gather(-1, x0[..., None]).squeeze(-1)
+        conf = conf.masked_fill(~cand, -1.0)
+        # reveal the k most confident candidates of each row: rank positions by confidence
+        rank = torch.empty_like(order)
+        rank.scatter_(1, conf.argsort(1, descending=True), col.expand_as(order).contiguous())
+        reveal = (rank < k[:, None]) & cand                                 # (B, R)
+        resp = torch.where(reveal, x0, resp)
+        order = torch.where(reveal, torch.full_like(order, g), order)
+        masked = masked & ~reveal
+        del temp
+    return torch.cat([batch.tokens[:, :P], resp], 1), order
+
+
+def rebuild_state(tokens: torch.Tensor, order: torch.Tensor, step: int, batch: Batch,
+                  tok: Tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sampler's state just before global step `step`, from the final tokens and the order alone
+    (LaViDa-R1's cheap tree-search state, PAPER.md §4: no intermediate tensors are stored):
+    slots revealed at a step < `step` (and given slots, order -1) keep their token, the rest are
+    masked again. Returns (tokens (B, T), order (B, R)) ready for sample(..., start_step=step)."""
+    P = batch.P
+    remask = torch.zeros_like(tokens, dtype=torch.bool)
+    remask[:, P:] = order >= step
+    state = apply_mask(tokens, remask, batch.is_image, tok)
+    return state, torch.where(order >= step, torch.full_like(order, -1), order)
+
+
+def n_steps(batch: Batch, dcfg) -> int:
+    """Total denoising steps for this batch's layout (text blocks + image steps)."""
+    P = batch.P
+    is_img = batch.is_image[0, P:]
+    return len(make_plan(int((batch.is_resp[0, P:] & ~is_img).sum()), int(is_img.sum()), dcfg))
+
+
+def image_step_offset(batch: Batch, dcfg) -> int:
+    """Global index of the first image step (tree search branches at offset + s)."""
+    P = batch.P
+    is_img = batch.is_image[0, P:]
+    return len(make_plan(int((batch.is_resp[0, P:] & ~is_img).sum()), 0, dcfg))
