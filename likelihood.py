@@ -1,0 +1,222 @@
+"""
+Estimators of the sequence log-likelihood log pi(y | x) of a masked-diffusion model.
+
+log pi(y|x) is intractable for a dLLM, so RL needs an estimate. Every estimator below returns
+per-token log-probabilities (B, R) and a (B, R) mask of the positions it scored, so the RL loss
+(rl.py) can weight and sum them however it likes. The sequence estimate is (logp * scored).sum(1).
+
+  complementary  LaViDa-R1 (PAPER.md §5.1, Eq. C; the default). t1 ~ U[0, 1], t2 = 1 - t1; mask M1
+                 at rate t1 over the response and M2 = its complement; two forward passes batched
+                 as one; every response token is scored exactly once, with weight 1 (not 1/t):
+                     log pi^ = sum_{k in M1} log p(y_k | y_t1, x) + sum_{k in M2} log p(y_k | y_t2, x)
+  elbo_mc        LLaDA's Monte Carlo ELBO (PAPER.md §5.3): n masks, each with a masked COUNT
+                 k ~ U{1..L} at uniformly random positions, weight L/k. Unbiased for the ELBO and of
+                 finite variance. (The "t ~ U(0,1), weight 1/t" form of the same ELBO has infinite
+                 variance, PAPER.md §5.3, so we compare against LLaDA's form: the fair baseline.)
+  mc_unweighted  the same masks as elbo_mc with weight 1, summed over passes and scaled by 2/n so that
+                 n = 2 covers about L tokens like the complementary pair: isolates the weight.
+  one_step       d1 / diffu-GRPO: the whole response masked, one pass; optionally each prompt token
+                 masked with probability p_prompt (d1 uses 0.15). Lowest variance, biased.
+  exact          for tiny L (<= 8) and a small model: enumerate all 2^L masks to get the exact ELBO,
+                 the exact expectation of the complementary and MC estimators, and the exact
+                 likelihood of the random-order, one-token-per-step sampler (DP over revealed sets).
+                 Used only by tests and bench.py.
+
+Unknowns of PAPER.md §14 item 4, and the readings taken (both are arguments / config fields):
+  * normalisation: `norm="sum"` (Eq. C as written: a sum over the response's tokens) is the default;
+    `norm="mean"` divides by the number of response tokens (rl.logp_norm).
+  * one (t1, mask) per sample (default) or one t1 shared by the whole batch (`shared_t=True`,
+    rl.shared_t); the mask itself is always drawn per sample.
+
+With a prefix-DLM model the prompt is encoded once and shared by every masked copy of the response
+(its keys/values do not depend on the response), so the complementary pair costs one prompt pass.
+
+Exercise: python -m pytest tests/test_likelihood.py -q ; python bench.py likelihood
+"""
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+import torch.nn.functional as F
+
+from data import Batch, Tokenizer
+from diffusion import apply_mask
+
+# ----------------------------------------------------------------------------------------------
+# the shared piece: log p(y_k | masked input) at every response position, for several masks at once
+
+
+def masked_logprobs(model, batch: Batch, masks: torch.Tensor, tok: Tokenizer,
+                    prompt_tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """masks: (n, B, T) bool, True = masked (response positions only).
+    Returns logp (n, B, R): log p_theta(y_k | y with mask applied, x) of the clean token y_k at each
+    response position (all positions; callers pick the masked ones). One batched forward of n*B rows.
+    prompt_tokens: (B, P) replacement prompt (one_step's randomly masked prompt), else batch's own.
+    """
+    n, B, T = masks.shape
+    P = batch.P
+    y = batch.tokens                                                            # (B, T) clean
+    inp = apply_mask(y.expand(n, B, T), masks, batch.is_image.expand(n, B, T), tok)  # (n, B, T)
+    if prompt_tokens is not None:
+        inp = torch.cat([prompt_tokens.expand(n, B, P), inp[..., P:]], -1)
+    resp_in = inp[..., P:].reshape(n * B, T - P)                                # (nB, R)
+    cfg = getattr(model, "cfg", None) or getattr(getattr(model, "module", None), "cfg", None)
+    if cfg is not None and cfg.prefix_dlm and hasattr(model, "encode_prefix"):
+        # prefix-DLM: one prompt encoding shared by all n masked copies (repeat keys/values, not work)
+        cache = model.encode_prefix(inp[0, :, :P], batch.valid[:, :P])
+        cache = type(cache)([(k.repeat(n, 1, 1, 1), v.repeat(n, 1, 1, 1)) for k, v in cache.kv],
+                            cache.valid.repeat(n, 1))
+        logits = model.forward_cached(resp_in, cache, batch.valid[:, P:].repeat(n, 1))   # (nB, R, V)
+    else:
+        full = inp.reshape(n * B, T)
+        logits = model(full, batch.valid.repeat(n, 1), batch.is_prompt.repeat(n, 1))[:, P:]
+    logp = -F.cross_entropy(logits.float().transpose(1, 2), y[:, P:].repeat(n, 1), reduction="none")
+    return logp.reshape(n, B, T - P)                                            # (n, B, R)
+
+
+def _finish(logp: torch.Tensor, scored: torch.Tensor, batch: Batch, norm: str):
+    """Apply the sum/mean reading: 'mean' divides every token's term by the response length."""
+    if norm == "mean":
+        logp = logp / batch.is_resp[:, batch.P:].sum(1, keepdim=True).clamp(min=1)
+    return logp * scored, scored
+
+
+# ----------------------------------------------------------------------------------------------
+# the estimators. Each returns (logp (B, R), scored (B, R) bool); sequence estimate = logp.sum(1).
+
+
+def complementary(model, batch: Batch, tok: Tokenizer, generator=None, norm: str = "sum",
+                  shared_t: bool = False, t1: torch.Tensor | None = None):
+    """LaViDa-R1's estimator (Eq. C): two complementary masks, each token scored exactly once, w = 1."""
+    B, T = batch.tokens.shape
+    dev = batch.tokens.device
+    if t1 is None:
+        t1 = torch.rand(1 if shared_t else B, generator=generator, device=dev).expand(B)
+    resp = batch.is_resp
+    m1 = (torch.rand(B, T, generator=generator, device=dev) < t1[:, None]) & resp    # M1 at rate t1
+    m2 = resp & ~m1                                                                  # M2 = complement
+    logp = masked_logprobs(model, batch, torch.stack([m1, m2]), tok)                # (2, B, R)
+    P = batch.P
+    per_tok = torch.where(m1[:, P:], logp[0], logp[1])                              # one term per token
+    return _finish(per_tok, resp[:, P:], batch, norm)
+
+
+def _count_masks(batch: Batch, n: int, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """LLaDA's masks: per draw and row, a count k ~ U{1..L} and k positions uniformly at random.
+    Returns masks (n, B, T) and k (n, B)."""
+    B, T = batch.tokens.shape
+    dev, P = batch.tokens.device, batch.P
+    L = batch.is_resp[:, P:].sum(1)                                                 # (B,)
+    k = (torch.rand(n, B, generator=generator, device=dev) * L).floor().long() + 1  # U{1..L}
+    # rank the response positions by a random key; the k smallest ranks are masked
+    key = torch.rand(n, B, T - P, generator=generator, device=dev).masked_fill(~batch.is_resp[:, P:], 2.0)
+    rank = key.argsort(-1).argsort(-1)                                              # (n, B, R)
+    masks = torch.zeros(n, B, T, dtype=torch.bool, device=dev)
+    masks[..., P:] = rank < k[..., None]
+    return masks, k
+
+
+def elbo_mc(model, batch: Batch, tok: Tokenizer, n: int = 2, generator=None, norm: str = "sum"):
+    """Unbiased MC estimate of the ELBO: mean over n draws of (L/k) * sum_{masked} log p."""
+    P = batch.P
+    masks, k = _count_masks(batch, n, generator)
+    logp = masked_logprobs(model, batch, masks, tok)                                # (n, B, R)
+    L = batch.is_resp[:, P:].sum(1).float()                                         # (B,)
+    w = (L / k.float())[..., None]                                                  # (n, B, 1)
+    per_tok = (w * logp * masks[..., P:]).sum(0) / n
+    return _finish(per_tok, masks[..., P:].any(0), batch, norm)
+
+
+def mc_unweighted(model, batch: Batch, tok: Tokenizer, n: int = 2, generator=None, norm: str = "sum"):
+    """The elbo_mc masks with weight 1; (2/n) * sum over draws so n = 2 covers ~L tokens."""
+    P = batch.P
+    masks, _ = _count_masks(batch, n, generator)
+    logp = masked_logprobs(model, batch, masks, tok)
+    per_tok = (logp * masks[..., P:]).sum(0) * (2.0 / n)
+    return _finish(per_tok, masks[..., P:].any(0), batch, norm)
+
+
+def one_step(model, batch: Batch, tok: Tokenizer, generator=None, norm: str = "sum", p_prompt: float = 0.0):
+    """d1's estimator: response fully masked (t = 1), one pass, every token scored once, no weight.
+    p_prompt > 0 also masks each prompt token with that probability (d1's regulariser)."""
+    B, T = batch.tokens.shape
+    P, dev = batch.P, batch.tokens.device
+    prompt = batch.tokens[:, :P]
+    if p_prompt > 0:
+        drop = (torch.rand(B, P, generator=generator, device=dev) < p_prompt) & batch.is_prompt[:, :P]
+        img = prompt >= tok.img_offset
+        prompt = torch.where(drop, torch.where(img, torch.full_like(prompt, tok.IMASK),
+                                               torch.full_like(prompt, tok.MASK)), prompt)
+    logp = masked_logprobs(model, batch, batch.is_resp[None], tok, prompt_tokens=prompt)[0]
+    return _finish(logp, batch.is_resp[:, P:], batch, norm)
+
+
+ESTIMATORS = {"complementary": complementary, "elbo_mc": elbo_mc, "mc_unweighted": mc_unweighted,
+              "one_step": one_step}
+
+
+def estimate(name: str, model, batch: Batch, tok: Tokenizer, n: int = 2, generator=None,
+             norm: str = "sum", shared_t: bool = False):
+    """Dispatch by name (rl.likelihood). n is the pass budget of the MC estimators."""
+    if name == "complementary":
+        return complementary(model, batch, tok, generator, norm, shared_t)
+    if name == "one_step":
+        return one_step(model, batch, tok, generator, norm)
+    return ESTIMATORS[name](model, batch, tok, n=n, generator=generator, norm=norm)
+
+
+# ----------------------------------------------------------------------------------------------
+# exact values by enumeration (tiny L only)
+
+
+@torch.no_grad()
+def exact(model, batch: Batch, tok: Tokenizer, chunk: int = 256) -> dict:
+    """Exact quantities for ONE (x, y) pair (batch of size 1) with L <= 8 response tokens.
+
+    Builds the table c[S][i] = log p(y_i | y with the set S masked, x) for every non-empty S and i in S
+    (2^L - 1 forward rows), then:
+      elbo           = sum_S (k-1)!(L-k)!/L!       * sum_{i in S} c[S][i]      (k = |S|)
+      complementary  = 2 * sum_S k!(L-k)!/(L+1)!   * sum_{i in S} c[S][i]      (E of Eq. C, t1 ~ U[0,1])
+      mc_unweighted  = 2 * sum_S 1 / (L * C(L,k))  * sum_{i in S} c[S][i]      (E with n = 2)
+      one_step       = sum_i c[all][i]
+      any_order      = log p(y) of the sampler that reveals one uniformly random masked position per
+                       step: h(U) = sum_{i in U} h(U \\ i) * p(y_i | U \\ i revealed) / (L - |U| + 1),
+                       over revealed sets U, log h(full).
+    """
+    assert batch.tokens.shape[0] == 1, "exact(): one (x, y) pair at a time"
+    P = batch.P
+    pos = batch.is_resp[0].nonzero().squeeze(1).tolist()                           # response positions
+    L = len(pos)
+    assert L <= 12, f"exact(): L={L} is too long to enumerate"
+    subsets = [S for k in range(1, L + 1) for S in itertools.combinations(range(L), k)]
+    masks = torch.zeros(len(subsets), 1, batch.tokens.shape[1], dtype=torch.bool, device=batch.tokens.device)
+    for r, S in enumerate(subsets):
+        masks[r, 0, [pos[i] for i in S]] = True
+    rows = [masked_logprobs(model, batch, masks[i:i + chunk], tok) for i in range(0, len(subsets), chunk)]
+    logp = torch.cat(rows)[:, 0].double()                                           # (|subsets|, R)
+    c = {S: {i: logp[r, pos[i] - P].item() for i in S} for r, S in enumerate(subsets)}
+    elbo = comp = mcu = 0.0
+    for S, row in c.items():
+        k, s = len(S), sum(row.values())
+        elbo += math.factorial(k - 1) * math.factorial(L - k) / math.factorial(L) * s
+        comp += 2 * math.factorial(k) * math.factorial(L - k) / math.factorial(L + 1) * s
+        mcu += 2 / (L * math.comb(L, k)) * s
+    full = tuple(range(L))
+    # any-order likelihood by DP over revealed sets U (bitmask); masked set = complement of U
+    h = {0: 0.0}                                                                     # log h(U)
+    for size in range(1, L + 1):
+        for U in itertools.combinations(range(L), size):
+            terms = []
+            for i in U:
+                prev = tuple(j for j in U if j != i)
+                masked_before = tuple(j for j in full if j not in prev)              # i is among them
+                terms.append(h[_bits(prev)] + c[masked_before][i] - math.log(L - len(prev)))
+            h[_bits(U)] = torch.logsumexp(torch.tensor(terms, dtype=torch.float64), 0).item()
+    return {"elbo": elbo, "complementary": comp, "mc_unweighted": mcu,
+            "one_step": sum(c[full].values()), "any_order": h[_bits(full)], "L": L}
+
+
+def _bits(U) -> int:
+    return sum(1 << i for i in U)
