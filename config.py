@@ -137,10 +137,13 @@ class RLConfig:
     tree_tasks: str = "edit"         # tasks that use tree search (real-valued rewards)
     likelihood: str = "complementary"  # complementary | elbo_mc | mc_unweighted | one_step
     n_mc: int = 2                    # forward passes for the MC estimators (complementary uses 2)
+    logp_norm: str = "sum"           # log pi = sum over response tokens (Eq. C as written) | "mean" (unknown)
+    shared_t: bool = False           # one t1 for the whole batch instead of one per sample (unknown)
     kl_coef: float = 0.0             # ablation only: KL to a frozen reference copy (paper: none)
     lr: float = 3e-4
     max_steps: int = 400
     time_budget_s: float = 300.0
+    eval_interval: int = 25          # quick held-out eval every this many RL steps (0 = off)
     task_mix: str = "vqa:1,ground:1,edit:1"  # RL task mix (t2i is SFT-only, as in the paper)
     temperature: float = 1.0         # rollout sampling temperature (unknown in the paper)
 
@@ -331,6 +334,8 @@ def validate(cfg: Config):
     if r.likelihood not in ("complementary", "elbo_mc", "mc_unweighted", "one_step"):
         raise ConfigError(f"--rl.likelihood={r.likelihood!r}: expected complementary, elbo_mc, "
                           f"mc_unweighted or one_step")
+    if r.logp_norm not in ("sum", "mean"):
+        raise ConfigError(f"--rl.logp_norm={r.logp_norm!r}: expected sum or mean")
     if r.af_mode not in ("failed_groups", "all_groups"):
         raise ConfigError(f"--rl.af_mode={r.af_mode!r}: expected failed_groups or all_groups")
     if t.batch_size % t.micro_batch:

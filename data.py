@@ -645,6 +645,20 @@ def make_batch(prompts: torch.Tensor, responses: torch.Tensor, layouts: list[Lay
     return Batch(tokens, valid, is_prompt, is_resp, is_image, P, list(tasks))
 
 
+def cat_batches(batches: list[Batch], tok: Tokenizer) -> Batch:
+    """Stack batches row-wise (e.g. SFT rows + several tasks' rollouts); responses of different
+    widths are right-padded with [PAD] (not valid, not response)."""
+    R = max(b.tokens.shape[1] - b.P for b in batches)
+    P = batches[0].P
+    assert all(b.P == P for b in batches), "cat_batches: all batches must share the prompt width"
+
+    def pad(x, value):
+        return torch.cat([x, x.new_full((x.shape[0], P + R - x.shape[1]), value)], 1)
+    parts = [(pad(b.tokens, tok.PAD), pad(b.valid, False), pad(b.is_prompt, False), pad(b.is_resp, False),
+              pad(b.is_image, False)) for b in batches]
+    return Batch(*(torch.cat(col) for col in zip(*parts)), P, [t for b in batches for t in b.tasks])
+
+
 def collate(sets: dict[str, TaskSet], items: list[tuple[str, int]], tok: Tokenizer,
             responses: bool = True) -> Batch:
     """items: (task, index) pairs -> one Batch. responses=False leaves an all-mask canvas."""

@@ -114,6 +114,20 @@ def setup(cfg) -> Ctx:
     return Ctx(device, dtype, why, ddp, rank, world, t.out_dir)
 
 
+def sync_grads(model, ctx: Ctx):
+    """Average gradients over ranks with one all-reduce of a flat buffer. We do this by hand instead
+    of wrapping the model in DistributedDataParallel because the sampler and the likelihood call
+    model methods other than forward() (encode_prefix / forward_cached), which DDP's hooks miss."""
+    if not ctx.ddp:
+        return
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= ctx.world
+    for g, piece in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(piece.view_as(g))
+
+
 def all_reduce_mean(x: float, ctx: Ctx) -> float:
     if not ctx.ddp:
         return x
@@ -306,8 +320,6 @@ def run_sft(cfg, ctx: Ctx, bundle: Bundle, vq) -> Transformer:
     raw = model
     if t.compile:
         model = torch.compile(model)
-    if ctx.ddp:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev] if dev.startswith("cuda") else None)
     ctx.log(f"SFT: {unwrap(raw).num_params(False) / 1e6:.2f}M params | {ctx.dtype_reason} | device {dev} | "
             f"world {ctx.world} | global batch {t.batch_size} = micro {t.micro_batch} x accum {accum} x world "
             f"{ctx.world} | max {t.max_steps} steps or {t.time_budget_s:.0f}s")
@@ -322,11 +334,11 @@ def run_sft(cfg, ctx: Ctx, bundle: Bundle, vq) -> Transformer:
         for micro in range(accum):
             batch = D.collate({k: v["sft"] for k, v in bundle.sets.items()}, sampler.draw(t.micro_batch),
                               bundle.tok).to(dev)
-            sync = nullcontext() if (not ctx.ddp or micro == accum - 1) else model.no_sync()
-            with sync, ctx.autocast:
+            with ctx.autocast:
                 loss, stats = sft_loss(model, batch, cfg.diffusion, bundle.tok)
                 (loss / accum).backward()
             loss_sum += loss.item() / accum
+        sync_grads(model, ctx)
         if not math.isfinite(loss_sum):
             # never step on a NaN: drop this batch; several in a row means the run is broken
             opt.zero_grad(set_to_none=True)

@@ -1,0 +1,166 @@
+"""
+Stage 2: the unified SFT-regularised multi-task RL loop of LaViDa-R1.
+
+Paper mapping (PAPER.md §2): every training signal is one weighted log-likelihood,
+
+    J(theta) = (1/N) sum_i A_i * log pi_theta(y_i | x_i)                                    (Eq. U)
+
+and each step concatenates (x, y, A) triplets from
+  (i)  an SFT batch of the traced pool, A = 1                        (the regulariser, §2.2)
+  (ii) on-policy rollouts of several tasks, A = gamma * A_distill + (1 - gamma) * A_GRPO   (Eq. A)
+       with answer-forcing on vqa/ground and tree search on edit (rollout.py).
+log pi is the complementary-masking estimate of §5 (likelihood.py; rl.likelihood switches it for
+the ablations). The loss minimised is -J. No KL term and no reference model: `--rl.kl_coef > 0`
+loads a frozen copy and adds the k3 KL on the same masks, for the ablation of §2.2 only.
+
+Readings of the paper's unknowns (§14), all config fields:
+  * on-policy, one gradient step per batch of fresh rollouts: no importance ratio, no clipping (§2.3)
+  * N in Eq. U counts every triplet of the step (SFT rows + all group members), so zero-advantage
+    rows dilute the step exactly as the formula says; they are not run through the model
+  * SFT rows per step (rl.sft_rows) and the task mix (rl.task_mix) are ours to choose (§14.1)
+  * sum over tokens for log pi (rl.logp_norm = sum | mean); one t1 per sample (rl.shared_t)
+
+Run it: python train.py --preset=toy --stage=rl   (starts from out_dir/ckpt_sft.pt)
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+
+import torch
+from tqdm import tqdm
+
+import config as C
+import data as D
+import likelihood as LK
+from rollout import rollout_task
+
+
+def unified_loss(model, batch: D.Batch, adv: torch.Tensor, tok, rc, n_total: int, generator=None,
+                 ref_model=None) -> tuple[torch.Tensor, dict]:
+    """-(1/N) sum_i A_i log pi^(y_i|x_i) over the rows of `batch` (A: (M,)); N = n_total.
+    With ref_model, + kl_coef * mean k3-KL(pi || pi_ref) per row, on the same masks."""
+    seed = int(torch.randint(2**62, (1,), generator=generator, device=generator.device)) if generator is not None else 0
+    g = torch.Generator(device=batch.tokens.device).manual_seed(seed)
+    logp, scored = LK.estimate(rc.likelihood, model, batch, tok, n=rc.n_mc, generator=g,
+                               norm=rc.logp_norm, shared_t=rc.shared_t)            # (M, R)
+    seq = logp.sum(1)                                                               # log pi^(y_i|x_i)
+    J = (adv * seq).sum() / n_total                                                 # Eq. U
+    loss = -J
+    stats = {"logp_per_tok": (seq.sum() / scored.sum().clamp(min=1)).item()}
+    if ref_model is not None:
+        with torch.no_grad():   # the same masks: replay the generator from the same seed
+            ref, _ = LK.estimate(rc.likelihood, ref_model, batch, tok, n=rc.n_mc,
+                                 generator=torch.Generator(device=batch.tokens.device).manual_seed(seed),
+                                 norm=rc.logp_norm, shared_t=rc.shared_t)
+        d = (ref - logp) * scored                                                   # log pi_ref - log pi
+        kl = (torch.exp(d) - d - 1) * scored                                        # k3 estimator, >= 0
+        loss = loss + rc.kl_coef * kl.sum() / n_total
+        stats["kl"] = (kl.sum() / scored.sum().clamp(min=1)).item()
+    return loss, stats
+
+
+def run_rl(cfg, ctx, bundle, vq, model=None):
+    import eval as E
+    import train as TR
+    rc, t, dev = cfg.rl, cfg.train, ctx.device
+    ckpt_path = os.path.join(t.out_dir, "ckpt_rl.pt")
+    step, elapsed, history = 0, 0.0, []
+    if t.resume and os.path.exists(ckpt_path):
+        blob = TR.load_checkpoint(ckpt_path, bundle.tok.vocab_size)
+        model = TR.model_from_checkpoint(blob, dev)
+        step, elapsed, history = blob["step"], blob.get("elapsed", 0.0), blob.get("history", [])
+        ctx.log(f"resumed RL from {ckpt_path} at step {step}")
+    elif model is None:
+        src = t.init_from or os.path.join(t.out_dir, "ckpt_sft.pt")
+        model = TR.model_from_checkpoint(TR.load_checkpoint(src, bundle.tok.vocab_size), dev)
+        ctx.log(f"RL starts from {src}")
+    opt = TR.make_optimizer(model, rc.lr, t.weight_decay, dev)
+    if t.resume and os.path.exists(ckpt_path):
+        opt.load_state_dict(blob["optim"])
+    ref = None
+    if rc.kl_coef > 0:      # ablation only: the paper drops the KL term and the reference model
+        ref = copy.deepcopy(model).eval().requires_grad_(False)
+    mix = C.parse_mix(rc.task_mix, "rl.task_mix")
+    per_task = {k: max(1, round(rc.prompts_per_step * len(mix) * w)) for k, w in mix.items()}
+    sft = TR.TaskSampler(bundle.sets, "sft", C.parse_mix(t.task_mix), t.seed * 1000 + 7 + ctx.rank)
+    gen = torch.Generator(device=dev).manual_seed(t.seed * 1000 + 11 + ctx.rank)
+    pick = torch.Generator().manual_seed(t.seed * 1000 + 13 + ctx.rank)
+    ctx.log(f"RL: prompts/step {per_task} x group {rc.group_size} | sft rows {rc.sft_rows} | likelihood "
+            f"{rc.likelihood} | gamma {rc.gamma} | answer-forcing p={rc.af_prob} ({rc.af_mode}) | tree "
+            f"{rc.tree_schedule} on {rc.tree_tasks} | kl {rc.kl_coef} | lr {rc.lr} | "
+            f"max {rc.max_steps} steps or {rc.time_budget_s:.0f}s")
+    t_start = time.time() - elapsed
+    bar = tqdm(total=rc.max_steps, initial=step, disable=not ctx.master, desc="rl", dynamic_ncols=True)
+    while step < rc.max_steps:
+        t0 = time.time()
+        model.eval()                     # sampling: no dropout
+        rolls = []
+        for task, k in per_task.items():
+            pool = len(bundle.sets[task]["rl"])
+            idx = torch.randperm(pool, generator=pick)[:k].tolist()
+            rolls.append(rollout_task(model, bundle, task, idx, cfg, dev, ctx.autocast, vq, gen))
+        t_roll = time.time() - t0
+        model.train()
+        parts, advs = [], []
+        if rc.sft_rows:
+            parts.append(D.collate({k: v["sft"] for k, v in bundle.sets.items()}, sft.draw(rc.sft_rows),
+                                   bundle.tok).to(dev))
+            advs.append(torch.ones(rc.sft_rows, device=dev))                       # SFT rows: A = 1
+        for r in rolls:
+            if len(r.adv):
+                parts.append(r.batch)
+                advs.append(r.adv.to(dev))
+        # N of Eq. U: every triplet of the step, zero-advantage members included
+        n_total = rc.sft_rows + sum(int(r.stats["members"]) for r in rolls)
+        batch, adv = D.cat_batches(parts, bundle.tok), torch.cat(advs)
+        lstats = {}
+        for lo in range(0, len(adv), t.micro_batch):             # micro-batches: gradients add up
+            rows = slice(lo, lo + t.micro_batch)
+            sub = D.Batch(*(x[rows] for x in (batch.tokens, batch.valid, batch.is_prompt, batch.is_resp,
+                                              batch.is_image)), batch.P, batch.tasks[rows])
+            with ctx.autocast:
+                loss, lstats = unified_loss(model, sub, adv[rows], bundle.tok, rc, n_total, gen, ref)
+            loss.backward()
+        TR.sync_grads(model, ctx)
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip).item()
+        if not math.isfinite(gnorm):
+            opt.zero_grad(set_to_none=True)
+            ctx.log(f"rl step {step}: non-finite gradient, update skipped")
+            continue
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        elapsed = time.time() - t_start
+        bar.update(1)
+        rec = {"step": step, "seconds": round(elapsed, 1), "rollout_s": round(t_roll, 2),
+               "update_s": round(time.time() - t0 - t_roll, 2), "grad": round(gnorm, 3), **lstats}
+        for r in rolls:
+            rec[r.task] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.stats.items()
+                           if k != "members"}
+        bar.set_postfix({r.task: f"{r.stats['reward']:.2f}" for r in rolls})
+        if step % max(1, t.log_interval // 10) == 0 or step == 1:
+            ctx.log("rl step {} | {} | rollout {:.1f}s update {:.1f}s | {:.0f}s".format(
+                step, " | ".join(f"{r.task} r={r.stats['reward']:.3f} nz={r.stats['nonzero_adv_frac']:.2f}"
+                                 + (f" af={r.stats['af_fired']}" if "af_fired" in r.stats and r.task != "edit" else "")
+                                 for r in rolls), t_roll, rec["update_s"], elapsed))
+        out_of_time = elapsed > rc.time_budget_s
+        done = step >= rc.max_steps or out_of_time
+        if rc.eval_interval and (step % rc.eval_interval == 0 or done) and ctx.master:
+            m = E.evaluate(model, bundle, vq, cfg, dev, ctx.autocast, n=min(100, cfg.eval.n_per_task))
+            rec["eval"] = m
+            ctx.log(f"rl eval @ {step} ({elapsed:.0f}s): {E.headline(m)}")
+        history.append(rec)
+        if ctx.master and (step % t.ckpt_interval == 0 or done):
+            TR.save_checkpoint(ckpt_path, model, opt, step, cfg, bundle, {"elapsed": elapsed, "history": history})
+        if done:
+            break
+    bar.close()
+    ctx.log(f"RL done: {step} steps in {elapsed:.0f}s -> {ckpt_path}")
+    if ctx.master:
+        with open(os.path.join(t.out_dir, "rl_log.json"), "w") as f:
+            json.dump(history, f)
+    return model

@@ -1,0 +1,169 @@
+"""
+Rollouts for the unified RL step: groups of on-policy samples, answer-forcing, tree search, and
+the advantages of Eq. A.
+
+Paper mapping:
+  groups          N samples per prompt (PAPER.md §1). Every prompt and sample of a task is pushed
+                  through the sampler in ONE batched call (rows = prompts x samples), never a Python
+                  loop over samples.
+  answer-forcing  (§3; tasks with a ground truth: vqa, ground). Always build sample N+1 whose canvas is
+                  "[M] ... [M] <answer> z* </answer>": the ground-truth answer block fixed at the end of
+                  the text region and the reasoning inpainted by the same sampler (it never changes a
+                  fixed token). It joins the group (N+1 members) when every one of the N on-policy
+                  samples scores below tau, with probability af_prob. The paper's "10%" has two
+                  readings (§3, §14.3): af_mode="failed_groups" (default, reading 1: p applies to
+                  all-failed groups) or "all_groups" (reading 2: a fraction p of all groups).
+  tree search     (§4; real-valued rewards: edit). Round 0 draws N samples from the fully masked
+                  canvas; each later round takes the best sample so far (argmax over ALL samples so
+                  far: §14.5 is unknown, this is the simplest reading), rebuilds its state at image
+                  step s from its final tokens and recorded unmasking order alone
+                  (diffusion.rebuild_state: no intermediate tensors are kept), and samples N
+                  continuations from there. rl.tree_schedule = "0,8" means rounds at steps [0, 8].
+  advantages      A = gamma * A_distill + (1 - gamma) * A_GRPO (Eq. A), over each whole group:
+                  A_GRPO = (r - mean) / (std + 1e-4) (std division is standard GRPO; §14.2 unknown, so
+                  rl.adv_std=False gives the mean-only Dr.-GRPO form), A_distill = 1 for the best sample.
+                  Reading taken: no distillation target when the best reward is 0 (imitating a failed
+                  sample cannot be what self-distillation means).
+
+Exercise: python -m pytest tests/test_rollout.py -q
+"""
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+from config import parse_int_list
+from data import Batch, answer_ids, cat_batches, collate
+from diffusion import image_step_offset, rebuild_state, sample
+from eval import score_rows
+
+
+@dataclass
+class Rollouts:
+    """All samples of one task in one RL step, flattened to rows, ready for the update."""
+    task: str
+    batch: Batch                   # (M, T) rows: prompt + sampled response, in the shared layout
+    adv: torch.Tensor              # (M,) advantage of each row (0 = no gradient)
+    rewards: torch.Tensor          # (G, n_members) rewards per group member (forced member last)
+    stats: dict = field(default_factory=dict)
+
+
+def advantages(r: torch.Tensor, member: torch.Tensor, gamma: float, use_std: bool = True) -> torch.Tensor:
+    """Eq. A on groups. r: (G, n) rewards; member: (G, n) bool, False = not in the group (an unused
+    answer-forcing slot). Returns A (G, n), zero outside the group."""
+    cnt = member.sum(1, keepdim=True).clamp(min=1)
+    mean = (r * member).sum(1, keepdim=True) / cnt
+    var = (((r - mean) ** 2) * member).sum(1, keepdim=True) / cnt
+    a_grpo = r - mean
+    if use_std:
+        a_grpo = a_grpo / (var.sqrt() + 1e-4)
+    masked_r = r.masked_fill(~member, float("-inf"))
+    best = masked_r.argmax(1)                                          # first argmax of each group
+    a_dist = torch.zeros_like(r)
+    has_win = masked_r.max(1).values > 0                               # no target in all-failed groups
+    a_dist[torch.arange(len(r)), best] = has_win.float()
+    return (gamma * a_dist + (1 - gamma) * a_grpo) * member
+
+
+def force_answer(batch: Batch, examples, tok, layout) -> Batch:
+    """Answer-forcing canvas: the text region all [MASK] except '<answer> z* </answer>' at its end."""
+    t = batch.tokens.clone()
+    P = batch.P
+    for b, ex in enumerate(examples):
+        ans = answer_ids(ex, tok)
+        end = P + layout.R_text
+        t[b, end - len(ans):end] = torch.tensor(ans)
+    return batch.with_tokens(t)
+
+
+@torch.no_grad()
+def rollout_task(model, bundle, task: str, idx: list[int], cfg, device, autocast, vq,
+                 generator: torch.Generator, split: str = "rl") -> Rollouts:
+    """Sample, score and weight the groups of one task for the prompts `idx` of `split`."""
+    rc, tok = cfg.rl, bundle.tok
+    ts = bundle.sets[task][split]
+    lay, N, G = ts.layout, rc.group_size, len(idx)
+    exs = [ts.examples[i] for i in idx]
+    base = collate({task: ts}, [(task, i) for i in idx], tok, responses=False).to(device)   # (G, T)
+    P, T = base.P, base.tokens.shape[1]
+    forcing = task in ("vqa", "ground") and rc.af_prob > 0
+    schedule = parse_int_list(rc.tree_schedule, "rl.tree_schedule") if task in rc.tree_tasks.split(",") else [0]
+    t0 = time.time()
+    reasons = Counter()
+
+    def run(canvas: Batch, order=None, start=0):
+        with autocast:
+            return sample(model, canvas, tok, cfg.diffusion, temperature=rc.temperature,
+                          image_temperature=rc.temperature, generator=generator, order=order, start_step=start)
+
+    def score(tokens, per_prompt: int) -> torch.Tensor:
+        """Rewards of rows laid out prompt-major (G * per_prompt rows) -> (G, per_prompt)."""
+        r, why, _ = score_rows(task, [e for e in exs for _ in range(per_prompt)],
+                               tokens[:, P:P + lay.R].cpu(), lay, tok, vq.decode, cfg.data.grid)
+        reasons.update(why)
+        return torch.tensor(r, dtype=torch.float32).view(G, per_prompt)
+
+    # round 0: G*N on-policy rows, plus the G answer-forced rows in the same sampler call
+    canvas = base.repeat(N)                                                        # (G*N, T)
+    if forcing:
+        canvas = cat_batches([canvas, force_answer(base, exs, tok, lay)], tok)                   # (G*N + G, T)
+    tokens, order = run(canvas)
+    toks = [tokens[:G * N].view(G, N, T)]
+    orders = [order[:G * N].view(G, N, -1)]
+    rews = [score(tokens[:G * N], N)]
+    round_means = [rews[0].mean().item()]
+
+    # tree search: each later round branches N continuations from the best sample so far
+    offset = image_step_offset(base, cfg.diffusion)
+    for s in schedule[1:]:
+        all_r, all_t, all_o = torch.cat(rews, 1), torch.cat(toks, 1), torch.cat(orders, 1)
+        best = all_r.argmax(1)                                                     # (G,)
+        ar = torch.arange(G)
+        state, st_order = rebuild_state(all_t[ar, best], all_o[ar, best], offset + s, base, tok)
+        branch = base.with_tokens(state).repeat(N)                                 # (G*N, T)
+        tokens_s, order_s = run(branch, st_order.repeat_interleave(N, 0), offset + s)
+        toks.append(tokens_s.view(G, N, T))
+        orders.append(order_s.view(G, N, -1))
+        rews.append(score(tokens_s, N))
+        round_means.append(rews[-1].mean().item())
+
+    r_on = torch.cat(rews, 1)                                                      # (G, N*k)
+    t_on = torch.cat(toks, 1)                                                      # (G, N*k, T)
+    member = torch.ones_like(r_on, dtype=torch.bool)
+    fired = torch.zeros(G, dtype=torch.bool)
+    if forcing:
+        r_f = score(tokens[G * N:], 1)                                             # (G, 1)
+        all_failed = (r_on < rc.tau).all(1)
+        coin = torch.rand(G, generator=generator, device=generator.device).cpu() < rc.af_prob
+        fired = coin & all_failed if rc.af_mode == "failed_groups" else coin
+        r_on = torch.cat([r_on, r_f], 1)
+        t_on = torch.cat([t_on, tokens[G * N:].view(G, 1, T)], 1)
+        member = torch.cat([member, fired[:, None]], 1)
+    adv = advantages(r_on, member, rc.gamma, rc.adv_std)                           # (G, n)
+    n = r_on.shape[1]
+    flat_adv = adv.reshape(-1)
+    rows = base.repeat(n).with_tokens(t_on.reshape(G * n, T))
+    keep = flat_adv != 0                                         # zero-advantage rows carry no gradient
+    on = r_on[:, :r_on.shape[1] - int(forcing)]
+    stats = {
+        "reward": on.mean().item(),
+        "nonzero_adv_frac": (adv.abs().sum(1) > 0).float().mean().item(),
+        "all_failed_frac": (on < rc.tau).all(1).float().mean().item(),
+        "af_fired": int(fired.sum()),
+        "members": int(member.sum()),
+        "rollout_s": time.time() - t0,
+        "parse_fail": {k: v for k, v in reasons.items() if k != "ok"},
+    }
+    if forcing:
+        stats["forced_reward"] = r_f.mean().item()
+    if len(schedule) > 1:
+        stats["round_reward"] = round_means
+    return Rollouts(task, _index(rows, keep), flat_adv[keep], r_on, stats)
+
+
+def _index(b: Batch, keep: torch.Tensor) -> Batch:
+    return Batch(*(x[keep] for x in (b.tokens, b.valid, b.is_prompt, b.is_resp, b.is_image)), b.P,
+                 [t for t, k in zip(b.tasks, keep.tolist()) if k])

@@ -1,0 +1,220 @@
+"""
+Tests of config.py: `--section.key=value` overrides are typed by the default, presets, one-line
+errors (exit code 2) for unknown keys/sections/presets and wrong types, `-h`, the dict round trip used
+by checkpoints, config.json, and the task-mix parser. Pure Python, well under a second.
+
+    cd /work/main && python -m pytest tests/test_config.py -q
+"""
+import json
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import config  # noqa: E402
+from config import ConfigError, from_dict, get_config, make_config, parse_mix, save_config, to_dict  # noqa: E402
+
+
+def _fails(argv, capsys) -> str:
+    """Run get_config on argv, expect SystemExit(2) and return the single stderr line."""
+    with pytest.raises(SystemExit) as e:
+        get_config(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, f"expected a one-line error, got {err!r}"
+    return lines[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# overrides
+
+def test_defaults_are_the_toy_preset():
+    cfg = get_config([])
+    assert cfg.preset == "toy"
+    assert cfg.model.n_layer == 4 and cfg.model.d_model == 128 and cfg.data.image_size == 32
+
+
+def test_typed_overrides():
+    cfg = get_config(["--model.n_layer=2", "--train.lr=3e-4", "--model.tie_weights=false",
+                      "--rl.tree_schedule=0,8,16", "--data.teacher_bias=yellow"])
+    assert cfg.model.n_layer == 2 and type(cfg.model.n_layer) is int
+    assert cfg.train.lr == pytest.approx(3e-4) and type(cfg.train.lr) is float
+    assert cfg.model.tie_weights is False
+    assert cfg.rl.tree_schedule == "0,8,16" and config.parse_int_list(cfg.rl.tree_schedule, "x") == [0, 8, 16]
+    assert cfg.data.teacher_bias == "yellow"
+    # other keys keep their defaults
+    assert cfg.model.n_head == 4 and cfg.train.batch_size == 64
+
+
+@pytest.mark.parametrize("text,value", [("true", True), ("1", True), ("on", True), ("yes", True),
+                                        ("False", False), ("0", False), ("off", False), ("no", False)])
+def test_bool_spellings(text, value):
+    assert get_config([f"--train.compile={text}"]).train.compile is value
+
+
+def test_int_accepts_integral_float_and_float_accepts_int():
+    cfg = get_config(["--train.max_steps=1e4", "--train.lr=1"])
+    assert cfg.train.max_steps == 10000 and type(cfg.train.max_steps) is int
+    assert cfg.train.lr == 1.0 and type(cfg.train.lr) is float
+
+
+def test_bracketed_int_list():
+    cfg = get_config(["--rl.tree_schedule=[0,8,16]"])
+    assert config.parse_int_list(cfg.rl.tree_schedule, "rl.tree_schedule") == [0, 8, 16]
+
+
+def test_presets_change_values():
+    small = get_config(["--preset=small"])
+    assert small.preset == "small"
+    assert small.model.d_model == 512 and small.model.n_layer == 8 and small.data.image_size == 64
+    base = get_config(["--preset=base"])
+    assert base.model.d_model == 1024 and base.data.grid == 8
+    # the command line wins over the preset, whatever the order
+    assert get_config(["--model.d_model=256", "--preset=small"]).model.d_model == 256
+
+
+def test_preset_float_fields_stay_float_and_accept_float_overrides():
+    # the small preset writes time_budget_s=2400 (an int) into a float field; a float override must
+    # still parse (regression: it used to fail with "expected int")
+    cfg = get_config(["--preset=small", "--train.time_budget_s=99.5", "--vq.time_budget_s=1.5"])
+    assert cfg.train.time_budget_s == 99.5 and cfg.vq.time_budget_s == 1.5
+    cfg = get_config(["--preset=small"])
+    assert type(cfg.rl.time_budget_s) is float and type(cfg.vq.time_budget_s) is float
+
+
+def test_shortcuts_and_bare_resume():
+    cfg = get_config(["--stage=sft", "--out_dir=/tmp/x", "--seed=7", "--resume"])
+    assert cfg.train.stage == "sft" and cfg.train.out_dir == "/tmp/x" and cfg.train.seed == 7
+    assert cfg.train.resume is True
+
+
+def test_make_config_overrides():
+    cfg = make_config("toy", {"data.n_sft": 40, "data.n_rl": 60, "train.lr": 0.5, "model.tie_weights": False})
+    assert (cfg.data.n_sft, cfg.data.n_rl, cfg.train.lr, cfg.model.tie_weights) == (40, 60, 0.5, False)
+    with pytest.raises(ConfigError):
+        make_config("toy", {"data.n_sft": "many"})
+    with pytest.raises(ConfigError):
+        make_config("huge")
+
+
+# ----------------------------------------------------------------------------------------------
+# errors: exit code 2, one line on stderr that says what to fix
+
+def test_unknown_key_names_valid_keys(capsys):
+    line = _fails(["--model.n_layers=2"], capsys)
+    assert "n_layers" in line and "n_layer" in line.replace("n_layers", "")
+    for k in ("n_head", "d_model", "tie_weights"):
+        assert k in line
+
+
+def test_unknown_section(capsys):
+    line = _fails(["--optim.lr=1"], capsys)
+    assert "optim" in line
+    for s in config.SECTIONS:
+        assert s in line
+
+
+@pytest.mark.parametrize("arg,kind", [("--model.n_layer=abc", "int"), ("--train.lr=fast", "float"),
+                                      ("--model.tie_weights=maybe", "bool"), ("--model.n_layer=2.5", "int"),
+                                      ("--train.lr=", "float"), ("--train.lr={[]:1}", "float"),
+                                      ("--train.lr=True", "float")])
+def test_wrong_type_names_expected_type(arg, kind, capsys):
+    line = _fails([arg], capsys)
+    assert f"expected {kind}" in line
+    assert arg.split("=")[0] in line          # and says which key
+
+
+def test_unknown_preset(capsys):
+    line = _fails(["--preset=huge"], capsys)
+    assert "huge" in line and "toy" in line and "small" in line and "base" in line
+
+
+def test_bare_key_without_section(capsys):
+    line = _fails(["--foo=1"], capsys)
+    assert "--foo" in line and "section.key" in line
+
+
+def test_unparseable_argument(capsys):
+    line = _fails(["n_layer=2"], capsys)
+    assert "n_layer=2" in line
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--model.d_model=130"], ["d_model", "n_head", "divisible"]),
+    (["--data.image_size=36"], ["image_size", "divisible"]),
+    (["--data.min_shapes=9", "--data.max_shapes=4"], ["min_shapes", "max_shapes"]),
+    (["--train.batch_size=48", "--train.micro_batch=32"], ["batch_size", "micro_batch"]),
+    (["--stage=pretrain"], ["stage", "pretrain"]),
+    (["--rl.likelihood=exact"], ["likelihood", "complementary"]),
+    (["--train.task_mix=vqa:1,ocr:2"], ["ocr", "task_mix"]),
+    (["--rl.tree_schedule=0,x"], ["tree_schedule", "integers"]),
+])
+def test_cross_field_validation(argv, words, capsys):
+    line = _fails(argv, capsys)
+    for w in words:
+        assert w in line
+
+
+def test_help_prints_every_key(capsys):
+    with pytest.raises(SystemExit) as e:
+        get_config(["-h"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    cfg = config.Config()
+    for section in config.SECTIONS:
+        for f in config.fields(getattr(cfg, section)):
+            assert f"--{section}.{f.name}=" in out
+    assert "--model.n_layer=4" in out and "--rl.gamma=0.5" in out and "--data.teacher_bias=''" in out
+
+
+def test_help_shows_preset_values(capsys):
+    with pytest.raises(SystemExit) as e:
+        get_config(["--preset=small", "--help"])
+    assert e.value.code == 0
+    assert "--model.d_model=512" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------
+# dicts, config.json, task mixes
+
+def test_dict_round_trip():
+    cfg = get_config(["--preset=small", "--model.n_layer=3", "--rl.gamma=0.25", "--data.teacher_bias=red"])
+    d = to_dict(cfg)
+    json.loads(json.dumps(d))                 # JSON-serialisable, as checkpoints need
+    back = from_dict(json.loads(json.dumps(d)))
+    assert back == cfg
+    assert back.model.n_layer == 3 and back.rl.gamma == 0.25 and back.preset == "small"
+
+
+def test_from_dict_ignores_unknown_and_keeps_defaults_for_missing():
+    d = {"preset": "toy", "model": {"n_layer": 2, "old_knob": 5}, "ghost_section": {"x": 1},
+         "rl": {}}
+    cfg = from_dict(d)
+    assert cfg.model.n_layer == 2
+    assert not hasattr(cfg.model, "old_knob") and not hasattr(cfg, "ghost_section")
+    assert cfg.model.d_model == config.ModelConfig().d_model
+    assert cfg.rl == config.RLConfig() and cfg.train == config.TrainConfig()
+
+
+def test_save_config_writes_overrides(tmp_path):
+    argv = ["--model.n_layer=2", "--train.lr=3e-4"]
+    cfg = get_config(argv)
+    out = tmp_path / "run"
+    save_config(cfg, str(out), argv=argv)
+    d = json.loads((out / "config.json").read_text())
+    assert d["model"]["n_layer"] == 2 and d["train"]["lr"] == pytest.approx(3e-4)
+    assert d["argv"] == argv
+    assert from_dict(d) == cfg
+
+
+def test_parse_mix():
+    m = parse_mix("vqa:4,ground:3,edit:2,t2i:1")
+    assert m == pytest.approx({"vqa": 0.4, "ground": 0.3, "edit": 0.2, "t2i": 0.1})
+    assert sum(m.values()) == pytest.approx(1.0)
+    assert parse_mix("vqa,edit") == pytest.approx({"vqa": 0.5, "edit": 0.5})      # weight defaults to 1
+    assert parse_mix("vqa:1,ground:0") == {"vqa": 1.0}                           # zero weights dropped
+    for bad in ("vqa:1,ocr:1", "vqa:x", "vqa:-1,edit:2", "vqa:0", ""):
+        with pytest.raises(ConfigError):
+            parse_mix(bad)

@@ -1,0 +1,681 @@
+"""
+Tests of data.py: deterministic, disjoint pools; every ground-truth answer re-derived independently
+from the scene (own prompt regexes, own counting/geometry); the imperfect teacher; render/read_scene;
+the tokenizer; the shared sequence layout and batches; the JSONL loader. CPU, small pools, seconds.
+
+    cd /work/main && python -m pytest tests/test_data.py -q
+"""
+import json
+import os
+import re
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
+from config import make_config  # noqa: E402
+from data import JSONLError, Shape, Tokenizer  # noqa: E402
+
+SMALL = {"data.n_sft": 40, "data.n_rl": 60, "data.n_eval": 30}
+# a bigger (still fast: ~0.3 s) pool for the answer checks, so every question type shows up often
+WIDE = {"data.n_sft": 150, "data.n_rl": 300, "data.n_eval": 100}
+TASKS = ("vqa", "ground", "edit", "t2i")
+SPLITS = ("sft", "rl", "eval")
+
+# The world, written down again here on purpose (not imported) so the checks are independent.
+MY_COLOURS = ("red", "green", "blue", "yellow")
+MY_KINDS = ("circle", "square", "triangle")
+MY_SIZES = ("small", "large")
+MY_SIDES = {"circle": 0, "square": 4, "triangle": 3}
+MY_RGB = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 90, 235), "yellow": (235, 215, 40)}
+
+
+def pools_for(overrides=None, base=SMALL):
+    cfg = make_config("toy", {**base, **(overrides or {})})
+    return cfg, data.build_pools(cfg.data)
+
+
+@pytest.fixture(scope="module")
+def small():
+    return pools_for()
+
+
+@pytest.fixture(scope="module")
+def wide():
+    return pools_for(base=WIDE)
+
+
+def fingerprint(pools):
+    return {t: {s: [(e.qtype, e.prompt, e.scene, e.answer, e.trace, e.answer_text) for e in exs]
+                for s, exs in sp.items()} for t, sp in pools.items()}
+
+
+# ---- independent helpers: parse the prompt words, count in the scene -----------------------------
+
+def cell_of(name: str, grid: int) -> int:
+    m = re.fullmatch(r"r(\d+)c(\d+)", name)
+    assert m, name
+    r, c = int(m.group(1)), int(m.group(2))
+    assert 0 <= r < grid and 0 <= c < grid
+    return r * grid + c
+
+
+def phrase_pred(phrase: str):
+    """'red shapes' / 'small shapes' / 'circles' -> predicate on a shape."""
+    w = phrase.split()
+    if len(w) == 2 and w[1] == "shapes" and w[0] in MY_COLOURS:
+        return lambda s: s.colour == w[0]
+    if len(w) == 2 and w[1] == "shapes" and w[0] in MY_SIZES:
+        return lambda s: s.size == w[0]
+    if len(w) == 1 and w[0].endswith("s") and w[0][:-1] in MY_KINDS:
+        return lambda s: s.kind == w[0][:-1]
+    raise AssertionError(f"unparseable phrase {phrase!r}")
+
+
+def n_of(scene, phrase: str) -> int:
+    pred = phrase_pred(phrase)
+    return sum(1 for s in scene if s is not None and pred(s))
+
+
+def vqa_truth(ex):
+    """(qtype, truth) for a vqa prompt, recomputed from the scene."""
+    q, sc = ex.prompt, ex.scene
+    if q == "how many sides do the shapes have in total ?":
+        return "sides", str(sum(MY_SIDES[s.kind] for s in sc if s is not None))
+    if m := re.fullmatch(r"how many (.+) are there \?", q):
+        return "count", str(n_of(sc, m.group(1)))
+    if m := re.fullmatch(r"are there more (.+) than (.+) \?", q):
+        return "compare", "yes" if n_of(sc, m.group(1)) > n_of(sc, m.group(2)) else "no"
+    if m := re.fullmatch(r"how many (.+) plus (.+) \?", q):
+        return "add", str(n_of(sc, m.group(1)) + n_of(sc, m.group(2)))
+    if m := re.fullmatch(r"what is the difference between the number of (.+) and (.+) \?", q):
+        return "diff", str(abs(n_of(sc, m.group(1)) - n_of(sc, m.group(2))))
+    raise AssertionError(f"unparseable vqa prompt {q!r}")
+
+
+def ground_matches(ex, grid):
+    """(qtype, every cell that satisfies the referring expression)."""
+    q, sc = ex.prompt, ex.scene
+    filled = [i for i, s in enumerate(sc) if s is not None]
+    if q == "where is the shape whose colour appears only once ?":
+        once = [c for c in MY_COLOURS if sum(sc[i].colour == c for i in filled) == 1]
+        return "odd_colour", [i for i in filled if sc[i].colour in once]
+    if m := re.fullmatch(r"where is the (small|large) shape (left of|above) the (\w+) (\w+) \?", q):
+        size, rel, colour, kind = m.groups()
+        anchors = [i for i in filled if (sc[i].colour, sc[i].kind) == (colour, kind)]
+        assert len(anchors) == 1, f"anchor of {q!r} is not unique"
+        ar, ac = divmod(anchors[0], grid)
+        out = []
+        for i in filled:
+            r, c = divmod(i, grid)
+            ok = (r == ar and c < ac) if rel == "left of" else (c == ac and r < ar)
+            if ok and sc[i].size == size:
+                out.append(i)
+        return ("left_of" if rel == "left of" else "above"), out
+    if m := re.fullmatch(r"where is the (\w+) (\w+) \?", q):
+        colour, kind = m.groups()
+        return "unique", [i for i in filled if (sc[i].colour, sc[i].kind) == (colour, kind)]
+    raise AssertionError(f"unparseable ground prompt {q!r}")
+
+
+def apply_edit(scene, prompt, grid):
+    """(qtype, target scene) from the instruction words."""
+    sc = list(scene)
+
+    def the(colour, kind):
+        hits = [i for i, s in enumerate(sc) if s is not None and (s.colour, s.kind) == (colour, kind)]
+        assert len(hits) == 1, f"'{colour} {kind}' in {prompt!r} is not unique"
+        return hits[0]
+
+    if m := re.fullmatch(r"add a (\w+) (\w+) (\w+) at (r\d+c\d+)", prompt):
+        size, colour, kind, where = m.groups()
+        j = cell_of(where, grid)
+        assert sc[j] is None, "add into an occupied cell"
+        sc[j] = Shape(kind, colour, size)
+        return "add", tuple(sc)
+    if m := re.fullmatch(r"make the (\w+) (\w+) (\w+)", prompt):
+        colour, kind, newc = m.groups()
+        assert newc in MY_COLOURS and newc != colour
+        i = the(colour, kind)
+        sc[i] = Shape(kind, newc, sc[i].size)
+        return "recolour", tuple(sc)
+    if m := re.fullmatch(r"remove the (\w+) (\w+)", prompt):
+        sc[the(*m.groups())] = None
+        return "remove", tuple(sc)
+    if m := re.fullmatch(r"move the (\w+) (\w+) to (r\d+c\d+)", prompt):
+        colour, kind, where = m.groups()
+        i, j = the(colour, kind), cell_of(where, grid)
+        assert sc[j] is None, "move onto an occupied cell"
+        sc[i], sc[j] = None, sc[i]
+        return "move", tuple(sc)
+    raise AssertionError(f"unparseable edit prompt {prompt!r}")
+
+
+def parse_description(text, grid):
+    sc = [None] * (grid * grid)
+    last = -1
+    for part in text.split(" , "):
+        m = re.fullmatch(r"(?:a )?(small|large) (\w+) (\w+) (?:at )?(r\d+c\d+)", part)
+        assert m, part
+        size, colour, kind, where = m.groups()
+        assert colour in MY_COLOURS and kind in MY_KINDS
+        i = cell_of(where, grid)
+        assert i > last, "description is not in reading order"
+        last = i
+        sc[i] = Shape(kind, colour, size)
+    return tuple(sc)
+
+
+# ----------------------------------------------------------------------------------------------
+# determinism and splits
+
+def test_pool_sizes(small):
+    cfg, pools = small
+    assert set(pools) == set(TASKS)
+    for t in TASKS:
+        assert {s: len(pools[t][s]) for s in SPLITS} == {"sft": 40, "rl": 60, "eval": 30}
+        for s in SPLITS:
+            assert all(e.task == t for e in pools[t][s])
+
+
+def test_deterministic(small):
+    cfg, pools = small
+    assert fingerprint(data.build_pools(cfg.data)) == fingerprint(pools)
+
+
+def test_seed_changes_pools(small):
+    _, pools = small
+    _, other = pools_for({"data.seed": 1})
+    for t in TASKS:
+        for s in SPLITS:
+            a = [(e.scene, e.answer, e.prompt) for e in pools[t][s]]
+            b = [(e.scene, e.answer, e.prompt) for e in other[t][s]]
+            assert a != b
+
+
+def test_n_rl_does_not_change_sft(small):
+    _, pools = small
+    _, fewer = pools_for({"data.n_rl": 10})
+    fa, fb = fingerprint(pools), fingerprint(fewer)
+    for t in TASKS:
+        assert fa[t]["sft"] == fb[t]["sft"]
+        assert fb[t]["rl"] == fa[t]["rl"][:10]     # example i has its own generator: a prefix
+
+
+def test_splits_disjoint_and_traces(small):
+    _, pools = small
+    for t in TASKS:
+        keys = {}
+        for s in SPLITS:
+            # own identity: the input scene (the target scene for t2i) and the prompt words
+            keys[s] = {(e.scene if e.scene is not None else e.answer, e.prompt) for e in pools[t][s]}
+        assert not keys["sft"] & keys["rl"]
+        assert not keys["sft"] & keys["eval"]
+        assert not keys["rl"] & keys["eval"]
+        assert all(e.trace is None for e in pools[t]["rl"]), "rl pool must be answer-only"
+        assert all(e.trace is not None for e in pools[t]["sft"])
+        if t != "t2i":
+            assert all(len(e.trace.split()) > 0 for e in pools[t]["sft"])
+
+
+def test_disjoint_even_when_collisions_are_likely():
+    # a 2x2 board with one shape has only 4*24 distinct scenes: collisions certainly happen
+    cfg = make_config("toy", {"data.grid": 2, "data.min_shapes": 1, "data.max_shapes": 1, "data.image_size": 16,
+                              "data.n_sft": 30, "data.n_rl": 30, "data.n_eval": 10})
+    pools = data.build_pools(cfg.data)
+    for t in TASKS:
+        ks = [{(e.scene if e.scene is not None else e.answer, e.prompt) for e in pools[t][s]} for s in SPLITS]
+        assert not (ks[0] & ks[1]) and not (ks[0] & ks[2]) and not (ks[1] & ks[2])
+
+
+# ----------------------------------------------------------------------------------------------
+# verifiable answers, recomputed from the scene
+
+def test_scenes_respect_the_config(wide):
+    cfg, pools = wide
+    d = cfg.data
+    for t in ("vqa", "ground", "edit"):
+        for s in SPLITS:
+            for e in pools[t][s]:
+                assert len(e.scene) == d.grid ** 2
+                n = sum(x is not None for x in e.scene)
+                assert d.min_shapes <= n <= d.max_shapes
+
+
+def test_vqa_answers(wide):
+    cfg, pools = wide
+    seen = set()
+    for s in SPLITS:
+        for e in pools["vqa"][s]:
+            qtype, truth = vqa_truth(e)
+            assert e.qtype == qtype, e.prompt
+            assert e.answer == truth, (e.prompt, e.scene)
+            seen.add(qtype)
+    assert seen == {"count", "compare", "add", "diff", "sides"}
+
+
+def test_ground_boxes(wide):
+    cfg, pools = wide
+    g, size = cfg.data.grid, cfg.data.image_size
+    cell = size // g
+    seen = set()
+    for s in SPLITS:
+        for e in pools["ground"][s]:
+            qtype, hits = ground_matches(e, g)
+            assert e.qtype == qtype, e.prompt
+            assert len(hits) == 1, f"{e.prompt!r} is satisfied by cells {hits}"
+            r, c = divmod(hits[0], g)
+            x0, y0, x1, y1 = e.answer
+            assert c * cell <= x0 < x1 <= (c + 1) * cell and r * cell <= y0 < y1 <= (r + 1) * cell
+            # the box covers the shape's ink: every lit pixel of that cell lies inside the box
+            img = data.render(e.scene, g, size).max(-1)
+            ys, xs = np.nonzero(img[r * cell:(r + 1) * cell, c * cell:(c + 1) * cell])
+            assert len(xs) > 0
+            assert x0 <= c * cell + xs.min() and c * cell + xs.max() < x1
+            assert y0 <= r * cell + ys.min() and r * cell + ys.max() < y1
+            assert e.answer_text == " ".join(str(v) for v in e.answer)
+            seen.add(qtype)
+    assert seen == {"unique", "odd_colour", "left_of", "above"}
+
+
+def test_edit_targets(wide):
+    cfg, pools = wide
+    seen = set()
+    for s in SPLITS:
+        for e in pools["edit"][s]:
+            qtype, target = apply_edit(e.scene, e.prompt, cfg.data.grid)
+            assert e.qtype == qtype
+            assert e.answer == target, e.prompt
+            assert e.answer != e.scene
+            seen.add(qtype)
+    assert seen == {"recolour", "remove", "move", "add"}
+
+
+def test_t2i_descriptions(wide):
+    cfg, pools = wide
+    for s in SPLITS:
+        for e in pools["t2i"][s]:
+            assert e.scene is None                      # no input picture
+            assert parse_description(e.prompt, cfg.data.grid) == e.answer
+
+
+# ----------------------------------------------------------------------------------------------
+# the imperfect teacher
+
+def test_perfect_teacher_answers_are_the_truth(wide):
+    cfg, pools = wide
+    assert cfg.data.teacher_slip == 0 and cfg.data.teacher_bias == ""
+    for t in ("vqa", "ground"):
+        for e in pools[t]["sft"]:
+            assert e.answer_text == (e.answer if t == "vqa" else " ".join(map(str, e.answer)))
+    for e in pools["vqa"]["sft"]:
+        assert e.trace.split()[-1] == e.answer_text       # the trace ends in its answer
+
+
+def test_biased_teacher_overcounts_yellow():
+    _, pools = pools_for({"data.teacher_bias": "yellow", "data.n_sft": 300, "data.n_rl": 20, "data.n_eval": 10})
+    yellow = other = 0
+    for e in pools["vqa"]["sft"]:
+        qtype, truth = vqa_truth(e)
+        assert e.answer == truth                       # ground truth is unaffected
+        if qtype != "count":
+            continue
+        if e.prompt == "how many yellow shapes are there ?":
+            assert e.answer_text == str(int(truth) + 1)
+            yellow += 1
+        else:
+            assert e.answer_text == truth
+            other += 1
+    assert yellow >= 3 and other >= 10
+    for e in pools["vqa"]["rl"] + pools["vqa"]["eval"]:
+        assert e.answer_text == vqa_truth(e)[1]        # only the sft teacher is biased
+
+
+def test_slipping_teacher_is_wrong_but_truth_is_kept(wide):
+    _, clean = wide
+    _, pools = pools_for({"data.teacher_slip": 1.0}, base=WIDE)
+    exs = pools["vqa"]["sft"]
+    wrong = 0
+    for e in exs:
+        qtype, truth = vqa_truth(e)
+        assert e.answer == truth
+        assert e.trace.split()[-1] == e.answer_text    # the slip is carried through to the answer
+        if qtype != "compare":                         # an off-by-one always changes a number
+            assert e.answer_text != truth
+        wrong += e.answer_text != truth
+    assert wrong / len(exs) > 0.5
+    # teacher quality changes traces, not the questions
+    assert [e.prompt for e in exs] == [e.prompt for e in clean["vqa"]["sft"]]
+
+
+# ----------------------------------------------------------------------------------------------
+# rendering
+
+def test_render_then_read_scene_recovers_every_scene():
+    rng = np.random.default_rng(123)
+    for grid, size, n in ((4, 32, 300), (4, 64, 60)):
+        for _ in range(n):
+            sc = data.random_scene(rng, grid, 1, grid * grid)
+            img = data.render(sc, grid, size)
+            assert img.shape == (size, size, 3) and img.dtype == np.uint8
+            assert data.read_scene(img, grid) == sc
+            assert data.read_scene(img.astype(np.float32) / 255.0, grid) == sc     # float in [0, 1]
+
+
+def test_render_colours_and_empty_cells():
+    rng = np.random.default_rng(7)
+    grid, size = 4, 32
+    cell = size // grid
+    for _ in range(50):
+        sc = data.random_scene(rng, grid, 1, grid * grid)
+        img = data.render(sc, grid, size)
+        for i, s in enumerate(sc):
+            r, c = divmod(i, grid)
+            patch = img[r * cell:(r + 1) * cell, c * cell:(c + 1) * cell].reshape(-1, 3)
+            if s is None:
+                assert patch.max() == 0
+            else:                                       # the cell's centre holds the exact palette colour
+                assert tuple(img[r * cell + cell // 2, c * cell + cell // 2]) == MY_RGB[s.colour]
+
+
+# ----------------------------------------------------------------------------------------------
+# tokenizer
+
+@pytest.fixture(scope="module")
+def tok(small):
+    _, pools = small
+    return Tokenizer.fit(data.all_texts(pools), n_codes=64)
+
+
+def test_tokenizer_round_trip(small, tok):
+    _, pools = small
+    start = tok.n_unknown
+    for t in TASKS:
+        for s in SPLITS:
+            for e in pools[t][s]:
+                for text in (e.prompt, e.trace or "", e.answer_text or ""):
+                    ids = tok.encode(text)
+                    assert all(len(data.SPECIALS) <= i < tok.img_offset for i in ids)
+                    assert tok.decode(ids) == " ".join(text.split())
+    assert tok.n_unknown == start == 0
+
+
+def test_tokenizer_unknown_words(tok):
+    before = tok.n_unknown
+    ids = tok.encode("how many zebras are there ?")
+    assert ids[2] == tok.UNK == data.SPECIALS.index("[UNK]")
+    assert sum(i == tok.UNK for i in ids) == 1
+    assert tok.n_unknown == before + 1
+    assert tok.decode(ids) == "how many [UNK] are there ?"
+    tok.n_unknown = before
+
+
+def test_tokenizer_ids_and_image_codes(tok):
+    assert tok.vocab_size == tok.img_offset + 64 == len(tok.itos) + 64
+    assert [tok.itos[i] for i in (tok.PAD, tok.MASK, tok.IMASK, tok.EOS, tok.UNK)] == \
+        ["[PAD]", "[MASK]", "[IMASK]", "[EOS]", "[UNK]"]
+    for n in range(65):                                 # numbers are always in the vocabulary
+        assert tok.encode(str(n)) == [tok.stoi[str(n)]]
+    assert tok.decode([tok.img_offset, tok.img_offset + 5, tok.vocab_size - 1]) == "<img:0> <img:5> <img:63>"
+    assert tok.decode([tok.PAD, tok.MASK, tok.IMASK, tok.EOS, tok.THINK]) == "[MASK] [IMASK] <think>"
+    assert tok.decode(torch.tensor([tok.ANS, tok.stoi["3"], tok.EANS])) == "<answer> 3 </answer>"
+
+
+def test_tokenizer_state_round_trip(tok):
+    back = Tokenizer.from_state(json.loads(json.dumps(tok.state())))
+    assert back.itos == tok.itos and back.stoi == tok.stoi
+    assert (back.img_offset, back.vocab_size, back.n_codes) == (tok.img_offset, tok.vocab_size, tok.n_codes)
+    assert back.TASK == tok.TASK and back.ANS == tok.ANS
+    text = "how many red shapes are there ?"
+    assert back.encode(text) == tok.encode(text)
+
+
+# ----------------------------------------------------------------------------------------------
+# layouts, tokenized sets and batches
+
+N_IMG = 16      # 32 px / downsample 8 = 4 x 4 codes per picture
+
+
+@pytest.fixture(scope="module")
+def tokenized(small, tok):
+    cfg, pools = small
+    g = torch.Generator().manual_seed(0)
+    codes, tcodes = {}, {}
+    for t in TASKS:
+        for s in SPLITS:
+            n = len(pools[t][s])
+            codes[t, s] = None if t == "t2i" else torch.randint(0, 64, (n, N_IMG), generator=g)
+            tcodes[t, s] = torch.randint(0, 64, (n, N_IMG), generator=g) if t in ("edit", "t2i") else None
+    P = max(len(data.prompt_ids(e, tok, None if codes[t, s] is None else codes[t, s][k]))
+            for t in TASKS for s in SPLITS for k, e in enumerate(pools[t][s]))
+    lays = data.layouts_for(pools, tok, N_IMG)
+    sets = {(t, s): data.tokenize_split(t, pools[t][s], tok, lays[t], P, codes[t, s], tcodes[t, s])
+            for t in TASKS for s in SPLITS}
+    return P, lays, sets, codes, tcodes
+
+
+def test_layouts(tokenized, tok):
+    _, lays, _, _, _ = tokenized
+    assert lays["t2i"].R_text == 0 and lays["t2i"].n_img == N_IMG
+    assert lays["edit"].R_text > 0 and lays["edit"].n_img == N_IMG and lays["edit"].ans_len == 0
+    for t in ("vqa", "ground"):
+        assert lays[t].n_img == 0 and lays[t].ans_len >= 3 and lays[t].R == lays[t].R_text
+    assert lays["ground"].ans_len == 6                 # <answer> x0 y0 x1 y1 </answer>
+    assert lays["vqa"].ans_len == 3                    # <answer> z </answer>
+
+
+def test_prompt_width(small, tokenized, tok):
+    if not hasattr(data, "prompt_width"):
+        pytest.skip("data.prompt_width not present")
+    _, pools = small
+    P = tokenized[0]                     # own P: the longest prompt_ids over every pool
+    assert data.prompt_width(pools, tok, N_IMG) == P
+
+
+def test_tokenized_prompts(small, tokenized, tok):
+    _, pools = small
+    P, _, sets, codes, _ = tokenized
+    for t in TASKS:
+        for s in SPLITS:
+            ts = sets[t, s]
+            assert ts.prompt.shape == (len(pools[t][s]), P)
+            for k, e in enumerate(pools[t][s]):
+                want = [tok.stoi[f"<{t}>"]]
+                if t != "t2i":
+                    want += [tok.stoi["<boi>"]] + [tok.img_offset + int(c) for c in codes[t, s][k]] + [tok.stoi["<eoi>"]]
+                want += [tok.stoi[w] for w in e.prompt.split()]
+                want += [tok.PAD] * (P - len(want))
+                assert ts.prompt[k].tolist() == want
+            assert (ts.response is None) == (s == "rl")
+
+
+def check_batch(b, items, sets, lays, tok, tcodes, P, split):
+    Rmax = max(lays[t].R for t, _ in items)
+    assert b.P == P and b.tokens.shape == (len(items), P + Rmax)
+    assert torch.equal(b.response, b.tokens[:, P:])
+    assert b.tasks == [t for t, _ in items]
+    assert torch.equal(b.valid, b.tokens != tok.PAD)             # valid is False exactly at PAD
+    col = torch.arange(P + Rmax)
+    for row, (t, k) in enumerate(items):
+        lay = lays[t]
+        e = sets[t, split].examples[k]
+        assert torch.equal(b.is_resp[row], (col >= P) & (col < P + lay.R))
+        img_cols = (col >= P + lay.R_text) & (col < P + lay.R)
+        assert torch.equal(b.is_image[row], img_cols)
+        assert torch.equal(b.is_prompt[row], (col < P) & (b.tokens[row] != tok.PAD))
+        assert not (b.tokens[row][b.is_resp[row]] == tok.PAD).any()
+        assert (b.tokens[row, P + lay.R:] == tok.PAD).all()
+        resp = b.tokens[row, P:P + lay.R].tolist()
+        text = resp[:lay.R_text]
+        assert all(i < tok.img_offset for i in text)
+        if t in ("edit", "t2i"):
+            assert resp[lay.R_text:] == [tok.img_offset + int(c) for c in tcodes[t, split][k]]
+            assert t == "edit" or lay.R_text == 0
+        if t != "t2i":
+            assert text[0] == tok.THINK
+            end = text.index(tok.ETHINK)
+            assert text[1:end] == [tok.stoi[w] for w in e.trace.split()]
+        if t in ("vqa", "ground"):
+            z = e.answer if t == "vqa" else " ".join(map(str, e.answer))   # the ground truth, own text
+            block = [tok.ANS] + [tok.stoi[w] for w in z.split()] + [tok.EANS]
+            assert block == data.answer_ids(e, tok)
+            assert text[-len(block):] == block
+            assert set(text[end + 1:-len(block)]) <= {tok.EOS}
+        elif t == "edit":
+            assert set(text[end + 1:]) <= {tok.EOS}
+
+
+@pytest.mark.parametrize("split", ["sft", "eval"])
+def test_collate_responses(split, small, tokenized, tok):
+    P, lays, sets, _, tcodes = tokenized
+    items = [(t, k) for k in range(6) for t in TASKS]          # every family interleaved in one batch
+    b = data.collate({t: sets[t, split] for t in TASKS}, items, tok)
+    check_batch(b, items, sets, lays, tok, tcodes, P, split)
+
+
+def test_collate_single_family_has_no_padding_in_response(tokenized, tok):
+    P, lays, sets, _, tcodes = tokenized
+    items = [("vqa", k) for k in range(8)]
+    b = data.collate({"vqa": sets["vqa", "sft"]}, items, tok)
+    assert b.tokens.shape[1] == P + lays["vqa"].R
+    assert b.is_resp[:, P:].all() and not b.is_image.any()
+
+
+def test_collate_all_mask_canvas(tokenized, tok):
+    P, lays, sets, _, _ = tokenized
+    for split in ("sft", "rl"):                                # rl sets have no responses at all
+        items = [(t, k) for k in range(3) for t in TASKS]
+        b = data.collate({t: sets[t, split] for t in TASKS}, items, tok, responses=False)
+        text_slots = b.is_resp & ~b.is_image
+        assert (b.tokens[text_slots] == tok.MASK).all()
+        assert (b.tokens[b.is_image] == tok.IMASK).all()
+        assert (b.tokens[:, P:][~b.is_resp[:, P:]] == tok.PAD).all()
+        assert torch.equal(b.valid, b.tokens != tok.PAD)
+        for row, (t, k) in enumerate(items):
+            assert torch.equal(b.tokens[row, :P], sets[t, split].prompt[k])
+            assert int(b.is_image[row].sum()) == lays[t].n_img
+            assert int(text_slots[row].sum()) == lays[t].R_text
+
+
+def test_batch_repeat(tokenized, tok):
+    _, _, sets, _, _ = tokenized
+    items = [("vqa", 0), ("edit", 1)]
+    b = data.collate({t: sets[t, "sft"] for t in TASKS}, items, tok)
+    r = b.repeat(3)
+    assert r.tokens.shape[0] == 6 and r.tasks == ["vqa"] * 3 + ["edit"] * 3
+    for i in range(6):
+        assert torch.equal(r.tokens[i], b.tokens[i // 3]) and torch.equal(r.is_image[i], b.is_image[i // 3])
+
+
+# ----------------------------------------------------------------------------------------------
+# JSONL loader
+
+def _scene(*cells, grid=4):
+    sc = [None] * (grid * grid)
+    for i, s in cells:
+        sc[i] = s
+    return tuple(sc)
+
+
+SCENE_A = _scene((0, Shape("circle", "red", "large")), (5, Shape("square", "blue", "small")),
+                 (10, Shape("triangle", "yellow", "large")))
+SCENE_B = _scene((0, Shape("circle", "green", "large")), (5, Shape("square", "blue", "small")),
+                 (10, Shape("triangle", "yellow", "large")))
+
+GOOD_ROWS = [
+    {"task": "vqa", "image": "a.png", "prompt": "how many circles are there ?",
+     "response": "<think> circles : r0c0 . count 1 </think> <answer> 1 </answer>"},
+    {"task": "vqa", "image": "a.png", "prompt": "how many blue shapes are there ?", "answer": 1},
+    {"task": "ground", "image": "a.png", "prompt": "where is the blue square ?", "box": [10, 10, 14.4, 14]},
+    {"task": "edit", "image": "a.png", "target_image": "b.png", "prompt": "make the red circle green",
+     "response": "red circle : r0c0 . recolour green"},
+    {"task": "t2i", "target_image": "b.png", "prompt": "a large green circle at r0c0"},
+]
+
+
+@pytest.fixture
+def jdir(tmp_path):
+    cfg = make_config("toy", SMALL)
+    for name, sc in (("a.png", SCENE_A), ("b.png", SCENE_B)):
+        Image.fromarray(data.render(sc, 4, 32)).save(tmp_path / name)
+    return tmp_path, cfg.data
+
+
+def write(path, lines):
+    path.write_text("\n".join(l if isinstance(l, str) else json.dumps(l) for l in lines) + "\n")
+    return str(path)
+
+
+def test_jsonl_good_file(jdir):
+    d, dcfg = jdir
+    path = write(d / "good.jsonl", [GOOD_ROWS[0], "", *GOOD_ROWS[1:]])     # blank lines are skipped
+    exs, skipped = data.load_jsonl(path, dcfg)
+    assert skipped == 0 and [e.task for e in exs] == ["vqa", "vqa", "ground", "edit", "t2i"]
+    v1, v2, gr, ed, ti = exs
+    assert v1.answer == v1.answer_text == "1" and v1.trace == "circles : r0c0 . count 1"
+    assert v2.answer == "1" and v2.trace is None
+    assert gr.answer == (10, 10, 14, 14) and gr.answer_text == "10 10 14 14"
+    assert np.array_equal(v1.image, data.render(SCENE_A, 4, 32))
+    assert ed.answer == SCENE_B and ti.answer == SCENE_B                # target scenes re-read from pixels
+    assert ed.trace == "red circle : r0c0 . recolour green"
+    assert ti.image is None and np.array_equal(ti.target_image, data.render(SCENE_B, 4, 32))
+    assert len({e.key for e in exs}) == 5
+
+
+def test_jsonl_resizes_images(jdir):
+    d, dcfg = jdir
+    Image.fromarray(data.render(SCENE_A, 4, 64)).save(d / "big.png")
+    exs, _ = data.load_jsonl(write(d / "big.jsonl", [{**GOOD_ROWS[1], "image": "big.png"}]), dcfg)
+    assert exs[0].image.shape == (32, 32, 3)
+    assert data.read_scene(exs[0].image, 4) == SCENE_A
+
+
+BAD_ROWS = {
+    "bad_json": '{"task": "vqa", "prompt": ',
+    "not_object": "[1, 2, 3]",
+    "unknown_task": {"task": "ocr", "image": "a.png", "prompt": "read it"},
+    "missing_prompt": {"task": "vqa", "image": "a.png", "answer": "1"},
+    "empty_prompt": {"task": "vqa", "image": "a.png", "prompt": "  ", "answer": "1"},
+    "missing_box": {"task": "ground", "image": "a.png", "prompt": "where is the blue square ?"},
+    "short_box": {"task": "ground", "image": "a.png", "prompt": "where ?", "box": [1, 2, 3]},
+    "text_box": {"task": "ground", "image": "a.png", "prompt": "where ?", "box": "1 2 3 4"},
+    "nan_box": '{"task": "ground", "image": "a.png", "prompt": "where ?", "box": [NaN, 1, 2, 3]}',
+    "bool_box": {"task": "ground", "image": "a.png", "prompt": "where ?", "box": [True, 1, 2, 3]},
+    "missing_image_file": {"task": "vqa", "image": "nope.png", "prompt": "how many ?", "answer": "1"},
+    "non_string_image": {"task": "vqa", "image": 5, "prompt": "how many ?", "answer": "1"},
+    "missing_image_key": {"task": "vqa", "prompt": "how many ?", "answer": "1"},
+    "missing_target": {"task": "edit", "image": "a.png", "prompt": "remove the red circle"},
+    "no_answer_tag": {"task": "vqa", "image": "a.png", "prompt": "how many ?", "response": "<think> 1 </think> 1"},
+    "no_answer_at_all": {"task": "vqa", "image": "a.png", "prompt": "how many ?"},
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_ROWS))
+def test_jsonl_bad_row_strict(name, jdir):
+    d, dcfg = jdir
+    fname = f"bad_{name}.jsonl"
+    path = write(d / fname, [GOOD_ROWS[1], "", BAD_ROWS[name], GOOD_ROWS[2]])   # the bad row is line 3
+    with pytest.raises(JSONLError) as e:
+        data.load_jsonl(path, dcfg)
+    msg = str(e.value)
+    assert fname in msg and ":3:" in msg and "\n" not in msg
+
+
+def test_jsonl_lenient_skips_and_counts(jdir):
+    d, dcfg = jdir
+    lines = []
+    for bad in BAD_ROWS.values():
+        lines += [GOOD_ROWS[1], bad]
+    exs, skipped = data.load_jsonl(write(d / "mixed.jsonl", lines), dcfg, strict=False)
+    assert skipped == len(BAD_ROWS) and len(exs) == len(BAD_ROWS)
+    assert all(e.task == "vqa" and e.answer == "1" for e in exs)
+
+
+def test_jsonl_missing_file(tmp_path):
+    dcfg = make_config("toy", SMALL).data
+    with pytest.raises(JSONLError, match="no_such.jsonl"):
+        data.load_jsonl(str(tmp_path / "no_such.jsonl"), dcfg)
