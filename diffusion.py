@@ -86,7 +86,7 @@ def masked_ce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, t
     logits (B, T, V); targets, mask (B, T); t_row, n_resp (B,).
     """
     ce = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")   # (B, T)
-    ce = ce * mask
+    ce = torch.where(mask, ce, torch.zeros_like(ce))     # where, not *: junk logits elsewhere stay out
     if weighting == "mean":
         return ce.sum() / mask.sum().clamp(min=1)
     return (ce.sum(1) / t_row / n_resp.clamp(min=1)).mean()
@@ -241,17 +241,13 @@ def sample(model, batch: Batch, tok: Tokenizer, dcfg, *, temperature: float | No
         if not bool((k > 0).any()):
             continue
         logits = _response_logits(model, batch, resp, cache).float()        # (B, R, V)
-        if guided:
+        if guided and st.cosine:   # guidance only matters on image steps; skip the extra pass on text
             ul = _response_logits(model, uncond, resp, ucache).float()
             # CFG on image slots only: (1+g) cond - g uncond (MaskGIT/Muse form; PAPER.md §7)
             logits = torch.where(is_img[..., None], (1 + cfg_scale) * logits - cfg_scale * ul, logits)
         logits = logits.masked_fill(~allowed, float("-inf"))
-        temp = torch.where(is_img, torch.tensor(image_temperature, device=dev),
-                           torch.tensor(temperature, device=dev))
-        if st.cosine:
-            x0 = gumbel_argmax(logits, image_temperature, generator)
-        else:
-            x0 = gumbel_argmax(logits, temperature, generator)
+        # every step works on one block of one modality, so one temperature applies
+        x0 = gumbel_argmax(logits, image_temperature if st.cosine else temperature, generator)
         if dcfg.remask == "random":
             conf = torch.rand(resp.shape, generator=generator, device=dev)
         else:  # confidence = p(x0) under the noise-free softmax (LLaDA#42: not the noisy one)
@@ -264,7 +260,6 @@ def sample(model, batch: Batch, tok: Tokenizer, dcfg, *, temperature: float | No
         resp = torch.where(reveal, x0, resp)
         order = torch.where(reveal, torch.full_like(order, g), order)
         masked = masked & ~reveal
-        del temp
     return torch.cat([batch.tokens[:, :P], resp], 1), order
 
 
