@@ -176,7 +176,12 @@ class VQVAE(nn.Module):
         self.quantizer = Quantizer(K, D, vcfg.ema_decay, vcfg.dead_threshold)
 
         # decoder mirrors it: 1x1 up to C channels, a ResBlock, then transposed 4x4/stride-2 convs
-        # that double the side; the last one outputs RGB logits and a sigmoid maps them into [0, 1].
+        # that double the side; the last one outputs RGB directly and decode() clamps it into [0, 1].
+        # Why no sigmoid: most target pixels are exactly 0 (black background), which a sigmoid only
+        # reaches at logit -inf. Adam rescales the vanishing gradient back to full-size steps, so the
+        # logits run off to -1000, the sigmoid saturates and nothing learns any more (we measured a
+        # collapse to all-black pictures, MSE 0.030 = the background-only error, within 100 steps).
+        # A linear output reaches 0 exactly and its MSE gradient never vanishes.
         dec = [nn.Conv2d(D, C, 1), ResBlock(C), nn.ReLU()]
         for i in range(n_down):
             last = i == n_down - 1
@@ -193,7 +198,7 @@ class VQVAE(nn.Module):
         """x (N, 3, H, W) float in [0, 1] -> (x_hat (N, 3, H, W), codes (N, h, w), commit loss)."""
         z_e = self.encoder(x)                                         # (N, D, h, w)
         z_q, codes, commit = self.quantizer(z_e)
-        x_hat = torch.sigmoid(self.decoder(z_q))                      # (N, 3, H, W)
+        x_hat = self.decoder(z_q)                                     # (N, 3, H, W), unclamped
         return x_hat, codes, commit
 
     # -- the public tokenizer API: channels-last pictures in, codes out, and back ---------------
@@ -242,7 +247,7 @@ class VQVAE(nn.Module):
             c = codes[i:i + batch_size].to(self._device())                 # (B, h*w)
             z_q = self.quantizer.codebook[c]                               # (B, h*w, D)
             z_q = z_q.reshape(-1, self.hw, self.hw, z_q.shape[-1]).permute(0, 3, 1, 2)  # (B, D, h, w)
-            x = torch.sigmoid(self.decoder(z_q))                           # (B, 3, H, W)
+            x = self.decoder(z_q).clamp(0, 1)                              # (B, 3, H, W)
             out.append(x.permute(0, 2, 3, 1).cpu())                        # (B, H, W, 3)
         self.train(was_training)
         if not out:
@@ -284,6 +289,7 @@ def train_vq(vcfg: VQConfig, images_uint8: np.ndarray, device, seed: int = 0):
         if step and elapsed + elapsed / step > vcfg.time_budget_s:
             break
         progress = max(step / vcfg.steps, elapsed / vcfg.time_budget_s)
+        # cosine from lr down to lr/10: the small late steps are what take MSE from 1e-3 to 1e-5
         lr = vcfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
         for g in opt.param_groups:
             g["lr"] = lr
@@ -387,7 +393,12 @@ class VQCheckpointError(ValueError):
 
 
 def load_vq(path: str, vcfg: VQConfig, image_size: int, device) -> VQVAE:
-    """Load a checkpoint written by save_vq; it must have been trained with exactly this config."""
+    """Load a checkpoint written by save_vq; it must have been trained with exactly this config.
+
+    Every VQConfig field is compared, the training ones (steps, lr, n_images, ...) too: they decide
+    the weights, so a cache made with --vq.steps=500 must not be reused silently by a run that asks
+    for 1500. The first differing field is named in a one-line VQCheckpointError.
+    """
     if not os.path.exists(path):
         raise VQCheckpointError(f"no VQ checkpoint at {path}; train one with `python vq.py` "
                                 f"(or --stage=vq) using the same --data.* and --vq.* flags")
@@ -466,10 +477,9 @@ def get_vq(cfg, device, out_dir: str) -> VQVAE:
 
 if __name__ == "__main__":
     from config import get_config
-    torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
     cfg = get_config()
     dev = cfg.train.device
-    if dev == "auto":
+    if dev == "auto":   # cuda > mps > cpu, as everywhere in the repo
         dev = "cuda" if torch.cuda.is_available() else ("mps" if torch.backends.mps.is_available() else "cpu")
-    print(f"vq: device={dev}")
+    print(f"vq: device={dev} | {cfg.vq}")
     run_vq_stage(cfg, cfg.train.out_dir, torch.device(dev))
