@@ -4,7 +4,7 @@ Configuration: one small dataclass per concern, three presets, and `--section.ke
 Every knob of the project lives here, with a comment that says why it has its default. Scripts call
 `get_config(argv)` and get back a fully resolved `Config`; nothing else in the repo reads argv.
 
-    python train.py --preset=toy --stage=sft --train.lr=3e-4 --rl.tree_schedule=[0,8,16]
+    python train.py --preset=toy --stage=sft --train.lr=3e-4 --rl.tree_schedule=0,2,4
     python train.py -h            # every key, its type and its value under the chosen preset
 
 Rules (STYLE.md rule 5): a key that does not exist, or a value that does not parse as the default's
@@ -56,7 +56,7 @@ class DataConfig:
     min_shapes: int = 3
     max_shapes: int = 7
     n_sft: int = 400                 # traced SFT examples per task family ("deliberately limited")
-    n_rl: int = 4000                 # answer-only RL prompts per family (no traces: rewards need none)
+    n_rl: int = 2000                 # answer-only RL prompts per family (no traces: rewards need none)
     n_eval: int = 200                # held-out examples per family, disjoint from both pools
     hard_frac: float = 0.4           # share of math/VQA + grounding questions drawn from the hard types
     teacher_slip: float = 0.0        # fraction of traces with a random miscount carried to a wrong answer
@@ -90,7 +90,7 @@ class DiffusionConfig:
     prompt_drop: float = 0.1         # drop the text prompt (-> [MASK]) for classifier-free guidance
     tokens_per_step: int = 2         # text: reveal this many tokens per step (LLaDA: 1 = best, slowest)
     block_len: int = 16              # text: semi-autoregressive block length
-    image_steps: int = 8             # image region: number of denoising steps (cosine schedule)
+    image_steps: int = 16            # image region: denoising steps (cosine); 16 tokens -> ~1 per step
     temperature: float = 0.0         # text sampling temperature (0 = greedy) for eval
     image_temperature: float = 1.0   # image token sampling temperature
     cfg_scale: float = 0.0           # image CFG: logits = (1+g) cond - g uncond; 0 = off
@@ -105,8 +105,8 @@ class TrainConfig:
     dtype: str = "auto"              # auto -> bfloat16 on CUDA with bf16 support, else float32
     compile: bool = False            # torch.compile; off on CPU (slow to compile, little gain)
     seed: int = 0
-    batch_size: int = 64             # GLOBAL batch (sequences per optimizer step, all ranks together)
-    micro_batch: int = 64            # per-rank micro batch; grad accumulation is derived from these
+    batch_size: int = 32             # GLOBAL batch (sequences per optimizer step, all ranks together)
+    micro_batch: int = 32            # per-rank micro batch; grad accumulation is derived from these
     lr: float = 1e-3
     min_lr_frac: float = 0.1         # cosine decay to lr * this
     warmup: int = 100
@@ -133,7 +133,8 @@ class RLConfig:
     af_prob: float = 0.1             # answer-forcing probability (paper: "10%")
     af_mode: str = "failed_groups"   # "failed_groups": p applies to all-failed groups (reading 1, default)
                                      # "all_groups": p of all groups get the forced sample (reading 2)
-    tree_schedule: str = "0,8"       # tree-search rounds: 0 = fresh round, s = branch at image step s
+    tree_schedule: str = "0,2"       # tree-search rounds: 0 = fresh round, s = branch at image step s.
+                                     # The paper branches at step 8 of 64 (1/8); toy has 16 image steps -> 2
     tree_tasks: str = "edit"         # tasks that use tree search (real-valued rewards)
     likelihood: str = "complementary"  # complementary | elbo_mc | mc_unweighted | one_step
     n_mc: int = 2                    # forward passes for the MC estimators (complementary uses 2)
@@ -180,10 +181,10 @@ PRESETS: dict[str, dict[str, dict]] = {
         "data": dict(image_size=64, grid=4, n_sft=2000, n_rl=20000, n_eval=500),
         "vq": dict(codebook_size=256, hidden=128, downsample=8, steps=4000, time_budget_s=900,
                    n_images=20000),
-        "diffusion": dict(image_steps=16),
+        "diffusion": dict(image_steps=32),
         "train": dict(out_dir="runs/small", batch_size=128, micro_batch=128, lr=5e-4,
                       max_steps=20000, time_budget_s=2400, eval_interval=2000, ckpt_interval=1000),
-        "rl": dict(group_size=8, prompts_per_step=8, sft_rows=64, max_steps=2000,
+        "rl": dict(group_size=8, prompts_per_step=8, sft_rows=64, max_steps=2000, tree_schedule="0,4",
                    time_budget_s=1800, lr=1e-4),
         "eval": dict(n_per_task=500),
     },
@@ -195,7 +196,7 @@ PRESETS: dict[str, dict[str, dict]] = {
         "diffusion": dict(image_steps=64),
         "train": dict(out_dir="runs/base", batch_size=512, micro_batch=64, lr=3e-4,
                       max_steps=100000, time_budget_s=1e9, eval_interval=5000, ckpt_interval=2000),
-        "rl": dict(group_size=8, prompts_per_step=32, sft_rows=256, max_steps=5000,
+        "rl": dict(group_size=8, prompts_per_step=32, sft_rows=256, max_steps=5000, tree_schedule="0,8",
                    time_budget_s=1e9, lr=5e-5),
         "eval": dict(n_per_task=1000),
     },
@@ -342,7 +343,12 @@ def validate(cfg: Config):
         raise ConfigError(f"train.batch_size={t.batch_size} must be a multiple of train.micro_batch={t.micro_batch}")
     parse_mix(t.task_mix, "train.task_mix")
     parse_mix(r.task_mix, "rl.task_mix")
-    parse_int_list(r.tree_schedule, "rl.tree_schedule")
+    n_img = (d.image_size // cfg.vq.downsample) ** 2
+    img_steps = min(cfg.diffusion.image_steps, n_img)
+    for s in parse_int_list(r.tree_schedule, "rl.tree_schedule")[1:]:
+        if not 0 < s < img_steps:
+            raise ConfigError(f"--rl.tree_schedule={r.tree_schedule!r}: branch step {s} must lie in "
+                              f"1..{img_steps - 1} (the image has {img_steps} denoising steps)")
 
 
 TASKS = ("vqa", "ground", "edit", "t2i")

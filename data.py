@@ -755,6 +755,8 @@ def load_jsonl(path: str, dcfg, strict: bool = True) -> tuple[list[Example], int
                 ex = Example(task, "user", row["prompt"].strip(), None, answer, trace, ans_text)
                 if "image" in row:
                     ex.image = load_img(row["image"], where)
+                if "image" in row and task == "edit":   # scored as source-vs-target scenes, like ours
+                    ex.scene = read_scene(ex.image, dcfg.grid)
                 if "target_image" in row:
                     ex.target_image = load_img(row["target_image"], where)
                     ex.answer = read_scene(ex.target_image, dcfg.grid)   # scored like the synthetic sets

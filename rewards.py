@@ -11,7 +11,9 @@ Paper mapping (PAPER.md §6):
                           + 0.5 * (the rest of the picture preserved).
           Each cell earns partial credit (a third per matching kind / colour / size), so the
           reward is genuinely real-valued, which is what tree search needs (§4).
-          Copying the input scores exactly 0.5 * 0 + 0.5 * 1 = 0.5: eval.py reports that baseline.
+          Copying the input scores 0.5 * (partial credit of the input's changed cells) + 0.5 * 1:
+          exactly 0.5 for remove / move / add, 0.5 + 0.5 * 2/3 for a recolour (kind and size still
+          match): eval.py reports that baseline.
   t2i     (eval only; the paper does not RL text-to-image) mean per-cell attribute accuracy.
 
 Parsing never raises: a missing tag, two answers, garbage or an empty response scores 0 and the

@@ -94,7 +94,7 @@ def run_rl(cfg, ctx, bundle, vq, model=None):
             f"{rc.tree_schedule} on {rc.tree_tasks} | kl {rc.kl_coef} | lr {rc.lr} | "
             f"max {rc.max_steps} steps or {rc.time_budget_s:.0f}s")
     t_start = time.time() - elapsed
-    bar = tqdm(total=rc.max_steps, initial=step, disable=not ctx.master, desc="rl", dynamic_ncols=True)
+    bar = tqdm(total=rc.max_steps, initial=step, disable=not ctx.master, desc="rl", dynamic_ncols=True, mininterval=5)
     while step < rc.max_steps:
         t0 = time.time()
         model.eval()                     # sampling: no dropout
@@ -116,7 +116,10 @@ def run_rl(cfg, ctx, bundle, vq, model=None):
                 advs.append(r.adv.to(dev))
         # N of Eq. U: every triplet of the step, zero-advantage members included
         n_total = rc.sft_rows + sum(int(r.stats["members"]) for r in rolls)
-        batch, adv = D.cat_batches(parts, bundle.tok), torch.cat(advs)
+        if parts:
+            batch, adv = D.cat_batches(parts, bundle.tok), torch.cat(advs)
+        else:           # no SFT rows and every advantage 0 (e.g. all groups failed): J = 0, no update
+            batch, adv = None, torch.zeros(0, device=dev)
         lstats = {}
         for lo in range(0, len(adv), t.micro_batch):             # micro-batches: gradients add up
             rows = slice(lo, lo + t.micro_batch)

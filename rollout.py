@@ -61,6 +61,10 @@ def advantages(r: torch.Tensor, member: torch.Tensor, gamma: float, use_std: boo
     if use_std:
         a_grpo = a_grpo / (var.sqrt() + 1e-4)
     masked_r = r.masked_fill(~member, float("-inf"))
+    # equal rewards carry no GRPO signal: exactly 0 (the float mean of e.g. seven 0.3s is an ulp off,
+    # and / (std + 1e-4) would blow that residue up to ~3e-4 and keep the rows as "nonzero")
+    spread = masked_r.max(1, keepdim=True).values > r.masked_fill(~member, float("inf")).min(1, keepdim=True).values
+    a_grpo = a_grpo * spread
     best = masked_r.argmax(1)                                          # first argmax of each group
     a_dist = torch.zeros_like(r)
     has_win = masked_r.max(1).values > 0                               # no target in all-failed groups

@@ -217,12 +217,13 @@ def make_optimizer(model, lr: float, weight_decay: float, device: str):
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=device.startswith("cuda"))
 
 
-def lr_at(step: int, max_steps: int, warmup: int, lr: float, min_frac: float) -> float:
-    """Linear warmup, then cosine decay to lr * min_frac at max_steps."""
+def lr_at(step: int, progress: float, warmup: int, lr: float, min_frac: float) -> float:
+    """Linear warmup over `warmup` steps, then cosine decay to lr * min_frac as progress -> 1.
+    progress = max(step / max_steps, elapsed / time_budget): a run cut by its time budget still
+    finishes its schedule (toy runs are time-boxed, so the step count alone would leave lr high)."""
     if step < warmup:
         return lr * (step + 1) / warmup
-    p = min(1.0, (step - warmup) / max(1, max_steps - warmup))
-    return lr * (min_frac + (1 - min_frac) * 0.5 * (1 + math.cos(math.pi * p)))
+    return lr * (min_frac + (1 - min_frac) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
 def unwrap(model):
@@ -325,9 +326,11 @@ def run_sft(cfg, ctx: Ctx, bundle: Bundle, vq) -> Transformer:
             f"{ctx.world} | max {t.max_steps} steps or {t.time_budget_s:.0f}s")
     model.train()
     t_start, ema, bad_losses = time.time() - elapsed, None, 0
-    bar = tqdm(total=t.max_steps, initial=step, disable=not ctx.master, desc="sft", dynamic_ncols=True)
+    bar = tqdm(total=t.max_steps, initial=step, disable=not ctx.master, desc="sft", dynamic_ncols=True,
+               mininterval=5)
     while step < t.max_steps:
-        lr = lr_at(step, t.max_steps, t.warmup, t.lr, t.min_lr_frac)
+        progress = max(step / t.max_steps, (time.time() - t_start) / t.time_budget_s)
+        lr = lr_at(step, progress, t.warmup, t.lr, t.min_lr_frac)
         for g in opt.param_groups:
             g["lr"] = lr
         t0, loss_sum, stats = time.time(), 0.0, {}
@@ -423,7 +426,7 @@ def main(argv=None):
     model = None
     if stage in ("sft", "all"):
         model = run_sft(cfg, ctx, bundle, vq)
-    if stage in ("rl", "all"):
+    if stage == "rl" or (stage == "all" and cfg.rl.max_steps > 0):
         import rl
         model = rl.run_rl(cfg, ctx, bundle, vq, model)
     if stage in ("eval", "all") and ctx.master:

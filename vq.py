@@ -282,7 +282,7 @@ def train_vq(vcfg: VQConfig, images_uint8: np.ndarray, device, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     perm, pos = torch.randperm(len(X), generator=gen), 0
     t0, step, recent = time.time(), 0, []
-    bar = tqdm(total=vcfg.steps, desc="vq", dynamic_ncols=True, leave=False)
+    bar = tqdm(total=vcfg.steps, desc="vq", dynamic_ncols=True, leave=False, mininterval=5)
     while step < vcfg.steps:
         elapsed = time.time() - t0
         # stop if one more step (at the average pace so far) would overrun the budget

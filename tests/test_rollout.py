@@ -1,0 +1,530 @@
+"""
+Tests of rollout.py (advantages of Eq. A, answer-forcing, tree search, rollout_task end to end) and
+of the sign and value of rl.unified_loss. Expected values are computed by hand (population std,
+first argmax), re-derived from what the functions return (all-failed groups recounted from the
+rewards), or measured against the sampler's own recorded states (diffusion.sample's on_step hook).
+The world is tiny: data.build_pools with a few examples, a fake VQ whose codes ARE the cells
+(code k in cell i draws shape k of a fixed list, or nothing), and 1-layer random Transformers.
+
+    cd /work/main && python -m pytest tests/test_rollout.py -q
+"""
+import math
+import os
+import sys
+from contextlib import nullcontext
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data as D  # noqa: E402
+import diffusion as DF  # noqa: E402
+import likelihood as LK  # noqa: E402
+import rewards as RW  # noqa: E402
+import rl  # noqa: E402
+import rollout as RO  # noqa: E402
+from config import ModelConfig, make_config  # noqa: E402
+from model import Transformer  # noqa: E402
+
+# tiny tensors on a shared 2-core box: extra intra-op threads only add contention
+torch.set_num_threads(1)
+
+EPS = 1e-4      # the GRPO std epsilon of rollout.py's docstring
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. advantages on hand-made groups
+
+def ones(*shape):
+    return torch.ones(*shape, dtype=torch.bool)
+
+
+def test_all_equal_rewards_give_zero_grpo_part():
+    # gamma = 0: only the GRPO part. Values that are not exact binary fractions, and groups of
+    # 3, 7, 8 (the default N): the mean must not leave a rounding residue that /std blows up
+    for n in (3, 7, 8):
+        for v in (0.0, 0.3, 5 / 6, 1 / 3, 0.7, 1.0):
+            r = torch.full((2, n), v)
+            a = RO.advantages(r, ones(2, n), gamma=0.0)
+            assert torch.count_nonzero(a) == 0, (n, v, a)
+            a = RO.advantages(r, ones(2, n), gamma=0.0, use_std=False)
+            assert torch.count_nonzero(a) == 0, (n, v, a)
+    # all zeros: no distillation target either, so the whole row is 0 for every gamma
+    for gamma in (0.0, 0.5, 1.0):
+        assert torch.count_nonzero(RO.advantages(torch.zeros(3, 4), ones(3, 4), gamma)) == 0
+    # all equal and positive, gamma = 0.5: GRPO part 0, distillation 1 on the FIRST member only
+    a = RO.advantages(torch.full((1, 7), 0.3), ones(1, 7), gamma=0.5)
+    assert a.tolist() == [[0.5] + [0.0] * 6]
+
+
+def test_distillation_weight_lands_on_first_argmax():
+    r = torch.tensor([[0.2, 0.9, 0.1, 0.9],      # tie: first argmax is index 1
+                      [0.7, 0.1, 0.7, 0.7],      # three-way tie: index 0
+                      [0.0, 0.0, 0.0, 0.4],      # last
+                      [0.0, 0.0, 0.0, 0.0]])     # best reward 0: no target at all
+    a = RO.advantages(r, ones(4, 4), gamma=1.0)
+    want = [[0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1], [0, 0, 0, 0]]
+    assert a.tolist() == want
+
+
+def test_grpo_part_by_hand_population_std():
+    r = [[1.0, 0.0, 0.0, 1.0, 1.0], [0.2, 0.5, 0.9, 0.4, 0.0]]
+    a = RO.advantages(torch.tensor(r), ones(2, 5), gamma=0.0)
+    for g, row in enumerate(r):
+        mean = sum(row) / len(row)
+        std = math.sqrt(sum((x - mean) ** 2 for x in row) / len(row))      # population std (/n)
+        for i, x in enumerate(row):
+            assert math.isclose(a[g, i].item(), (x - mean) / (std + EPS), rel_tol=1e-5, abs_tol=1e-6)
+    # first row by hand: mean 0.6, std sqrt(0.24)
+    assert math.isclose(a[0, 0].item(), 0.4 / (math.sqrt(0.24) + EPS), rel_tol=1e-5)
+    # Dr.-GRPO form: r - mean, no division
+    b = RO.advantages(torch.tensor(r), ones(2, 5), gamma=0.0, use_std=False)
+    assert torch.allclose(b[0], torch.tensor([0.4, -0.6, -0.6, 0.4, 0.4]), atol=1e-6)
+    assert torch.allclose(b[1], torch.tensor([0.2, 0.5, 0.9, 0.4, 0.0]) - 0.4, atol=1e-6)
+
+
+def test_mixed_gamma_by_hand():
+    row = [0.2, 0.8, 0.5]
+    mean = 0.5
+    std = math.sqrt((0.09 + 0.09 + 0.0) / 3)
+    a = RO.advantages(torch.tensor([row]), ones(1, 3), gamma=0.5)[0]
+    want = [0.5 * (x - mean) / (std + EPS) + (0.5 if i == 1 else 0.0) for i, x in enumerate(row)]
+    assert torch.allclose(a, torch.tensor(want), atol=1e-5)
+
+
+def test_non_member_slot_is_zero_and_excluded_from_mean_and_std():
+    # group 0: members [0, 1, 1] + a non-member slot holding a reward of 1 (an unused forced sample)
+    r = torch.tensor([[0.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 1.0]])
+    member = torch.tensor([[True, True, True, False], [True, True, True, False]])
+    for gamma in (0.0, 0.5, 1.0):
+        a = RO.advantages(r, member, gamma)
+        assert a[0, 3] == 0 and a[1, 3] == 0
+        # group 1 is all-failed among its members: the non-member's 1 must not leak in
+        assert torch.count_nonzero(a[1]) == 0
+        mean, std = 2 / 3, math.sqrt(2 / 9)          # over the three members only
+        grpo = [(x - mean) / (std + EPS) for x in (0.0, 1.0, 1.0)]
+        dist = [0.0, 1.0, 0.0]                         # first argmax among members
+        want = [gamma * d + (1 - gamma) * g for d, g in zip(dist, grpo)] + [0.0]
+        assert torch.allclose(a[0], torch.tensor(want), atol=1e-5), (gamma, a[0], want)
+    # a non-member holding the largest reward never takes the distillation weight
+    a = RO.advantages(torch.tensor([[0.1, 0.3, 0.9]]), torch.tensor([[True, True, False]]), gamma=1.0)
+    assert a.tolist() == [[0.0, 1.0, 0.0]]
+
+
+def test_forced_member_turns_an_all_failed_group_nonzero():
+    r = torch.tensor([[0.0, 0.0, 0.0, 1.0]])                 # 3 failures + the forced sample
+    without = RO.advantages(r, torch.tensor([[True, True, True, False]]), 0.5)
+    assert torch.count_nonzero(without) == 0
+    a = RO.advantages(r, ones(1, 4), 0.5)[0]
+    std = math.sqrt(3) / 4                                     # rewards 0,0,0,1: mean 1/4
+    assert math.isclose(a[3].item(), 0.5 + 0.5 * 0.75 / (std + EPS), rel_tol=1e-5)
+    for i in range(3):
+        assert math.isclose(a[i].item(), 0.5 * -0.25 / (std + EPS), rel_tol=1e-5)
+    assert a[3] > 0 and (a[:3] < 0).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# the tiny world: pools -> tokenizer -> fake VQ codes -> task sets
+
+CELL_SHAPES = [D.Shape(k, c, z) for k in D.KINDS for c in D.COLOURS for z in D.SIZES]   # 24 shapes
+
+
+class FakeVQ:
+    """One code per grid cell: code k draws CELL_SHAPES[k % 25] (k % 25 == 24: empty cell)."""
+
+    def __init__(self, grid: int, image_size: int):
+        self.grid, self.size = grid, image_size
+
+    def encode_scene(self, scene) -> list[int]:
+        return [24 if s is None else CELL_SHAPES.index(s) for s in scene]
+
+    def scene_of(self, codes) -> tuple:
+        return tuple(None if int(k) % 25 == 24 else CELL_SHAPES[int(k) % 25] for k in codes)
+
+    def decode(self, codes: torch.Tensor):
+        """(N, n_img) codes -> (N, H, W, 3) float pictures in [0, 1]."""
+        pics = [torch.from_numpy(D.render(self.scene_of(c), self.grid, self.size).copy()).float() / 255 for c in codes]
+        return torch.stack(pics)
+
+
+@pytest.fixture(scope="module")
+def world():
+    cfg = make_config("toy", {"data.n_sft": 6, "data.n_rl": 12, "data.n_eval": 2})
+    pools = D.build_pools(cfg.data)
+    tok = D.Tokenizer.fit(D.all_texts(pools), cfg.vq.codebook_size, max_number=cfg.data.image_size)
+    n_img = (cfg.data.image_size // cfg.vq.downsample) ** 2
+    assert n_img == cfg.data.grid ** 2            # the fake VQ needs one code per cell
+    lay, P = D.layouts_for(pools, tok, n_img), D.prompt_width(pools, tok, n_img)
+    vq = FakeVQ(cfg.data.grid, cfg.data.image_size)
+    sets = {}
+    for task, splits in pools.items():
+        sets[task] = {}
+        for split, exs in splits.items():
+            codes = torch.tensor([vq.encode_scene(e.scene) for e in exs]) if task != "t2i" else None
+            tcodes = torch.tensor([vq.encode_scene(e.answer) for e in exs]) if task in ("edit", "t2i") else None
+            sets[task][split] = D.tokenize_split(task, exs, tok, lay[task], P, codes, tcodes)
+    assert tok.n_unknown == 0
+    # the fake VQ really is the world's picture: decode(encode(scene)) re-reads as the scene
+    ex = pools["edit"]["rl"][0]
+    pic = vq.decode(torch.tensor([vq.encode_scene(ex.answer)]))[0].numpy()
+    assert D.read_scene(pic, cfg.data.grid) == ex.answer
+    return SimpleNamespace(cfg=cfg, tok=tok, lay=lay, P=P, vq=vq, bundle=SimpleNamespace(tok=tok, sets=sets))
+
+
+def tiny_model(vocab: int, seed: int = 0, scale: float = 0.0) -> Transformer:
+    torch.manual_seed(seed)
+    m = Transformer(ModelConfig(n_layer=1, n_head=2, d_model=32, max_len=128), vocab).eval()
+    if scale:       # larger weights than the 0.02 init: confidences far apart
+        with torch.no_grad():
+            for p in m.parameters():
+                if p.dim() > 1:
+                    p.normal_(0, scale)
+    return m
+
+
+class Biased(nn.Module):
+    """A tiny random Transformer plus a fixed logit bias (T, V). No `cfg` attribute, so the sampler
+    runs the plain forward (no prefix cache)."""
+
+    def __init__(self, net: nn.Module, bias: torch.Tensor):
+        super().__init__()
+        self.net, self.bias, self.cfg = net, bias, None
+
+    def forward(self, idx, valid=None, is_prompt=None):
+        return self.net(idx, valid, is_prompt) + self.bias[:idx.shape[1]]
+
+
+def vqa_answering_model(w, seed: int = 0) -> Biased:
+    """Writes '<answer> z </answer>' in the last three text slots with z one of 0 1 2 3 yes no, and
+    never an answer tag anywhere else: every on-policy sample parses, about 1 in 6 is right, and an
+    answer-forced sample is always right."""
+    tok, P, lay = w.tok, w.P, w.lay["vqa"]
+    T = P + lay.R
+    bias = torch.zeros(T, tok.vocab_size)
+    bias[P:P + lay.R_text, [tok.ANS, tok.EANS]] = -30.0
+    end = P + lay.R_text
+    bias[end - 3, tok.ANS] = 30.0
+    bias[end - 1, tok.EANS] = 30.0
+    bias[end - 2, [tok.stoi[x] for x in ("0", "1", "2", "3", "yes", "no")]] = 12.0
+    return Biased(tiny_model(tok.vocab_size, seed), bias).eval()
+
+
+def rl_cfg(w, **rl):
+    """The world's config with rl fields set directly (the toy diffusion settings)."""
+    cfg = make_config("toy", {"data.n_sft": 6, "data.n_rl": 12, "data.n_eval": 2})
+    for k, v in rl.items():
+        assert hasattr(cfg.rl, k), k
+        setattr(cfg.rl, k, v)
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. answer-forcing
+
+@pytest.mark.parametrize("task", ["vqa", "ground"])
+def test_force_answer_canvas_and_sampler_keep_the_answer(world, task):
+    w = world
+    ts = w.bundle.sets[task]["rl"]
+    lay, P, tok = ts.layout, w.P, w.tok
+    idx = [0, 1, 2]
+    exs = [ts.examples[i] for i in idx]
+    base = D.collate({task: ts}, [(task, i) for i in idx], tok, responses=False)
+    before = base.tokens.clone()
+    canvas = RO.force_answer(base, exs, tok, lay)
+    assert torch.equal(base.tokens, before), "force_answer modified its input"
+    end = P + lay.R_text
+    for b, ex in enumerate(exs):
+        ans = D.answer_ids(ex, tok)
+        # the block by hand: <answer> z </answer>, z = the truth (vqa) / the box's 4 numbers (ground)
+        z = ex.answer if task == "vqa" else " ".join(str(v) for v in ex.answer)
+        assert ans == [tok.ANS] + [tok.stoi[x] for x in z.split()] + [tok.EANS]
+        assert canvas.tokens[b, end - len(ans):end].tolist() == ans
+        assert (canvas.tokens[b, P:end - len(ans)] == tok.MASK).all()            # reasoning: all [M]
+        assert torch.equal(canvas.tokens[b, :P], before[b, :P])                   # prompt untouched
+        assert torch.equal(canvas.tokens[b, end:], before[b, end:])
+    # inpaint with a random tiny model at temperature 1
+    model = tiny_model(tok.vocab_size, seed=1, scale=0.3)
+    final, order = DF.sample(model, canvas, tok, w.cfg.diffusion, temperature=1.0,
+                             generator=torch.Generator().manual_seed(0))
+    for b, ex in enumerate(exs):
+        ans = D.answer_ids(ex, tok)
+        assert final[b, end - len(ans):end].tolist() == ans, "the sampler changed the forced answer"
+        assert (order[b, lay.R_text - len(ans):lay.R_text] == -1).all()
+        assert (order[b, :lay.R_text - len(ans)] >= 0).all()                   # the rest was sampled
+    resp = final[:, P:P + lay.R]
+    assert not ((resp == tok.MASK) | (resp == tok.IMASK)).any()
+    # the inpainted rows as rewards see them: with the GT answer block, an all-failed group of 3
+    # plus this forced member gets a positive advantage for it and negative ones for the failures
+    r = torch.tensor([[0.0, 0.0, 0.0, 1.0]])
+    a = RO.advantages(r, ones(1, 4), 0.5)
+    assert a[0, 3] > 0 and (a[0, :3] < 0).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. rollout_task end to end
+
+STATS_KEYS = {"reward", "nonzero_adv_frac", "all_failed_frac", "af_fired", "members", "rollout_s", "parse_fail"}
+
+
+def check_rows(rc, w, task, idx, n_cols, member, gamma):
+    """The returned rows are exactly the nonzero-advantage members, prompt-major, with the
+    advantages recomputed from the returned rewards."""
+    G = len(idx)
+    a = RO.advantages(rc.rewards, member, gamma, True).reshape(-1)
+    keep = a != 0
+    assert torch.allclose(rc.adv, a[keep], atol=1e-6)
+    assert (rc.adv != 0).all(), "a zero-advantage row was kept"
+    assert rc.batch.tokens.shape[0] == int(keep.sum()) == len(rc.batch.tasks)
+    assert set(rc.batch.tasks) <= {task}
+    # every kept row carries its own prompt: row j of the flat order belongs to prompt j // n_cols
+    ts = w.bundle.sets[task]["rl"]
+    owners = torch.arange(G * n_cols)[keep] // n_cols
+    for row, g in enumerate(owners.tolist()):
+        assert torch.equal(rc.batch.tokens[row, :w.P], ts.prompt[idx[g]])
+    return keep
+
+
+@pytest.mark.parametrize("tau", [0.5, 0.0])
+def test_rollout_task_vqa_answer_forcing(world, tau):
+    w = world
+    N, idx = 3, [0, 1, 2, 3, 4, 5, 6, 7]
+    G = len(idx)
+    cfg = rl_cfg(w, group_size=N, af_prob=1.0, af_mode="failed_groups", tau=tau, gamma=0.5, adv_std=True,
+                 temperature=1.0)
+    model = vqa_answering_model(w, seed=3)
+    roll = RO.rollout_task(model, w.bundle, "vqa", idx, cfg, "cpu", nullcontext(), w.vq,
+                           torch.Generator().manual_seed(5))
+    assert roll.task == "vqa"
+    assert STATS_KEYS <= set(roll.stats) and "forced_reward" in roll.stats
+    assert roll.rewards.shape == (G, N + 1)
+    on, forced = roll.rewards[:, :N], roll.rewards[:, N]
+    assert set(on.flatten().tolist()) <= {0.0, 1.0}
+    assert (forced == 1.0).all(), "the answer-forced sample must score 1 (GT answer, one block)"
+    # recount the all-failed groups from the returned rewards: af_prob = 1 fires on each of them
+    all_failed = (on < tau).all(1)
+    assert roll.stats["af_fired"] == int(all_failed.sum())
+    assert roll.stats["members"] == G * N + int(all_failed.sum())
+    assert math.isclose(roll.stats["reward"], on.mean().item(), rel_tol=1e-6)
+    assert math.isclose(roll.stats["all_failed_frac"], all_failed.float().mean().item())
+    assert isinstance(roll.stats["parse_fail"], dict) and set(roll.stats["parse_fail"]) <= {
+        "no_answer_tag", "unclosed", "multiple_answers", "empty", "garbage"}
+    assert roll.stats["rollout_s"] >= 0
+    member = torch.cat([ones(G, N), all_failed[:, None]], 1)
+    keep = check_rows(roll, w, "vqa", idx, N + 1, member, 0.5)
+    adv = RO.advantages(roll.rewards, member, 0.5)
+    assert math.isclose(roll.stats["nonzero_adv_frac"], (adv.abs().sum(1) > 0).float().mean().item())
+    if tau > 0:
+        # the seeds give both kinds of group, so both branches are exercised
+        assert 0 < int(all_failed.sum()) < G
+        # every group now carries a gradient: failed ones through the forced member
+        assert roll.stats["nonzero_adv_frac"] == 1.0
+        # the forced rows are in the batch, positive, and end in the ground truth's answer block
+        keep = keep.view(G, N + 1)
+        ts = w.bundle.sets["vqa"]["rl"]
+        end = w.P + w.lay["vqa"].R_text
+        for g in all_failed.nonzero().flatten().tolist():
+            assert keep[g, N]
+            row = int(keep.reshape(-1)[:g * (N + 1) + N].sum())          # its index among kept rows
+            assert roll.adv[row] > 0
+            ans = D.answer_ids(ts.examples[idx[g]], w.tok)
+            assert roll.batch.tokens[row, end - len(ans):end].tolist() == ans
+            assert (adv[g, :N] < 0).all()
+    else:
+        # tau = 0: no group counts as failed, the forced slot never joins
+        assert roll.stats["af_fired"] == 0 and not all_failed.any()
+        assert roll.stats["members"] == G * N
+
+
+def test_rollout_task_edit_tree_search(world):
+    w = world
+    N, idx = 3, [0, 1, 2, 3]
+    G = len(idx)
+    cfg = rl_cfg(w, group_size=N, tree_schedule="0,2", tree_tasks="edit", gamma=0.5, adv_std=True,
+                 temperature=1.0, af_prob=1.0)
+    model = tiny_model(w.tok.vocab_size, seed=4, scale=0.3)
+    roll = RO.rollout_task(model, w.bundle, "edit", idx, cfg, "cpu", nullcontext(), w.vq,
+                           torch.Generator().manual_seed(6))
+    assert STATS_KEYS <= set(roll.stats) and "forced_reward" not in roll.stats     # no GT: no forcing
+    assert roll.rewards.shape == (G, 2 * N)                                        # rounds at [0, 2]
+    assert roll.stats["af_fired"] == 0 and roll.stats["members"] == 2 * G * N
+    assert len(roll.stats["round_reward"]) == 2
+    assert math.isclose(roll.stats["round_reward"][0], roll.rewards[:, :N].mean().item(), rel_tol=1e-6)
+    assert ((roll.rewards >= 0) & (roll.rewards <= 1)).all()
+    assert len(set(roll.rewards.flatten().tolist())) > 2, "edit rewards should be real-valued"
+    keep = check_rows(roll, w, "edit", idx, 2 * N, ones(G, 2 * N), 0.5).view(G, 2 * N)
+    # the scores are the exact edit scores of the decoded pictures of the kept rows
+    ts = w.bundle.sets["edit"]["rl"]
+    lay, P = w.lay["edit"], w.P
+    flat_r = roll.rewards.reshape(-1)[keep.reshape(-1)]
+    owners = (torch.arange(G * 2 * N).view(G, 2 * N)[keep] // (2 * N)).tolist()
+    for row, g in enumerate(owners):
+        codes = roll.batch.tokens[row, P + lay.R_text:P + lay.R] - w.tok.img_offset
+        ex = ts.examples[idx[g]]
+        assert math.isclose(flat_r[row].item(), RW_edit(ex, w.vq.scene_of(codes)), rel_tol=1e-6)
+    # round 1 branches from round 0's best sample at image step 2: every text token (all revealed
+    # before the first image step) is the parent's, and at least the 1 + 1 image tokens revealed in
+    # image steps 0 and 1 (cosine schedule, 16 slots: floor(16 cos(pi/16)) = 15, floor(16 cos(pi/8)) = 14)
+    # are shared by the parent and all its children
+    pos = torch.arange(G * 2 * N).view(G, 2 * N)
+    kept_index = torch.full((G * 2 * N,), -1)
+    kept_index[keep.reshape(-1)] = torch.arange(int(keep.sum()))
+    checked = 0
+    for g in range(G):
+        parent = int(roll.rewards[g, :N].argmax())
+        rows = [int(kept_index[pos[g, j]]) for j in [parent] + list(range(N, 2 * N))]
+        if min(rows) < 0:           # a zero-advantage row is not returned
+            continue
+        x = roll.batch.tokens[rows]
+        text, img = x[:, P:P + lay.R_text], x[:, P + lay.R_text:P + lay.R]
+        assert (text == text[0]).all(), f"group {g}: a child's plan differs from its parent's"
+        assert int((img == img[0]).all(0).sum()) >= 2
+        checked += 1
+    assert checked >= 2
+
+
+def RW_edit(ex, pred_scene):
+    return RW.edit_score(ex.scene, ex.answer, pred_scene)
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. the tree-search state from (final tokens, order)
+
+def test_rebuilt_tree_state_equals_sampler_state_and_branches_keep_the_prefix(world):
+    w = world
+    ts = w.bundle.sets["edit"]["rl"]
+    tok, P, lay, dcfg = w.tok, w.P, ts.layout, w.cfg.diffusion
+    base = D.collate({"edit": ts}, [("edit", 0), ("edit", 1)], tok, responses=False)
+    assert lay.R_text > 0 and lay.n_img > 0
+    model = tiny_model(tok.vocab_size, seed=2, scale=0.3)
+    states = {}
+    final, order = DF.sample(model, base, tok, dcfg, temperature=1.0, image_temperature=1.0,
+                             generator=torch.Generator().manual_seed(0),
+                             on_step=lambda g, x: states.__setitem__(g, x.clone()))
+    s = DF.image_step_offset(base, dcfg) + 2
+    # independent: the text plan of LLaDA blocks, ceil(len / tokens_per_step) steps per block
+    n_text_steps = sum(math.ceil((min(lo + dcfg.block_len, lay.R_text) - lo) / dcfg.tokens_per_step)
+                       for lo in range(0, lay.R_text, dcfg.block_len))
+    assert s == n_text_steps + 2
+    state, st_order = DF.rebuild_state(final, order, s, base, tok)
+    assert torch.equal(state, states[s]), "rebuilt state differs from the sampler's state at step s"
+    # by hand: a slot is shown iff the sampler revealed it before step s
+    shown = ~((states[s][:, P:] == tok.MASK) | (states[s][:, P:] == tok.IMASK))
+    assert torch.equal(shown, (order >= 0) & (order < s))
+    assert bool(shown[:, lay.R_text:].any()) and bool((~shown[:, lay.R_text:]).any())
+    # N continuations per row from the rebuilt state
+    N = 4
+    branch = base.with_tokens(state).repeat(N)
+    cont, cont_order = DF.sample(model, branch, tok, dcfg, temperature=1.0, image_temperature=1.0,
+                                 generator=torch.Generator().manual_seed(1),
+                                 order=st_order.repeat_interleave(N, 0), start_step=s)
+    parent = final.repeat_interleave(N, 0)
+    porder = order.repeat_interleave(N, 0)
+    early = torch.zeros_like(cont, dtype=torch.bool)
+    early[:, P:] = (porder >= 0) & (porder < s)
+    early[:, :P] = True                                               # the prompt too
+    assert torch.equal(cont[early], parent[early]), "a continuation changed a token revealed before s"
+    assert torch.equal(cont_order[early[:, P:]], porder[early[:, P:]])
+    assert (cont_order[~early[:, P:]] >= s).all()
+    assert not ((cont[:, P:] == tok.MASK) | (cont[:, P:] == tok.IMASK)).any()
+    # the same number of reveals per remaining step as the parent (same schedule, same masked count)
+    n_steps = DF.n_steps(base, dcfg)
+    for g in range(s, n_steps):
+        assert torch.equal((cont_order == g).sum(1), (porder == g).sum(1))
+    # they really are new samples: the children of a row are not all identical
+    late = cont[:, P + lay.R_text:].view(2, N, -1)
+    assert any(not (late[b] == late[b, 0]).all() for b in range(2))
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. the unified loss: its value by hand, and the sign of its gradient
+
+def hand_complementary_logp(model, batch, tok, seed: int) -> torch.Tensor:
+    """Eq. C written out: replay likelihood.complementary's draws (t1 per row, then the (B, T)
+    uniforms), mask by hand, run the model on both copies, sum log p of the clean token over the
+    response, each token from the copy in which it is masked."""
+    g = torch.Generator().manual_seed(seed)
+    B, T = batch.tokens.shape
+    t1 = torch.rand(B, generator=g)
+    m1 = (torch.rand(B, T, generator=g) < t1[:, None]) & batch.is_resp
+    m2 = batch.is_resp & ~m1
+    out = torch.zeros(B)
+    for m in (m1, m2):
+        fill = torch.where(batch.is_image, torch.full_like(batch.tokens, tok.IMASK),
+                           torch.full_like(batch.tokens, tok.MASK))
+        x = torch.where(m, fill, batch.tokens)
+        logp = F.log_softmax(model(x, batch.valid, batch.is_prompt).float(), -1)
+        lp = logp.gather(-1, batch.tokens[..., None]).squeeze(-1)          # (B, T)
+        out = out + (lp * m).sum(1)
+    assert not (m1 & m2).any() and torch.equal(m1 | m2, batch.is_resp)
+    return out
+
+
+def test_unified_loss_value_and_gradient_sign(world):
+    w = world
+    tok = w.tok
+    sets = {"vqa": w.bundle.sets["vqa"]["sft"], "ground": w.bundle.sets["ground"]["sft"]}
+    batch = D.collate(sets, [("vqa", 0), ("ground", 1)], tok)          # 2 rows with real responses
+    model = tiny_model(tok.vocab_size, seed=7, scale=0.1).train()
+    rc = rl_cfg(w, likelihood="complementary", logp_norm="sum", shared_t=False).rl
+    adv = torch.tensor([1.0, -1.0])
+    n_total = 5                                                          # N of Eq. U: zero-adv members count
+    gen = torch.Generator().manual_seed(11)
+    # the seed unified_loss will draw from the generator, replayed on a copy of its state
+    seed = int(torch.randint(2**62, (1,), generator=torch.Generator().set_state(gen.get_state())))
+    loss, stats = rl.unified_loss(model, batch, adv, tok, rc, n_total, gen)
+    with torch.no_grad():
+        seq = hand_complementary_logp(model, batch, tok, seed)
+    want = -(1.0 * seq[0] - 1.0 * seq[1]) / n_total
+    assert math.isclose(loss.item(), want.item(), rel_tol=1e-5), (loss.item(), want.item())
+    n_resp = int(batch.is_resp.sum())
+    assert math.isclose(stats["logp_per_tok"], seq.sum().item() / n_resp, rel_tol=1e-5)
+
+    # one SGD step on that loss: log pi^ of the A = +1 row goes up, of the A = -1 row goes down,
+    # both measured with one fixed mask draw (the same seed before and after)
+    def measure():
+        with torch.no_grad():
+            lp, scored = LK.complementary(model, batch, tok, generator=torch.Generator().manual_seed(99))
+        return (lp * scored).sum(1)
+
+    before = measure()
+    assert torch.allclose(before, hand_complementary_logp(model, batch, tok, 99).detach(), rtol=1e-5)
+    with torch.no_grad():
+        J_before = (adv * hand_complementary_logp(model, batch, tok, seed)).sum()
+    # small enough to stay first-order (row 0 moves by ~+0.4 nats, row 1 by ~-0.02)
+    opt = torch.optim.SGD(model.parameters(), lr=3e-4)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    after = measure()
+    assert after[0] > before[0] + 1e-3, (before, after)
+    assert after[1] < before[1] - 1e-3, (before, after)
+    # and the objective itself, on the loss's own masks, went up
+    with torch.no_grad():
+        J_after = (adv * hand_complementary_logp(model, batch, tok, seed)).sum()
+    assert J_after > J_before
+
+
+def test_run_rl_step_with_no_sft_rows_and_all_zero_advantages(world, tmp_path):
+    """Regression: rl.sft_rows = 0 (the pure-RL ablation) and a step whose groups all failed left
+    no rows at all, and run_rl crashed in cat_batches([]). Now J = 0: the step is logged, no update."""
+    import json
+    w = world
+    cfg = rl_cfg(w, sft_rows=0, task_mix="vqa:1", af_prob=0.0, max_steps=1, eval_interval=0,
+                 prompts_per_step=2, group_size=2)
+    cfg.train.out_dir = str(tmp_path)
+    logs = []
+    ctx = SimpleNamespace(device="cpu", autocast=nullcontext(), rank=0, master=True, ddp=False, log=logs.append)
+    tok = w.tok
+    bias = torch.zeros(w.P + w.lay["vqa"].R, tok.vocab_size)
+    bias[:, [tok.ANS, tok.EANS]] = -30.0              # never an answer tag: every reward is 0
+    model = Biased(tiny_model(tok.vocab_size, seed=8), bias)
+    params = [p.detach().clone() for p in model.parameters()]
+    rl.run_rl(cfg, ctx, w.bundle, w.vq, model)
+    hist = json.load(open(tmp_path / "rl_log.json"))
+    assert len(hist) == 1 and hist[0]["step"] == 1
+    assert hist[0]["vqa"]["reward"] == 0.0 and hist[0]["vqa"]["nonzero_adv_frac"] == 0.0
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters())), "an empty step moved the weights"
+    assert (tmp_path / "ckpt_rl.pt").exists()
