@@ -38,14 +38,14 @@ def test_defaults_are_the_toy_preset():
 
 def test_typed_overrides():
     cfg = get_config(["--model.n_layer=2", "--train.lr=3e-4", "--model.tie_weights=false",
-                      "--rl.tree_schedule=0,8,16", "--data.teacher_bias=yellow"])
+                      "--rl.tree_schedule=0,2,4", "--data.teacher_bias=yellow"])
     assert cfg.model.n_layer == 2 and type(cfg.model.n_layer) is int
     assert cfg.train.lr == pytest.approx(3e-4) and type(cfg.train.lr) is float
     assert cfg.model.tie_weights is False
-    assert cfg.rl.tree_schedule == "0,8,16" and config.parse_int_list(cfg.rl.tree_schedule, "x") == [0, 8, 16]
+    assert cfg.rl.tree_schedule == "0,2,4" and config.parse_int_list(cfg.rl.tree_schedule, "x") == [0, 2, 4]
     assert cfg.data.teacher_bias == "yellow"
     # other keys keep their defaults
-    assert cfg.model.n_head == 4 and cfg.train.batch_size == 64
+    assert cfg.model.n_head == config.ModelConfig().n_head and cfg.train.batch_size == config.TrainConfig().batch_size
 
 
 @pytest.mark.parametrize("text,value", [("true", True), ("1", True), ("on", True), ("yes", True),
@@ -61,8 +61,8 @@ def test_int_accepts_integral_float_and_float_accepts_int():
 
 
 def test_bracketed_int_list():
-    cfg = get_config(["--rl.tree_schedule=[0,8,16]"])
-    assert config.parse_int_list(cfg.rl.tree_schedule, "rl.tree_schedule") == [0, 8, 16]
+    cfg = get_config(["--rl.tree_schedule=[0,2,4]"])
+    assert config.parse_int_list(cfg.rl.tree_schedule, "rl.tree_schedule") == [0, 2, 4]
 
 
 def test_presets_change_values():
@@ -150,6 +150,7 @@ def test_unparseable_argument(capsys):
     (["--rl.likelihood=exact"], ["likelihood", "complementary"]),
     (["--train.task_mix=vqa:1,ocr:2"], ["ocr", "task_mix"]),
     (["--rl.tree_schedule=0,x"], ["tree_schedule", "integers"]),
+    (["--rl.tree_schedule=0,16"], ["tree_schedule", "branch step 16", "1..15"]),
 ])
 def test_cross_field_validation(argv, words, capsys):
     line = _fails(argv, capsys)
