@@ -45,6 +45,7 @@ class ModelConfig:
     tie_weights: bool = True         # share token embedding and output head: fewer params at toy size
     prefix_dlm: bool = False         # LaViDa prefix-DLM layout: prompt attends only to prompt (cacheable)
     rope_base: float = 10000.0
+    abs_pos: bool = True             # + learned absolute positions (toy: fast image-cell lookup; see model.py)
     max_len: int = 512               # longest prompt+response the rotary table covers
     dropout: float = 0.0             # toy runs are short; dropout only slows them down
 
@@ -189,7 +190,7 @@ PRESETS: dict[str, dict[str, dict]] = {
         "eval": dict(n_per_task=500),
     },
     "base": {
-        "model": dict(n_layer=16, n_head=16, d_model=1024, prefix_dlm=True, max_len=2048),
+        "model": dict(n_layer=16, n_head=16, d_model=1024, prefix_dlm=True, max_len=2048, abs_pos=False),
         "data": dict(image_size=128, grid=8, max_shapes=16, n_sft=20000, n_rl=200000, n_eval=1000),
         "vq": dict(codebook_size=1024, hidden=192, downsample=8, steps=20000, time_budget_s=7200,
                    n_images=100000),

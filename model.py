@@ -171,6 +171,11 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg, self.vocab_size = cfg, vocab_size
         self.tok_emb = nn.Embedding(vocab_size, cfg.d_model)
+        # optional learned absolute positions on top of RoPE. Why: the shared layout puts every image
+        # code at a fixed position, so "which cell is this code in?" is a lookup by absolute position.
+        # RoPE only sees distances, and a tiny model learns that lookup slowly; a GPT-2 style table
+        # makes it one step. Off by default at scale (LLaDA / LaViDa use RoPE alone).
+        self.pos_emb = nn.Embedding(cfg.max_len, cfg.d_model) if cfg.abs_pos else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
         self.norm_f = RMSNorm(cfg.d_model)
@@ -207,7 +212,10 @@ class Transformer(nn.Module):
                              f"{self.cfg.max_len}; raise --model.max_len")
         cos = self.rope_cos[pos_offset:pos_offset + T]              # (T, hs/2)
         sin = self.rope_sin[pos_offset:pos_offset + T]              # (T, hs/2)
-        x = self.drop(self.tok_emb(idx))                            # (B, T, C)
+        x = self.tok_emb(idx)                                       # (B, T, C)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb.weight[pos_offset:pos_offset + T]  # (T, C) broadcast over B
+        x = self.drop(x)
         kvs = []
         for i, block in enumerate(self.blocks):
             x, kv = block(x, cos, sin, mask, None if past is None else past[i])
@@ -285,6 +293,8 @@ class Transformer(nn.Module):
         n = sum(p.numel() for p in self.parameters())               # parameters() dedups tied ones
         if non_embedding:
             n -= self.tok_emb.weight.numel()
+            if self.pos_emb is not None:
+                n -= self.pos_emb.weight.numel()
             if not self.cfg.tie_weights:
                 n -= self.head.weight.numel()
         return n

@@ -20,7 +20,7 @@ V = 37  # odd vocab size: catches any accidental V == d_model coincidence
 
 def tiny(**kw):
     base = dict(n_layer=2, n_head=2, d_model=32, mlp_hidden=0, tie_weights=True,
-                prefix_dlm=False, max_len=64, dropout=0.0)
+                prefix_dlm=False, max_len=64, dropout=0.0, abs_pos=False)
     base.update(kw)
     torch.manual_seed(0)
     m = Transformer(ModelConfig(**base), V)
@@ -212,3 +212,27 @@ def test_max_len_error():
     m = tiny(max_len=8)
     with pytest.raises(ValueError, match="max_len"):
         m(rand_ids(1, 9))
+
+
+def test_abs_pos_table():
+    """Learned absolute positions: the cached path still equals the full forward (the response is
+    embedded at positions P..P+R-1), right-padding still changes nothing, the table is excluded
+    from the non-embedding count, and (unlike RoPE alone) shifting a sequence changes its logits."""
+    m = tiny(abs_pos=True, prefix_dlm=True)
+    B, P, R = 2, 5, 4
+    idx = rand_ids(B, P + R)
+    valid = torch.ones(B, P + R, dtype=torch.bool)
+    is_prompt = torch.zeros(B, P + R, dtype=torch.bool)
+    is_prompt[:, :P] = True
+    full = m(idx, valid, is_prompt)[:, P:]
+    cached = m.forward_cached(idx[:, P:], m.encode_prefix(idx[:, :P], valid[:, :P]))
+    assert torch.allclose(full, cached, atol=1e-5)
+    padded = torch.cat([idx, torch.zeros(B, 3, dtype=torch.long)], 1)
+    pvalid = torch.cat([valid, torch.zeros(B, 3, dtype=torch.bool)], 1)
+    pprompt = torch.cat([is_prompt, torch.zeros(B, 3, dtype=torch.bool)], 1)
+    assert torch.allclose(m(padded, pvalid, pprompt)[:, :P + R], m(idx, valid, is_prompt), atol=1e-5)
+    body = sum(p.numel() for n, p in m.named_parameters() if n.startswith(("blocks", "norm_f")))
+    assert m.num_params(True) == body
+    left = torch.cat([torch.zeros(B, 2, dtype=torch.long), idx], 1)
+    lvalid = torch.cat([torch.zeros(B, 2, dtype=torch.bool), valid], 1)
+    assert not torch.allclose(m(left, lvalid)[:, 2:], m(idx, valid), atol=1e-3)
