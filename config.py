@@ -56,8 +56,8 @@ class DataConfig:
     grid: int = 4                    # the scene is a grid x grid board of cells, one shape per cell at most
     min_shapes: int = 3
     max_shapes: int = 7
-    n_sft: int = 400                 # traced SFT examples per task family ("deliberately limited")
-    n_rl: int = 2000                 # answer-only RL prompts per family (no traces: rewards need none)
+    n_sft: int = 3000                # traced SFT examples per task family ("deliberately limited")
+    n_rl: int = 5000                 # answer-only RL prompts per family (no traces: rewards need none)
     n_eval: int = 200                # held-out examples per family, disjoint from both pools
     hard_frac: float = 0.4           # share of math/VQA + grounding questions drawn from the hard types
     teacher_slip: float = 0.0        # fraction of traces with a random miscount carried to a wrong answer
@@ -106,15 +106,16 @@ class TrainConfig:
     dtype: str = "auto"              # auto -> bfloat16 on CUDA with bf16 support, else float32
     compile: bool = False            # torch.compile; off on CPU (slow to compile, little gain)
     seed: int = 0
-    batch_size: int = 32             # GLOBAL batch (sequences per optimizer step, all ranks together)
-    micro_batch: int = 32            # per-rank micro batch; grad accumulation is derived from these
-    lr: float = 1e-3
+    batch_size: int = 16             # GLOBAL batch (sequences per optimizer step, all ranks together);
+                                     # small on CPU: the image lookup "clicks" after ~1-2k steps, not samples
+    micro_batch: int = 16            # per-rank micro batch; grad accumulation is derived from these
+    lr: float = 2e-3
     min_lr_frac: float = 0.1         # cosine decay to lr * this
-    warmup: int = 100
+    warmup: int = 50
     weight_decay: float = 0.01
     grad_clip: float = 1.0
-    max_steps: int = 4000
-    time_budget_s: float = 300.0     # SFT stops at max_steps or after this many seconds, whichever first
+    max_steps: int = 20000
+    time_budget_s: float = 390.0     # SFT stops at max_steps or after this many seconds, whichever first
     log_interval: int = 50
     eval_interval: int = 500         # quick held-out eval during SFT (the saturation curve); 0 = off
     ckpt_interval: int = 500
@@ -179,7 +180,7 @@ PRESETS: dict[str, dict[str, dict]] = {
     "toy": {},
     "small": {
         "model": dict(n_layer=8, n_head=8, d_model=512, prefix_dlm=True, max_len=1024),
-        "data": dict(image_size=64, grid=4, n_sft=2000, n_rl=20000, n_eval=500),
+        "data": dict(image_size=64, grid=8, min_shapes=6, max_shapes=14, n_sft=8000, n_rl=20000, n_eval=500),
         "vq": dict(codebook_size=256, hidden=128, downsample=8, steps=4000, time_budget_s=900,
                    n_images=20000),
         "diffusion": dict(image_steps=32),
@@ -191,7 +192,8 @@ PRESETS: dict[str, dict[str, dict]] = {
     },
     "base": {
         "model": dict(n_layer=16, n_head=16, d_model=1024, prefix_dlm=True, max_len=2048, abs_pos=False),
-        "data": dict(image_size=128, grid=8, max_shapes=16, n_sft=20000, n_rl=200000, n_eval=1000),
+        "data": dict(image_size=128, grid=16, min_shapes=10, max_shapes=40, n_sft=50000, n_rl=200000,
+                     n_eval=1000),
         "vq": dict(codebook_size=1024, hidden=192, downsample=8, steps=20000, time_budget_s=7200,
                    n_images=100000),
         "diffusion": dict(image_steps=64),
