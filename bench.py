@@ -1,12 +1,49 @@
 """
-Benchmarks of the trained toy model. One function per benchmark, picked by the first argument:
+Benchmarks. One function per benchmark, picked by the first argument:
 
     python bench.py likelihood [--ckpt=runs/toy/ckpt_sft.pt] [--preset=toy] [--seed=0]
+    python bench.py sampler    [--prompts=8] [--reps=3] [--preset=toy] [--device=cuda]
+    python bench.py rollout    [--prompts=4] [--n=8] [--reps=2] [--preset=toy] [--device=cuda]
+    python bench.py train      [--batch=16] [--warmup=2] [--steps=5] [--peak=989e12] [--compile] [--device=cuda]
 
-(`sampler`, `rollout`, `train` can be added later as more bench_* functions in BENCHMARKS.)
-Needs the toy checkpoint: run `python train.py --preset=toy` first. CPU only (one thread), fixed
-seeds; the `likelihood` benchmark takes about 2 minutes on a 2-core CPU (104 s measured while other
-jobs shared it; under 5 minutes). Results are printed and written to runs/bench_<name>.json.
+Results are printed and written to runs/bench_<name>.json. All run on one CPU thread (a second
+intra-op thread only contends on a shared 2-core box); the speed benchmarks use the GPU with
+--device=cuda (the default `auto` picks it when there is one), with bf16 autocast as train.py does.
+
+`likelihood` needs the toy checkpoint: run `python train.py --preset=toy` first. CPU only, fixed
+seeds; it takes about 2 minutes on a 2-core CPU (104 s measured while other jobs shared it; under 5
+minutes).
+
+The speed benchmarks (`sampler`, `rollout`, `train`) measure time, which does not depend on the
+weights: they use the checkpoint's config and data when there is one, else the preset's config on
+small freshly built pools (untrained VQ, scratch cache in runs/bench/dev_cache; only the layouts
+matter), and say which. Each times the two variants it compares side by side in ONE run,
+interleaved (so both see the same machine load), after warm-up calls, and prints the ratio. At
+toy size on CPU each takes 5-20 s. Timings on a shared machine are noisy: compare the ratios.
+
+`sampler` -- PAPER.md §7 / LaViDa's prefix-DLM cache. Our sampler with the prefix KV cache
+(diffusion.sample, use_cache=True: the prompt is encoded once per call, every step runs only the
+response) vs the LLaDA-style loop that re-encodes prompt + response at every step
+(use_cache=False), on the same held-out vqa and edit prompts (both carry the input picture's codes
+in the prompt), greedy on text AND image slots. Prints response tokens/s of both, the speed-up and
+(P+R)/R (the ratio of the positions each step runs, a rough bound), and checks that both give the
+same tokens and the same unmasking order (in fp32; on CUDA the timed runs use bf16 autocast). The
+cache needs prefix-DLM attention: when the checkpoint is not prefix-DLM (the toy preset's default)
+a RANDOMLY INITIALISED prefix-DLM model of the same size is used, and the output says so.
+
+`rollout` -- rollout.rollout_task's batching: ONE sampler call for a whole group (rows = G prompts
+x N samples, base.repeat(N), as rollout_task builds it) vs N sequential sampler calls, each one
+sample of every prompt (G rows), same prompts, temperature rl.temperature. Defaults: G =
+min(rl.prompts_per_step, 4), N = rl.group_size. Prints tokens/s of both and the ratio. The same
+prefix-DLM model as `sampler`. On one CPU thread the work is compute-bound and grows linearly with
+the rows, so batching gains little there (measured ~0.8-1.0x); the gain is a GPU effect.
+
+`train` -- SFT training-step throughput: sft_loss (complementary masks double the rows) + backward
++ clip + AdamW on micro batches of train.micro_batch sequences (--batch), a randomly initialised
+model of the preset's size, bf16 autocast on CUDA, optional --compile. Prints step time,
+tokens/s (every position the model runs, padding included) and MFU = model.flops_per_token(T) x
+tokens/s / peak FLOP/s (PaLM appendix B). Peak: --peak, else 989e12 (bf16 dense) on an H100/H200
+under bf16 autocast, else "n/a (pass --peak)" (always so on CPU unless --peak is given).
 
 `likelihood` -- PAPER.md §5 (the complementary-masking estimator of log pi(y|x)) and §12 claims 1-4.
 The estimators of likelihood.py at an EQUAL forward-pass budget of 2 per (x, y) pair:
@@ -52,31 +89,51 @@ import torch
 import config as C
 import data as D
 import likelihood as LK
-from diffusion import apply_mask
+from diffusion import apply_mask, sft_loss
 
 USAGE = """usage: python bench.py NAME [--ckpt=PATH] [--seed=N] [--preset=toy] [--section.key=value ...]
 benchmarks:
-  likelihood   variance / bias / rank correlation of the log pi estimators (PAPER.md §5, §12.1-4)"""
+  likelihood   variance / bias / rank correlation of the log pi estimators (PAPER.md §5, §12.1-4)
+  sampler      prefix-cache sampler vs re-encoding every step: tokens/s, speed-up, same greedy tokens
+               [--prompts=8] [--reps=3] [--device=cpu|cuda]
+  rollout      one batched group call vs N sequential sampler calls: tokens/s, speed-up
+               [--prompts=4] [--n=8] [--reps=2] [--device=cpu|cuda]
+  train        SFT step throughput (tokens/s) and MFU [--batch=N] [--warmup=2] [--steps=5]
+               [--peak=FLOPS] [--compile] [--device=cpu|cuda]"""
 
 
 # ----------------------------------------------------------------------------------------------
 # shared: arguments, model and data
 
 
-def parse_args(argv: list[str]) -> tuple[dict, list[str]]:
-    """Split bench flags (--ckpt, --seed) from config flags (--preset, --section.key=v)."""
-    opts, rest, i = {"ckpt": None, "seed": 0}, [], 0
+def parse_args(argv: list[str], extra: dict | None = None) -> tuple[dict, list[str]]:
+    """Split bench flags (--ckpt, --seed, plus the benchmark's own `extra` flags, typed by their
+    defaults; a bool flag may be bare: --compile) from config flags (--preset, --section.key=v)."""
+    opts, rest, i = {"ckpt": None, "seed": 0, **(extra or {})}, [], 0
     while i < len(argv):
         a = argv[i]
         key = a[2:].split("=", 1)[0] if a.startswith("--") else None
         if key in opts:
             if "=" in a:
                 val = a.split("=", 1)[1]
+            elif isinstance(opts[key], bool):
+                val = "true"
             elif i + 1 < len(argv):
                 i, val = i + 1, argv[i + 1]
             else:
                 raise SystemExit(f"bench: --{key} needs a value\n{USAGE}")
-            opts[key] = int(val) if key == "seed" else val
+            cur = opts[key]
+            try:
+                if isinstance(cur, bool):
+                    opts[key] = val.lower() in ("1", "true", "yes", "on")
+                elif isinstance(cur, int):
+                    opts[key] = int(float(val))              # --seed=3, --steps=1e1
+                elif isinstance(cur, float) or (cur is None and key != "ckpt"):
+                    opts[key] = float(val)                   # --peak=312e12 (default None = unknown)
+                else:
+                    opts[key] = val
+            except ValueError:
+                raise SystemExit(f"bench: --{key}={val!r} is not a number\n{USAGE}") from None
         else:
             rest.append(a)
         i += 1
@@ -495,8 +552,271 @@ def bench_likelihood(argv: list[str]):
 
 
 # ----------------------------------------------------------------------------------------------
+# speed: sampler, rollout, train (they measure time, so the weights do not matter)
 
-BENCHMARKS = {"likelihood": bench_likelihood}
+H100_BF16_DENSE = 989e12    # FLOP/s, H100 SXM bf16 dense tensor cores (H200: the same compute)
+
+
+def speed_device(rest: list[str]) -> tuple[str, torch.dtype, str]:
+    """(device, autocast dtype, reason) from --device (default auto: cuda > cpu), as train.setup
+    decides: bf16 autocast on CUDA with bf16, fp32 elsewhere (never autocast on CPU)."""
+    want = C.get_config(rest).train.device
+    dev = ("cuda" if torch.cuda.is_available() else "cpu") if want == "auto" else want
+    if dev.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise SystemExit("bench: --device=cuda but torch.cuda.is_available() is False")
+        name = torch.cuda.get_device_name(dev)
+        if torch.cuda.is_bf16_supported():
+            return dev, torch.bfloat16, f"bf16 autocast ({name})"
+        return dev, torch.float32, f"fp32 ({name}: no bf16)"
+    return dev, torch.float32, f"fp32 on {dev} (1 thread)"
+
+
+def autocast_for(dev: str, dtype: torch.dtype):
+    from contextlib import nullcontext
+    return torch.autocast("cuda", dtype=dtype) if dtype == torch.bfloat16 else nullcontext()
+
+
+def speed_world(opts: dict, rest: list[str]):
+    """(cfg, bundle, trained model or None, note). With the checkpoint: its config, data and model.
+    Without it, and quietly (time does not depend on the weights or the VQ): the preset's config,
+    small pools (256 SFT / 64 eval examples per family, enough for the layouts), tokenized by an
+    untrained VQ in a scratch cache, and no model."""
+    import train
+    import vq as VQ
+    cfg = C.get_config(rest)
+    path = opts["ckpt"] or os.path.join(cfg.train.out_dir, "ckpt_sft.pt")
+    if os.path.exists(path):
+        cfg, model, bundle, src = load_model_and_data(opts, rest)
+        return cfg, bundle, model, f"data and config of {src}"
+    cfg.data.n_sft, cfg.data.n_rl = min(cfg.data.n_sft, 256), 8
+    cfg.data.n_eval = min(cfg.data.n_eval, 64)
+    cfg.train.device, cfg.train.out_dir = "cpu", os.path.join("runs", "bench")
+    cfg.data.cache_dir = os.path.join("runs", "bench", "dev_cache")
+    ctx = train.Ctx("cpu", torch.float32, "fp32", False, 0, 1, cfg.train.out_dir)
+    os.makedirs(ctx.out_dir, exist_ok=True)
+    torch.manual_seed(0)
+    bundle = train.get_bundle(cfg, VQ.VQVAE(cfg.vq, cfg.data.image_size).eval(), ctx)
+    return cfg, bundle, None, (f"no checkpoint at {path}: preset {cfg.preset!r} data (small pools, untrained VQ; "
+                               f"only the layout matters here)")
+
+
+def prefix_model(cfg, bundle, trained, dev: str, seed: int):
+    """The model the sampler benchmarks run: the trained one if it is a prefix-DLM, else a RANDOMLY
+    INITIALISED prefix-DLM of the same size (the prefix cache needs prefix-DLM attention; speed
+    does not depend on training)."""
+    import train
+    if trained is not None and trained.cfg.prefix_dlm:
+        return trained.to(dev).eval(), "the trained checkpoint (prefix-DLM)"
+    mcfg = C.from_dict(C.to_dict(cfg)).model
+    mcfg.prefix_dlm = True
+    torch.manual_seed(seed)
+    why = "the checkpoint is not prefix-DLM" if trained is not None else "no checkpoint"
+    return (train.build_model(mcfg, bundle.tok.vocab_size, dev).eval(),
+            f"RANDOMLY INITIALISED prefix-DLM of the {cfg.preset} size ({why}; speed does not depend on training)")
+
+
+def sync(dev: str):
+    if dev.startswith("cuda"):
+        torch.cuda.synchronize(dev)
+
+
+def timed(fn, dev: str):
+    """(fn(), seconds) with the device's queue drained before and after."""
+    sync(dev)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(dev)
+    return out, time.perf_counter() - t0
+
+
+def median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
+
+
+def model_line(model) -> str:
+    m = model.cfg
+    return (f"{model.num_params(False) / 1e6:.2f}M params (n_layer {m.n_layer}, d_model {m.d_model}, "
+            f"n_head {m.n_head}, prefix_dlm {m.prefix_dlm})")
+
+
+def prompts_of(bundle, task: str, n: int, dev: str) -> D.Batch:
+    """The first n held-out prompts of `task` with an all-mask response canvas."""
+    ts = bundle.sets[task]["eval"]
+    return D.collate({task: ts}, [(task, i) for i in range(min(n, len(ts)))], bundle.tok, responses=False).to(dev)
+
+
+def bench_sampler(argv: list[str]):
+    """Prefix-cache sampler vs the LLaDA-style loop that re-encodes prompt + response every step."""
+    from diffusion import n_steps, sample
+    opts, rest = parse_args(argv, {"prompts": 8, "reps": 3})
+    torch.set_num_threads(1)
+    dev, dtype, why = speed_device(rest)
+    cfg, bundle, trained, data_note = speed_world(opts, rest)
+    model, model_note = prefix_model(cfg, bundle, trained, dev, opts["seed"])
+    tok, amp = bundle.tok, autocast_for(dev, dtype)
+    print(f"bench sampler | device {dev} | {why} | torch {torch.__version__} | commit {git_commit()}")
+    print(f"model: {model_note}; {model_line(model)}\ndata: {data_note}")
+    print(f"greedy decoding (temperature 0 on text AND image slots), cfg_scale {cfg.diffusion.cfg_scale}, "
+          f"{opts['prompts']} prompts per task, median of {opts['reps']} timed calls after 1 warm-up call each")
+    print(f"{'task':<6}{'rows':>5}{'P':>5}{'R':>5}{'steps':>7}{'cached tok/s':>14}{'full tok/s':>12}"
+          f"{'speed-up':>10}{'(P+R)/R':>9}{'identical tokens':>18}")
+    res = {"device": dev, "dtype": str(dtype), "model": model_note, "data": data_note, "tasks": {}}
+    for task in ("vqa", "edit"):                     # both have the input picture's codes in the prompt
+        batch = prompts_of(bundle, task, opts["prompts"], dev)
+        B, R = batch.tokens.shape[0], batch.tokens.shape[1] - batch.P
+
+        def run(cache: bool):
+            with amp:
+                return sample(model, batch, tok, cfg.diffusion, temperature=0.0, image_temperature=0.0,
+                              use_cache=cache)
+        outs, times = {}, {True: [], False: []}
+        for cache in (True, False):
+            outs[cache] = run(cache)                 # warm-up (and the tokens compared below)
+        for _ in range(opts["reps"]):
+            for cache in (True, False):              # interleaved: both see the same machine load
+                times[cache].append(timed(lambda: run(cache), dev)[1])
+        if dtype != torch.float32:                   # the identity check in fp32: bf16 rounding differs
+            with torch.autocast("cuda", enabled=False):
+                outs = {c: sample(model, batch, tok, cfg.diffusion, temperature=0.0, image_temperature=0.0,
+                                  use_cache=c) for c in (True, False)}
+        same = (outs[True][0] == outs[False][0]).float().mean().item()
+        same_rows = (outs[True][0] == outs[False][0]).all(1).float().mean().item()
+        same_order = bool(torch.equal(outs[True][1], outs[False][1]))
+        tc, tf = median(times[True]), median(times[False])
+        gen = B * R                                  # response tokens produced per call
+        print(f"{task:<6}{B:>5}{batch.P:>5}{R:>5}{n_steps(batch, cfg.diffusion):>7}{gen / tc:>14.0f}"
+              f"{gen / tf:>12.0f}{tf / tc:>9.2f}x{(batch.P + R) / R:>9.2f}{100 * same:>10.1f}% ({'all' if same_rows == 1 else f'{100 * same_rows:.0f}% of'} rows"
+              f"{', same order' if same_order else ', order differs'})")
+        res["tasks"][task] = {"rows": B, "P": batch.P, "R": R, "steps": n_steps(batch, cfg.diffusion),
+                              "cached_s": tc, "full_s": tf, "cached_tok_s": gen / tc, "full_tok_s": gen / tf,
+                              "speedup": tf / tc, "identical_tokens": same, "identical_rows": same_rows,
+                              "identical_order": same_order}
+    print("(tok/s = response tokens generated per second. cached = prompt encoded once per call "
+          "(encode_prefix), each step runs only the response (forward_cached); full = use_cache=False, "
+          "each step runs prompt + response, as LLaDA's generate does. The work per step shrinks by about "
+          "(P+R)/R (more where attention dominates), which bounds the speed-up; long prompts gain most.)")
+    write_json("sampler", res)
+
+
+def bench_rollout(argv: list[str]):
+    """One batched sampler call for a whole group vs N sequential calls of one sample per prompt."""
+    from diffusion import sample
+    opts, rest = parse_args(argv, {"prompts": 0, "n": 0, "reps": 2})
+    torch.set_num_threads(1)
+    dev, dtype, why = speed_device(rest)
+    cfg, bundle, trained, data_note = speed_world(opts, rest)
+    model, model_note = prefix_model(cfg, bundle, trained, dev, opts["seed"])
+    tok, amp, rc = bundle.tok, autocast_for(dev, dtype), cfg.rl
+    G = opts["prompts"] or min(rc.prompts_per_step, 4)
+    N = opts["n"] or rc.group_size
+    print(f"bench rollout | device {dev} | {why} | torch {torch.__version__} | commit {git_commit()}")
+    print(f"model: {model_note}; {model_line(model)}\ndata: {data_note}")
+    print(f"{G} prompts x N={N} samples per task, temperature {rc.temperature} (as rollout.rollout_task), "
+          f"median of {opts['reps']} timed runs after a warm-up")
+    print(f"{'task':<6}{'rows':>6}{'batched tok/s':>15}{'sequential tok/s':>18}{'speed-up':>10}")
+    res = {"device": dev, "dtype": str(dtype), "model": model_note, "data": data_note, "G": G, "N": N, "tasks": {}}
+    gen = torch.Generator(device=dev).manual_seed(opts["seed"])
+    for task in ("vqa", "edit"):
+        base = prompts_of(bundle, task, G, dev)
+        Gr, R = base.tokens.shape[0], base.tokens.shape[1] - base.P
+
+        def call(canvas):
+            with amp:
+                return sample(model, canvas, tok, cfg.diffusion, temperature=rc.temperature,
+                              image_temperature=rc.temperature, generator=gen)
+
+        def batched():                            # rollout_task: rows = prompts x samples, one call
+            return call(base.repeat(N))
+
+        def sequential():                         # N calls, each one sample of every prompt
+            return [call(base) for _ in range(N)]
+        batched(), sequential()                   # warm-up
+        tb, ts = [], []
+        for _ in range(opts["reps"]):
+            tb.append(timed(batched, dev)[1])
+            ts.append(timed(sequential, dev)[1])
+        tb, ts = median(tb), median(ts)
+        tokens = Gr * N * R
+        print(f"{task:<6}{Gr * N:>6}{tokens / tb:>15.0f}{tokens / ts:>18.0f}{ts / tb:>9.2f}x")
+        res["tasks"][task] = {"rows": Gr * N, "R": R, "batched_s": tb, "sequential_s": ts,
+                              "batched_tok_s": tokens / tb, "sequential_tok_s": tokens / ts, "speedup": ts / tb}
+    print(f"(batched: ONE sampler call with {G}x{N} rows, as rollout_task makes it (base.repeat(N): the prefix "
+          f"cache is computed for all {G}x{N} rows, each prompt {N} times); sequential: {N} calls of {G} rows, the "
+          f"same tokens. Scoring, answer-forcing and tree search are not timed (the same work either way). On one "
+          f"CPU thread the work is compute-bound and linear in the rows, so batching can gain little there; on a GPU "
+          f"small calls leave most of the device idle.)")
+    write_json("rollout", res)
+
+
+def bench_train(argv: list[str]):
+    """SFT training-step throughput and model FLOPs utilisation."""
+    import train
+    opts, rest = parse_args(argv, {"batch": 0, "warmup": 2, "steps": 5, "peak": None, "compile": False})
+    torch.set_num_threads(1)
+    dev, dtype, why = speed_device(rest)
+    cfg, bundle, trained, data_note = speed_world(opts, rest)
+    tok, amp = bundle.tok, autocast_for(dev, dtype)
+    torch.manual_seed(opts["seed"])
+    model = train.build_model(cfg.model, tok.vocab_size, dev).train()
+    opt = train.make_optimizer(model, cfg.train.lr, cfg.train.weight_decay, dev)
+    fwd = torch.compile(model) if opts["compile"] else model
+    B = opts["batch"] or cfg.train.micro_batch
+    sampler = train.TaskSampler(bundle.sets, "sft", C.parse_mix(cfg.train.task_mix), opts["seed"])
+    sets = {k: v["sft"] for k, v in bundle.sets.items()}
+    batches = [D.collate(sets, sampler.draw(B), tok).to(dev) for _ in range(opts["warmup"] + opts["steps"])]
+    print(f"bench train | device {dev} | {why} | compile {opts['compile']} | torch {torch.__version__} | "
+          f"commit {git_commit()}")
+    print(f"model: randomly initialised, {cfg.preset} size; {model_line(model)}\ndata: {data_note}")
+
+    def step(batch):
+        with amp:
+            loss, _ = sft_loss(fwd, batch, cfg.diffusion, tok)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    rows = B * (2 if cfg.diffusion.complementary else 1)          # complementary masks double the rows
+    warm, timed_batches = batches[:opts["warmup"]], batches[opts["warmup"]:]
+    # T = P + the widest response in the batch, so it can vary: warm up on every width that is timed
+    # (under --compile a new shape would otherwise recompile inside the timed steps)
+    seen = {b.tokens.shape[1] for b in warm}
+    warm += [b for b in timed_batches if b.tokens.shape[1] not in seen and not seen.add(b.tokens.shape[1])]
+    for batch in warm:
+        step(batch)
+    secs, toks, flops = 0.0, 0, 0.0
+    for batch in timed_batches:
+        secs += timed(lambda: step(batch), dev)[1]
+        T = batch.tokens.shape[1]
+        toks += rows * T
+        flops += rows * T * model.flops_per_token(T)
+    tps = toks / secs
+    Ts = sorted({b.tokens.shape[1] for b in timed_batches})
+    fpt = flops / toks                                               # per-token FLOPs, token-weighted
+    peak = opts["peak"]
+    if peak is None and dev.startswith("cuda") and dtype == torch.bfloat16 and \
+            any(k in torch.cuda.get_device_name(dev) for k in ("H100", "H200")):
+        peak = H100_BF16_DENSE
+    mfu = fpt * tps / peak if peak else None
+    n = len(timed_batches)
+    print(f"micro batch {B} sequences -> {rows} rows of T={'/'.join(map(str, Ts))} tokens per step (complementary "
+          f"{cfg.diffusion.complementary}); {len(warm)} warm-up + {n} timed steps")
+    print(f"step time {1000 * secs / n:.1f} ms | {tps:,.0f} tokens/s | {rows * n / secs:.1f} "
+          f"rows/s | model FLOPs/token {fpt / 1e6:.2f} MFLOP (6N + 12 L d T) | {fpt * tps / 1e12:.3f} TFLOP/s")
+    print(f"MFU: {f'{100 * mfu:.2f}% of {peak:.3g} FLOP/s' if mfu is not None else 'n/a (pass --peak=FLOPS, e.g. --peak=989e12 for H100 bf16 dense)'}")
+    print("(tokens = every position of every row the model runs, padding included; MFU = flops_per_token(T) "
+          "x tokens/s / peak, PaLM appendix B; the optimizer step and clipping are inside the timed step.)")
+    write_json("train", {"device": dev, "dtype": str(dtype), "compile": opts["compile"], "micro_batch": B,
+                         "rows": rows, "T": Ts, "step_ms": 1000 * secs / n, "tokens_per_s": tps,
+                         "flops_per_token": fpt, "peak": peak, "mfu": mfu, "data": data_note})
+
+
+# ----------------------------------------------------------------------------------------------
+
+BENCHMARKS = {"likelihood": bench_likelihood, "sampler": bench_sampler, "rollout": bench_rollout,
+              "train": bench_train}
 
 
 def main(argv: list[str]):

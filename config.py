@@ -63,6 +63,8 @@ class DataConfig:
     teacher_slip: float = 0.0        # fraction of traces with a random miscount carried to a wrong answer
     teacher_bias: str = ""           # a colour the teacher always overcounts by one ("" = none)
     seed: int = 0                    # the world seed: same seed -> same scenes, questions and splits
+    cell_tags: bool = False          # precede each prompt image code by its cell name (data.prompt_ids);
+                                     # measured no gain within the toy budget (RESULTS.md), so off
     jsonl: str = ""                  # optional user data (see data.load_jsonl); "" = synthetic only
     cache_dir: str = "cache"         # VQ checkpoint and tokenized datasets are cached here
 
@@ -115,7 +117,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     max_steps: int = 20000
-    time_budget_s: float = 390.0     # SFT stops at max_steps or after this many seconds, whichever first
+    time_budget_s: float = 500.0     # SFT stops at max_steps or after this many seconds, whichever first
     log_interval: int = 50
     eval_interval: int = 500         # quick held-out eval during SFT (the saturation curve); 0 = off
     ckpt_interval: int = 500

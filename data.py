@@ -459,10 +459,12 @@ class Tokenizer:
         self.TASK = {t: self.stoi[f"<{t}>"] for t in ("vqa", "ground", "edit", "t2i")}
 
     @classmethod
-    def fit(cls, texts: list[str], n_codes: int, max_number: int = 64) -> "Tokenizer":
-        """Vocabulary = every word in `texts` plus the numbers 0..max_number (answers, box coords)."""
+    def fit(cls, texts: list[str], n_codes: int, max_number: int = 64, grid: int = 0) -> "Tokenizer":
+        """Vocabulary = every word in `texts`, the numbers 0..max_number (answers, box coords) and
+        the cell names of a grid x grid board (the position tags of image codes)."""
         words = {w for t in texts for w in t.split()}
         words |= {str(i) for i in range(max_number + 1)}
+        words |= {cell_name(i, grid) for i in range(grid * grid)}
         return cls(sorted(words - set(SPECIALS)), n_codes)
 
     def encode(self, text: str) -> list[int]:
@@ -539,10 +541,27 @@ def response_ids(ex: Example, tok: Tokenizer, lay: Layout, target_codes=None) ->
     return text + img
 
 
-def prompt_ids(ex: Example, tok: Tokenizer, codes=None) -> list[int]:
+def prompt_ids(ex: Example, tok: Tokenizer, codes=None, cell_tags: bool = False) -> list[int]:
+    """[task tag] <boi> (r0c0 code r0c1 code ...) <eoi> prompt words.
+
+    cell_tags: each input-image code is preceded by the name of its token-grid position (one token
+    per board cell in every preset, so the tag is the cell's name). Why: without tags the toy model
+    learned to find an object in token space (its edits hit the right cell) long before it learned
+    to *name* that cell in text (its plans and grounding traces named the wrong one). With the tag
+    next to the code, naming becomes copying a neighbouring token. The same idea as Lumina-DiMOO's
+    newline token after every row of codes (PEERS.md §2.14): cheap explicit 2D structure in the
+    token stream. Generated pictures (responses) carry no tags. Measured: no gain within the toy
+    budget (each step is ~25% slower and the transition did not come sooner), so it is off by default.
+    """
     ids = [tok.TASK[ex.task]]
     if codes is not None:
-        ids += [tok.BOI] + [tok.img_offset + int(c) for c in codes] + [tok.EOI]
+        side = int(round(len(codes) ** 0.5))
+        body = []
+        for j, c in enumerate(codes):
+            if cell_tags:
+                body.append(tok.stoi.get(cell_name(j, side), tok.UNK))
+            body.append(tok.img_offset + int(c))
+        ids += [tok.BOI] + body + [tok.EOI]
     return ids + tok.encode(ex.prompt)
 
 
@@ -564,21 +583,23 @@ def layouts_for(pools, tok: Tokenizer, n_img: int) -> dict[str, Layout]:
     return lay
 
 
-def prompt_width(pools, tok: Tokenizer, n_img: int) -> int:
+def prompt_width(pools, tok: Tokenizer, n_img: int, cell_tags: bool = False) -> int:
     """The fixed prompt width P: the longest prompt of any family (tag + picture + words)."""
-    return max(1 + (0 if task == "t2i" else n_img + 2) + len(e.prompt.split())
+    per_img = (2 if cell_tags else 1) * n_img + 2
+    return max(1 + (0 if task == "t2i" else per_img) + len(e.prompt.split())
                for task, splits in pools.items() for s in splits.values() for e in s)
 
 
 def tokenize_split(task: str, examples: list[Example], tok: Tokenizer, lay: Layout, P: int,
-                   codes: torch.Tensor | None, target_codes: torch.Tensor | None) -> TaskSet:
+                   codes: torch.Tensor | None, target_codes: torch.Tensor | None,
+                   cell_tags: bool = False) -> TaskSet:
     """codes: (N, n_img) VQ codes of the input pictures; target_codes: of the targets (edit/t2i)."""
     N = len(examples)
     prompt = torch.full((N, P), tok.PAD, dtype=torch.long)
     traced = all(e.trace is not None for e in examples) and N > 0
     response = torch.full((N, lay.R), tok.PAD, dtype=torch.long) if traced else None
     for n, ex in enumerate(examples):
-        p = prompt_ids(ex, tok, None if codes is None else codes[n])
+        p = prompt_ids(ex, tok, None if codes is None else codes[n], cell_tags)
         if len(p) > P:
             raise ValueError(f"{task} prompt of {len(p)} tokens exceeds the prompt width P={P}: "
                              f"shorten it or raise the width (it is computed from the pools)")

@@ -151,6 +151,10 @@ def run_rl(cfg, ctx, bundle, vq, model=None):
                                  + (f" af={r.stats['af_fired']}" if "af_fired" in r.stats and r.task != "edit" else "")
                                  for r in rolls), t_roll, rec["update_s"], elapsed))
         out_of_time = elapsed > rc.time_budget_s
+        if ctx.ddp:   # every rank must stop at the same step, or the next all-reduce hangs
+            flag = torch.tensor([float(out_of_time)])
+            torch.distributed.broadcast(flag, 0)
+            out_of_time = bool(flag.item())
         done = step >= rc.max_steps or out_of_time
         if rc.eval_interval and (step % rc.eval_interval == 0 or done) and ctx.master:
             m = E.evaluate(model, bundle, vq, cfg, dev, ctx.autocast, n=min(100, cfg.eval.n_per_task))

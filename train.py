@@ -18,7 +18,10 @@ What it does, top to bottom:
   get_bundle()   synthetic pools -> tokenizer -> VQ codes of every picture, computed ONCE and cached
                  in data.cache_dir (STYLE rule 15: tokenizing images never happens in the loop).
   run_sft()      masked-diffusion SFT (diffusion.sft_loss) on a task mix, global batch with derived
-                 gradient accumulation, cosine LR, held-out eval curve, atomic checkpoints.
+                 gradient accumulation, cosine LR, held-out eval curve, atomic checkpoints that
+                 resume exactly (every rank's RNG and sampler state; tests/test_distributed.py).
+                 Under DDP: rank 0's initial weights are broadcast and gradients averaged by one
+                 flat all-reduce (sync_grads), not by the DDP wrapper.
   main()         the stage dispatcher; `all` writes config.json, log.txt, checkpoints, metrics.json
                  and the sample grid into out_dir.
 
@@ -120,12 +123,30 @@ def sync_grads(model, ctx: Ctx):
     model methods other than forward() (encode_prefix / forward_cached), which DDP's hooks miss."""
     if not ctx.ddp:
         return
+    # every rank must reduce the SAME buffer: a parameter with no gradient on this rank (no
+    # backward at all, e.g. an RL step whose rows all had advantage 0) takes part as zeros;
+    # skipping it would make the buffers' sizes differ between ranks and the all-reduce hang
+    for p in model.parameters():
+        if p.requires_grad and p.grad is None:
+            p.grad = torch.zeros_like(p)
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat)
     flat /= ctx.world
     for g, piece in zip(grads, flat.split([g.numel() for g in grads])):
         g.copy_(piece.view_as(g))
+
+
+def broadcast_params(model, ctx: Ctx):
+    """Give every rank rank 0's weights. setup() seeds each rank differently (seed + rank), so a
+    model built from scratch starts with different weights on every rank; the DDP wrapper would
+    broadcast rank 0's in its constructor, and since we do not use it (see sync_grads) we do it
+    here. Without it each rank would apply the averaged gradient to its own, different weights."""
+    if not ctx.ddp:
+        return
+    with torch.no_grad():
+        for t in unwrap(model).state_dict().values():     # parameters and persistent buffers
+            dist.broadcast(t, 0)
 
 
 def all_reduce_mean(x: float, ctx: Ctx) -> float:
@@ -171,9 +192,10 @@ def get_bundle(cfg, vq, ctx: Ctx) -> Bundle:
         sets = {t: {s: D.TaskSet(t, pools[t][s], *blob["sets"][t][s], lay[t]) for s in pools[t]} for t in pools}
         return Bundle(tok, blob["P"], lay, sets)
     t0 = time.time()
-    tok = D.Tokenizer.fit(D.all_texts(pools), cfg.vq.codebook_size, max_number=cfg.data.image_size)
-    n_img = (cfg.data.image_size // cfg.vq.downsample) ** 2
-    lay, P = D.layouts_for(pools, tok, n_img), D.prompt_width(pools, tok, n_img)
+    side = cfg.data.image_size // cfg.vq.downsample                 # token grid side
+    tok = D.Tokenizer.fit(D.all_texts(pools), cfg.vq.codebook_size, max_number=cfg.data.image_size, grid=side)
+    n_img = side * side
+    lay, P = D.layouts_for(pools, tok, n_img), D.prompt_width(pools, tok, n_img, cfg.data.cell_tags)
     sets = {}
     for task in pools:
         sets[task] = {}
@@ -183,7 +205,7 @@ def get_bundle(cfg, vq, ctx: Ctx) -> Bundle:
                 if task != "t2i" and exs else None
             tcodes = vq.encode(torch.from_numpy(__import__("numpy").stack([e.target_image for e in exs]))) \
                 if task in ("edit", "t2i") and exs else None
-            sets[task][split] = D.tokenize_split(task, exs, tok, lay[task], P, codes, tcodes)
+            sets[task][split] = D.tokenize_split(task, exs, tok, lay[task], P, codes, tcodes, cfg.data.cell_tags)
             for e in exs:      # pictures are cheap to re-render; keep memory flat
                 if e.scene is not None:
                     e.image = e.target_image = None
@@ -233,7 +255,10 @@ def unwrap(model):
 
 
 def save_checkpoint(path: str, model, opt, step: int, cfg, bundle: Bundle, extra: dict | None = None):
-    """Atomic write (tmp + rename): a run killed mid-save never leaves a broken checkpoint."""
+    """Atomic write (tmp + rename): a run killed mid-save never leaves a broken checkpoint.
+    Holds the unwrapped model, the optimizer, step, config, tokenizer and rank 0's torch RNG state,
+    plus the caller's `extra` (SFT: elapsed time, eval history, every rank's RNG and sampler state
+    from gather_rank_states, the step's loss and the log's loss EMA)."""
     blob = {"model": unwrap(model).state_dict(), "optim": opt.state_dict() if opt is not None else None,
             "step": step, "config": C.to_dict(cfg), "vocab_size": bundle.tok.vocab_size,
             "tok": bundle.tok.state(), "rng": {"torch": torch.get_rng_state()}, **(extra or {})}
@@ -295,6 +320,38 @@ class TaskSampler:
         self.g.set_state(st)
 
 
+def gather_rank_states(ctx: Ctx, sampler: TaskSampler) -> list[dict]:
+    """Every rank's random state, for the checkpoint: the torch CPU generator (masks, t, prompt
+    drop on CPU), the CUDA generator of its device (the same draws on GPU) and its TaskSampler.
+    The ranks draw different items and masks, so one rank's state restored on all of them would
+    make every rank compute the same gradient after a resume. Collective: every rank calls it."""
+    mine = {"torch": torch.get_rng_state(), "sampler": sampler.state()}
+    if ctx.device.startswith("cuda"):
+        mine["cuda"] = torch.cuda.get_rng_state(ctx.device)
+    if not ctx.ddp:
+        return [mine]
+    out = [None] * ctx.world
+    dist.all_gather_object(out, mine)
+    return out
+
+
+def restore_rank_state(blob: dict, ctx: Ctx, sampler: TaskSampler):
+    """This rank's part of gather_rank_states() back. Older checkpoints hold only rank 0's torch
+    and sampler state; ranks the checkpoint has no state for keep their fresh (per-rank) seeds."""
+    states = blob.get("rank_states") or [{"torch": blob["rng"]["torch"], "sampler": blob.get("sampler")}]
+    if len(states) != ctx.world:
+        ctx.log(f"note: checkpoint written with {len(states)} rank(s), resuming with {ctx.world}: "
+                f"data order and masks will not continue exactly")
+    if ctx.rank >= len(states):
+        return
+    st = states[ctx.rank]
+    torch.set_rng_state(st["torch"])
+    if st.get("sampler") is not None:
+        sampler.load_state(st["sampler"])
+    if "cuda" in st and ctx.device.startswith("cuda"):
+        torch.cuda.set_rng_state(st["cuda"], ctx.device)
+
+
 def run_sft(cfg, ctx: Ctx, bundle: Bundle, vq) -> Transformer:
     import eval as E
     t, dev = cfg.train, ctx.device
@@ -306,18 +363,18 @@ def run_sft(cfg, ctx: Ctx, bundle: Bundle, vq) -> Transformer:
     model = build_model(cfg.model, bundle.tok.vocab_size, dev)
     opt = make_optimizer(model, t.lr, t.weight_decay, dev)
     sampler = TaskSampler({k: v for k, v in bundle.sets.items()}, "sft", C.parse_mix(t.task_mix), t.seed * 1000 + ctx.rank)
-    step, elapsed, history = 0, 0.0, []
+    step, elapsed, history, ema = 0, 0.0, [], None
     if t.resume and os.path.exists(ckpt_path):
         blob = load_checkpoint(ckpt_path, bundle.tok.vocab_size)
         unwrap(model).load_state_dict(blob["model"])
         opt.load_state_dict(blob["optim"])
         step, elapsed, history = blob["step"], blob.get("elapsed", 0.0), blob.get("history", [])
-        torch.set_rng_state(blob["rng"]["torch"])
-        if "sampler" in blob:
-            sampler.load_state(blob["sampler"])
+        restore_rank_state(blob, ctx, sampler)
+        ema = blob.get("loss_ema")
         ctx.log(f"resumed SFT from {ckpt_path} at step {step}")
     elif t.init_from:
         unwrap(model).load_state_dict(load_checkpoint(t.init_from, bundle.tok.vocab_size)["model"])
+    broadcast_params(model, ctx)
     raw = model
     if t.compile:
         model = torch.compile(model)
@@ -325,7 +382,7 @@ def run_sft(cfg, ctx: Ctx, bundle: Bundle, vq) -> Transformer:
             f"world {ctx.world} | global batch {t.batch_size} = micro {t.micro_batch} x accum {accum} x world "
             f"{ctx.world} | max {t.max_steps} steps or {t.time_budget_s:.0f}s")
     model.train()
-    t_start, ema, bad_losses = time.time() - elapsed, None, 0
+    t_start, bad_losses = time.time() - elapsed, 0
     bar = tqdm(total=t.max_steps, initial=step, disable=not ctx.master, desc="sft", dynamic_ncols=True,
                mininterval=5)
     while step < t.max_steps:
@@ -342,6 +399,9 @@ def run_sft(cfg, ctx: Ctx, bundle: Bundle, vq) -> Transformer:
                 (loss / accum).backward()
             loss_sum += loss.item() / accum
         sync_grads(model, ctx)
+        # the mean over ranks: every rank then takes the same skip-or-step decision below (a NaN on
+        # one rank has already spread to every rank's gradients through the all-reduce)
+        loss_sum = all_reduce_mean(loss_sum, ctx)
         if not math.isfinite(loss_sum):
             # never step on a NaN: drop this batch; several in a row means the run is broken
             opt.zero_grad(set_to_none=True)
@@ -375,9 +435,14 @@ def run_sft(cfg, ctx: Ctx, bundle: Bundle, vq) -> Transformer:
             m.update(step=step, seconds=round(elapsed, 1))
             history.append(m)
             ctx.log(f"sft eval @ {step} ({elapsed:.0f}s): {E.headline(m)}")
-        if ctx.master and (step % t.ckpt_interval == 0 or done):
-            save_checkpoint(ckpt_path, model, opt, step, cfg, bundle,
-                            {"elapsed": elapsed, "history": history, "sampler": sampler.state()})
+        if step % t.ckpt_interval == 0 or done:
+            states = gather_rank_states(ctx, sampler)       # collective: every rank takes part
+            if ctx.master:   # loss = this step's loss (the resume test compares it), loss_ema = the log's
+                save_checkpoint(ckpt_path, model, opt, step, cfg, bundle,
+                                {"elapsed": elapsed, "history": history, "sampler": sampler.state(),
+                                 "rank_states": states, "loss": loss_sum, "loss_ema": ema})
+            if ctx.ddp:      # nobody runs ahead (or exits) while rank 0 is still writing
+                dist.barrier()
         if done:
             break
     bar.close()

@@ -70,7 +70,7 @@ def test_presets_change_values():
     assert small.preset == "small"
     assert small.model.d_model == 512 and small.model.n_layer == 8 and small.data.image_size == 64
     base = get_config(["--preset=base"])
-    assert base.model.d_model == 1024 and base.data.grid == 8
+    assert base.model.d_model == 1024 and base.data.grid == config.PRESETS["base"]["data"]["grid"]
     # the command line wins over the preset, whatever the order
     assert get_config(["--model.d_model=256", "--preset=small"]).model.d_model == 256
 

@@ -388,7 +388,7 @@ def test_render_colours_and_empty_cells():
 @pytest.fixture(scope="module")
 def tok(small):
     _, pools = small
-    return Tokenizer.fit(data.all_texts(pools), n_codes=64)
+    return Tokenizer.fit(data.all_texts(pools), n_codes=64, grid=4)
 
 
 def test_tokenizer_round_trip(small, tok):
@@ -450,10 +450,10 @@ def tokenized(small, tok):
             n = len(pools[t][s])
             codes[t, s] = None if t == "t2i" else torch.randint(0, 64, (n, N_IMG), generator=g)
             tcodes[t, s] = torch.randint(0, 64, (n, N_IMG), generator=g) if t in ("edit", "t2i") else None
-    P = max(len(data.prompt_ids(e, tok, None if codes[t, s] is None else codes[t, s][k]))
+    P = max(len(data.prompt_ids(e, tok, None if codes[t, s] is None else codes[t, s][k], cell_tags=True))
             for t in TASKS for s in SPLITS for k, e in enumerate(pools[t][s]))
     lays = data.layouts_for(pools, tok, N_IMG)
-    sets = {(t, s): data.tokenize_split(t, pools[t][s], tok, lays[t], P, codes[t, s], tcodes[t, s])
+    sets = {(t, s): data.tokenize_split(t, pools[t][s], tok, lays[t], P, codes[t, s], tcodes[t, s], cell_tags=True)
             for t in TASKS for s in SPLITS}
     return P, lays, sets, codes, tcodes
 
@@ -469,11 +469,9 @@ def test_layouts(tokenized, tok):
 
 
 def test_prompt_width(small, tokenized, tok):
-    if not hasattr(data, "prompt_width"):
-        pytest.skip("data.prompt_width not present")
     _, pools = small
     P = tokenized[0]                     # own P: the longest prompt_ids over every pool
-    assert data.prompt_width(pools, tok, N_IMG) == P
+    assert data.prompt_width(pools, tok, N_IMG, cell_tags=True) == P
 
 
 def test_tokenized_prompts(small, tokenized, tok):
@@ -485,8 +483,11 @@ def test_tokenized_prompts(small, tokenized, tok):
             assert ts.prompt.shape == (len(pools[t][s]), P)
             for k, e in enumerate(pools[t][s]):
                 want = [tok.stoi[f"<{t}>"]]
-                if t != "t2i":
-                    want += [tok.stoi["<boi>"]] + [tok.img_offset + int(c) for c in codes[t, s][k]] + [tok.stoi["<eoi>"]]
+                if t != "t2i":   # each code preceded by its cell-name tag (row-major over the 4x4 grid)
+                    body = []
+                    for j, c in enumerate(codes[t, s][k]):
+                        body += [tok.stoi[f"r{j // 4}c{j % 4}"], tok.img_offset + int(c)]
+                    want += [tok.stoi["<boi>"]] + body + [tok.stoi["<eoi>"]]
                 want += [tok.stoi[w] for w in e.prompt.split()]
                 want += [tok.PAD] * (P - len(want))
                 assert ts.prompt[k].tolist() == want
@@ -679,3 +680,14 @@ def test_jsonl_missing_file(tmp_path):
     dcfg = make_config("toy", SMALL).data
     with pytest.raises(JSONLError, match="no_such.jsonl"):
         data.load_jsonl(str(tmp_path / "no_such.jsonl"), dcfg)
+
+
+def test_prompt_without_cell_tags(small, tok):
+    """cell_tags=False gives the plain layout: <boi> codes <eoi>, no position words."""
+    _, pools = small
+    e = pools["vqa"]["sft"][0]
+    codes = torch.arange(N_IMG) % 8
+    ids = data.prompt_ids(e, tok, codes, cell_tags=False)
+    assert ids[:2] == [tok.stoi["<vqa>"], tok.stoi["<boi>"]]
+    assert ids[2:2 + N_IMG] == [tok.img_offset + int(c) for c in codes]
+    assert ids[2 + N_IMG] == tok.stoi["<eoi>"]

@@ -1,0 +1,443 @@
+"""
+Tests of train.py's multi-process and checkpoint machinery (STYLE rules 6, 10, 11):
+
+  1. DDP equivalence: 2 CPU processes on gloo, each with 2 micro-batches per step and gradients
+     averaged by train.sync_grads, end with the same parameters after 3 AdamW steps as ONE process
+     that accumulates all 4 micro-batches (loss / 4) and steps once. The ranks start from
+     different seeds (setup() seeds seed + rank), so this also checks train.broadcast_params. A 4th
+     step in which rank 1 runs no backward at all checks that sync_grads still agrees with the
+     reference (rank 1 counts as a zero gradient) instead of hanging.
+  2. Resume: run_sft for 3 steps straight == 2 steps, a crash right after the step-2 checkpoint,
+     then --resume for the 3rd step (same loss at step 3, same weights), in one process and in two
+     (each rank restores its OWN RNG and sampler state). Two controls show that the test has teeth:
+     without the sampler state or without the torch RNG state the step-3 loss differs.
+  3. Checkpoints: load with map_location="cpu" (tensors on the CPU), atomic write, and one-line
+     SystemExit messages for a missing, corrupted, truncated or foreign file and a wrong vocabulary.
+
+The world is tiny: a few synthetic examples per family, a fake VQ (one code per 8x8 patch from its
+mean colour), a 1-layer d_model=32 Transformer. The two processes are started the way torchrun
+starts them (MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE/LOCAL_RANK in the environment, this file run as
+a script), so train.setup's DDP detection is what is tested. One launch serves every DDP test.
+
+    cd /work/main && python -m pytest tests/test_distributed.py -q
+"""
+import copy
+import os
+import socket
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import config as C  # noqa: E402
+import data as D  # noqa: E402
+import train  # noqa: E402
+from diffusion import sft_loss  # noqa: E402
+
+# tiny tensors on a shared 2-core box: extra intra-op threads only add contention
+torch.set_num_threads(1)
+
+WORLD, ACCUM, K_STEPS = 2, 2, 3      # DDP equivalence: ranks, micro-batches per rank, steps compared
+MICRO = 2                            # rows per micro-batch
+N_RESUME = 2                         # resume: crash after step N_RESUME, compare step N_RESUME + 1
+
+
+class FakeVQ:
+    """A stand-in tokenizer: each 8x8 patch -> one code from a hash of its mean colour. get_bundle
+    only needs .encode; .decode (eval only, unused here) paints every patch grey."""
+
+    def __init__(self, image_size: int = 32, ds: int = 8, K: int = 64):
+        self.size, self.ds, self.K = image_size, ds, K
+
+    def encode(self, images) -> torch.Tensor:
+        x = torch.as_tensor(np.asarray(images)).float()                 # (N, H, W, 3)
+        N, h = x.shape[0], self.size // self.ds
+        m = x.view(N, h, self.ds, h, self.ds, 3).mean((2, 4)).round().long()   # (N, h, h, 3)
+        return ((m[..., 0] * 31 + m[..., 1] * 17 + m[..., 2] * 7) % self.K).reshape(N, -1)  # (N, h*h)
+
+    def decode(self, codes) -> torch.Tensor:
+        return torch.full((len(codes), self.size, self.size, 3), 0.5)
+
+
+def tiny_config(out_dir: str, cache_dir: str, **over) -> C.Config:
+    o = {"data.n_sft": 8, "data.n_rl": 2, "data.n_eval": 2, "data.cache_dir": cache_dir,
+         "model.n_layer": 1, "model.n_head": 2, "model.d_model": 32, "model.max_len": 128,
+         "train.out_dir": out_dir, "train.device": "cpu", "train.batch_size": 4, "train.micro_batch": 2,
+         "train.max_steps": N_RESUME + 1, "train.time_budget_s": 1e9, "train.eval_interval": 0,
+         "train.ckpt_interval": 1, "train.log_interval": 1, "train.warmup": 1, "train.lr": 1e-2}
+    o.update(over)
+    return C.make_config("toy", o)
+
+
+def make_bundle(cfg) -> train.Bundle:
+    ctx = train.Ctx("cpu", torch.float32, "fp32", False, 0, 1, cfg.train.out_dir)
+    os.makedirs(cfg.train.out_dir, exist_ok=True)
+    return train.get_bundle(cfg, FakeVQ(cfg.data.image_size), ctx)
+
+
+def params(model) -> dict:
+    return {k: v.detach().clone() for k, v in train.unwrap(model).state_dict().items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# the sync_grads run: the same deterministic micro-batches in the worker and in the reference
+
+def micro_batch(bundle, rank: int, step: int, micro: int):
+    """Micro-batch `micro` of rank `rank` at step `step`: fixed items, a fixed t, a seeded mask."""
+    g = torch.Generator().manual_seed(1000 * rank + 10 * step + micro)
+    tasks = ("vqa", "ground", "edit", "t2i")
+    items = [(tasks[int(torch.randint(4, (1,), generator=g))], int(torch.randint(8, (1,), generator=g)))
+             for _ in range(MICRO)]
+    batch = D.collate({k: v["sft"] for k, v in bundle.sets.items()}, items, bundle.tok)
+    return batch, torch.full((MICRO,), 0.3 + 0.1 * micro), g
+
+
+def micro_loss(model, bundle, cfg, rank, step, micro):
+    batch, t, g = micro_batch(bundle, rank, step, micro)
+    loss, _ = sft_loss(model, batch, cfg.diffusion, bundle.tok, generator=g, t=t)
+    return loss
+
+
+def sync_run(cfg, ctx, bundle) -> dict:
+    """The run_sft recipe (build, broadcast, accumulate, sync_grads, clip, AdamW) on fixed batches.
+    Returns the weights at init and after K_STEPS steps, and after the extra step in which rank 1
+    does no backward."""
+    model = train.build_model(cfg.model, bundle.tok.vocab_size, "cpu")     # seeded seed + rank
+    before = params(model)
+    train.broadcast_params(model, ctx)
+    opt = train.make_optimizer(model, cfg.train.lr, cfg.train.weight_decay, "cpu")
+    out = {"init_own": before, "init": params(model)}
+    for step in range(K_STEPS + 1):
+        if step < K_STEPS or ctx.rank == 0:
+            for micro in range(ACCUM):
+                (micro_loss(model, bundle, cfg, ctx.rank, step, micro) / ACCUM).backward()
+        train.sync_grads(model, ctx)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step == K_STEPS - 1:
+            out["after_k"] = params(model)
+    out["after_k1"] = params(model)
+    return out
+
+
+def reference_run(cfg, bundle) -> dict:
+    """One process: all ranks' micro-batches of a step accumulated with loss / (WORLD * ACCUM)."""
+    torch.manual_seed(cfg.train.seed)                                      # rank 0's init
+    model = train.build_model(cfg.model, bundle.tok.vocab_size, "cpu")
+    opt = train.make_optimizer(model, cfg.train.lr, cfg.train.weight_decay, "cpu")
+    out = {"init": params(model)}
+    for step in range(K_STEPS + 1):
+        ranks = range(WORLD) if step < K_STEPS else [0]                    # the step rank 1 sits out
+        for r in ranks:
+            for micro in range(ACCUM):
+                (micro_loss(model, bundle, cfg, r, step, micro) / (WORLD * ACCUM)).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step == K_STEPS - 1:
+            out["after_k"] = params(model)
+    out["after_k1"] = params(model)
+    return out
+
+
+class Crash(Exception):
+    """A stand-in for a run killed right after a checkpoint was written."""
+
+
+def crash_after_checkpoint(n: int):
+    """Patches for run_sft: raise Crash after the step-n checkpoint is written (and, under DDP,
+    after the barrier that follows it, so that every rank stops at the same point)."""
+    calls = {"n": 0}
+    gather, barrier = train.gather_rank_states, torch.distributed.barrier
+
+    def counting_gather(ctx, sampler):
+        calls["n"] += 1                                # ckpt_interval = 1: call k is at step k
+        states = gather(ctx, sampler)
+        if not ctx.ddp and calls["n"] == n:
+            # one process: no barrier follows; crash at the save itself, after the write
+            save = train.save_checkpoint
+
+            def save_then_crash(*a, **k):
+                save(*a, **k)
+                raise Crash()
+            train.save_checkpoint = save_then_crash
+        return states
+
+    def crashing_barrier(*a, **k):
+        barrier(*a, **k)
+        if calls["n"] == n:
+            raise Crash()
+    return counting_gather, crashing_barrier
+
+
+def resume_runs(base_dir: str, cache_dir: str, setup_ctx) -> dict:
+    """3 steps straight, and 2 steps + crash + 1 resumed step. Returns each run's final checkpoint."""
+    out = {}
+    cfg = tiny_config(os.path.join(base_dir, "straight"), cache_dir)
+    ctx = setup_ctx(cfg)
+    bundle = make_bundle(cfg)
+    train.run_sft(cfg, ctx, bundle, FakeVQ())
+    out["straight"] = torch.load(os.path.join(cfg.train.out_dir, "ckpt_sft.pt"), weights_only=False)
+
+    cfg = tiny_config(os.path.join(base_dir, "crashed"), cache_dir)
+    ctx = setup_ctx(cfg)
+    orig = (train.gather_rank_states, torch.distributed.barrier, train.save_checkpoint)
+    train.gather_rank_states, torch.distributed.barrier = crash_after_checkpoint(N_RESUME)
+    try:
+        train.run_sft(cfg, ctx, bundle, FakeVQ())
+        raise AssertionError("the run did not crash")
+    except Crash:
+        pass
+    finally:
+        train.gather_rank_states, torch.distributed.barrier, train.save_checkpoint = orig
+    out["at_crash"] = torch.load(os.path.join(cfg.train.out_dir, "ckpt_sft.pt"), weights_only=False)
+    cfg = tiny_config(cfg.train.out_dir, cache_dir, **{"train.resume": True})
+    ctx = setup_ctx(cfg)                                 # a new process: reseeded from scratch
+    train.run_sft(cfg, ctx, bundle, FakeVQ())
+    out["resumed"] = torch.load(os.path.join(cfg.train.out_dir, "ckpt_sft.pt"), weights_only=False)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# the worker: this file run as a script by torchrun-like environment variables
+
+def worker(out_dir: str, cache_dir: str):
+    cfg = tiny_config(os.path.join(out_dir, "sync"), cache_dir)
+    ctx = train.setup(cfg)                               # RANK etc. set -> gloo process group
+    torch.set_num_threads(1)
+    assert ctx.ddp and ctx.world == WORLD, (ctx.ddp, ctx.world)
+    bundle = make_bundle(cfg)                            # the parent wrote the token cache
+    res = {"sync": sync_run(cfg, ctx, bundle)}
+
+    def setup_ctx(c):
+        return train.setup(c)
+    ck = resume_runs(os.path.join(out_dir, "resume"), cache_dir, setup_ctx)
+    # every rank reports its own final weights (run_sft's checkpoints are rank 0's alone)
+    res["resume"] = {k: {kk: v[kk] for kk in ("step", "loss", "rank_states")} for k, v in ck.items()}
+    res["resume_model"] = {k: v["model"] for k, v in ck.items()} if ctx.master else None
+    torch.save(res, os.path.join(out_dir, f"rank{ctx.rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ddp(tmp_path_factory):
+    """Launch the 2 ranks once; every DDP test reads their results."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    cache = str(tmp / "cache")
+    cfg = tiny_config(str(tmp / "sync"), cache)
+    bundle = make_bundle(cfg)                            # written once, before the ranks read it
+    port = free_port()
+    procs = []
+    for rank in range(WORLD):
+        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                   WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1",
+                   PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), "worker", str(tmp), cache],
+                                      env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+    logs = []
+    for p in procs:
+        try:
+            logs.append(p.communicate(timeout=180)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail("DDP workers hung (> 180 s)")
+    for rank, (p, log) in enumerate(zip(procs, logs)):
+        assert p.returncode == 0, f"rank {rank} failed:\n{log[-3000:]}"
+    res = [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return SimpleNamespace(res=res, cfg=cfg, bundle=bundle, cache=cache)
+
+
+def assert_close(a: dict, b: dict, atol=1e-5, what=""):
+    assert a.keys() == b.keys()
+    for k in a:
+        err = (a[k] - b[k]).abs().max().item()
+        assert err <= atol, f"{what} {k}: max |diff| {err:.3g} > {atol}"
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. DDP equivalence
+
+
+def test_ddp_ranks_start_from_rank0_weights(ddp):
+    r0, r1 = ddp.res[0]["sync"], ddp.res[1]["sync"]
+    # setup() seeds rank r with seed + r: without broadcast_params the two inits differ ...
+    assert any(not torch.equal(r0["init_own"][k], r1["init_own"][k]) for k in r0["init_own"])
+    # ... with it, both ranks hold rank 0's weights, which are the 1-process run's init
+    assert_close(r0["init"], r1["init"], 0.0, "init")
+    ref = reference_run(ddp.cfg, ddp.bundle)
+    assert_close(r0["init"], ref["init"], 0.0, "init vs reference")
+
+
+def test_ddp_matches_one_process_with_grad_accumulation(ddp):
+    ref = reference_run(ddp.cfg, ddp.bundle)
+    moved = max((ref["after_k"][k] - ref["init"][k]).abs().max().item() for k in ref["init"])
+    assert moved > 1e-3                                  # the steps really changed the weights
+    for rank in range(WORLD):
+        assert_close(ddp.res[rank]["sync"]["after_k"], ref["after_k"], 1e-5, f"rank {rank} after {K_STEPS} steps:")
+    # the two ranks hold the same weights (float tolerance: the all-reduce sums in its own order)
+    assert_close(ddp.res[0]["sync"]["after_k"], ddp.res[1]["sync"]["after_k"], 1e-6, "rank 0 vs 1:")
+    # and rank 1's micro-batches mattered: rank 0's data alone gives other weights
+    solo = copy.deepcopy(ddp.cfg)
+    torch.manual_seed(solo.train.seed)
+    m = train.build_model(solo.model, ddp.bundle.tok.vocab_size, "cpu")
+    opt = train.make_optimizer(m, solo.train.lr, solo.train.weight_decay, "cpu")
+    for step in range(K_STEPS):
+        for micro in range(ACCUM):
+            (micro_loss(m, ddp.bundle, solo, 0, step, micro) / ACCUM).backward()
+        torch.nn.utils.clip_grad_norm_(m.parameters(), solo.train.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    diff = max((params(m)[k] - ref["after_k"][k]).abs().max().item() for k in ref["init"])
+    assert diff > 1e-4
+
+
+def test_ddp_rank_without_backward_counts_as_zero_gradient(ddp):
+    ref = reference_run(ddp.cfg, ddp.bundle)
+    for rank in range(WORLD):
+        assert_close(ddp.res[rank]["sync"]["after_k1"], ref["after_k1"], 1e-5, f"rank {rank}, step {K_STEPS + 1}:")
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. resume gives the same next-step loss
+
+
+def test_resume_same_next_step_loss_one_process(tmp_path):
+    ck = resume_runs(str(tmp_path), str(tmp_path / "cache"), train.setup)
+    assert ck["at_crash"]["step"] == N_RESUME
+    assert ck["straight"]["step"] == ck["resumed"]["step"] == N_RESUME + 1
+    assert ck["straight"]["loss"] == pytest.approx(ck["resumed"]["loss"], abs=1e-6)
+    assert_close(ck["straight"]["model"], ck["resumed"]["model"], 1e-6, "weights after resume:")
+    assert len(ck["resumed"]["rank_states"]) == 1
+
+
+@pytest.mark.parametrize("drop", ["sampler", "torch_rng"])
+def test_resume_without_saved_state_differs(tmp_path, monkeypatch, drop):
+    """Controls: the resume test above fails if either state is not restored."""
+    ck = resume_runs(str(tmp_path / "ok"), str(tmp_path / "cache"), train.setup)
+    crashed = str(tmp_path / "control")
+    os.makedirs(crashed)
+    torch.save(ck["at_crash"], os.path.join(crashed, "ckpt_sft.pt"))
+    if drop == "sampler":
+        monkeypatch.setattr(train.TaskSampler, "load_state", lambda self, st: None)
+    else:
+        monkeypatch.setattr(torch, "set_rng_state", lambda st: None)
+    cfg = tiny_config(crashed, str(tmp_path / "cache"), **{"train.resume": True})
+    train.run_sft(cfg, train.setup(cfg), make_bundle(cfg), FakeVQ())
+    blob = torch.load(os.path.join(crashed, "ckpt_sft.pt"), weights_only=False)
+    assert blob["step"] == N_RESUME + 1
+    assert abs(blob["loss"] - ck["straight"]["loss"]) > 1e-4
+
+
+def test_resume_same_next_step_loss_two_processes(ddp):
+    r0 = ddp.res[0]
+    st, rs = r0["resume"]["straight"], r0["resume"]["resumed"]
+    assert r0["resume"]["at_crash"]["step"] == N_RESUME and rs["step"] == N_RESUME + 1
+    assert st["loss"] == pytest.approx(rs["loss"], abs=1e-6)
+    assert_close(r0["resume_model"]["straight"], r0["resume_model"]["resumed"], 1e-6, "DDP weights after resume:")
+    # one state per rank, and the ranks' streams differ (else they would draw the same items)
+    states = r0["resume"]["at_crash"]["rank_states"]
+    assert len(states) == WORLD and not torch.equal(states[0]["sampler"], states[1]["sampler"])
+    assert not torch.equal(states[0]["torch"], states[1]["torch"])
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. checkpoints
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ckpt")
+    cfg = tiny_config(str(tmp), str(tmp / "cache"))
+    bundle = make_bundle(cfg)
+    torch.manual_seed(0)
+    model = train.build_model(cfg.model, bundle.tok.vocab_size, "cpu")
+    opt = train.make_optimizer(model, 1e-3, 0.0, "cpu")
+    micro_loss(model, bundle, cfg, 0, 0, 0).backward()
+    opt.step()                                            # optimizer state with tensors
+    path = str(tmp / "ckpt_sft.pt")
+    train.save_checkpoint(path, model, opt, 7, cfg, bundle, {"elapsed": 1.5})
+    return SimpleNamespace(path=path, model=model, bundle=bundle, cfg=cfg, tmp=tmp)
+
+
+def all_tensors(x):
+    if torch.is_tensor(x):
+        yield x
+    elif isinstance(x, dict):
+        for v in x.values():
+            yield from all_tensors(v)
+    elif isinstance(x, (list, tuple)):
+        for v in x:
+            yield from all_tensors(v)
+
+
+def test_checkpoint_round_trip_on_cpu(saved, monkeypatch):
+    seen = {}
+    real = torch.load
+
+    def spy(*a, **k):
+        seen.update(k)
+        return real(*a, **k)
+    monkeypatch.setattr(torch, "load", spy)
+    blob = train.load_checkpoint(saved.path, saved.bundle.tok.vocab_size)
+    assert seen.get("map_location") == "cpu"             # GPU checkpoints load on a CPU-only box
+    assert blob["step"] == 7 and blob["elapsed"] == 1.5
+    ts = list(all_tensors(blob))
+    assert ts and all(t.device.type == "cpu" for t in ts)
+    assert not os.path.exists(saved.path + ".tmp")       # atomic: tmp renamed away
+    m = train.model_from_checkpoint(blob, "cpu")
+    assert_close(params(m), params(saved.model), 0.0, "model_from_checkpoint:")
+    assert C.from_dict(blob["config"]) == saved.cfg
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_checkpoint_loads_on_cpu(saved, tmp_path):
+    m = copy.deepcopy(saved.model).cuda()
+    opt = train.make_optimizer(m, 1e-3, 0.0, "cuda")
+    path = str(tmp_path / "gpu.pt")
+    train.save_checkpoint(path, m, opt, 1, saved.cfg, saved.bundle)
+    blob = train.load_checkpoint(path)
+    assert all(t.device.type == "cpu" for t in all_tensors(blob))
+
+
+def one_line_exit(path, vocab=None) -> str:
+    with pytest.raises(SystemExit) as e:
+        train.load_checkpoint(path, vocab)
+    msg = str(e.value.code)
+    assert msg.startswith("checkpoint error: ") and "\n" not in msg, msg
+    return msg
+
+
+def test_checkpoint_errors_are_one_line(saved, tmp_path):
+    assert "does not exist" in one_line_exit(str(tmp_path / "nope.pt"))
+    bad = tmp_path / "garbage.pt"
+    bad.write_bytes(b"this is not a torch file\n" * 10)
+    assert "unreadable" in one_line_exit(str(bad))
+    cut = tmp_path / "truncated.pt"
+    raw = open(saved.path, "rb").read()
+    cut.write_bytes(raw[:len(raw) // 2])
+    assert "unreadable" in one_line_exit(str(cut))
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    assert "unreadable" in one_line_exit(str(empty))
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {}}, foreign)
+    assert "not a checkpoint of this project" in one_line_exit(str(foreign))
+    assert "vocabulary" in one_line_exit(saved.path, saved.bundle.tok.vocab_size + 1)
+
+
+if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "worker":
+    worker(sys.argv[2], sys.argv[3])
