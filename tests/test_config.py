@@ -11,7 +11,6 @@ import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import config  # noqa: E402
 from config import ConfigError, from_dict, get_config, make_config, parse_mix, save_config, to_dict  # noqa: E402
 

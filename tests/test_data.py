@@ -15,7 +15,6 @@ import pytest
 import torch
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 from config import make_config  # noqa: E402
 from data import JSONLError, Shape, Tokenizer  # noqa: E402

@@ -15,14 +15,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import diffusion as D  # noqa: E402
 from config import DiffusionConfig, ModelConfig  # noqa: E402
 from data import Layout, Tokenizer, make_batch  # noqa: E402
 from model import Transformer  # noqa: E402
 
-# tiny tensors: intra-op threads only add spin-wait contention on a shared 2-core box (20 s vs 3 s)
-torch.set_num_threads(1)
 
 TOK = Tokenizer(["a", "b", "c", "d"], n_codes=8)
 V = TOK.vocab_size

@@ -11,7 +11,6 @@ import sys
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from config import ModelConfig  # noqa: E402
 from model import Transformer, mlp_hidden  # noqa: E402
 

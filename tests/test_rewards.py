@@ -15,7 +15,6 @@ import sys
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import rewards as RW  # noqa: E402
 from data import Shape, make_edit, random_scene, read_scene, render  # noqa: E402
 

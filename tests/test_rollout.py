@@ -19,7 +19,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data as D  # noqa: E402
 import diffusion as DF  # noqa: E402
 import likelihood as LK  # noqa: E402
@@ -30,7 +29,6 @@ from config import ModelConfig, make_config  # noqa: E402
 from model import Transformer  # noqa: E402
 
 # tiny tensors on a shared 2-core box: extra intra-op threads only add contention
-torch.set_num_threads(1)
 
 EPS = 1e-4      # the GRPO std epsilon of rollout.py's docstring
 

@@ -13,7 +13,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import vq  # noqa: E402
 from config import VQConfig  # noqa: E402
