@@ -447,6 +447,7 @@ class Tokenizer:
     def __init__(self, words: list[str], n_codes: int):
         self.itos = SPECIALS + [w for w in words if w not in SPECIALS]
         self.stoi = {w: i for i, w in enumerate(self.itos)}
+        self.n_special = len(SPECIALS)                  # ids below this are special tokens
         self.img_offset = len(self.itos)
         self.n_codes = n_codes
         self.vocab_size = self.img_offset + n_codes

@@ -65,12 +65,8 @@ def drop_prompt_text(batch: Batch, rows: torch.Tensor, tok: Tokenizer) -> torch.
     """The unconditional input for CFG: prompt *words* of the selected rows become [MASK].
     The task tag and the input picture's codes stay (edit keeps its source image)."""
     t = batch.tokens
-    words = batch.is_prompt & (t >= len_specials(tok)) & (t < tok.img_offset)
+    words = batch.is_prompt & (t >= tok.n_special) & (t < tok.img_offset)
     return torch.where(words & rows[:, None], torch.full_like(t, tok.MASK), t)
-
-
-def len_specials(tok: Tokenizer) -> int:
-    return tok.TASK["t2i"] + 1      # SPECIALS end with the four task tags
 
 
 # ----------------------------------------------------------------------------------------------

@@ -33,12 +33,14 @@ from diffusion import sample
 
 
 def score_rows(task, examples, resp: torch.Tensor, layout, tok, decode_fn, grid: int):
-    """Rewards for sampled responses (B, R): returns (rewards list, reasons list, decoded pictures)."""
+    """Rewards for sampled responses (B, R): returns (rewards, reasons, decoded pictures or None,
+    the scenes re-read from them or None). Each picture is read once, here."""
     texts = [tok.decode(r[:layout.R_text]) for r in resp]
-    pics = None
+    pics = scenes = None
     if layout.n_img:
         codes = resp[:, layout.R_text:layout.R] - tok.img_offset                  # (B, n_img)
         pics = decode_fn(codes)                                                     # (B, H, W, 3)
+        scenes = [read_scene(p, grid) for p in pics]
     out, why = [], []
     for b, ex in enumerate(examples):
         if task == "vqa":
@@ -46,12 +48,12 @@ def score_rows(task, examples, resp: torch.Tensor, layout, tok, decode_fn, grid:
         elif task == "ground":
             r, w = RW.ground_reward(texts[b], ex.answer)
         elif task == "edit":
-            r, w = RW.edit_score(ex.scene, ex.answer, read_scene(pics[b], grid)), "ok"
+            r, w = RW.edit_score(ex.scene, ex.answer, scenes[b]), "ok"
         else:
-            r, w = RW.scene_accuracy(ex.answer, read_scene(pics[b], grid)), "ok"
+            r, w = RW.scene_accuracy(ex.answer, scenes[b]), "ok"
         out.append(r)
         why.append(w)
-    return out, why, pics
+    return out, why, pics, scenes
 
 
 @torch.no_grad()
@@ -101,7 +103,7 @@ def evaluate(model, bundle, vq, cfg, device, autocast, split: str = "eval", n: i
         idx = list(range(min(n, len(ts))))
         resp = generate(model, bundle, task, idx, split, cfg, device, autocast, cfg.eval.seed + ti)
         exs = [ts.examples[i] for i in idx]
-        r, why, pics = score_rows(task, exs, resp, ts.layout, bundle.tok, vq.decode, grid)
+        r, why, pics, preds = score_rows(task, exs, resp, ts.layout, bundle.tok, vq.decode, grid)
         fails = {k: v for k, v in Counter(why).items() if k != "ok"}
         if task == "vqa":
             m["vqa_acc"] = float(np.mean(r))
@@ -116,10 +118,8 @@ def evaluate(model, bundle, vq, cfg, device, autocast, split: str = "eval", n: i
             m["ground_parse_fail"] = fails
         elif task == "edit":
             m["edit_score"] = float(np.mean(r))
-            preds = [read_scene(p, grid) for p in pics]
             m["edit_exact"] = float(np.mean([p == e.answer for p, e in zip(preds, exs)]))
         else:
-            preds = [read_scene(p, grid) for p in pics]
             m["t2i_cell_acc"] = float(np.mean(r))
             shape_acc = [np.mean([RW.cell_similarity(p[i], s) for i, s in enumerate(e.answer) if s])
                          for p, e in zip(preds, exs)]

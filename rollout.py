@@ -105,7 +105,7 @@ def rollout_task(model, bundle, task: str, idx: list[int], cfg, device, autocast
 
     def score(tokens, per_prompt: int) -> torch.Tensor:
         """Rewards of rows laid out prompt-major (G * per_prompt rows) -> (G, per_prompt)."""
-        r, why, _ = score_rows(task, [e for e in exs for _ in range(per_prompt)],
+        r, why, _, _ = score_rows(task, [e for e in exs for _ in range(per_prompt)],
                                tokens[:, P:P + lay.R].cpu(), lay, tok, vq.decode, cfg.data.grid)
         reasons.update(why)
         return torch.tensor(r, dtype=torch.float32).view(G, per_prompt)

@@ -38,6 +38,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
@@ -201,9 +202,9 @@ def get_bundle(cfg, vq, ctx: Ctx) -> Bundle:
         sets[task] = {}
         for split, exs in pools[task].items():
             D.ensure_images(exs, cfg.data)
-            codes = vq.encode(torch.from_numpy(__import__("numpy").stack([e.image for e in exs]))) \
+            codes = vq.encode(np.stack([e.image for e in exs])) \
                 if task != "t2i" and exs else None
-            tcodes = vq.encode(torch.from_numpy(__import__("numpy").stack([e.target_image for e in exs]))) \
+            tcodes = vq.encode(np.stack([e.target_image for e in exs])) \
                 if task in ("edit", "t2i") and exs else None
             sets[task][split] = D.tokenize_split(task, exs, tok, lay[task], P, codes, tcodes, cfg.data.cell_tags)
             for e in exs:      # pictures are cheap to re-render; keep memory flat
