@@ -347,7 +347,7 @@ def validate(cfg: Config):
     if t.batch_size % t.micro_batch:
         raise ConfigError(f"train.batch_size={t.batch_size} must be a multiple of train.micro_batch={t.micro_batch}")
     parse_mix(t.task_mix, "train.task_mix")
-    parse_mix(r.task_mix, "rl.task_mix")
+    parse_mix(r.task_mix, "rl.task_mix", RL_TASKS)
     n_img = (d.image_size // cfg.vq.downsample) ** 2
     img_steps = min(cfg.diffusion.image_steps, n_img)
     for s in parse_int_list(r.tree_schedule, "rl.tree_schedule")[1:]:
@@ -356,16 +356,17 @@ def validate(cfg: Config):
                               f"1..{img_steps - 1} (the image has {img_steps} denoising steps)")
 
 
-TASKS = ("vqa", "ground", "edit", "t2i")
+TASKS = ("vqa", "ground", "edit", "t2i", "caption")   # = data.TASKS (config imports nothing)
+RL_TASKS = ("vqa", "ground", "edit")    # the tasks with a verifiable reward on a generated answer
 
 
-def parse_mix(text: str, where: str = "task_mix") -> dict[str, float]:
+def parse_mix(text: str, where: str = "task_mix", allowed: tuple = TASKS) -> dict[str, float]:
     """'vqa:4,ground:3' -> {'vqa': 4/7, 'ground': 3/7}. Unknown tasks or bad weights are errors."""
     out = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         name, _, w = part.partition(":")
-        if name not in TASKS:
-            raise ConfigError(f"--{where}: unknown task {name!r}; tasks are {', '.join(TASKS)}")
+        if name not in allowed:
+            raise ConfigError(f"--{where}: unknown task {name!r}; tasks are {', '.join(allowed)}")
         try:
             out[name] = float(w) if w else 1.0
         except ValueError:

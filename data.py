@@ -10,6 +10,9 @@ Paper mapping (PAPER.md §1, §6, §8):
                                                           is a short plan followed by the edited image's
                                                           VQ tokens (LaViDa-O "planning")
   * text-to-image (SFT only, as in the paper)-> `t2i`:    a scene description -> the image's VQ tokens
+  * image-level understanding (SFT only)     -> `caption`: the image's VQ tokens -> the scene description
+                                                          (t2i reversed; LaViDa-O's stage-1 "image-level
+                                                          understanding" data, PAPER.md §7)
 
 Every scene is a `grid x grid` board; each cell is empty or holds one shape (kind, colour, size).
 Because shapes are cell-aligned, `read_scene` can re-read every attribute from a picture exactly,
@@ -31,6 +34,7 @@ Sequence layout (all families share it, so positions mean the same thing in ever
                        so answer-forcing's canvas "[M] ... [M] <answer> z </answer>" is in-distribution)
   edit response:       <think> plan </think> [EOS ...] then n_img image codes
   t2i response:        n_img image codes
+  caption response:    <think> </think> [EOS ...] <answer> description </answer>   (no reasoning)
 Text positions are masked with [MASK], image positions with [IMASK] (LaViDa-O also keeps a separate
 VQ mask id), so the model always knows which modality a masked slot holds.
 
@@ -336,8 +340,12 @@ def make_edit(scene: Scene, rng, grid: int):
             f"{name} : {cell_name(t, grid)} . move {cell_name(j, grid)}", tuple(tgt), qtype)
 
 
+CAPTION_PROMPT = "describe the image"
+
+
 def describe(scene: Scene, grid: int) -> str:
-    """The text-to-image prompt: every shape with its attributes and cell, in reading order."""
+    """The text-to-image prompt and the caption: every shape with its attributes and cell, in
+    reading order ("large red circle r1c1 , small blue square r3c2"). rewards.parse_caption reads it back."""
     parts = [f"{s.words()} {cell_name(i, grid)}" for i, s in enumerate(scene) if s is not None]
     return " , ".join(parts)
 
@@ -347,11 +355,11 @@ def describe(scene: Scene, grid: int) -> str:
 
 @dataclass
 class Example:
-    task: str                     # vqa | ground | edit | t2i
+    task: str                     # vqa | ground | edit | t2i | caption
     qtype: str                    # question type within the family (for per-type metrics)
     prompt: str                   # question / instruction / description (words)
     scene: Scene | None           # the input picture's scene (None for t2i)
-    answer: object                # vqa: "3"/"yes"; ground: (x0,y0,x1,y1); edit/t2i: target Scene
+    answer: object                # vqa: "3"/"yes"; ground: (x0,y0,x1,y1); edit/t2i/caption: a Scene
     trace: str | None = None      # reasoning text (sft pool only; None in the answer-only RL pool)
     answer_text: str | None = None  # the answer the trace ends in (may be wrong: imperfect teacher)
     image: np.ndarray | None = None         # input picture; rendered from `scene` unless user-given
@@ -382,6 +390,8 @@ def _make_example(task, scene, rng, cfg, teacher: Teacher | None) -> Example | N
             return None
         q, plan, target, qtype = out
         ex = Example(task, qtype, q, scene, target, plan)
+    elif task == "caption":
+        ex = Example("caption", "caption", CAPTION_PROMPT, scene, scene, "", describe(scene, d.grid))
     else:
         ex = Example("t2i", "t2i", describe(scene, d.grid), None, scene, "")
     ex.key = f"{task}|{scene_key(scene)}|{ex.prompt}"
@@ -389,6 +399,7 @@ def _make_example(task, scene, rng, cfg, teacher: Teacher | None) -> Example | N
 
 
 SPLITS = ("sft", "rl", "eval")
+TASKS = ("vqa", "ground", "edit", "t2i", "caption")   # RL uses the first three (config.RL_TASKS)
 
 
 def build_pools(dcfg) -> dict[str, dict[str, list[Example]]]:
@@ -400,7 +411,7 @@ def build_pools(dcfg) -> dict[str, dict[str, list[Example]]]:
     """
     sizes = {"sft": dcfg.n_sft, "rl": dcfg.n_rl, "eval": dcfg.n_eval}
     pools: dict[str, dict[str, list[Example]]] = {}
-    for ti, task in enumerate(("vqa", "ground", "edit", "t2i")):
+    for ti, task in enumerate(TASKS):
         seen: set[str] = set()
         pools[task] = {}
         for si, split in enumerate(SPLITS):
@@ -434,7 +445,7 @@ def ensure_images(examples: list[Example], dcfg):
 # tokenizer and the unified vocabulary
 
 SPECIALS = ["[PAD]", "[MASK]", "[IMASK]", "[EOS]", "[UNK]", "<boi>", "<eoi>", "<think>", "</think>",
-            "<answer>", "</answer>", "<vqa>", "<ground>", "<edit>", "<t2i>"]
+            "<answer>", "</answer>", "<vqa>", "<ground>", "<edit>", "<t2i>", "<caption>"]
 
 
 class Tokenizer:
@@ -457,7 +468,7 @@ class Tokenizer:
         self.BOI, self.EOI = self.stoi["<boi>"], self.stoi["<eoi>"]
         self.THINK, self.ETHINK = self.stoi["<think>"], self.stoi["</think>"]
         self.ANS, self.EANS = self.stoi["<answer>"], self.stoi["</answer>"]
-        self.TASK = {t: self.stoi[f"<{t}>"] for t in ("vqa", "ground", "edit", "t2i")}
+        self.TASK = {t: self.stoi[f"<{t}>"] for t in TASKS}
 
     @classmethod
     def fit(cls, texts: list[str], n_codes: int, max_number: int = 64, grid: int = 0) -> "Tokenizer":
@@ -566,9 +577,13 @@ def prompt_ids(ex: Example, tok: Tokenizer, codes=None, cell_tags: bool = False)
     return ids + tok.encode(ex.prompt)
 
 
+ANSWER_TASKS = ("vqa", "ground", "caption")    # families whose text response ends in an answer block
+
+
 def answer_ids(ex: Example, tok: Tokenizer) -> list[int]:
     """The '<answer> z </answer>' block of the ground truth: what answer-forcing writes in clear."""
-    z = ex.answer if ex.task == "vqa" else box_text(ex.answer)
+    z = {"vqa": lambda: ex.answer, "ground": lambda: box_text(ex.answer),
+         "caption": lambda: ex.answer_text}[ex.task]()
     return [tok.ANS] + tok.encode(z) + [tok.EANS]
 
 
@@ -577,7 +592,8 @@ def layouts_for(pools, tok: Tokenizer, n_img: int) -> dict[str, Layout]:
     lay = {}
     for task, splits in pools.items():
         exs = [e for s in splits.values() for e in s]
-        ans = max((len(answer_ids(e, tok)) for e in exs), default=0) if task in ("vqa", "ground") else 0
+        ans = max((max(len(answer_ids(e, tok)), len(tok.encode(e.answer_text or "")) + 2) for e in exs),
+                  default=0) if task in ANSWER_TASKS else 0
         think = max((len(tok.encode(e.trace)) + 2 for e in exs if e.trace), default=2) if task != "t2i" else 0
         R_text = 0 if task == "t2i" else think + ans + 2
         lay[task] = Layout(R_text, n_img if task in ("edit", "t2i") else 0, ans)

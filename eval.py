@@ -4,13 +4,14 @@ grid of prompts, inputs and outputs a person can look at.
 
 Paper mapping (PAPER.md §10): MathVista-style accuracy -> `vqa_acc`; LISA-Grounding mIoU and P@0.5
 -> `ground_miou`, `ground_p50`; ImgEdit -> `edit_score` (our exact edit score, rewards.py);
-text-to-image attribute accuracy (GenEval-like) -> `t2i_shape_acc` / `t2i_cell_acc`.
+text-to-image attribute accuracy (GenEval-like) -> `t2i_shape_acc` / `t2i_cell_acc`; image-level understanding -> `caption_cell_acc`.
 
 Baselines reported by the same call (a trained model must beat them clearly):
   vqa     the most common ground-truth answer of each question type in the RL pool (image-blind)
   ground  the box of a uniformly random shape of the scene (exact expectation over the shapes)
   edit    copy the input picture unchanged (scores 0.5 + partial credit, see rewards.edit_score)
   t2i     an empty canvas (cell accuracy = fraction of empty cells; shape accuracy 0)
+  caption an empty description (cell accuracy = fraction of empty cells)
 
 Decoding is deterministic: text greedy (diffusion.temperature), image slots sampled at
 diffusion.image_temperature with a generator seeded by eval.seed, so the same checkpoint gives the
@@ -49,6 +50,8 @@ def score_rows(task, examples, resp: torch.Tensor, layout, tok, decode_fn, grid:
             r, w = RW.ground_reward(texts[b], ex.answer)
         elif task == "edit":
             r, w = RW.edit_score(ex.scene, ex.answer, scenes[b]), "ok"
+        elif task == "caption":
+            r, w = RW.caption_reward(texts[b], ex.answer, grid)
         else:
             r, w = RW.scene_accuracy(ex.answer, scenes[b]), "ok"
         out.append(r)
@@ -87,11 +90,13 @@ def baselines(bundle, cfg) -> dict:
     empty = (None,) * (d.grid * d.grid)
     out["t2i_empty_cell_acc"] = float(np.mean([RW.scene_accuracy(e.answer, empty) for e in ev["t2i"]]))
     out["t2i_empty_shape_acc"] = 0.0
+    if "caption" in ev:   # describing nothing: right about every empty cell, wrong about every shape
+        out["caption_empty_cell_acc"] = float(np.mean([RW.scene_accuracy(e.answer, empty) for e in ev["caption"]]))
     return out
 
 
 def evaluate(model, bundle, vq, cfg, device, autocast, split: str = "eval", n: int | None = None,
-             tasks=("vqa", "ground", "edit", "t2i"), grid_path: str | None = None) -> dict:
+             tasks=("vqa", "ground", "edit", "t2i", "caption"), grid_path: str | None = None) -> dict:
     """Held-out metrics for every task (and the sample grid if grid_path is given)."""
     was_training = model.training
     model.eval()
@@ -119,6 +124,9 @@ def evaluate(model, bundle, vq, cfg, device, autocast, split: str = "eval", n: i
         elif task == "edit":
             m["edit_score"] = float(np.mean(r))
             m["edit_exact"] = float(np.mean([p == e.answer for p, e in zip(preds, exs)]))
+        elif task == "caption":
+            m["caption_cell_acc"] = float(np.mean(r))
+            m["caption_parse_fail"] = fails
         else:
             m["t2i_cell_acc"] = float(np.mean(r))
             shape_acc = [np.mean([RW.cell_similarity(p[i], s) for i, s in enumerate(e.answer) if s])
@@ -135,7 +143,7 @@ def evaluate(model, bundle, vq, cfg, device, autocast, split: str = "eval", n: i
 
 def headline(m: dict) -> str:
     keys = [("vqa_acc", "vqa acc"), ("ground_miou", "ground mIoU"), ("ground_p50", "P@0.5"),
-            ("edit_score", "edit"), ("t2i_shape_acc", "t2i shape acc")]
+            ("edit_score", "edit"), ("t2i_shape_acc", "t2i shape acc"), ("caption_cell_acc", "caption cell acc")]
     return " | ".join(f"{name} {m[k]:.3f}" for k, name in keys if k in m)
 
 

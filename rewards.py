@@ -15,6 +15,7 @@ Paper mapping (PAPER.md §6):
           exactly 0.5 for remove / move / add, 0.5 + 0.5 * 2/3 for a recolour (kind and size still
           match): eval.py reports that baseline.
   t2i     (eval only; the paper does not RL text-to-image) mean per-cell attribute accuracy.
+  caption (eval only) the same accuracy, of the scene the caption's text describes.
 
 Parsing never raises: a missing tag, two answers, garbage or an empty response scores 0 and the
 reason is returned so callers can count failures by reason in their logs.
@@ -120,6 +121,37 @@ def edit_score(source: Scene, target: Scene, pred: Scene) -> float:
     follow = sum(cell_similarity(pred[i], target[i]) for i in changed) / max(len(changed), 1)
     keep = sum(cell_similarity(pred[i], target[i]) for i in kept) / max(len(kept), 1)
     return 0.5 * follow + 0.5 * keep
+
+
+def parse_caption(text: str, grid: int) -> tuple[Scene | None, str]:
+    """'<answer> large red circle r1c1 , small blue square r3c2 </answer>' -> a Scene (cells not
+    named are empty). reasons: those of extract_answer | bad_item (not 'size colour kind rXcY', or
+    a cell outside the board) | duplicate_cell. One bad item fails the whole caption: a caption that
+    cannot be read back is not a description."""
+    from data import COLOURS, KINDS, SIZES, Shape
+    inner, why = extract_answer(text)
+    if inner is None:
+        return None, why
+    scene: list = [None] * (grid * grid)
+    for item in inner.split(","):
+        w = item.split()
+        m = re.fullmatch(r"r(\d+)c(\d+)", w[3]) if len(w) == 4 else None
+        if (m is None or w[0] not in SIZES or w[1] not in COLOURS or w[2] not in KINDS
+                or int(m[1]) >= grid or int(m[2]) >= grid):
+            return None, "bad_item"
+        cell = int(m[1]) * grid + int(m[2])
+        if scene[cell] is not None:
+            return None, "duplicate_cell"
+        scene[cell] = Shape(w[2], w[1], w[0])
+    return tuple(scene), "ok"
+
+
+def caption_reward(text: str, scene: Scene, grid: int) -> tuple[float, str]:
+    """Per-cell attribute accuracy of the scene the caption describes (an unreadable caption: 0)."""
+    pred, why = parse_caption(text, grid)
+    if pred is None:
+        return 0.0, why
+    return scene_accuracy(scene, pred), "ok"
 
 
 def scene_accuracy(target: Scene, pred: Scene) -> float:

@@ -171,8 +171,12 @@ class Bundle:
 
 
 def _bundle_key(cfg, vq_file: str) -> str:
+    # the key covers everything the tokens depend on: the data and VQ configs, the VQ weights' file,
+    # and the source of data.py itself (edit a task generator and the stale cache is not reused)
     blob = json.dumps(C.to_dict(cfg)["data"], sort_keys=True) + json.dumps(C.to_dict(cfg)["vq"], sort_keys=True)
     blob += str(os.path.getmtime(vq_file)) if os.path.exists(vq_file) else ""
+    with open(D.__file__, "rb") as f:
+        blob += hashlib.sha1(f.read()).hexdigest()
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 

@@ -22,7 +22,7 @@ from data import JSONLError, Shape, Tokenizer  # noqa: E402
 SMALL = {"data.n_sft": 40, "data.n_rl": 60, "data.n_eval": 30}
 # a bigger (still fast: ~0.3 s) pool for the answer checks, so every question type shows up often
 WIDE = {"data.n_sft": 150, "data.n_rl": 300, "data.n_eval": 100}
-TASKS = ("vqa", "ground", "edit", "t2i")
+TASKS = ("vqa", "ground", "edit", "t2i", "caption")
 SPLITS = ("sft", "rl", "eval")
 
 # The world, written down again here on purpose (not imported) so the checks are independent.
@@ -217,7 +217,7 @@ def test_splits_disjoint_and_traces(small):
         assert not keys["rl"] & keys["eval"]
         assert all(e.trace is None for e in pools[t]["rl"]), "rl pool must be answer-only"
         assert all(e.trace is not None for e in pools[t]["sft"])
-        if t != "t2i":
+        if t not in ("t2i", "caption"):      # these two have no reasoning to write
             assert all(len(e.trace.split()) > 0 for e in pools[t]["sft"])
 
 
@@ -237,7 +237,7 @@ def test_disjoint_even_when_collisions_are_likely():
 def test_scenes_respect_the_config(wide):
     cfg, pools = wide
     d = cfg.data
-    for t in ("vqa", "ground", "edit"):
+    for t in ("vqa", "ground", "edit", "caption"):
         for s in SPLITS:
             for e in pools[t][s]:
                 assert len(e.scene) == d.grid ** 2
@@ -300,6 +300,15 @@ def test_t2i_descriptions(wide):
         for e in pools["t2i"][s]:
             assert e.scene is None                      # no input picture
             assert parse_description(e.prompt, cfg.data.grid) == e.answer
+
+
+def test_caption_is_t2i_reversed(wide):
+    # the caption's answer is the scene's description, re-read here with our own parser
+    cfg, pools = wide
+    for s in SPLITS:
+        for e in pools["caption"][s]:
+            assert e.prompt == "describe the image" and e.answer == e.scene
+            assert parse_description(e.answer_text, cfg.data.grid) == e.scene
 
 
 # ----------------------------------------------------------------------------------------------
