@@ -173,7 +173,7 @@ def load_model_and_data(opts: dict, rest: list[str]):
     torch.manual_seed(0)
     vq = VQ.VQVAE(cfg.vq, cfg.data.image_size).eval()
     bundle = train.get_bundle(cfg, vq, ctx)
-    model = train.build_model(cfg.model, bundle.tok.vocab_size, "cpu").eval()
+    model = train.build_model(cfg, bundle.tok, "cpu").eval()
     return cfg, model, bundle, "RANDOM INIT (no checkpoint)"
 
 
@@ -608,11 +608,11 @@ def prefix_model(cfg, bundle, trained, dev: str, seed: int):
     import train
     if trained is not None and trained.cfg.prefix_dlm:
         return trained.to(dev).eval(), "the trained checkpoint (prefix-DLM)"
-    mcfg = C.from_dict(C.to_dict(cfg)).model
-    mcfg.prefix_dlm = True
+    pcfg = C.from_dict(C.to_dict(cfg))
+    pcfg.model.prefix_dlm = True
     torch.manual_seed(seed)
     why = "the checkpoint is not prefix-DLM" if trained is not None else "no checkpoint"
-    return (train.build_model(mcfg, bundle.tok.vocab_size, dev).eval(),
+    return (train.build_model(pcfg, bundle.tok, dev).eval(),
             f"RANDOMLY INITIALISED prefix-DLM of the {cfg.preset} size ({why}; speed does not depend on training)")
 
 
@@ -760,7 +760,7 @@ def bench_train(argv: list[str]):
     cfg, bundle, trained, data_note = speed_world(opts, rest)
     tok, amp = bundle.tok, autocast_for(dev, dtype)
     torch.manual_seed(opts["seed"])
-    model = train.build_model(cfg.model, tok.vocab_size, dev).train()
+    model = train.build_model(cfg, tok, dev).train()
     opt = train.make_optimizer(model, cfg.train.lr, cfg.train.weight_decay, dev)
     fwd = torch.compile(model) if opts["compile"] else model
     B = opts["batch"] or cfg.train.micro_batch

@@ -46,6 +46,7 @@ class ModelConfig:
     prefix_dlm: bool = False         # LaViDa prefix-DLM layout: prompt attends only to prompt (cacheable)
     rope_base: float = 10000.0
     abs_pos: bool = True             # + learned absolute positions (toy: fast image-cell lookup; see model.py)
+    cell_emb: str = "word"           # 2D cell position of image slots: word | learned | none (model.py)
     max_len: int = 512               # longest prompt+response the rotary table covers
     dropout: float = 0.0             # toy runs are short; dropout only slows them down
 

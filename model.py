@@ -150,6 +150,27 @@ class Block(nn.Module):
 
 
 @dataclass
+class ImageSpec:
+    """What the model may know about images in the vocabulary (vocabulary facts, no masking logic):
+    ids >= `offset` are VQ codes, `imask` is the [IMASK] placeholder of an image slot, and every
+    picture is len(cell_words) consecutive slots in raster order. cell_words[k] is the token id of
+    the word that names cell k ("r1c2"); data.Tokenizer builds it (train.image_spec)."""
+    offset: int
+    imask: int
+    cell_words: list
+
+
+def image_cells(idx, spec: ImageSpec):
+    """(B, T) ids -> (B, T) cell index of every image slot (code or [IMASK]), -1 elsewhere.
+    Rule: the j-th image slot of a row sits in cell j mod n_cells. It holds because pictures are
+    always whole and contiguous (prompt picture, response picture), and it needs no layout
+    argument: a cached forward over the response alone restarts the count at a picture boundary."""
+    is_img = (idx >= spec.offset) | (idx == spec.imask)                # (B, T)
+    k = (is_img.long().cumsum(1) - 1) % len(spec.cell_words)        # (B, T)
+    return torch.where(is_img, k, torch.full_like(k, -1))
+
+
+@dataclass
 class PrefixCache:
     """What `encode_prefix` hands to `forward_cached`: per-layer (k, v), each (B, nh, P, hs) with
     RoPE already applied to k, plus which prompt positions are real keys. Plain tensors, so a caller
@@ -167,10 +188,24 @@ class PrefixCache:
 
 class Transformer(nn.Module):
 
-    def __init__(self, cfg: ModelConfig, vocab_size: int):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, image: ImageSpec | None = None):
         super().__init__()
-        self.cfg, self.vocab_size = cfg, vocab_size
+        self.cfg, self.vocab_size, self.image = cfg, vocab_size, image
         self.tok_emb = nn.Embedding(vocab_size, cfg.d_model)
+        # 2D position of image slots: every image slot (prompt or response picture, any task) gets
+        # an embedding of its *cell*, the same for cell k wherever the picture sits in the sequence.
+        #   "word":    the embedding of the word that names the cell ("r1c2"), from tok_emb. Then
+        #              "which cell is this code in?" is already in the code's own vector, in the same
+        #              space the output head scores "r1c2" in, so naming a found object is a copy.
+        #   "learned": a separate learned table (n_cells, C), like MaskGIT's image positions.
+        #   "none":    image slots get only the sequence positions (RoPE / abs_pos).
+        if cfg.cell_emb not in ("none", "word", "learned"):
+            raise ValueError(f"model.cell_emb={cfg.cell_emb!r}: use none | word | learned")
+        if cfg.cell_emb != "none" and image is None:
+            raise ValueError(f"model.cell_emb={cfg.cell_emb!r} needs an ImageSpec (the vocabulary's image ids)")
+        self.cell_emb = nn.Embedding(len(image.cell_words), cfg.d_model) if cfg.cell_emb == "learned" else None
+        if cfg.cell_emb == "word":
+            self.register_buffer("cell_words", torch.tensor(image.cell_words), persistent=False)
         # optional learned absolute positions on top of RoPE. Why: the shared layout puts every image
         # code at a fixed position, so "which cell is this code in?" is a lookup by absolute position.
         # RoPE only sees distances, and a tiny model learns that lookup slowly; a GPT-2 style table
@@ -213,6 +248,10 @@ class Transformer(nn.Module):
         cos = self.rope_cos[pos_offset:pos_offset + T]              # (T, hs/2)
         sin = self.rope_sin[pos_offset:pos_offset + T]              # (T, hs/2)
         x = self.tok_emb(idx)                                       # (B, T, C)
+        if self.cfg.cell_emb != "none":
+            cell = image_cells(idx, self.image)                         # (B, T), -1 = not an image slot
+            table = self.cell_emb.weight if self.cell_emb is not None else self.tok_emb(self.cell_words)
+            x = x + torch.where((cell >= 0)[..., None], table[cell.clamp(min=0)], 0.0)  # (B, T, C)
         if self.pos_emb is not None:
             x = x + self.pos_emb.weight[pos_offset:pos_offset + T]  # (T, C) broadcast over B
         x = self.drop(x)
@@ -295,6 +334,8 @@ class Transformer(nn.Module):
             n -= self.tok_emb.weight.numel()
             if self.pos_emb is not None:
                 n -= self.pos_emb.weight.numel()
+            if self.cell_emb is not None:
+                n -= self.cell_emb.weight.numel()
             if not self.cfg.tie_weights:
                 n -= self.head.weight.numel()
         return n

@@ -46,7 +46,7 @@ from tqdm import tqdm
 import config as C
 import data as D
 from diffusion import sft_loss
-from model import Transformer
+from model import ImageSpec, Transformer
 
 # ----------------------------------------------------------------------------------------------
 # setup
@@ -232,8 +232,15 @@ def get_bundle(cfg, vq, ctx: Ctx) -> Bundle:
 # model, optimizer, schedule, checkpoints
 
 
-def build_model(mcfg, vocab_size: int, device: str) -> Transformer:
-    return Transformer(mcfg, vocab_size).to(device)
+def image_spec(cfg, tok: D.Tokenizer) -> ImageSpec:
+    """The vocabulary's image facts for the model: code ids, [IMASK], and the word naming each cell
+    of the VQ token grid (one token per board cell in every preset)."""
+    side = cfg.data.image_size // cfg.vq.downsample
+    return ImageSpec(tok.img_offset, tok.IMASK, [tok.stoi[D.cell_name(k, side)] for k in range(side * side)])
+
+
+def build_model(cfg, tok: D.Tokenizer, device: str) -> Transformer:
+    return Transformer(cfg.model, tok.vocab_size, image_spec(cfg, tok)).to(device)
 
 
 def make_optimizer(model, lr: float, weight_decay: float, device: str):
@@ -292,8 +299,7 @@ def load_checkpoint(path: str, vocab_size: int | None = None) -> dict:
 
 def model_from_checkpoint(blob: dict, device: str) -> Transformer:
     """Rebuild the model with the checkpoint's own architecture (like nanoGPT's resume)."""
-    mcfg = C.from_dict(blob["config"]).model
-    model = build_model(mcfg, blob["vocab_size"], device)
+    model = build_model(C.from_dict(blob["config"]), D.Tokenizer.from_state(blob["tok"]), device)
     model.load_state_dict(blob["model"])
     return model
 
@@ -365,7 +371,7 @@ def run_sft(cfg, ctx: Ctx, bundle: Bundle, vq) -> Transformer:
         raise SystemExit(f"config error: train.batch_size={t.batch_size} must be a multiple of "
                          f"micro_batch*world = {t.micro_batch}*{ctx.world}")
     ckpt_path = os.path.join(t.out_dir, "ckpt_sft.pt")
-    model = build_model(cfg.model, bundle.tok.vocab_size, dev)
+    model = build_model(cfg, bundle.tok, dev)
     opt = make_optimizer(model, t.lr, t.weight_decay, dev)
     sampler = TaskSampler({k: v for k, v in bundle.sets.items()}, "sft", C.parse_mix(t.task_mix), t.seed * 1000 + ctx.rank)
     step, elapsed, history, ema = 0, 0.0, [], None

@@ -107,7 +107,7 @@ def sync_run(cfg, ctx, bundle) -> dict:
     """The run_sft recipe (build, broadcast, accumulate, sync_grads, clip, AdamW) on fixed batches.
     Returns the weights at init and after K_STEPS steps, and after the extra step in which rank 1
     does no backward."""
-    model = train.build_model(cfg.model, bundle.tok.vocab_size, "cpu")     # seeded seed + rank
+    model = train.build_model(cfg, bundle.tok, "cpu")     # seeded seed + rank
     before = params(model)
     train.broadcast_params(model, ctx)
     opt = train.make_optimizer(model, cfg.train.lr, cfg.train.weight_decay, "cpu")
@@ -129,7 +129,7 @@ def sync_run(cfg, ctx, bundle) -> dict:
 def reference_run(cfg, bundle) -> dict:
     """One process: all ranks' micro-batches of a step accumulated with loss / (WORLD * ACCUM)."""
     torch.manual_seed(cfg.train.seed)                                      # rank 0's init
-    model = train.build_model(cfg.model, bundle.tok.vocab_size, "cpu")
+    model = train.build_model(cfg, bundle.tok, "cpu")
     opt = train.make_optimizer(model, cfg.train.lr, cfg.train.weight_decay, "cpu")
     out = {"init": params(model)}
     for step in range(K_STEPS + 1):
@@ -293,7 +293,7 @@ def test_ddp_matches_one_process_with_grad_accumulation(ddp):
     # and rank 1's micro-batches mattered: rank 0's data alone gives other weights
     solo = copy.deepcopy(ddp.cfg)
     torch.manual_seed(solo.train.seed)
-    m = train.build_model(solo.model, ddp.bundle.tok.vocab_size, "cpu")
+    m = train.build_model(solo, ddp.bundle.tok, "cpu")
     opt = train.make_optimizer(m, solo.train.lr, solo.train.weight_decay, "cpu")
     for step in range(K_STEPS):
         for micro in range(ACCUM):
@@ -364,7 +364,7 @@ def saved(tmp_path_factory):
     cfg = tiny_config(str(tmp), str(tmp / "cache"))
     bundle = make_bundle(cfg)
     torch.manual_seed(0)
-    model = train.build_model(cfg.model, bundle.tok.vocab_size, "cpu")
+    model = train.build_model(cfg, bundle.tok, "cpu")
     opt = train.make_optimizer(model, 1e-3, 0.0, "cpu")
     micro_loss(model, bundle, cfg, 0, 0, 0).backward()
     opt.step()                                            # optimizer state with tensors

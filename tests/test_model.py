@@ -12,17 +12,20 @@ import pytest
 import torch
 
 from config import ModelConfig  # noqa: E402
-from model import Transformer, mlp_hidden  # noqa: E402
+from model import ImageSpec, Transformer, image_cells, mlp_hidden  # noqa: E402
 
 V = 37  # odd vocab size: catches any accidental V == d_model coincidence
+# images for the cell-embedding tests: ids 33..36 are VQ codes, 2 is [IMASK], a picture is 2x2 = 4
+# slots, and words 20..23 name its cells r0c0 r0c1 r1c0 r1c1
+SPEC = ImageSpec(offset=33, imask=2, cell_words=[20, 21, 22, 23])
 
 
 def tiny(**kw):
     base = dict(n_layer=2, n_head=2, d_model=32, mlp_hidden=0, tie_weights=True,
-                prefix_dlm=False, max_len=64, dropout=0.0, abs_pos=False)
+                prefix_dlm=False, max_len=64, dropout=0.0, abs_pos=False, cell_emb="none")
     base.update(kw)
     torch.manual_seed(0)
-    m = Transformer(ModelConfig(**base), V)
+    m = Transformer(ModelConfig(**base), V, SPEC if base["cell_emb"] != "none" else None)
     # bigger weights than the 0.02 init: makes every interaction visible far above float noise
     with torch.no_grad():
         for p in m.parameters():
@@ -127,7 +130,7 @@ def test_cache_equivalence(tie):
         tiny(prefix_dlm=False).encode_prefix(prompt)
 
 
-def reference_forward(m, idx, valid, is_prompt):
+def reference_forward(m, idx, valid, is_prompt, extra=None):
     """A 1-layer forward written from scratch with the model's weights: loops for the mask, complex
     numbers for RoPE, explicit softmax with -inf. Independent of model.py's code paths."""
     cfg = m.cfg
@@ -147,6 +150,8 @@ def reference_forward(m, idx, valid, is_prompt):
         return torch.cat([z.real, z.imag], -1)
 
     x = m.tok_emb.weight[idx]                                       # (B, T, C)
+    if extra is not None:
+        x = x + extra
     h = rms(x, blk.norm1.weight)
     Wq, Wk, Wv = blk.attn.qkv.weight.split(C, 0)
     q = (h @ Wq.T).view(B, T, nh, hs).transpose(1, 2)               # (B, nh, T, hs)
@@ -235,3 +240,53 @@ def test_abs_pos_table():
     left = torch.cat([torch.zeros(B, 2, dtype=torch.long), idx], 1)
     lvalid = torch.cat([torch.zeros(B, 2, dtype=torch.bool), valid], 1)
     assert not torch.allclose(m(left, lvalid)[:, 2:], m(idx, valid), atol=1e-3)
+
+
+def test_image_cells_by_hand():
+    # row 0: prompt picture (4 codes), text, a response picture of [IMASK]s and codes
+    # row 1: no picture at all
+    ids = torch.tensor([[5, 33, 34, 35, 36, 7, 8, 2, 33, 2, 36],
+                        [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]])
+    want = torch.tensor([[-1, 0, 1, 2, 3, -1, -1, 0, 1, 2, 3],
+                         [-1] * 11])
+    assert torch.equal(image_cells(ids, SPEC), want)
+    # the response alone (the cached path) counts the same cells
+    assert torch.equal(image_cells(ids[:, 7:], SPEC), want[:, 7:])
+
+
+@pytest.mark.parametrize("prefix", [False, True])
+def test_cell_emb_word_matches_reference(prefix):
+    """cell_emb=word adds the embedding of the word naming each image slot's cell; checked against
+    the from-scratch forward with that sum written out by hand."""
+    m = tiny(n_layer=1, prefix_dlm=prefix, cell_emb="word")
+    idx = torch.tensor([[5, 33, 34, 35, 36, 7, 2, 33, 2, 36], [5, 6, 7, 8, 9, 10, 11, 12, 13, 14]])
+    cells = [[None, 0, 1, 2, 3, None, 0, 1, 2, 3], [None] * 10]
+    extra = torch.stack([torch.stack([m.tok_emb.weight[20 + c] if c is not None else torch.zeros(32)
+                                      for c in row]) for row in cells])            # (B, T, C)
+    valid = torch.ones_like(idx, dtype=torch.bool)
+    is_prompt = torch.zeros_like(valid)
+    is_prompt[:, :6] = True
+    with torch.no_grad():
+        out = m(idx, valid, is_prompt)
+        assert torch.allclose(out, reference_forward(m, idx, valid, is_prompt, extra), atol=1e-4)
+        # and it matters: without the cell term the logits differ
+        assert not torch.allclose(out, reference_forward(m, idx, valid, is_prompt), atol=1e-3)
+
+
+@pytest.mark.parametrize("mode", ["word", "learned"])
+def test_cell_emb_cache_equivalence(mode):
+    m = tiny(prefix_dlm=True, cell_emb=mode, abs_pos=True)
+    idx = torch.tensor([[5, 33, 34, 35, 36, 7, 2, 33, 2, 36, 9], [5, 36, 36, 33, 34, 8, 1, 1, 2, 2, 2]])
+    P = 6
+    valid = torch.ones_like(idx, dtype=torch.bool)
+    is_prompt = torch.zeros_like(valid)
+    is_prompt[:, :P] = True
+    with torch.no_grad():
+        full = m(idx, valid, is_prompt)[:, P:]
+        cached = m.forward_cached(idx[:, P:], m.encode_prefix(idx[:, :P], valid[:, :P]))
+    assert torch.allclose(full, cached, atol=1e-5)
+    if mode == "learned":     # its table is an embedding: not in the body count
+        body = sum(p.numel() for n, p in m.named_parameters() if n.startswith(("blocks", "norm_f")))
+        assert m.num_params(True) == body
+    with pytest.raises(ValueError, match="ImageSpec"):
+        Transformer(ModelConfig(cell_emb=mode), V)
