@@ -96,8 +96,12 @@ def baselines(bundle, cfg) -> dict:
 
 
 def evaluate(model, bundle, vq, cfg, device, autocast, split: str = "eval", n: int | None = None,
-             tasks=("vqa", "ground", "edit", "t2i", "caption"), grid_path: str | None = None) -> dict:
-    """Held-out metrics for every task (and the sample grid if grid_path is given)."""
+             tasks=None, grid_path: str | None = None) -> dict:
+    """Held-out metrics per task (and the sample grid if grid_path is given). tasks=None: the four
+    paper families, plus caption when the SFT mix trains it (an untrained caption head scores 0)."""
+    if tasks is None:
+        from config import parse_mix
+        tasks = ("vqa", "ground", "edit", "t2i") + (("caption",) if parse_mix(cfg.train.task_mix).get("caption", 0) > 0 else ())
     was_training = model.training
     model.eval()
     n = cfg.eval.n_per_task if n is None else n
