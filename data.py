@@ -1,6 +1,6 @@
 """
 The toy multimodal world: a Pillow-rendered "shape world", four task families that mirror the
-paper's, the text tokenizer, the unified vocabulary, batching, and a JSONL loader for your own data.
+paper's (plus an optional fifth, caption), the text tokenizer, the unified vocabulary, batching, and a JSONL loader for your own data.
 
 Paper mapping (PAPER.md §1, §6, §8):
   * visual math / VQA (MathVista-like)       -> `vqa`:    counting, arithmetic over counts, "sides"

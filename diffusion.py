@@ -98,6 +98,11 @@ def sft_loss(model, batch: Batch, dcfg, tok: Tokenizer, generator: torch.Generat
     B, dev = batch.tokens.shape[0], batch.tokens.device
     if t is None:
         t = sample_t(B, dcfg.eps, dev, generator)
+        if dcfg.full_mask_frac > 0:
+            # some rows fully masked (t = 1): the sampler's start state, where no visible answer
+            # token gives the trace away (and vice versa), so reading the picture is the only way
+            full = torch.rand(B, generator=generator, device=dev) < dcfg.full_mask_frac
+            t = torch.where(full, torch.ones_like(t), t)
     m1 = draw_mask(batch, t, generator)
     masks, ts = [m1], [t]
     if dcfg.complementary:

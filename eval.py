@@ -15,7 +15,8 @@ Baselines reported by the same call (a trained model must beat them clearly):
 
 Decoding is deterministic: text greedy (diffusion.temperature), image slots sampled at
 diffusion.image_temperature with a generator seeded by eval.seed, so the same checkpoint gives the
-same numbers. Exercise: python eval.py --preset=toy (evaluates runs/toy/ckpt.pt).
+same numbers. Exercise: python eval.py --preset=toy (evaluates runs/toy/ckpt_rl.pt, else ckpt_sft.pt;
+writes metrics_eval.json and samples_eval.png next to it).
 """
 from __future__ import annotations
 
@@ -90,18 +91,19 @@ def baselines(bundle, cfg) -> dict:
     empty = (None,) * (d.grid * d.grid)
     out["t2i_empty_cell_acc"] = float(np.mean([RW.scene_accuracy(e.answer, empty) for e in ev["t2i"]]))
     out["t2i_empty_shape_acc"] = 0.0
-    if "caption" in ev:   # describing nothing: right about every empty cell, wrong about every shape
-        out["caption_empty_cell_acc"] = float(np.mean([RW.scene_accuracy(e.answer, empty) for e in ev["caption"]]))
+    # describing nothing: right about every empty cell, wrong about every shape
+    out["caption_empty_cell_acc"] = float(np.mean([RW.scene_accuracy(e.answer, empty) for e in ev["caption"]]))
     return out
 
 
 def evaluate(model, bundle, vq, cfg, device, autocast, split: str = "eval", n: int | None = None,
              tasks=None, grid_path: str | None = None) -> dict:
-    """Held-out metrics per task (and the sample grid if grid_path is given). tasks=None: the four
-    paper families, plus caption when the SFT mix trains it (an untrained caption head scores 0)."""
+    """Held-out metrics per task (and the sample grid if grid_path is given). tasks=None: every
+    family the SFT mix trains (train.task_mix; the RL stage keeps training those through its SFT rows)."""
     if tasks is None:
-        from config import parse_mix
-        tasks = ("vqa", "ground", "edit", "t2i") + (("caption",) if parse_mix(cfg.train.task_mix).get("caption", 0) > 0 else ())
+        from config import TASKS, parse_mix
+        mix = parse_mix(cfg.train.task_mix)
+        tasks = [t for t in TASKS if mix.get(t, 0) > 0]
     was_training = model.training
     model.eval()
     n = cfg.eval.n_per_task if n is None else n
@@ -204,4 +206,7 @@ if __name__ == "__main__":
     m = evaluate(model, bundle, vq, cfg, ctx.device, ctx.autocast,
                  grid_path=os.path.join(cfg.train.out_dir, "samples_eval.png"))
     m.update(baselines(bundle, cfg))
+    with open(os.path.join(cfg.train.out_dir, "metrics_eval.json"), "w") as f:
+        json.dump(m, f, indent=1)
     print(json.dumps(m, indent=1))
+    print(f"wrote {cfg.train.out_dir}/metrics_eval.json and samples_eval.png")

@@ -309,6 +309,30 @@ def test_sft_loss_complementary_mean_is_every_response_token_once():
         assert math.isclose(loss.item(), want, rel_tol=1e-5)
 
 
+def test_sft_loss_full_mask_frac():
+    """full_mask_frac=1: every row's whole response is masked (and its complement is empty);
+    full_mask_frac=0.5 over many rows: about half the rows are fully masked (a binomial check)."""
+    batch, L = _sft_setup()
+    B, P = batch.tokens.shape[0], batch.P
+    mock = FixedLogits(L)
+    D.sft_loss(mock, batch, DiffusionConfig(complementary=True, prompt_drop=0.0, full_mask_frac=1.0), TOK,
+               generator=torch.Generator().manual_seed(6))
+    is_m = (mock.calls[0] == MASK) | (mock.calls[0] == IMASK)
+    assert torch.equal(is_m[:B], batch.is_resp) and not is_m[B:].any()
+    big = D.Batch(*(x.repeat(200, 1) for x in (batch.tokens, batch.valid, batch.is_prompt, batch.is_resp,
+                                                 batch.is_image)), P, batch.tasks * 200)
+    mock = FixedLogits(L)
+    D.sft_loss(mock, big, DiffusionConfig(complementary=False, prompt_drop=0.0, full_mask_frac=0.5), TOK,
+               generator=torch.Generator().manual_seed(7))
+    is_m = (mock.calls[0] == MASK) | (mock.calls[0] == IMASK)
+    full = (is_m == big.is_resp).all(1).float()
+    # a U(eps,1) row of R slots is fully masked by chance too, with probability E[t^R] ~ 1/(R+1)
+    R = big.is_resp.sum(1).float()
+    p = 0.5 + 0.5 / (R + 1)                                                     # (rows,)
+    sd = math.sqrt((p * (1 - p)).sum().item()) / full.numel()
+    assert abs(full.mean().item() - p.mean().item()) < 4 * sd
+
+
 def test_sft_loss_prompt_drop_masks_prompt_words_of_image_rows_only():
     batch, L = _sft_setup()
     mock = FixedLogits(L)
