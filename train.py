@@ -313,11 +313,16 @@ class TaskSampler:
 
     def __init__(self, sets: dict, split: str, mix: dict, seed: int):
         self.sets, self.split = sets, split
-        self.tasks = [t for t in mix if len(sets[t][split]) > 0]
-        if not self.tasks:
-            raise SystemExit(f"data error: no examples in split {split!r} for tasks {list(mix)}")
-        self.w = torch.tensor([mix[t] for t in self.tasks])
+        self.set_mix(mix)
         self.g = torch.Generator().manual_seed(seed)
+
+    def set_mix(self, mix: dict):
+        """Change the weights (a curriculum); the random stream goes on where it was."""
+        self.mix = mix
+        self.tasks = [t for t in mix if len(self.sets[t][self.split]) > 0 and mix[t] > 0]
+        if not self.tasks:
+            raise SystemExit(f"data error: no examples in split {self.split!r} for tasks {list(mix)}")
+        self.w = torch.tensor([mix[t] for t in self.tasks])
 
     def draw(self, n: int) -> list[tuple[str, int]]:
         ti = torch.multinomial(self.w, n, replacement=True, generator=self.g)
@@ -373,7 +378,9 @@ def run_sft(cfg, ctx: Ctx, bundle: Bundle, vq) -> Transformer:
     ckpt_path = os.path.join(t.out_dir, "ckpt_sft.pt")
     model = build_model(cfg, bundle.tok, dev)
     opt = make_optimizer(model, t.lr, t.weight_decay, dev)
-    sampler = TaskSampler({k: v for k, v in bundle.sets.items()}, "sft", C.parse_mix(t.task_mix), t.seed * 1000 + ctx.rank)
+    main_mix = C.parse_mix(t.task_mix)
+    early_mix = C.parse_mix(t.task_mix_early) if t.early_frac > 0 else main_mix
+    sampler = TaskSampler(bundle.sets, "sft", main_mix, t.seed * 1000 + ctx.rank)
     step, elapsed, history, ema = 0, 0.0, [], None
     if t.resume and os.path.exists(ckpt_path):
         blob = load_checkpoint(ckpt_path, bundle.tok.vocab_size)
@@ -399,6 +406,10 @@ def run_sft(cfg, ctx: Ctx, bundle: Bundle, vq) -> Transformer:
     while step < t.max_steps:
         progress = max(step / t.max_steps, (time.time() - t_start) / t.time_budget_s)
         lr = lr_at(step, progress, t.warmup, t.lr, t.min_lr_frac)
+        mix = early_mix if progress < t.early_frac else main_mix      # curriculum (train.early_frac)
+        if mix is not sampler.mix:
+            sampler.set_mix(mix)
+            ctx.log(f"step {step}: task mix {t.task_mix_early if mix is early_mix else t.task_mix}")
         for g in opt.param_groups:
             g["lr"] = lr
         t0, loss_sum, stats = time.time(), 0.0, {}

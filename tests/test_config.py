@@ -218,3 +218,26 @@ def test_parse_mix():
     for bad in ("vqa:1,ocr:1", "vqa:x", "vqa:-1,edit:2", "vqa:0", ""):
         with pytest.raises(ConfigError):
             parse_mix(bad)
+
+
+def test_rl_mix_and_curriculum_validation(capsys):
+    # t2i / caption have no verifiable reward on a generated answer: not RL tasks
+    assert "rl.task_mix" in _fails(["--rl.task_mix=vqa:1,t2i:1"], capsys)
+    assert "early_frac" in _fails(["--train.early_frac=1.0", "--train.task_mix_early=ground:1"], capsys)
+    assert "task_mix_early" in _fails(["--train.early_frac=0.3"], capsys)
+    assert "task_mix_early" in _fails(["--train.early_frac=0.3", "--train.task_mix_early=ocr:1"], capsys)
+    cfg = get_config(["--train.early_frac=0.3", "--train.task_mix_early=ground:1"])
+    assert cfg.train.early_frac == pytest.approx(0.3)
+
+
+def test_task_sampler_set_mix():
+    """A curriculum switch changes which tasks are drawn and keeps the random stream going."""
+    import train
+
+    class Pool(list):
+        pass
+    sets = {t: {"sft": Pool(range(5))} for t in ("vqa", "ground", "edit", "t2i")}
+    s = train.TaskSampler(sets, "sft", parse_mix("ground:1"), seed=0)
+    assert {t for t, _ in s.draw(50)} == {"ground"}
+    s.set_mix(parse_mix("vqa:1,edit:1"))
+    assert {t for t, _ in s.draw(200)} == {"vqa", "edit"}
