@@ -19,8 +19,8 @@ Attention layout. Two choices, picked by cfg.prefix_dlm:
     step (`forward_cached`), running only the response tokens through the network.
 
 Simplifications vs. the paper: one modality-agnostic stack (no MoT branches, no vision tower, no
-per-modality widths), LLaMA-style parts (RMSNorm, RoPE, SwiGLU, no biases), absolute positions
-0..T-1 over the concatenated sequence (no 2D image positions).
+per-modality widths), LLaMA-style parts (RMSNorm, RoPE, SwiGLU, no biases), positions 0..T-1 over
+the concatenated sequence; 2D image positions only as the optional per-cell embedding (cfg.cell_emb).
 
 Exercise it:  python -m pytest tests/test_model.py -q
 """
