@@ -369,7 +369,7 @@ def validate(cfg: Config):
                               f"1..{img_steps - 1} (the image has {img_steps} denoising steps)")
 
 
-TASKS = ("vqa", "ground", "edit", "t2i", "caption")   # = data.TASKS (config imports nothing)
+TASKS = ("vqa", "ground", "edit", "t2i", "caption")   # the task families (data.py builds their pools)
 RL_TASKS = ("vqa", "ground", "edit")    # the tasks with a verifiable reward on a generated answer
 
 

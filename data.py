@@ -53,6 +53,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from config import TASKS      # the family names live in one place (config.py imports nothing of ours)
+
 # ----------------------------------------------------------------------------------------------
 # the world
 
@@ -399,7 +401,6 @@ def _make_example(task, scene, rng, cfg, teacher: Teacher | None) -> Example | N
 
 
 SPLITS = ("sft", "rl", "eval")
-TASKS = ("vqa", "ground", "edit", "t2i", "caption")   # RL uses the first three (config.RL_TASKS)
 
 
 def build_pools(dcfg) -> dict[str, dict[str, list[Example]]]:
@@ -582,8 +583,7 @@ ANSWER_TASKS = ("vqa", "ground", "caption")    # families whose text response en
 
 def answer_ids(ex: Example, tok: Tokenizer) -> list[int]:
     """The '<answer> z </answer>' block of the ground truth: what answer-forcing writes in clear."""
-    z = {"vqa": lambda: ex.answer, "ground": lambda: box_text(ex.answer),
-         "caption": lambda: ex.answer_text}[ex.task]()
+    z = box_text(ex.answer) if ex.task == "ground" else ex.answer_text if ex.task == "caption" else ex.answer
     return [tok.ANS] + tok.encode(z) + [tok.EANS]
 
 

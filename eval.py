@@ -30,6 +30,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import rewards as RW
+from config import TASKS, parse_mix
 from data import collate, read_scene, render, shape_box
 from diffusion import sample
 
@@ -101,7 +102,6 @@ def evaluate(model, bundle, vq, cfg, device, autocast, split: str = "eval", n: i
     """Held-out metrics per task (and the sample grid if grid_path is given). tasks=None: every
     family the SFT mix trains (train.task_mix; the RL stage keeps training those through its SFT rows)."""
     if tasks is None:
-        from config import TASKS, parse_mix
         mix = parse_mix(cfg.train.task_mix)
         tasks = [t for t in TASKS if mix.get(t, 0) > 0]
     was_training = model.training

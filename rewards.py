@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import re
 
-from data import Scene
+from data import COLOURS, KINDS, SIZES, Scene, Shape
 
 # ----------------------------------------------------------------------------------------------
 # parsing
@@ -128,7 +128,6 @@ def parse_caption(text: str, grid: int) -> tuple[Scene | None, str]:
     named are empty). reasons: those of extract_answer | bad_item (not 'size colour kind rXcY', or
     a cell outside the board) | duplicate_cell. One bad item fails the whole caption: a caption that
     cannot be read back is not a description."""
-    from data import COLOURS, KINDS, SIZES, Shape
     inner, why = extract_answer(text)
     if inner is None:
         return None, why

@@ -17,21 +17,14 @@ import torch.nn as nn
 
 import diffusion as D  # noqa: E402
 from config import DiffusionConfig, ModelConfig  # noqa: E402
-from data import Layout, Tokenizer, make_batch  # noqa: E402
+from data import Layout, make_batch  # noqa: E402
 from model import Transformer  # noqa: E402
 
 
-TOK = Tokenizer(["a", "b", "c", "d"], n_codes=8)
-V = TOK.vocab_size
-WA, WB, WC, WD = (TOK.stoi[w] for w in "abcd")
-PAD, MASK, IMASK, EOS = TOK.PAD, TOK.MASK, TOK.IMASK, TOK.EOS
+from tiny_vocab import EOS, IMASK, MASK, PAD, TOK, V, WA, WB, WC, WD, code, mixed_batch  # noqa: E402
 # ids a text slot must never take, written out by hand (not via diffusion.vocab_masks)
 TEXT_FORBIDDEN = {PAD, MASK, IMASK, TOK.UNK, TOK.BOI, TOK.EOI, *TOK.TASK.values()}
 N_SIGMA = 4.0   # binomial tolerance: a 4-sigma deviation has two-sided probability ~6e-5
-
-
-def code(k: int) -> int:
-    return TOK.img_offset + k
 
 
 def ce_by_hand(logits_row, target: int) -> float:
@@ -91,18 +84,6 @@ class Adversarial(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # batches
 
-def clean_batch():
-    """3 rows, prompt width 4 (with PAD), mixed layouts: row 1 is text-only with PAD after its response."""
-    prompts = torch.tensor([[TOK.TASK["edit"], WA, WB, PAD],
-                            [TOK.TASK["vqa"], WC, PAD, PAD],
-                            [TOK.TASK["edit"], WD, WA, WB]])
-    responses = torch.tensor([[WA, WB, WC, WD, EOS, code(1), code(2), code(3)],
-                              [WA, WB, WC, EOS, PAD, PAD, PAD, PAD],
-                              [WD, WC, WB, WA, EOS, code(7), code(0), code(5)]])
-    lays = [Layout(5, 3, 0), Layout(4, 0, 0), Layout(5, 3, 0)]
-    return make_batch(prompts, responses, lays, ["edit", "vqa", "edit"], TOK)
-
-
 # sampler canvas: edit layout, 12 text + 7 image slots; row 0 has a fixed answer block at the end of
 # its text region (answer-forcing) and one fixed image code; row 1 is all-mask
 R_TEXT, N_IMG = 12, 7
@@ -159,7 +140,7 @@ def run_recorded(model, batch, dcfg, **kw):
 # 1. forward process
 
 def test_draw_mask_rate_is_t_and_never_touches_prompt_or_pad():
-    batch = clean_batch()
+    batch = mixed_batch()
     N = 4000
     big = batch.repeat(N)                       # rows 0..N-1 copies of row 0, then row 1, then row 2
     t = torch.tensor([0.1, 0.5, 0.9])
@@ -197,7 +178,7 @@ def test_sample_t_is_uniform_on_eps_1():
 
 
 def test_apply_mask_uses_imask_on_image_slots_and_mask_on_text_slots():
-    batch = clean_batch()
+    batch = mixed_batch()
     P = batch.P
     full = D.apply_mask(batch.tokens, batch.is_resp, batch.is_image, TOK)
     expected = torch.tensor([
@@ -259,7 +240,7 @@ def test_masked_ce_matches_hand_computation():
 
 
 def _sft_setup():
-    batch = clean_batch()
+    batch = mixed_batch()
     L = torch.randn(batch.tokens.shape[1], V, generator=torch.Generator().manual_seed(3))
     return batch, L
 

@@ -28,19 +28,12 @@ from data import Layout, Tokenizer, make_batch  # noqa: E402
 from model import Transformer  # noqa: E402
 
 
-TOK = Tokenizer(["a", "b", "c", "d"], n_codes=8)
-V = TOK.vocab_size
-WA, WB, WC, WD = (TOK.stoi[w] for w in "abcd")
-PAD, MASK, IMASK, EOS = TOK.PAD, TOK.MASK, TOK.IMASK, TOK.EOS
+from tiny_vocab import EOS, IMASK, MASK, PAD, TOK, V, WA, WB, WC, WD, code, mixed_batch  # noqa: E402
 N_SIGMA = 4.0                              # statistical tolerance: |mean - truth| < 4 standard errors
 EPS32 = torch.finfo(torch.float32).eps     # unit roundoff of the float32 forward pass (~1.2e-7)
 # cached vs full forward: two float32 computation orders through 2 layers, logits of size ~5:
 # differences of a few EPS32 * |logit| per layer (measured <= 1.5e-6); 1e-5 leaves ~7x margin
 PREFIX_ATOL = 1e-5
-
-
-def code(k: int) -> int:
-    return TOK.img_offset + k
 
 
 def tiny_model(seed: int = 0, prefix_dlm: bool = False, tok: Tokenizer = TOK, n_layer: int = 1) -> Transformer:
@@ -70,19 +63,6 @@ class Recorder(nn.Module):
         self.calls.append(idx.clone())
         out = self.net(idx, valid, is_prompt)
         return out + self.bias[:out.shape[0]]
-
-
-def mixed_batch():
-    """3 rows, prompt width 4 with PAD in the prompt; row 0/2 edit (5 text + 3 image slots), row 1 vqa
-    (4 text slots, then PAD in the response)."""
-    prompts = torch.tensor([[TOK.TASK["edit"], WA, WB, PAD],
-                            [TOK.TASK["vqa"], WC, PAD, PAD],
-                            [TOK.TASK["edit"], WD, WA, WB]])
-    responses = torch.tensor([[WA, WB, WC, WD, EOS, code(1), code(2), code(3)],
-                              [WA, WB, WC, EOS, PAD, PAD, PAD, PAD],
-                              [WD, WC, WB, WA, EOS, code(7), code(0), code(5)]])
-    lays = [Layout(5, 3, 0), Layout(4, 0, 0), Layout(5, 3, 0)]
-    return make_batch(prompts, responses, lays, ["edit", "vqa", "edit"], TOK)
 
 
 def pair_batch(text, codes, tok: Tokenizer = TOK):
