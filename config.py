@@ -42,9 +42,13 @@ class ModelConfig:
     n_head: int = 4
     d_model: int = 128
     mlp_hidden: int = 0              # SwiGLU hidden width; 0 -> 8/3 * d_model rounded to 32 (LLaMA)
-    tie_weights: bool = True         # share token embedding and output head: fewer params at toy size
+    tie_weights: bool = False        # share token embedding and output head (Press & Wolf 2017); the
+                                     # head is only V x d here, so untied costs ~33k params at toy size
     prefix_dlm: bool = False         # LaViDa prefix-DLM layout: prompt attends only to prompt (cacheable)
     rope_base: float = 10000.0
+    init: str = "fan_in"             # fan_in: N(0,1) embeddings, N(0,1/fan_in) matrices | gpt2: N(0,0.02);
+                                     # gpt2's 0.02 is too small at d=128 (model.init_weights, RESULTS.md)
+    final_norm: bool = False         # RMSNorm before the head; measured slower on the toy (RESULTS.md)
     abs_pos: bool = True             # + learned absolute positions (toy: fast image-cell lookup; see model.py)
     cell_emb: str = "none"           # 2D cell position of image slots: word | learned | none (model.py);
                                      # measured no gain within the toy budget (RESULTS.md), so off

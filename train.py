@@ -297,10 +297,21 @@ def load_checkpoint(path: str, vocab_size: int | None = None) -> dict:
     return blob
 
 
+def load_weights(model, state: dict, source: str):
+    """load_state_dict with a one-line error: the usual cause is a checkpoint trained with other
+    --model.* flags (or by an older model.py), and a key-by-key traceback does not say that."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[-1].strip()
+        raise SystemExit(f"checkpoint error: {source} does not fit this model ({first[:160]}); use the "
+                         f"--model.* flags it was trained with, or retrain it") from None
+
+
 def model_from_checkpoint(blob: dict, device: str) -> Transformer:
     """Rebuild the model with the checkpoint's own architecture (like nanoGPT's resume)."""
     model = build_model(C.from_dict(blob["config"]), D.Tokenizer.from_state(blob["tok"]), device)
-    model.load_state_dict(blob["model"])
+    load_weights(model, blob["model"], "the checkpoint (written by another version of model.py?)")
     return model
 
 
@@ -384,14 +395,14 @@ def run_sft(cfg, ctx: Ctx, bundle: Bundle, vq) -> Transformer:
     step, elapsed, history, ema = 0, 0.0, [], None
     if t.resume and os.path.exists(ckpt_path):
         blob = load_checkpoint(ckpt_path, bundle.tok.vocab_size)
-        unwrap(model).load_state_dict(blob["model"])
+        load_weights(unwrap(model), blob["model"], ckpt_path)
         opt.load_state_dict(blob["optim"])
         step, elapsed, history = blob["step"], blob.get("elapsed", 0.0), blob.get("history", [])
         restore_rank_state(blob, ctx, sampler)
         ema = blob.get("loss_ema")
         ctx.log(f"resumed SFT from {ckpt_path} at step {step}")
     elif t.init_from:
-        unwrap(model).load_state_dict(load_checkpoint(t.init_from, bundle.tok.vocab_size)["model"])
+        load_weights(unwrap(model), load_checkpoint(t.init_from, bundle.tok.vocab_size)["model"], t.init_from)
     broadcast_params(model, ctx)
     raw = model
     if t.compile:

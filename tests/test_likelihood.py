@@ -40,7 +40,8 @@ def tiny_model(seed: int = 0, prefix_dlm: bool = False, tok: Tokenizer = TOK, n_
     """1 layer, 2 heads, d=32, weights ~ N(0, 0.3): logits far from flat, so every masked context
     changes the conditionals well above float noise."""
     torch.manual_seed(seed)
-    m = Transformer(ModelConfig(n_layer=n_layer, n_head=2, d_model=32, prefix_dlm=prefix_dlm, max_len=64, cell_emb="none"),
+    m = Transformer(ModelConfig(n_layer=n_layer, n_head=2, d_model=32, prefix_dlm=prefix_dlm, max_len=64, cell_emb="none",
+                                final_norm=True),  # logits of size ~5 (the tolerances below assume it)
                     tok.vocab_size)
     with torch.no_grad():
         for p in m.parameters():

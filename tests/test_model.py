@@ -21,7 +21,7 @@ SPEC = ImageSpec(offset=33, imask=2, cell_words=[20, 21, 22, 23])
 
 
 def tiny(**kw):
-    base = dict(n_layer=2, n_head=2, d_model=32, mlp_hidden=0, tie_weights=True,
+    base = dict(n_layer=2, n_head=2, d_model=32, mlp_hidden=0, tie_weights=True, final_norm=True,
                 prefix_dlm=False, max_len=64, dropout=0.0, abs_pos=False, cell_emb="none")
     base.update(kw)
     torch.manual_seed(0)
@@ -173,12 +173,17 @@ def reference_forward(m, idx, valid, is_prompt, extra=None):
     h = rms(x, blk.norm2.weight)
     g = h @ blk.mlp.gate.weight.T
     x = x + (g * torch.sigmoid(g) * (h @ blk.mlp.up.weight.T)) @ blk.mlp.down.weight.T
-    return rms(x, m.norm_f.weight) @ m.head.weight.T
+    if cfg.final_norm:
+        x = rms(x, m.norm_f.weight)
+    logits = x @ m.head.weight.T
+    # a tied head shares the N(0, 1) embedding rows, so the model rescales by 1/sqrt(d)
+    return logits / math.sqrt(C) if cfg.tie_weights and cfg.init == "fan_in" else logits
 
 
-@pytest.mark.parametrize("prefix", [False, True])
-def test_matches_reference(prefix):
-    m = tiny(n_layer=1, prefix_dlm=prefix)
+@pytest.mark.parametrize("prefix,final_norm,tie", [(False, True, True), (True, True, True),
+                                                   (False, False, False), (True, False, True)])
+def test_matches_reference(prefix, final_norm, tie):
+    m = tiny(n_layer=1, prefix_dlm=prefix, final_norm=final_norm, tie_weights=tie)
     B, T = 2, 7
     idx = rand_ids(B, T, seed=5)
     valid = torch.ones(B, T, dtype=torch.bool)
@@ -210,6 +215,29 @@ def test_tying_and_param_count():
     T = 16
     assert m.flops_per_token(T) == 6 * (body + V * d) + 12 * L * d * T
     assert tiny(mlp_hidden=40).num_params() == L * (4 * d * d + 3 * d * 40 + 2 * d) + d
+
+
+@pytest.mark.parametrize("init", ["fan_in", "gpt2"])
+def test_init_scales(init):
+    """The init rule, checked against the numbers it promises (model.init_weights): wide enough
+    matrices that the sample std is within a few percent of the target."""
+    d, L = 256, 3
+    torch.manual_seed(0)
+    m = Transformer(ModelConfig(n_layer=L, n_head=4, d_model=d, tie_weights=False, abs_pos=True,
+                                max_len=300, init=init), 300)
+    h = mlp_hidden(m.cfg)
+    want = {"tok_emb.weight": 1.0, "pos_emb.weight": 1.0, "head.weight": d ** -0.5,
+            "blocks.0.attn.qkv.weight": d ** -0.5, "blocks.0.mlp.gate.weight": d ** -0.5,
+            "blocks.0.attn.proj.weight": d ** -0.5 / math.sqrt(2 * L),
+            "blocks.0.mlp.down.weight": h ** -0.5 / math.sqrt(2 * L)}
+    if init == "gpt2":
+        want = {k: 0.02 / math.sqrt(2 * L) if "proj" in k or "down" in k else 0.02 for k in want}
+    got = dict(m.named_parameters())
+    for name, std in want.items():
+        assert abs(got[name].std().item() / std - 1) < 0.05, (name, got[name].std().item(), std)
+    assert torch.equal(got["blocks.0.norm1.weight"], torch.ones(d))
+    with pytest.raises(ValueError, match="model.init"):
+        Transformer(ModelConfig(n_layer=1, n_head=2, d_model=8, init="xavier"), 10)
 
 
 def test_max_len_error():
