@@ -5,6 +5,7 @@ Benchmarks. One function per benchmark, picked by the first argument:
     python bench.py sampler    [--prompts=8] [--reps=3] [--preset=toy] [--device=cuda]
     python bench.py rollout    [--prompts=4] [--n=8] [--reps=2] [--preset=toy] [--device=cuda]
     python bench.py train      [--batch=16] [--warmup=2] [--steps=5] [--peak=989e12] [--compile] [--device=cuda]
+    python bench.py search     [--seeds=3] [--steps=1500] [--preset=toy]
 
 Results are printed and written to runs/bench_<name>.json. All run on one CPU thread (a second
 intra-op thread only contends on a shared 2-core box); the speed benchmarks use the GPU with
@@ -44,6 +45,22 @@ model of the preset's size, bf16 autocast on CUDA, optional --compile. Prints st
 tokens/s (every position the model runs, padding included) and MFU = model.flops_per_token(T) x
 tokens/s / peak FLOP/s (PaLM appendix B). Peak: --peak, else 989e12 (bf16 dense) on an H100/H200
 under bf16 autocast, else "n/a (pass --peak)" (always so on CPU unless --peak is given).
+
+`search` -- why model.init is fan-in. The toy's reading tasks hinge on one skill: given a
+question ("where is the red circle?"), find the image code that matches among the 16 cell codes and
+name its cell. This benchmark isolates that skill with no diffusion, no trace and no other task: a
+sequence of 16 cell codes (3-7 random shapes, colour x kind x size, as in data.py), the query's
+colour and kind words, one [MASK] whose target is the name of the unique matching cell, plus 16
+filler slots (the response canvas). Plain cross-entropy at the [MASK], batch 16, AdamW lr 2e-3,
+betas (0.9, 0.95), 50 warm-up steps, constant after. Each configuration is trained per seed until
+held-out accuracy (512 fixed queries) reaches 90 %, or --steps:
+    model fan_in              our Transformer as configured by the preset (the default)
+    model fan_in + final norm the same with the RMSNorm before the head
+    model gpt2 (old default)  N(0, 0.02) everywhere, tied head, final norm: the toy's first setting
+    torch encoder (reference) stock nn.TransformerEncoder (pre-norm, ReLU, biases, PyTorch's default
+                              init: N(0, 1) embeddings), learned positions, same width/depth/heads
+Prints, per configuration, the steps to 90 % of every seed and the accuracy at the end. CPU, one
+thread, about 5 minutes at the defaults.
 
 `likelihood` -- PAPER.md §5 (the complementary-masking estimator of log pi(y|x)) and §12 claims 1-4.
 The estimators of likelihood.py at an EQUAL forward-pass budget of 2 per (x, y) pair:
@@ -99,7 +116,9 @@ benchmarks:
   rollout      one batched group call vs N sequential sampler calls: tokens/s, speed-up
                [--prompts=4] [--n=8] [--reps=2] [--device=cpu|cuda]
   train        SFT step throughput (tokens/s) and MFU [--batch=N] [--warmup=2] [--steps=5]
-               [--peak=FLOPS] [--compile] [--device=cpu|cuda]"""
+               [--peak=FLOPS] [--compile] [--device=cpu|cuda]
+  search       steps to learn the image-code lookup: fan-in vs GPT-2 init vs a stock torch encoder
+               [--seeds=3] [--steps=1500]"""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -815,8 +834,103 @@ def bench_train(argv: list[str]):
 
 # ----------------------------------------------------------------------------------------------
 
+# ----------------------------------------------------------------------------------------------
+# search: the image-code lookup on its own (why model.init is fan-in)
+
+def search_batch(B: int, rng, n_extra: int = 16):
+    """(B, 16 + 3 + n_extra) ids and (B,) targets. Vocabulary: 0 empty cell, 1..24 the
+    (colour, kind, size) codes, 25..28 colour words, 29..31 kind words, 32..47 cell names, 48 [MASK],
+    49 filler. Target: the cell name of the one shape with the queried (colour, kind)."""
+    X = torch.full((B, 19 + n_extra), 49, dtype=torch.long)
+    Y = torch.zeros(B, dtype=torch.long)
+    for b in range(B):
+        while True:
+            cells = rng.choice(16, size=int(rng.integers(3, 8)), replace=False)
+            objs = [(int(rng.integers(4)), int(rng.integers(3)), int(rng.integers(2))) for _ in cells]
+            pairs = [o[:2] for o in objs]
+            unique = [i for i, p in enumerate(pairs) if pairs.count(p) == 1]
+            if unique:
+                break
+        for c, (col, kind, size) in zip(cells, objs):
+            X[b, int(c)] = 1 + (col * 3 + kind) * 2 + size
+        t = unique[int(rng.integers(len(unique)))]
+        X[b, 16], X[b, 17], X[b, 18] = 25 + objs[t][0], 29 + objs[t][1], 48
+        Y[b] = 32 + int(cells[t])
+    return X, Y
+
+
+class TorchEncoder(torch.nn.Module):
+    """The straightforward baseline: PyTorch's own encoder with its default init."""
+
+    def __init__(self, mcfg, vocab: int, max_len: int):
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, mcfg.d_model)                # N(0, 1) by default
+        self.pos = torch.nn.Embedding(max_len, mcfg.d_model)
+        layer = torch.nn.TransformerEncoderLayer(mcfg.d_model, mcfg.n_head, 4 * mcfg.d_model, dropout=0.0,
+                                                 batch_first=True, norm_first=True)
+        self.enc = torch.nn.TransformerEncoder(layer, mcfg.n_layer, enable_nested_tensor=False)
+        self.out = torch.nn.Linear(mcfg.d_model, vocab)
+
+    def forward(self, x):
+        return self.out(self.enc(self.emb(x) + self.pos.weight[:x.shape[1]]))
+
+
+def bench_search(argv: list[str]):
+    import dataclasses
+    import numpy as np
+    from model import Transformer
+    opts, rest = parse_args(argv, {"seeds": 3, "steps": 1500})
+    cfg = C.get_config(rest)
+    torch.set_num_threads(1)
+    base = dataclasses.replace(cfg.model, max_len=64, cell_emb="none", prefix_dlm=False, dropout=0.0)
+    V = 50
+    variants = {
+        "model fan_in (default)": lambda: Transformer(dataclasses.replace(base, init="fan_in", final_norm=False), V),
+        "model fan_in + final norm": lambda: Transformer(dataclasses.replace(base, init="fan_in", final_norm=True), V),
+        "model gpt2 (old default)": lambda: Transformer(
+            dataclasses.replace(base, init="gpt2", final_norm=True, tie_weights=True), V),
+        "torch encoder (reference)": lambda: TorchEncoder(base, V, 64),
+    }
+    Xe, Ye = search_batch(512, np.random.default_rng(10_000))
+    print(f"search: d={base.d_model} layers={base.n_layer} heads={base.n_head} abs_pos={base.abs_pos}; "
+          f"{opts['seeds']} seeds, <= {opts['steps']} steps, batch 16, lr 2e-3")
+    result = {"commit": git_commit(), "steps_cap": opts["steps"], "variants": {}}
+    t0 = time.time()
+    for name, make in variants.items():
+        hits, accs = [], []
+        for seed in range(opts["seeds"]):
+            torch.manual_seed(seed)
+            rng = np.random.default_rng(seed)
+            m = make()
+            opt = torch.optim.AdamW(m.parameters(), lr=2e-3, betas=(0.9, 0.95), weight_decay=0.01)
+            hit, acc = None, 0.0
+            for step in range(1, opts["steps"] + 1):
+                for g in opt.param_groups:
+                    g["lr"] = 2e-3 * min(1.0, step / 50)
+                X, Y = search_batch(16, rng)
+                loss = torch.nn.functional.cross_entropy(m(X)[:, 18], Y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+                opt.step()
+                if step % 100 == 0:
+                    with torch.no_grad():
+                        acc = (m(Xe)[:, 18].argmax(-1) == Ye).float().mean().item()
+                    if acc >= 0.9:
+                        hit = step
+                        break
+            hits.append(hit)
+            accs.append(acc)
+        shown = " ".join(f"{h:>5}" if h else f">{opts['steps']}" for h in hits)
+        print(f"  {name:<28} steps to 90%: {shown}   accuracy at stop: "
+              + " ".join(f"{a:.2f}" for a in accs) + f"   ({time.time() - t0:.0f}s)", flush=True)
+        result["variants"][name] = {"steps_to_90": hits, "final_acc": accs}
+    write_json("search", result)
+
+
+
 BENCHMARKS = {"likelihood": bench_likelihood, "sampler": bench_sampler, "rollout": bench_rollout,
-              "train": bench_train}
+              "train": bench_train, "search": bench_search}
 
 
 def main(argv: list[str]):

@@ -51,7 +51,7 @@ class ModelConfig:
     final_norm: bool = False         # RMSNorm before the head; measured slower on the toy (RESULTS.md)
     abs_pos: bool = True             # + learned absolute positions (toy: fast image-cell lookup; see model.py)
     cell_emb: str = "none"           # 2D cell position of image slots: word | learned | none (model.py);
-                                     # measured no gain within the toy budget (RESULTS.md), so off
+                                     # no gain measured (with the old gpt2 init, RESULTS.md), so off
     max_len: int = 512               # longest prompt+response the rotary table covers
     dropout: float = 0.0             # toy runs are short; dropout only slows them down
 
@@ -70,7 +70,7 @@ class DataConfig:
     teacher_bias: str = ""           # a colour the teacher always overcounts by one ("" = none)
     seed: int = 0                    # the world seed: same seed -> same scenes, questions and splits
     cell_tags: bool = False          # precede each prompt image code by its cell name (data.prompt_ids);
-                                     # measured no gain within the toy budget (RESULTS.md), so off
+                                     # no gain measured (with the old gpt2 init, RESULTS.md), so off
     jsonl: str = ""                  # optional user data (see data.load_jsonl); "" = synthetic only
     cache_dir: str = "cache"         # VQ checkpoint and tokenized datasets are cached here
 
@@ -130,7 +130,7 @@ class TrainConfig:
     ckpt_interval: int = 500
     task_mix: str = "vqa:4,ground:3,edit:2,t2i:1"   # SFT sampling ratios; caption (image-level
                                      # understanding) is available, e.g. ",caption:2", but measured no
-                                     # gain on the reading tasks within the toy budget (RESULTS.md)
+                                     # gain on the reading tasks (old gpt2 init, RESULTS.md)
     task_mix_early: str = ""         # curriculum: this mix for the first `early_frac` of SFT progress
     early_frac: float = 0.0          # (progress = the lr schedule's); "" / 0 = one mix throughout
     resume: bool = False             # continue from the latest checkpoint in out_dir

@@ -83,7 +83,9 @@ def baselines(bundle, cfg) -> dict:
     prior = defaultdict(Counter)
     for ex in bundle.sets["vqa"]["rl"].examples:
         prior[ex.qtype][ex.answer] += 1
-    out["vqa_prior_acc"] = float(np.mean([prior[e.qtype].most_common(1)[0][0] == e.answer for e in ev["vqa"]]))
+    hit = [(e.qtype, prior[e.qtype].most_common(1)[0][0] == e.answer) for e in ev["vqa"]]
+    out["vqa_prior_acc"] = float(np.mean([h for _, h in hit]))
+    out["vqa_prior_by_type"] = {q: float(np.mean([h for t, h in hit if t == q])) for q in sorted({t for t, _ in hit})}
     ious = [[RW.iou(shape_box(i, s, d.grid, d.image_size), e.answer) for i, s in enumerate(e.scene) if s]
             for e in ev["ground"]]
     out["ground_random_miou"] = float(np.mean([np.mean(x) for x in ious]))

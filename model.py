@@ -22,6 +22,10 @@ Simplifications vs. the paper: one modality-agnostic stack (no MoT branches, no 
 per-modality widths), LLaMA-style parts (RMSNorm, RoPE, SwiGLU, no biases), positions 0..T-1 over
 the concatenated sequence; 2D image positions only as the optional per-cell embedding (cfg.cell_emb).
 
+Initialisation matters more than anything else here at toy size: with GPT-2's N(0, 0.02) the toy
+model never learned to *read* its input image within the CPU budget; fan-in init does it in ~2000
+steps (`init_weights`, `python bench.py search`, RESULTS.md).
+
 Exercise it:  python -m pytest tests/test_model.py -q
 """
 from __future__ import annotations

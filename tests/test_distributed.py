@@ -439,5 +439,18 @@ def test_checkpoint_errors_are_one_line(saved, tmp_path):
     assert "vocabulary" in one_line_exit(saved.path, saved.bundle.tok.vocab_size + 1)
 
 
+def test_architecture_mismatch_is_one_line(saved):
+    """A checkpoint whose weights do not fit the model (another --model.* flag, or an older
+    model.py): both ways of loading it say so in one line instead of a key-by-key traceback."""
+    blob = train.load_checkpoint(saved.path, saved.bundle.tok.vocab_size)
+    blob["model"]["norm_f.weight"] = torch.ones(saved.cfg.model.d_model)   # a final norm it lacks
+    for load in (lambda: train.model_from_checkpoint(blob, "cpu"),
+                 lambda: train.load_weights(saved.model, blob["model"], saved.path)):
+        with pytest.raises(SystemExit) as e:
+            load()
+        msg = str(e.value.code)
+        assert msg.startswith("checkpoint error: ") and "\n" not in msg and "norm_f.weight" in msg, msg
+
+
 if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "worker":
     worker(sys.argv[2], sys.argv[3])
