@@ -146,10 +146,12 @@ def run_rl(cfg, ctx, bundle, vq, model=None):
                            if k != "members"}
         bar.set_postfix({r.task: f"{r.stats['reward']:.2f}" for r in rolls})
         if step % max(1, t.log_interval // 10) == 0 or step == 1:
-            ctx.log("rl step {} | {} | rollout {:.1f}s update {:.1f}s | {:.0f}s".format(
-                step, " | ".join(f"{r.task} r={r.stats['reward']:.3f} nz={r.stats['nonzero_adv_frac']:.2f}"
-                                 + (f" af={r.stats['af_fired']}" if "af_fired" in r.stats and r.task != "edit" else "")
-                                 for r in rolls), t_roll, rec["update_s"], elapsed))
+            parts = [f"{r.task} r={r.stats['reward']:.3f} nz={r.stats['nonzero_adv_frac']:.2f} "
+                     f"grpo={r.stats['grpo_nonzero_frac']:.2f}"
+                     + (f" af={r.stats['af_fired']}" if "af_fired" in r.stats and r.task != "edit" else "")
+                     for r in rolls]
+            ctx.log(f"rl step {step} | {' | '.join(parts)} | rollout {t_roll:.1f}s "
+                    f"update {rec['update_s']:.1f}s | {elapsed:.0f}s")
         out_of_time = elapsed > rc.time_budget_s
         if ctx.ddp:   # every rank must stop at the same step, or the next all-reduce hangs
             flag = torch.tensor([float(out_of_time)])

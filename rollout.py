@@ -29,6 +29,7 @@ Exercise: python -m pytest tests/test_rollout.py -q
 """
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -155,6 +156,10 @@ def rollout_task(model, bundle, task: str, idx: list[int], cfg, device, autocast
     stats = {
         "reward": on.mean().item(),
         "nonzero_adv_frac": (adv.abs().sum(1) > 0).float().mean().item(),
+        # the paper's "vanishing signal" count: groups whose members' rewards differ (A_GRPO != 0).
+        # nonzero_adv_frac is ~1 whenever anything succeeds, since A_distill marks a best sample
+        "grpo_nonzero_frac": (r_on.masked_fill(~member, -math.inf).amax(1)
+                              > r_on.masked_fill(~member, math.inf).amin(1)).float().mean().item(),
         "all_failed_frac": (on < rc.tau).all(1).float().mean().item(),
         "af_fired": int(fired.sum()),
         "members": int(member.sum()),

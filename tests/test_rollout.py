@@ -264,7 +264,7 @@ def test_force_answer_canvas_and_sampler_keep_the_answer(world, task):
 # ----------------------------------------------------------------------------------------------
 # 3. rollout_task end to end
 
-STATS_KEYS = {"reward", "nonzero_adv_frac", "all_failed_frac", "af_fired", "members", "rollout_s", "parse_fail"}
+STATS_KEYS = {"reward", "nonzero_adv_frac", "grpo_nonzero_frac", "all_failed_frac", "af_fired", "members", "rollout_s", "parse_fail"}
 
 
 def check_rows(rc, w, task, idx, n_cols, member, gamma):
@@ -314,6 +314,9 @@ def test_rollout_task_vqa_answer_forcing(world, tau):
     keep = check_rows(roll, w, "vqa", idx, N + 1, member, 0.5)
     adv = RO.advantages(roll.rewards, member, 0.5)
     assert math.isclose(roll.stats["nonzero_adv_frac"], (adv.abs().sum(1) > 0).float().mean().item())
+    # GRPO signal: a group counts when its members' rewards are not all equal (plain Python recount)
+    differ = [len({x for x, m in zip(roll.rewards[g].tolist(), member[g].tolist()) if m}) > 1 for g in range(G)]
+    assert math.isclose(roll.stats["grpo_nonzero_frac"], sum(differ) / G)
     if tau > 0:
         # the seeds give both kinds of group, so both branches are exercised
         assert 0 < int(all_failed.sum()) < G
