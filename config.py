@@ -344,6 +344,10 @@ def validate(cfg: Config):
         raise ConfigError(f"model.d_model={m.d_model} must be divisible by model.n_head={m.n_head}")
     if not (1 <= d.min_shapes <= d.max_shapes <= d.grid * d.grid):
         raise ConfigError(f"need 1 <= data.min_shapes <= data.max_shapes <= grid^2={d.grid ** 2}")
+    if m.init not in ("fan_in", "gpt2"):
+        raise ConfigError(f"--model.init={m.init!r}: expected fan_in or gpt2")
+    if m.cell_emb not in ("none", "word", "learned"):
+        raise ConfigError(f"--model.cell_emb={m.cell_emb!r}: expected none, word or learned")
     if cfg.diffusion.loss_weight not in ("mean", "elbo"):
         raise ConfigError(f"--diffusion.loss_weight={cfg.diffusion.loss_weight!r}: expected mean or elbo")
     if cfg.diffusion.remask not in ("low_confidence", "random"):

@@ -230,6 +230,12 @@ def test_rl_mix_and_curriculum_validation(capsys):
     assert cfg.train.early_frac == pytest.approx(0.3)
 
 
+def test_model_choice_validation(capsys):
+    assert "model.init" in _fails(["--model.init=xavier"], capsys)
+    assert "model.cell_emb" in _fails(["--model.cell_emb=2d"], capsys)
+    assert get_config(["--model.init=gpt2"]).model.init == "gpt2"
+
+
 def test_task_sampler_set_mix():
     """A curriculum switch changes which tasks are drawn and keeps the random stream going."""
     import train
