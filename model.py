@@ -247,18 +247,16 @@ class Transformer(nn.Module):
         cfg = self.cfg
         if cfg.init not in ("fan_in", "gpt2"):
             raise ValueError(f"model.init={cfg.init!r}: use fan_in | gpt2")
-        resid = (".attn.proj.weight", ".mlp.down.weight")
-        for name, p in self.named_parameters():
-            if p.dim() < 2:
-                continue                                             # norm gains stay at 1
+        for name, mod in self.named_modules():                     # norm gains stay at 1
+            if not isinstance(mod, (nn.Linear, nn.Embedding)):
+                continue
             if cfg.init == "gpt2":
                 std = 0.02
             else:
-                std = 1.0 if isinstance(self.get_submodule(name.rsplit(".", 1)[0]), nn.Embedding) \
-                    else 1.0 / math.sqrt(p.shape[1])                 # Linear weight: (out, in)
-            if name.endswith(resid):
+                std = 1.0 if isinstance(mod, nn.Embedding) else mod.in_features ** -0.5
+            if name.endswith(("attn.proj", "mlp.down")):                # writes into the residual stream
                 std = std / math.sqrt(2 * cfg.n_layer)
-            nn.init.normal_(p, mean=0.0, std=std)
+            nn.init.normal_(mod.weight, mean=0.0, std=std)
 
     # -- internals ------------------------------------------------------------------------------
 

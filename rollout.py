@@ -29,7 +29,6 @@ Exercise: python -m pytest tests/test_rollout.py -q
 """
 from __future__ import annotations
 
-import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -52,6 +51,12 @@ class Rollouts:
     stats: dict = field(default_factory=dict)
 
 
+def rewards_differ(r: torch.Tensor, member: torch.Tensor) -> torch.Tensor:
+    """(G, n) rewards, (G, n) membership -> (G,) bool: the group's members do not all score the same,
+    i.e. GRPO has a signal there (the paper's "vanishing advantage" is the False case)."""
+    return r.masked_fill(~member, float("-inf")).amax(1) > r.masked_fill(~member, float("inf")).amin(1)
+
+
 def advantages(r: torch.Tensor, member: torch.Tensor, gamma: float, use_std: bool = True) -> torch.Tensor:
     """Eq. A on groups. r: (G, n) rewards; member: (G, n) bool, False = not in the group (an unused
     answer-forcing slot). Returns A (G, n), zero outside the group."""
@@ -64,8 +69,7 @@ def advantages(r: torch.Tensor, member: torch.Tensor, gamma: float, use_std: boo
     masked_r = r.masked_fill(~member, float("-inf"))
     # equal rewards carry no GRPO signal: exactly 0 (the float mean of e.g. seven 0.3s is an ulp off,
     # and / (std + 1e-4) would blow that residue up to ~3e-4 and keep the rows as "nonzero")
-    spread = masked_r.max(1, keepdim=True).values > r.masked_fill(~member, float("inf")).min(1, keepdim=True).values
-    a_grpo = a_grpo * spread
+    a_grpo = a_grpo * rewards_differ(r, member)[:, None]
     best = masked_r.argmax(1)                                          # first argmax of each group
     a_dist = torch.zeros_like(r)
     has_win = masked_r.max(1).values > 0                               # no target in all-failed groups
@@ -156,10 +160,9 @@ def rollout_task(model, bundle, task: str, idx: list[int], cfg, device, autocast
     stats = {
         "reward": on.mean().item(),
         "nonzero_adv_frac": (adv.abs().sum(1) > 0).float().mean().item(),
-        # the paper's "vanishing signal" count: groups whose members' rewards differ (A_GRPO != 0).
-        # nonzero_adv_frac is ~1 whenever anything succeeds, since A_distill marks a best sample
-        "grpo_nonzero_frac": (r_on.masked_fill(~member, -math.inf).amax(1)
-                              > r_on.masked_fill(~member, math.inf).amin(1)).float().mean().item(),
+        # groups with a GRPO signal; nonzero_adv_frac is ~1 whenever anything succeeds, since
+        # A_distill marks a best sample
+        "grpo_nonzero_frac": rewards_differ(r_on, member).float().mean().item(),
         "all_failed_frac": (on < rc.tau).all(1).float().mean().item(),
         "af_fired": int(fired.sum()),
         "members": int(member.sum()),
