@@ -67,7 +67,8 @@ class DataConfig:
     n_eval: int = 200                # held-out examples per family, disjoint from both pools
     hard_frac: float = 0.4           # share of math/VQA + grounding questions drawn from the hard types
     teacher_slip: float = 0.0        # fraction of traces with a random miscount carried to a wrong answer
-    teacher_bias: str = ""           # a colour the teacher always overcounts by one ("" = none)
+    teacher_bias: str = ""           # colours the teacher always overcounts by one, "yellow,red" ("" = none)
+    teacher_box_pad: int = 0         # the teacher's grounding boxes are this many px too loose per side
     seed: int = 0                    # the world seed: same seed -> same scenes, questions and splits
     cell_tags: bool = False          # precede each prompt image code by its cell name (data.prompt_ids);
                                      # no gain measured (with the old gpt2 init, RESULTS.md), so off

@@ -24,8 +24,10 @@ Each family yields three disjoint pools, as in the paper's data:
           need no traces
   eval -- held out; any (scene, prompt) that also occurs in sft or rl is dropped.
 The traced pool can come from an imperfect teacher (data.teacher_slip: random miscounts carried
-through to a wrong answer; data.teacher_bias: a colour the teacher always overcounts by one), as
-distilled reasoning data really does.
+through to a wrong answer; data.teacher_bias: colours the teacher always overcounts by one;
+data.teacher_box_pad: grounding boxes drawn this many pixels too loose on every side), as distilled
+reasoning data and human annotations really do. Only the sft pool's traces and answers change: the
+rl and eval pools keep the ground truth, so the rewards measure the truth.
 
 Sequence layout (all families share it, so positions mean the same thing in every batch):
     [task tag] [<boi> image codes <eoi>] prompt words [PAD ...] | response (R_f positions) [PAD ...]
@@ -53,7 +55,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from config import TASKS      # the family names live in one place (config.py imports nothing of ours)
+from config import TASKS, ConfigError   # family names live in one place (config.py imports nothing of ours)
 
 # ----------------------------------------------------------------------------------------------
 # the world
@@ -187,12 +189,13 @@ def read_scene(img: np.ndarray, grid: int) -> Scene:
 @dataclass
 class Teacher:
     slip: float = 0.0      # probability that one count in a trace is off by one
-    bias: str = ""         # colour always overcounted by one
+    bias: str = ""         # colours always overcounted by one, comma-separated ("yellow,red")
     rng: np.random.Generator | None = None
     slipped: bool = False  # set when this trace got its one random slip
+    box_pad: int = 0       # grounding: the teacher's boxes are this many pixels too big on every side
 
     def count(self, cells: list[int], colour: str | None) -> int:
-        n = len(cells) + (1 if self.bias and colour == self.bias else 0)
+        n = len(cells) + (1 if colour is not None and colour in self.bias.split(",") else 0)
         if not self.slipped and self.rng is not None and self.rng.random() < self.slip:
             self.slipped = True
             n = max(0, n + (1 if n == 0 or self.rng.random() < 0.5 else -1))
@@ -385,7 +388,12 @@ def _make_example(task, scene, rng, cfg, teacher: Teacher | None) -> Example | N
             return None
         q, trace, cell, qtype = out
         box = shape_box(cell, scene[cell], d.grid, d.image_size)
-        ex = Example(task, qtype, q, scene, box, trace, box_text(box))
+        shown = box
+        if teacher is not None and teacher.box_pad:   # a loose annotator: systematic, never averages out
+            p = teacher.box_pad
+            shown = (max(0, box[0] - p), max(0, box[1] - p), min(d.image_size, box[2] + p),
+                     min(d.image_size, box[3] + p))
+        ex = Example(task, qtype, q, scene, box, trace, box_text(shown))
     elif task == "edit":
         out = make_edit(scene, rng, d.grid)
         if out is None:
@@ -411,6 +419,10 @@ def build_pools(dcfg) -> dict[str, dict[str, list[Example]]]:
     keys seen in either (the scenes are random, so collisions are rare but possible).
     """
     sizes = {"sft": dcfg.n_sft, "rl": dcfg.n_rl, "eval": dcfg.n_eval}
+    bad = [c for c in dcfg.teacher_bias.split(",") if c and c not in COLOURS]
+    if bad:     # a typo would silently give an unbiased teacher
+        raise ConfigError(f"--data.teacher_bias={dcfg.teacher_bias!r}: unknown colour(s) {bad}; "
+                          f"use a comma list of {', '.join(COLOURS)}")
     pools: dict[str, dict[str, list[Example]]] = {}
     for ti, task in enumerate(TASKS):
         seen: set[str] = set()
@@ -421,7 +433,8 @@ def build_pools(dcfg) -> dict[str, dict[str, list[Example]]]:
                 rng = np.random.default_rng([dcfg.seed, ti, si, i])
                 i += 1
                 scene = random_scene(rng, dcfg.grid, dcfg.min_shapes, dcfg.max_shapes)
-                teacher = Teacher(dcfg.teacher_slip, dcfg.teacher_bias, rng) if split == "sft" else None
+                teacher = (Teacher(dcfg.teacher_slip, dcfg.teacher_bias, rng, box_pad=dcfg.teacher_box_pad)
+                           if split == "sft" else None)
                 ex = _make_example(task, scene, rng, dcfg, teacher)
                 if ex is None or ex.key in seen:
                     continue

@@ -520,7 +520,11 @@ def main(argv=None):
         VQ.run_vq_stage(cfg, out, ctx.device)
         return
     vq = VQ.get_vq(cfg, ctx.device, out)
-    bundle = get_bundle(cfg, vq, ctx)
+    try:
+        bundle = get_bundle(cfg, vq, ctx)
+    except C.ConfigError as e:        # a config value only the data builder can check (e.g. a colour)
+        print(f"config error: {e}", file=sys.stderr)
+        raise SystemExit(2)
     model = None
     if stage in ("sft", "all"):
         model = run_sft(cfg, ctx, bundle, vq)

@@ -343,6 +343,50 @@ def test_biased_teacher_overcounts_yellow():
         assert e.answer_text == vqa_truth(e)[1]        # only the sft teacher is biased
 
 
+def test_two_colour_bias_shifts_every_count_of_those_colours():
+    """teacher_bias="yellow,red": a count question about either colour is answered one too high,
+    every other count question exactly; the rl/eval pools keep the truth."""
+    _, pools = pools_for({"data.teacher_bias": "yellow,red", "data.n_sft": 400, "data.n_rl": 20,
+                          "data.n_eval": 10})
+    seen = {"yellow": 0, "red": 0, "other": 0}
+    for e in pools["vqa"]["sft"]:
+        qtype, truth = vqa_truth(e)
+        assert e.answer == truth
+        if qtype != "count":
+            continue
+        m = re.fullmatch(r"how many (\w+) shapes are there \?", e.prompt)
+        colour = m.group(1) if m and m.group(1) in ("yellow", "red") else "other"
+        seen[colour] += 1
+        assert e.answer_text == (truth if colour == "other" else str(int(truth) + 1))
+    assert min(seen.values()) >= 3
+    for e in pools["vqa"]["rl"] + pools["vqa"]["eval"]:
+        assert e.answer_text == vqa_truth(e)[1]
+
+
+def test_bias_with_an_unknown_colour_is_a_config_error():
+    from config import ConfigError
+    with pytest.raises(ConfigError, match="yelow"):
+        pools_for({"data.teacher_bias": "yelow"})
+
+
+def test_loose_teacher_boxes_are_padded_and_clamped_truth_is_kept():
+    """teacher_box_pad=2: the sft answer text is the true box grown by 2 px per side (clamped to the
+    picture); the ground-truth box (what rewards score) is untouched, and rl/eval texts are exact."""
+    cfg, pools = pools_for({"data.teacher_box_pad": 2}, base=WIDE)
+    size = cfg.data.image_size
+    edge = 0
+    for e in pools["ground"]["sft"]:
+        x0, y0, x1, y1 = e.answer
+        want = (max(0, x0 - 2), max(0, y0 - 2), min(size, x1 + 2), min(size, y1 + 2))
+        assert e.answer_text == " ".join(map(str, want))
+        edge += want != (x0 - 2, y0 - 2, x1 + 2, y1 + 2)
+    assert edge > 0             # large shapes on the border (1 px margin) exercise the clamp
+    _, clean = pools_for(base=WIDE)
+    assert [e.answer for e in pools["ground"]["sft"]] == [e.answer for e in clean["ground"]["sft"]]
+    for e in pools["ground"]["rl"] + pools["ground"]["eval"]:
+        assert e.answer_text == " ".join(map(str, e.answer))
+
+
 def test_slipping_teacher_is_wrong_but_truth_is_kept(wide):
     _, clean = wide
     _, pools = pools_for({"data.teacher_slip": 1.0}, base=WIDE)
