@@ -163,6 +163,8 @@ class RLConfig:
     eval_interval: int = 25          # quick held-out eval every this many RL steps (0 = off)
     task_mix: str = "vqa:1,ground:1,edit:1"  # RL task mix (t2i is SFT-only, as in the paper)
     temperature: float = 1.0         # rollout sampling temperature (unknown in the paper)
+    tokens_per_step: int = 0         # text tokens revealed per rollout step; 0 = diffusion.tokens_per_step.
+                                     # Unknown in the paper (§14.6); 4 halves vqa rollout time (RESULTS.md)
 
 
 @dataclass
@@ -358,6 +360,8 @@ def validate(cfg: Config):
                           f"mc_unweighted or one_step")
     if r.logp_norm not in ("sum", "mean"):
         raise ConfigError(f"--rl.logp_norm={r.logp_norm!r}: expected sum or mean")
+    if r.tokens_per_step < 0:
+        raise ConfigError(f"--rl.tokens_per_step={r.tokens_per_step}: must be >= 0 (0 = diffusion.tokens_per_step)")
     if r.af_mode not in ("failed_groups", "all_groups"):
         raise ConfigError(f"--rl.af_mode={r.af_mode!r}: expected failed_groups or all_groups")
     if t.batch_size % t.micro_batch:

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -103,9 +103,11 @@ def rollout_task(model, bundle, task: str, idx: list[int], cfg, device, autocast
     t0 = time.time()
     reasons = Counter()
 
+    dcfg = cfg.diffusion if rc.tokens_per_step <= 0 else replace(cfg.diffusion, tokens_per_step=rc.tokens_per_step)
+
     def run(canvas: Batch, order=None, start=0):
         with autocast:
-            return sample(model, canvas, tok, cfg.diffusion, temperature=rc.temperature,
+            return sample(model, canvas, tok, dcfg, temperature=rc.temperature,
                           image_temperature=rc.temperature, generator=generator, order=order, start_step=start)
 
     def score(tokens, per_prompt: int) -> torch.Tensor:
@@ -126,7 +128,7 @@ def rollout_task(model, bundle, task: str, idx: list[int], cfg, device, autocast
     round_means = [rews[0].mean().item()]
 
     # tree search: each later round branches N continuations from the best sample so far
-    offset = image_step_offset(base, cfg.diffusion)
+    offset = image_step_offset(base, dcfg)
     for s in schedule[1:]:
         all_r, all_t, all_o = torch.cat(rews, 1), torch.cat(toks, 1), torch.cat(orders, 1)
         best = all_r.argmax(1)                                                     # (G,)

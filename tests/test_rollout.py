@@ -386,6 +386,28 @@ def test_rollout_task_edit_tree_search(world):
     assert checked >= 2
 
 
+def test_rollout_tokens_per_step_sets_the_text_plan_and_the_branch_step(world, monkeypatch):
+    """rl.tokens_per_step=4: every rollout call samples with 4 text tokens per step, and tree search
+    branches at (text steps under THAT plan) + s, counted here from the layout by hand."""
+    w = world
+    cfg = rl_cfg(w, group_size=2, tree_schedule="0,2", tree_tasks="edit", tokens_per_step=4)
+    assert cfg.diffusion.tokens_per_step != 4
+    calls = []
+    real = RO.sample
+
+    def spy(model, batch, tok, dcfg, **kw):
+        calls.append((dcfg.tokens_per_step, kw.get("start_step", 0)))
+        return real(model, batch, tok, dcfg, **kw)
+
+    monkeypatch.setattr(RO, "sample", spy)
+    RO.rollout_task(tiny_model(w.tok.vocab_size, seed=1, scale=0.3), w.bundle, "edit", [0, 1], cfg, "cpu",
+                    nullcontext(), w.vq, torch.Generator().manual_seed(0))
+    R_text, B = w.lay["edit"].R_text, cfg.diffusion.block_len
+    text_steps = sum(math.ceil((min(lo + B, R_text) - lo) / 4) for lo in range(0, R_text, B))
+    assert calls == [(4, 0), (4, text_steps + 2)]
+    assert cfg.diffusion.tokens_per_step == make_config("toy").diffusion.tokens_per_step   # not mutated
+
+
 def RW_edit(ex, pred_scene):
     return RW.edit_score(ex.scene, ex.answer, pred_scene)
 
