@@ -370,6 +370,8 @@ class Example:
     image: np.ndarray | None = None         # input picture; rendered from `scene` unless user-given
     target_image: np.ndarray | None = None  # edit/t2i target picture (kept for scoring, never shown)
     key: str = ""                 # (scene, prompt) identity, for split disjointness
+    teacher_answer: str | None = None  # eval split, biased teacher only: what the sft teacher would
+                                  # have answered (eval.py measures how much of its error a model copies)
 
 
 def box_text(box) -> str:
@@ -440,6 +442,15 @@ def build_pools(dcfg) -> dict[str, dict[str, list[Example]]]:
                     continue
                 if split != "sft":          # answer-only pools carry no trace (rewards need none)
                     ex.trace = ex.trace if split == "eval" else None
+                if split == "eval" and task in ("vqa", "ground") and (dcfg.teacher_bias or dcfg.teacher_box_pad):
+                    # the same draw again, answered by the systematic part of the sft teacher (no
+                    # slips: rng=None), to tell "learned the truth" from "learned the teacher's error"
+                    rng2 = np.random.default_rng([dcfg.seed, ti, si, i - 1])
+                    scene2 = random_scene(rng2, dcfg.grid, dcfg.min_shapes, dcfg.max_shapes)
+                    twin = _make_example(task, scene2, rng2, dcfg,
+                                         Teacher(bias=dcfg.teacher_bias, box_pad=dcfg.teacher_box_pad))
+                    assert twin.key == ex.key
+                    ex.teacher_answer = twin.answer_text
                 out.append(ex)
             seen.update(e.key for e in out)
             pools[task][split] = out

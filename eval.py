@@ -61,6 +61,31 @@ def score_rows(task, examples, resp: torch.Tensor, layout, tok, decode_fn, grid:
     return out, why, pics, scenes
 
 
+def teacher_error_metrics(task, exs, resp, layout, tok, rewards) -> dict:
+    """How much of a systematic teacher error a model repeats (the issue-6 protocol, RESULTS.md).
+    vqa, when the eval examples carry the biased teacher's answer (data.teacher_bias): accuracy on
+    the questions that teacher gets wrong, and the share of them answered with its wrong answer.
+    ground, always: the mean outward offset of the predicted box edges in pixels (0 = exact size,
+    data.teacher_box_pad = what a loose teacher taught)."""
+    m = {}
+    if task == "vqa":
+        hit = [b for b, e in enumerate(exs) if e.teacher_answer is not None and e.teacher_answer != e.answer]
+        if hit:
+            said = [RW.parse_vqa(tok.decode(resp[b][:layout.R_text]))[0] for b in hit]
+            m["vqa_teacher_wrong_n"] = len(hit)
+            m["vqa_acc_teacher_wrong"] = float(np.mean([rewards[b] for b in hit]))
+            m["vqa_copies_teacher"] = float(np.mean([s == RW.normalise(exs[b].teacher_answer) for s, b in zip(said, hit)]))
+    elif task == "ground":
+        pads = []
+        for b, e in enumerate(exs):
+            box = RW.parse_box(tok.decode(resp[b][:layout.R_text]))[0]
+            if box is not None:
+                (x0, y0, x1, y1), (p0, q0, p1, q1) = e.answer, box
+                pads.append(((x0 - p0) + (y0 - q0) + (p1 - x1) + (q1 - y1)) / 4)
+        m["ground_box_pad_px"] = float(np.mean(pads)) if pads else float("nan")
+    return m
+
+
 @torch.no_grad()
 def generate(model, bundle, task: str, idx: list[int], split: str, cfg, device, autocast, seed: int):
     """Sample responses for examples `idx` of (task, split) in eval batches. Returns (B, R) ids."""
@@ -118,6 +143,7 @@ def evaluate(model, bundle, vq, cfg, device, autocast, split: str = "eval", n: i
         exs = [ts.examples[i] for i in idx]
         r, why, pics, preds = score_rows(task, exs, resp, ts.layout, bundle.tok, vq.decode, grid)
         fails = {k: v for k, v in Counter(why).items() if k != "ok"}
+        m.update(teacher_error_metrics(task, exs, resp, ts.layout, bundle.tok, r))
         if task == "vqa":
             m["vqa_acc"] = float(np.mean(r))
             by = defaultdict(list)

@@ -75,24 +75,27 @@ def phrase_pred(phrase: str):
     raise AssertionError(f"unparseable phrase {phrase!r}")
 
 
-def n_of(scene, phrase: str) -> int:
+def n_of(scene, phrase: str, overcount: tuple = ()) -> int:
+    """How many shapes match; a teacher biased on `overcount` colours says one more for those."""
     pred = phrase_pred(phrase)
-    return sum(1 for s in scene if s is not None and pred(s))
+    extra = 1 if phrase.split()[0] in overcount else 0
+    return sum(1 for s in scene if s is not None and pred(s)) + extra
 
 
-def vqa_truth(ex):
-    """(qtype, truth) for a vqa prompt, recomputed from the scene."""
+def vqa_truth(ex, overcount: tuple = ()):
+    """(qtype, truth) for a vqa prompt, recomputed from the scene (or a colour-biased teacher's answer)."""
     q, sc = ex.prompt, ex.scene
+    k = overcount
     if q == "how many sides do the shapes have in total ?":
         return "sides", str(sum(MY_SIDES[s.kind] for s in sc if s is not None))
     if m := re.fullmatch(r"how many (.+) are there \?", q):
-        return "count", str(n_of(sc, m.group(1)))
+        return "count", str(n_of(sc, m.group(1), k))
     if m := re.fullmatch(r"are there more (.+) than (.+) \?", q):
-        return "compare", "yes" if n_of(sc, m.group(1)) > n_of(sc, m.group(2)) else "no"
+        return "compare", "yes" if n_of(sc, m.group(1), k) > n_of(sc, m.group(2), k) else "no"
     if m := re.fullmatch(r"how many (.+) plus (.+) \?", q):
-        return "add", str(n_of(sc, m.group(1)) + n_of(sc, m.group(2)))
+        return "add", str(n_of(sc, m.group(1), k) + n_of(sc, m.group(2), k))
     if m := re.fullmatch(r"what is the difference between the number of (.+) and (.+) \?", q):
-        return "diff", str(abs(n_of(sc, m.group(1)) - n_of(sc, m.group(2))))
+        return "diff", str(abs(n_of(sc, m.group(1), k) - n_of(sc, m.group(2), k)))
     raise AssertionError(f"unparseable vqa prompt {q!r}")
 
 
@@ -361,6 +364,27 @@ def test_two_colour_bias_shifts_every_count_of_those_colours():
     assert min(seen.values()) >= 3
     for e in pools["vqa"]["rl"] + pools["vqa"]["eval"]:
         assert e.answer_text == vqa_truth(e)[1]
+
+
+def test_eval_examples_carry_the_biased_teachers_answer():
+    """With a biased teacher, every held-out vqa/ground example also stores what that teacher would
+    have answered (eval.py counts how often a model repeats it): recounted here independently."""
+    cfg, pools = pools_for({"data.teacher_bias": "yellow,red", "data.teacher_box_pad": 1}, base=WIDE)
+    differ = 0
+    for e in pools["vqa"]["eval"]:
+        assert e.answer == vqa_truth(e)[1]
+        assert e.teacher_answer == vqa_truth(e, overcount=("yellow", "red"))[1]
+        differ += e.teacher_answer != e.answer
+    assert 0 < differ < len(pools["vqa"]["eval"])
+    size = cfg.data.image_size
+    for e in pools["ground"]["eval"]:
+        x0, y0, x1, y1 = e.answer
+        assert e.teacher_answer == " ".join(map(str, (max(0, x0 - 1), max(0, y0 - 1), min(size, x1 + 1),
+                                                      min(size, y1 + 1))))
+    # the questions are the unbiased world's; an unbiased world stores no teacher answers
+    _, clean = pools_for(base=WIDE)
+    assert [e.key for e in pools["vqa"]["eval"]] == [e.key for e in clean["vqa"]["eval"]]
+    assert all(e.teacher_answer is None for t in ("vqa", "ground") for e in clean[t]["eval"])
 
 
 def test_bias_with_an_unknown_colour_is_a_config_error():
