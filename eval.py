@@ -13,6 +13,9 @@ Baselines reported by the same call (a trained model must beat them clearly):
   t2i     an empty canvas (cell accuracy = fraction of empty cells; shape accuracy 0)
   caption an empty description (cell accuracy = fraction of empty cells)
 
+With an imperfect teacher (data.teacher_bias / teacher_box_pad, the issue-6 protocol), the same call
+also reports how much of the teacher's systematic error a model repeats (`teacher_error_metrics`).
+
 Decoding is deterministic: text greedy (diffusion.temperature), image slots sampled at
 diffusion.image_temperature with a generator seeded by eval.seed, so the same checkpoint gives the
 same numbers. Exercise: python eval.py --preset=toy (evaluates runs/toy/ckpt_rl.pt, else ckpt_sft.pt;
