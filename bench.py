@@ -833,8 +833,6 @@ def bench_train(argv: list[str]):
 
 
 # ----------------------------------------------------------------------------------------------
-
-# ----------------------------------------------------------------------------------------------
 # search: the image-code lookup on its own (why model.init is fan-in)
 
 def search_batch(B: int, rng, n_extra: int = 16):
@@ -926,7 +924,6 @@ def bench_search(argv: list[str]):
               + " ".join(f"{a:.2f}" for a in accs) + f"   ({time.time() - t0:.0f}s)", flush=True)
         result["variants"][name] = {"steps_to_90": hits, "final_acc": accs}
     write_json("search", result)
-
 
 
 BENCHMARKS = {"likelihood": bench_likelihood, "sampler": bench_sampler, "rollout": bench_rollout,

@@ -77,7 +77,8 @@ def teacher_error_metrics(task, exs, resp, layout, tok, rewards) -> dict:
             said = [RW.parse_vqa(tok.decode(resp[b][:layout.R_text]))[0] for b in hit]
             m["vqa_teacher_wrong_n"] = len(hit)
             m["vqa_acc_teacher_wrong"] = float(np.mean([rewards[b] for b in hit]))
-            m["vqa_copies_teacher"] = float(np.mean([s == RW.normalise(exs[b].teacher_answer) for s, b in zip(said, hit)]))
+            m["vqa_copies_teacher"] = float(np.mean([s == RW.normalise(exs[b].teacher_answer)
+                                                     for s, b in zip(said, hit)]))
     elif task == "ground":
         pads = []
         for b, e in enumerate(exs):
