@@ -125,9 +125,12 @@ class TrainConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     max_steps: int = 20000
-    time_budget_s: float = 500.0     # SFT stops at max_steps or after this many seconds, whichever first
+    time_budget_s: float = 460.0     # SFT stops at max_steps or after this many seconds, whichever first;
+                                     # toy: the whole main job (VQ, SFT, a short RL stage, eval) fits in
+                                     # 10 min on a 2-core CPU (README)
     log_interval: int = 50
-    eval_interval: int = 500         # quick held-out eval during SFT (the saturation curve); 0 = off
+    eval_interval: int = 1000        # quick held-out eval during SFT (the learning curve; ~10 s each on
+                                     # the toy CPU, counted in the time budget); 0 = off
     ckpt_interval: int = 500
     task_mix: str = "vqa:4,ground:3,edit:2,t2i:1"   # SFT sampling ratios; caption (image-level
                                      # understanding) is available, e.g. ",caption:2", but measured no
@@ -159,8 +162,10 @@ class RLConfig:
     kl_coef: float = 0.0             # ablation only: KL to a frozen reference copy (paper: none)
     lr: float = 3e-4
     max_steps: int = 400
-    time_budget_s: float = 300.0
-    eval_interval: int = 25          # quick held-out eval every this many RL steps (0 = off)
+    time_budget_s: float = 50.0      # toy: a short RL stage inside the 10-minute main job: it shows the
+                                     # loop running, it is far too short to change the metrics (README)
+    eval_interval: int = 0           # quick held-out eval every this many RL steps (0 = off: the toy
+                                     # job's final eval follows right after)
     task_mix: str = "vqa:1,ground:1,edit:1"  # RL task mix (t2i is SFT-only, as in the paper)
     temperature: float = 1.0         # rollout sampling temperature (unknown in the paper)
     tokens_per_step: int = 0         # text tokens revealed per rollout step; 0 = diffusion.tokens_per_step.
@@ -203,7 +208,7 @@ PRESETS: dict[str, dict[str, dict]] = {
         "train": dict(out_dir="runs/small", batch_size=128, micro_batch=128, lr=5e-4,
                       max_steps=20000, time_budget_s=2400, eval_interval=2000, ckpt_interval=1000),
         "rl": dict(group_size=8, prompts_per_step=8, sft_rows=64, max_steps=2000, tree_schedule="0,4",
-                   time_budget_s=1800, lr=1e-4),
+                   time_budget_s=1800, lr=1e-4, eval_interval=100),
         "eval": dict(n_per_task=500),
     },
     "base": {
@@ -216,7 +221,7 @@ PRESETS: dict[str, dict[str, dict]] = {
         "train": dict(out_dir="runs/base", batch_size=512, micro_batch=64, lr=3e-4,
                       max_steps=100000, time_budget_s=1e9, eval_interval=5000, ckpt_interval=2000),
         "rl": dict(group_size=8, prompts_per_step=32, sft_rows=256, max_steps=5000, tree_schedule="0,8",
-                   time_budget_s=1e9, lr=5e-5),
+                   time_budget_s=1e9, lr=5e-5, eval_interval=200),
         "eval": dict(n_per_task=1000),
     },
 }

@@ -90,6 +90,46 @@ def teacher_error_metrics(task, exs, resp, layout, tok, rewards) -> dict:
     return m
 
 
+def trace_lists(text: str) -> list[tuple[str, ...]]:
+    """The lists a vqa trace reads off the picture: the words between each ':' and the next '.'.
+    'red shapes : r0c1 r2c2 . count 2 . squares : none . count 0 . 2 > 0 yes' -> [(r0c1, r2c2), (none,)];
+    a sides trace gives one list of (cell, sides) words. A list the model never closed is dropped."""
+    out, cur = [], None
+    for w in text.split():
+        if w == ":":
+            cur = []
+        elif w == "." and cur is not None:
+            out.append(tuple(cur))
+            cur = None
+        elif cur is not None:
+            cur.append(w)
+    return out
+
+
+def reading_metrics(exs, resp, layout, tok, rewards) -> dict:
+    """Where vqa answers go wrong: *reading* (a cell list in the trace differs from the truth's) or
+    *reasoning* (every list right, the count / sum / comparison after it wrong). Why: the toy's vqa
+    accuracy is the product of both, and they call for different fixes (RESULTS.md, session 5).
+      vqa_lists_exact       share of the ground-truth traces' lists the model reproduced exactly,
+                            list by list in order
+      vqa_wrong_lists_right share of the wrong answers whose lists were all exact (reasoning slips)"""
+    n_lists = n_exact = n_wrong = n_wrong_read_ok = 0
+    for ex, r, x in zip(exs, resp, rewards):
+        if not ex.trace:
+            continue
+        want, got = trace_lists(ex.trace), trace_lists(tok.decode(r[:layout.R_text]))
+        exact = [i < len(got) and got[i] == w for i, w in enumerate(want)]
+        n_lists, n_exact = n_lists + len(want), n_exact + sum(exact)
+        if x < 1:
+            n_wrong, n_wrong_read_ok = n_wrong + 1, n_wrong_read_ok + all(exact)
+    m = {}
+    if n_lists:
+        m["vqa_lists_exact"] = n_exact / n_lists
+    if n_wrong:
+        m["vqa_wrong_lists_right"] = n_wrong_read_ok / n_wrong
+    return m
+
+
 @torch.no_grad()
 def generate(model, bundle, task: str, idx: list[int], split: str, cfg, device, autocast, seed: int):
     """Sample responses for examples `idx` of (task, split) in eval batches. Returns (B, R) ids."""
@@ -155,6 +195,7 @@ def evaluate(model, bundle, vq, cfg, device, autocast, split: str = "eval", n: i
                 by[e.qtype].append(x)
             m["vqa_acc_by_type"] = {k: float(np.mean(v)) for k, v in sorted(by.items())}
             m["vqa_parse_fail"] = fails
+            m.update(reading_metrics(exs, resp, ts.layout, bundle.tok, r))
         elif task == "ground":
             m["ground_miou"] = float(np.mean(r))
             m["ground_p50"] = float(np.mean([x >= 0.5 for x in r]))

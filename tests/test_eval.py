@@ -1,5 +1,5 @@
 """
-Tests of eval.py's teacher-error metrics (the issue-6 protocol): hand-made examples and responses,
+Tests of eval.py's diagnostic metrics (teacher errors, reading vs reasoning): hand-made examples and responses,
 expected values counted by hand.
 
     cd /work/main && python -m pytest tests/test_eval.py -q
@@ -41,3 +41,31 @@ def test_ground_box_pad_is_the_mean_outward_edge_offset():
             "<answer> 1 2 </answer>"]           # unparsable: skipped
     m = E.teacher_error_metrics("ground", exs, resp, WIDE, FAKE_TOK, [0.0, 0.0, 0.0])
     assert math.isclose(m["ground_box_pad_px"], (1.0 - 0.5) / 2)
+
+
+def test_trace_lists_reads_each_colon_to_dot_span():
+    t = "red shapes : r0c1 r2c2 . count 2 . squares : none . count 0 . 2 > 0 yes"
+    assert E.trace_lists(t) == [("r0c1", "r2c2"), ("none",)]
+    assert E.trace_lists("sides : r0c1 3 r1c1 4 . 3 + 4 = 7") == [("r0c1", "3", "r1c1", "4")]
+    # the model's decoded text: special tokens around it, and a list it never closed is dropped
+    assert E.trace_lists("<think> circles : r3c3 . count 1 . large shapes : r0c0 </think>") == [("r3c3",)]
+
+
+def test_reading_metrics_split_reading_from_reasoning_errors_by_hand():
+    def ex(trace, answer):
+        return Example("vqa", "add", "q", None, answer, trace=trace)
+    exs = [ex("red shapes : r0c1 . count 1 . circles : r1c1 r2c2 . count 2 . 1 + 2 = 3", "3"),
+           ex("red shapes : r0c1 . count 1 . circles : r1c1 r2c2 . count 2 . 1 + 2 = 3", "3"),
+           ex("blue shapes : none . count 0", "0"),
+           ex("squares : r3c0 . count 1", "1")]
+    resp = ["red shapes : r0c1 . count 1 . circles : r1c1 r2c2 . count 2 . 1 + 2 = 4 <answer> 4 </answer>",
+            "red shapes : r0c1 . count 1 . circles : r2c2 r2c2 . count 2 . 1 + 2 = 3 <answer> 3 </answer>",
+            "blue shapes : none . count 0 <answer> 0 </answer>",
+            "squares : r3c1 . count 1 <answer> 1 </answer>"]
+    rewards = [0.0, 1.0, 1.0, 1.0]       # row 2 is right by luck, row 4 by luck too
+    m = E.reading_metrics(exs, resp, WIDE, FAKE_TOK, rewards)
+    # truth lists: 2 + 2 + 1 + 1 = 6; exact: row 1 both, row 2 the first, row 3 its one -> 4 of 6
+    assert math.isclose(m["vqa_lists_exact"], 4 / 6)
+    # one wrong answer (row 1), and its lists were all exact: a reasoning slip
+    assert m["vqa_wrong_lists_right"] == 1.0
+    assert "vqa_wrong_lists_right" not in E.reading_metrics(exs[2:3], resp[2:3], WIDE, FAKE_TOK, [1.0])
