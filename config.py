@@ -97,7 +97,10 @@ class DiffusionConfig:
     eps: float = 1e-3                # t ~ U(eps, 1): never an empty mask (LLaDA p_mask = (1-eps)t + eps)
     loss_weight: str = "mean"        # "mean": plain mean CE over masked tokens (LaViDa-O); "elbo": 1/t
     complementary: bool = True       # SFT also trains on the complementary mask (LaViDa)
-    full_mask_frac: float = 0.0      # share of SFT rows with t = 1 (whole response masked; see sft_loss)
+    full_mask_frac: float = 0.3      # share of SFT rows with t = 1 (whole response masked; see sft_loss):
+                                     # the sampler's start state, where only the picture can be read.
+                                     # Not in the paper (t ~ U(eps, 1) there); measured (session 5,
+                                     # RESULTS.md): the toy's reading comes on sooner, 0 = the paper's
     prompt_drop: float = 0.1         # drop the text prompt (-> [MASK]) for classifier-free guidance
     tokens_per_step: int = 2         # text: reveal this many tokens per step (LLaDA: 1 = best, slowest)
     block_len: int = 16              # text: semi-autoregressive block length

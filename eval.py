@@ -15,6 +15,8 @@ Baselines reported by the same call (a trained model must beat them clearly):
 
 With an imperfect teacher (data.teacher_bias / teacher_box_pad, the issue-6 protocol), the same call
 also reports how much of the teacher's systematic error a model repeats (`teacher_error_metrics`).
+For vqa it always splits the errors into reading (a cell list of the trace is wrong) and reasoning
+(every list right, the arithmetic after it wrong): `reading_metrics`.
 
 Decoding is deterministic: text greedy (diffusion.temperature), image slots sampled at
 diffusion.image_temperature with a generator seeded by eval.seed, so the same checkpoint gives the

@@ -291,20 +291,32 @@ def test_sft_loss_complementary_mean_is_every_response_token_once():
 
 
 def test_sft_loss_full_mask_frac():
-    """full_mask_frac=1: every row's whole response is masked (and its complement is empty);
-    full_mask_frac=0.5 over many rows: about half the rows are fully masked (a binomial check)."""
+    """full_mask_frac=1: every row's whole response is masked and its complement is empty. Under
+    the ELBO weight the empty complements still count (as zeros in the mean over rows); under the
+    plain mean they add nothing to either sum, so they are not run at all, and the loss is still the
+    mean CE over every response token. full_mask_frac=0.5 over many rows: about half the rows are
+    fully masked (a binomial check)."""
     batch, L = _sft_setup()
     B, P = batch.tokens.shape[0], batch.P
     mock = FixedLogits(L)
-    D.sft_loss(mock, batch, DiffusionConfig(complementary=True, prompt_drop=0.0, full_mask_frac=1.0), TOK,
-               generator=torch.Generator().manual_seed(6))
+    D.sft_loss(mock, batch, DiffusionConfig(loss_weight="elbo", complementary=True, prompt_drop=0.0,
+                                            full_mask_frac=1.0), TOK, generator=torch.Generator().manual_seed(6))
     is_m = (mock.calls[0] == MASK) | (mock.calls[0] == IMASK)
-    assert torch.equal(is_m[:B], batch.is_resp) and not is_m[B:].any()
+    assert is_m.shape[0] == 2 * B and torch.equal(is_m[:B], batch.is_resp) and not is_m[B:].any()
+    mock = FixedLogits(L)
+    loss, _ = D.sft_loss(mock, batch, DiffusionConfig(loss_weight="mean", complementary=True, prompt_drop=0.0,
+                                                      full_mask_frac=1.0), TOK, generator=torch.Generator().manual_seed(6))
+    is_m = (mock.calls[0] == MASK) | (mock.calls[0] == IMASK)
+    assert torch.equal(is_m, batch.is_resp)                      # B rows: the empty complements were dropped
+    T = batch.tokens.shape[1]
+    cells = [(b, k) for b in range(B) for k in range(T) if batch.is_resp[b, k]]
+    want = sum(ce_by_hand(L[k], int(batch.tokens[b, k])) for b, k in cells) / len(cells)
+    assert math.isclose(loss.item(), want, rel_tol=1e-5)
     big = D.Batch(*(x.repeat(200, 1) for x in (batch.tokens, batch.valid, batch.is_prompt, batch.is_resp,
                                                  batch.is_image)), P, batch.tasks * 200)
     mock = FixedLogits(L)
-    D.sft_loss(mock, big, DiffusionConfig(complementary=False, prompt_drop=0.0, full_mask_frac=0.5), TOK,
-               generator=torch.Generator().manual_seed(7))
+    D.sft_loss(mock, big, DiffusionConfig(loss_weight="elbo", complementary=False, prompt_drop=0.0,   # keeps
+                                          full_mask_frac=0.5), TOK, generator=torch.Generator().manual_seed(7))  # every row
     is_m = (mock.calls[0] == MASK) | (mock.calls[0] == IMASK)
     full = (is_m == big.is_resp).all(1).float()
     # a U(eps,1) row of R slots is fully masked by chance too, with probability E[t^R] ~ 1/(R+1)
