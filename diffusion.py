@@ -12,6 +12,8 @@ Paper mapping (PAPER.md §1 notation, §5.1, §7, §8.1; PEERS.md §3.1, §3.4):
                     (every response token supervised exactly once per pair: LaViDa).
                     With `prompt_drop` the text prompt of image-producing examples is replaced by
                     [MASK] so the model also learns the unconditional branch that CFG needs.
+                    With `full_mask_frac` (ours, not the paper's) that share of rows is trained at
+                    t = 1, the sampler's start state: the toy's reading comes on sooner (RESULTS.md).
   sampler           start from an all-mask response and reveal it over a fixed number of steps:
                       text  -- semi-autoregressive blocks of `block_len`, `tokens_per_step` per step,
                                equal counts per step (LLaDA `generate`);
