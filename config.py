@@ -136,8 +136,9 @@ class TrainConfig:
                                      # the toy CPU, counted in the time budget); 0 = off
     ckpt_interval: int = 500
     task_mix: str = "vqa:4,ground:3,edit:2,t2i:1"   # SFT sampling ratios; caption (image-level
-                                     # understanding) is available, e.g. ",caption:2", but measured no
-                                     # gain on the reading tasks (old gpt2 init, RESULTS.md)
+                                     # understanding) is available, e.g. ",caption:2": it helps reading
+                                     # without full-mask rows, but on top of them every task lost
+                                     # (session 5, RESULTS.md), so it is off
     task_mix_early: str = ""         # curriculum: this mix for the first `early_frac` of SFT progress
     early_frac: float = 0.0          # (progress = the lr schedule's); "" / 0 = one mix throughout
     resume: bool = False             # continue from the latest checkpoint in out_dir
