@@ -679,11 +679,14 @@ class Batch:
     def with_tokens(self, tokens: torch.Tensor) -> "Batch":
         return Batch(tokens, self.valid, self.is_prompt, self.is_resp, self.is_image, self.P, self.tasks)
 
+    def rows(self, idx: torch.Tensor) -> "Batch":
+        """The rows idx (B',) of this batch, in that order; a row may appear several times."""
+        return Batch(*(t[idx] for t in (self.tokens, self.valid, self.is_prompt, self.is_resp, self.is_image)),
+                     self.P, [self.tasks[i] for i in idx.tolist()])
+
     def repeat(self, n: int) -> "Batch":
         """Each row n times in a row (rows 0..n-1 = copies of row 0): a rollout group per prompt."""
-        r = lambda t: t.repeat_interleave(n, 0)
-        return Batch(r(self.tokens), r(self.valid), r(self.is_prompt), r(self.is_resp), r(self.is_image),
-                     self.P, [t for t in self.tasks for _ in range(n)])
+        return self.rows(torch.arange(self.tokens.shape[0], device=self.tokens.device).repeat_interleave(n))
 
     @property
     def response(self) -> torch.Tensor:

@@ -110,18 +110,14 @@ def sft_loss(model, batch: Batch, dcfg, tok: Tokenizer, generator: torch.Generat
     if dcfg.complementary:
         masks.append(batch.is_resp & ~m1)
         ts.append((1 - t).clamp(min=dcfg.eps))      # the complement's rate, for the 1/t weight
-    k = len(masks)
-    big = batch if k == 1 else Batch(*(x.repeat(k, 1) for x in (batch.tokens, batch.valid, batch.is_prompt,
-                                                             batch.is_resp, batch.is_image)),
-                                     batch.P, batch.tasks * k)
-    mask, t_row = torch.cat(masks), torch.cat(ts)
-    if dcfg.loss_weight == "mean" and not mask.any(1).all():
+    mask, t_row = torch.cat(masks), torch.cat(ts)                              # (kB, T), (kB,)
+    rows = torch.arange(B, device=dev).repeat(len(masks))                      # (kB,) each row's example
+    if dcfg.loss_weight == "mean":
         # rows with nothing masked (the complement of a t = 1 row) add 0 to both sums of the plain
-        # mean: drop them before the forward instead of paying for it (same loss, fewer rows)
+        # mean: leave them out of the forward (same loss, fewer rows)
         keep = mask.any(1)                                                      # (kB,)
-        big = Batch(*(x[keep] for x in (big.tokens, big.valid, big.is_prompt, big.is_resp, big.is_image)),
-                    big.P, [task for task, k in zip(big.tasks, keep.tolist()) if k])
-        mask, t_row = mask[keep], t_row[keep]
+        rows, mask, t_row = rows[keep], mask[keep], t_row[keep]
+    big = batch.rows(rows)
     inp = apply_mask(big.tokens, mask, big.is_image, tok)                       # y_t, (kB, T)
     if dcfg.prompt_drop > 0:
         # CFG training: drop the text prompt of image-producing rows with probability prompt_drop

@@ -277,13 +277,18 @@ def test_sft_loss_complementary_masks_partition_the_response_and_elbo_by_hand():
     assert math.isclose(stats["mask_frac"], 0.5, rel_tol=1e-6)   # |M1|+|M2| = |resp| over 2|resp|
 
 
+def _mean_ce_over_response(batch, L):
+    """The mean hand-computed CE of a fixed-logit model over every response token of the batch."""
+    T = batch.tokens.shape[1]
+    cells = [(b, k) for b in range(batch.tokens.shape[0]) for k in range(T) if batch.is_resp[b, k]]
+    return sum(ce_by_hand(L[k], int(batch.tokens[b, k])) for b, k in cells) / len(cells)
+
+
 def test_sft_loss_complementary_mean_is_every_response_token_once():
     """With the complementary pair and the plain mean, each response token is scored exactly once,
     so for a fixed-logit model the loss is the mean CE over all response tokens, whatever the draw."""
     batch, L = _sft_setup()
-    T = batch.tokens.shape[1]
-    cells = [(b, k) for b in range(batch.tokens.shape[0]) for k in range(T) if batch.is_resp[b, k]]
-    want = sum(ce_by_hand(L[k], int(batch.tokens[b, k])) for b, k in cells) / len(cells)
+    want = _mean_ce_over_response(batch, L)
     dcfg = DiffusionConfig(loss_weight="mean", complementary=True, prompt_drop=0.0)
     for seed in range(3):
         loss, _ = D.sft_loss(FixedLogits(L), batch, dcfg, TOK, generator=torch.Generator().manual_seed(seed))
@@ -308,10 +313,7 @@ def test_sft_loss_full_mask_frac():
                                                       full_mask_frac=1.0), TOK, generator=torch.Generator().manual_seed(6))
     is_m = (mock.calls[0] == MASK) | (mock.calls[0] == IMASK)
     assert torch.equal(is_m, batch.is_resp)                      # B rows: the empty complements were dropped
-    T = batch.tokens.shape[1]
-    cells = [(b, k) for b in range(B) for k in range(T) if batch.is_resp[b, k]]
-    want = sum(ce_by_hand(L[k], int(batch.tokens[b, k])) for b, k in cells) / len(cells)
-    assert math.isclose(loss.item(), want, rel_tol=1e-5)
+    assert math.isclose(loss.item(), _mean_ce_over_response(batch, L), rel_tol=1e-5)
     big = D.Batch(*(x.repeat(200, 1) for x in (batch.tokens, batch.valid, batch.is_prompt, batch.is_resp,
                                                  batch.is_image)), P, batch.tasks * 200)
     mock = FixedLogits(L)
