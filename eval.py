@@ -1,287 +1,32 @@
 """
-Held-out evaluation: fixed sets, fixed seeds, one number per task, baselines next to it, and a PNG
-grid of prompts, inputs and outputs a person can look at.
+Evaluate a finished run on the held-out sets: one number per task, the baselines beside them, and
+a PNG grid of prompts, inputs and outputs (metrics.py computes them all).
 
-Paper mapping (PAPER.md §10): MathVista-style accuracy -> `vqa_acc`; LISA-Grounding mIoU and P@0.5
--> `ground_miou`, `ground_p50`; ImgEdit -> `edit_score` (our exact edit score, rewards.py);
-text-to-image attribute accuracy (GenEval-like) -> `t2i_shape_acc` / `t2i_cell_acc`; image-level understanding -> `caption_cell_acc`.
+    python eval.py --preset=toy                  # runs/toy/ckpt_rl.pt if present, else ckpt_sft.pt
+    python eval.py --preset=toy --out_dir=runs/x --eval.n_per_task=100
 
-Baselines reported by the same call (a trained model must beat them clearly):
-  vqa     the most common ground-truth answer of each question type in the RL pool (image-blind)
-  ground  the box of a uniformly random shape of the scene (exact expectation over the shapes)
-  edit    copy the input picture unchanged (scores 0.5 + partial credit, see rewards.edit_score)
-  t2i     an empty canvas (cell accuracy = fraction of empty cells; shape accuracy 0)
-  caption an empty description (cell accuracy = fraction of empty cells)
-
-With an imperfect teacher (data.teacher_bias / teacher_box_pad, the issue-6 protocol), the same call
-also reports how much of the teacher's systematic error a model repeats (`teacher_error_metrics`).
-For vqa it always splits the errors into reading (a cell list of the trace is wrong) and reasoning
-(every list right, the arithmetic after it wrong): `reading_metrics`.
-
-Decoding is deterministic: text greedy (diffusion.temperature), image slots sampled at
-diffusion.image_temperature with a generator seeded by eval.seed, so the same checkpoint gives the
-same numbers. Exercise: python eval.py --preset=toy (evaluates runs/toy/ckpt_rl.pt, else ckpt_sft.pt;
-writes metrics_eval.json and samples_eval.png next to it).
+Writes metrics_eval.json and samples_eval.png into out_dir.
 """
-from __future__ import annotations
-
 import json
 import os
-import time
-from collections import Counter, defaultdict
 
-import numpy as np
-import torch
-from PIL import Image, ImageDraw
-
-import rewards as RW
-from config import TASKS, parse_mix
-from data import collate, read_scene, render, shape_box
-from diffusion import sample
+import common
+import metrics
+from config import get_config
 
 
-def score_rows(task, examples, resp: torch.Tensor, layout, tok, decode_fn, grid: int):
-    """Rewards for sampled responses (B, R): returns (rewards, reasons, decoded pictures or None,
-    the scenes re-read from them or None). Each picture is read once, here."""
-    texts = [tok.decode(r[:layout.R_text]) for r in resp]
-    pics = scenes = None
-    if layout.n_img:
-        codes = resp[:, layout.R_text:layout.R] - tok.img_offset                  # (B, n_img)
-        pics = decode_fn(codes)                                                     # (B, H, W, 3)
-        scenes = [read_scene(p, grid) for p in pics]
-    out, why = [], []
-    for b, ex in enumerate(examples):
-        if task == "vqa":
-            r, w = RW.vqa_reward(texts[b], ex.answer)
-        elif task == "ground":
-            r, w = RW.ground_reward(texts[b], ex.answer)
-        elif task == "edit":
-            r, w = RW.edit_score(ex.scene, ex.answer, scenes[b]), "ok"
-        elif task == "caption":
-            r, w = RW.caption_reward(texts[b], ex.answer, grid)
-        else:
-            r, w = RW.scene_accuracy(ex.answer, scenes[b]), "ok"
-        out.append(r)
-        why.append(w)
-    return out, why, pics, scenes
-
-
-def teacher_error_metrics(task, exs, resp, layout, tok, rewards) -> dict:
-    """How much of a systematic teacher error a model repeats (the issue-6 protocol, RESULTS.md).
-    vqa, when the eval examples carry the biased teacher's answer (data.teacher_bias): accuracy on
-    the questions that teacher gets wrong, and the share of them answered with its wrong answer.
-    ground, always: the mean outward offset of the predicted box edges in pixels (0 = exact size,
-    data.teacher_box_pad = what a loose teacher taught)."""
-    m = {}
-    if task == "vqa":
-        hit = [b for b, e in enumerate(exs) if e.teacher_answer is not None and e.teacher_answer != e.answer]
-        if hit:
-            said = [RW.parse_vqa(tok.decode(resp[b][:layout.R_text]))[0] for b in hit]
-            m["vqa_teacher_wrong_n"] = len(hit)
-            m["vqa_acc_teacher_wrong"] = float(np.mean([rewards[b] for b in hit]))
-            m["vqa_copies_teacher"] = float(np.mean([s == RW.normalise(exs[b].teacher_answer)
-                                                     for s, b in zip(said, hit)]))
-    elif task == "ground":
-        pads = []
-        for b, e in enumerate(exs):
-            box = RW.parse_box(tok.decode(resp[b][:layout.R_text]))[0]
-            if box is not None:
-                (x0, y0, x1, y1), (p0, q0, p1, q1) = e.answer, box
-                pads.append(((x0 - p0) + (y0 - q0) + (p1 - x1) + (q1 - y1)) / 4)
-        m["ground_box_pad_px"] = float(np.mean(pads)) if pads else float("nan")
-    return m
-
-
-def trace_lists(text: str) -> list[tuple[str, ...]]:
-    """The lists a vqa trace reads off the picture: the words between each ':' and the next '.'.
-    'red shapes : r0c1 r2c2 . count 2 . squares : none . count 0 . 2 > 0 yes' -> [(r0c1, r2c2), (none,)];
-    a sides trace gives one list of (cell, sides) words. A list the model never closed is dropped."""
-    out, cur = [], None
-    for w in text.split():
-        if w == ":":
-            cur = []
-        elif w == "." and cur is not None:
-            out.append(tuple(cur))
-            cur = None
-        elif cur is not None:
-            cur.append(w)
-    return out
-
-
-def reading_metrics(exs, resp, layout, tok, rewards) -> dict:
-    """Where vqa answers go wrong: *reading* (a cell list in the trace differs from the truth's) or
-    *reasoning* (every list right, the count / sum / comparison after it wrong). Why: the toy's vqa
-    accuracy is the product of both, and they call for different fixes (RESULTS.md, session 5).
-      vqa_lists_exact       share of the ground-truth traces' lists the model reproduced exactly,
-                            list by list in order
-      vqa_wrong_lists_right share of the wrong answers whose lists were all exact (reasoning slips)"""
-    n_lists = n_exact = n_wrong = n_wrong_read_ok = 0
-    for ex, r, x in zip(exs, resp, rewards):
-        if not ex.trace:
-            continue
-        want, got = trace_lists(ex.trace), trace_lists(tok.decode(r[:layout.R_text]))
-        exact = [i < len(got) and got[i] == w for i, w in enumerate(want)]
-        n_lists, n_exact = n_lists + len(want), n_exact + sum(exact)
-        if x < 1:
-            n_wrong, n_wrong_read_ok = n_wrong + 1, n_wrong_read_ok + all(exact)
-    m = {}
-    if n_lists:
-        m["vqa_lists_exact"] = n_exact / n_lists
-    if n_wrong:
-        m["vqa_wrong_lists_right"] = n_wrong_read_ok / n_wrong
-    return m
-
-
-@torch.no_grad()
-def generate(model, bundle, task: str, idx: list[int], split: str, cfg, device, autocast, seed: int):
-    """Sample responses for examples `idx` of (task, split) in eval batches. Returns (B, R) ids."""
-    sets = {task: bundle.sets[task][split]}
-    gen = torch.Generator(device=device).manual_seed(seed)
-    outs = []
-    for i in range(0, len(idx), cfg.eval.batch_size):
-        batch = collate(sets, [(task, j) for j in idx[i:i + cfg.eval.batch_size]], bundle.tok,
-                        responses=False).to(device)
-        with autocast:
-            tokens, _ = sample(model, batch, bundle.tok, cfg.diffusion, generator=gen)
-        outs.append(tokens[:, batch.P:batch.P + sets[task].layout.R].cpu())
-    return torch.cat(outs)
-
-
-def baselines(bundle, cfg) -> dict:
-    """Image-blind / copy / random-choice baselines on the same held-out examples."""
-    d, out = cfg.data, {}
-    ev = {t: bundle.sets[t]["eval"].examples[:cfg.eval.n_per_task] for t in bundle.sets}
-    prior = defaultdict(Counter)
-    for ex in bundle.sets["vqa"]["rl"].examples:
-        prior[ex.qtype][ex.answer] += 1
-    hit = [(e.qtype, prior[e.qtype].most_common(1)[0][0] == e.answer) for e in ev["vqa"]]
-    out["vqa_prior_acc"] = float(np.mean([h for _, h in hit]))
-    out["vqa_prior_by_type"] = {q: float(np.mean([h for t, h in hit if t == q])) for q in sorted({t for t, _ in hit})}
-    ious = [[RW.iou(shape_box(i, s, d.grid, d.image_size), e.answer) for i, s in enumerate(e.scene) if s]
-            for e in ev["ground"]]
-    out["ground_random_miou"] = float(np.mean([np.mean(x) for x in ious]))
-    out["ground_random_p50"] = float(np.mean([np.mean([v >= 0.5 for v in x]) for x in ious]))
-    out["edit_copy_score"] = float(np.mean([RW.edit_score(e.scene, e.answer, e.scene) for e in ev["edit"]]))
-    empty = (None,) * (d.grid * d.grid)
-    out["t2i_empty_cell_acc"] = float(np.mean([RW.scene_accuracy(e.answer, empty) for e in ev["t2i"]]))
-    out["t2i_empty_shape_acc"] = 0.0
-    # describing nothing: right about every empty cell, wrong about every shape
-    out["caption_empty_cell_acc"] = float(np.mean([RW.scene_accuracy(e.answer, empty) for e in ev["caption"]]))
-    return out
-
-
-def evaluate(model, bundle, vq, cfg, device, autocast, split: str = "eval", n: int | None = None,
-             tasks=None, grid_path: str | None = None) -> dict:
-    """Held-out metrics per task (and the sample grid if grid_path is given). tasks=None: every
-    family the SFT mix trains (train.task_mix; the RL stage keeps training those through its SFT rows)."""
-    if tasks is None:
-        mix = parse_mix(cfg.train.task_mix)
-        tasks = [t for t in TASKS if mix.get(t, 0) > 0]
-    was_training = model.training
-    model.eval()
-    n = cfg.eval.n_per_task if n is None else n
-    grid, m, rows = cfg.data.grid, {}, {}
-    t0 = time.time()
-    for ti, task in enumerate(tasks):
-        ts = bundle.sets[task][split]
-        idx = list(range(min(n, len(ts))))
-        resp = generate(model, bundle, task, idx, split, cfg, device, autocast, cfg.eval.seed + ti)
-        exs = [ts.examples[i] for i in idx]
-        r, why, pics, preds = score_rows(task, exs, resp, ts.layout, bundle.tok, vq.decode, grid)
-        fails = {k: v for k, v in Counter(why).items() if k != "ok"}
-        m.update(teacher_error_metrics(task, exs, resp, ts.layout, bundle.tok, r))
-        if task == "vqa":
-            m["vqa_acc"] = float(np.mean(r))
-            by = defaultdict(list)
-            for e, x in zip(exs, r):
-                by[e.qtype].append(x)
-            m["vqa_acc_by_type"] = {k: float(np.mean(v)) for k, v in sorted(by.items())}
-            m["vqa_parse_fail"] = fails
-            m.update(reading_metrics(exs, resp, ts.layout, bundle.tok, r))
-        elif task == "ground":
-            m["ground_miou"] = float(np.mean(r))
-            m["ground_p50"] = float(np.mean([x >= 0.5 for x in r]))
-            m["ground_parse_fail"] = fails
-        elif task == "edit":
-            m["edit_score"] = float(np.mean(r))
-            m["edit_exact"] = float(np.mean([p == e.answer for p, e in zip(preds, exs)]))
-        elif task == "caption":
-            m["caption_cell_acc"] = float(np.mean(r))
-            m["caption_parse_fail"] = fails
-        else:
-            m["t2i_cell_acc"] = float(np.mean(r))
-            shape_acc = [np.mean([RW.cell_similarity(p[i], s) for i, s in enumerate(e.answer) if s])
-                         for p, e in zip(preds, exs)]
-            m["t2i_shape_acc"] = float(np.mean(shape_acc))
-        k = cfg.eval.grid_rows
-        rows[task] = (exs[:k], resp[:k, :ts.layout.R_text], None if pics is None else pics[:k], r[:k])
-    m["eval_seconds"] = time.time() - t0
-    if grid_path:
-        save_sample_grid(rows, bundle.tok, cfg, grid_path)
-    model.train(was_training)
-    return m
-
-
-def headline(m: dict) -> str:
-    keys = [("vqa_acc", "vqa acc"), ("ground_miou", "ground mIoU"), ("ground_p50", "P@0.5"),
-            ("edit_score", "edit"), ("t2i_shape_acc", "t2i shape acc"), ("caption_cell_acc", "caption cell acc")]
-    return " | ".join(f"{name} {m[k]:.3f}" for k, name in keys if k in m)
-
-
-# ----------------------------------------------------------------------------------------------
-# the picture a person looks at
-
-def _wrap(text: str, width: int) -> list[str]:
-    lines, cur = [], ""
-    for w in text.split():
-        if len(cur) + len(w) + 1 > width:
-            lines.append(cur)
-            cur = w
-        else:
-            cur = f"{cur} {w}".strip()
-    return lines + [cur]
-
-
-def save_sample_grid(rows: dict, tok, cfg, path: str, scale: int = 4):
-    """One row per example: input picture | prompt + response text | output picture | target.
-    rows[task] = (examples, text-region ids, decoded pictures or None, rewards)."""
-    S = cfg.data.image_size * scale
-    text_w, row_h = 520, max(S, 130)
-    n = sum(len(v[0]) for v in rows.values())
-    canvas = Image.new("RGB", (3 * S + text_w + 40, n * (row_h + 8) + 8), (255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
-    y = 8
-    for task, (exs, resp, pics, r) in rows.items():
-        for b, ex in enumerate(exs):
-            x = 8
-            if ex.image is not None or ex.scene is not None:
-                img = ex.image if ex.image is not None else render(ex.scene, cfg.data.grid, cfg.data.image_size)
-                canvas.paste(Image.fromarray(img).resize((S, S), Image.NEAREST), (x, y))
-            x += S + 8
-            text = tok.decode(resp[b])          # the text region only
-            lines = [f"[{task}/{ex.qtype}] reward {r[b]:.2f}"] + _wrap(ex.prompt, 80) + ["->"] + _wrap(text, 80)
-            draw.multiline_text((x, y), "\n".join(lines[:10]), fill=(0, 0, 0))
-            x += text_w
-            if pics is not None:
-                out = (np.asarray(pics[b]) * 255).clip(0, 255).astype(np.uint8)
-                canvas.paste(Image.fromarray(out).resize((S, S), Image.NEAREST), (x, y))
-                tgt = render(ex.answer, cfg.data.grid, cfg.data.image_size)
-                canvas.paste(Image.fromarray(tgt).resize((S, S), Image.NEAREST), (x + S + 8, y))
-            y += row_h + 8
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    canvas.save(path)
-
-
-if __name__ == "__main__":
-    import train
-    from config import get_config
-    cfg = get_config()
-    ctx = train.setup(cfg)
-    model, bundle, vq = train.load_for_eval(cfg, ctx)
-    m = evaluate(model, bundle, vq, cfg, ctx.device, ctx.autocast,
-                 grid_path=os.path.join(cfg.train.out_dir, "samples_eval.png"))
-    m.update(baselines(bundle, cfg))
+def main(argv=None):
+    cfg = get_config(argv)
+    ctx = common.setup(cfg)
+    model, bundle, vq = common.load_latest(cfg, ctx)
+    m = metrics.evaluate(model, bundle, vq, cfg, ctx.device, ctx.autocast,
+                         grid_path=os.path.join(cfg.train.out_dir, "samples_eval.png"))
+    m.update(metrics.baselines(bundle, cfg))
     with open(os.path.join(cfg.train.out_dir, "metrics_eval.json"), "w") as f:
         json.dump(m, f, indent=1)
     print(json.dumps(m, indent=1))
     print(f"wrote {cfg.train.out_dir}/metrics_eval.json and samples_eval.png")
+
+
+if __name__ == "__main__":
+    main()

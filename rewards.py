@@ -1,7 +1,7 @@
 """
 Verifiable rewards, one per task family, and the robust answer parser they share.
 
-Paper mapping (PAPER.md §6):
+The rewards of LaViDa-R1 (arXiv 2602.14147; METHOD.md §8):
   vqa     0-1 correctness of the text inside <answer> ... </answer> (numbers normalised)
   ground  IoU between the predicted box and the ground-truth box, in [0, 1]
   edit    a real-valued edit score in [0, 1] read from the decoded picture. The paper uses the
@@ -10,15 +10,15 @@ Paper mapping (PAPER.md §6):
           the target scene: 0.5 * (instruction followed in the changed cells)
                           + 0.5 * (the rest of the picture preserved).
           Each cell earns partial credit (a third per matching kind / colour / size), so the
-          reward is genuinely real-valued, which is what tree search needs (§4).
+          reward is genuinely real-valued, which is what tree search needs (METHOD.md §6).
           Copying the input scores 0.5 * (partial credit of the input's changed cells) + 0.5 * 1:
           exactly 0.5 for remove / move / add, 0.5 + 0.5 * 2/3 for a recolour (kind and size still
-          match): eval.py reports that baseline.
+          match): metrics.baselines reports that baseline.
   t2i     (eval only; the paper does not RL text-to-image) mean per-cell attribute accuracy.
-  caption (eval only) the same accuracy, of the scene the caption's text describes.
 
 Parsing never raises: a missing tag, two answers, garbage or an empty response scores 0 and the
-reason is returned so callers can count failures by reason in their logs.
+reason is returned so callers can count failures by reason in their logs. score_rows applies the
+right reward to a batch of sampled rows (rollouts and held-out evaluation both call it).
 
 Exercise: python -m pytest tests/test_rewards.py -q
 """
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import re
 
-from data import COLOURS, KINDS, SIZES, Scene, Shape
+from data import COLOURS, KINDS, SIZES, Scene, Shape, read_scene
 
 # ----------------------------------------------------------------------------------------------
 # parsing
@@ -123,36 +123,36 @@ def edit_score(source: Scene, target: Scene, pred: Scene) -> float:
     return 0.5 * follow + 0.5 * keep
 
 
-def parse_caption(text: str, grid: int) -> tuple[Scene | None, str]:
-    """'<answer> large red circle r1c1 , small blue square r3c2 </answer>' -> a Scene (cells not
-    named are empty). reasons: those of extract_answer | bad_item (not 'size colour kind rXcY', or
-    a cell outside the board) | duplicate_cell. One bad item fails the whole caption: a caption that
-    cannot be read back is not a description."""
-    inner, why = extract_answer(text)
-    if inner is None:
-        return None, why
-    scene: list = [None] * (grid * grid)
-    for item in inner.split(","):
-        w = item.split()
-        m = re.fullmatch(r"r(\d+)c(\d+)", w[3]) if len(w) == 4 else None
-        if (m is None or w[0] not in SIZES or w[1] not in COLOURS or w[2] not in KINDS
-                or int(m[1]) >= grid or int(m[2]) >= grid):
-            return None, "bad_item"
-        cell = int(m[1]) * grid + int(m[2])
-        if scene[cell] is not None:
-            return None, "duplicate_cell"
-        scene[cell] = Shape(w[2], w[1], w[0])
-    return tuple(scene), "ok"
-
-
-def caption_reward(text: str, scene: Scene, grid: int) -> tuple[float, str]:
-    """Per-cell attribute accuracy of the scene the caption describes (an unreadable caption: 0)."""
-    pred, why = parse_caption(text, grid)
-    if pred is None:
-        return 0.0, why
-    return scene_accuracy(scene, pred), "ok"
-
-
 def scene_accuracy(target: Scene, pred: Scene) -> float:
     """Text-to-image attribute accuracy: mean per-cell similarity to the described scene."""
     return sum(cell_similarity(p, t) for p, t in zip(pred, target)) / len(target)
+
+
+# ----------------------------------------------------------------------------------------------
+# scoring sampled rows (rollouts and held-out evaluation share it)
+
+def score_rows(task: str, examples, resp, layout, tok, decode_fn, grid: int):
+    """Rewards of sampled responses `resp` (B, R) ids of `task`, one per example: returns (rewards
+    [B floats in [0, 1]], reasons [B strings, "ok" or why the text did not parse], decoded pictures
+    (B, H, W, 3) in [0, 1] or None, the scenes re-read from them or None). decode_fn maps VQ codes
+    (B, n_img) to pictures (vq.VQVAE.decode); each picture is decoded and read once, here."""
+    texts = [tok.decode(r[:layout.R_text]) for r in resp]
+    pics = scenes = None
+    if layout.n_img:
+        codes = resp[:, layout.R_text:layout.R] - tok.img_offset                  # (B, n_img)
+        pics = decode_fn(codes)                                                     # (B, H, W, 3)
+        scenes = [read_scene(p, grid) for p in pics]
+    out, why = [], []
+    for b, ex in enumerate(examples):
+        if task == "vqa":
+            r, w = vqa_reward(texts[b], ex.answer)
+        elif task == "ground":
+            r, w = ground_reward(texts[b], ex.answer)
+        elif task == "edit":
+            r, w = edit_score(ex.scene, ex.answer, scenes[b]), "ok"
+        else:
+            r, w = scene_accuracy(ex.answer, scenes[b]), "ok"
+        out.append(r)
+        why.append(w)
+    return out, why, pics, scenes
+

@@ -1,24 +1,28 @@
 """
-Stage 2: the unified SFT-regularised multi-task RL loop of LaViDa-R1.
+Stage 2: the unified SFT-regularised multi-task RL loop of LaViDa-R1 (arXiv 2602.14147, METHOD.md §4).
 
-Paper mapping (PAPER.md §2): every training signal is one weighted log-likelihood,
+Every training signal is one weighted log-likelihood,
 
     J(theta) = (1/N) sum_i A_i * log pi_theta(y_i | x_i)                                    (Eq. U)
 
 and each step concatenates (x, y, A) triplets from
-  (i)  an SFT batch of the traced pool, A = 1                        (the regulariser, §2.2)
+  (i)  an SFT batch of the traced pool, A = 1                        (the regulariser)
   (ii) on-policy rollouts of several tasks, A = gamma * A_distill + (1 - gamma) * A_GRPO   (Eq. A)
        with answer-forcing on vqa/ground and tree search on edit (rollout.py).
-log pi is the complementary-masking estimate of §5 (likelihood.py; rl.likelihood switches it for
+log pi is the complementary-masking estimate (METHOD.md §7, likelihood.py; rl.likelihood switches it for
 the ablations). The loss minimised is -J. No KL term and no reference model: `--rl.kl_coef > 0`
-loads a frozen copy and adds the k3 KL on the same masks, for the ablation of §2.2 only.
+loads a frozen copy and adds the k3 KL on the same masks, for the ablation only.
 
-Readings of the paper's unknowns (§14), all config fields:
-  * on-policy, one gradient step per batch of fresh rollouts: no importance ratio, no clipping (§2.3)
+Readings of the paper's unknowns (METHOD.md §9), all config fields:
+  * on-policy, one gradient step per batch of fresh rollouts: no importance ratio, no clipping
   * N in Eq. U counts every triplet of the step (SFT rows + all group members), so zero-advantage
     rows dilute the step exactly as the formula says; they are not run through the model
-  * SFT rows per step (rl.sft_rows) and the task mix (rl.task_mix) are ours to choose (§14.1)
+  * SFT rows per step (rl.sft_rows) and the task mix (rl.task_mix) are ours to choose
   * sum over tokens for log pi (rl.logp_norm = sum | mean); one t1 per sample (rl.shared_t)
+
+The file reads top to bottom: unified_loss (-J of Eq. U on a batch of triplets), rl_step (ONE update:
+rollouts -> advantages -> the J loss -> optimizer step) and run_rl (the stage: resume, loop, log,
+checkpoint, quick evals).
 
 Run it: python train.py --preset=toy --stage=rl   (starts from out_dir/ckpt_sft.pt)
 """
@@ -36,7 +40,10 @@ from tqdm import tqdm
 import config as C
 import data as D
 import likelihood as LK
-from rollout import rollout_task
+import metrics
+from common import (TaskSampler, load_checkpoint, make_optimizer, model_from_checkpoint, save_checkpoint,
+                    stop_together, sync_grads)
+from rollout import Rollouts, rollout_task
 
 
 def unified_loss(model, batch: D.Batch, adv: torch.Tensor, tok, rc, n_total: int, generator=None,
@@ -63,108 +70,124 @@ def unified_loss(model, batch: D.Batch, adv: torch.Tensor, tok, rc, n_total: int
     return loss, stats
 
 
+def rl_step(model, opt, cfg, ctx, bundle, vq, draws: dict, sft: TaskSampler, pick: torch.Generator,
+            gen: torch.Generator, ref=None) -> dict:
+    """One RL update: rollouts -> advantages -> the J loss (Eq. U) -> one optimizer step.
+
+    draws: prompts per task this step ({task: k}); sft: the sampler of the SFT rows (A = 1); pick:
+    the prompt picker's generator; gen: the sampling and mask generator. Returns the step's record
+    (rewards, GRPO signal, timings, loss terms). When a loss term or the gradient is non-finite the
+    update is skipped and the record's "nonfinite" names the term."""
+    rc, t, dev = cfg.rl, cfg.train, ctx.device
+    t0 = time.time()
+    model.eval()                     # sampling: no dropout
+    rolls: list[Rollouts] = []
+    for task, k in draws.items():
+        idx = torch.randperm(len(bundle.sets[task]["rl"]), generator=pick)[:k].tolist()
+        rolls.append(rollout_task(model, bundle, task, idx, cfg, dev, ctx.autocast, vq, gen))
+    t_roll = time.time() - t0
+    model.train()
+
+    # the step's (x, y, A) triplets: SFT rows with A = 1, then every rollout row with A != 0
+    parts, advs = [], []
+    if rc.sft_rows:
+        parts.append(D.collate({k: v["sft"] for k, v in bundle.sets.items()}, sft.draw(rc.sft_rows),
+                               bundle.tok).to(dev))
+        advs.append(torch.ones(rc.sft_rows, device=dev))
+    for r in rolls:
+        if len(r.adv):
+            parts.append(r.batch)
+            advs.append(r.adv.to(dev))
+    # N of Eq. U: every triplet of the step, zero-advantage members included
+    n_total = rc.sft_rows + sum(int(r.stats["members"]) for r in rolls)
+    terms = {}
+    if parts:     # else: no SFT rows and every advantage 0 (all groups failed): J = 0, no gradient
+        batch, adv = D.cat_batches(parts, bundle.tok), torch.cat(advs)
+        for lo in range(0, len(adv), t.micro_batch):             # micro-batches: gradients add up
+            rows = torch.arange(lo, min(lo + t.micro_batch, len(adv)), device=adv.device)
+            with ctx.autocast:
+                loss, lstats = unified_loss(model, batch.rows(rows), adv[rows], bundle.tok, rc, n_total, gen, ref)
+            loss.backward()
+            terms["loss"] = terms.get("loss", 0.0) + loss.item()      # each part is already / N: they add up to -J
+            for k, v in lstats.items():                              # per-token means: weighted by rows
+                terms[k] = terms.get(k, 0.0) + v * len(rows) / len(adv)
+    sync_grads(model, ctx)
+    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip).item()
+    bad = next((k for k, v in {**terms, "gradient norm": gnorm}.items() if not math.isfinite(v)), None)
+    if bad is None:
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    rec = {"rollout_s": round(t_roll, 2), "update_s": round(time.time() - t0 - t_roll, 2),
+           "grad": round(gnorm, 3), **terms, "nonfinite": bad}
+    for r in rolls:
+        rec[r.task] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.stats.items()
+                       if k != "members"}
+    return rec
+
+
 def run_rl(cfg, ctx, bundle, vq, model=None):
-    import eval as E
-    import train as TR
+    """The RL stage: from `model` (the SFT stage's, in memory), else out_dir/ckpt_sft.pt or
+    --train.init_from; --resume continues out_dir/ckpt_rl.pt. Writes ckpt_rl.pt and rl_log.json."""
     rc, t, dev = cfg.rl, cfg.train, ctx.device
     ckpt_path = os.path.join(t.out_dir, "ckpt_rl.pt")
-    step, elapsed, history = 0, 0.0, []
+    step, elapsed, history, blob = 0, 0.0, [], None
     if t.resume and os.path.exists(ckpt_path):
-        blob = TR.load_checkpoint(ckpt_path, bundle.tok.vocab_size)
-        model = TR.model_from_checkpoint(blob, dev)
+        blob = load_checkpoint(ckpt_path, bundle.tok.vocab_size)
+        model = model_from_checkpoint(blob, dev)
         step, elapsed, history = blob["step"], blob.get("elapsed", 0.0), blob.get("history", [])
         ctx.log(f"resumed RL from {ckpt_path} at step {step}")
     elif model is None:
         src = t.init_from or os.path.join(t.out_dir, "ckpt_sft.pt")
-        model = TR.model_from_checkpoint(TR.load_checkpoint(src, bundle.tok.vocab_size), dev)
+        model = model_from_checkpoint(load_checkpoint(src, bundle.tok.vocab_size), dev)
         ctx.log(f"RL starts from {src}")
-    opt = TR.make_optimizer(model, rc.lr, t.weight_decay, dev)
-    if t.resume and os.path.exists(ckpt_path):
+    opt = make_optimizer(model, rc.lr, t.weight_decay, dev)
+    if blob is not None:
         opt.load_state_dict(blob["optim"])
     ref = None
     if rc.kl_coef > 0:      # ablation only: the paper drops the KL term and the reference model
         ref = copy.deepcopy(model).eval().requires_grad_(False)
     mix = C.parse_mix(rc.task_mix, "rl.task_mix")
-    per_task = {k: max(1, round(rc.prompts_per_step * len(mix) * w)) for k, w in mix.items()}
-    sft = TR.TaskSampler(bundle.sets, "sft", C.parse_mix(t.task_mix), t.seed * 1000 + 7 + ctx.rank)
+    draws = {k: max(1, round(rc.prompts_per_step * len(mix) * w)) for k, w in mix.items()}
+    # three random streams per rank: SFT rows, sampling noise and masks, the prompt picker
+    sft = TaskSampler(bundle.sets, "sft", C.parse_mix(t.task_mix), t.seed * 1000 + 7 + ctx.rank)
     gen = torch.Generator(device=dev).manual_seed(t.seed * 1000 + 11 + ctx.rank)
     pick = torch.Generator().manual_seed(t.seed * 1000 + 13 + ctx.rank)
-    ctx.log(f"RL: prompts/step {per_task} x group {rc.group_size} | sft rows {rc.sft_rows} | likelihood "
+    ctx.log(f"RL: prompts/step {draws} x group {rc.group_size} | sft rows {rc.sft_rows} | likelihood "
             f"{rc.likelihood} | gamma {rc.gamma} | answer-forcing p={rc.af_prob} ({rc.af_mode}) | tree "
             f"{rc.tree_schedule} on {rc.tree_tasks} | kl {rc.kl_coef} | lr {rc.lr} | "
             f"max {rc.max_steps} steps or {rc.time_budget_s:.0f}s")
-    t_start = time.time() - elapsed
+    t_start, bad_steps = time.time() - elapsed, 0
     bar = tqdm(total=rc.max_steps, initial=step, disable=not ctx.master, desc="rl", dynamic_ncols=True, mininterval=5)
     while step < rc.max_steps:
-        t0 = time.time()
-        model.eval()                     # sampling: no dropout
-        rolls = []
-        for task, k in per_task.items():
-            pool = len(bundle.sets[task]["rl"])
-            idx = torch.randperm(pool, generator=pick)[:k].tolist()
-            rolls.append(rollout_task(model, bundle, task, idx, cfg, dev, ctx.autocast, vq, gen))
-        t_roll = time.time() - t0
-        model.train()
-        parts, advs = [], []
-        if rc.sft_rows:
-            parts.append(D.collate({k: v["sft"] for k, v in bundle.sets.items()}, sft.draw(rc.sft_rows),
-                                   bundle.tok).to(dev))
-            advs.append(torch.ones(rc.sft_rows, device=dev))                       # SFT rows: A = 1
-        for r in rolls:
-            if len(r.adv):
-                parts.append(r.batch)
-                advs.append(r.adv.to(dev))
-        # N of Eq. U: every triplet of the step, zero-advantage members included
-        n_total = rc.sft_rows + sum(int(r.stats["members"]) for r in rolls)
-        if parts:
-            batch, adv = D.cat_batches(parts, bundle.tok), torch.cat(advs)
-        else:           # no SFT rows and every advantage 0 (e.g. all groups failed): J = 0, no update
-            batch, adv = None, torch.zeros(0, device=dev)
-        lstats = {}
-        for lo in range(0, len(adv), t.micro_batch):             # micro-batches: gradients add up
-            rows = slice(lo, lo + t.micro_batch)
-            sub = D.Batch(*(x[rows] for x in (batch.tokens, batch.valid, batch.is_prompt, batch.is_resp,
-                                              batch.is_image)), batch.P, batch.tasks[rows])
-            with ctx.autocast:
-                loss, lstats = unified_loss(model, sub, adv[rows], bundle.tok, rc, n_total, gen, ref)
-            loss.backward()
-        TR.sync_grads(model, ctx)
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip).item()
-        if not math.isfinite(gnorm):
-            opt.zero_grad(set_to_none=True)
-            ctx.log(f"rl step {step}: non-finite gradient, update skipped")
-            continue
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
+        rec = rl_step(model, opt, cfg, ctx, bundle, vq, draws, sft, pick, gen, ref)
         elapsed = time.time() - t_start
-        bar.update(1)
-        rec = {"step": step, "seconds": round(elapsed, 1), "rollout_s": round(t_roll, 2),
-               "update_s": round(time.time() - t0 - t_roll, 2), "grad": round(gnorm, 3), **lstats}
-        for r in rolls:
-            rec[r.task] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.stats.items()
-                           if k != "members"}
-        bar.set_postfix({r.task: f"{r.stats['reward']:.2f}" for r in rolls})
+        if rec["nonfinite"]:
+            # never step on a NaN; several in a row means the run is broken (rl_step skipped the update)
+            bad_steps += 1
+            ctx.log(f"rl step {step}: non-finite {rec['nonfinite']}; update skipped ({bad_steps} in a row)")
+            if bad_steps >= 5:
+                raise SystemExit(f"training error: 5 non-finite RL updates in a row at step {step} (last: "
+                                 f"{rec['nonfinite']}); lower --rl.lr (now {rc.lr}) and resume from {ckpt_path}")
+        else:
+            bad_steps = 0
+            step += 1
+            bar.update(1)
+        rec = {"step": step, "seconds": round(elapsed, 1), **rec}
+        tasks = [k for k in draws]
+        bar.set_postfix({k: f"{rec[k]['reward']:.2f}" for k in tasks})
         if step % max(1, t.log_interval // 10) == 0 or step == 1:
-            parts = [f"{r.task} r={r.stats['reward']:.3f} nz={r.stats['nonzero_adv_frac']:.2f} "
-                     f"grpo={r.stats['grpo_nonzero_frac']:.2f}"
-                     + (f" af={r.stats['af_fired']}" if "af_fired" in r.stats and r.task != "edit" else "")
-                     for r in rolls]
-            ctx.log(f"rl step {step} | {' | '.join(parts)} | rollout {t_roll:.1f}s "
+            parts = [f"{k} r={rec[k]['reward']:.3f} nz={rec[k]['nonzero_adv_frac']:.2f} "
+                     f"grpo={rec[k]['grpo_nonzero_frac']:.2f}"
+                     + (f" af={rec[k]['af_fired']}" if k in ("vqa", "ground") else "") for k in tasks]
+            ctx.log(f"rl step {step} | {' | '.join(parts)} | rollout {rec['rollout_s']:.1f}s "
                     f"update {rec['update_s']:.1f}s | {elapsed:.0f}s")
-        out_of_time = elapsed > rc.time_budget_s
-        if ctx.ddp:   # every rank must stop at the same step, or the next all-reduce hangs
-            flag = torch.tensor([float(out_of_time)])
-            torch.distributed.broadcast(flag, 0)
-            out_of_time = bool(flag.item())
-        done = step >= rc.max_steps or out_of_time
+        done = step >= rc.max_steps or stop_together(elapsed > rc.time_budget_s, ctx)
         if rc.eval_interval and (step % rc.eval_interval == 0 or done) and ctx.master:
-            m = E.evaluate(model, bundle, vq, cfg, dev, ctx.autocast, n=min(100, cfg.eval.n_per_task))
-            rec["eval"] = m
-            ctx.log(f"rl eval @ {step} ({elapsed:.0f}s): {E.headline(m)}")
+            rec["eval"] = metrics.evaluate(model, bundle, vq, cfg, dev, ctx.autocast, n=min(100, cfg.eval.n_per_task))
+            ctx.log(f"rl eval @ {step} ({elapsed:.0f}s): {metrics.headline(rec['eval'])}")
         history.append(rec)
         if ctx.master and (step % t.ckpt_interval == 0 or done):
-            TR.save_checkpoint(ckpt_path, model, opt, step, cfg, bundle, {"elapsed": elapsed, "history": history})
+            save_checkpoint(ckpt_path, model, opt, step, cfg, bundle, {"elapsed": elapsed, "history": history})
         if done:
             break
     bar.close()

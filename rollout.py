@@ -2,26 +2,26 @@
 Rollouts for the unified RL step: groups of on-policy samples, answer-forcing, tree search, and
 the advantages of Eq. A.
 
-Paper mapping:
-  groups          N samples per prompt (PAPER.md §1). Every prompt and sample of a task is pushed
+The rollout side of LaViDa-R1 (arXiv 2602.14147), METHOD.md §4-§6:
+  groups          N samples per prompt. Every prompt and sample of a task is pushed
                   through the sampler in ONE batched call (rows = prompts x samples), never a Python
                   loop over samples.
-  answer-forcing  (§3; tasks with a ground truth: vqa, ground). Always build sample N+1 whose canvas is
+  answer-forcing  (METHOD.md §5; tasks with a ground truth: vqa, ground). Always build sample N+1 whose canvas is
                   "[M] ... [M] <answer> z* </answer>": the ground-truth answer block fixed at the end of
                   the text region and the reasoning inpainted by the same sampler (it never changes a
                   fixed token). It joins the group (N+1 members) when every one of the N on-policy
                   samples scores below tau, with probability af_prob. The paper's "10%" has two
-                  readings (§3, §14.3): af_mode="failed_groups" (default, reading 1: p applies to
+                  readings (METHOD.md §9): af_mode="failed_groups" (default, reading 1: p applies to
                   all-failed groups) or "all_groups" (reading 2: a fraction p of all groups).
-  tree search     (§4; real-valued rewards: edit). Round 0 draws N samples from the fully masked
+  tree search     (METHOD.md §6; real-valued rewards: edit). Round 0 draws N samples from the fully masked
                   canvas; each later round takes the best sample so far (argmax over ALL samples so
-                  far: §14.5 is unknown, this is the simplest reading), rebuilds its state at image
+                  far: the paper does not say; this is the simplest reading), rebuilds its state at image
                   step s from its final tokens and recorded unmasking order alone
                   (diffusion.rebuild_state: no intermediate tensors are kept), and samples N
                   continuations from there. rl.tree_schedule = "0,8" means rounds at steps [0, 8].
   advantages      A = gamma * A_distill + (1 - gamma) * A_GRPO (Eq. A), over each whole group:
-                  A_GRPO = (r - mean) / (std + 1e-4) (std division is standard GRPO; §14.2 unknown, so
-                  rl.adv_std=False gives the mean-only Dr.-GRPO form), A_distill = 1 for the best sample.
+                  A_GRPO = (r - mean) / (std + 1e-4) (std division is standard GRPO; the paper does not
+                  say, so rl.adv_std=False gives the mean-only Dr.-GRPO form), A_distill = 1 for the best sample.
                   Reading taken: no distillation target when the best reward is 0 (imitating a failed
                   sample cannot be what self-distillation means).
 
@@ -38,7 +38,7 @@ import torch
 from config import parse_int_list
 from data import Batch, answer_ids, cat_batches, collate
 from diffusion import image_step_offset, rebuild_state, sample
-from eval import score_rows
+from rewards import score_rows
 
 
 @dataclass
@@ -175,9 +175,5 @@ def rollout_task(model, bundle, task: str, idx: list[int], cfg, device, autocast
         stats["forced_reward"] = r_f.mean().item()
     if len(schedule) > 1:
         stats["round_reward"] = round_means
-    return Rollouts(task, _index(rows, keep), flat_adv[keep], r_on, stats)
+    return Rollouts(task, rows.rows(keep.nonzero().squeeze(1)), flat_adv[keep], r_on, stats)
 
-
-def _index(b: Batch, keep: torch.Tensor) -> Batch:
-    return Batch(*(x[keep] for x in (b.tokens, b.valid, b.is_prompt, b.is_resp, b.is_image)), b.P,
-                 [t for t, k in zip(b.tasks, keep.tolist()) if k])

@@ -236,14 +236,17 @@ def test_model_choice_validation(capsys):
     assert get_config(["--model.init=gpt2"]).model.init == "gpt2"
 
 
-def test_task_sampler_set_mix():
-    """A curriculum switch changes which tasks are drawn and keeps the random stream going."""
-    import train
+def test_task_sampler_follows_the_mix():
+    """Only tasks with a positive weight and a non-empty pool are drawn, at the mix's frequencies
+    (4000 draws: each share within 4 binomial standard deviations), with indices inside each pool."""
+    import common
 
     class Pool(list):
         pass
-    sets = {t: {"sft": Pool(range(5))} for t in ("vqa", "ground", "edit", "t2i")}
-    s = train.TaskSampler(sets, "sft", parse_mix("ground:1"), seed=0)
-    assert {t for t, _ in s.draw(50)} == {"ground"}
-    s.set_mix(parse_mix("vqa:1,edit:1"))
-    assert {t for t, _ in s.draw(200)} == {"vqa", "edit"}
+    sets = {t: {"sft": Pool(range(n))} for t, n in (("vqa", 5), ("ground", 3), ("edit", 7), ("t2i", 0))}
+    s = common.TaskSampler(sets, "sft", parse_mix("vqa:3,ground:1,t2i:2"), seed=0)
+    draws = s.draw(4000)
+    assert {t for t, _ in draws} == {"vqa", "ground"}            # t2i's pool is empty, edit has no weight
+    share = sum(t == "vqa" for t, _ in draws) / len(draws)
+    assert abs(share - 0.75) < 4 * (0.75 * 0.25 / 4000) ** 0.5
+    assert all(0 <= i < len(sets[t]["sft"]) for t, i in draws)

@@ -1,10 +1,10 @@
 """
-Tests of train.py's multi-process and checkpoint machinery (STYLE rules 6, 10, 11):
+Tests of the multi-process and checkpoint machinery (common.py, train.run_sft):
 
   1. DDP equivalence: 2 CPU processes on gloo, each with 2 micro-batches per step and gradients
-     averaged by train.sync_grads, end with the same parameters after 3 AdamW steps as ONE process
+     averaged by common.sync_grads, end with the same parameters after 3 AdamW steps as ONE process
      that accumulates all 4 micro-batches (loss / 4) and steps once. The ranks start from
-     different seeds (setup() seeds seed + rank), so this also checks train.broadcast_params. A 4th
+     different seeds (setup() seeds seed + rank), so this also checks common.broadcast_params. A 4th
      step in which rank 1 runs no backward at all checks that sync_grads still agrees with the
      reference (rank 1 counts as a zero gradient) instead of hanging.
   2. Resume: run_sft for 3 steps straight == 2 steps, a crash right after the step-2 checkpoint,
@@ -17,9 +17,9 @@ Tests of train.py's multi-process and checkpoint machinery (STYLE rules 6, 10, 1
 The world is tiny: a few synthetic examples per family, a fake VQ (one code per 8x8 patch from its
 mean colour), a 1-layer d_model=32 Transformer. The two processes are started the way torchrun
 starts them (MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE/LOCAL_RANK in the environment, this file run as
-a script), so train.setup's DDP detection is what is tested. One launch serves every DDP test.
+a script), so common.setup's DDP detection is what is tested. One launch serves every DDP test.
 
-    cd /work/main && python -m pytest tests/test_distributed.py -q
+    python -m pytest tests/test_distributed.py -q
 """
 import copy
 import os
@@ -36,6 +36,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import config as C  # noqa: E402
 import data as D  # noqa: E402
+import common  # noqa: E402
 import train  # noqa: E402
 from diffusion import sft_loss  # noqa: E402
 
@@ -74,14 +75,14 @@ def tiny_config(out_dir: str, cache_dir: str, **over) -> C.Config:
     return C.make_config("toy", o)
 
 
-def make_bundle(cfg) -> train.Bundle:
-    ctx = train.Ctx("cpu", torch.float32, "fp32", False, 0, 1, cfg.train.out_dir)
+def make_bundle(cfg) -> common.Bundle:
+    ctx = common.Ctx("cpu", torch.float32, "fp32", False, 0, 1, cfg.train.out_dir)
     os.makedirs(cfg.train.out_dir, exist_ok=True)
-    return train.get_bundle(cfg, FakeVQ(cfg.data.image_size), ctx)
+    return common.get_bundle(cfg, FakeVQ(cfg.data.image_size), ctx)
 
 
 def params(model) -> dict:
-    return {k: v.detach().clone() for k, v in train.unwrap(model).state_dict().items()}
+    return {k: v.detach().clone() for k, v in common.unwrap(model).state_dict().items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -107,16 +108,16 @@ def sync_run(cfg, ctx, bundle) -> dict:
     """The run_sft recipe (build, broadcast, accumulate, sync_grads, clip, AdamW) on fixed batches.
     Returns the weights at init and after K_STEPS steps, and after the extra step in which rank 1
     does no backward."""
-    model = train.build_model(cfg, bundle.tok, "cpu")     # seeded seed + rank
+    model = common.build_model(cfg, bundle.tok, "cpu")     # seeded seed + rank
     before = params(model)
-    train.broadcast_params(model, ctx)
-    opt = train.make_optimizer(model, cfg.train.lr, cfg.train.weight_decay, "cpu")
+    common.broadcast_params(model, ctx)
+    opt = common.make_optimizer(model, cfg.train.lr, cfg.train.weight_decay, "cpu")
     out = {"init_own": before, "init": params(model)}
     for step in range(K_STEPS + 1):
         if step < K_STEPS or ctx.rank == 0:
             for micro in range(ACCUM):
                 (micro_loss(model, bundle, cfg, ctx.rank, step, micro) / ACCUM).backward()
-        train.sync_grads(model, ctx)
+        common.sync_grads(model, ctx)
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -129,8 +130,8 @@ def sync_run(cfg, ctx, bundle) -> dict:
 def reference_run(cfg, bundle) -> dict:
     """One process: all ranks' micro-batches of a step accumulated with loss / (WORLD * ACCUM)."""
     torch.manual_seed(cfg.train.seed)                                      # rank 0's init
-    model = train.build_model(cfg, bundle.tok, "cpu")
-    opt = train.make_optimizer(model, cfg.train.lr, cfg.train.weight_decay, "cpu")
+    model = common.build_model(cfg, bundle.tok, "cpu")
+    opt = common.make_optimizer(model, cfg.train.lr, cfg.train.weight_decay, "cpu")
     out = {"init": params(model)}
     for step in range(K_STEPS + 1):
         ranks = range(WORLD) if step < K_STEPS else [0]                    # the step rank 1 sits out
@@ -209,14 +210,14 @@ def resume_runs(base_dir: str, cache_dir: str, setup_ctx) -> dict:
 
 def worker(out_dir: str, cache_dir: str):
     cfg = tiny_config(os.path.join(out_dir, "sync"), cache_dir)
-    ctx = train.setup(cfg)                               # RANK etc. set -> gloo process group
+    ctx = common.setup(cfg)                               # RANK etc. set -> gloo process group
     torch.set_num_threads(1)
     assert ctx.ddp and ctx.world == WORLD, (ctx.ddp, ctx.world)
     bundle = make_bundle(cfg)                            # the parent wrote the token cache
     res = {"sync": sync_run(cfg, ctx, bundle)}
 
     def setup_ctx(c):
-        return train.setup(c)
+        return common.setup(c)
     ck = resume_runs(os.path.join(out_dir, "resume"), cache_dir, setup_ctx)
     # every rank reports its own final weights (run_sft's checkpoints are rank 0's alone)
     res["resume"] = {k: {kk: v[kk] for kk in ("step", "loss", "rank_states")} for k, v in ck.items()}
@@ -293,8 +294,8 @@ def test_ddp_matches_one_process_with_grad_accumulation(ddp):
     # and rank 1's micro-batches mattered: rank 0's data alone gives other weights
     solo = copy.deepcopy(ddp.cfg)
     torch.manual_seed(solo.train.seed)
-    m = train.build_model(solo, ddp.bundle.tok, "cpu")
-    opt = train.make_optimizer(m, solo.train.lr, solo.train.weight_decay, "cpu")
+    m = common.build_model(solo, ddp.bundle.tok, "cpu")
+    opt = common.make_optimizer(m, solo.train.lr, solo.train.weight_decay, "cpu")
     for step in range(K_STEPS):
         for micro in range(ACCUM):
             (micro_loss(m, ddp.bundle, solo, 0, step, micro) / ACCUM).backward()
@@ -316,7 +317,7 @@ def test_ddp_rank_without_backward_counts_as_zero_gradient(ddp):
 
 
 def test_resume_same_next_step_loss_one_process(tmp_path):
-    ck = resume_runs(str(tmp_path), str(tmp_path / "cache"), train.setup)
+    ck = resume_runs(str(tmp_path), str(tmp_path / "cache"), common.setup)
     assert ck["at_crash"]["step"] == N_RESUME
     assert ck["straight"]["step"] == ck["resumed"]["step"] == N_RESUME + 1
     assert ck["straight"]["loss"] == pytest.approx(ck["resumed"]["loss"], abs=1e-6)
@@ -327,16 +328,16 @@ def test_resume_same_next_step_loss_one_process(tmp_path):
 @pytest.mark.parametrize("drop", ["sampler", "torch_rng"])
 def test_resume_without_saved_state_differs(tmp_path, monkeypatch, drop):
     """Controls: the resume test above fails if either state is not restored."""
-    ck = resume_runs(str(tmp_path / "ok"), str(tmp_path / "cache"), train.setup)
+    ck = resume_runs(str(tmp_path / "ok"), str(tmp_path / "cache"), common.setup)
     crashed = str(tmp_path / "control")
     os.makedirs(crashed)
     torch.save(ck["at_crash"], os.path.join(crashed, "ckpt_sft.pt"))
     if drop == "sampler":
-        monkeypatch.setattr(train.TaskSampler, "load_state", lambda self, st: None)
+        monkeypatch.setattr(common.TaskSampler, "load_state", lambda self, st: None)
     else:
         monkeypatch.setattr(torch, "set_rng_state", lambda st: None)
     cfg = tiny_config(crashed, str(tmp_path / "cache"), **{"train.resume": True})
-    train.run_sft(cfg, train.setup(cfg), make_bundle(cfg), FakeVQ())
+    train.run_sft(cfg, common.setup(cfg), make_bundle(cfg), FakeVQ())
     blob = torch.load(os.path.join(crashed, "ckpt_sft.pt"), weights_only=False)
     assert blob["step"] == N_RESUME + 1
     assert abs(blob["loss"] - ck["straight"]["loss"]) > 1e-4
@@ -364,12 +365,12 @@ def saved(tmp_path_factory):
     cfg = tiny_config(str(tmp), str(tmp / "cache"))
     bundle = make_bundle(cfg)
     torch.manual_seed(0)
-    model = train.build_model(cfg, bundle.tok, "cpu")
-    opt = train.make_optimizer(model, 1e-3, 0.0, "cpu")
+    model = common.build_model(cfg, bundle.tok, "cpu")
+    opt = common.make_optimizer(model, 1e-3, 0.0, "cpu")
     micro_loss(model, bundle, cfg, 0, 0, 0).backward()
     opt.step()                                            # optimizer state with tensors
     path = str(tmp / "ckpt_sft.pt")
-    train.save_checkpoint(path, model, opt, 7, cfg, bundle, {"elapsed": 1.5})
+    common.save_checkpoint(path, model, opt, 7, cfg, bundle, {"elapsed": 1.5})
     return SimpleNamespace(path=path, model=model, bundle=bundle, cfg=cfg, tmp=tmp)
 
 
@@ -392,13 +393,13 @@ def test_checkpoint_round_trip_on_cpu(saved, monkeypatch):
         seen.update(k)
         return real(*a, **k)
     monkeypatch.setattr(torch, "load", spy)
-    blob = train.load_checkpoint(saved.path, saved.bundle.tok.vocab_size)
+    blob = common.load_checkpoint(saved.path, saved.bundle.tok.vocab_size)
     assert seen.get("map_location") == "cpu"             # GPU checkpoints load on a CPU-only box
     assert blob["step"] == 7 and blob["elapsed"] == 1.5
     ts = list(all_tensors(blob))
     assert ts and all(t.device.type == "cpu" for t in ts)
     assert not os.path.exists(saved.path + ".tmp")       # atomic: tmp renamed away
-    m = train.model_from_checkpoint(blob, "cpu")
+    m = common.model_from_checkpoint(blob, "cpu")
     assert_close(params(m), params(saved.model), 0.0, "model_from_checkpoint:")
     assert C.from_dict(blob["config"]) == saved.cfg
 
@@ -406,16 +407,16 @@ def test_checkpoint_round_trip_on_cpu(saved, monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_checkpoint_loads_on_cpu(saved, tmp_path):
     m = copy.deepcopy(saved.model).cuda()
-    opt = train.make_optimizer(m, 1e-3, 0.0, "cuda")
+    opt = common.make_optimizer(m, 1e-3, 0.0, "cuda")
     path = str(tmp_path / "gpu.pt")
-    train.save_checkpoint(path, m, opt, 1, saved.cfg, saved.bundle)
-    blob = train.load_checkpoint(path)
+    common.save_checkpoint(path, m, opt, 1, saved.cfg, saved.bundle)
+    blob = common.load_checkpoint(path)
     assert all(t.device.type == "cpu" for t in all_tensors(blob))
 
 
 def one_line_exit(path, vocab=None) -> str:
     with pytest.raises(SystemExit) as e:
-        train.load_checkpoint(path, vocab)
+        common.load_checkpoint(path, vocab)
     msg = str(e.value.code)
     assert msg.startswith("checkpoint error: ") and "\n" not in msg, msg
     return msg
@@ -442,10 +443,10 @@ def test_checkpoint_errors_are_one_line(saved, tmp_path):
 def test_architecture_mismatch_is_one_line(saved):
     """A checkpoint whose weights do not fit the model (another --model.* flag, or an older
     model.py): both ways of loading it say so in one line instead of a key-by-key traceback."""
-    blob = train.load_checkpoint(saved.path, saved.bundle.tok.vocab_size)
+    blob = common.load_checkpoint(saved.path, saved.bundle.tok.vocab_size)
     blob["model"]["norm_f.weight"] = torch.ones(saved.cfg.model.d_model)   # a final norm it lacks
-    for load in (lambda: train.model_from_checkpoint(blob, "cpu"),
-                 lambda: train.load_weights(saved.model, blob["model"], saved.path)):
+    for load in (lambda: common.model_from_checkpoint(blob, "cpu"),
+                 lambda: common.load_weights(saved.model, blob["model"], saved.path)):
         with pytest.raises(SystemExit) as e:
             load()
         msg = str(e.value.code)

@@ -1,13 +1,13 @@
 """
-Tests of eval.py's diagnostic metrics (teacher errors, reading vs reasoning): hand-made examples and responses,
+Tests of metrics.py's diagnostic metrics (teacher errors, reading vs reasoning): hand-made examples and responses,
 expected values counted by hand.
 
-    cd /work/main && python -m pytest tests/test_eval.py -q
+    python -m pytest tests/test_eval.py -q
 """
 import math
 from types import SimpleNamespace
 
-import eval as E
+import metrics as E
 from data import Example
 
 FAKE_TOK = SimpleNamespace(decode=lambda text: text)     # responses are given as text already

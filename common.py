@@ -1,0 +1,383 @@
+"""
+Shared plumbing of the entry scripts (train.py, eval.py, bench.py, estimators.py): nothing here is the
+method itself, it is what every stage needs around it.
+
+  Ctx, setup()          device (cuda > mps > cpu), dtype (bf16 autocast on CUDA with bf16, else fp32;
+                        the reason is printed), DDP from torchrun's environment (NCCL on GPU, gloo on
+                        CPU), seeds offset by rank, out_dir and log.txt (rank 0 writes files)
+  sync_grads, broadcast_params, all_reduce_mean
+                        the three collectives the training loops need (we do not wrap the model in
+                        DistributedDataParallel: see sync_grads)
+  Bundle, get_bundle()  synthetic pools (+ optional JSONL) -> tokenizer -> VQ codes of every picture,
+                        computed ONCE per (data, vq) config and cached in data.cache_dir, so that no
+                        picture is tokenized inside a training loop
+  build_model, make_optimizer, lr_at, unwrap
+  save_checkpoint, load_checkpoint, load_weights, model_from_checkpoint, load_latest
+                        atomic checkpoints (tmp + rename) and one-line errors for the usual mistakes
+  TaskSampler, gather_rank_states, restore_rank_state
+                        the task-mix sampler and every rank's random state, so that a resumed run
+                        continues exactly (tests/test_distributed.py)
+
+Like nanochat's common.py: the training scripts read top to bottom because this lives elsewhere.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import config as C
+import data as D
+import vq as VQ
+from model import Transformer
+
+# ----------------------------------------------------------------------------------------------
+# setup
+
+
+@dataclass
+class Ctx:
+    device: str
+    dtype: torch.dtype
+    dtype_reason: str
+    ddp: bool
+    rank: int
+    world: int
+    out_dir: str
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def autocast(self):
+        """bf16 autocast on CUDA when supported; plain fp32 elsewhere (never autocast on CPU)."""
+        if self.dtype == torch.bfloat16:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+    def log(self, msg: str):
+        """print + append to out_dir/log.txt, on rank 0 only."""
+        if not self.master:
+            return
+        tqdm.write(msg)
+        with open(os.path.join(self.out_dir, "log.txt"), "a") as f:
+            f.write(msg + "\n")
+
+
+def setup(cfg) -> Ctx:
+    t = cfg.train
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    if t.device == "auto":
+        device = "cuda" if torch.cuda.is_available() else ("mps" if torch.backends.mps.is_available() else "cpu")
+    else:
+        device = t.device
+    rank, world = 0, 1
+    if ddp:
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        if not dist.is_initialized():
+            dist.init_process_group(backend)
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if device.startswith("cuda"):
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+            torch.cuda.set_device(device)
+        else:   # CPU ranks share the cores: give each its share instead of oversubscribing
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    if t.dtype == "auto":
+        if device.startswith("cuda") and torch.cuda.is_bf16_supported():
+            dtype, why = torch.bfloat16, f"bf16 autocast ({torch.cuda.get_device_name(device)} supports bf16)"
+        else:
+            dtype, why = torch.float32, f"fp32 (no bf16 autocast on {device.split(':')[0]})"
+    else:
+        dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}.get(t.dtype)
+        if dtype is None:
+            raise SystemExit(f"config error: --train.dtype={t.dtype!r}: expected auto, bfloat16 or float32")
+        why = f"{t.dtype} (requested)"
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(t.seed + rank)
+    os.makedirs(t.out_dir, exist_ok=True)
+    return Ctx(device, dtype, why, ddp, rank, world, t.out_dir)
+
+
+def sync_grads(model, ctx: Ctx):
+    """Average gradients over ranks with one all-reduce of a flat buffer. We do this by hand instead
+    of wrapping the model in DistributedDataParallel because the sampler and the likelihood call
+    model methods other than forward() (encode_prefix / forward_cached), which DDP's hooks miss."""
+    if not ctx.ddp:
+        return
+    # every rank must reduce the SAME buffer: a parameter with no gradient on this rank (no
+    # backward at all, e.g. an RL step whose rows all had advantage 0) takes part as zeros;
+    # skipping it would make the buffers' sizes differ between ranks and the all-reduce hang
+    for p in model.parameters():
+        if p.requires_grad and p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= ctx.world
+    for g, piece in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(piece.view_as(g))
+
+
+def broadcast_params(model, ctx: Ctx):
+    """Give every rank rank 0's weights. setup() seeds each rank differently (seed + rank), so a
+    model built from scratch starts with different weights on every rank; the DDP wrapper would
+    broadcast rank 0's in its constructor, and since we do not use it (see sync_grads) we do it
+    here. Without it each rank would apply the averaged gradient to its own, different weights."""
+    if not ctx.ddp:
+        return
+    with torch.no_grad():
+        for t in unwrap(model).state_dict().values():     # parameters and persistent buffers
+            dist.broadcast(t, 0)
+
+
+def stop_together(flag: bool, ctx: Ctx) -> bool:
+    """Rank 0's stop decision for every rank. A time budget is measured on each rank's own clock; if
+    the ranks stopped at different steps, the ones still running would hang in the next all-reduce."""
+    if not ctx.ddp:
+        return flag
+    t = torch.tensor([float(flag)], device=ctx.device if ctx.device.startswith("cuda") else "cpu")
+    dist.broadcast(t, 0)      # NCCL only moves CUDA tensors, gloo CPU ones
+    return bool(t.item())
+
+
+def all_reduce_mean(x: float, ctx: Ctx) -> float:
+    if not ctx.ddp:
+        return x
+    t = torch.tensor([x], dtype=torch.float64, device=ctx.device if ctx.device.startswith("cuda") else "cpu")
+    dist.all_reduce(t)
+    return t.item() / ctx.world
+
+
+# ----------------------------------------------------------------------------------------------
+# data: pools -> tokens, cached
+
+
+@dataclass
+class Bundle:
+    tok: D.Tokenizer
+    P: int
+    layouts: dict
+    sets: dict          # sets[task][split] -> data.TaskSet
+
+
+def _bundle_key(cfg, vq_file: str) -> str:
+    # the key covers everything the tokens depend on: the data and VQ configs, the VQ weights' file,
+    # and the source of data.py itself (edit a task generator and the stale cache is not reused)
+    blob = json.dumps(C.to_dict(cfg)["data"], sort_keys=True) + json.dumps(C.to_dict(cfg)["vq"], sort_keys=True)
+    blob += str(os.path.getmtime(vq_file)) if os.path.exists(vq_file) else ""
+    with open(D.__file__, "rb") as f:
+        blob += hashlib.sha1(f.read()).hexdigest()
+    return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+
+def get_bundle(cfg, vq, ctx: Ctx) -> Bundle:
+    """All tokenized sets. VQ codes are computed once per (data, vq) config and cached on disk."""
+    pools = D.build_pools(cfg.data)
+    if cfg.data.jsonl:
+        user, skipped = D.load_jsonl(cfg.data.jsonl, cfg.data, strict=False)
+        ctx.log(f"jsonl: {len(user)} rows from {cfg.data.jsonl} ({skipped} malformed rows skipped)")
+        for ex in user:   # traced rows join the SFT pool, answer-only rows the RL pool
+            pools[ex.task]["sft" if ex.trace is not None else "rl"].append(ex)
+    path = os.path.join(cfg.data.cache_dir, f"tokens_{_bundle_key(cfg, VQ.vq_path(cfg))}.pt")
+    if os.path.exists(path):
+        blob = torch.load(path, map_location="cpu", weights_only=False)
+        tok = D.Tokenizer.from_state(blob["tok"])
+        lay = {k: D.Layout(**v) for k, v in blob["layouts"].items()}
+        sets = {t: {s: D.TaskSet(t, pools[t][s], *blob["sets"][t][s], lay[t]) for s in pools[t]} for t in pools}
+        return Bundle(tok, blob["P"], lay, sets)
+    t0 = time.time()
+    side = cfg.data.image_size // cfg.vq.downsample                 # token grid side
+    tok = D.Tokenizer.fit(D.all_texts(pools), cfg.vq.codebook_size, max_number=cfg.data.image_size, grid=side)
+    n_img = side * side
+    lay, P = D.layouts_for(pools, tok, n_img), D.prompt_width(pools, tok, n_img)
+    sets = {}
+    for task in pools:
+        sets[task] = {}
+        for split, exs in pools[task].items():
+            D.ensure_images(exs, cfg.data)
+            codes = vq.encode(np.stack([e.image for e in exs])) \
+                if task != "t2i" and exs else None
+            tcodes = vq.encode(np.stack([e.target_image for e in exs])) \
+                if task in ("edit", "t2i") and exs else None
+            sets[task][split] = D.tokenize_split(task, exs, tok, lay[task], P, codes, tcodes)
+            for e in exs:      # pictures are cheap to re-render; keep memory flat
+                if e.scene is not None:
+                    e.image = e.target_image = None
+    if tok.n_unknown:
+        ctx.log(f"tokenizer: {tok.n_unknown} unknown words mapped to [UNK]")
+    if ctx.master:
+        os.makedirs(cfg.data.cache_dir, exist_ok=True)
+        blob = {"tok": tok.state(), "P": P, "layouts": {k: vars(v) for k, v in lay.items()},
+                "sets": {t: {s: (ts.prompt, ts.response) for s, ts in v.items()} for t, v in sets.items()}}
+        torch.save(blob, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    ctx.log(f"tokenized {sum(len(s) for v in sets.values() for s in v.values())} examples in "
+            f"{time.time() - t0:.1f}s (vocab {tok.vocab_size}, prompt width {P}, response widths "
+            + ", ".join(f"{k} {v.R}" for k, v in lay.items()) + f") -> {path}")
+    return Bundle(tok, P, lay, sets)
+
+
+# ----------------------------------------------------------------------------------------------
+# model, optimizer, schedule, checkpoints
+
+
+
+def build_model(cfg, tok: D.Tokenizer, device: str) -> Transformer:
+    return Transformer(cfg.model, tok.vocab_size).to(device)
+
+
+
+def make_optimizer(model, lr: float, weight_decay: float, device: str):
+    """AdamW; weight decay on matrices only (norm gains and nothing else are 1-D here)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=device.startswith("cuda"))
+
+
+def lr_at(step: int, progress: float, warmup: int, lr: float, min_frac: float) -> float:
+    """Linear warmup over `warmup` steps, then cosine decay to lr * min_frac as progress -> 1.
+    progress = max(step / max_steps, elapsed / time_budget): a run cut by its time budget still
+    finishes its schedule (toy runs are time-boxed, so the step count alone would leave lr high)."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    return lr * (min_frac + (1 - min_frac) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def unwrap(model):
+    """The plain module under DDP and torch.compile wrappers: what checkpoints store."""
+    model = model.module if hasattr(model, "module") else model
+    return getattr(model, "_orig_mod", model)
+
+
+def save_checkpoint(path: str, model, opt, step: int, cfg, bundle: Bundle, extra: dict | None = None):
+    """Atomic write (tmp + rename): a run killed mid-save never leaves a broken checkpoint.
+    Holds the unwrapped model, the optimizer, step, config, tokenizer and rank 0's torch RNG state,
+    plus the caller's `extra` (SFT: elapsed time, eval history, every rank's RNG and sampler state
+    from gather_rank_states, the step's loss and the log's loss EMA)."""
+    blob = {"model": unwrap(model).state_dict(), "optim": opt.state_dict() if opt is not None else None,
+            "step": step, "config": C.to_dict(cfg), "vocab_size": bundle.tok.vocab_size,
+            "tok": bundle.tok.state(), "rng": {"torch": torch.get_rng_state()}, **(extra or {})}
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    torch.save(blob, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def load_checkpoint(path: str, vocab_size: int | None = None) -> dict:
+    """Load on CPU (map_location) and check it fits the data, with one-line errors that say how."""
+    if not os.path.exists(path):
+        raise SystemExit(f"checkpoint error: {path} does not exist; run the stage that writes it "
+                         f"(e.g. --stage=sft) or point --train.init_from at an existing file")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise SystemExit(f"checkpoint error: {path} is unreadable ({type(e).__name__}: {e}); "
+                         f"delete it and re-run the stage that writes it") from None
+    if not isinstance(blob, dict) or "model" not in blob or "config" not in blob:
+        raise SystemExit(f"checkpoint error: {path} is not a checkpoint of this project (no model/config)")
+    if vocab_size is not None and blob.get("vocab_size") != vocab_size:
+        raise SystemExit(f"checkpoint error: {path} has vocabulary {blob.get('vocab_size')} but the data has "
+                         f"{vocab_size}; use the same --data.* and --vq.* flags it was trained with")
+    return blob
+
+
+def load_weights(model, state: dict, source: str):
+    """load_state_dict with a one-line error: the usual cause is a checkpoint trained with other
+    --model.* flags (or by an older model.py), and a key-by-key traceback does not say that."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[-1].strip()
+        raise SystemExit(f"checkpoint error: {source} does not fit this model ({first[:160]}); use the "
+                         f"--model.* flags it was trained with, or retrain it") from None
+
+
+def model_from_checkpoint(blob: dict, device: str) -> Transformer:
+    """Rebuild the model with the checkpoint's own architecture (like nanoGPT's resume)."""
+    model = build_model(C.from_dict(blob["config"]), D.Tokenizer.from_state(blob["tok"]), device)
+    load_weights(model, blob["model"], "the checkpoint (written by another version of model.py?)")
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# SFT
+
+
+class TaskSampler:
+    """Draws (task, index) training items of one split by the task-mix weights ({task: weight}).
+    Each rank has its own stream (seed), saved in checkpoints (state / load_state)."""
+
+    def __init__(self, sets: dict, split: str, mix: dict, seed: int):
+        self.sets, self.split = sets, split
+        self.tasks = [t for t in mix if len(sets[t][split]) > 0 and mix[t] > 0]
+        if not self.tasks:
+            raise SystemExit(f"data error: no examples in split {split!r} for tasks {list(mix)}")
+        self.w = torch.tensor([mix[t] for t in self.tasks])
+        self.g = torch.Generator().manual_seed(seed)
+
+    def draw(self, n: int) -> list[tuple[str, int]]:
+        ti = torch.multinomial(self.w, n, replacement=True, generator=self.g)
+        return [(self.tasks[i], int(torch.randint(len(self.sets[self.tasks[i]][self.split]), (1,),
+                                                    generator=self.g))) for i in ti]
+
+    def state(self):
+        return self.g.get_state()
+
+    def load_state(self, st):
+        self.g.set_state(st)
+
+
+def gather_rank_states(ctx: Ctx, sampler: TaskSampler) -> list[dict]:
+    """Every rank's random state, for the checkpoint: the torch CPU generator (masks, t, prompt
+    drop on CPU), the CUDA generator of its device (the same draws on GPU) and its TaskSampler.
+    The ranks draw different items and masks, so one rank's state restored on all of them would
+    make every rank compute the same gradient after a resume. Collective: every rank calls it."""
+    mine = {"torch": torch.get_rng_state(), "sampler": sampler.state()}
+    if ctx.device.startswith("cuda"):
+        mine["cuda"] = torch.cuda.get_rng_state(ctx.device)
+    if not ctx.ddp:
+        return [mine]
+    out = [None] * ctx.world
+    dist.all_gather_object(out, mine)
+    return out
+
+
+def restore_rank_state(blob: dict, ctx: Ctx, sampler: TaskSampler):
+    """This rank's part of gather_rank_states() back. Older checkpoints hold only rank 0's torch
+    and sampler state; ranks the checkpoint has no state for keep their fresh (per-rank) seeds."""
+    states = blob.get("rank_states") or [{"torch": blob["rng"]["torch"], "sampler": blob.get("sampler")}]
+    if len(states) != ctx.world:
+        ctx.log(f"note: checkpoint written with {len(states)} rank(s), resuming with {ctx.world}: "
+                f"data order and masks will not continue exactly")
+    if ctx.rank >= len(states):
+        return
+    st = states[ctx.rank]
+    torch.set_rng_state(st["torch"])
+    if st.get("sampler") is not None:
+        sampler.load_state(st["sampler"])
+    if "cuda" in st and ctx.device.startswith("cuda"):
+        torch.cuda.set_rng_state(st["cuda"], ctx.device)
+
+
+def load_latest(cfg, ctx: Ctx):
+    """(model, bundle, vq) of a finished run: the RL checkpoint in out_dir if present, else the SFT one."""
+    vq = VQ.get_vq(cfg, ctx.device, ctx.out_dir)
+    bundle = get_bundle(cfg, vq, ctx)
+    names = ("ckpt_rl.pt", "ckpt_sft.pt")
+    path = next((p for p in (os.path.join(cfg.train.out_dir, n) for n in names) if os.path.exists(p)),
+                os.path.join(cfg.train.out_dir, "ckpt_sft.pt"))   # absent: load_checkpoint says what to run
+    blob = load_checkpoint(path, bundle.tok.vocab_size)
+    ctx.log(f"loaded {path} (step {blob['step']})")
+    return model_from_checkpoint(blob, ctx.device), bundle, vq
