@@ -1,29 +1,29 @@
 """
 Rollouts for the unified RL step: groups of on-policy samples, answer-forcing, tree search, and
-the advantages of Eq. A.
+the advantages of Eq. (A). The rollout side of LaViDa-R1 (arXiv 2602.14147), METHOD.md §4-§6:
 
-The rollout side of LaViDa-R1 (arXiv 2602.14147), METHOD.md §4-§6:
-  groups          N samples per prompt. Every prompt and sample of a task is pushed
-                  through the sampler in ONE batched call (rows = prompts x samples), never a Python
-                  loop over samples.
-  answer-forcing  (METHOD.md §5; tasks with a ground truth: vqa, ground). Always build sample N+1 whose canvas is
-                  "[M] ... [M] <answer> z* </answer>": the ground-truth answer block fixed at the end of
-                  the text region and the reasoning inpainted by the same sampler (it never changes a
-                  fixed token). It joins the group (N+1 members) when every one of the N on-policy
-                  samples scores below tau, with probability af_prob. The paper's "10%" has two
-                  readings (METHOD.md §9): af_mode="failed_groups" (default, reading 1: p applies to
-                  all-failed groups) or "all_groups" (reading 2: a fraction p of all groups).
-  tree search     (METHOD.md §6; real-valued rewards: edit). Round 0 draws N samples from the fully masked
-                  canvas; each later round takes the best sample so far (argmax over ALL samples so
-                  far: the paper does not say; this is the simplest reading), rebuilds its state at image
-                  step s from its final tokens and recorded unmasking order alone
+  groups          N samples per prompt. Every prompt and sample of a task is pushed through the
+                  sampler in ONE batched call (rows = prompts x samples), never a Python loop over
+                  samples.
+  answer-forcing  (METHOD.md §5; the tasks with a ground-truth answer: vqa, ground). Always build
+                  sample N+1 whose canvas is "[M] ... [M] <answer> z* </answer>": the ground-truth
+                  answer block fixed at the end of the text region and the reasoning inpainted by the
+                  same sampler (it never changes a fixed token). It joins the group (N+1 members)
+                  when every one of the N on-policy samples scores below tau, with probability
+                  af_prob. The paper's "10%" has two readings (METHOD.md §9):
+                  af_mode="failed_groups" (default, reading 1: p applies to all-failed groups) or
+                  "all_groups" (reading 2: a fraction p of all groups).
+  tree search     (METHOD.md §6; real-valued rewards: edit). Round 0 draws N samples from the fully
+                  masked canvas; each later round takes the best sample so far (argmax over ALL
+                  samples so far: the paper does not say; this is the simplest reading), rebuilds
+                  its state at image step s from its final tokens and recorded unmasking order alone
                   (diffusion.rebuild_state: no intermediate tensors are kept), and samples N
                   continuations from there. rl.tree_schedule = "0,8" means rounds at steps [0, 8].
   advantages      A = gamma * A_distill + (1 - gamma) * A_GRPO (Eq. A), over each whole group:
-                  A_GRPO = (r - mean) / (std + 1e-4) (std division is standard GRPO; the paper does not
-                  say, so rl.adv_std=False gives the mean-only Dr.-GRPO form), A_distill = 1 for the best sample.
-                  Reading taken: no distillation target when the best reward is 0 (imitating a failed
-                  sample cannot be what self-distillation means).
+                  A_GRPO = (r - mean) / (std + 1e-4) (std division is standard GRPO; the paper does
+                  not say, so rl.adv_std=False gives the mean-only Dr.-GRPO form), A_distill = 1 for
+                  the best sample. Reading taken: no distillation target when the best reward is 0
+                  (imitating a failed sample cannot be what self-distillation means).
 
 Exercise: python -m pytest tests/test_rollout.py -q
 """

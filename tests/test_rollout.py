@@ -551,3 +551,29 @@ def test_run_rl_step_with_no_sft_rows_and_all_zero_advantages(world, tmp_path):
     assert hist[0]["vqa"]["reward"] == 0.0 and hist[0]["vqa"]["nonzero_adv_frac"] == 0.0
     assert all(torch.equal(a, b) for a, b in zip(params, model.parameters())), "an empty step moved the weights"
     assert (tmp_path / "ckpt_rl.pt").exists()
+
+
+def test_run_rl_stops_on_persistent_non_finite_loss(world, tmp_path, monkeypatch):
+    """A loss that is NaN at every step must not loop forever: each step is skipped without moving
+    the weights, and after 5 in a row run_rl exits with a one-line message naming the step and the
+    loss term (the same guard as SFT's)."""
+    w = world
+    cfg = rl_cfg(w, sft_rows=2, task_mix="vqa:1", af_prob=0.0, max_steps=1000, eval_interval=0,
+                 prompts_per_step=1, group_size=2, time_budget_s=1e9)
+    cfg.train.out_dir = str(tmp_path)
+    logs, calls = [], []
+    ctx = SimpleNamespace(device="cpu", autocast=nullcontext(), rank=0, master=True, ddp=False, log=logs.append)
+    model = vqa_answering_model(w, seed=3)
+    params = [p.detach().clone() for p in model.parameters()]
+    real = rl.unified_loss
+
+    def nan_loss(*a, **k):
+        calls.append(1)
+        loss, stats = real(*a, **k)
+        return loss * float("nan"), stats
+    monkeypatch.setattr(rl, "unified_loss", nan_loss)
+    with pytest.raises(SystemExit, match=r"5 non-finite RL updates in a row at step 0 \(last: loss\)"):
+        rl.run_rl(cfg, ctx, w.bundle, w.vq, model)
+    assert len(calls) == 5                       # one micro-batch per step (4 rows <= micro_batch), 5 steps
+    assert sum("update skipped" in m for m in logs) == 5
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters())), "a NaN step moved the weights"

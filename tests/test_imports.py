@@ -1,0 +1,95 @@
+"""
+The shape of the code base, checked: the top-level modules form a layered import graph.
+
+  * no import cycle among the top-level modules;
+  * no module imports an entry script (train.py, eval.py, bench.py, estimators.py, sample.py): those
+    are programs, the library lives below them (common.py, metrics.py, rl.py, ...);
+  * project imports sit at the top of each file, not inside function bodies, unless the import line
+    carries a comment that says why.
+
+The graph is read from the source with `ast` (nothing is imported), so a broken module still gets a
+clear failure here.
+
+    python -m pytest tests/test_imports.py -q
+"""
+import ast
+import glob
+import os
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+ENTRY = {"train", "eval", "bench", "estimators", "sample"}
+
+
+def modules() -> dict[str, ast.Module]:
+    out = {}
+    for path in sorted(glob.glob(os.path.join(ROOT, "*.py"))):
+        with open(path) as f:
+            out[os.path.basename(path)[:-3]] = ast.parse(f.read(), path)
+    return out
+
+
+def imported(node) -> set[str]:
+    """Top-level names an Import / ImportFrom node brings in ('import a.b' -> 'a')."""
+    if isinstance(node, ast.Import):
+        return {a.name.split(".")[0] for a in node.names}
+    if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+        return {node.module.split(".")[0]}
+    return set()
+
+
+def graph() -> dict[str, set[str]]:
+    mods = modules()
+    return {m: {d for n in ast.walk(tree) for d in imported(n)} & set(mods) - {m} for m, tree in mods.items()}
+
+
+def find_cycle(g: dict[str, set[str]]) -> list[str] | None:
+    """A cycle of g as a list of nodes (first == last), or None: depth-first search with colours."""
+    colour, stack = {m: 0 for m in g}, []          # 0 new, 1 on the stack, 2 done
+
+    def visit(m):
+        colour[m] = 1
+        stack.append(m)
+        for d in sorted(g[m]):
+            if colour[d] == 1:
+                return stack[stack.index(d):] + [d]
+            if colour[d] == 0 and (c := visit(d)):
+                return c
+        stack.pop()
+        colour[m] = 2
+        return None
+
+    for m in sorted(g):
+        if colour[m] == 0 and (c := visit(m)):
+            return c
+    return None
+
+
+def test_cycle_finder_on_hand_made_graphs():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": {"b2"}, "b2": {"b"}}) == ["b", "b2", "b"]
+
+
+def test_no_import_cycle():
+    cycle = find_cycle(graph())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_no_module_imports_an_entry_script():
+    bad = [f"{m} imports {d}" for m, deps in graph().items() for d in deps & ENTRY]
+    assert not bad, bad
+
+
+def test_project_imports_at_the_top_unless_a_comment_says_why():
+    mods = modules()
+    bad = []
+    for m, tree in mods.items():
+        with open(os.path.join(ROOT, m + ".py")) as f:
+            lines = f.read().splitlines()
+        for fn in ast.walk(tree):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for n in ast.walk(fn):
+                if imported(n) & set(mods) and "#" not in lines[n.lineno - 1]:
+                    bad.append(f"{m}.py:{n.lineno} {fn.name}: {lines[n.lineno - 1].strip()}")
+    assert not bad, bad
