@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import re
 
-from data import COLOURS, KINDS, SIZES, Scene, Shape, read_scene
+from data import Scene, read_scene
 
 # ----------------------------------------------------------------------------------------------
 # parsing

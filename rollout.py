@@ -34,6 +34,7 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 
 import torch
+from einops import rearrange
 
 from config import parse_int_list
 from data import Batch, answer_ids, cat_batches, collate
@@ -77,6 +78,23 @@ def advantages(r: torch.Tensor, member: torch.Tensor, gamma: float, use_std: boo
     return (gamma * a_dist + (1 - gamma) * a_grpo) * member
 
 
+def group_stats(r: torch.Tensor, member: torch.Tensor, adv: torch.Tensor, fired: torch.Tensor,
+                forcing: bool, tau: float) -> dict:
+    """What the RL log reports about one task's groups. r, member, adv: (G, n) with the forced slot
+    last when `forcing`; fired: (G,) bool, the forced sample joined the group."""
+    on = r[:, :r.shape[1] - int(forcing)]                                 # the on-policy samples
+    return {
+        "reward": on.mean().item(),
+        "nonzero_adv_frac": (adv.abs().sum(1) > 0).float().mean().item(),
+        # groups with a GRPO signal; nonzero_adv_frac is ~1 whenever anything succeeds, since
+        # A_distill marks a best sample
+        "grpo_nonzero_frac": rewards_differ(r, member).float().mean().item(),
+        "all_failed_frac": (on < tau).all(1).float().mean().item(),
+        "af_fired": int(fired.sum()),
+        "members": int(member.sum()),
+    }
+
+
 def force_answer(batch: Batch, examples, tok, layout) -> Batch:
     """Answer-forcing canvas: the text region all [MASK] except '<answer> z* </answer>' at its end."""
     t = batch.tokens.clone()
@@ -97,7 +115,7 @@ def rollout_task(model, bundle, task: str, idx: list[int], cfg, device, autocast
     lay, N, G = ts.layout, rc.group_size, len(idx)
     exs = [ts.examples[i] for i in idx]
     base = collate({task: ts}, [(task, i) for i in idx], tok, responses=False).to(device)   # (G, T)
-    P, T = base.P, base.tokens.shape[1]
+    P = base.P
     forcing = task in ("vqa", "ground") and rc.af_prob > 0
     schedule = parse_int_list(rc.tree_schedule, "rl.tree_schedule") if task in rc.tree_tasks.split(",") else [0]
     t0 = time.time()
@@ -122,8 +140,9 @@ def rollout_task(model, bundle, task: str, idx: list[int], cfg, device, autocast
     if forcing:
         canvas = cat_batches([canvas, force_answer(base, exs, tok, lay)], tok)                   # (G*N + G, T)
     tokens, order = run(canvas)
-    toks = [tokens[:G * N].view(G, N, T)]
-    orders = [order[:G * N].view(G, N, -1)]
+    # rows are prompt-major: row g*N + i is sample i of prompt g
+    toks = [rearrange(tokens[:G * N], "(g n) t -> g n t", g=G)]
+    orders = [rearrange(order[:G * N], "(g n) r -> g n r", g=G)]
     rews = [score(tokens[:G * N], N)]
     round_means = [rews[0].mean().item()]
 
@@ -136,8 +155,8 @@ def rollout_task(model, bundle, task: str, idx: list[int], cfg, device, autocast
         state, st_order = rebuild_state(all_t[ar, best], all_o[ar, best], offset + s, base, tok)
         branch = base.with_tokens(state).repeat(N)                                 # (G*N, T)
         tokens_s, order_s = run(branch, st_order.repeat_interleave(N, 0), offset + s)
-        toks.append(tokens_s.view(G, N, T))
-        orders.append(order_s.view(G, N, -1))
+        toks.append(rearrange(tokens_s, "(g n) t -> g n t", g=G))
+        orders.append(rearrange(order_s, "(g n) r -> g n r", g=G))
         rews.append(score(tokens_s, N))
         round_means.append(rews[-1].mean().item())
 
@@ -151,26 +170,15 @@ def rollout_task(model, bundle, task: str, idx: list[int], cfg, device, autocast
         coin = torch.rand(G, generator=generator, device=generator.device).cpu() < rc.af_prob
         fired = coin & all_failed if rc.af_mode == "failed_groups" else coin
         r_on = torch.cat([r_on, r_f], 1)
-        t_on = torch.cat([t_on, tokens[G * N:].view(G, 1, T)], 1)
+        t_on = torch.cat([t_on, rearrange(tokens[G * N:], "g t -> g 1 t")], 1)
         member = torch.cat([member, fired[:, None]], 1)
     adv = advantages(r_on, member, rc.gamma, rc.adv_std)                           # (G, n)
     n = r_on.shape[1]
     flat_adv = adv.reshape(-1)
-    rows = base.repeat(n).with_tokens(t_on.reshape(G * n, T))
+    rows = base.repeat(n).with_tokens(rearrange(t_on, "g n t -> (g n) t"))
     keep = flat_adv != 0                                         # zero-advantage rows carry no gradient
-    on = r_on[:, :r_on.shape[1] - int(forcing)]
-    stats = {
-        "reward": on.mean().item(),
-        "nonzero_adv_frac": (adv.abs().sum(1) > 0).float().mean().item(),
-        # groups with a GRPO signal; nonzero_adv_frac is ~1 whenever anything succeeds, since
-        # A_distill marks a best sample
-        "grpo_nonzero_frac": rewards_differ(r_on, member).float().mean().item(),
-        "all_failed_frac": (on < rc.tau).all(1).float().mean().item(),
-        "af_fired": int(fired.sum()),
-        "members": int(member.sum()),
-        "rollout_s": time.time() - t0,
-        "parse_fail": {k: v for k, v in reasons.items() if k != "ok"},
-    }
+    stats = group_stats(r_on, member, adv, fired, forcing, rc.tau)
+    stats.update(rollout_s=time.time() - t0, parse_fail={k: v for k, v in reasons.items() if k != "ok"})
     if forcing:
         stats["forced_reward"] = r_f.mean().item()
     if len(schedule) > 1:
