@@ -25,6 +25,7 @@ for the quick held-out curves.
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections import Counter, defaultdict
@@ -118,6 +119,67 @@ def generate(model, bundle, task: str, idx: list[int], split: str, cfg, device, 
             tokens, _ = sample(model, batch, bundle.tok, cfg.diffusion, generator=gen)
         outs.append(tokens[:, batch.P:batch.P + sets[task].layout.R].cpu())
     return torch.cat(outs)
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The unbiased pass@k estimator (Chen et al. 2021, "Evaluating Large Language Models Trained on
+    Code", arXiv 2107.03374): from n samples of which c are right, the probability that at least one
+    of k samples drawn without replacement is right, 1 - C(n-c, k) / C(n, k). Needs 1 <= k <= n.
+    Computed as a product so that it stays exact for large n."""
+    if not 1 <= k <= n or not 0 <= c <= n:
+        raise ValueError(f"pass_at_k: need 1 <= k <= n and 0 <= c <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:                   # every k-subset holds a right sample
+        return 1.0
+    return 1.0 - math.prod((n - c - i) / (n - i) for i in range(k))
+
+
+def best_of_k(scores, k: int) -> float:
+    """The expected best score of k samples drawn without replacement from the n scored samples
+    (real-valued rewards, e.g. the edit score): with s_(1) <= ... <= s_(n) sorted, sample i is the
+    best of a k-subset in C(i-1, k-1) of the C(n, k) subsets, so E[max] = sum_i s_(i) C(i-1, k-1) / C(n, k)."""
+    s, n = sorted(scores), len(scores)
+    if not 1 <= k <= n:
+        raise ValueError(f"best_of_k: need 1 <= k <= n, got n={n}, k={k}")
+    return sum(x * math.comb(i, k - 1) for i, x in enumerate(s)) / math.comb(n, k)
+
+
+@torch.no_grad()
+def pass_at_k_metrics(model, bundle, vq, cfg, device, autocast, n_samples: int, ks=(1, 4, 8),
+                      split: str = "eval", n: int | None = None, temperature: float = 1.0) -> dict:
+    """How much a policy could gain by sharpening alone: n_samples responses per held-out prompt at
+    the rollout temperature (the RL policy, not greedy eval decoding), then per task
+      vqa     pass@k: at least one of k samples answers right           vqa_pass@k
+      ground  pass@k with "right" = IoU >= 0.5                           ground_pass@k
+      edit    the expected best edit score of k samples (best-of-k)      edit_best@k
+    averaged over the first n prompts (default eval.n_per_task). ks larger than n_samples are skipped."""
+    n = cfg.eval.n_per_task if n is None else n
+    out, was_training = {}, model.training
+    model.eval()
+    for ti, task in enumerate(t for t in ("vqa", "ground", "edit") if t in bundle.sets):
+        ts = bundle.sets[task][split]
+        idx = list(range(min(n, len(ts))))
+        gen = torch.Generator(device=device).manual_seed(cfg.eval.seed + 100 + ti)
+        scores = []                                                  # (prompts, n_samples)
+        for i in range(0, len(idx), max(1, cfg.eval.batch_size // n_samples)):
+            chunk = idx[i:i + max(1, cfg.eval.batch_size // n_samples)]
+            batch = collate({task: ts}, [(task, j) for j in chunk], bundle.tok, responses=False)
+            batch = batch.to(device).repeat(n_samples)               # prompt-major: n_samples rows per prompt
+            with autocast:
+                tokens, _ = sample(model, batch, bundle.tok, cfg.diffusion, temperature=temperature,
+                                   image_temperature=temperature, generator=gen)
+            exs = [ts.examples[j] for j in chunk for _ in range(n_samples)]
+            r, _, _, _ = RW.score_rows(task, exs, tokens[:, batch.P:batch.P + ts.layout.R].cpu(), ts.layout,
+                                       bundle.tok, vq.decode, cfg.data.grid)
+            scores += [r[p * n_samples:(p + 1) * n_samples] for p in range(len(chunk))]
+        for k in (k for k in ks if k <= n_samples):
+            if task == "edit":
+                out[f"edit_best@{k}"] = float(np.mean([best_of_k(s, k) for s in scores]))
+            else:
+                ok = 1.0 if task == "vqa" else 0.5              # vqa rewards are 0/1; a box counts at IoU >= 0.5
+                out[f"{task}_pass@{k}"] = float(np.mean([pass_at_k(n_samples, sum(x >= ok for x in s), k)
+                                                         for s in scores]))
+    model.train(was_training)
+    return out
 
 
 def baselines(bundle, cfg) -> dict:

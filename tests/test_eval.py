@@ -69,3 +69,33 @@ def test_reading_metrics_split_reading_from_reasoning_errors_by_hand():
     # one wrong answer (row 1), and its lists were all exact: a reasoning slip
     assert m["vqa_wrong_lists_right"] == 1.0
     assert "vqa_wrong_lists_right" not in E.reading_metrics(exs[2:3], resp[2:3], WIDE, FAKE_TOK, [1.0])
+
+
+# ----------------------------------------------------------------------------------------------
+# pass@k and best-of-k against brute-force enumeration of every k-subset
+
+def test_pass_at_k_equals_enumeration_of_subsets():
+    import itertools
+    for n in range(1, 7):
+        for c in range(n + 1):
+            right = [True] * c + [False] * (n - c)
+            for k in range(1, n + 1):
+                subsets = list(itertools.combinations(range(n), k))
+                want = sum(any(right[i] for i in s) for s in subsets) / len(subsets)
+                assert math.isclose(E.pass_at_k(n, c, k), want, abs_tol=1e-12), (n, c, k)
+
+
+def test_best_of_k_equals_enumeration_of_subsets():
+    import itertools
+    scores = [0.5, 0.9, 0.1, 0.9, 0.7, 0.0]          # ties included
+    for k in range(1, len(scores) + 1):
+        subsets = list(itertools.combinations(scores, k))
+        want = sum(max(s) for s in subsets) / len(subsets)
+        assert math.isclose(E.best_of_k(scores, k), want, abs_tol=1e-12), k
+
+
+def test_pass_at_k_rejects_impossible_counts():
+    import pytest
+    for n, c, k in ((4, 1, 5), (4, 5, 1), (4, 1, 0)):
+        with pytest.raises(ValueError, match="pass_at_k"):
+            E.pass_at_k(n, c, k)

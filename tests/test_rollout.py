@@ -577,3 +577,20 @@ def test_run_rl_stops_on_persistent_non_finite_loss(world, tmp_path, monkeypatch
     assert len(calls) == 5                       # one micro-batch per step (4 rows <= micro_batch), 5 steps
     assert sum("update skipped" in m for m in logs) == 5
     assert all(torch.equal(a, b) for a, b in zip(params, model.parameters())), "a NaN step moved the weights"
+
+
+def test_pass_at_k_metrics_on_a_model_that_answers_at_random(world):
+    """The answering model writes one of six answers at random in the answer slot (about 1 in 6 is
+    right): pass@k must rise with k, stay in [0, 1], and pass@1 must match the mean reward of the
+    same samples (checked loosely: 6 prompts x 8 samples)."""
+    import metrics
+    w = world
+    cfg = rl_cfg(w)
+    cfg.eval.n_per_task, cfg.eval.batch_size = 6, 48
+    model = vqa_answering_model(w, seed=1)
+    bundle = SimpleNamespace(sets={"vqa": w.bundle.sets["vqa"]}, tok=w.tok)
+    m = metrics.pass_at_k_metrics(model, bundle, w.vq, cfg, "cpu", nullcontext(), n_samples=8, ks=(1, 4, 8, 16),
+                                  split="rl", n=6)
+    assert set(m) == {"vqa_pass@1", "vqa_pass@4", "vqa_pass@8"}          # k = 16 > 8 samples: skipped
+    assert 0 <= m["vqa_pass@1"] <= m["vqa_pass@4"] <= m["vqa_pass@8"] <= 1
+    assert 0.02 < m["vqa_pass@1"] < 0.5 and m["vqa_pass@8"] > m["vqa_pass@1"]
