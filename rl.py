@@ -46,23 +46,47 @@ from common import (TaskSampler, load_checkpoint, make_optimizer, model_from_che
 from rollout import Rollouts, rollout_task
 
 
-def unified_loss(model, batch: D.Batch, adv: torch.Tensor, tok, rc, n_total: int, generator=None,
-                 ref_model=None) -> tuple[torch.Tensor, dict]:
-    """-(1/N) sum_i A_i log pi^(y_i|x_i) over the rows of `batch` (A: (M,)); N = n_total.
-    With ref_model, + kl_coef * mean k3-KL(pi || pi_ref) per row, on the same masks."""
-    seed = int(torch.randint(2**62, (1,), generator=generator, device=generator.device)) if generator is not None else 0
+def token_logp(model, batch: D.Batch, tok, rc, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-token terms of log pi^(y|x) (rl.likelihood's estimator, METHOD.md §7): (M, R) floats and
+    the (M, R) bool mask of the scored tokens. The masks come from `seed` alone, so two calls with the
+    same seed (old and new policy, or the policy and a reference) score the same masked slots."""
     g = torch.Generator(device=batch.tokens.device).manual_seed(seed)
-    logp, scored = LK.estimate(rc.likelihood, model, batch, tok, n=rc.n_mc, generator=g,
-                               norm=rc.logp_norm, shared_t=rc.shared_t)            # (M, R)
+    return LK.estimate(rc.likelihood, model, batch, tok, n=rc.n_mc, generator=g, norm=rc.logp_norm,
+                       shared_t=rc.shared_t)
+
+
+def clipped_objective(logp: torch.Tensor, logp_old: torch.Tensor, adv: torch.Tensor, scored: torch.Tensor,
+                      eps: float) -> torch.Tensor:
+    """The PPO-clipped surrogate of A_i log pi, per token as d1's diffu-GRPO does:
+        sum_i sum_k min(rho_ik A_i, clip(rho_ik, 1 - eps, 1 + eps) A_i),   rho_ik = exp(logp_ik - logp_old_ik)
+    over the scored tokens (logp, logp_old, scored: (M, R); adv: (M,)). At rho = 1 its gradient is
+    sum_i A_i grad log pi_i, the gradient of Eq. (U)'s numerator."""
+    rho = torch.exp(logp - logp_old)
+    a = adv[:, None]
+    return (torch.minimum(rho * a, rho.clamp(1 - eps, 1 + eps) * a) * scored).sum()
+
+
+def unified_loss(model, batch: D.Batch, adv: torch.Tensor, tok, rc, n_total: int, generator=None,
+                 ref_model=None, *, seed: int | None = None, logp_old: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, dict]:
+    """-J of Eq. (U) on the rows of `batch`: -(1/N) sum_i A_i log pi^(y_i|x_i), A: (M,), N = n_total.
+    The estimator's masks come from `seed` (default: one draw from `generator`).
+    logp_old (M, R), the old policy's token terms on the same masks (rl.ppo_epochs > 1): the
+    clipped surrogate (clipped_objective) replaces A_i log pi.
+    With ref_model, + kl_coef * the k3 KL(pi || pi_ref) per scored token / N, on the same masks."""
+    if seed is None:
+        seed = int(torch.randint(2**62, (1,), generator=generator, device=generator.device)) if generator is not None else 0
+    logp, scored = token_logp(model, batch, tok, rc, seed)                          # (M, R)
     seq = logp.sum(1)                                                               # log pi^(y_i|x_i)
-    J = (adv * seq).sum() / n_total                                                 # Eq. U
+    if logp_old is None:
+        J = (adv * seq).sum() / n_total                                             # Eq. U
+    else:
+        J = clipped_objective(logp, logp_old, adv, scored, rc.clip_eps) / n_total
     loss = -J
     stats = {"logp_per_tok": (seq.sum() / scored.sum().clamp(min=1)).item()}
     if ref_model is not None:
-        with torch.no_grad():   # the same masks: replay the generator from the same seed
-            ref, _ = LK.estimate(rc.likelihood, ref_model, batch, tok, n=rc.n_mc,
-                                 generator=torch.Generator(device=batch.tokens.device).manual_seed(seed),
-                                 norm=rc.logp_norm, shared_t=rc.shared_t)
+        with torch.no_grad():
+            ref, _ = token_logp(ref_model, batch, tok, rc, seed)                    # the same masks
         d = (ref - logp) * scored                                                   # log pi_ref - log pi
         kl = (torch.exp(d) - d - 1) * scored                                        # k3 estimator, >= 0
         loss = loss + rc.kl_coef * kl.sum() / n_total
@@ -70,14 +94,36 @@ def unified_loss(model, batch: D.Batch, adv: torch.Tensor, tok, rc, n_total: int
     return loss, stats
 
 
+def triplets(rolls: list[Rollouts], cfg, bundle, sft: TaskSampler, device) -> tuple[D.Batch | None, torch.Tensor, int]:
+    """The step's (x, y, A) triplets of Eq. (U): rl.sft_rows SFT rows with A = 1, then every rollout
+    row with A != 0. Returns (batch or None when there is no row, A (M,), N): N counts every
+    triplet of the step, zero-advantage group members included (they add nothing to J, so they are
+    never run through the model)."""
+    rc = cfg.rl
+    parts, advs = [], []
+    if rc.sft_rows:
+        parts.append(D.collate({k: v["sft"] for k, v in bundle.sets.items()}, sft.draw(rc.sft_rows),
+                               bundle.tok).to(device))
+        advs.append(torch.ones(rc.sft_rows, device=device))
+    for r in rolls:
+        if len(r.adv):
+            parts.append(r.batch)
+            advs.append(r.adv.to(device))
+    n_total = rc.sft_rows + sum(int(r.stats["members"]) for r in rolls)
+    if not parts:     # no SFT rows and every advantage 0 (all groups failed): J = 0, no gradient
+        return None, torch.zeros(0, device=device), n_total
+    return D.cat_batches(parts, bundle.tok), torch.cat(advs), n_total
+
+
 def rl_step(model, opt, cfg, ctx, bundle, vq, draws: dict, sft: TaskSampler, pick: torch.Generator,
             gen: torch.Generator, ref=None) -> dict:
-    """One RL update: rollouts -> advantages -> the J loss (Eq. U) -> one optimizer step.
+    """One RL step: rollouts -> advantages -> the J loss (Eq. U) -> rl.ppo_epochs optimizer steps
+    (1, the paper's on-policy update, by default).
 
     draws: prompts per task this step ({task: k}); sft: the sampler of the SFT rows (A = 1); pick:
     the prompt picker's generator; gen: the sampling and mask generator. Returns the step's record
     (rewards, GRPO signal, timings, loss terms). When a loss term or the gradient is non-finite the
-    update is skipped and the record's "nonfinite" names the term."""
+    update is skipped (and the step's later epochs with it) and the record's "nonfinite" names the term."""
     rc, t, dev = cfg.rl, cfg.train, ctx.device
     t0 = time.time()
     model.eval()                     # sampling: no dropout
@@ -87,36 +133,34 @@ def rl_step(model, opt, cfg, ctx, bundle, vq, draws: dict, sft: TaskSampler, pic
         rolls.append(rollout_task(model, bundle, task, idx, cfg, dev, ctx.autocast, vq, gen))
     t_roll = time.time() - t0
     model.train()
-
-    # the step's (x, y, A) triplets: SFT rows with A = 1, then every rollout row with A != 0
-    parts, advs = [], []
-    if rc.sft_rows:
-        parts.append(D.collate({k: v["sft"] for k, v in bundle.sets.items()}, sft.draw(rc.sft_rows),
-                               bundle.tok).to(dev))
-        advs.append(torch.ones(rc.sft_rows, device=dev))
-    for r in rolls:
-        if len(r.adv):
-            parts.append(r.batch)
-            advs.append(r.adv.to(dev))
-    # N of Eq. U: every triplet of the step, zero-advantage members included
-    n_total = rc.sft_rows + sum(int(r.stats["members"]) for r in rolls)
-    terms = {}
-    if parts:     # else: no SFT rows and every advantage 0 (all groups failed): J = 0, no gradient
-        batch, adv = D.cat_batches(parts, bundle.tok), torch.cat(advs)
-        for lo in range(0, len(adv), t.micro_batch):             # micro-batches: gradients add up
-            rows = torch.arange(lo, min(lo + t.micro_batch, len(adv)), device=adv.device)
+    batch, adv, n_total = triplets(rolls, cfg, bundle, sft, dev)
+    # micro-batches, each with its own mask seed, kept for every epoch: old and new policy are
+    # compared on the same masks (d1's diffu-GRPO form of the importance ratio)
+    chunks = [(torch.arange(lo, min(lo + t.micro_batch, len(adv)), device=dev),
+               int(torch.randint(2**62, (1,), generator=gen, device=gen.device)))
+              for lo in range(0, len(adv), t.micro_batch)]
+    olds = [None] * len(chunks)
+    if rc.ppo_epochs > 1:
+        with torch.no_grad(), ctx.autocast:
+            olds = [token_logp(model, batch.rows(rows), bundle.tok, rc, seed)[0] for rows, seed in chunks]
+    for epoch in range(rc.ppo_epochs):
+        terms = {}
+        for (rows, seed), old in zip(chunks, olds):
             with ctx.autocast:
-                loss, lstats = unified_loss(model, batch.rows(rows), adv[rows], bundle.tok, rc, n_total, gen, ref)
+                loss, lstats = unified_loss(model, batch.rows(rows), adv[rows], bundle.tok, rc, n_total,
+                                            ref_model=ref, seed=seed, logp_old=old)
             loss.backward()
             terms["loss"] = terms.get("loss", 0.0) + loss.item()      # each part is already / N: they add up to -J
             for k, v in lstats.items():                              # per-token means: weighted by rows
                 terms[k] = terms.get(k, 0.0) + v * len(rows) / len(adv)
-    sync_grads(model, ctx)
-    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip).item()
-    bad = next((k for k, v in {**terms, "gradient norm": gnorm}.items() if not math.isfinite(v)), None)
-    if bad is None:
-        opt.step()
-    opt.zero_grad(set_to_none=True)
+        sync_grads(model, ctx)
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip).item()
+        bad = next((k for k, v in {**terms, "gradient norm": gnorm}.items() if not math.isfinite(v)), None)
+        if bad is None:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        if bad is not None:
+            break
     rec = {"rollout_s": round(t_roll, 2), "update_s": round(time.time() - t0 - t_roll, 2),
            "grad": round(gnorm, 3), **terms, "nonfinite": bad}
     for r in rolls:

@@ -594,3 +594,53 @@ def test_pass_at_k_metrics_on_a_model_that_answers_at_random(world):
     assert set(m) == {"vqa_pass@1", "vqa_pass@4", "vqa_pass@8"}          # k = 16 > 8 samples: skipped
     assert 0 <= m["vqa_pass@1"] <= m["vqa_pass@4"] <= m["vqa_pass@8"] <= 1
     assert 0.02 < m["vqa_pass@1"] < 0.5 and m["vqa_pass@8"] > m["vqa_pass@1"]
+
+
+# ----------------------------------------------------------------------------------------------
+# rl.ppo_epochs > 1: the importance ratio on the same masks, clipped (d1's diffu-GRPO form)
+
+def test_clipped_objective_by_hand():
+    """Two rows of two tokens, eps = 0.2, each token's term min(rho A, clip(rho) A) by hand:
+      row 0, A = +2: rho = e^0.5 = 1.649 -> min(3.297, 1.2 * 2) = 2.4 (clipped: no reward past 1 + eps)
+                     rho = e^-0.1 = 0.905 -> min(1.810, 1.810) = 1.810 (inside the band)
+      row 1, A = -1: rho = e^0.5 = 1.649 -> min(-1.649, -1.2) = -1.649 (never clipped when it hurts)
+                     rho = e^-0.5 = 0.607 -> min(-0.607, -0.8) = -0.8, once that token is scored."""
+    logp = torch.tensor([[0.0, -1.1], [0.0, -0.5]])
+    old = torch.tensor([[-0.5, -1.0], [-0.5, 0.0]])
+    adv = torch.tensor([2.0, -1.0])
+    scored = torch.tensor([[True, True], [True, False]])
+    want = 1.2 * 2 + math.exp(-0.1) * 2 + (-math.exp(0.5))
+    got = rl.clipped_objective(logp, old, adv, scored, 0.2).item()
+    assert math.isclose(got, want, rel_tol=1e-6), (got, want)
+    scored[1, 1] = True
+    got = rl.clipped_objective(logp, old, adv, scored, 0.2).item()
+    assert math.isclose(got, want - 0.8, rel_tol=1e-6), (got, want - 0.8)
+
+
+def test_first_ppo_epoch_has_the_on_policy_gradient(world):
+    """With logp_old taken from the same weights on the same masks (the first of rl.ppo_epochs
+    epochs), rho = 1 everywhere, nothing is clipped, and the gradient of the surrogate equals the
+    gradient of -J (Eq. U) exactly; the on-policy loss (ppo_epochs = 1) is -J itself, by hand."""
+    w = world
+    tok = w.tok
+    sets = {"vqa": w.bundle.sets["vqa"]["sft"], "ground": w.bundle.sets["ground"]["sft"]}
+    batch = D.collate(sets, [("vqa", 0), ("ground", 1)], tok)
+    model = tiny_model(tok.vocab_size, seed=7, scale=0.1).train()
+    rc = rl_cfg(w, likelihood="complementary", logp_norm="sum", shared_t=False).rl
+    rc.clip_eps = 0.2
+    adv, n_total, seed = torch.tensor([1.5, -0.5]), 4, 1234
+
+    def grads(**kw):
+        model.zero_grad()
+        loss, _ = rl.unified_loss(model, batch, adv, tok, rc, n_total, seed=seed, **kw)
+        loss.backward()
+        return loss, [p.grad.clone() for p in model.parameters()]
+
+    loss_on, g_on = grads()
+    with torch.no_grad():
+        want = -(adv * hand_complementary_logp(model, batch, tok, seed)).sum() / n_total
+        old, _ = rl.token_logp(model, batch, tok, rc, seed)
+    assert math.isclose(loss_on.item(), want.item(), rel_tol=1e-5)
+    _, g_ppo = grads(logp_old=old)
+    for a, b in zip(g_on, g_ppo):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
