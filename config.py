@@ -164,6 +164,9 @@ class RLConfig:
     logp_norm: str = "sum"           # log pi = sum over response tokens (Eq. C as written) | "mean" (unknown)
     shared_t: bool = False           # one t1 for the whole batch instead of one per sample (unknown)
     kl_coef: float = 0.0             # ablation only: KL to a frozen reference copy (paper: none)
+    ppo_epochs: int = 1              # mu: optimizer steps per batch of rollouts; 1 = the paper's on-policy
+                                     # update (no ratio); > 1: ratio on the same masks, clipped (d1)
+    clip_eps: float = 0.2            # the ratio's clip band 1 +- eps when ppo_epochs > 1 (PPO's 0.2)
     lr: float = 3e-4
     max_steps: int = 400
     time_budget_s: float = 50.0      # toy: a short RL stage inside the 10-minute main job: it shows the
@@ -371,6 +374,9 @@ def validate(cfg: Config):
         raise ConfigError(f"--rl.logp_norm={r.logp_norm!r}: expected sum or mean")
     if r.tokens_per_step < 0:
         raise ConfigError(f"--rl.tokens_per_step={r.tokens_per_step}: must be >= 0 (0 = diffusion.tokens_per_step)")
+    if r.ppo_epochs < 1 or not 0 < r.clip_eps < 1:
+        raise ConfigError(f"--rl.ppo_epochs={r.ppo_epochs} / --rl.clip_eps={r.clip_eps}: need ppo_epochs >= 1 "
+                          f"and 0 < clip_eps < 1")
     if r.af_mode not in ("failed_groups", "all_groups"):
         raise ConfigError(f"--rl.af_mode={r.af_mode!r}: expected failed_groups or all_groups")
     if t.batch_size % t.micro_batch:
