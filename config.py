@@ -295,15 +295,21 @@ def make_config(preset: str = "toy", overrides: dict | None = None) -> Config:
     return cfg
 
 
-def help_text(cfg: Config) -> str:
-    lines = [f"usage: python train.py [--preset={'|'.join(PRESETS)}] [--stage=...] [--section.key=value ...]",
-             f"keys and their values under preset {cfg.preset!r}:"]
+def help_text(cfg: Config, extra: dict | None = None) -> str:
+    prog = os.path.basename(sys.argv[0]) if sys.argv else ""
+    prog = prog if prog.endswith(".py") and prog != "__main__.py" else "train.py"
+    first = "[--option=value ...]" if extra else "[--stage=...]"
+    lines = [f"usage: python {prog} {first} [--preset={'|'.join(PRESETS)}] [--section.key=value ...]"]
+    if extra:
+        lines.append(f"options of {prog} (a bool option may be bare: --name means --name=true):")
+        lines += [f"  --{k}={v!r}  ({type(v).__name__})" for k, v in extra.items()]
+    lines.append(f"keys and their values under preset {cfg.preset!r}:")
     for section in SECTIONS:
         sec = getattr(cfg, section)
         for f in fields(sec):
             v = getattr(sec, f.name)
             lines.append(f"  --{section}.{f.name}={v!r}  ({type(v).__name__})")
-    lines.append("shortcuts: --stage=X means --train.stage=X; --out_dir=X means --train.out_dir=X")
+    lines.append("shortcuts: " + "; ".join(f"--{k}=X means --{v}=X" for k, v in SHORTCUTS.items()))
     return "\n".join(lines)
 
 
@@ -311,24 +317,43 @@ SHORTCUTS = {"stage": "train.stage", "out_dir": "train.out_dir", "seed": "train.
              "device": "train.device", "resume": "train.resume"}
 
 
-def get_config(argv: list[str] | None = None) -> Config:
-    """Parse argv (default sys.argv[1:]) into a Config. Exits with a one-line message on errors."""
+def _check_extra(extra: dict):
+    """An entry script's own options ({name: default}) must not hide a config key or shortcut, and
+    their defaults must give their type (a programming error, so a plain exception)."""
+    for k, v in extra.items():
+        if "." in k or k in SHORTCUTS or k == "preset" or type(v) not in (bool, int, float, str):
+            raise ValueError(f"get_config: extra option {k!r}={v!r} must be a bare name that is not a "
+                             f"shortcut or 'preset', with a bool, int, float or str default")
+
+
+def get_config(argv: list[str] | None = None, extra: dict | None = None):
+    """Parse argv (default sys.argv[1:]) into a Config. Exits with a one-line message on errors.
+
+    An entry script may declare its own options with their defaults, `extra={"ckpt": "", "reps": 3}`:
+    then `--ckpt=runs/x.pt --reps=5` are parsed by the same rule (typed by the default; a bool may be
+    bare, `--compile`), listed by -h, and the call returns (cfg, {name: value}). Without `extra` it
+    returns the Config alone."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    opts = dict(extra or {})
+    _check_extra(opts)
     try:
         preset, rest, want_help = "toy", [], False
         for arg in argv:
+            name, eq, value = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
             if arg in ("-h", "--help"):
                 want_help = True
             elif arg.startswith("--preset="):
-                preset = arg.split("=", 1)[1]
+                preset = value
             elif arg == "--resume":                         # bare flag is allowed for the common case
                 rest.append(("train.resume", "true"))
-            elif arg.startswith("--") and "=" in arg:
-                key, value = arg[2:].split("=", 1)
-                key = SHORTCUTS.get(key, key)
+            elif name in opts:
+                if not eq and type(opts[name]) is not bool:
+                    raise ConfigError(f"--{name} needs a value: --{name}=... (default {opts[name]!r})")
+                opts[name] = _parse_value(value if eq else "true", opts[name], name)
+            elif eq:
+                key = SHORTCUTS.get(name, name)
                 if "." not in key:
-                    raise ConfigError(f"--{key}: write overrides as --section.key=value "
-                                      f"(sections: {', '.join(SECTIONS)}; shortcuts: {', '.join(SHORTCUTS)})")
+                    raise ConfigError(_bare_key_message(key, opts))
                 rest.append((key, value))
             else:
                 raise ConfigError(f"cannot parse argument {arg!r}: write --section.key=value (see -h)")
@@ -341,9 +366,17 @@ def get_config(argv: list[str] | None = None) -> Config:
         print(f"config error: {e}", file=sys.stderr)
         raise SystemExit(2)
     if want_help:
-        print(help_text(cfg))
+        print(help_text(cfg, extra))
         raise SystemExit(0)
-    return cfg
+    return (cfg, opts) if extra is not None else cfg
+
+
+def _bare_key_message(key: str, opts: dict) -> str:
+    where = f"sections: {', '.join(SECTIONS)}; shortcuts: {', '.join(SHORTCUTS)}"
+    if opts:
+        return (f"unknown option --{key}; options of this script: {', '.join('--' + k for k in opts)} "
+                f"(config keys are written --section.key=value; {where})")
+    return f"--{key}: write overrides as --section.key=value ({where})"
 
 
 def validate(cfg: Config):

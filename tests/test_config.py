@@ -250,3 +250,61 @@ def test_task_sampler_follows_the_mix():
     share = sum(t == "vqa" for t, _ in draws) / len(draws)
     assert abs(share - 0.75) < 4 * (0.75 * 0.25 / 4000) ** 0.5
     assert all(0 <= i < len(sets[t]["sft"]) for t, i in draws)
+
+
+# ----------------------------------------------------------------------------------------------
+# an entry script's own options: get_config(argv, extra={name: default}) -> (cfg, opts)
+
+EXTRA = {"ckpt": "", "prompts": 8, "peak": 0.0, "compile": False}
+
+
+def test_extra_options_are_typed_by_their_defaults():
+    cfg, opts = get_config(["--ckpt=runs/x.pt", "--prompts=4", "--peak=989e12", "--compile", "--model.n_layer=2",
+                            "--seed=3"], extra=EXTRA)
+    assert opts == {"ckpt": "runs/x.pt", "prompts": 4, "peak": 989e12, "compile": True}
+    assert type(opts["prompts"]) is int and type(opts["peak"]) is float
+    assert cfg.model.n_layer == 2 and cfg.train.seed == 3            # config keys and shortcuts still work
+    cfg, opts = get_config([], extra=EXTRA)
+    assert opts == EXTRA and opts is not EXTRA and cfg == get_config([])
+    assert get_config(["--compile=false", "--prompts=1e1"], extra=EXTRA)[1] == {**EXTRA, "prompts": 10}
+
+
+def test_without_extra_get_config_returns_the_config_alone():
+    assert isinstance(get_config([]), config.Config)
+
+
+def _fails_extra(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as e:
+        get_config(argv, extra=EXTRA)
+    assert e.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1
+    return lines[0]
+
+
+@pytest.mark.parametrize("arg,kind", [("--prompts=many", "int"), ("--prompts=2.5", "int"), ("--peak=fast", "float"),
+                                      ("--compile=maybe", "bool")])
+def test_extra_wrong_type_names_expected_type(arg, kind, capsys):
+    line = _fails_extra([arg], capsys)
+    assert f"expected {kind}" in line and arg.split("=")[0] in line
+
+
+def test_extra_unknown_bare_key_names_the_options(capsys):
+    line = _fails_extra(["--promts=4"], capsys)
+    assert "--promts" in line and all(f"--{k}" in line for k in EXTRA) and "section.key" in line
+    assert "needs a value" in _fails_extra(["--ckpt"], capsys)
+
+
+def test_extra_must_not_shadow_config_names():
+    for bad in ({"seed": 0}, {"preset": "toy"}, {"train.lr": 1.0}, {"peak": None}):
+        with pytest.raises(ValueError):
+            get_config([], extra=bad)
+
+
+def test_help_lists_the_extra_options(capsys):
+    with pytest.raises(SystemExit) as e:
+        get_config(["-h"], extra=EXTRA)
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "--ckpt=''" in out and "--prompts=8  (int)" in out and "--compile=False  (bool)" in out
+    assert "--model.n_layer=4" in out
