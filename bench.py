@@ -96,13 +96,7 @@ def speed_world(cfg, ckpt: str):
     ctx = common.Ctx("cpu", torch.float32, "fp32", False, 0, 1, scratch)
     os.makedirs(scratch, exist_ok=True)
     if os.path.exists(path):
-        cfg = C.from_dict(common.load_checkpoint(path)["config"])
-        if not os.path.exists(VQ.vq_path(cfg)):  # a new VQ would give other codes than the model saw
-            raise SystemExit(f"bench: the VQ tokenizer {VQ.vq_path(cfg)} of {path} is missing; re-run "
-                             f"`python train.py --preset={cfg.preset}` (or restore {cfg.data.cache_dir}/)")
-        bundle = common.get_bundle(cfg, VQ.get_vq(cfg, "cpu", scratch), ctx)
-        blob = common.load_checkpoint(path, bundle.tok.vocab_size)      # checks the vocabulary fits
-        model = common.model_from_checkpoint(blob, "cpu").eval()
+        cfg, bundle, model, blob = common.load_run(path, scratch, "bench")
         return cfg, bundle, model, f"data and config of {path} (step {blob['step']})"
     cfg.data.n_sft, cfg.data.n_rl = min(cfg.data.n_sft, 256), 8
     cfg.data.n_eval = min(cfg.data.n_eval, 64)

@@ -381,3 +381,20 @@ def load_latest(cfg, ctx: Ctx):
     blob = load_checkpoint(path, bundle.tok.vocab_size)
     ctx.log(f"loaded {path} (step {blob['step']})")
     return model_from_checkpoint(blob, ctx.device), bundle, vq
+
+
+def load_run(path: str, out_dir: str, who: str):
+    """(cfg, bundle, model, blob) of the checkpoint at `path` with the data it was trained on, on the
+    CPU: its own config decides the data (logs go to out_dir). The VQ tokenizer it was trained with
+    must still be in the cache: a new one would give other image codes than the model saw. `who`
+    names the calling script in the one-line errors."""
+    cfg = C.from_dict(load_checkpoint(path)["config"])
+    cfg.train.device, cfg.train.out_dir = "cpu", out_dir
+    if not os.path.exists(VQ.vq_path(cfg)):
+        raise SystemExit(f"{who}: the VQ tokenizer {VQ.vq_path(cfg)} of {path} is missing; re-run "
+                         f"`python train.py --preset={cfg.preset}` (or restore {cfg.data.cache_dir}/)")
+    os.makedirs(out_dir, exist_ok=True)
+    ctx = Ctx("cpu", torch.float32, "fp32", False, 0, 1, out_dir)
+    bundle = get_bundle(cfg, VQ.get_vq(cfg, "cpu", out_dir), ctx)
+    blob = load_checkpoint(path, bundle.tok.vocab_size)              # checks the vocabulary fits
+    return cfg, bundle, model_from_checkpoint(blob, "cpu").eval(), blob

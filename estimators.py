@@ -64,7 +64,6 @@ import common
 import config as C
 import data as D
 import likelihood as LK
-import vq as VQ
 from diffusion import apply_mask
 
 FAMILIES = ("vqa", "ground", "edit", "t2i")
@@ -349,15 +348,7 @@ def load(cfg, ckpt: str):
     if not os.path.exists(path):
         raise SystemExit(f"estimators: no checkpoint at {path}; run `python train.py --preset={cfg.preset}` "
                          f"first or pass --ckpt=PATH")
-    cfg = C.from_dict(common.load_checkpoint(path)["config"])
-    cfg.train.device, cfg.train.out_dir = "cpu", os.path.join("runs", "estimators")
-    if not os.path.exists(VQ.vq_path(cfg)):      # a new VQ would give other image codes than trained on
-        raise SystemExit(f"estimators: the VQ tokenizer {VQ.vq_path(cfg)} of {path} is missing; re-run "
-                         f"`python train.py --preset={cfg.preset}` (or restore {cfg.data.cache_dir}/)")
-    ctx = common.setup(cfg)
-    bundle = common.get_bundle(cfg, VQ.get_vq(cfg, "cpu", ctx.out_dir), ctx)
-    blob = common.load_checkpoint(path, bundle.tok.vocab_size)          # checks the vocabulary fits
-    model = common.model_from_checkpoint(blob, "cpu").eval()
+    cfg, bundle, model, blob = common.load_run(path, os.path.join("runs", "estimators"), "estimators")
     for p in model.parameters():
         p.requires_grad_(True)
     return model, bundle, f"{path} (step {blob['step']})"
