@@ -167,6 +167,10 @@ class RLConfig:
     ppo_epochs: int = 1              # mu: optimizer steps per batch of rollouts; 1 = the paper's on-policy
                                      # update (no ratio); > 1: ratio on the same masks, clipped (d1)
     clip_eps: float = 0.2            # the ratio's clip band 1 +- eps when ppo_epochs > 1 (PPO's 0.2)
+    advantage: str = "unified"       # unified: Eq. (A) | rft: rejection-sampling fine-tuning, the baseline
+                                     # arm: A = 1 on the samples the reward accepts, 0 on the rest
+    rft_accept: str = "vqa:1,ground:0.5,edit:0.9"   # rft: the reward a sample needs, per task (vqa:
+                                     # right, ground: IoU >= 0.5 as P@0.5 counts it, edit: near exact)
     lr: float = 3e-4
     max_steps: int = 400
     time_budget_s: float = 50.0      # toy: a short RL stage inside the 10-minute main job: it shows the
@@ -410,6 +414,11 @@ def validate(cfg: Config):
     if r.ppo_epochs < 1 or not 0 < r.clip_eps < 1:
         raise ConfigError(f"--rl.ppo_epochs={r.ppo_epochs} / --rl.clip_eps={r.clip_eps}: need ppo_epochs >= 1 "
                           f"and 0 < clip_eps < 1")
+    if r.advantage not in ("unified", "rft"):
+        raise ConfigError(f"--rl.advantage={r.advantage!r}: expected unified or rft")
+    missing = set(parse_mix(r.task_mix, "rl.task_mix", RL_TASKS)) - set(parse_task_values(r.rft_accept, "rl.rft_accept", RL_TASKS))
+    if r.advantage == "rft" and missing:
+        raise ConfigError(f"--rl.rft_accept={r.rft_accept!r} has no threshold for {sorted(missing)} (in rl.task_mix)")
     if r.af_mode not in ("failed_groups", "all_groups"):
         raise ConfigError(f"--rl.af_mode={r.af_mode!r}: expected failed_groups or all_groups")
     if t.batch_size % t.micro_batch:
@@ -451,6 +460,20 @@ def parse_mix(text: str, where: str = "task_mix", allowed: tuple = TASKS) -> dic
     if total <= 0:
         raise ConfigError(f"--{where}={text!r}: needs at least one positive weight, e.g. vqa:1")
     return {k: v / total for k, v in out.items() if v > 0}
+
+
+def parse_task_values(text: str, where: str, allowed: tuple = TASKS) -> dict[str, float]:
+    """'vqa:1,ground:0.5' -> {'vqa': 1.0, 'ground': 0.5}: one number per task, not normalised."""
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, v = part.partition(":")
+        if name not in allowed:
+            raise ConfigError(f"--{where}: unknown task {name!r}; tasks are {', '.join(allowed)}")
+        try:
+            out[name] = float(v)
+        except ValueError:
+            raise ConfigError(f"--{where}: value {v!r} of {name!r} is not a number (write task:value)") from None
+    return out
 
 
 def parse_int_list(text: str, where: str) -> list[int]:

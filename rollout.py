@@ -36,7 +36,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from einops import rearrange
 
-from config import parse_int_list
+from config import parse_int_list, parse_task_values
 from data import Batch, answer_ids, cat_batches, collate
 from diffusion import image_step_offset, rebuild_state, sample
 from rewards import score_rows
@@ -76,6 +76,13 @@ def advantages(r: torch.Tensor, member: torch.Tensor, gamma: float, use_std: boo
     has_win = masked_r.max(1).values > 0                               # no target in all-failed groups
     a_dist[torch.arange(len(r)), best] = has_win.float()
     return (gamma * a_dist + (1 - gamma) * a_grpo) * member
+
+
+def rft_advantages(r: torch.Tensor, member: torch.Tensor, accept: float) -> torch.Tensor:
+    """Rejection-sampling fine-tuning, the baseline arm (rl.advantage = "rft"): A = 1 for every group
+    member whose reward reaches `accept`, 0 for the rest, so the update is SFT on the accepted samples
+    (no baseline subtracted, no push away from the rejected ones). r, member: (G, n) -> A (G, n)."""
+    return ((r >= accept) & member).float()
 
 
 def group_stats(r: torch.Tensor, member: torch.Tensor, adv: torch.Tensor, fired: torch.Tensor,
@@ -172,7 +179,10 @@ def rollout_task(model, bundle, task: str, idx: list[int], cfg, device, autocast
         r_on = torch.cat([r_on, r_f], 1)
         t_on = torch.cat([t_on, rearrange(tokens[G * N:], "g t -> g 1 t")], 1)
         member = torch.cat([member, fired[:, None]], 1)
-    adv = advantages(r_on, member, rc.gamma, rc.adv_std)                           # (G, n)
+    if rc.advantage == "rft":
+        adv = rft_advantages(r_on, member, parse_task_values(rc.rft_accept, "rl.rft_accept")[task])
+    else:
+        adv = advantages(r_on, member, rc.gamma, rc.adv_std)                       # (G, n), Eq. A
     n = r_on.shape[1]
     flat_adv = adv.reshape(-1)
     rows = base.repeat(n).with_tokens(rearrange(t_on, "g n t -> (g n) t"))

@@ -644,3 +644,26 @@ def test_first_ppo_epoch_has_the_on_policy_gradient(world):
     _, g_ppo = grads(logp_old=old)
     for a, b in zip(g_on, g_ppo):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_rft_arm_trains_only_on_accepted_samples(world):
+    """rl.advantage = "rft": the rows handed to the update are exactly the accepted samples (reward
+    >= the task's threshold, recounted here from the returned rewards), each with A = 1; rejected
+    samples are not in the batch at all, so nothing pushes away from them."""
+    w = world
+    N, idx = 4, [0, 1, 2, 3, 4, 5]
+    cfg = rl_cfg(w, group_size=N, af_prob=0.0, advantage="rft", rft_accept="vqa:1,ground:0.5,edit:0.9",
+                 temperature=1.0)
+    model = vqa_answering_model(w, seed=3)
+    roll = RO.rollout_task(model, w.bundle, "vqa", idx, cfg, "cpu", nullcontext(), w.vq,
+                           torch.Generator().manual_seed(5))
+    accepted = roll.rewards >= 1.0                                        # (G, N)
+    assert 0 < int(accepted.sum()) < accepted.numel()                     # both kinds are present
+    assert len(roll.adv) == int(accepted.sum()) and (roll.adv == 1.0).all()
+    # each kept row is a right answer: rescore the rows' text with the reward function itself
+    exs = [w.bundle.sets["vqa"]["rl"].examples[i] for i in idx]
+    owners = [exs[g] for g in range(len(idx)) for n in range(N) if accepted[g, n]]
+    texts = [w.tok.decode(r[w.P:w.P + w.lay["vqa"].R_text]) for r in roll.batch.tokens]
+    assert [RW.vqa_reward(t, e.answer)[0] for t, e in zip(texts, owners)] == [1.0] * len(owners)
+    assert torch.equal(RO.rft_advantages(torch.tensor([[1.0, 0.4, 0.9]]), torch.tensor([[True, True, False]]), 0.9),
+                       torch.tensor([[1.0, 0.0, 0.0]]))      # a non-member never counts, even when it passes
