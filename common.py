@@ -371,13 +371,14 @@ def restore_rank_state(blob: dict, ctx: Ctx, sampler: TaskSampler):
         torch.cuda.set_rng_state(st["cuda"], ctx.device)
 
 
-def load_latest(cfg, ctx: Ctx):
-    """(model, bundle, vq) of a finished run: the RL checkpoint in out_dir if present, else the SFT one."""
+def load_latest(cfg, ctx: Ctx, path: str = ""):
+    """(model, bundle, vq) of a finished run: the checkpoint at `path` if given, else the RL checkpoint
+    in out_dir if present, else the SFT one."""
     vq = VQ.get_vq(cfg, ctx.device, ctx.out_dir)
     bundle = get_bundle(cfg, vq, ctx)
     names = ("ckpt_rl.pt", "ckpt_sft.pt")
-    path = next((p for p in (os.path.join(cfg.train.out_dir, n) for n in names) if os.path.exists(p)),
-                os.path.join(cfg.train.out_dir, "ckpt_sft.pt"))   # absent: load_checkpoint says what to run
+    path = path or next((p for p in (os.path.join(cfg.train.out_dir, n) for n in names) if os.path.exists(p)),
+                        os.path.join(cfg.train.out_dir, "ckpt_sft.pt"))   # absent: load_checkpoint says what to run
     blob = load_checkpoint(path, bundle.tok.vocab_size)
     ctx.log(f"loaded {path} (step {blob['step']})")
     return model_from_checkpoint(blob, ctx.device), bundle, vq

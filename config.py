@@ -189,6 +189,9 @@ class EvalConfig:
     batch_size: int = 100
     seed: int = 1234                 # fixed sampling seed: eval numbers are reproducible
     grid_rows: int = 4               # rows per task in the PNG sample grid
+    curve_split: str = "val"         # the split of the quick evals during training (the learning curves and
+                                     # the best checkpoint); the held-out "eval" split is for final numbers
+    curve_n: int = 100               # examples per task in each quick eval
 
 
 @dataclass

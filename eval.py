@@ -4,8 +4,12 @@ a PNG grid of prompts, inputs and outputs (metrics.py computes them all).
 
     python eval.py --preset=toy                  # runs/toy/ckpt_rl.pt if present, else ckpt_sft.pt
     python eval.py --preset=toy --out_dir=runs/x --eval.n_per_task=100
+    python eval.py --preset=toy --ckpt=runs/toy/ckpt_sft_best.pt --pass_k=8   # + pass@1/4/8 from 8 samples
 
-Writes metrics_eval.json and samples_eval.png into out_dir.
+--pass_k=N adds pass@k for vqa and grounding and best-of-k for edit (k in 1, 4, 8 up to N), from N
+samples per prompt at the rollout temperature (rl.temperature): how much RL could gain by
+sharpening alone (metrics.pass_at_k_metrics). Writes metrics_eval.json and samples_eval.png into
+out_dir (or --out=FILE for the json).
 """
 import json
 import os
@@ -16,16 +20,20 @@ from config import get_config
 
 
 def main(argv=None):
-    cfg = get_config(argv)
+    cfg, opts = get_config(argv, extra={"ckpt": "", "pass_k": 0, "out": ""})
     ctx = common.setup(cfg)
-    model, bundle, vq = common.load_latest(cfg, ctx)
+    model, bundle, vq = common.load_latest(cfg, ctx, opts["ckpt"])
     m = metrics.evaluate(model, bundle, vq, cfg, ctx.device, ctx.autocast,
                          grid_path=os.path.join(cfg.train.out_dir, "samples_eval.png"))
     m.update(metrics.baselines(bundle, cfg))
-    with open(os.path.join(cfg.train.out_dir, "metrics_eval.json"), "w") as f:
+    if opts["pass_k"] > 0:
+        m.update(metrics.pass_at_k_metrics(model, bundle, vq, cfg, ctx.device, ctx.autocast, opts["pass_k"],
+                                           temperature=cfg.rl.temperature))
+    out = opts["out"] or os.path.join(cfg.train.out_dir, "metrics_eval.json")
+    with open(out, "w") as f:
         json.dump(m, f, indent=1)
-    print(json.dumps(m, indent=1))
-    print(f"wrote {cfg.train.out_dir}/metrics_eval.json and samples_eval.png")
+    print(metrics.headline(m) + "".join(f" | {k} {v:.3f}" for k, v in m.items() if "@" in k))
+    print(f"wrote {out} and {cfg.train.out_dir}/samples_eval.png")
 
 
 if __name__ == "__main__":

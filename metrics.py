@@ -252,6 +252,25 @@ def evaluate(model, bundle, vq, cfg, device, autocast, split: str = "eval", n: i
     return m
 
 
+SELECT_KEYS = ("vqa_acc", "ground_miou", "edit_score")
+
+
+def selection_score(m: dict) -> float:
+    """The number a best checkpoint is chosen by: the mean of the RL tasks' headline metrics
+    (vqa accuracy, grounding mIoU, edit score) among those present in m."""
+    vals = [m[k] for k in SELECT_KEYS if k in m]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def quick_eval(model, bundle, vq, cfg, device, autocast, tasks=None) -> dict:
+    """The quick eval of the training loops: eval.curve_n examples per task of eval.curve_split
+    (not the held-out split), plus "score" (selection_score) and its own "eval_seconds"."""
+    m = evaluate(model, bundle, vq, cfg, device, autocast, split=cfg.eval.curve_split,
+                 n=cfg.eval.curve_n, tasks=tasks)
+    m["score"] = selection_score(m)
+    return m
+
+
 def headline(m: dict) -> str:
     keys = [("vqa_acc", "vqa acc"), ("ground_miou", "ground mIoU"), ("ground_p50", "P@0.5"),
             ("edit_score", "edit"), ("t2i_shape_acc", "t2i shape acc")]

@@ -171,7 +171,9 @@ def rl_step(model, opt, cfg, ctx, bundle, vq, draws: dict, sft: TaskSampler, pic
 
 def run_rl(cfg, ctx, bundle, vq, model=None):
     """The RL stage: from `model` (the SFT stage's, in memory), else out_dir/ckpt_sft.pt or
-    --train.init_from; --resume continues out_dir/ckpt_rl.pt. Writes ckpt_rl.pt and rl_log.json."""
+    --train.init_from; --resume continues out_dir/ckpt_rl.pt. Runs until rl.max_steps or
+    rl.time_budget_s (training time: quick evals not counted). Writes ckpt_rl.pt, rl_log.json and,
+    with rl.eval_interval, ckpt_rl_best.pt (the best quick-eval score on eval.curve_split)."""
     rc, t, dev = cfg.rl, cfg.train, ctx.device
     ckpt_path = os.path.join(t.out_dir, "ckpt_rl.pt")
     step, elapsed, history, blob = 0, 0.0, [], None
@@ -184,6 +186,8 @@ def run_rl(cfg, ctx, bundle, vq, model=None):
         src = t.init_from or os.path.join(t.out_dir, "ckpt_sft.pt")
         model = model_from_checkpoint(load_checkpoint(src, bundle.tok.vocab_size), dev)
         ctx.log(f"RL starts from {src}")
+    best_path = os.path.join(t.out_dir, "ckpt_rl_best.pt")
+    best = max([h["eval"]["score"] for h in history if "eval" in h], default=float("-inf"))
     opt = make_optimizer(model, rc.lr, t.weight_decay, dev)
     if blob is not None:
         opt.load_state_dict(blob["optim"])
@@ -227,8 +231,12 @@ def run_rl(cfg, ctx, bundle, vq, model=None):
                     f"update {rec['update_s']:.1f}s | {elapsed:.0f}s")
         done = step >= rc.max_steps or stop_together(elapsed > rc.time_budget_s, ctx)
         if rc.eval_interval and (step % rc.eval_interval == 0 or done) and ctx.master:
-            rec["eval"] = metrics.evaluate(model, bundle, vq, cfg, dev, ctx.autocast, n=min(100, cfg.eval.n_per_task))
-            ctx.log(f"rl eval @ {step} ({elapsed:.0f}s): {metrics.headline(rec['eval'])}")
+            rec["eval"] = m = metrics.quick_eval(model, bundle, vq, cfg, dev, ctx.autocast, tasks=list(draws))
+            t_start += m["eval_seconds"]            # the time budget counts training only
+            ctx.log(f"rl eval @ {step} ({elapsed:.0f}s, {cfg.eval.curve_split}): {metrics.headline(m)}")
+            if m["score"] > best:                   # the best checkpoint by the quick evals (not the held-out set)
+                best = m["score"]
+                save_checkpoint(best_path, model, None, step, cfg, bundle, {"score": best, "elapsed": elapsed})
         history.append(rec)
         if ctx.master and (step % t.ckpt_interval == 0 or done):
             save_checkpoint(ckpt_path, model, opt, step, cfg, bundle, {"elapsed": elapsed, "history": history})

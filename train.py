@@ -98,8 +98,10 @@ def sft_step(model, opt, cfg, ctx: Ctx, bundle: Bundle, sampler: TaskSampler, ac
 
 
 def run_sft(cfg, ctx: Ctx, bundle: Bundle, vq) -> Transformer:
-    """The SFT stage: train until train.max_steps or train.time_budget_s; writes ckpt_sft.pt (every
-    ckpt_interval steps and at the end) and sft_curve.json (the quick held-out evals)."""
+    """The SFT stage: train until train.max_steps or train.time_budget_s (training time: the quick
+    evals are not counted); writes ckpt_sft.pt (every ckpt_interval steps and at the end),
+    sft_curve.json (the quick evals on eval.curve_split) and ckpt_sft_best.pt (the weights with the
+    best quick-eval score, metrics.selection_score)."""
     t, dev = cfg.train, ctx.device
     accum = t.batch_size // (t.micro_batch * ctx.world)
     if accum < 1 or t.batch_size % (t.micro_batch * ctx.world):
@@ -108,6 +110,8 @@ def run_sft(cfg, ctx: Ctx, bundle: Bundle, vq) -> Transformer:
     ckpt_path = os.path.join(t.out_dir, "ckpt_sft.pt")
     model, opt, sampler, run = sft_start(cfg, ctx, bundle, ckpt_path)
     step, elapsed, history, ema = run["step"], run["elapsed"], run["history"], run["loss_ema"]
+    best_path = os.path.join(t.out_dir, "ckpt_sft_best.pt")
+    best = max([h["score"] for h in history if math.isfinite(h.get("score", math.nan))], default=-math.inf)
     ctx.log(f"SFT: {model.num_params(False) / 1e6:.2f}M params | {ctx.dtype_reason} | device {dev} | "
             f"world {ctx.world} | global batch {t.batch_size} = micro {t.micro_batch} x accum {accum} x world "
             f"{ctx.world} | max {t.max_steps} steps or {t.time_budget_s:.0f}s")
@@ -143,9 +147,13 @@ def run_sft(cfg, ctx: Ctx, bundle: Bundle, vq) -> Transformer:
                     f"{elapsed:.0f}s elapsed")
         done = step >= t.max_steps or stop_together(elapsed > t.time_budget_s, ctx)
         if t.eval_interval and (step % t.eval_interval == 0 or done) and ctx.master:
-            m = metrics.evaluate(unwrap(model), bundle, vq, cfg, dev, ctx.autocast, n=min(100, cfg.eval.n_per_task))
+            m = metrics.quick_eval(unwrap(model), bundle, vq, cfg, dev, ctx.autocast)
+            t_start += m["eval_seconds"]            # the time budget counts training only
             history.append({**m, "step": step, "seconds": round(elapsed, 1)})
-            ctx.log(f"sft eval @ {step} ({elapsed:.0f}s): {metrics.headline(m)}")
+            ctx.log(f"sft eval @ {step} ({elapsed:.0f}s, {cfg.eval.curve_split}): {metrics.headline(m)}")
+            if m["score"] > best:                   # the best checkpoint by the quick evals (not the held-out set)
+                best = m["score"]
+                save_checkpoint(best_path, model, None, step, cfg, bundle, {"score": best, "elapsed": elapsed})
         if step % t.ckpt_interval == 0 or done:
             states = gather_rank_states(ctx, sampler)       # collective: every rank takes part
             if ctx.master:   # loss = this step's loss (the resume test compares it), loss_ema = the log's
