@@ -38,20 +38,14 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
+    # fixed, not switches (model.py): fan-in init, no final norm before the head, untied head
     n_layer: int = 4
     n_head: int = 4
     d_model: int = 128
     mlp_hidden: int = 0              # SwiGLU hidden width; 0 -> 8/3 * d_model rounded to 32 (LLaMA)
-    tie_weights: bool = False        # share token embedding and output head (Press & Wolf 2017); the
-                                     # head is only V x d here, so untied costs ~33k params at toy size
     prefix_dlm: bool = False         # LaViDa prefix-DLM layout: prompt attends only to prompt (cacheable)
     rope_base: float = 10000.0
-    init: str = "fan_in"             # fan_in: N(0,1) embeddings, N(0,1/fan_in) matrices | gpt2: N(0,0.02);
-                                     # gpt2's 0.02 is too small at d=128 (model.init_weights, RESULTS.md)
-    final_norm: bool = False         # RMSNorm before the head; measured slower on the toy (RESULTS.md)
     abs_pos: bool = True             # + learned absolute positions (toy: fast image-cell lookup; see model.py)
-    cell_emb: str = "none"           # 2D cell position of image slots: word | learned | none (model.py);
-                                     # no gain measured (with the old gpt2 init, RESULTS.md), so off
     max_len: int = 512               # longest prompt+response the rotary table covers
     dropout: float = 0.0             # toy runs are short; dropout only slows them down
 
@@ -356,10 +350,6 @@ def validate(cfg: Config):
         raise ConfigError(f"model.d_model={m.d_model} must be divisible by model.n_head={m.n_head}")
     if not (1 <= d.min_shapes <= d.max_shapes <= d.grid * d.grid):
         raise ConfigError(f"need 1 <= data.min_shapes <= data.max_shapes <= grid^2={d.grid ** 2}")
-    if m.init not in ("fan_in", "gpt2"):
-        raise ConfigError(f"--model.init={m.init!r}: expected fan_in or gpt2")
-    if m.cell_emb not in ("none", "word", "learned"):
-        raise ConfigError(f"--model.cell_emb={m.cell_emb!r}: expected none, word or learned")
     if cfg.diffusion.loss_weight not in ("mean", "elbo"):
         raise ConfigError(f"--diffusion.loss_weight={cfg.diffusion.loss_weight!r}: expected mean or elbo")
     if cfg.diffusion.remask not in ("low_confidence", "random"):
