@@ -133,8 +133,6 @@ class TrainConfig:
                                      # understanding) is available, e.g. ",caption:2": it helps reading
                                      # without full-mask rows, but on top of them every task lost
                                      # (session 5, RESULTS.md), so it is off
-    task_mix_early: str = ""         # curriculum: this mix for the first `early_frac` of SFT progress
-    early_frac: float = 0.0          # (progress = the lr schedule's); "" / 0 = one mix throughout
     resume: bool = False             # continue from the latest checkpoint in out_dir
     init_from: str = ""              # start from this checkpoint's weights (e.g. RL from the SFT ckpt)
 
@@ -366,12 +364,6 @@ def validate(cfg: Config):
     if t.batch_size % t.micro_batch:
         raise ConfigError(f"train.batch_size={t.batch_size} must be a multiple of train.micro_batch={t.micro_batch}")
     parse_mix(t.task_mix, "train.task_mix")
-    if not 0 <= t.early_frac < 1:
-        raise ConfigError(f"--train.early_frac={t.early_frac}: must lie in [0, 1)")
-    if t.early_frac > 0:
-        if not t.task_mix_early:
-            raise ConfigError("--train.early_frac > 0 needs --train.task_mix_early=task:w,...")
-        parse_mix(t.task_mix_early, "train.task_mix_early")
     parse_mix(r.task_mix, "rl.task_mix", RL_TASKS)
     n_img = (d.image_size // cfg.vq.downsample) ** 2
     img_steps = min(cfg.diffusion.image_steps, n_img)

@@ -220,14 +220,9 @@ def test_parse_mix():
             parse_mix(bad)
 
 
-def test_rl_mix_and_curriculum_validation(capsys):
-    # t2i / caption have no verifiable reward on a generated answer: not RL tasks
+def test_rl_mix_validation(capsys):
+    # t2i has no verifiable reward on a generated answer: not an RL task
     assert "rl.task_mix" in _fails(["--rl.task_mix=vqa:1,t2i:1"], capsys)
-    assert "early_frac" in _fails(["--train.early_frac=1.0", "--train.task_mix_early=ground:1"], capsys)
-    assert "task_mix_early" in _fails(["--train.early_frac=0.3"], capsys)
-    assert "task_mix_early" in _fails(["--train.early_frac=0.3", "--train.task_mix_early=ocr:1"], capsys)
-    cfg = get_config(["--train.early_frac=0.3", "--train.task_mix_early=ground:1"])
-    assert cfg.train.early_frac == pytest.approx(0.3)
 
 
 def test_task_sampler_follows_the_mix():
