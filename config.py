@@ -64,8 +64,6 @@ class DataConfig:
     teacher_bias: str = ""           # colours the teacher always overcounts by one, "yellow,red" ("" = none)
     teacher_box_pad: int = 0         # the teacher's grounding boxes are this many px too loose per side
     seed: int = 0                    # the world seed: same seed -> same scenes, questions and splits
-    cell_tags: bool = False          # precede each prompt image code by its cell name (data.prompt_ids);
-                                     # no gain measured (with the old gpt2 init, RESULTS.md), so off
     jsonl: str = ""                  # optional user data (see data.load_jsonl); "" = synthetic only
     cache_dir: str = "cache"         # VQ checkpoint and tokenized datasets are cached here
 
@@ -129,10 +127,7 @@ class TrainConfig:
     eval_interval: int = 1000        # quick held-out eval during SFT (the learning curve; ~10 s each on
                                      # the toy CPU, counted in the time budget); 0 = off
     ckpt_interval: int = 500
-    task_mix: str = "vqa:4,ground:3,edit:2,t2i:1"   # SFT sampling ratios; caption (image-level
-                                     # understanding) is available, e.g. ",caption:2": it helps reading
-                                     # without full-mask rows, but on top of them every task lost
-                                     # (session 5, RESULTS.md), so it is off
+    task_mix: str = "vqa:4,ground:3,edit:2,t2i:1"   # SFT sampling ratios over the four families
     resume: bool = False             # continue from the latest checkpoint in out_dir
     init_from: str = ""              # start from this checkpoint's weights (e.g. RL from the SFT ckpt)
 
@@ -373,7 +368,7 @@ def validate(cfg: Config):
                               f"1..{img_steps - 1} (the image has {img_steps} denoising steps)")
 
 
-TASKS = ("vqa", "ground", "edit", "t2i", "caption")   # the task families (data.py builds their pools)
+TASKS = ("vqa", "ground", "edit", "t2i")   # the task families (data.py builds their pools)
 RL_TASKS = ("vqa", "ground", "edit")    # the tasks with a verifiable reward on a generated answer
 
 
