@@ -38,20 +38,14 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
+    # fixed, not switches (model.py): fan-in init, no final norm before the head, untied head
     n_layer: int = 4
     n_head: int = 4
     d_model: int = 128
     mlp_hidden: int = 0              # SwiGLU hidden width; 0 -> 8/3 * d_model rounded to 32 (LLaMA)
-    tie_weights: bool = False        # share token embedding and output head (Press & Wolf 2017); the
-                                     # head is only V x d here, so untied costs ~33k params at toy size
     prefix_dlm: bool = False         # LaViDa prefix-DLM layout: prompt attends only to prompt (cacheable)
     rope_base: float = 10000.0
-    init: str = "fan_in"             # fan_in: N(0,1) embeddings, N(0,1/fan_in) matrices | gpt2: N(0,0.02);
-                                     # gpt2's 0.02 is too small at d=128 (model.init_weights, RESULTS.md)
-    final_norm: bool = False         # RMSNorm before the head; measured slower on the toy (RESULTS.md)
     abs_pos: bool = True             # + learned absolute positions (toy: fast image-cell lookup; see model.py)
-    cell_emb: str = "none"           # 2D cell position of image slots: word | learned | none (model.py);
-                                     # no gain measured (with the old gpt2 init, RESULTS.md), so off
     max_len: int = 512               # longest prompt+response the rotary table covers
     dropout: float = 0.0             # toy runs are short; dropout only slows them down
 
@@ -70,8 +64,6 @@ class DataConfig:
     teacher_bias: str = ""           # colours the teacher always overcounts by one, "yellow,red" ("" = none)
     teacher_box_pad: int = 0         # the teacher's grounding boxes are this many px too loose per side
     seed: int = 0                    # the world seed: same seed -> same scenes, questions and splits
-    cell_tags: bool = False          # precede each prompt image code by its cell name (data.prompt_ids);
-                                     # no gain measured (with the old gpt2 init, RESULTS.md), so off
     jsonl: str = ""                  # optional user data (see data.load_jsonl); "" = synthetic only
     cache_dir: str = "cache"         # VQ checkpoint and tokenized datasets are cached here
 
@@ -135,12 +127,7 @@ class TrainConfig:
     eval_interval: int = 1000        # quick held-out eval during SFT (the learning curve; ~10 s each on
                                      # the toy CPU, counted in the time budget); 0 = off
     ckpt_interval: int = 500
-    task_mix: str = "vqa:4,ground:3,edit:2,t2i:1"   # SFT sampling ratios; caption (image-level
-                                     # understanding) is available, e.g. ",caption:2": it helps reading
-                                     # without full-mask rows, but on top of them every task lost
-                                     # (session 5, RESULTS.md), so it is off
-    task_mix_early: str = ""         # curriculum: this mix for the first `early_frac` of SFT progress
-    early_frac: float = 0.0          # (progress = the lr schedule's); "" / 0 = one mix throughout
+    task_mix: str = "vqa:4,ground:3,edit:2,t2i:1"   # SFT sampling ratios over the four families
     resume: bool = False             # continue from the latest checkpoint in out_dir
     init_from: str = ""              # start from this checkpoint's weights (e.g. RL from the SFT ckpt)
 
@@ -399,10 +386,6 @@ def validate(cfg: Config):
         raise ConfigError(f"model.d_model={m.d_model} must be divisible by model.n_head={m.n_head}")
     if not (1 <= d.min_shapes <= d.max_shapes <= d.grid * d.grid):
         raise ConfigError(f"need 1 <= data.min_shapes <= data.max_shapes <= grid^2={d.grid ** 2}")
-    if m.init not in ("fan_in", "gpt2"):
-        raise ConfigError(f"--model.init={m.init!r}: expected fan_in or gpt2")
-    if m.cell_emb not in ("none", "word", "learned"):
-        raise ConfigError(f"--model.cell_emb={m.cell_emb!r}: expected none, word or learned")
     if cfg.diffusion.loss_weight not in ("mean", "elbo"):
         raise ConfigError(f"--diffusion.loss_weight={cfg.diffusion.loss_weight!r}: expected mean or elbo")
     if cfg.diffusion.remask not in ("low_confidence", "random"):
@@ -427,12 +410,6 @@ def validate(cfg: Config):
     if t.batch_size % t.micro_batch:
         raise ConfigError(f"train.batch_size={t.batch_size} must be a multiple of train.micro_batch={t.micro_batch}")
     parse_mix(t.task_mix, "train.task_mix")
-    if not 0 <= t.early_frac < 1:
-        raise ConfigError(f"--train.early_frac={t.early_frac}: must lie in [0, 1)")
-    if t.early_frac > 0:
-        if not t.task_mix_early:
-            raise ConfigError("--train.early_frac > 0 needs --train.task_mix_early=task:w,...")
-        parse_mix(t.task_mix_early, "train.task_mix_early")
     parse_mix(r.task_mix, "rl.task_mix", RL_TASKS)
     n_img = (d.image_size // cfg.vq.downsample) ** 2
     img_steps = min(cfg.diffusion.image_steps, n_img)
@@ -442,7 +419,7 @@ def validate(cfg: Config):
                               f"1..{img_steps - 1} (the image has {img_steps} denoising steps)")
 
 
-TASKS = ("vqa", "ground", "edit", "t2i", "caption")   # the task families (data.py builds their pools)
+TASKS = ("vqa", "ground", "edit", "t2i")   # the task families (data.py builds their pools)
 RL_TASKS = ("vqa", "ground", "edit")    # the tasks with a verifiable reward on a generated answer
 
 

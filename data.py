@@ -1,6 +1,6 @@
 """
 The toy multimodal world: a Pillow-rendered "shape world", four task families that mirror the
-paper's (plus an optional fifth, caption), the text tokenizer, the unified vocabulary, batching, and a JSONL loader for your own data.
+paper's, the text tokenizer, the unified vocabulary, batching, and a JSONL loader for your own data.
 
 Paper mapping (PAPER.md §1, §6, §8):
   * visual math / VQA (MathVista-like)       -> `vqa`:    counting, arithmetic over counts, "sides"
@@ -10,9 +10,6 @@ Paper mapping (PAPER.md §1, §6, §8):
                                                           is a short plan followed by the edited image's
                                                           VQ tokens (LaViDa-O "planning")
   * text-to-image (SFT only, as in the paper)-> `t2i`:    a scene description -> the image's VQ tokens
-  * image-level understanding (SFT only)     -> `caption`: the image's VQ tokens -> the scene description
-                                                          (t2i reversed; LaViDa-O's stage-1 "image-level
-                                                          understanding" data, PAPER.md §7)
 
 Every scene is a `grid x grid` board; each cell is empty or holds one shape (kind, colour, size).
 Because shapes are cell-aligned, `read_scene` can re-read every attribute from a picture exactly,
@@ -36,7 +33,6 @@ Sequence layout (all families share it, so positions mean the same thing in ever
                        so answer-forcing's canvas "[M] ... [M] <answer> z </answer>" is in-distribution)
   edit response:       <think> plan </think> [EOS ...] then n_img image codes
   t2i response:        n_img image codes
-  caption response:    <think> </think> [EOS ...] <answer> description </answer>   (no reasoning)
 Text positions are masked with [MASK], image positions with [IMASK] (LaViDa-O also keeps a separate
 VQ mask id), so the model always knows which modality a masked slot holds.
 
@@ -345,12 +341,9 @@ def make_edit(scene: Scene, rng, grid: int):
             f"{name} : {cell_name(t, grid)} . move {cell_name(j, grid)}", tuple(tgt), qtype)
 
 
-CAPTION_PROMPT = "describe the image"
-
-
 def describe(scene: Scene, grid: int) -> str:
-    """The text-to-image prompt and the caption: every shape with its attributes and cell, in
-    reading order ("large red circle r1c1 , small blue square r3c2"). rewards.parse_caption reads it back."""
+    """The text-to-image prompt: every shape with its attributes and cell, in reading order
+    ("large red circle r1c1 , small blue square r3c2"); empty cells are not mentioned."""
     parts = [f"{s.words()} {cell_name(i, grid)}" for i, s in enumerate(scene) if s is not None]
     return " , ".join(parts)
 
@@ -360,11 +353,11 @@ def describe(scene: Scene, grid: int) -> str:
 
 @dataclass
 class Example:
-    task: str                     # vqa | ground | edit | t2i | caption
+    task: str                     # vqa | ground | edit | t2i
     qtype: str                    # question type within the family (for per-type metrics)
     prompt: str                   # question / instruction / description (words)
     scene: Scene | None           # the input picture's scene (None for t2i)
-    answer: object                # vqa: "3"/"yes"; ground: (x0,y0,x1,y1); edit/t2i/caption: a Scene
+    answer: object                # vqa: "3"/"yes"; ground: (x0,y0,x1,y1); edit/t2i: a Scene
     trace: str | None = None      # reasoning text (sft pool only; None in the answer-only RL pool)
     answer_text: str | None = None  # the answer the trace ends in (may be wrong: imperfect teacher)
     image: np.ndarray | None = None         # input picture; rendered from `scene` unless user-given
@@ -402,8 +395,6 @@ def _make_example(task, scene, rng, cfg, teacher: Teacher | None) -> Example | N
             return None
         q, plan, target, qtype = out
         ex = Example(task, qtype, q, scene, target, plan)
-    elif task == "caption":
-        ex = Example("caption", "caption", CAPTION_PROMPT, scene, scene, "", describe(scene, d.grid))
     else:
         ex = Example("t2i", "t2i", describe(scene, d.grid), None, scene, "")
     ex.key = f"{task}|{scene_key(scene)}|{ex.prompt}"
@@ -426,8 +417,8 @@ def build_pools(dcfg) -> dict[str, dict[str, list[Example]]]:
         raise ConfigError(f"--data.teacher_bias={dcfg.teacher_bias!r}: unknown colour(s) {bad}; "
                           f"use a comma list of {', '.join(COLOURS)}")
     pools: dict[str, dict[str, list[Example]]] = {}
-    for ti, task in enumerate(TASKS):
-        seen: set[str] = set()
+    for ti, task in enumerate(TASKS):   # ti seeds the family's draws: a family removed or added at
+        seen: set[str] = set()          # the END of TASKS leaves the others' pools unchanged
         pools[task] = {}
         for si, split in enumerate(SPLITS):
             out, i = [], 0
@@ -470,7 +461,7 @@ def ensure_images(examples: list[Example], dcfg):
 # tokenizer and the unified vocabulary
 
 SPECIALS = ["[PAD]", "[MASK]", "[IMASK]", "[EOS]", "[UNK]", "<boi>", "<eoi>", "<think>", "</think>",
-            "<answer>", "</answer>", "<vqa>", "<ground>", "<edit>", "<t2i>", "<caption>"]
+            "<answer>", "</answer>", "<vqa>", "<ground>", "<edit>", "<t2i>"]
 
 
 class Tokenizer:
@@ -498,7 +489,8 @@ class Tokenizer:
     @classmethod
     def fit(cls, texts: list[str], n_codes: int, max_number: int = 64, grid: int = 0) -> "Tokenizer":
         """Vocabulary = every word in `texts`, the numbers 0..max_number (answers, box coords) and
-        the cell names of a grid x grid board (the position tags of image codes)."""
+        the cell names r0c0.. of a grid x grid board, so that every cell can be named in a trace, plan
+        or prompt even when the pools happen never to mention it."""
         words = {w for t in texts for w in t.split()}
         words |= {str(i) for i in range(max_number + 1)}
         words |= {cell_name(i, grid) for i in range(grid * grid)}
@@ -578,36 +570,21 @@ def response_ids(ex: Example, tok: Tokenizer, lay: Layout, target_codes=None) ->
     return text + img
 
 
-def prompt_ids(ex: Example, tok: Tokenizer, codes=None, cell_tags: bool = False) -> list[int]:
-    """[task tag] <boi> (r0c0 code r0c1 code ...) <eoi> prompt words.
-
-    cell_tags: each input-image code is preceded by the name of its token-grid position (one token
-    per board cell in every preset, so the tag is the cell's name). Why: without tags the toy model
-    learned to find an object in token space (its edits hit the right cell) long before it learned
-    to *name* that cell in text (its plans and grounding traces named the wrong one). With the tag
-    next to the code, naming becomes copying a neighbouring token. The same idea as Lumina-DiMOO's
-    newline token after every row of codes (PEERS.md §2.14): cheap explicit 2D structure in the
-    token stream. Generated pictures (responses) carry no tags. Measured: no gain within the toy
-    budget (each step is ~25% slower and the transition did not come sooner), so it is off by default.
-    """
+def prompt_ids(ex: Example, tok: Tokenizer, codes=None) -> list[int]:
+    """[task tag] [<boi> code ... code <eoi>] prompt words, as a list of vocabulary ids.
+    codes: the input picture's n_img VQ codes in [0, n_codes), row-major (None: no picture, t2i)."""
     ids = [tok.TASK[ex.task]]
     if codes is not None:
-        side = int(round(len(codes) ** 0.5))
-        body = []
-        for j, c in enumerate(codes):
-            if cell_tags:
-                body.append(tok.stoi.get(cell_name(j, side), tok.UNK))
-            body.append(tok.img_offset + int(c))
-        ids += [tok.BOI] + body + [tok.EOI]
+        ids += [tok.BOI] + [tok.img_offset + int(c) for c in codes] + [tok.EOI]
     return ids + tok.encode(ex.prompt)
 
 
-ANSWER_TASKS = ("vqa", "ground", "caption")    # families whose text response ends in an answer block
+ANSWER_TASKS = ("vqa", "ground")    # families whose text response ends in an answer block
 
 
 def answer_ids(ex: Example, tok: Tokenizer) -> list[int]:
     """The '<answer> z </answer>' block of the ground truth: what answer-forcing writes in clear."""
-    z = box_text(ex.answer) if ex.task == "ground" else ex.answer_text if ex.task == "caption" else ex.answer
+    z = box_text(ex.answer) if ex.task == "ground" else ex.answer
     return [tok.ANS] + tok.encode(z) + [tok.EANS]
 
 
@@ -624,23 +601,22 @@ def layouts_for(pools, tok: Tokenizer, n_img: int) -> dict[str, Layout]:
     return lay
 
 
-def prompt_width(pools, tok: Tokenizer, n_img: int, cell_tags: bool = False) -> int:
-    """The fixed prompt width P: the longest prompt of any family (tag + picture + words)."""
-    per_img = (2 if cell_tags else 1) * n_img + 2
+def prompt_width(pools, tok: Tokenizer, n_img: int) -> int:
+    """The fixed prompt width P: the longest prompt of any family (tag + picture + words), in tokens."""
+    per_img = n_img + 2                                 # <boi> codes <eoi>
     return max(1 + (0 if task == "t2i" else per_img) + len(e.prompt.split())
                for task, splits in pools.items() for s in splits.values() for e in s)
 
 
 def tokenize_split(task: str, examples: list[Example], tok: Tokenizer, lay: Layout, P: int,
-                   codes: torch.Tensor | None, target_codes: torch.Tensor | None,
-                   cell_tags: bool = False) -> TaskSet:
+                   codes: torch.Tensor | None, target_codes: torch.Tensor | None) -> TaskSet:
     """codes: (N, n_img) VQ codes of the input pictures; target_codes: of the targets (edit/t2i)."""
     N = len(examples)
     prompt = torch.full((N, P), tok.PAD, dtype=torch.long)
     traced = all(e.trace is not None for e in examples) and N > 0
     response = torch.full((N, lay.R), tok.PAD, dtype=torch.long) if traced else None
     for n, ex in enumerate(examples):
-        p = prompt_ids(ex, tok, None if codes is None else codes[n], cell_tags)
+        p = prompt_ids(ex, tok, None if codes is None else codes[n])
         if len(p) > P:
             raise ValueError(f"{task} prompt of {len(p)} tokens exceeds the prompt width P={P}: "
                              f"shorten it or raise the width (it is computed from the pools)")

@@ -20,7 +20,7 @@ Attention layout. Two choices, picked by cfg.prefix_dlm:
 
 Simplifications vs. the paper: one modality-agnostic stack (no MoT branches, no vision tower, no
 per-modality widths), LLaMA-style parts (RMSNorm, RoPE, SwiGLU, no biases), positions 0..T-1 over
-the concatenated sequence; 2D image positions only as the optional per-cell embedding (cfg.cell_emb).
+the concatenated sequence (no 2D image positions), no final norm before an untied output head.
 
 Initialisation matters more than anything else here at toy size: with GPT-2's N(0, 0.02) the toy
 model never learned to *read* its input image within the CPU budget; fan-in init does it in ~2000
@@ -154,27 +154,6 @@ class Block(nn.Module):
 
 
 @dataclass
-class ImageSpec:
-    """What the model may know about images in the vocabulary (vocabulary facts, no masking logic):
-    ids >= `offset` are VQ codes, `imask` is the [IMASK] placeholder of an image slot, and every
-    picture is len(cell_words) consecutive slots in raster order. cell_words[k] is the token id of
-    the word that names cell k ("r1c2"); data.Tokenizer builds it (train.image_spec)."""
-    offset: int
-    imask: int
-    cell_words: list
-
-
-def image_cells(idx, spec: ImageSpec):
-    """(B, T) ids -> (B, T) cell index of every image slot (code or [IMASK]), -1 elsewhere.
-    Rule: the j-th image slot of a row sits in cell j mod n_cells. It holds because pictures are
-    always whole and contiguous (prompt picture, response picture), and it needs no layout
-    argument: a cached forward over the response alone restarts the count at a picture boundary."""
-    is_img = (idx >= spec.offset) | (idx == spec.imask)                # (B, T)
-    k = (is_img.long().cumsum(1) - 1) % len(spec.cell_words)        # (B, T)
-    return torch.where(is_img, k, torch.full_like(k, -1))
-
-
-@dataclass
 class PrefixCache:
     """What `encode_prefix` hands to `forward_cached`: per-layer (k, v), each (B, nh, P, hs) with
     RoPE already applied to k, plus which prompt positions are real keys. Plain tensors, so a caller
@@ -192,24 +171,10 @@ class PrefixCache:
 
 class Transformer(nn.Module):
 
-    def __init__(self, cfg: ModelConfig, vocab_size: int, image: ImageSpec | None = None):
+    def __init__(self, cfg: ModelConfig, vocab_size: int):
         super().__init__()
-        self.cfg, self.vocab_size, self.image = cfg, vocab_size, image
+        self.cfg, self.vocab_size = cfg, vocab_size
         self.tok_emb = nn.Embedding(vocab_size, cfg.d_model)
-        # 2D position of image slots: every image slot (prompt or response picture, any task) gets
-        # an embedding of its *cell*, the same for cell k wherever the picture sits in the sequence.
-        #   "word":    the embedding of the word that names the cell ("r1c2"), from tok_emb. Then
-        #              "which cell is this code in?" is already in the code's own vector, in the same
-        #              space the output head scores "r1c2" in, so naming a found object is a copy.
-        #   "learned": a separate learned table (n_cells, C), like MaskGIT's image positions.
-        #   "none":    image slots get only the sequence positions (RoPE / abs_pos).
-        if cfg.cell_emb not in ("none", "word", "learned"):
-            raise ValueError(f"model.cell_emb={cfg.cell_emb!r}: use none | word | learned")
-        if cfg.cell_emb != "none" and image is None:
-            raise ValueError(f"model.cell_emb={cfg.cell_emb!r} needs an ImageSpec (the vocabulary's image ids)")
-        self.cell_emb = nn.Embedding(len(image.cell_words), cfg.d_model) if cfg.cell_emb == "learned" else None
-        if cfg.cell_emb == "word":
-            self.register_buffer("cell_words", torch.tensor(image.cell_words), persistent=False)
         # optional learned absolute positions on top of RoPE. Why: the shared layout puts every image
         # code at a fixed position, so "which cell is this code in?" is a lookup by absolute position.
         # RoPE only sees distances, and a tiny model learns that lookup slowly; a GPT-2 style table
@@ -217,20 +182,15 @@ class Transformer(nn.Module):
         self.pos_emb = nn.Embedding(cfg.max_len, cfg.d_model) if cfg.abs_pos else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
-        # final norm before the head: standard in pre-norm LMs, but measured slower to learn the toy's
-        # image lookup (RESULTS.md), so off by default; the head then reads the raw residual stream
-        self.norm_f = RMSNorm(cfg.d_model) if cfg.final_norm else None
+        # no final norm before the head, and an untied head: the head reads the raw residual stream.
+        # A final RMSNorm (standard in pre-norm LMs) was measured slower to learn the toy's image
+        # lookup (RESULTS.md); untied costs only V x d parameters at this size.
         self.head = nn.Linear(cfg.d_model, vocab_size, bias=False)
         # rotary tables are derived from cfg, not learned: non-persistent buffers (not in state_dict)
         cos, sin = rope_tables(cfg.d_model // cfg.n_head, cfg.max_len, cfg.rope_base)
         self.register_buffer("rope_cos", cos, persistent=False)     # (max_len, hs/2)
         self.register_buffer("rope_sin", sin, persistent=False)     # (max_len, hs/2)
-
         self.init_weights()
-        if cfg.tie_weights:
-            # one matrix both reads tokens in and scores tokens out (Press & Wolf 2017); tied after
-            # init, so the shared Parameter keeps the embedding's N(0, 1) draw (see _run for the scale)
-            self.head.weight = self.tok_emb.weight
 
     def init_weights(self):
         """Fan-in init: embedding tables N(0, 1), every matrix N(0, 1/fan_in), and the two
@@ -239,23 +199,16 @@ class Transformer(nn.Module):
 
         Why not GPT-2's N(0, 0.02) everywhere: 0.02 is ~1/sqrt(d) for d ~ 2500. At d = 128 it makes
         every weight ~4x smaller than fan-in and the embeddings 50x smaller than N(0, 1), so each Adam
-        step (size ~lr, whatever the weight's scale) moves them by a large fraction of their size. Measured
-        (`python bench.py search`, RESULTS.md): on a bare "find the red circle among 16 image codes"
-        probe, the 0.02 model did not learn the lookup in 1500 steps, while fan-in did it in a few hundred.
-        In the toy SFT run the same change brought grounding from 0.09 to 0.80 mIoU at step 2000.
-        cfg.init = "gpt2" keeps the old rule for that comparison."""
-        cfg = self.cfg
-        if cfg.init not in ("fan_in", "gpt2"):
-            raise ValueError(f"model.init={cfg.init!r}: use fan_in | gpt2")
+        step (size ~lr, whatever the weight's scale) moves them by a large fraction of their size.
+        Measured (RESULTS.md): on a bare "find the red circle among 16 image codes" probe the 0.02
+        model did not learn the lookup in 1500 steps, while fan-in did it in a few hundred; in the toy
+        SFT run the same change brought grounding from 0.09 to 0.80 mIoU at step 2000."""
         for name, mod in self.named_modules():                     # norm gains stay at 1
             if not isinstance(mod, (nn.Linear, nn.Embedding)):
                 continue
-            if cfg.init == "gpt2":
-                std = 0.02
-            else:
-                std = 1.0 if isinstance(mod, nn.Embedding) else mod.in_features ** -0.5
+            std = 1.0 if isinstance(mod, nn.Embedding) else mod.in_features ** -0.5
             if name.endswith(("attn.proj", "mlp.down")):                # writes into the residual stream
-                std = std / math.sqrt(2 * cfg.n_layer)
+                std = std / math.sqrt(2 * self.cfg.n_layer)
             nn.init.normal_(mod.weight, mean=0.0, std=std)
 
     # -- internals ------------------------------------------------------------------------------
@@ -270,10 +223,6 @@ class Transformer(nn.Module):
         cos = self.rope_cos[pos_offset:pos_offset + T]              # (T, hs/2)
         sin = self.rope_sin[pos_offset:pos_offset + T]              # (T, hs/2)
         x = self.tok_emb(idx)                                       # (B, T, C)
-        if self.cfg.cell_emb != "none":
-            cell = image_cells(idx, self.image)                         # (B, T), -1 = not an image slot
-            table = self.cell_emb.weight if self.cell_emb is not None else self.tok_emb(self.cell_words)
-            x = x + torch.where((cell >= 0)[..., None], table[cell.clamp(min=0)], 0.0)  # (B, T, C)
         if self.pos_emb is not None:
             x = x + self.pos_emb.weight[pos_offset:pos_offset + T]  # (T, C) broadcast over B
         x = self.drop(x)
@@ -281,12 +230,7 @@ class Transformer(nn.Module):
         for i, block in enumerate(self.blocks):
             x, kv = block(x, cos, sin, mask, None if past is None else past[i])
             kvs.append(kv)
-        if self.norm_f is not None:
-            x = self.norm_f(x)
         logits = self.head(x)                                       # (B, T, V)
-        if self.cfg.tie_weights and self.cfg.init == "fan_in":
-            # the shared rows are N(0, 1) embeddings, not N(0, 1/d) head rows: rescale (T5 does the same)
-            logits = logits * self.cfg.d_model ** -0.5
         return logits, kvs
 
     @staticmethod
@@ -353,18 +297,13 @@ class Transformer(nn.Module):
                                "bidirectional attention the prompt's k/v depend on the response")
 
     def num_params(self, non_embedding: bool = True) -> int:
-        """Unique parameters (a tied matrix counts once). non_embedding=True counts only the
-        transformer body (blocks + final norm): it drops the token embedding AND the output head,
-        so the number is the same whether or not they are tied."""
-        n = sum(p.numel() for p in self.parameters())               # parameters() dedups tied ones
+        """Parameter count. non_embedding=True counts only the transformer body (the blocks): it
+        drops the token embedding, the absolute-position table and the output head."""
+        n = sum(p.numel() for p in self.parameters())
         if non_embedding:
-            n -= self.tok_emb.weight.numel()
+            n -= self.tok_emb.weight.numel() + self.head.weight.numel()
             if self.pos_emb is not None:
                 n -= self.pos_emb.weight.numel()
-            if self.cell_emb is not None:
-                n -= self.cell_emb.weight.numel()
-            if not self.cfg.tie_weights:
-                n -= self.head.weight.numel()
         return n
 
     def flops_per_token(self, T: int) -> int:

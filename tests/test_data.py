@@ -22,7 +22,7 @@ from data import JSONLError, Shape, Tokenizer  # noqa: E402
 SMALL = {"data.n_sft": 40, "data.n_rl": 60, "data.n_eval": 30}
 # a bigger (still fast: ~0.3 s) pool for the answer checks, so every question type shows up often
 WIDE = {"data.n_sft": 150, "data.n_rl": 300, "data.n_eval": 100}
-TASKS = ("vqa", "ground", "edit", "t2i", "caption")
+TASKS = ("vqa", "ground", "edit", "t2i")
 SPLITS = ("sft", "rl", "eval")
 
 # The world, written down again here on purpose (not imported) so the checks are independent.
@@ -220,7 +220,7 @@ def test_splits_disjoint_and_traces(small):
         assert not keys["rl"] & keys["eval"]
         assert all(e.trace is None for e in pools[t]["rl"]), "rl pool must be answer-only"
         assert all(e.trace is not None for e in pools[t]["sft"])
-        if t not in ("t2i", "caption"):      # these two have no reasoning to write
+        if t != "t2i":                      # text-to-image has no reasoning to write
             assert all(len(e.trace.split()) > 0 for e in pools[t]["sft"])
 
 
@@ -240,7 +240,7 @@ def test_disjoint_even_when_collisions_are_likely():
 def test_scenes_respect_the_config(wide):
     cfg, pools = wide
     d = cfg.data
-    for t in ("vqa", "ground", "edit", "caption"):
+    for t in ("vqa", "ground", "edit"):
         for s in SPLITS:
             for e in pools[t][s]:
                 assert len(e.scene) == d.grid ** 2
@@ -303,15 +303,6 @@ def test_t2i_descriptions(wide):
         for e in pools["t2i"][s]:
             assert e.scene is None                      # no input picture
             assert parse_description(e.prompt, cfg.data.grid) == e.answer
-
-
-def test_caption_is_t2i_reversed(wide):
-    # the caption's answer is the scene's description, re-read here with our own parser
-    cfg, pools = wide
-    for s in SPLITS:
-        for e in pools["caption"][s]:
-            assert e.prompt == "describe the image" and e.answer == e.scene
-            assert parse_description(e.answer_text, cfg.data.grid) == e.scene
 
 
 # ----------------------------------------------------------------------------------------------
@@ -526,10 +517,10 @@ def tokenized(small, tok):
             n = len(pools[t][s])
             codes[t, s] = None if t == "t2i" else torch.randint(0, 64, (n, N_IMG), generator=g)
             tcodes[t, s] = torch.randint(0, 64, (n, N_IMG), generator=g) if t in ("edit", "t2i") else None
-    P = max(len(data.prompt_ids(e, tok, None if codes[t, s] is None else codes[t, s][k], cell_tags=True))
+    P = max(len(data.prompt_ids(e, tok, None if codes[t, s] is None else codes[t, s][k]))
             for t in TASKS for s in SPLITS for k, e in enumerate(pools[t][s]))
     lays = data.layouts_for(pools, tok, N_IMG)
-    sets = {(t, s): data.tokenize_split(t, pools[t][s], tok, lays[t], P, codes[t, s], tcodes[t, s], cell_tags=True)
+    sets = {(t, s): data.tokenize_split(t, pools[t][s], tok, lays[t], P, codes[t, s], tcodes[t, s])
             for t in TASKS for s in SPLITS}
     return P, lays, sets, codes, tcodes
 
@@ -547,7 +538,7 @@ def test_layouts(tokenized, tok):
 def test_prompt_width(small, tokenized, tok):
     _, pools = small
     P = tokenized[0]                     # own P: the longest prompt_ids over every pool
-    assert data.prompt_width(pools, tok, N_IMG, cell_tags=True) == P
+    assert data.prompt_width(pools, tok, N_IMG) == P
 
 
 def test_tokenized_prompts(small, tokenized, tok):
@@ -559,10 +550,8 @@ def test_tokenized_prompts(small, tokenized, tok):
             assert ts.prompt.shape == (len(pools[t][s]), P)
             for k, e in enumerate(pools[t][s]):
                 want = [tok.stoi[f"<{t}>"]]
-                if t != "t2i":   # each code preceded by its cell-name tag (row-major over the 4x4 grid)
-                    body = []
-                    for j, c in enumerate(codes[t, s][k]):
-                        body += [tok.stoi[f"r{j // 4}c{j % 4}"], tok.img_offset + int(c)]
+                if t != "t2i":   # the picture: <boi> its codes (row-major) <eoi>, no position words
+                    body = [tok.img_offset + int(c) for c in codes[t, s][k]]
                     want += [tok.stoi["<boi>"]] + body + [tok.stoi["<eoi>"]]
                 want += [tok.stoi[w] for w in e.prompt.split()]
                 want += [tok.PAD] * (P - len(want))
@@ -756,14 +745,3 @@ def test_jsonl_missing_file(tmp_path):
     dcfg = make_config("toy", SMALL).data
     with pytest.raises(JSONLError, match="no_such.jsonl"):
         data.load_jsonl(str(tmp_path / "no_such.jsonl"), dcfg)
-
-
-def test_prompt_without_cell_tags(small, tok):
-    """cell_tags=False gives the plain layout: <boi> codes <eoi>, no position words."""
-    _, pools = small
-    e = pools["vqa"]["sft"][0]
-    codes = torch.arange(N_IMG) % 8
-    ids = data.prompt_ids(e, tok, codes, cell_tags=False)
-    assert ids[:2] == [tok.stoi["<vqa>"], tok.stoi["<boi>"]]
-    assert ids[2:2 + N_IMG] == [tok.img_offset + int(c) for c in codes]
-    assert ids[2 + N_IMG] == tok.stoi["<eoi>"]

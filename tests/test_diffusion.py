@@ -64,7 +64,7 @@ class Adversarial(nn.Module):
     def __init__(self, T: int, text_cols, img_cols, seed: int = 0):
         super().__init__()
         torch.manual_seed(seed)
-        self.net = Transformer(ModelConfig(n_layer=1, n_head=2, d_model=32, max_len=64, cell_emb="none"), V).eval()
+        self.net = Transformer(ModelConfig(n_layer=1, n_head=2, d_model=32, max_len=64), V).eval()
         with torch.no_grad():
             for p in self.net.parameters():
                 if p.dim() > 1:
@@ -541,7 +541,7 @@ def test_cfg_guides_image_slots_only(g):
 
 def test_prefix_cache_gives_identical_samples():
     torch.manual_seed(0)
-    model = Transformer(ModelConfig(n_layer=1, n_head=2, d_model=32, prefix_dlm=True, max_len=64, cell_emb="none"), V).eval()
+    model = Transformer(ModelConfig(n_layer=1, n_head=2, d_model=32, prefix_dlm=True, max_len=64), V).eval()
     with torch.no_grad():   # larger weights than the 0.02 init: confidences far apart vs float error
         for p in model.parameters():
             if p.dim() > 1:

@@ -32,21 +32,24 @@ from tiny_vocab import EOS, IMASK, MASK, PAD, TOK, V, WA, WB, WC, WD, code, mixe
 N_SIGMA = 4.0                              # statistical tolerance: |mean - truth| < 4 standard errors
 EPS32 = torch.finfo(torch.float32).eps     # unit roundoff of the float32 forward pass (~1.2e-7)
 # cached vs full forward: two float32 computation orders through 2 layers, logits of size ~5:
-# differences of a few EPS32 * |logit| per layer (measured <= 1.5e-6); 1e-5 leaves ~7x margin
+# differences of a few EPS32 * |logit| per layer (measured 1.2e-6 on the test's model, <= 3.6e-6 over
+# ten model seeds); 1e-5 leaves ~3x margin at worst
 PREFIX_ATOL = 1e-5
 
 
 def tiny_model(seed: int = 0, prefix_dlm: bool = False, tok: Tokenizer = TOK, n_layer: int = 1) -> Transformer:
     """1 layer, 2 heads, d=32, weights ~ N(0, 0.3): logits far from flat, so every masked context
-    changes the conditionals well above float noise."""
+    changes the conditionals well above float noise. The head is then scaled by 1/6: with these
+    weights the residual stream has RMS ~6 and the model has no final norm, so this keeps the logits
+    of size ~5 (std ~2, max ~10), which the tolerances below assume."""
     torch.manual_seed(seed)
-    m = Transformer(ModelConfig(n_layer=n_layer, n_head=2, d_model=32, prefix_dlm=prefix_dlm, max_len=64, cell_emb="none",
-                                final_norm=True),  # logits of size ~5 (the tolerances below assume it)
+    m = Transformer(ModelConfig(n_layer=n_layer, n_head=2, d_model=32, prefix_dlm=prefix_dlm, max_len=64),
                     tok.vocab_size)
     with torch.no_grad():
         for p in m.parameters():
             if p.dim() > 1:
                 p.normal_(0, 0.3)
+        m.head.weight.mul_(1 / 6)
     return m.eval()
 
 
@@ -152,19 +155,23 @@ def test_complementary_gradient_touches_each_response_token_exactly_once_with_we
 # Monte Carlo means against the exact expectations (L = 5)
 
 
+# the model of the Monte Carlo check: its exact expectations of the three estimators are well apart
+# (closest pair elbo-complementary: 1.5 nats apart, the power check needs ~0.4)
+MC_MODEL_SEED = 10
+
+
 def _draws(fn, batch, n_draws, seed, **kw):
     """n_draws independent draws of a sequence estimate for ONE pair: the pair repeated n_draws
     times as rows of one batch (each row draws its own t / masks)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        logp, _ = fn(tiny_model(7), batch.repeat(n_draws), TOK, generator=g, **kw)
+        logp, _ = fn(tiny_model(MC_MODEL_SEED), batch.repeat(n_draws), TOK, generator=g, **kw)
     return logp.sum(1).double()                                            # (n_draws,)
 
 
 def test_monte_carlo_means_converge_to_exact_expectations():
-    # model seed 7: its exact expectations of the three estimators are well apart (see the power check)
     batch = pair_batch([WB, WD, EOS], [3, 6])                              # L = 5: 3 text + 2 image slots
-    ex = LK.exact(tiny_model(7), batch, TOK)
+    ex = LK.exact(tiny_model(MC_MODEL_SEED), batch, TOK)
     assert ex["L"] == 5
     n = 4000
     cases = {"elbo": (LK.elbo_mc, dict(n=2)), "complementary": (LK.complementary, {}),
@@ -182,8 +189,8 @@ def test_monte_carlo_means_converge_to_exact_expectations():
     for a, b in itertools.combinations(cases, 2):
         assert abs(ex[a] - ex[b]) > N_SIGMA * (ses[a] + ses[b]), f"{a} vs {b}: test has no power"
     # one_step with p_prompt = 0 is deterministic and equals the all-masked row of the table
-    o1, _ = LK.one_step(tiny_model(7), batch, TOK)
-    o2, _ = LK.one_step(tiny_model(7), batch, TOK)
+    o1, _ = LK.one_step(tiny_model(MC_MODEL_SEED), batch, TOK)
+    o2, _ = LK.one_step(tiny_model(MC_MODEL_SEED), batch, TOK)
     assert torch.equal(o1, o2)
     # the same L float32 terms from two batchings: rounding ~ EPS32 * |term| each, random in sign
     assert abs(o1.sum().item() - ex["one_step"]) < N_SIGMA * EPS32 * abs(ex["one_step"]) * math.sqrt(ex["L"])

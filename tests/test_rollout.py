@@ -174,7 +174,7 @@ def world():
 
 def tiny_model(vocab: int, seed: int = 0, scale: float = 0.0) -> Transformer:
     torch.manual_seed(seed)
-    m = Transformer(ModelConfig(n_layer=1, n_head=2, d_model=32, max_len=128, cell_emb="none"), vocab).eval()
+    m = Transformer(ModelConfig(n_layer=1, n_head=2, d_model=32, max_len=128), vocab).eval()
     if scale:       # larger weights than the 0.02 init: confidences far apart
         with torch.no_grad():
             for p in m.parameters():
