@@ -59,6 +59,8 @@ class DataConfig:
     n_sft: int = 3000                # traced SFT examples per task family ("deliberately limited")
     n_rl: int = 5000                 # answer-only RL prompts per family (no traces: rewards need none)
     n_eval: int = 200                # held-out examples per family, disjoint from both pools
+    n_val: int = 200                 # validation examples per family (quick evals, best checkpoints),
+                                     # disjoint from all the other splits
     hard_frac: float = 0.4           # share of math/VQA + grounding questions drawn from the hard types
     teacher_slip: float = 0.0        # fraction of traces with a random miscount carried to a wrong answer
     teacher_bias: str = ""           # colours the teacher always overcounts by one, "yellow,red" ("" = none)

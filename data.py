@@ -401,17 +401,18 @@ def _make_example(task, scene, rng, cfg, teacher: Teacher | None) -> Example | N
     return ex
 
 
-SPLITS = ("sft", "rl", "eval")
+SPLITS = ("sft", "rl", "eval", "val")   # val: model selection, so that eval stays held out
 
 
 def build_pools(dcfg) -> dict[str, dict[str, list[Example]]]:
     """All synthetic examples: pools[task][split]. Deterministic in dcfg (seed and sizes).
 
     Example i of (task, split) is drawn from its own generator seeded by (seed, task, split, i), so
-    changing n_rl does not change the sft pool. Disjointness: rl drops keys seen in sft, eval drops
-    keys seen in either (the scenes are random, so collisions are rare but possible).
+    changing n_rl does not change the sft pool. Disjointness: each split drops the keys seen in the
+    splits before it (rl: sft; eval: sft, rl; val: all three), so val (model selection) never
+    overlaps the held-out eval split. The scenes are random, so collisions are rare but possible.
     """
-    sizes = {"sft": dcfg.n_sft, "rl": dcfg.n_rl, "eval": dcfg.n_eval}
+    sizes = {"sft": dcfg.n_sft, "rl": dcfg.n_rl, "eval": dcfg.n_eval, "val": dcfg.n_val}
     bad = [c for c in dcfg.teacher_bias.split(",") if c and c not in COLOURS]
     if bad:     # a typo would silently give an unbiased teacher
         raise ConfigError(f"--data.teacher_bias={dcfg.teacher_bias!r}: unknown colour(s) {bad}; "
@@ -432,8 +433,8 @@ def build_pools(dcfg) -> dict[str, dict[str, list[Example]]]:
                 if ex is None or ex.key in seen:
                     continue
                 if split != "sft":          # answer-only pools carry no trace (rewards need none)
-                    ex.trace = ex.trace if split == "eval" else None
-                if split == "eval" and task in ("vqa", "ground") and (dcfg.teacher_bias or dcfg.teacher_box_pad):
+                    ex.trace = ex.trace if split in ("eval", "val") else None
+                if split in ("eval", "val") and task in ("vqa", "ground") and (dcfg.teacher_bias or dcfg.teacher_box_pad):
                     # the same draw again, answered by the systematic part of the sft teacher (no
                     # slips: rng=None), to tell "learned the truth" from "learned the teacher's error"
                     rng2 = np.random.default_rng([dcfg.seed, ti, si, i - 1])

@@ -5,6 +5,7 @@ the tokenizer; the shared sequence layout and batches; the JSONL loader. CPU, sm
 
     cd /work/main && python -m pytest tests/test_data.py -q
 """
+import itertools
 import json
 import os
 import re
@@ -215,9 +216,8 @@ def test_splits_disjoint_and_traces(small):
         for s in SPLITS:
             # own identity: the input scene (the target scene for t2i) and the prompt words
             keys[s] = {(e.scene if e.scene is not None else e.answer, e.prompt) for e in pools[t][s]}
-        assert not keys["sft"] & keys["rl"]
-        assert not keys["sft"] & keys["eval"]
-        assert not keys["rl"] & keys["eval"]
+        for a, b in itertools.combinations(keys, 2):           # every pair of splits, val included
+            assert not keys[a] & keys[b], (t, a, b)
         assert all(e.trace is None for e in pools[t]["rl"]), "rl pool must be answer-only"
         assert all(e.trace is not None for e in pools[t]["sft"])
         if t != "t2i":                      # text-to-image has no reasoning to write
@@ -231,7 +231,18 @@ def test_disjoint_even_when_collisions_are_likely():
     pools = data.build_pools(cfg.data)
     for t in TASKS:
         ks = [{(e.scene if e.scene is not None else e.answer, e.prompt) for e in pools[t][s]} for s in SPLITS]
-        assert not (ks[0] & ks[1]) and not (ks[0] & ks[2]) and not (ks[1] & ks[2])
+        assert all(not (a & b) for a, b in itertools.combinations(ks, 2))
+
+
+def test_validation_split_leaves_the_other_splits_unchanged():
+    """val is drawn last from its own streams: adding it changes no example of sft, rl or eval."""
+    _, without = pools_for({"data.n_val": 0})
+    _, with_val = pools_for({"data.n_val": 12})
+    for t in TASKS:
+        assert len(with_val[t]["val"]) == 12 and not without[t]["val"]
+        for s in ("sft", "rl", "eval"):
+            assert [(e.prompt, e.answer, e.trace) for e in without[t][s]] == \
+                   [(e.prompt, e.answer, e.trace) for e in with_val[t][s]], (t, s)
 
 
 # ----------------------------------------------------------------------------------------------
