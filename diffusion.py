@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange, repeat
 
 from data import Batch, Tokenizer
 
@@ -83,7 +84,7 @@ def masked_ce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, t
       elbo:  L = mean_b [ (1/t_b) * sum_{k in M_b} CE_bk / R_b ]  (LLaDA SFT: 1/t, per-answer length)
     logits (B, T, V); targets, mask (B, T); t_row, n_resp (B,).
     """
-    ce = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")   # (B, T)
+    ce = F.cross_entropy(rearrange(logits.float(), "b t v -> b v t"), targets, reduction="none")   # (B, T)
     ce = torch.where(mask, ce, torch.zeros_like(ce))     # where, not *: junk logits elsewhere stay out
     if weighting == "mean":
         return ce.sum() / mask.sum().clamp(min=1)
@@ -111,7 +112,7 @@ def sft_loss(model, batch: Batch, dcfg, tok: Tokenizer, generator: torch.Generat
         masks.append(batch.is_resp & ~m1)
         ts.append((1 - t).clamp(min=dcfg.eps))      # the complement's rate, for the 1/t weight
     mask, t_row = torch.cat(masks), torch.cat(ts)                              # (kB, T), (kB,)
-    rows = torch.arange(B, device=dev).repeat(len(masks))                      # (kB,) each row's example
+    rows = repeat(torch.arange(B, device=dev), "b -> (k b)", k=len(masks))      # (kB,) each row's example
     if dcfg.loss_weight == "mean":
         # rows with nothing masked (the complement of a t = 1 row) add 0 to both sums of the plain
         # mean: leave them out of the forward (same loss, fewer rows)

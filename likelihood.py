@@ -40,6 +40,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange, repeat
 
 from data import Batch, Tokenizer
 from diffusion import apply_mask
@@ -58,22 +59,23 @@ def masked_logprobs(model, batch: Batch, masks: torch.Tensor, tok: Tokenizer,
     n, B, T = masks.shape
     P = batch.P
     y = batch.tokens                                                            # (B, T) clean
+    # the n masked copies of each row; flattened below as row c * B + b = copy c of row b
     inp = apply_mask(y.expand(n, B, T), masks, batch.is_image.expand(n, B, T), tok)  # (n, B, T)
     if prompt_tokens is not None:
         inp = torch.cat([prompt_tokens.expand(n, B, P), inp[..., P:]], -1)
-    resp_in = inp[..., P:].reshape(n * B, T - P)                                # (nB, R)
+    copies = lambda x: repeat(x, "b ... -> (n b) ...", n=n)                     # (B, ...) -> (nB, ...)
     cfg = getattr(model, "cfg", None) or getattr(getattr(model, "module", None), "cfg", None)
     if cfg is not None and cfg.prefix_dlm and hasattr(model, "encode_prefix"):
         # prefix-DLM: one prompt encoding shared by all n masked copies (repeat keys/values, not work)
         cache = model.encode_prefix(inp[0, :, :P], batch.valid[:, :P])
-        cache = type(cache)([(k.repeat(n, 1, 1, 1), v.repeat(n, 1, 1, 1)) for k, v in cache.kv],
-                            cache.valid.repeat(n, 1))
-        logits = model.forward_cached(resp_in, cache, batch.valid[:, P:].repeat(n, 1))   # (nB, R, V)
+        cache = type(cache)([(copies(k), copies(v)) for k, v in cache.kv], copies(cache.valid))
+        resp_in = rearrange(inp[..., P:], "n b r -> (n b) r")                  # (nB, R)
+        logits = model.forward_cached(resp_in, cache, copies(batch.valid[:, P:]))   # (nB, R, V)
     else:
-        full = inp.reshape(n * B, T)
-        logits = model(full, batch.valid.repeat(n, 1), batch.is_prompt.repeat(n, 1))[:, P:]
-    logp = -F.cross_entropy(logits.float().transpose(1, 2), y[:, P:].repeat(n, 1), reduction="none")
-    return logp.reshape(n, B, T - P)                                            # (n, B, R)
+        full = rearrange(inp, "n b t -> (n b) t")                               # (nB, T)
+        logits = model(full, copies(batch.valid), copies(batch.is_prompt))[:, P:]
+    logp = -F.cross_entropy(rearrange(logits.float(), "nb r v -> nb v r"), copies(y[:, P:]), reduction="none")
+    return rearrange(logp, "(n b) r -> n b r", n=n)                             # (n, B, R)
 
 
 def _finish(logp: torch.Tensor, scored: torch.Tensor, batch: Batch, norm: str):

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 
 from config import ModelConfig
 
@@ -94,12 +95,10 @@ class SelfAttention(nn.Module):
         """x: (B, T, C). mask: (B, 1, T, T_keys) bool, True = may attend, or None = all.
         past_kv: optional (k, v) of a cached prefix, each (B, nh, P, hs), prepended to the keys.
         Returns the output (B, T, C) and this call's own (k, v) (after RoPE) for caching."""
-        B, T, C = x.shape
+        C = x.shape[-1]
         q, k, v = self.qkv(x).split(C, dim=2)                       # 3 x (B, T, C)
-        hs = C // self.n_head
-        q = q.view(B, T, self.n_head, hs).transpose(1, 2)           # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, hs).transpose(1, 2)           # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, hs).transpose(1, 2)           # (B, nh, T, hs)
+        # split the channels into heads: C = nh * hs, each head attends on its own hs channels
+        q, k, v = (rearrange(z, "b t (h d) -> b h t d", h=self.n_head) for z in (q, k, v))  # (B, nh, T, hs)
         # rotate q and k by their absolute positions; v carries content only, so it is not rotated
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         new_kv = (k, v)
@@ -110,7 +109,7 @@ class SelfAttention(nn.Module):
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=False,
             dropout_p=self.dropout if self.training else 0.0)       # (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)            # (B, T, C)
+        y = rearrange(y, "b h t d -> b t (h d)")                    # heads side by side again: (B, T, C)
         return self.resid_drop(self.proj(y)), new_kv
 
 

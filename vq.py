@@ -48,6 +48,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 from PIL import Image
 from tqdm import tqdm
 
@@ -122,7 +123,7 @@ class Quantizer(nn.Module):
         """z_e (N, D, h, w) -> z_q with straight-through grads (N, D, h, w), codes (N, h, w),
         commitment loss ||z_e - sg(e)||^2 (unweighted; the caller multiplies by beta)."""
         N, D, h, w = z_e.shape
-        z = z_e.permute(0, 2, 3, 1).reshape(-1, D)                    # (N*h*w, D), row-major cells
+        z = rearrange(z_e, "n d h w -> (n h w) d")                    # (N*h*w, D), row-major cells
         if self.training and not bool(self.initted):
             self._init_from(z.detach())
         idx = self.nearest(z.detach())                                # (N*h*w,)
@@ -133,8 +134,8 @@ class Quantizer(nn.Module):
         # straight-through: forward value is z_q, backward treats quantisation as the identity, so
         # d loss / d z_e = d loss / d z_q. (z_q was looked up before the EMA update, as in the paper.)
         z_q = z + (z_q - z).detach()
-        z_q = z_q.reshape(N, h, w, D).permute(0, 3, 1, 2)             # (N, D, h, w)
-        return z_q, idx.reshape(N, h, w), commit
+        z_q = rearrange(z_q, "(n h w) d -> n d h w", n=N, h=h)        # (N, D, h, w)
+        return z_q, rearrange(idx, "(n h w) -> n h w", n=N, h=h), commit
 
 
 # ----------------------------------------------------------------------------------------------
@@ -200,7 +201,7 @@ class VQVAE(nn.Module):
                              f"got {tuple(x.shape)}")
         x = x.to(self._device())
         x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
-        return x.permute(0, 3, 1, 2).contiguous()                     # (N, 3, H, W)
+        return rearrange(x, "n h w c -> n c h w").contiguous()        # (N, 3, H, W)
 
     @torch.no_grad()
     def encode(self, images, batch_size: int = 512) -> torch.Tensor:
@@ -210,7 +211,7 @@ class VQVAE(nn.Module):
         out = []
         for i in range(0, len(images), batch_size):
             z_e = self.encoder(self._as_input(images[i:i + batch_size]))   # (B, D, h, w)
-            z = z_e.permute(0, 2, 3, 1).reshape(-1, z_e.shape[1])          # (B*h*w, D)
+            z = rearrange(z_e, "b d h w -> (b h w) d")                     # (B*h*w, D)
             out.append(self.quantizer.nearest(z).reshape(z_e.shape[0], -1).cpu())  # (B, h*w)
         self.train(was_training)
         return torch.cat(out) if out else torch.zeros(0, self.tokens_per_image, dtype=torch.long)
@@ -232,9 +233,9 @@ class VQVAE(nn.Module):
         for i in range(0, len(codes), batch_size):
             c = codes[i:i + batch_size].to(self._device())                 # (B, h*w)
             z_q = self.quantizer.codebook[c]                               # (B, h*w, D)
-            z_q = z_q.reshape(-1, self.hw, self.hw, z_q.shape[-1]).permute(0, 3, 1, 2)  # (B, D, h, w)
+            z_q = rearrange(z_q, "b (h w) d -> b d h w", h=self.hw)       # (B, D, h, w)
             x = self.decoder(z_q).clamp(0, 1)                              # (B, 3, H, W)
-            out.append(x.permute(0, 2, 3, 1).cpu())                        # (B, H, W, 3)
+            out.append(rearrange(x, "b c h w -> b h w c").cpu())           # (B, H, W, 3)
         self.train(was_training)
         if not out:
             return torch.zeros(0, self.image_size, self.image_size, 3)
@@ -287,7 +288,7 @@ def train_vq(vcfg: VQConfig, images_uint8: np.ndarray, device, seed: int = 0):
             perm, pos = torch.randperm(len(X), generator=gen), 0
         idx = perm[pos:pos + vcfg.batch_size]
         pos += vcfg.batch_size
-        x = X[idx].to(device).permute(0, 3, 1, 2).float() / 255.0      # (B, 3, H, W)
+        x = rearrange(X[idx].to(device), "b h w c -> b c h w").float() / 255.0   # (B, 3, H, W)
 
         x_hat, codes, commit = model(x)
         recon = F.mse_loss(x_hat, x)
