@@ -1,12 +1,14 @@
 """
-The image tokenizer: a tiny VQ-VAE that turns a picture into a grid of discrete codes and back.
+The image tokenizer: a tiny VQ-VAE that turns a picture into a grid of discrete codes and back
+(METHOD.md §1: images are VQ tokens of the unified vocabulary; §9: what is simplified).
 
-Paper mapping (PAPER.md §8.1). LaViDa-O, the base model of LaViDa-R1, sees and draws images as VQ
-tokens: it uses Meissonic's VQ-VAE (downsampling 16, an 8192-entry codebook), so a 1024px picture is
-a 64x64 grid of code ids that sit in the same vocabulary as the words, at an offset. Image
-understanding reads those codes in the prompt; editing and text-to-image *generate* them by masked
-diffusion and the VQ decoder turns them back into pixels. We keep exactly that contract and replace
-the tokenizer with a tiny VQ-VAE trained in a minute or two on our synthetic shape world:
+Paper mapping. LaViDa-O (arXiv 2509.19244), the base model of LaViDa-R1 (arXiv 2602.14147), sees
+and draws images as VQ tokens: it uses the VQ-VAE of Meissonic (arXiv 2410.08261; downsampling 16,
+an 8192-entry codebook), so a 1024px picture is a 64x64 grid of code ids that sit in the same
+vocabulary as the words, at an offset. Image understanding reads those codes in the prompt; editing
+and text-to-image *generate* them by masked diffusion and the VQ decoder turns them back into
+pixels. We keep exactly that contract and replace the tokenizer with a tiny VQ-VAE trained in a
+minute or two on our synthetic shape world:
 
     image (N, H, W, 3) --encoder--> z_e (N, D, h, w) --nearest code--> codes (N, h*w) in [0, K)
     codes --codebook lookup--> z_q (N, D, h, w) --decoder--> image (N, H, W, 3) in [0, 1]
@@ -14,20 +16,21 @@ the tokenizer with a tiny VQ-VAE trained in a minute or two on our synthetic sha
 At the toy size (32px images, a 4x4 board, downsample 8) that is 16 tokens per image, one per board
 cell, and a 64-entry codebook for 25 distinct cell contents (4 colours x 3 kinds x 2 sizes + empty).
 
-The VQ-VAE recipe is the original one (van den Oord et al. 2017, "Neural Discrete Representation
-Learning"):
+The VQ-VAE recipe is the original one ("Neural Discrete Representation Learning", van den Oord et
+al. 2017, arXiv 1711.00937):
   * nearest-neighbour quantisation by L2 distance,
   * straight-through estimator: the decoder's gradient w.r.t. z_q is copied onto z_e,
   * commitment loss beta * ||z_e - sg(e)||^2 keeps the encoder close to the codes it picks,
   * the codebook itself is not trained by gradients but by exponential moving averages of the
     encoder outputs assigned to each code (their appendix; Laplace-smoothed counts, as in Sonnet),
-  * plus dead-code restarts (Dhariwal et al. 2020, Jukebox): a code that stops being picked is moved
-    onto a random encoder output from the current batch, so the whole codebook stays in use.
+  * plus dead-code restarts (as in Jukebox, arXiv 2005.00341): a code that stops being picked is
+    moved onto a random encoder output from the current batch, so the whole codebook stays in use.
 
-Simplified away vs. Meissonic's tokenizer: no perceptual (LPIPS) or adversarial (GAN) loss, no
-attention blocks, no normalisation layers, no lookup-free/factorised codes; plain MSE on pixels (the
-shape world is flat colours on black, so MSE is enough); and the encoder and decoder are patch-local
-(one token sees only its own patch, see VQVAE), so a cell's code does not depend on its neighbours.
+Simplified vs. Meissonic's tokenizer (METHOD.md §9): no perceptual (LPIPS) or adversarial (GAN)
+loss, no attention blocks, no normalisation layers, no lookup-free/factorised codes; plain MSE on
+pixels (the shape world is flat colours on black, so MSE is enough); and the encoder and decoder are
+patch-local (one token sees only its own patch, see VQVAE), so a cell's code does not depend on its
+neighbours.
 
 Conventions: pictures are channels-last (N, H, W, 3), uint8 or float in [0, 1] (what data.render
 makes); codes are (N, h*w) long, row-major over the token grid; both come back on the CPU.
@@ -205,7 +208,8 @@ class VQVAE(nn.Module):
 
     @torch.no_grad()
     def encode(self, images, batch_size: int = 512) -> torch.Tensor:
-        """images (N, H, W, 3) -> codes (N, h*w) long on the CPU, row-major over the token grid."""
+        """images (N, H, W, 3) -> codes (N, h*w) long on the CPU, row-major over the token grid.
+        ValueError if the images are not (N, image_size, image_size, 3)."""
         was_training = self.training
         self.eval()                           # eval mode: no EMA updates, no restarts
         out = []
@@ -218,7 +222,8 @@ class VQVAE(nn.Module):
 
     @torch.no_grad()
     def decode(self, codes, batch_size: int = 512) -> torch.Tensor:
-        """codes (N, h*w) ints in [0, K) -> images (N, H, W, 3) float in [0, 1] on the CPU."""
+        """codes (N, h*w) ints in [0, K) -> images (N, H, W, 3) float in [0, 1] on the CPU.
+        ValueError on another shape or on codes outside [0, K) (e.g. vocabulary ids)."""
         codes = torch.as_tensor(codes).long()
         K, n = self.quantizer.K, self.tokens_per_image
         if codes.dim() != 2 or codes.shape[1] != n:
@@ -324,6 +329,10 @@ def evaluate_vq(model: VQVAE, images_uint8: np.ndarray, scenes, grid: int) -> di
     Attribute recovery is the number that matters downstream: every edit and text-to-image answer
     is scored by reading the *decoded* picture with data.read_scene, so the decoder must draw each
     cell's kind, colour and size (or nothing) clearly enough to be re-read exactly.
+    images_uint8 (N, H, W, 3); scenes: the N scenes drawn in them. Returns a dict: recon_mse (mean
+    squared error per pixel channel, on the [0, 1] scale), codes_used / codebook_size / usage_frac /
+    perplexity (codebook use), cell_acc / image_acc (share of cells / whole pictures re-read
+    exactly), n_images.
     """
     codes = model.encode(images_uint8)                               # (N, h*w)
     recon = model.decode(codes)                                      # (N, H, W, 3) float
@@ -403,6 +412,7 @@ def load_vq(path: str, vcfg: VQConfig, image_size: int, device) -> VQVAE:
 
 
 def vq_path(cfg) -> str:
+    """Where the tokenizer of this config is cached: data.cache_dir/vq_{px}px_{K}c_seed{seed}.pt."""
     d = cfg.data
     return os.path.join(d.cache_dir, f"vq_{d.image_size}px_{cfg.vq.codebook_size}c_seed{d.seed}.pt")
 
