@@ -624,7 +624,10 @@ def prompt_width(pools, tok: Tokenizer, n_img: int) -> int:
 
 def tokenize_split(task: str, examples: list[Example], tok: Tokenizer, lay: Layout, P: int,
                    codes: torch.Tensor | None, target_codes: torch.Tensor | None) -> TaskSet:
-    """codes: (N, n_img) VQ codes of the input pictures; target_codes: of the targets (edit/t2i)."""
+    """One family x split as fixed-width tensors. codes: (N, n_img) VQ codes of the input pictures
+    (None for t2i); target_codes: (N, n_img) of the target pictures (edit/t2i, else None).
+    Returns a TaskSet: prompt (N, P) PAD-padded; response (N, lay.R), or None unless every example
+    carries a trace (the answer-only rl pool). ValueError if a prompt is longer than P."""
     N = len(examples)
     prompt = torch.full((N, P), tok.PAD, dtype=torch.long)
     traced = all(e.trace is not None for e in examples) and N > 0
