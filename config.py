@@ -7,17 +7,28 @@ Every knob of the project lives here, with a comment that says why it has its de
     python train.py --preset=toy --stage=sft --train.lr=3e-4 --rl.tree_schedule=0,2,4
     python train.py -h            # every key, its type and its value under the chosen preset
 
-Rules (STYLE.md rule 5): a key that does not exist, or a value that does not parse as the default's
-type, is a one-line error naming the valid keys or the expected type. The resolved config is printed
-by the scripts and saved as `config.json` next to every run's outputs (`save_config`).
+Rules: a key that does not exist, or a value that does not parse as the default's type, is a
+one-line error naming the valid keys or the expected type. The resolved config is printed by the
+scripts and saved as `config.json` next to every run's outputs (`save_config`).
+
+Sections and the parts of METHOD.md they configure:
+  model      the transformer and its attention layout (§1)
+  data       the synthetic tasks, their pools and the imperfect teacher (§8)
+  vq         the image tokenizer that turns pictures into vocabulary tokens (§1)
+  diffusion  masking and the SFT loss (§2), the sampler (§3)
+  train      the SFT stage and the run around it (§2)
+  rl         the unified objective and its advantages (§4), answer-forcing (§5), tree search (§6),
+             the log-likelihood estimator (§7)
+  eval       the held-out evaluation (§8)
 
 Presets:
   toy   -- 2-core CPU, minutes. 32x32 images, 4x4 grid, ~1M-parameter model.
   small -- one GPU, about an hour. 64x64 images, bigger model, bf16.
   base  -- several GPUs under torchrun. Same code, bigger numbers.
 
-Paper unknowns (PAPER.md §14) that became config fields are marked "unknown in the paper" below,
-with the reading we took as the default.
+Paper unknowns that became config fields are marked "unknown in the paper" below, with the reading
+we took as the default; METHOD.md §9 lists them all, with what else is simplified. The paper is
+LaViDa-R1 (arXiv 2602.14147), on top of LaViDa-O (arXiv 2509.19244) and LaViDa (arXiv 2505.16839).
 """
 from __future__ import annotations
 
@@ -79,9 +90,10 @@ class VQConfig:
     batch_size: int = 64
     lr: float = 2e-3
     steps: int = 1500
-    time_budget_s: float = 150.0     # stop early if the step budget would overrun this (issue: <= 3 min)
-    beta: float = 0.25               # commitment loss weight (VQ-VAE paper)
-    ema_decay: float = 0.9           # EMA codebook updates (van den Oord et al. 2017, appendix)
+    time_budget_s: float = 150.0     # stop early if the step budget would overrun this (keeps the toy's
+                                     # VQ stage under ~3 min)
+    beta: float = 0.25               # commitment loss weight (VQ-VAE, arXiv 1711.00937)
+    ema_decay: float = 0.9           # EMA codebook updates (the VQ-VAE paper's appendix)
     dead_threshold: float = 0.5      # restart codes used less than this many times per batch (EMA count)
     n_images: int = 6000             # training images (rendered scenes, all splits' scenes excluded)
 
@@ -93,8 +105,8 @@ class DiffusionConfig:
     complementary: bool = True       # SFT also trains on the complementary mask (LaViDa)
     full_mask_frac: float = 0.3      # share of SFT rows with t = 1 (whole response masked; see sft_loss):
                                      # the sampler's start state, where only the picture can be read.
-                                     # Not in the paper (t ~ U(eps, 1) there); measured (session 5,
-                                     # RESULTS.md): the toy's reading comes on sooner, 0 = the paper's
+                                     # Not in the paper (t ~ U(eps, 1) there); measured (RESULTS.md):
+                                     # the toy's reading comes on sooner; 0 = the paper's
     prompt_drop: float = 0.1         # drop the text prompt (-> [MASK]) for classifier-free guidance
     tokens_per_step: int = 2         # text: reveal this many tokens per step (LLaDA: 1 = best, slowest)
     block_len: int = 16              # text: semi-autoregressive block length
@@ -169,7 +181,7 @@ class RLConfig:
     task_mix: str = "vqa:1,ground:1,edit:1"  # RL task mix (t2i is SFT-only, as in the paper)
     temperature: float = 1.0         # rollout sampling temperature (unknown in the paper)
     tokens_per_step: int = 0         # text tokens revealed per rollout step; 0 = diffusion.tokens_per_step.
-                                     # Unknown in the paper (§14.6); 4 halves vqa rollout time (RESULTS.md)
+                                     # Unknown in the paper (METHOD.md §9); 4 halves vqa rollout time (RESULTS.md)
 
 
 @dataclass

@@ -1,14 +1,17 @@
 """
 The toy multimodal world: a Pillow-rendered "shape world", four task families that mirror the
-paper's, the text tokenizer, the unified vocabulary, batching, and a JSONL loader for your own data.
+paper's (METHOD.md §8), the text tokenizer and the unified vocabulary of text words + VQ codes
+(METHOD.md §1), the shared sequence layout and batching, and a JSONL loader for your own data (§8).
 
-Paper mapping (PAPER.md §1, §6, §8):
-  * visual math / VQA (MathVista-like)       -> `vqa`:    counting, arithmetic over counts, "sides"
-  * reason-intensive grounding (LISA-like)   -> `ground`: a referring expression that needs reasoning;
-                                                          the answer is a box in pixel coordinates
-  * image editing with reasoning (ImgEdit)   -> `edit`:   recolour / remove / move / add; the response
-                                                          is a short plan followed by the edited image's
-                                                          VQ tokens (LaViDa-O "planning")
+Paper mapping. LaViDa-R1 (arXiv 2602.14147) post-trains on four kinds of data; each becomes a family:
+  * visual math / VQA (MathVista-like,       -> `vqa`:    counting, arithmetic over counts, "sides"
+    arXiv 2310.02255)
+  * reason-intensive grounding (LISA-like,   -> `ground`: a referring expression that needs reasoning;
+    arXiv 2308.00692)                                     the answer is a box in pixel coordinates
+  * image editing with reasoning (ImgEdit,   -> `edit`:   recolour / remove / move / add; the response
+    arXiv 2505.20275)                                     is a short plan followed by the edited image's
+                                                          VQ tokens (the "planning" of LaViDa-O,
+                                                          arXiv 2509.19244)
   * text-to-image (SFT only, as in the paper)-> `t2i`:    a scene description -> the image's VQ tokens
 
 Every scene is a `grid x grid` board; each cell is empty or holds one shape (kind, colour, size).
@@ -36,8 +39,11 @@ Sequence layout (all families share it, so positions mean the same thing in ever
 Text positions are masked with [MASK], image positions with [IMASK] (LaViDa-O also keeps a separate
 VQ mask id), so the model always knows which modality a masked slot holds.
 
-Simplified away: SigLIP features (images enter only as VQ codes), digits drawn in the image, real
-charts. Exercise it with `python data.py` (prints samples) and `python -m pytest tests/test_data.py`.
+Simplified away (METHOD.md §9): real images and benchmarks (a synthetic world whose answers are
+exactly checkable), SigLIP features (images enter only as VQ codes), digits drawn in the image, real
+charts, a word-level tokenizer instead of a BPE one.
+
+Exercise it: python data.py (prints samples) ; python -m pytest tests/test_data.py -q
 """
 from __future__ import annotations
 
@@ -79,14 +85,18 @@ Scene = tuple
 
 
 def cell_name(i: int, grid: int) -> str:
+    """Name of cell i (row-major) of a grid x grid board: "r{row}c{col}", e.g. cell 6 of 4x4 -> "r1c2"."""
     return f"r{i // grid}c{i % grid}"
 
 
 def scene_key(scene: Scene) -> str:
+    """A short string identifying the scene (one 3-letter code or "." per cell), for de-duplication."""
     return "|".join("." if s is None else f"{s.kind[0]}{s.colour[0]}{s.size[0]}" for s in scene)
 
 
 def random_scene(rng: np.random.Generator, grid: int, min_shapes: int, max_shapes: int) -> Scene:
+    """A grid*grid tuple with n ~ U{min_shapes..max_shapes} shapes in distinct random cells, each of
+    a uniformly random kind, colour and size; None elsewhere."""
     n = int(rng.integers(min_shapes, max_shapes + 1))
     cells = rng.choice(grid * grid, size=n, replace=False)
     scene = [None] * (grid * grid)
@@ -411,6 +421,7 @@ def build_pools(dcfg) -> dict[str, dict[str, list[Example]]]:
     changing n_rl does not change the sft pool. Disjointness: each split drops the keys seen in the
     splits before it (rl: sft; eval: sft, rl; val: all three), so val (model selection) never
     overlaps the held-out eval split. The scenes are random, so collisions are rare but possible.
+    ConfigError if data.teacher_bias names an unknown colour.
     """
     sizes = {"sft": dcfg.n_sft, "rl": dcfg.n_rl, "eval": dcfg.n_eval, "val": dcfg.n_val}
     bad = [c for c in dcfg.teacher_bias.split(",") if c and c not in COLOURS]
@@ -526,12 +537,14 @@ class Tokenizer:
 
 
 def all_texts(pools) -> list[str]:
+    """Every prompt, trace and answer text of the pools: the corpus Tokenizer.fit reads."""
     return [t for task in pools.values() for exs in task.values() for ex in exs
             for t in (ex.prompt, ex.trace or "", ex.answer_text or "")]
 
 
 # ----------------------------------------------------------------------------------------------
-# tokenized sets: fixed-width tensors per family, built once (VQ codes cached, STYLE rule 15)
+# tokenized sets: fixed-width tensors per family, built once (common.get_bundle caches them with the
+# VQ codes, so no picture is encoded twice)
 
 @dataclass
 class Layout:
@@ -559,7 +572,8 @@ class TaskSet:
 
 
 def response_ids(ex: Example, tok: Tokenizer, lay: Layout, target_codes=None) -> list[int]:
-    """The SFT target: <think> trace </think> [EOS...] <answer> z </answer> | image codes."""
+    """The SFT target as lay.R ids: <think> trace </think> [EOS...] <answer> z </answer> | image
+    codes. target_codes: the target picture's n_img VQ codes (edit/t2i), else None."""
     text = []
     if lay.R_text:
         think = [tok.THINK] + tok.encode(ex.trace or "") + [tok.ETHINK]
@@ -611,7 +625,10 @@ def prompt_width(pools, tok: Tokenizer, n_img: int) -> int:
 
 def tokenize_split(task: str, examples: list[Example], tok: Tokenizer, lay: Layout, P: int,
                    codes: torch.Tensor | None, target_codes: torch.Tensor | None) -> TaskSet:
-    """codes: (N, n_img) VQ codes of the input pictures; target_codes: of the targets (edit/t2i)."""
+    """One family x split as fixed-width tensors. codes: (N, n_img) VQ codes of the input pictures
+    (None for t2i); target_codes: (N, n_img) of the target pictures (edit/t2i, else None).
+    Returns a TaskSet: prompt (N, P) PAD-padded; response (N, lay.R), or None unless every example
+    carries a trace (the answer-only rl pool). ValueError if a prompt is longer than P."""
     N = len(examples)
     prompt = torch.full((N, P), tok.PAD, dtype=torch.long)
     traced = all(e.trace is not None for e in examples) and N > 0
@@ -672,7 +689,8 @@ class Batch:
 
 def make_batch(prompts: torch.Tensor, responses: torch.Tensor, layouts: list[Layout], tasks: list[str],
                tok: Tokenizer) -> Batch:
-    """prompts: (B, P); responses: list/tensor of rows padded to R_max with [PAD]."""
+    """prompts: (B, P) long; responses: (B, R_max) long, row b padded with [PAD] after its
+    layouts[b].R slots (text first, then image). Returns the Batch, T = P + R_max."""
     B, P = prompts.shape
     R = responses.shape[1]
     tokens = torch.cat([prompts, responses], 1)                      # (B, P + R)

@@ -1,7 +1,10 @@
 """
-Masked diffusion over the response: the forward (masking) process, the SFT loss, and the sampler.
+Masked diffusion over the response: the forward (masking) process and the SFT loss (METHOD.md §2),
+and the sampler (METHOD.md §3).
 
-Paper mapping (PAPER.md §1 notation, §5.1, §7, §8.1; PEERS.md §3.1, §3.4):
+Paper mapping. LaViDa-R1 (arXiv 2602.14147) post-trains LaViDa-O (arXiv 2509.19244), a masked
+diffusion model in the line of MDLM ("Simple and Effective Masked Diffusion Language Models",
+arXiv 2406.07524) and LLaDA ("Large Language Diffusion Models", arXiv 2502.09992):
   forward process   y_t: each response token independently becomes [M] with probability t,
                     t ~ U(eps, 1). The prompt (question text, input-image codes) is never masked.
                     Text slots get [MASK], image slots [IMASK] (LaViDa-O keeps a separate VQ mask id).
@@ -9,25 +12,30 @@ Paper mapping (PAPER.md §1 notation, §5.1, §7, §8.1; PEERS.md §3.1, §3.4):
                       "mean": plain mean over masked tokens (LaViDa / LaViDa-O; the default), or
                       "elbo": (1/t) * sum CE / R per sequence (LLaDA / MDLM: the negative ELBO).
                     With `complementary` each example is also trained with the complementary mask
-                    (every response token supervised exactly once per pair: LaViDa).
+                    (every response token supervised exactly once per pair: LaViDa, arXiv 2505.16839).
                     With `prompt_drop` the text prompt of image-producing examples is replaced by
                     [MASK] so the model also learns the unconditional branch that CFG needs.
                     With `full_mask_frac` (ours, not the paper's) that share of rows is trained at
                     t = 1, the sampler's start state: the toy's reading comes on sooner (RESULTS.md).
   sampler           start from an all-mask response and reveal it over a fixed number of steps:
                       text  -- semi-autoregressive blocks of `block_len`, `tokens_per_step` per step,
-                               equal counts per step (LLaDA `generate`);
-                      image -- one block, cosine count schedule over `image_steps` (MaskGIT);
+                               equal counts per step (LLaDA's reference `generate`);
+                      image -- one block, cosine count schedule over `image_steps` (MaskGIT,
+                               arXiv 2202.04200);
                     which masked tokens are revealed: highest confidence (p of the sampled token
-                    under the noise-free softmax, LLaDA "low_confidence") or random. Tokens are
+                    under the noise-free softmax, LLaDA's "low_confidence") or random. Tokens are
                     sampled by Gumbel-max at a temperature (noise in float64, as LLaDA does);
-                    classifier-free guidance on image slots: (1+g) cond - g uncond.
-                    It keeps fixed tokens untouched (answer-forcing's inpainting), can start from a
-                    partially revealed state (tree search), never re-masks a revealed token, and
-                    returns for every position the step at which it was revealed (the order).
+                    classifier-free guidance on image slots: (1+g) cond - g uncond
+                    ("Classifier-Free Diffusion Guidance", arXiv 2207.12598, in Muse's form for
+                    masked image tokens, arXiv 2301.00704).
+                    It keeps fixed tokens untouched (answer-forcing's inpainting, METHOD.md §5),
+                    can start from a partially revealed state (tree search, METHOD.md §6), never
+                    re-masks a revealed token, and returns for every position the step at which
+                    it was revealed (the order), from which `rebuild_state` recovers any earlier
+                    state.
 
-Simplified: no timestep shifting, no PMJ stratified image order (LaViDa-O), no EOS-confidence hacks,
-no dynamic/threshold decoding. Every reading is a field of `DiffusionConfig`.
+Simplified (METHOD.md §9): no timestep shifting, no stratified image-token order (LaViDa-O), no
+EOS-confidence hacks, no dynamic/threshold decoding. Every reading is a field of `DiffusionConfig`.
 
 Exercise: python -m pytest tests/test_diffusion.py -q
 """
@@ -38,6 +46,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange, repeat
 
 from data import Batch, Tokenizer
 
@@ -46,7 +55,9 @@ from data import Batch, Tokenizer
 
 
 def apply_mask(tokens: torch.Tensor, mask: torch.Tensor, is_image: torch.Tensor, tok: Tokenizer) -> torch.Tensor:
-    """Replace tokens where `mask` is True by [IMASK] (image slots) or [MASK] (text slots)."""
+    """Replace tokens where `mask` is True by [IMASK] (image slots) or [MASK] (text slots).
+    tokens (..., T) long; mask, is_image bool, broadcastable to it (e.g. (n, B, T) masks over one
+    (B, T) batch). Returns a new tensor of the broadcast shape."""
     filler = torch.where(is_image, torch.full_like(tokens, tok.IMASK), torch.full_like(tokens, tok.MASK))
     return torch.where(mask, filler, tokens)
 
@@ -59,13 +70,15 @@ def draw_mask(batch: Batch, t: torch.Tensor, generator: torch.Generator | None =
 
 
 def sample_t(B: int, eps: float, device, generator: torch.Generator | None = None) -> torch.Tensor:
-    """t ~ U(eps, 1): eps > 0 keeps the 1/t weight finite and the mask non-empty in expectation."""
+    """t ~ U(eps, 1), shape (B,): eps > 0 keeps the 1/t weight finite and the mask non-empty in
+    expectation."""
     return eps + (1 - eps) * torch.rand(B, generator=generator, device=device)
 
 
 def drop_prompt_text(batch: Batch, rows: torch.Tensor, tok: Tokenizer) -> torch.Tensor:
-    """The unconditional input for CFG: prompt *words* of the selected rows become [MASK].
-    The task tag and the input picture's codes stay (edit keeps its source image)."""
+    """The unconditional input for CFG: prompt *words* of the selected rows (rows: (B,) bool)
+    become [MASK]; returns tokens (B, T). The task tag and the input picture's codes stay (edit
+    keeps its source image)."""
     t = batch.tokens
     words = batch.is_prompt & (t >= tok.n_special) & (t < tok.img_offset)
     return torch.where(words & rows[:, None], torch.full_like(t, tok.MASK), t)
@@ -81,9 +94,10 @@ def masked_ce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, t
 
       mean:  L = sum_{b,k in M} CE_bk / |M|                     (LaViDa-O: plain mean, no 1/t)
       elbo:  L = mean_b [ (1/t_b) * sum_{k in M_b} CE_bk / R_b ]  (LLaDA SFT: 1/t, per-answer length)
-    logits (B, T, V); targets, mask (B, T); t_row, n_resp (B,).
+    logits (B, T, V); targets, mask (B, T); t_row, n_resp (B,). Returns a scalar in nats per token
+    ("mean") or per response position ("elbo").
     """
-    ce = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")   # (B, T)
+    ce = F.cross_entropy(rearrange(logits.float(), "b t v -> b v t"), targets, reduction="none")   # (B, T)
     ce = torch.where(mask, ce, torch.zeros_like(ce))     # where, not *: junk logits elsewhere stay out
     if weighting == "mean":
         return ce.sum() / mask.sum().clamp(min=1)
@@ -96,6 +110,9 @@ def sft_loss(model, batch: Batch, dcfg, tok: Tokenizer, generator: torch.Generat
 
     With dcfg.complementary the batch is doubled: rows with mask M1 at rate t and rows with the
     complement M2 = resp \\ M1 (expected rate 1 - t), so every response token is supervised once.
+    t: (B,) masking rates to use instead of drawing them (tests). Returns (loss, a scalar tensor with
+    grad, in nats as masked_ce defines it; stats: floats "loss", "masked_acc" (share of masked tokens
+    predicted exactly by argmax) and "mask_frac" (masked share of the response positions)).
     """
     B, dev = batch.tokens.shape[0], batch.tokens.device
     if t is None:
@@ -111,7 +128,7 @@ def sft_loss(model, batch: Batch, dcfg, tok: Tokenizer, generator: torch.Generat
         masks.append(batch.is_resp & ~m1)
         ts.append((1 - t).clamp(min=dcfg.eps))      # the complement's rate, for the 1/t weight
     mask, t_row = torch.cat(masks), torch.cat(ts)                              # (kB, T), (kB,)
-    rows = torch.arange(B, device=dev).repeat(len(masks))                      # (kB,) each row's example
+    rows = repeat(torch.arange(B, device=dev), "b -> (k b)", k=len(masks))      # (kB,) each row's example
     if dcfg.loss_weight == "mean":
         # rows with nothing masked (the complement of a t = 1 row) add 0 to both sums of the plain
         # mean: leave them out of the forward (same loss, fewer rows)
@@ -166,7 +183,8 @@ class Step:
 
 
 def make_plan(R_text: int, n_img: int, dcfg) -> list[Step]:
-    """The whole schedule: text blocks first (the reasoning / plan), then the image block."""
+    """The whole schedule for a response of R_text text slots then n_img image slots: text blocks
+    first (the reasoning / plan), then the image block. One Step per denoising step, in order."""
     plan = []
     for lo in range(0, R_text, dcfg.block_len):
         hi = min(lo + dcfg.block_len, R_text)
@@ -179,8 +197,10 @@ def make_plan(R_text: int, n_img: int, dcfg) -> list[Step]:
 
 
 def gumbel_argmax(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
-    """x0 ~ softmax(logits / T) via argmax(logits/T + Gumbel). Float64 noise: low-precision Gumbel
-    noise measurably hurts masked-diffusion sampling (LLaDA, citing arXiv:2409.02908)."""
+    """x0 ~ softmax(logits / T) via argmax(logits/T + Gumbel): logits (..., V) -> ids (...); T <= 0
+    is greedy argmax. Float64 noise: low-precision Gumbel noise measurably hurts masked-diffusion
+    sampling ("Masked Diffusion Models are Secretly Time-Agnostic Masked Models and Exploit
+    Inaccurate Categorical Sampling", arXiv 2409.02908; LLaDA samples the same way)."""
     if temperature <= 0:
         return logits.argmax(-1)
     u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=torch.float64)
@@ -209,6 +229,8 @@ def sample(model, batch: Batch, tok: Tokenizer, dcfg, *, temperature: float | No
     for tokens that were given. To continue a partial state (tree search), pass the state's tokens,
     its `order` (-1 for still-masked and given slots) and `start_step`; `rebuild_state` makes both.
     on_step(g, tokens) is called before every step g (tests use it to record intermediate states).
+    temperature / image_temperature / cfg_scale: None = dcfg's. AssertionError if the rows' response
+    layouts differ.
     """
     temperature = dcfg.temperature if temperature is None else temperature
     image_temperature = dcfg.image_temperature if image_temperature is None else image_temperature
@@ -249,14 +271,14 @@ def sample(model, batch: Batch, tok: Tokenizer, dcfg, *, temperature: float | No
         logits = _response_logits(model, batch, resp, cache).float()        # (B, R, V)
         if guided and st.cosine:   # guidance only matters on image steps; skip the extra pass on text
             ul = _response_logits(model, uncond, resp, ucache).float()
-            # CFG on image slots only: (1+g) cond - g uncond (MaskGIT/Muse form; PAPER.md §7)
+            # CFG on image slots only: (1+g) cond - g uncond (Muse's form, METHOD.md §3)
             logits = torch.where(is_img[..., None], (1 + cfg_scale) * logits - cfg_scale * ul, logits)
         logits = logits.masked_fill(~allowed, float("-inf"))
         # every step works on one block of one modality, so one temperature applies
         x0 = gumbel_argmax(logits, image_temperature if st.cosine else temperature, generator)
         if dcfg.remask == "random":
             conf = torch.rand(resp.shape, generator=generator, device=dev)
-        else:  # confidence = p(x0) under the noise-free softmax (LLaDA#42: not the noisy one)
+        else:  # confidence = p(x0) under the noise-free softmax, not the Gumbel-perturbed one (as LLaDA)
             conf = logits.softmax(-1).gather(-1, x0[..., None]).squeeze(-1)
         conf = conf.masked_fill(~cand, -1.0)
         # reveal the k most confident candidates of each row: rank positions by confidence
@@ -272,7 +294,7 @@ def sample(model, batch: Batch, tok: Tokenizer, dcfg, *, temperature: float | No
 def rebuild_state(tokens: torch.Tensor, order: torch.Tensor, step: int, batch: Batch,
                   tok: Tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
     """The sampler's state just before global step `step`, from the final tokens and the order alone
-    (LaViDa-R1's cheap tree-search state, PAPER.md §4: no intermediate tensors are stored):
+    (LaViDa-R1's cheap tree-search state, METHOD.md §6: no intermediate tensors are stored):
     slots revealed at a step < `step` (and given slots, order -1) keep their token, the rest are
     masked again. Returns (tokens (B, T), order (B, R)) ready for sample(..., start_step=step)."""
     P = batch.P

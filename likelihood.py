@@ -1,28 +1,33 @@
 """
-Estimators of the sequence log-likelihood log pi(y | x) of a masked-diffusion model.
+Estimators of the sequence log-likelihood log pi(y | x) of a masked-diffusion model (METHOD.md §7).
 
-log pi(y|x) is intractable for a dLLM, so RL needs an estimate. Every estimator below returns
-per-token log-probabilities (B, R) and a (B, R) mask of the positions it scored, so the RL loss
-(rl.py) can weight and sum them however it likes. The sequence estimate is (logp * scored).sum(1).
+log pi(y|x) is intractable for a dLLM, so RL (the objective J of METHOD.md §4) needs an estimate.
+Every estimator below returns per-token log-probabilities (B, R) and a (B, R) mask of the positions
+it scored, so the RL loss (rl.py) can weight and sum them however it likes. The sequence estimate is
+(logp * scored).sum(1), in nats.
 
-  complementary  LaViDa-R1 (PAPER.md §5.1, Eq. C; the default). t1 ~ U[0, 1], t2 = 1 - t1; mask M1
-                 at rate t1 over the response and M2 = its complement; two forward passes batched
-                 as one; every response token is scored exactly once, with weight 1 (not 1/t):
+  complementary  LaViDa-R1 (arXiv 2602.14147, its Eq. C; the default). t1 ~ U[0, 1], t2 = 1 - t1;
+                 mask M1 at rate t1 over the response and M2 = its complement; two forward passes
+                 batched as one; every response token is scored exactly once, with weight 1 (not 1/t):
                      log pi^ = sum_{k in M1} log p(y_k | y_t1, x) + sum_{k in M2} log p(y_k | y_t2, x)
-  elbo_mc        LLaDA's Monte Carlo ELBO (PAPER.md §5.3): n masks, each with a masked COUNT
-                 k ~ U{1..L} at uniformly random positions, weight L/k. Unbiased for the ELBO and of
-                 finite variance. (The "t ~ U(0,1), weight 1/t" form of the same ELBO has infinite
-                 variance, PAPER.md §5.3, so we compare against LLaDA's form: the fair baseline.)
+  elbo_mc        the Monte Carlo ELBO of LLaDA ("Large Language Diffusion Models", arXiv
+                 2502.09992): n masks, each with a masked COUNT k ~ U{1..L} at uniformly random
+                 positions, weight L/k. Unbiased for the ELBO and of finite variance. (The "t ~ U(0,1),
+                 weight 1/t" form of the same ELBO, as in MDLM, arXiv 2406.07524, has infinite
+                 variance, so we compare against LLaDA's form: the fair baseline.)
   mc_unweighted  the same masks as elbo_mc with weight 1, summed over passes and scaled by 2/n so that
                  n = 2 covers about L tokens like the complementary pair: isolates the weight.
-  one_step       d1 / diffu-GRPO: the whole response masked, one pass; optionally each prompt token
-                 masked with probability p_prompt (d1 uses 0.15). Lowest variance, biased.
-  exact          for tiny L (<= 8) and a small model: enumerate all 2^L masks to get the exact ELBO,
-                 the exact expectation of the complementary and MC estimators, and the exact
-                 likelihood of the random-order, one-token-per-step sampler (DP over revealed sets).
-                 Used only by tests and bench.py.
+  one_step       d1 / diffu-GRPO ("d1: Scaling Reasoning in Diffusion Large Language Models via
+                 Reinforcement Learning", arXiv 2504.12216): the whole response masked, one pass;
+                 optionally each prompt token masked with probability p_prompt (d1 uses 0.15).
+                 Lowest variance, biased.
+  exact          for tiny L (<= 12; 2^L - 1 forward rows) and a small model: enumerate all masks to
+                 get the exact ELBO, the exact expectation of the complementary and MC estimators,
+                 and the exact likelihood of the random-order, one-token-per-step sampler (DP over
+                 revealed sets).
+                 Used only by tests and the estimator study.
 
-Unknowns of PAPER.md §14 item 4, and the readings taken (both are arguments / config fields):
+Unknowns of the paper, and the readings taken (both are arguments / config fields; METHOD.md §9):
   * normalisation: `norm="sum"` (Eq. C as written: a sum over the response's tokens) is the default;
     `norm="mean"` divides by the number of response tokens (rl.logp_norm).
   * one (t1, mask) per sample (default) or one t1 shared by the whole batch (`shared_t=True`,
@@ -31,7 +36,10 @@ Unknowns of PAPER.md §14 item 4, and the readings taken (both are arguments / c
 With a prefix-DLM model the prompt is encoded once and shared by every masked copy of the response
 (its keys/values do not depend on the response), so the complementary pair costs one prompt pass.
 
-Exercise: python -m pytest tests/test_likelihood.py -q ; python bench.py likelihood
+Simplified: beyond the two readings above, Eq. C is taken as written; `exact` is a test oracle for
+tiny responses, not a training path.
+
+Exercise: python -m pytest tests/test_likelihood.py -q ; python estimators.py (the estimator study)
 """
 from __future__ import annotations
 
@@ -40,6 +48,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange, repeat
 
 from data import Batch, Tokenizer
 from diffusion import apply_mask
@@ -58,22 +67,23 @@ def masked_logprobs(model, batch: Batch, masks: torch.Tensor, tok: Tokenizer,
     n, B, T = masks.shape
     P = batch.P
     y = batch.tokens                                                            # (B, T) clean
+    # the n masked copies of each row; flattened below as row c * B + b = copy c of row b
     inp = apply_mask(y.expand(n, B, T), masks, batch.is_image.expand(n, B, T), tok)  # (n, B, T)
     if prompt_tokens is not None:
         inp = torch.cat([prompt_tokens.expand(n, B, P), inp[..., P:]], -1)
-    resp_in = inp[..., P:].reshape(n * B, T - P)                                # (nB, R)
+    copies = lambda x: repeat(x, "b ... -> (n b) ...", n=n)                     # (B, ...) -> (nB, ...)
     cfg = getattr(model, "cfg", None) or getattr(getattr(model, "module", None), "cfg", None)
     if cfg is not None and cfg.prefix_dlm and hasattr(model, "encode_prefix"):
         # prefix-DLM: one prompt encoding shared by all n masked copies (repeat keys/values, not work)
         cache = model.encode_prefix(inp[0, :, :P], batch.valid[:, :P])
-        cache = type(cache)([(k.repeat(n, 1, 1, 1), v.repeat(n, 1, 1, 1)) for k, v in cache.kv],
-                            cache.valid.repeat(n, 1))
-        logits = model.forward_cached(resp_in, cache, batch.valid[:, P:].repeat(n, 1))   # (nB, R, V)
+        cache = type(cache)([(copies(k), copies(v)) for k, v in cache.kv], copies(cache.valid))
+        resp_in = rearrange(inp[..., P:], "n b r -> (n b) r")                  # (nB, R)
+        logits = model.forward_cached(resp_in, cache, copies(batch.valid[:, P:]))   # (nB, R, V)
     else:
-        full = inp.reshape(n * B, T)
-        logits = model(full, batch.valid.repeat(n, 1), batch.is_prompt.repeat(n, 1))[:, P:]
-    logp = -F.cross_entropy(logits.float().transpose(1, 2), y[:, P:].repeat(n, 1), reduction="none")
-    return logp.reshape(n, B, T - P)                                            # (n, B, R)
+        full = rearrange(inp, "n b t -> (n b) t")                               # (nB, T)
+        logits = model(full, copies(batch.valid), copies(batch.is_prompt))[:, P:]
+    logp = -F.cross_entropy(rearrange(logits.float(), "nb r v -> nb v r"), copies(y[:, P:]), reduction="none")
+    return rearrange(logp, "(n b) r -> n b r", n=n)                             # (n, B, R)
 
 
 def _finish(logp: torch.Tensor, scored: torch.Tensor, batch: Batch, norm: str):
@@ -89,7 +99,9 @@ def _finish(logp: torch.Tensor, scored: torch.Tensor, batch: Batch, norm: str):
 
 def complementary(model, batch: Batch, tok: Tokenizer, generator=None, norm: str = "sum",
                   shared_t: bool = False, t1: torch.Tensor | None = None):
-    """LaViDa-R1's estimator (Eq. C): two complementary masks, each token scored exactly once, w = 1."""
+    """LaViDa-R1's estimator (Eq. C): two complementary masks, each token scored exactly once, w = 1.
+    t1: (B,) masking rates of M1 to use instead of drawing them (None: t1 ~ U[0, 1], one per row, or
+    one for the batch with shared_t). Returns (logp (B, R) in nats, scored (B, R) bool)."""
     B, T = batch.tokens.shape
     dev = batch.tokens.device
     if t1 is None:
@@ -159,7 +171,8 @@ ESTIMATORS = {"complementary": complementary, "elbo_mc": elbo_mc, "mc_unweighted
 
 def estimate(name: str, model, batch: Batch, tok: Tokenizer, n: int = 2, generator=None,
              norm: str = "sum", shared_t: bool = False):
-    """Dispatch by name (rl.likelihood). n is the pass budget of the MC estimators."""
+    """Dispatch by name (rl.likelihood: a key of ESTIMATORS, KeyError otherwise). n is the pass
+    budget of the MC estimators. Returns (logp (B, R) in nats, scored (B, R) bool)."""
     if name == "complementary":
         return complementary(model, batch, tok, generator, norm, shared_t)
     if name == "one_step":
@@ -173,7 +186,8 @@ def estimate(name: str, model, batch: Batch, tok: Tokenizer, n: int = 2, generat
 
 @torch.no_grad()
 def exact(model, batch: Batch, tok: Tokenizer, chunk: int = 256) -> dict:
-    """Exact quantities for ONE (x, y) pair (batch of size 1) with L <= 8 response tokens.
+    """Exact quantities for ONE (x, y) pair (batch of size 1) with L <= 12 response tokens
+    (AssertionError otherwise). Returns a dict of floats in nats, keys below, plus "L".
 
     Builds the table c[S][i] = log p(y_i | y with the set S masked, x) for every non-empty S and i in S
     (2^L - 1 forward rows), then:

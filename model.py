@@ -1,30 +1,32 @@
 """
-The backbone: one small bidirectional transformer that maps token ids to logits.
+The backbone: one small bidirectional transformer that maps token ids to logits (METHOD.md §1).
 
-Paper mapping. LaViDa-R1 (and LaViDa-O under it) is a masked-diffusion language model: a
-*bidirectional* transformer in the LLaDA style, trained to predict the original token at every
+Paper mapping. LaViDa-R1 (arXiv 2602.14147), like LaViDa-O (arXiv 2509.19244) under it, is a
+masked-diffusion language model: a *bidirectional* transformer in the style of LLaDA ("Large
+Language Diffusion Models", arXiv 2502.09992), trained to predict the original token at every
 [MASK] position. The real model is a 10.4B Elastic-MoT with a SigLIP vision encoder. We replace all
 of that with one small transformer over a single unified vocabulary: text tokens + VQ image codes
 (+ special tokens), so "understanding" and "generation" are both just predicting tokens.
 
 What this file does NOT know: anything about masking, noise schedules or sampling. It is a plain
-function idx (B, T) -> logits (B, T, V). The diffusion losses and samplers live elsewhere and just
-put [MASK] ids into idx.
+function idx (B, T) -> logits (B, T, V). The diffusion loss and the sampler (diffusion.py,
+METHOD.md §2-§3) just put [MASK] ids into idx.
 
 Attention layout. Two choices, picked by cfg.prefix_dlm:
   * plain bidirectional: every token attends to every (non-PAD) token.
   * prefix-DLM (LaViDa, arXiv 2505.16839): prompt tokens attend only to prompt tokens, response
     tokens attend to everything. The prompt's keys/values then never depend on the response, so the
     sampler can encode the prompt once (`encode_prefix`) and reuse its KV cache on every denoising
-    step (`forward_cached`), running only the response tokens through the network.
+    step (`forward_cached`), running only the response tokens through the network (METHOD.md §3).
 
-Simplifications vs. the paper: one modality-agnostic stack (no MoT branches, no vision tower, no
-per-modality widths), LLaMA-style parts (RMSNorm, RoPE, SwiGLU, no biases), positions 0..T-1 over
-the concatenated sequence (no 2D image positions), no final norm before an untied output head.
+Simplified (METHOD.md §9): one modality-agnostic stack (no MoT branches, no vision tower, no
+per-modality widths); LLaMA-style parts (RMSNorm, RoPE, SwiGLU, no biases); positions 0..T-1 over
+the concatenated sequence, optionally plus a learned absolute-position table (cfg.abs_pos), and no
+2D image positions; no final norm before an untied output head.
 
 Initialisation matters more than anything else here at toy size: with GPT-2's N(0, 0.02) the toy
 model never learned to *read* its input image within the CPU budget; fan-in init does it in ~2000
-steps (`init_weights`, `python bench.py search`, RESULTS.md).
+steps (`init_weights`, RESULTS.md).
 
 Exercise it:  python -m pytest tests/test_model.py -q
 """
@@ -36,6 +38,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 
 from config import ModelConfig
 
@@ -59,7 +62,8 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(head_dim: int, max_len: int, base: float):
-    """cos/sin tables (max_len, head_dim/2) for rotary embeddings (Su et al. 2021)."""
+    """cos/sin tables, each (max_len, head_dim/2) float32, for rotary position embeddings
+    ("RoFormer", arXiv 2104.09864). Angles in radians: position * base^(-2i/head_dim)."""
     # frequency of pair i is base^(-2i/hs): low pairs rotate fast (local order), high pairs slowly
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2).float() / head_dim))  # (hs/2,)
     pos = torch.arange(max_len).float()                                             # (L,)
@@ -94,12 +98,10 @@ class SelfAttention(nn.Module):
         """x: (B, T, C). mask: (B, 1, T, T_keys) bool, True = may attend, or None = all.
         past_kv: optional (k, v) of a cached prefix, each (B, nh, P, hs), prepended to the keys.
         Returns the output (B, T, C) and this call's own (k, v) (after RoPE) for caching."""
-        B, T, C = x.shape
+        C = x.shape[-1]
         q, k, v = self.qkv(x).split(C, dim=2)                       # 3 x (B, T, C)
-        hs = C // self.n_head
-        q = q.view(B, T, self.n_head, hs).transpose(1, 2)           # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, hs).transpose(1, 2)           # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, hs).transpose(1, 2)           # (B, nh, T, hs)
+        # split the channels into heads: C = nh * hs, each head attends on its own hs channels
+        q, k, v = (rearrange(z, "b t (h d) -> b h t d", h=self.n_head) for z in (q, k, v))  # (B, nh, T, hs)
         # rotate q and k by their absolute positions; v carries content only, so it is not rotated
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         new_kv = (k, v)
@@ -110,13 +112,14 @@ class SelfAttention(nn.Module):
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=False,
             dropout_p=self.dropout if self.training else 0.0)       # (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)            # (B, T, C)
+        y = rearrange(y, "b h t d -> b t (h d)")                    # heads side by side again: (B, T, C)
         return self.resid_drop(self.proj(y)), new_kv
 
 
 class SwiGLU(nn.Module):
-    """silu(x W_gate) * (x W_up) W_down (Shazeer 2020): the LLaMA MLP. The gate makes it ~as good as
-    a 4x GELU MLP with 2/3 the hidden width, hence the 8/3 * d_model default."""
+    """silu(x W_gate) * (x W_up) W_down ("GLU Variants Improve Transformer", arXiv 2002.05202): the
+    LLaMA MLP. The gate makes it ~as good as a 4x GELU MLP with 2/3 the hidden width, hence the
+    8/3 * d_model default. (B, T, C) -> (B, T, C)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -170,6 +173,9 @@ class PrefixCache:
 # the model
 
 class Transformer(nn.Module):
+    """The whole network: token ids (B, T) -> logits (B, T, vocab_size), plus the prefix-cache pair
+    encode_prefix / forward_cached. vocab_size is the unified vocabulary's (data.Tokenizer.vocab_size:
+    special tokens, words, then VQ codes)."""
 
     def __init__(self, cfg: ModelConfig, vocab_size: int):
         super().__init__()
@@ -254,8 +260,9 @@ class Transformer(nn.Module):
 
     def forward(self, idx, valid=None, is_prompt=None):
         """idx: (B, T) long. valid: (B, T) bool, False at PAD (None = all real). is_prompt: (B, T)
-        bool, used only when cfg.prefix_dlm. Returns logits (B, T, V); rows at PAD positions are
-        finite garbage. Positions are the absolute indices 0..T-1 of idx."""
+        bool, used only when cfg.prefix_dlm. Returns logits (B, T, V) float (unnormalised); rows at
+        PAD positions are finite garbage. Positions are the absolute indices 0..T-1 of idx.
+        Raises ValueError if T > cfg.max_len."""
         use_prefix = self.cfg.prefix_dlm and is_prompt is not None
         if valid is None and not use_prefix:
             mask = None  # plain full attention: lets SDPA pick its fastest (flash) kernel on GPU
@@ -270,7 +277,9 @@ class Transformer(nn.Module):
     def encode_prefix(self, idx_prompt, valid_prompt=None) -> PrefixCache:
         """Run the prompt (B, P) alone and keep every layer's (k, v). Under prefix-DLM the prompt
         never looks at the response, so these are exactly the prompt's k, v inside any full
-        forward, whatever the response is: compute once, reuse on every denoising step."""
+        forward, whatever the response is: compute once, reuse on every denoising step.
+        valid_prompt: (B, P) bool, False at PAD (None = all real). Raises RuntimeError unless
+        cfg.prefix_dlm."""
         self._require_prefix_dlm()
         if valid_prompt is None:
             valid_prompt = torch.ones_like(idx_prompt, dtype=torch.bool)
@@ -281,7 +290,9 @@ class Transformer(nn.Module):
 
     def forward_cached(self, idx_resp, cache: PrefixCache, valid_resp=None):
         """Run only the response (B, R) at positions P..P+R-1, attending to [cached prompt keys ;
-        response keys]. Equals forward(cat(prompt, resp), valid, is_prompt)[:, P:] (float tol)."""
+        response keys]. Returns logits (B, R, V), equal to forward(cat(prompt, resp), valid,
+        is_prompt)[:, P:] up to float rounding. valid_resp: (B, R) bool (None = all real). Raises
+        RuntimeError unless cfg.prefix_dlm, ValueError if P + R > cfg.max_len."""
         self._require_prefix_dlm()
         if valid_resp is None:
             valid_resp = torch.ones_like(idx_resp, dtype=torch.bool)
@@ -307,7 +318,8 @@ class Transformer(nn.Module):
         return n
 
     def flops_per_token(self, T: int) -> int:
-        """Training (forward + backward) FLOPs per token at sequence length T (PaLM, appendix B):
+        """Training (forward + backward) FLOPs per token at sequence length T (PaLM, arXiv
+        2204.02311, appendix B):
             6 * N  +  12 * n_layer * d_model * T
         N = body params + head params (every weight a token is multiplied by: 2 FLOPs per weight
         forward, 4 backward -> 6; the embedding is a lookup and costs none). The second term is

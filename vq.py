@@ -1,12 +1,14 @@
 """
-The image tokenizer: a tiny VQ-VAE that turns a picture into a grid of discrete codes and back.
+The image tokenizer: a tiny VQ-VAE that turns a picture into a grid of discrete codes and back
+(METHOD.md §1: images are VQ tokens of the unified vocabulary; §9: what is simplified).
 
-Paper mapping (PAPER.md §8.1). LaViDa-O, the base model of LaViDa-R1, sees and draws images as VQ
-tokens: it uses Meissonic's VQ-VAE (downsampling 16, an 8192-entry codebook), so a 1024px picture is
-a 64x64 grid of code ids that sit in the same vocabulary as the words, at an offset. Image
-understanding reads those codes in the prompt; editing and text-to-image *generate* them by masked
-diffusion and the VQ decoder turns them back into pixels. We keep exactly that contract and replace
-the tokenizer with a tiny VQ-VAE trained in a minute or two on our synthetic shape world:
+Paper mapping. LaViDa-O (arXiv 2509.19244), the base model of LaViDa-R1 (arXiv 2602.14147), sees
+and draws images as VQ tokens: it uses the VQ-VAE of Meissonic (arXiv 2410.08261; downsampling 16,
+an 8192-entry codebook), so a 1024px picture is a 64x64 grid of code ids that sit in the same
+vocabulary as the words, at an offset. Image understanding reads those codes in the prompt; editing
+and text-to-image *generate* them by masked diffusion and the VQ decoder turns them back into
+pixels. We keep exactly that contract and replace the tokenizer with a tiny VQ-VAE trained in a
+minute or two on our synthetic shape world:
 
     image (N, H, W, 3) --encoder--> z_e (N, D, h, w) --nearest code--> codes (N, h*w) in [0, K)
     codes --codebook lookup--> z_q (N, D, h, w) --decoder--> image (N, H, W, 3) in [0, 1]
@@ -14,20 +16,21 @@ the tokenizer with a tiny VQ-VAE trained in a minute or two on our synthetic sha
 At the toy size (32px images, a 4x4 board, downsample 8) that is 16 tokens per image, one per board
 cell, and a 64-entry codebook for 25 distinct cell contents (4 colours x 3 kinds x 2 sizes + empty).
 
-The VQ-VAE recipe is the original one (van den Oord et al. 2017, "Neural Discrete Representation
-Learning"):
+The VQ-VAE recipe is the original one ("Neural Discrete Representation Learning", van den Oord et
+al. 2017, arXiv 1711.00937):
   * nearest-neighbour quantisation by L2 distance,
   * straight-through estimator: the decoder's gradient w.r.t. z_q is copied onto z_e,
   * commitment loss beta * ||z_e - sg(e)||^2 keeps the encoder close to the codes it picks,
   * the codebook itself is not trained by gradients but by exponential moving averages of the
     encoder outputs assigned to each code (their appendix; Laplace-smoothed counts, as in Sonnet),
-  * plus dead-code restarts (Dhariwal et al. 2020, Jukebox): a code that stops being picked is moved
-    onto a random encoder output from the current batch, so the whole codebook stays in use.
+  * plus dead-code restarts (as in Jukebox, arXiv 2005.00341): a code that stops being picked is
+    moved onto a random encoder output from the current batch, so the whole codebook stays in use.
 
-Simplified away vs. Meissonic's tokenizer: no perceptual (LPIPS) or adversarial (GAN) loss, no
-attention blocks, no normalisation layers, no lookup-free/factorised codes; plain MSE on pixels (the
-shape world is flat colours on black, so MSE is enough); and the encoder and decoder are patch-local
-(one token sees only its own patch, see VQVAE), so a cell's code does not depend on its neighbours.
+Simplified vs. Meissonic's tokenizer (METHOD.md §9): no perceptual (LPIPS) or adversarial (GAN)
+loss, no attention blocks, no normalisation layers, no lookup-free/factorised codes; plain MSE on
+pixels (the shape world is flat colours on black, so MSE is enough); and the encoder and decoder are
+patch-local (one token sees only its own patch, see VQVAE), so a cell's code does not depend on its
+neighbours.
 
 Conventions: pictures are channels-last (N, H, W, 3), uint8 or float in [0, 1] (what data.render
 makes); codes are (N, h*w) long, row-major over the token grid; both come back on the CPU.
@@ -48,6 +51,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 from PIL import Image
 from tqdm import tqdm
 
@@ -122,7 +126,7 @@ class Quantizer(nn.Module):
         """z_e (N, D, h, w) -> z_q with straight-through grads (N, D, h, w), codes (N, h, w),
         commitment loss ||z_e - sg(e)||^2 (unweighted; the caller multiplies by beta)."""
         N, D, h, w = z_e.shape
-        z = z_e.permute(0, 2, 3, 1).reshape(-1, D)                    # (N*h*w, D), row-major cells
+        z = rearrange(z_e, "n d h w -> (n h w) d")                    # (N*h*w, D), row-major cells
         if self.training and not bool(self.initted):
             self._init_from(z.detach())
         idx = self.nearest(z.detach())                                # (N*h*w,)
@@ -133,8 +137,8 @@ class Quantizer(nn.Module):
         # straight-through: forward value is z_q, backward treats quantisation as the identity, so
         # d loss / d z_e = d loss / d z_q. (z_q was looked up before the EMA update, as in the paper.)
         z_q = z + (z_q - z).detach()
-        z_q = z_q.reshape(N, h, w, D).permute(0, 3, 1, 2)             # (N, D, h, w)
-        return z_q, idx.reshape(N, h, w), commit
+        z_q = rearrange(z_q, "(n h w) d -> n d h w", n=N, h=h)        # (N, D, h, w)
+        return z_q, rearrange(idx, "(n h w) -> n h w", n=N, h=h), commit
 
 
 # ----------------------------------------------------------------------------------------------
@@ -200,24 +204,26 @@ class VQVAE(nn.Module):
                              f"got {tuple(x.shape)}")
         x = x.to(self._device())
         x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
-        return x.permute(0, 3, 1, 2).contiguous()                     # (N, 3, H, W)
+        return rearrange(x, "n h w c -> n c h w").contiguous()        # (N, 3, H, W)
 
     @torch.no_grad()
     def encode(self, images, batch_size: int = 512) -> torch.Tensor:
-        """images (N, H, W, 3) -> codes (N, h*w) long on the CPU, row-major over the token grid."""
+        """images (N, H, W, 3) -> codes (N, h*w) long on the CPU, row-major over the token grid.
+        ValueError if the images are not (N, image_size, image_size, 3)."""
         was_training = self.training
         self.eval()                           # eval mode: no EMA updates, no restarts
         out = []
         for i in range(0, len(images), batch_size):
             z_e = self.encoder(self._as_input(images[i:i + batch_size]))   # (B, D, h, w)
-            z = z_e.permute(0, 2, 3, 1).reshape(-1, z_e.shape[1])          # (B*h*w, D)
+            z = rearrange(z_e, "b d h w -> (b h w) d")                     # (B*h*w, D)
             out.append(self.quantizer.nearest(z).reshape(z_e.shape[0], -1).cpu())  # (B, h*w)
         self.train(was_training)
         return torch.cat(out) if out else torch.zeros(0, self.tokens_per_image, dtype=torch.long)
 
     @torch.no_grad()
     def decode(self, codes, batch_size: int = 512) -> torch.Tensor:
-        """codes (N, h*w) ints in [0, K) -> images (N, H, W, 3) float in [0, 1] on the CPU."""
+        """codes (N, h*w) ints in [0, K) -> images (N, H, W, 3) float in [0, 1] on the CPU.
+        ValueError on another shape or on codes outside [0, K) (e.g. vocabulary ids)."""
         codes = torch.as_tensor(codes).long()
         K, n = self.quantizer.K, self.tokens_per_image
         if codes.dim() != 2 or codes.shape[1] != n:
@@ -232,9 +238,9 @@ class VQVAE(nn.Module):
         for i in range(0, len(codes), batch_size):
             c = codes[i:i + batch_size].to(self._device())                 # (B, h*w)
             z_q = self.quantizer.codebook[c]                               # (B, h*w, D)
-            z_q = z_q.reshape(-1, self.hw, self.hw, z_q.shape[-1]).permute(0, 3, 1, 2)  # (B, D, h, w)
+            z_q = rearrange(z_q, "b (h w) d -> b d h w", h=self.hw)       # (B, D, h, w)
             x = self.decoder(z_q).clamp(0, 1)                              # (B, 3, H, W)
-            out.append(x.permute(0, 2, 3, 1).cpu())                        # (B, H, W, 3)
+            out.append(rearrange(x, "b c h w -> b h w c").cpu())           # (B, H, W, 3)
         self.train(was_training)
         if not out:
             return torch.zeros(0, self.image_size, self.image_size, 3)
@@ -287,7 +293,7 @@ def train_vq(vcfg: VQConfig, images_uint8: np.ndarray, device, seed: int = 0):
             perm, pos = torch.randperm(len(X), generator=gen), 0
         idx = perm[pos:pos + vcfg.batch_size]
         pos += vcfg.batch_size
-        x = X[idx].to(device).permute(0, 3, 1, 2).float() / 255.0      # (B, 3, H, W)
+        x = rearrange(X[idx].to(device), "b h w c -> b c h w").float() / 255.0   # (B, 3, H, W)
 
         x_hat, codes, commit = model(x)
         recon = F.mse_loss(x_hat, x)
@@ -323,6 +329,10 @@ def evaluate_vq(model: VQVAE, images_uint8: np.ndarray, scenes, grid: int) -> di
     Attribute recovery is the number that matters downstream: every edit and text-to-image answer
     is scored by reading the *decoded* picture with data.read_scene, so the decoder must draw each
     cell's kind, colour and size (or nothing) clearly enough to be re-read exactly.
+    images_uint8 (N, H, W, 3); scenes: the N scenes drawn in them. Returns a dict: recon_mse (mean
+    squared error per pixel channel, on the [0, 1] scale), codes_used / codebook_size / usage_frac /
+    perplexity (codebook use), cell_acc / image_acc (share of cells / whole pictures re-read
+    exactly), n_images.
     """
     codes = model.encode(images_uint8)                               # (N, h*w)
     recon = model.decode(codes)                                      # (N, H, W, 3) float
@@ -402,6 +412,7 @@ def load_vq(path: str, vcfg: VQConfig, image_size: int, device) -> VQVAE:
 
 
 def vq_path(cfg) -> str:
+    """Where the tokenizer of this config is cached: data.cache_dir/vq_{px}px_{K}c_seed{seed}.pt."""
     d = cfg.data
     return os.path.join(d.cache_dir, f"vq_{d.image_size}px_{cfg.vq.codebook_size}c_seed{d.seed}.pt")
 

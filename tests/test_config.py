@@ -3,7 +3,7 @@ Tests of config.py: `--section.key=value` overrides are typed by the default, pr
 errors (exit code 2) for unknown keys/sections/presets and wrong types, `-h`, the dict round trip used
 by checkpoints, config.json, and the task-mix parser. Pure Python, well under a second.
 
-    cd /work/main && python -m pytest tests/test_config.py -q
+    python -m pytest tests/test_config.py -q
 """
 import json
 import os

@@ -3,7 +3,7 @@ Tests of data.py: deterministic, disjoint pools; every ground-truth answer re-de
 from the scene (own prompt regexes, own counting/geometry); the imperfect teacher; render/read_scene;
 the tokenizer; the shared sequence layout and batches; the JSONL loader. CPU, small pools, seconds.
 
-    cd /work/main && python -m pytest tests/test_data.py -q
+    python -m pytest tests/test_data.py -q
 """
 import itertools
 import json

@@ -5,7 +5,7 @@ state rebuilding, known-logit picks and sampling frequencies, classifier-free gu
 prefix KV cache). Every expectation is computed independently: by hand with `math`, by brute force
 counting, or from mock models whose logits are chosen by the test. CPU, tiny sizes, a few seconds.
 
-    cd /work/main && python -m pytest tests/test_diffusion.py -q
+    python -m pytest tests/test_diffusion.py -q
 """
 import math
 import os
@@ -542,7 +542,7 @@ def test_cfg_guides_image_slots_only(g):
 def test_prefix_cache_gives_identical_samples():
     torch.manual_seed(0)
     model = Transformer(ModelConfig(n_layer=1, n_head=2, d_model=32, prefix_dlm=True, max_len=64), V).eval()
-    with torch.no_grad():   # larger weights than the 0.02 init: confidences far apart vs float error
+    with torch.no_grad():   # larger weights than the init's: confidences far apart vs float error
         for p in model.parameters():
             if p.dim() > 1:
                 p.normal_(0, 0.3)

@@ -3,7 +3,7 @@ Tests of likelihood.py: the complementary estimator's masks and gradients, the M
 estimators against their exact expectations, `exact` itself against a brute-force reference written
 here (the ELBO from its integral over t and from the average over unmasking orders; the any-order
 likelihood from all L! orders; a normalisation check over every possible response), the prefix-DLM
-shared prompt encoding, and the `norm` / `shared_t` readings (PAPER.md §5, §12 claims 1-3).
+shared prompt encoding, and the `norm` / `shared_t` readings (METHOD.md §7, §9).
 
 Every reference is independent of likelihood.py: masked inputs are built by hand, log-probs come from
 calling the model directly, weights come from integrals done by hand (binomial expansion) or from
@@ -11,7 +11,7 @@ enumerating orders. Statistical checks use 4 measured standard errors (two-sided
 are fixed, so a run is deterministic). Float checks use tolerances derived from float32 rounding.
 CPU, tiny models, well under 20 s.
 
-    cd /work/main && python -m pytest tests/test_likelihood.py -q
+    python -m pytest tests/test_likelihood.py -q
 """
 import itertools
 import math
@@ -381,7 +381,7 @@ def test_prefix_dlm_shared_prompt_encoding_equals_full_forward(monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------
-# the two readings of PAPER.md §14 item 4: norm and shared_t
+# the two readings of the paper's unknowns (METHOD.md §9): norm and shared_t
 
 
 @pytest.mark.parametrize("name", ["complementary", "elbo_mc", "mc_unweighted", "one_step"])

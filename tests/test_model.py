@@ -2,7 +2,7 @@
 Tests of model.py: shapes, bidirectionality, PAD and prefix-DLM masking, the prefix KV cache, a
 hand-written reference forward pass, the init scales and parameter counts. CPU, tiny configs, seconds.
 
-    cd /work/main && python -m pytest tests/test_model.py -q
+    python -m pytest tests/test_model.py -q
 """
 import math
 import os

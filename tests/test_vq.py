@@ -3,7 +3,7 @@ Tests of vq.py: the tokenizer contract (shapes, dtypes, code ranges, unified-voc
 the quantiser's math (nearest code vs. a brute-force argmin, straight-through gradients, EMA and
 dead-code restarts), checkpoint round trips and their one-line errors. CPU, tiny models, seconds.
 
-    cd /work/main && python -m pytest tests/test_vq.py -q
+    python -m pytest tests/test_vq.py -q
 """
 import os
 import sys
