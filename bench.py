@@ -46,10 +46,7 @@ The likelihood-estimator study is its own script: estimators.py.
 """
 from __future__ import annotations
 
-import json
-import math
 import os
-import subprocess
 import sys
 import time
 from contextlib import nullcontext
@@ -149,29 +146,9 @@ def model_line(model) -> str:
             f"n_head {m.n_head}, prefix_dlm {m.prefix_dlm})")
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    except OSError:
-        return ""
-
-
 def write_json(name: str, result: dict):
-    """runs/bench_<name>.json; NaN/inf become null: strict JSON."""
-    def clean(x):
-        if isinstance(x, float) and not math.isfinite(x):
-            return None
-        if isinstance(x, dict):
-            return {k: clean(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return [clean(v) for v in x]
-        return x
-    os.makedirs("runs", exist_ok=True)
-    path = os.path.join("runs", f"bench_{name}.json")
-    with open(path, "w") as f:
-        json.dump(clean(result), f, indent=1, allow_nan=False)
-    print(f"wrote {path}")
+    """runs/bench_<name>.json (strict JSON)."""
+    common.write_json(os.path.join("runs", f"bench_{name}.json"), result)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -185,7 +162,7 @@ def bench_sampler(cfg, opts: dict):
     cfg, bundle, trained, data_note = speed_world(cfg, opts["ckpt"])
     model, model_note = prefix_model(cfg, bundle, trained, dev, seed)
     tok, amp = bundle.tok, autocast_for(dtype)
-    print(f"bench sampler | device {dev} | {why} | torch {torch.__version__} | commit {git_commit()}")
+    print(f"bench sampler | device {dev} | {why} | torch {torch.__version__} | commit {common.git_commit()}")
     print(f"model: {model_note}; {model_line(model)}\ndata: {data_note}")
     print(f"greedy decoding (temperature 0 on text AND image slots), cfg_scale {cfg.diffusion.cfg_scale}, "
           f"{opts['prompts']} prompts per task, median of {opts['reps']} timed calls after 1 warm-up call each")
@@ -235,7 +212,7 @@ def bench_rollout(cfg, opts: dict):
     model, model_note = prefix_model(cfg, bundle, trained, dev, seed)
     tok, amp, rc = bundle.tok, autocast_for(dtype), cfg.rl
     G, N = opts["prompts"] or min(rc.prompts_per_step, 4), opts["n"] or rc.group_size
-    print(f"bench rollout | device {dev} | {why} | torch {torch.__version__} | commit {git_commit()}")
+    print(f"bench rollout | device {dev} | {why} | torch {torch.__version__} | commit {common.git_commit()}")
     print(f"model: {model_note}; {model_line(model)}\ndata: {data_note}")
     print(f"{G} prompts x N={N} samples per task, temperature {rc.temperature} (as rollout.rollout_task), "
           f"median of {opts['reps']} timed runs after a warm-up")
@@ -294,7 +271,7 @@ def bench_train(cfg, opts: dict):
     B = opts["batch"] or cfg.train.micro_batch
     batches = train_batches(cfg, bundle, B, opts["warmup"] + opts["steps"], seed, dev)
     print(f"bench train | device {dev} | {why} | compile {opts['compile']} | torch {torch.__version__} | "
-          f"commit {git_commit()}")
+          f"commit {common.git_commit()}")
     print(f"model: randomly initialised, {cfg.preset} size; {model_line(model)}\ndata: {data_note}")
 
     def step(batch):

@@ -26,6 +26,7 @@ import hashlib
 import json
 import math
 import os
+import subprocess
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -399,3 +400,28 @@ def load_run(path: str, out_dir: str, who: str):
     bundle = get_bundle(cfg, VQ.get_vq(cfg, "cpu", out_dir), ctx)
     blob = load_checkpoint(path, bundle.tok.vocab_size)              # checks the vocabulary fits
     return cfg, bundle, model_from_checkpoint(blob, "cpu").eval(), blob
+
+
+def git_commit() -> str:
+    """The short commit hash of this checkout, for results files ("" outside a git checkout)."""
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except OSError:
+        return ""
+
+
+def write_json(path: str, result: dict):
+    """Write `result` as strict JSON (NaN / inf, e.g. a ratio to a zero variance, become null)."""
+    def clean(x):
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        return x
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(clean(result), f, indent=1, allow_nan=False)
+    print(f"wrote {path}")

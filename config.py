@@ -33,7 +33,6 @@ LaViDa-R1 (arXiv 2602.14147), on top of LaViDa-O (arXiv 2509.19244) and LaViDa (
 from __future__ import annotations
 
 import ast
-import dataclasses
 import json
 import os
 import sys
@@ -437,37 +436,32 @@ TASKS = ("vqa", "ground", "edit", "t2i")   # the task families (data.py builds t
 RL_TASKS = ("vqa", "ground", "edit")    # the tasks with a verifiable reward on a generated answer
 
 
-def parse_mix(text: str, where: str = "task_mix", allowed: tuple = TASKS) -> dict[str, float]:
-    """'vqa:4,ground:3' -> {'vqa': 4/7, 'ground': 3/7}. Unknown tasks or bad weights are errors."""
-    out = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        name, _, w = part.partition(":")
-        if name not in allowed:
-            raise ConfigError(f"--{where}: unknown task {name!r}; tasks are {', '.join(allowed)}")
-        try:
-            out[name] = float(w) if w else 1.0
-        except ValueError:
-            raise ConfigError(f"--{where}: weight {w!r} of {name!r} is not a number") from None
-        if out[name] < 0:
-            raise ConfigError(f"--{where}: weight of {name!r} is negative")
-    total = sum(out.values())
-    if total <= 0:
-        raise ConfigError(f"--{where}={text!r}: needs at least one positive weight, e.g. vqa:1")
-    return {k: v / total for k, v in out.items() if v > 0}
-
-
-def parse_task_values(text: str, where: str, allowed: tuple = TASKS) -> dict[str, float]:
-    """'vqa:1,ground:0.5' -> {'vqa': 1.0, 'ground': 0.5}: one number per task, not normalised."""
+def parse_task_values(text: str, where: str, allowed: tuple = TASKS, default: float | None = None) -> dict[str, float]:
+    """'vqa:1,ground:0.5' -> {'vqa': 1.0, 'ground': 0.5}: one number per task, as written. A task
+    without a value takes `default` (an error when there is none). Unknown tasks are errors."""
     out = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         name, _, v = part.partition(":")
         if name not in allowed:
             raise ConfigError(f"--{where}: unknown task {name!r}; tasks are {', '.join(allowed)}")
         try:
-            out[name] = float(v)
+            out[name] = default if (not v and default is not None) else float(v)
         except ValueError:
             raise ConfigError(f"--{where}: value {v!r} of {name!r} is not a number (write task:value)") from None
     return out
+
+
+def parse_mix(text: str, where: str = "task_mix", allowed: tuple = TASKS) -> dict[str, float]:
+    """'vqa:4,ground:3' -> {'vqa': 4/7, 'ground': 3/7}: sampling weights (a bare name weighs 1),
+    normalised, zero weights dropped. Unknown tasks or bad weights are errors."""
+    out = parse_task_values(text, where, allowed, default=1.0)
+    for name, w in out.items():
+        if w < 0:
+            raise ConfigError(f"--{where}: weight of {name!r} is negative")
+    total = sum(out.values())
+    if total <= 0:
+        raise ConfigError(f"--{where}={text!r}: needs at least one positive weight, e.g. vqa:1")
+    return {k: v / total for k, v in out.items() if v > 0}
 
 
 def parse_int_list(text: str, where: str) -> list[int]:

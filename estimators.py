@@ -51,10 +51,8 @@ Reinforcement Learning" (arXiv 2504.12216) for one_step.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
-import subprocess
 import sys
 import time
 
@@ -367,14 +365,6 @@ def first_per_family(pairs: list, n: int) -> list:
     return [pq for f in FAMILIES for pq in [x for x in pairs if x[0] == f][:n]]
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    except OSError:
-        return ""
-
-
 def run_study(model, bundle, g) -> dict:
     """Every measurement on held-out pairs of the bundle, in a fixed order of draws from g."""
     tok = bundle.tok
@@ -496,22 +486,6 @@ def to_json(s: dict, head: dict) -> dict:
             "per_pair": s["per_pair"], "per_grad_pair": s["per_grad_pair"], "bias_windows": s["bias_windows"]}
 
 
-def write_json(path: str, result: dict):
-    """NaN/inf (e.g. a ratio to a zero variance) become null: strict JSON."""
-    def clean(x):
-        if isinstance(x, float) and not math.isfinite(x):
-            return None
-        if isinstance(x, dict):
-            return {k: clean(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return [clean(v) for v in x]
-        return x
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(clean(result), f, indent=1, allow_nan=False)
-    print(f"wrote {path}")
-
-
 def main(argv: list[str] | None = None):
     cfg, opts = C.get_config(argv, extra={"ckpt": "", "out": os.path.join("runs", "estimators.json")})
     # one thread: on a shared 2-core box a second intra-op thread spin-waits on a busy core and makes
@@ -519,7 +493,7 @@ def main(argv: list[str] | None = None):
     torch.set_num_threads(1)
     t_start, seed = time.time(), cfg.train.seed
     model, bundle, source = load(cfg, opts["ckpt"])
-    head = {"checkpoint": source, "seed": seed, "commit": git_commit(), "torch": torch.__version__,
+    head = {"checkpoint": source, "seed": seed, "commit": common.git_commit(), "torch": torch.__version__,
             "estimators": {k: {"passes": v[0]} for k, v in ESTIMATORS.items()}}
     print(f"estimators | model {source} | seed {seed} | commit {head['commit']} | torch {torch.__version__}"
           f" | {torch.get_num_threads()} threads")
@@ -533,7 +507,7 @@ def main(argv: list[str] | None = None):
     print(f"\nwall time {wall:.0f}s (value {secs['value']:.0f}s, gradient {secs['gradient']:.0f}s, exact windows "
           f"{secs['exact']:.0f}s) | seed {seed} | pairs: {len(s['per_pair'])} value, {len(s['per_grad_pair'])} gradient, "
           f"{len(s['bias_windows'])} window prompts")
-    write_json(opts["out"], {**to_json(s, head), "wall_s": wall})
+    common.write_json(opts["out"], {**to_json(s, head), "wall_s": wall})
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+import common
 import config as C
 
 # the world of the protocol: scarce traces, a large answer-only pool, 200 held-out and 200
@@ -54,14 +55,6 @@ ARMS = {
     "rft": ["--stage=rl", "--rl.eval_interval=15", "--rl.advantage=rft", "--rl.af_prob=0"],
 }
 METRICS = ("vqa_acc", "ground_miou", "edit_score")
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def hardware() -> str:
@@ -195,7 +188,7 @@ def rl_vs_sft(argv: list[str]):
     else:
         with ThreadPoolExecutor(max_workers=2) as pool:        # two arms side by side, one thread each
             jobs = list(pool.map(lambda a_s: arm_job(root, start, a_s[0], a_s[1], opts["arm_s"]), specs))
-    meta = {"command": "python study.py rl_vs_sft " + " ".join(argv), "commit": git_commit(),
+    meta = {"command": "python study.py rl_vs_sft " + " ".join(argv), "commit": common.git_commit(),
             "hardware": hardware(), "arm_s": opts["arm_s"], "seeds": seeds, "world": WORLD,
             "rl_flags": RL_FLAGS, "study_wall_s": round(time.time() - t0, 1)}
     report(root, jobs, json.load(open(held)), meta)
