@@ -3,6 +3,7 @@ Speed benchmarks. One function per benchmark, picked by the first argument:
 
     python bench.py sampler [--prompts=8] [--reps=3] [--ckpt=PATH] [--device=cuda]
     python bench.py rollout [--prompts=4] [--n=8] [--reps=2] [--ckpt=PATH] [--device=cuda]
+    python bench.py rl      [--mu=1,2,4] [--steps=3] [--ckpt=PATH]
     python bench.py train   [--batch=16] [--warmup=2] [--steps=5] [--peak=989e12] [--compile] [--device=cuda]
     python bench.py -h                      # this list; `python bench.py NAME -h`: every option and key
 
@@ -35,6 +36,11 @@ min(rl.prompts_per_step, 4), N = rl.group_size. Prints tokens/s of both and the 
 prefix-DLM model as `sampler`. On one CPU thread the work is compute-bound and grows linearly with
 the rows, so batching gains little there (measured ~0.8-1.0x); the gain is a GPU effect.
 
+`rl` -- whole RL steps (rl.rl_step: rollouts of every task, advantages, the J loss, the update) at
+rl.ppo_epochs = mu for each --mu, one model copy per arm, interleaved. Prints step time, the
+rollout share of it, policy updates per minute (mu optimizer steps per RL step) and their ratio to
+mu = 1, and the answer-forced rows sampled per step (one per group whose coin landed).
+
 `train` -- SFT training-step throughput: sft_loss (complementary masks double the rows) + backward
 + clip + AdamW on micro batches of train.micro_batch sequences (--batch), a randomly initialised
 model of the preset's size, bf16 autocast on CUDA, optional --compile. Prints step time, tokens/s
@@ -46,6 +52,7 @@ The likelihood-estimator study is its own script: estimators.py.
 """
 from __future__ import annotations
 
+import copy
 import os
 import sys
 import time
@@ -56,6 +63,7 @@ import torch
 import common
 import config as C
 import data as D
+import rl
 import vq as VQ
 from diffusion import n_steps, sample, sft_loss
 
@@ -251,6 +259,52 @@ def bench_rollout(cfg, opts: dict):
     write_json("rollout", res)
 
 
+def bench_rl(cfg, opts: dict):
+    """Whole RL steps (rl.rl_step: rollouts + update) at rl.ppo_epochs = 1, 2, 4, interleaved."""
+    dev, dtype, why = speed_device(cfg.train.device)
+    cfg, bundle, trained, data_note = speed_world(cfg, opts["ckpt"])
+    ctx = common.Ctx(dev, dtype, why, False, 0, 1, os.path.join("runs", "bench"))
+    torch.manual_seed(cfg.train.seed)
+    start = trained if trained is not None else common.build_model(cfg, bundle.tok, dev)
+    # the edit reward decodes pictures: the run's own VQ, else an untrained one (same time, no meaning)
+    vq = VQ.get_vq(cfg, dev, ctx.out_dir) if trained is not None else VQ.VQVAE(cfg.vq, cfg.data.image_size).eval()
+    mus = [int(m) for m in opts["mu"].split(",")]
+    arms = {}
+    for mu in mus:           # each arm its own model copy, optimizer and random streams
+        acfg = C.from_dict(C.to_dict(cfg))
+        acfg.rl.ppo_epochs = mu
+        model = copy.deepcopy(start).to(dev)
+        arms[mu] = (acfg, model, common.make_optimizer(model, acfg.rl.lr, acfg.train.weight_decay, dev),
+                    common.TaskSampler(bundle.sets, "sft", C.parse_mix(acfg.train.task_mix), 7),
+                    torch.Generator().manual_seed(13), torch.Generator(device=dev).manual_seed(11), [])
+    mix = C.parse_mix(cfg.rl.task_mix, "rl.task_mix")
+    draws = {k: max(1, round(cfg.rl.prompts_per_step * len(mix) * w)) for k, w in mix.items()}
+    print(f"bench rl | device {dev} | {why} | torch {torch.__version__} | commit {common.git_commit()}")
+    print(f"model: {'the checkpoint' if trained is not None else 'randomly initialised'}; {model_line(start)}\n"
+          f"data: {data_note}\nprompts/step {draws} x group {cfg.rl.group_size}, sft rows {cfg.rl.sft_rows}, "
+          f"answer-forcing p={cfg.rl.af_prob}; {opts['steps']} steps per arm after 1 warm-up step, interleaved")
+    for i in range(opts["steps"] + 1):
+        for mu, (acfg, model, opt, sft, pick, gen, recs) in arms.items():
+            rec = rl.rl_step(model, opt, acfg, ctx, bundle, vq, draws, sft, pick, gen)
+            if i:                                 # the first step of each arm is a warm-up
+                recs.append(rec)
+    print(f"{'mu':>3}{'step s':>9}{'rollout s':>11}{'rollout share':>15}{'updates/min':>13}{'vs mu=1':>9}{'forced rows':>13}")
+    res, base = {"device": dev, "data": data_note, "draws": draws, "arms": {}}, None
+    for mu, (*_, recs) in arms.items():
+        roll = median([r["rollout_s"] for r in recs])
+        step = roll + median([r["update_s"] for r in recs])
+        per_min = 60 * mu / step                  # optimizer steps on the policy per minute
+        base = base or per_min
+        forced = sum(r[t].get("forced_rows", 0) for r in recs for t in draws if t in ("vqa", "ground")) / len(recs)
+        print(f"{mu:>3}{step:>9.2f}{roll:>11.2f}{100 * roll / step:>14.0f}%{per_min:>13.1f}{per_min / base:>8.2f}x{forced:>13.1f}")
+        res["arms"][mu] = {"step_s": step, "rollout_s": roll, "rollout_share": roll / step,
+                           "updates_per_min": per_min, "forced_rows_per_step": forced}
+    print(f"(median step; updates/min = ppo_epochs optimizer steps per RL step. Forced rows: answer-forced "
+          f"samples drawn per step, one per group whose coin landed (p={cfg.rl.af_prob}); every group's, "
+          f"{sum(v for k, v in draws.items() if k in ('vqa', 'ground'))}, were drawn before.)")
+    write_json("rl", res)
+
+
 def train_batches(cfg, bundle, B: int, n: int, seed: int, dev: str) -> list[D.Batch]:
     """n SFT micro batches of B sequences drawn by the task mix, as run_sft draws them."""
     sampler = common.TaskSampler(bundle.sets, "sft", C.parse_mix(cfg.train.task_mix), seed)
@@ -320,6 +374,8 @@ BENCHMARKS = {
                 "prefix-cache sampler vs re-encoding every step: tokens/s, speed-up, same greedy tokens"),
     "rollout": (bench_rollout, {"ckpt": "", "prompts": 0, "n": 0, "reps": 2},
                 "one batched group call vs N sequential sampler calls: tokens/s, speed-up"),
+    "rl": (bench_rl, {"ckpt": "", "mu": "1,2,4", "steps": 3},
+           "whole RL steps at rl.ppo_epochs = 1, 2, 4: step time, rollout share, policy updates per minute"),
     "train": (bench_train, {"ckpt": "", "batch": 0, "warmup": 2, "steps": 5, "peak": 0.0, "compile": False},
               "SFT step throughput (tokens/s) and MFU (--peak=0: 989e12 on an H100/H200 under bf16, else n/a)"),
 }

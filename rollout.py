@@ -135,22 +135,29 @@ def rollout_task(model, bundle, task: str, idx: list[int], cfg, device, autocast
             return sample(model, canvas, tok, dcfg, temperature=rc.temperature,
                           image_temperature=rc.temperature, generator=generator, order=order, start_step=start)
 
-    def score(tokens, per_prompt: int) -> torch.Tensor:
-        """Rewards of rows laid out prompt-major (G * per_prompt rows) -> (G, per_prompt)."""
-        r, why, _, _ = score_rows(task, [e for e in exs for _ in range(per_prompt)],
-                               tokens[:, P:P + lay.R].cpu(), lay, tok, vq.decode, cfg.data.grid)
+    def score(tokens, row_exs: list) -> torch.Tensor:
+        """Rewards (len(row_exs),) of sampled rows, row b answering row_exs[b]."""
+        r, why, _, _ = score_rows(task, row_exs, tokens[:, P:P + lay.R].cpu(), lay, tok, vq.decode, cfg.data.grid)
         reasons.update(why)
-        return torch.tensor(r, dtype=torch.float32).view(G, per_prompt)
+        return torch.tensor(r, dtype=torch.float32)
 
-    # round 0: G*N on-policy rows, plus the G answer-forced rows in the same sampler call
-    canvas = base.repeat(N)                                                        # (G*N, T)
+    # answer-forcing's coin comes first: the forced sample can join only where it lands (both
+    # af_modes), so only those groups' forced rows are sampled, not all G of them
+    coin = torch.zeros(G, dtype=torch.bool)
     if forcing:
-        canvas = cat_batches([canvas, force_answer(base, exs, tok, lay)], tok)                   # (G*N + G, T)
+        coin = torch.rand(G, generator=generator, device=generator.device).cpu() < rc.af_prob
+    f_idx = coin.nonzero().squeeze(1)                                              # (F,) groups with a forced row
+
+    # round 0: G*N on-policy rows, plus the F answer-forced rows in the same sampler call
+    canvas = base.repeat(N)                                                        # (G*N, T)
+    if len(f_idx):
+        forced = force_answer(base.rows(f_idx), [exs[g] for g in f_idx.tolist()], tok, lay)
+        canvas = cat_batches([canvas, forced], tok)                                # (G*N + F, T)
     tokens, order = run(canvas)
     # rows are prompt-major: row g*N + i is sample i of prompt g
     toks = [rearrange(tokens[:G * N], "(g n) t -> g n t", g=G)]
     orders = [rearrange(order[:G * N], "(g n) r -> g n r", g=G)]
-    rews = [score(tokens[:G * N], N)]
+    rews = [score(tokens[:G * N], [e for e in exs for _ in range(N)]).view(G, N)]
     round_means = [rews[0].mean().item()]
 
     # tree search: each later round branches N continuations from the best sample so far
@@ -164,20 +171,22 @@ def rollout_task(model, bundle, task: str, idx: list[int], cfg, device, autocast
         tokens_s, order_s = run(branch, st_order.repeat_interleave(N, 0), offset + s)
         toks.append(rearrange(tokens_s, "(g n) t -> g n t", g=G))
         orders.append(rearrange(order_s, "(g n) r -> g n r", g=G))
-        rews.append(score(tokens_s, N))
+        rews.append(score(tokens_s, [e for e in exs for _ in range(N)]).view(G, N))
         round_means.append(rews[-1].mean().item())
 
     r_on = torch.cat(rews, 1)                                                      # (G, N*k)
     t_on = torch.cat(toks, 1)                                                      # (G, N*k, T)
     member = torch.ones_like(r_on, dtype=torch.bool)
     fired = torch.zeros(G, dtype=torch.bool)
-    if forcing:
-        r_f = score(tokens[G * N:], 1)                                             # (G, 1)
+    if forcing:      # one more slot per group: the forced sample, a member where it fired
+        r_f = torch.zeros(G)
+        r_f[f_idx] = score(tokens[G * N:], [exs[g] for g in f_idx.tolist()])
+        t_f = base.tokens.clone()                                                  # (G, T); unused where not sampled
+        t_f[f_idx] = tokens[G * N:]
         all_failed = (r_on < rc.tau).all(1)
-        coin = torch.rand(G, generator=generator, device=generator.device).cpu() < rc.af_prob
         fired = coin & all_failed if rc.af_mode == "failed_groups" else coin
-        r_on = torch.cat([r_on, r_f], 1)
-        t_on = torch.cat([t_on, rearrange(tokens[G * N:], "g t -> g 1 t")], 1)
+        r_on = torch.cat([r_on, r_f[:, None]], 1)
+        t_on = torch.cat([t_on, rearrange(t_f, "g t -> g 1 t")], 1)
         member = torch.cat([member, fired[:, None]], 1)
     if rc.advantage == "rft":
         adv = rft_advantages(r_on, member, parse_task_values(rc.rft_accept, "rl.rft_accept")[task])
@@ -189,8 +198,9 @@ def rollout_task(model, bundle, task: str, idx: list[int], cfg, device, autocast
     keep = flat_adv != 0                                         # zero-advantage rows carry no gradient
     stats = group_stats(r_on, member, adv, fired, forcing, rc.tau)
     stats.update(rollout_s=time.time() - t0, parse_fail={k: v for k, v in reasons.items() if k != "ok"})
-    if forcing:
-        stats["forced_reward"] = r_f.mean().item()
+    if len(f_idx):
+        stats["forced_reward"] = r_f[f_idx].mean().item()
+    stats["forced_rows"] = len(f_idx)
     if len(schedule) > 1:
         stats["round_reward"] = round_means
     return Rollouts(task, rows.rows(keep.nonzero().squeeze(1)), flat_adv[keep], r_on, stats)

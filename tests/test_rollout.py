@@ -667,3 +667,24 @@ def test_rft_arm_trains_only_on_accepted_samples(world):
     assert [RW.vqa_reward(t, e.answer)[0] for t, e in zip(texts, owners)] == [1.0] * len(owners)
     assert torch.equal(RO.rft_advantages(torch.tensor([[1.0, 0.4, 0.9]]), torch.tensor([[True, True, False]]), 0.9),
                        torch.tensor([[1.0, 0.0, 0.0]]))      # a non-member never counts, even when it passes
+
+
+def test_forced_rows_are_sampled_only_where_the_coin_lands(world, monkeypatch):
+    """Answer-forcing flips its coin before sampling: the sampler call of round 0 holds G*N on-policy
+    rows plus one forced row per group whose coin landed (never all G), and a forced sample joins
+    its group only there (and only if the group failed)."""
+    w = world
+    N, idx = 3, list(range(8))
+    cfg = rl_cfg(w, group_size=N, af_prob=0.5, af_mode="failed_groups", tau=0.5, temperature=1.0)
+    rows_seen, real = [], RO.sample
+
+    def spy(model, batch, *a, **k):
+        rows_seen.append(batch.tokens.shape[0])
+        return real(model, batch, *a, **k)
+    monkeypatch.setattr(RO, "sample", spy)
+    roll = RO.rollout_task(vqa_answering_model(w, seed=3), w.bundle, "vqa", idx, cfg, "cpu", nullcontext(), w.vq,
+                           torch.Generator().manual_seed(5))
+    F = roll.stats["forced_rows"]
+    assert rows_seen == [len(idx) * N + F] and 0 < F < len(idx)          # seed 5: some coins land, not all
+    all_failed = (roll.rewards[:, :N] < 0.5).all(1)
+    assert roll.stats["af_fired"] <= min(F, int(all_failed.sum()))
