@@ -104,7 +104,7 @@ def speed_world(cfg, ckpt: str):
         cfg, bundle, model, blob = common.load_run(path, scratch, "bench")
         return cfg, bundle, model, f"data and config of {path} (step {blob['step']})"
     cfg.data.n_sft, cfg.data.n_rl = min(cfg.data.n_sft, 256), 8
-    cfg.data.n_eval = min(cfg.data.n_eval, 64)
+    cfg.data.n_eval, cfg.data.n_val = min(cfg.data.n_eval, 64), min(cfg.data.n_val, 8)
     cfg.data.cache_dir = os.path.join(scratch, "dev_cache")              # never the real token cache
     torch.manual_seed(0)
     bundle = common.get_bundle(cfg, VQ.VQVAE(cfg.vq, cfg.data.image_size).eval(), ctx)

@@ -1,22 +1,24 @@
 """
-Shared plumbing of the entry scripts (train.py, eval.py, bench.py, estimators.py): nothing here is the
-method itself, it is what every stage needs around it.
+Shared plumbing of the training loops (train.py, rl.py) and the entry scripts (eval.py, bench.py,
+estimators.py, study.py): nothing here is the method itself, it is what every stage needs around it.
 
   Ctx, setup()          device (cuda > mps > cpu), dtype (bf16 autocast on CUDA with bf16, else fp32;
                         the reason is printed), DDP from torchrun's environment (NCCL on GPU, gloo on
                         CPU), seeds offset by rank, out_dir and log.txt (rank 0 writes files)
-  sync_grads, broadcast_params, all_reduce_mean
-                        the three collectives the training loops need (we do not wrap the model in
+  sync_grads, broadcast_params, all_reduce_mean, from_rank0, stop_together
+                        the collectives the training loops need (we do not wrap the model in
                         DistributedDataParallel: see sync_grads)
   Bundle, get_bundle()  synthetic pools (+ optional JSONL) -> tokenizer -> VQ codes of every picture,
                         computed ONCE per (data, vq) config and cached in data.cache_dir, so that no
                         picture is tokenized inside a training loop
   build_model, make_optimizer, lr_at, unwrap
-  save_checkpoint, load_checkpoint, load_weights, model_from_checkpoint, load_latest
-                        atomic checkpoints (tmp + rename) and one-line errors for the usual mistakes
+  save_checkpoint, load_checkpoint, load_weights, model_from_checkpoint, load_latest, load_run,
+  best_score            atomic checkpoints (tmp + rename) and one-line errors for the usual mistakes
   TaskSampler, gather_rank_states, restore_rank_state
                         the task-mix sampler and every rank's random state, so that a resumed run
                         continues exactly (tests/test_distributed.py)
+  git_commit, write_json
+                        what results files record, and strict JSON for them
 
 Like nanochat's common.py: the training scripts read top to bottom because this lives elsewhere.
 """
@@ -143,14 +145,29 @@ def broadcast_params(model, ctx: Ctx):
             dist.broadcast(t, 0)
 
 
-def stop_together(flag: bool, ctx: Ctx) -> bool:
-    """Rank 0's stop decision for every rank. A time budget is measured on each rank's own clock; if
-    the ranks stopped at different steps, the ones still running would hang in the next all-reduce."""
+def from_rank0(x: float, ctx: Ctx) -> float:
+    """Rank 0's value of x on every rank. Wall-clock quantities (elapsed training time, the time
+    budget's verdict) differ from rank to rank; whatever decides the learning rate or when to stop
+    must be one number for all, or the ranks' weights drift apart or the next all-reduce hangs."""
     if not ctx.ddp:
-        return flag
-    t = torch.tensor([float(flag)], device=ctx.device if ctx.device.startswith("cuda") else "cpu")
+        return x
+    t = torch.tensor([float(x)], dtype=torch.float64, device=ctx.device if ctx.device.startswith("cuda") else "cpu")
     dist.broadcast(t, 0)      # NCCL only moves CUDA tensors, gloo CPU ones
-    return bool(t.item())
+    return t.item()
+
+
+def stop_together(flag: bool, ctx: Ctx) -> bool:
+    """Rank 0's stop decision for every rank (from_rank0)."""
+    return bool(from_rank0(float(flag), ctx))
+
+
+def best_score(path: str) -> float:
+    """The quick-eval score stored in a best checkpoint (-inf when there is none yet), so that a
+    resumed run only replaces it with a better one."""
+    if not os.path.exists(path):
+        return -math.inf
+    s = torch.load(path, map_location="cpu", weights_only=False).get("score", -math.inf)
+    return s if math.isfinite(s) else -math.inf
 
 
 def all_reduce_mean(x: float, ctx: Ctx) -> float:

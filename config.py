@@ -137,8 +137,9 @@ class TrainConfig:
                                      # toy: the whole main job (VQ, SFT, a short RL stage, eval) fits in
                                      # 10 min on a 2-core CPU (README)
     log_interval: int = 50
-    eval_interval: int = 1000        # quick held-out eval during SFT (the learning curve; ~10 s each on
-                                     # the toy CPU, counted in the time budget); 0 = off
+    eval_interval: int = 1000        # quick eval on eval.curve_split during SFT (the learning curve and
+                                     # ckpt_sft_best.pt; ~10 s each on the toy CPU, not counted in the
+                                     # time budget); 0 = off
     ckpt_interval: int = 500
     task_mix: str = "vqa:4,ground:3,edit:2,t2i:1"   # SFT sampling ratios over the four families
     resume: bool = False             # continue from the latest checkpoint in out_dir
@@ -175,8 +176,8 @@ class RLConfig:
     max_steps: int = 400
     time_budget_s: float = 50.0      # toy: a short RL stage inside the 10-minute main job: it shows the
                                      # loop running, it is far too short to change the metrics (README)
-    eval_interval: int = 0           # quick held-out eval every this many RL steps (0 = off: the toy
-                                     # job's final eval follows right after)
+    eval_interval: int = 0           # quick eval on eval.curve_split every this many RL steps, and
+                                     # ckpt_rl_best.pt (0 = off: the toy job's final eval follows)
     task_mix: str = "vqa:1,ground:1,edit:1"  # RL task mix (t2i is SFT-only, as in the paper)
     temperature: float = 1.0         # rollout sampling temperature (unknown in the paper)
     tokens_per_step: int = 0         # text tokens revealed per rollout step; 0 = diffusion.tokens_per_step.
@@ -415,9 +416,18 @@ def validate(cfg: Config):
                           f"and 0 < clip_eps < 1")
     if r.advantage not in ("unified", "rft"):
         raise ConfigError(f"--rl.advantage={r.advantage!r}: expected unified or rft")
-    missing = set(parse_mix(r.task_mix, "rl.task_mix", RL_TASKS)) - set(parse_task_values(r.rft_accept, "rl.rft_accept", RL_TASKS))
-    if r.advantage == "rft" and missing:
-        raise ConfigError(f"--rl.rft_accept={r.rft_accept!r} has no threshold for {sorted(missing)} (in rl.task_mix)")
+    if r.advantage == "rft":
+        missing = set(parse_mix(r.task_mix, "rl.task_mix", RL_TASKS)) - set(parse_task_values(r.rft_accept, "rl.rft_accept", RL_TASKS))
+        if missing:
+            raise ConfigError(f"--rl.rft_accept={r.rft_accept!r} has no threshold for {sorted(missing)} (in rl.task_mix)")
+    splits = {"sft": d.n_sft, "rl": d.n_rl, "eval": d.n_eval, "val": d.n_val}
+    if cfg.eval.curve_split not in splits:
+        raise ConfigError(f"--eval.curve_split={cfg.eval.curve_split!r}: expected one of {', '.join(splits)} (val: "
+                          f"the validation split; eval is the held-out split, keep it for final numbers)")
+    if (t.eval_interval or r.eval_interval) and not (splits[cfg.eval.curve_split] and cfg.eval.curve_n > 0):
+        raise ConfigError(f"quick evals are on (train/rl.eval_interval) but split {cfg.eval.curve_split!r} or "
+                          f"eval.curve_n is empty: set --data.n_{cfg.eval.curve_split} / --eval.curve_n > 0 or "
+                          f"--train.eval_interval=0 --rl.eval_interval=0")
     if r.af_mode not in ("failed_groups", "all_groups"):
         raise ConfigError(f"--rl.af_mode={r.af_mode!r}: expected failed_groups or all_groups")
     if t.batch_size % t.micro_batch:

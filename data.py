@@ -50,7 +50,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import zlib
 from dataclasses import dataclass, field
 
 import numpy as np

@@ -11,7 +11,6 @@ samples per prompt at the rollout temperature (rl.temperature): how much RL coul
 sharpening alone (metrics.pass_at_k_metrics). Writes metrics_eval.json and samples_eval.png into
 out_dir (or --out=FILE for the json).
 """
-import json
 import os
 
 import common
@@ -30,10 +29,9 @@ def main(argv=None):
         m.update(metrics.pass_at_k_metrics(model, bundle, vq, cfg, ctx.device, ctx.autocast, opts["pass_k"],
                                            temperature=cfg.rl.temperature))
     out = opts["out"] or os.path.join(cfg.train.out_dir, "metrics_eval.json")
-    with open(out, "w") as f:
-        json.dump(m, f, indent=1)
+    common.write_json(out, m)
     print(metrics.headline(m) + "".join(f" | {k} {v:.3f}" for k, v in m.items() if "@" in k))
-    print(f"wrote {out} and {cfg.train.out_dir}/samples_eval.png")
+    print(f"wrote {cfg.train.out_dir}/samples_eval.png")
 
 
 if __name__ == "__main__":

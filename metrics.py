@@ -21,7 +21,7 @@ Decoding is deterministic: text greedy (diffusion.temperature), image slots samp
 diffusion.image_temperature with a generator seeded by eval.seed, so the same checkpoint gives the
 same numbers. Exercise: python eval.py --preset=toy (evaluates runs/toy/ckpt_rl.pt, else ckpt_sft.pt;
 writes metrics_eval.json and samples_eval.png next to it). Used during training by train.py / rl.py
-for the quick held-out curves.
+for the quick evals on the validation split (quick_eval).
 """
 from __future__ import annotations
 
@@ -38,6 +38,7 @@ import rewards as RW
 from config import TASKS, parse_mix
 from data import collate, render, shape_box
 from diffusion import sample
+from rollout import rollout_diffusion
 
 
 def teacher_error_metrics(task, exs, resp, layout, tok, rewards) -> dict:
@@ -155,17 +156,18 @@ def pass_at_k_metrics(model, bundle, vq, cfg, device, autocast, n_samples: int, 
     n = cfg.eval.n_per_task if n is None else n
     out, was_training = {}, model.training
     model.eval()
+    dcfg, per_call = rollout_diffusion(cfg), max(1, cfg.eval.batch_size // n_samples)     # prompts per sampler call
     for ti, task in enumerate(t for t in ("vqa", "ground", "edit") if t in bundle.sets):
         ts = bundle.sets[task][split]
         idx = list(range(min(n, len(ts))))
         gen = torch.Generator(device=device).manual_seed(cfg.eval.seed + 100 + ti)
         scores = []                                                  # (prompts, n_samples)
-        for i in range(0, len(idx), max(1, cfg.eval.batch_size // n_samples)):
-            chunk = idx[i:i + max(1, cfg.eval.batch_size // n_samples)]
+        for i in range(0, len(idx), per_call):
+            chunk = idx[i:i + per_call]
             batch = collate({task: ts}, [(task, j) for j in chunk], bundle.tok, responses=False)
             batch = batch.to(device).repeat(n_samples)               # prompt-major: n_samples rows per prompt
             with autocast:
-                tokens, _ = sample(model, batch, bundle.tok, cfg.diffusion, temperature=temperature,
+                tokens, _ = sample(model, batch, bundle.tok, dcfg, temperature=temperature,
                                    image_temperature=temperature, generator=gen)
             exs = [ts.examples[j] for j in chunk for _ in range(n_samples)]
             r, _, _, _ = RW.score_rows(task, exs, tokens[:, batch.P:batch.P + ts.layout.R].cpu(), ts.layout,

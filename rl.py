@@ -15,6 +15,8 @@ loads a frozen copy and adds the k3 KL on the same masks, for the ablation only.
 
 Readings of the paper's unknowns (METHOD.md §9), all config fields:
   * on-policy, one gradient step per batch of fresh rollouts: no importance ratio, no clipping
+    (rl.ppo_epochs = 1); rl.ppo_epochs > 1 takes more steps per batch with the PPO-clipped ratio
+    on the same masks (Eq. PPO, rl.clip_eps)
   * N in Eq. U counts every triplet of the step (SFT rows + all group members), so zero-advantage
     rows dilute the step exactly as the formula says; they are not run through the model
   * SFT rows per step (rl.sft_rows) and the task mix (rl.task_mix) are ours to choose
@@ -29,7 +31,6 @@ Run it: python train.py --preset=toy --stage=rl   (starts from out_dir/ckpt_sft.
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import time
@@ -41,8 +42,8 @@ import config as C
 import data as D
 import likelihood as LK
 import metrics
-from common import (TaskSampler, load_checkpoint, make_optimizer, model_from_checkpoint, save_checkpoint,
-                    stop_together, sync_grads)
+from common import (TaskSampler, best_score, from_rank0, load_checkpoint, make_optimizer, model_from_checkpoint,
+                    save_checkpoint, stop_together, sync_grads, write_json)
 from rollout import Rollouts, rollout_task
 
 
@@ -122,8 +123,9 @@ def rl_step(model, opt, cfg, ctx, bundle, vq, draws: dict, sft: TaskSampler, pic
 
     draws: prompts per task this step ({task: k}); sft: the sampler of the SFT rows (A = 1); pick:
     the prompt picker's generator; gen: the sampling and mask generator. Returns the step's record
-    (rewards, GRPO signal, timings, loss terms). When a loss term or the gradient is non-finite the
-    update is skipped (and the step's later epochs with it) and the record's "nonfinite" names the term."""
+    (rewards, GRPO signal, timings, and the loss terms and gradient norm of the last epoch). When
+    the gradient is non-finite the update is skipped (and the step's later epochs with it) and the
+    record's "nonfinite" names the loss term that caused it (or "gradient norm")."""
     rc, t, dev = cfg.rl, cfg.train, ctx.device
     t0 = time.time()
     model.eval()                     # sampling: no dropout
@@ -155,8 +157,13 @@ def rl_step(model, opt, cfg, ctx, bundle, vq, draws: dict, sft: TaskSampler, pic
                 terms[k] = terms.get(k, 0.0) + v * len(rows) / len(adv)
         sync_grads(model, ctx)
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip).item()
-        bad = next((k for k, v in {**terms, "gradient norm": gnorm}.items() if not math.isfinite(v)), None)
-        if bad is None:
+        # skip or step on the gradient norm: after sync_grads it is the same on every rank (a NaN
+        # on one rank has spread to all), so every rank takes the same decision; the log names the
+        # first non-finite loss term of this rank, if any
+        bad = None
+        if not math.isfinite(gnorm):
+            bad = next((k for k, v in terms.items() if not math.isfinite(v)), "gradient norm")
+        else:
             opt.step()
         opt.zero_grad(set_to_none=True)
         if bad is not None:
@@ -187,7 +194,7 @@ def run_rl(cfg, ctx, bundle, vq, model=None):
         model = model_from_checkpoint(load_checkpoint(src, bundle.tok.vocab_size), dev)
         ctx.log(f"RL starts from {src}")
     best_path = os.path.join(t.out_dir, "ckpt_rl_best.pt")
-    best = max([h["eval"]["score"] for h in history if "eval" in h], default=float("-inf"))
+    best = best_score(best_path)
     opt = make_optimizer(model, rc.lr, t.weight_decay, dev)
     if blob is not None:
         opt.load_state_dict(blob["optim"])
@@ -204,22 +211,24 @@ def run_rl(cfg, ctx, bundle, vq, model=None):
             f"{rc.likelihood} | gamma {rc.gamma} | answer-forcing p={rc.af_prob} ({rc.af_mode}) | tree "
             f"{rc.tree_schedule} on {rc.tree_tasks} | kl {rc.kl_coef} | lr {rc.lr} | "
             f"max {rc.max_steps} steps or {rc.time_budget_s:.0f}s")
-    t_start, bad_steps = time.time() - elapsed, 0
+    t_start, bad_steps, saved = time.time() - elapsed, 0, step
     bar = tqdm(total=rc.max_steps, initial=step, disable=not ctx.master, desc="rl", dynamic_ncols=True, mininterval=5)
     while step < rc.max_steps:
         rec = rl_step(model, opt, cfg, ctx, bundle, vq, draws, sft, pick, gen, ref)
-        elapsed = time.time() - t_start
+        elapsed = from_rank0(time.time() - t_start, ctx)
         if rec["nonfinite"]:
-            # never step on a NaN; several in a row means the run is broken (rl_step skipped the update)
+            # never step on a NaN (rl_step skipped the update); several in a row means the run is broken
             bad_steps += 1
             ctx.log(f"rl step {step}: non-finite {rec['nonfinite']}; update skipped ({bad_steps} in a row)")
             if bad_steps >= 5:
                 raise SystemExit(f"training error: 5 non-finite RL updates in a row at step {step} (last: "
                                  f"{rec['nonfinite']}); lower --rl.lr (now {rc.lr}) and resume from {ckpt_path}")
-        else:
-            bad_steps = 0
-            step += 1
-            bar.update(1)
+            history.append({"step": step, "seconds": round(elapsed, 1), **rec})
+            if not stop_together(elapsed > rc.time_budget_s, ctx):
+                continue             # nothing changed: no log line, eval or checkpoint for this step
+            break
+        bad_steps, step = 0, step + 1
+        bar.update(1)
         rec = {"step": step, "seconds": round(elapsed, 1), **rec}
         tasks = [k for k in draws]
         bar.set_postfix({k: f"{rec[k]['reward']:.2f}" for k in tasks})
@@ -240,11 +249,13 @@ def run_rl(cfg, ctx, bundle, vq, model=None):
         history.append(rec)
         if ctx.master and (step % t.ckpt_interval == 0 or done):
             save_checkpoint(ckpt_path, model, opt, step, cfg, bundle, {"elapsed": elapsed, "history": history})
+            saved = step
         if done:
             break
     bar.close()
+    if ctx.master and saved != step:       # stopped on a skipped step: the last update is not saved yet
+        save_checkpoint(ckpt_path, model, opt, step, cfg, bundle, {"elapsed": elapsed, "history": history})
     ctx.log(f"RL done: {step} steps in {elapsed:.0f}s -> {ckpt_path}")
     if ctx.master:
-        with open(os.path.join(t.out_dir, "rl_log.json"), "w") as f:
-            json.dump(history, f)
+        write_json(os.path.join(t.out_dir, "rl_log.json"), history)
     return model

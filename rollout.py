@@ -5,12 +5,12 @@ the advantages of Eq. (A). The rollout side of LaViDa-R1 (arXiv 2602.14147), MET
   groups          N samples per prompt. Every prompt and sample of a task is pushed through the
                   sampler in ONE batched call (rows = prompts x samples), never a Python loop over
                   samples.
-  answer-forcing  (METHOD.md §5; the tasks with a ground-truth answer: vqa, ground). Always build
-                  sample N+1 whose canvas is "[M] ... [M] <answer> z* </answer>": the ground-truth
-                  answer block fixed at the end of the text region and the reasoning inpainted by the
-                  same sampler (it never changes a fixed token). It joins the group (N+1 members)
-                  when every one of the N on-policy samples scores below tau, with probability
-                  af_prob. The paper's "10%" has two readings (METHOD.md §9):
+  answer-forcing  (METHOD.md §5; the tasks with a ground-truth answer: vqa, ground). A coin with
+                  probability af_prob is flipped per group first; where it lands, sample N+1 is
+                  drawn from the canvas "[M] ... [M] <answer> z* </answer>": the ground-truth answer
+                  block fixed at the end of the text region and the reasoning inpainted by the same
+                  sampler (it never changes a fixed token). It joins the group (N+1 members) when
+                  every one of the N on-policy samples scores below tau. The paper's "10%" has two readings (METHOD.md §9):
                   af_mode="failed_groups" (default, reading 1: p applies to all-failed groups) or
                   "all_groups" (reading 2: a fraction p of all groups).
   tree search     (METHOD.md §6; real-valued rewards: edit). Round 0 draws N samples from the fully
@@ -78,6 +78,13 @@ def advantages(r: torch.Tensor, member: torch.Tensor, gamma: float, use_std: boo
     return (gamma * a_dist + (1 - gamma) * a_grpo) * member
 
 
+def rollout_diffusion(cfg):
+    """The sampler settings of the RL policy: cfg.diffusion with rl.tokens_per_step text tokens per
+    step when that is set (> 0). The rollouts and pass@k (metrics.pass_at_k_metrics) sample with it."""
+    rc = cfg.rl
+    return cfg.diffusion if rc.tokens_per_step <= 0 else replace(cfg.diffusion, tokens_per_step=rc.tokens_per_step)
+
+
 def rft_advantages(r: torch.Tensor, member: torch.Tensor, accept: float) -> torch.Tensor:
     """Rejection-sampling fine-tuning, the baseline arm (rl.advantage = "rft"): A = 1 for every group
     member whose reward reaches `accept`, 0 for the rest, so the update is SFT on the accepted samples
@@ -128,7 +135,7 @@ def rollout_task(model, bundle, task: str, idx: list[int], cfg, device, autocast
     t0 = time.time()
     reasons = Counter()
 
-    dcfg = cfg.diffusion if rc.tokens_per_step <= 0 else replace(cfg.diffusion, tokens_per_step=rc.tokens_per_step)
+    dcfg = rollout_diffusion(cfg)
 
     def run(canvas: Batch, order=None, start=0):
         with autocast:

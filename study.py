@@ -11,7 +11,7 @@ model, and by more than the simple alternatives? The toy mirrors the paper's sit
 are scarce (--data.n_sft, a few hundred to a thousand traced examples per family), answers are cheap
 (5000 answer-only RL prompts per family, rewards need no trace).
 
-  start  one SFT checkpoint trained on the traced pool until its held-out curve is flat
+  start  one SFT checkpoint trained on the traced pool until its validation curve is flat
          (--start_steps; shared by every arm and seed; its curve is in start/sft_curve.json)
   arms   from that checkpoint, the same wall-clock budget each (--arm_s seconds of training, quick
          evals not counted), one CPU thread each, two arms side by side:
@@ -83,7 +83,7 @@ def start_checkpoint(root: str, steps: int) -> str:
     """The shared start: SFT on the traced pool for `steps` steps (quick evals every 1000)."""
     out = os.path.join(root, "start")
     ckpt = os.path.join(out, "ckpt_sft.pt")
-    if not os.path.exists(ckpt):
+    if not os.path.exists(os.path.join(out, "sft_curve.json")):      # written when the run ends
         os.makedirs(out, exist_ok=True)
         run([sys.executable, "train.py", *WORLD, "--stage=sft", f"--out_dir={out}", f"--train.max_steps={steps}",
              "--train.time_budget_s=1e9", "--train.eval_interval=1000", "--seed=0"], os.path.join(out, "run.log"))
@@ -101,7 +101,7 @@ def arm_job(root: str, start: str, arm: str, seed: int, arm_s: float) -> dict:
     stage = "rl" if arm != "sft" else "sft"
     best = os.path.join(out, f"ckpt_{stage}_best.pt")
     wall = 0.0
-    if not os.path.exists(best):
+    if not os.path.exists(os.path.join(out, "rl_log.json" if stage == "rl" else "sft_curve.json")):   # at the end
         wall = run(train_cmd, os.path.join(out, "train.log"))
     held = os.path.join(out, "heldout.json")
     eval_cmd = [sys.executable, "eval.py", *WORLD, f"--out_dir={out}", f"--ckpt={best}", f"--out={held}"]
@@ -129,8 +129,7 @@ def report(root: str, jobs: list[dict], start_eval: dict, meta: dict) -> dict:
     res.update(meta, wall_s={f"{j['arm']}_seed{j['seed']}": j["wall_s"] for j in jobs},
                commands={f"{j['arm']}_seed{j['seed']}": [j["command"], j["eval_command"]] for j in jobs})
     os.makedirs("results", exist_ok=True)
-    with open(os.path.join("results", "rl_vs_sft.json"), "w") as f:
-        json.dump(res, f, indent=1)
+    common.write_json(os.path.join("results", "rl_vs_sft.json"), res)
     lines = ["| arm | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
     for arm in ["start", *ARMS]:
         cells = []

@@ -15,8 +15,9 @@ pretrained weights instead.
 This file holds the SFT stage and the stage dispatcher; the plumbing they share (device and DDP
 context, the cached data bundle, checkpoints, the task sampler) lives in common.py.
   run_sft()   masked-diffusion SFT (diffusion.sft_loss, METHOD.md §2) on a task mix: global batch
-              with derived gradient accumulation, cosine LR, held-out eval curve, atomic checkpoints
-              that resume exactly (every rank's RNG and sampler state; tests/test_distributed.py).
+              with derived gradient accumulation, cosine LR, a quick-eval curve on the validation
+              split and the best checkpoint by it, atomic checkpoints that resume exactly (every
+              rank's RNG and sampler state; tests/test_distributed.py).
               Under DDP: rank 0's initial weights are broadcast and gradients averaged by one flat
               all-reduce (common.sync_grads), not by the DDP wrapper.
   main()      the stage dispatcher; `all` writes config.json, log.txt, checkpoints, metrics.json and
@@ -41,9 +42,10 @@ import data as D
 import metrics
 import rl
 import vq as VQ
-from common import (Bundle, Ctx, TaskSampler, all_reduce_mean, broadcast_params, build_model, gather_rank_states,
-                    get_bundle, load_checkpoint, load_latest, load_weights, lr_at, make_optimizer,
-                    restore_rank_state, save_checkpoint, setup, stop_together, sync_grads, unwrap)
+from common import (Bundle, Ctx, TaskSampler, all_reduce_mean, best_score, broadcast_params, build_model,
+                    from_rank0, gather_rank_states, get_bundle, load_checkpoint, load_latest, load_weights, lr_at,
+                    make_optimizer, restore_rank_state, save_checkpoint, setup, stop_together, sync_grads, unwrap,
+                    write_json)
 from diffusion import sft_loss
 from model import Transformer
 
@@ -111,7 +113,7 @@ def run_sft(cfg, ctx: Ctx, bundle: Bundle, vq) -> Transformer:
     model, opt, sampler, run = sft_start(cfg, ctx, bundle, ckpt_path)
     step, elapsed, history, ema = run["step"], run["elapsed"], run["history"], run["loss_ema"]
     best_path = os.path.join(t.out_dir, "ckpt_sft_best.pt")
-    best = max([h["score"] for h in history if math.isfinite(h.get("score", math.nan))], default=-math.inf)
+    best = best_score(best_path)
     ctx.log(f"SFT: {model.num_params(False) / 1e6:.2f}M params | {ctx.dtype_reason} | device {dev} | "
             f"world {ctx.world} | global batch {t.batch_size} = micro {t.micro_batch} x accum {accum} x world "
             f"{ctx.world} | max {t.max_steps} steps or {t.time_budget_s:.0f}s")
@@ -122,8 +124,9 @@ def run_sft(cfg, ctx: Ctx, bundle: Bundle, vq) -> Transformer:
     bar = tqdm(total=t.max_steps, initial=step, disable=not ctx.master, desc="sft", dynamic_ncols=True,
                mininterval=5)
     while step < t.max_steps:
-        # a run cut by its time budget still finishes its schedule (see common.lr_at)
-        lr = lr_at(step, max(step / t.max_steps, (time.time() - t_start) / t.time_budget_s),
+        # a run cut by its time budget still finishes its schedule (see common.lr_at); rank 0's
+        # clock for every rank: one learning rate for all
+        lr = lr_at(step, max(step / t.max_steps, from_rank0(time.time() - t_start, ctx) / t.time_budget_s),
                    t.warmup, t.lr, t.min_lr_frac)
         for g in opt.param_groups:
             g["lr"] = lr
@@ -167,8 +170,7 @@ def run_sft(cfg, ctx: Ctx, bundle: Bundle, vq) -> Transformer:
     bar.close()
     ctx.log(f"SFT done: {step} steps in {elapsed:.0f}s -> {ckpt_path}")
     if ctx.master:
-        with open(os.path.join(t.out_dir, "sft_curve.json"), "w") as f:
-            json.dump(history, f, indent=1)
+        write_json(os.path.join(t.out_dir, "sft_curve.json"), history)
     return unwrap(model)
 
 
@@ -207,8 +209,7 @@ def main(argv=None):
                        grid_path=os.path.join(out, "samples.png"))
         m.update(metrics.baselines(bundle, cfg))
         m["total_seconds"] = round(time.time() - t0, 1)
-        with open(os.path.join(out, "metrics.json"), "w") as f:
-            json.dump(m, f, indent=1)
+        write_json(os.path.join(out, "metrics.json"), m)
         ctx.log(f"final eval: {metrics.headline(m)}")
         ctx.log(f"baselines: vqa prior {m['vqa_prior_acc']:.3f} | ground random mIoU {m['ground_random_miou']:.3f} "
                 f"P@0.5 {m['ground_random_p50']:.3f} | edit copy-input {m['edit_copy_score']:.3f} | "

@@ -6,8 +6,6 @@ by checkpoints, config.json, and the task-mix parser. Pure Python, well under a 
     python -m pytest tests/test_config.py -q
 """
 import json
-import os
-import sys
 
 import pytest
 
@@ -297,3 +295,15 @@ def test_help_lists_the_extra_options(capsys):
     out = capsys.readouterr().out
     assert "--ckpt=''" in out and "--prompts=8  (int)" in out and "--compile=False  (bool)" in out
     assert "--model.n_layer=4" in out
+
+
+def test_quick_eval_split_and_rl_arm_validation(capsys):
+    """Settings that would only fail minutes into a run are one-line config errors up front."""
+    assert "eval.curve_split" in _fails(["--eval.curve_split=valid"], capsys)
+    assert "data.n_val" in _fails(["--data.n_val=0"], capsys)                 # quick evals are on by default
+    assert get_config(["--data.n_val=0", "--train.eval_interval=0"]).data.n_val == 0
+    assert "rl.advantage" in _fails(["--rl.advantage=ppo"], capsys)
+    assert "no threshold" in _fails(["--rl.advantage=rft", "--rl.rft_accept=vqa:1"], capsys)
+    assert get_config(["--rl.rft_accept=junk"]).rl.rft_accept == "junk"      # unused unless advantage=rft
+    assert "rl.ppo_epochs" in _fails(["--rl.ppo_epochs=0"], capsys)
+    assert "rl.clip_eps" in _fails(["--rl.clip_eps=1.5"], capsys)

@@ -7,9 +7,7 @@ the tokenizer; the shared sequence layout and batches; the JSONL loader. CPU, sm
 """
 import itertools
 import json
-import os
 import re
-import sys
 
 import numpy as np
 import pytest

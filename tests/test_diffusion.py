@@ -8,8 +8,6 @@ counting, or from mock models whose logits are chosen by the test. CPU, tiny siz
     python -m pytest tests/test_diffusion.py -q
 """
 import math
-import os
-import sys
 
 import pytest
 import torch

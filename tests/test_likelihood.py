@@ -15,8 +15,6 @@ CPU, tiny models, well under 20 s.
 """
 import itertools
 import math
-import os
-import sys
 
 import pytest
 import torch

@@ -5,8 +5,6 @@ hand-written reference forward pass, the init scales and parameter counts. CPU, 
     python -m pytest tests/test_model.py -q
 """
 import math
-import os
-import sys
 
 import pytest
 import torch

@@ -8,9 +8,7 @@ hand-made scenes with every expected value worked out by hand in the comments. C
 """
 import itertools
 import math
-import os
 import random
-import sys
 
 import numpy as np
 import pytest

@@ -9,8 +9,6 @@ The world is tiny: data.build_pools with a few examples, a fake VQ whose codes A
     cd /work/main && python -m pytest tests/test_rollout.py -q
 """
 import math
-import os
-import sys
 from contextlib import nullcontext
 from types import SimpleNamespace
 

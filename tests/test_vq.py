@@ -6,7 +6,6 @@ dead-code restarts), checkpoint round trips and their one-line errors. CPU, tiny
     python -m pytest tests/test_vq.py -q
 """
 import os
-import sys
 
 import numpy as np
 import pytest
