@@ -176,6 +176,15 @@ def rl_step(model, opt, cfg, ctx, bundle, vq, draws: dict, sft: TaskSampler, pic
     return rec
 
 
+def log_line(rec: dict, tasks: list[str]) -> str:
+    """One RL step of rl_log.json in one line: per task the mean reward, the share of groups with any
+    nonzero advantage and with a GRPO signal, and answer-forcing's count."""
+    parts = [f"{k} r={rec[k]['reward']:.3f} nz={rec[k]['nonzero_adv_frac']:.2f} grpo={rec[k]['grpo_nonzero_frac']:.2f}"
+             + (f" af={rec[k]['af_fired']}" if k in ("vqa", "ground") else "") for k in tasks]
+    return (f"rl step {rec['step']} | {' | '.join(parts)} | rollout {rec['rollout_s']:.1f}s "
+            f"update {rec['update_s']:.1f}s | {rec['seconds']:.0f}s")
+
+
 def run_rl(cfg, ctx, bundle, vq, model=None):
     """The RL stage: from `model` (the SFT stage's, in memory), else out_dir/ckpt_sft.pt or
     --train.init_from; --resume continues out_dir/ckpt_rl.pt. Runs until rl.max_steps or
@@ -230,14 +239,9 @@ def run_rl(cfg, ctx, bundle, vq, model=None):
         bad_steps, step = 0, step + 1
         bar.update(1)
         rec = {"step": step, "seconds": round(elapsed, 1), **rec}
-        tasks = [k for k in draws]
-        bar.set_postfix({k: f"{rec[k]['reward']:.2f}" for k in tasks})
+        bar.set_postfix({k: f"{rec[k]['reward']:.2f}" for k in draws})
         if step % max(1, t.log_interval // 10) == 0 or step == 1:
-            parts = [f"{k} r={rec[k]['reward']:.3f} nz={rec[k]['nonzero_adv_frac']:.2f} "
-                     f"grpo={rec[k]['grpo_nonzero_frac']:.2f}"
-                     + (f" af={rec[k]['af_fired']}" if k in ("vqa", "ground") else "") for k in tasks]
-            ctx.log(f"rl step {step} | {' | '.join(parts)} | rollout {rec['rollout_s']:.1f}s "
-                    f"update {rec['update_s']:.1f}s | {elapsed:.0f}s")
+            ctx.log(log_line(rec, list(draws)))
         done = step >= rc.max_steps or stop_together(elapsed > rc.time_budget_s, ctx)
         if rc.eval_interval and (step % rc.eval_interval == 0 or done) and ctx.master:
             rec["eval"] = m = metrics.quick_eval(model, bundle, vq, cfg, dev, ctx.autocast, tasks=list(draws))

@@ -92,6 +92,19 @@ def rft_advantages(r: torch.Tensor, member: torch.Tensor, accept: float) -> torc
     return ((r >= accept) & member).float()
 
 
+def join_forced(r: torch.Tensor, t: torch.Tensor, r_f: torch.Tensor, t_f: torch.Tensor, coin: torch.Tensor,
+                tau: float, mode: str):
+    """Answer-forcing's membership rule (METHOD.md §5). Appends the forced sample as the last slot of
+    every group; it is a member where the coin landed and, in mode "failed_groups", every on-policy
+    reward is below tau ("all_groups": wherever the coin landed). r: (G, n) rewards, t: (G, n, T)
+    tokens, r_f: (G,), t_f: (G, T) the forced samples, coin: (G,) bool. Returns (r (G, n+1),
+    t (G, n+1, T), member (G, n+1) bool, fired (G,) bool). A group without a forced sample holds a
+    placeholder there that is never a member, so its advantage is 0 and it never reaches the update."""
+    fired = coin & (r < tau).all(1) if mode == "failed_groups" else coin
+    member = torch.cat([torch.ones_like(r, dtype=torch.bool), fired[:, None]], 1)
+    return torch.cat([r, r_f[:, None]], 1), torch.cat([t, t_f[:, None]], 1), member, fired
+
+
 def group_stats(r: torch.Tensor, member: torch.Tensor, adv: torch.Tensor, fired: torch.Tensor,
                 forcing: bool, tau: float) -> dict:
     """What the RL log reports about one task's groups. r, member, adv: (G, n) with the forced slot
@@ -132,10 +145,7 @@ def rollout_task(model, bundle, task: str, idx: list[int], cfg, device, autocast
     P = base.P
     forcing = task in ("vqa", "ground") and rc.af_prob > 0
     schedule = parse_int_list(rc.tree_schedule, "rl.tree_schedule") if task in rc.tree_tasks.split(",") else [0]
-    t0 = time.time()
-    reasons = Counter()
-
-    dcfg = rollout_diffusion(cfg)
+    t0, reasons, dcfg = time.time(), Counter(), rollout_diffusion(cfg)
 
     def run(canvas: Batch, order=None, start=0):
         with autocast:
@@ -150,9 +160,8 @@ def rollout_task(model, bundle, task: str, idx: list[int], cfg, device, autocast
 
     # answer-forcing's coin comes first: the forced sample can join only where it lands (both
     # af_modes), so only those groups' forced rows are sampled, not all G of them
-    coin = torch.zeros(G, dtype=torch.bool)
-    if forcing:
-        coin = torch.rand(G, generator=generator, device=generator.device).cpu() < rc.af_prob
+    coin = (torch.rand(G, generator=generator, device=generator.device).cpu() < rc.af_prob if forcing
+            else torch.zeros(G, dtype=torch.bool))
     f_idx = coin.nonzero().squeeze(1)                                              # (F,) groups with a forced row
 
     # round 0: G*N on-policy rows, plus the F answer-forced rows in the same sampler call
@@ -183,18 +192,12 @@ def rollout_task(model, bundle, task: str, idx: list[int], cfg, device, autocast
 
     r_on = torch.cat(rews, 1)                                                      # (G, N*k)
     t_on = torch.cat(toks, 1)                                                      # (G, N*k, T)
-    member = torch.ones_like(r_on, dtype=torch.bool)
-    fired = torch.zeros(G, dtype=torch.bool)
-    if forcing:      # one more slot per group: the forced sample, a member where it fired
-        r_f = torch.zeros(G)
+    member, fired = torch.ones_like(r_on, dtype=torch.bool), torch.zeros(G, dtype=torch.bool)
+    if forcing:
+        r_f, t_f = torch.zeros(G), base.tokens.clone()         # placeholders where no forced row was drawn
         r_f[f_idx] = score(tokens[G * N:], [exs[g] for g in f_idx.tolist()])
-        t_f = base.tokens.clone()                                                  # (G, T); unused where not sampled
         t_f[f_idx] = tokens[G * N:]
-        all_failed = (r_on < rc.tau).all(1)
-        fired = coin & all_failed if rc.af_mode == "failed_groups" else coin
-        r_on = torch.cat([r_on, r_f[:, None]], 1)
-        t_on = torch.cat([t_on, rearrange(t_f, "g t -> g 1 t")], 1)
-        member = torch.cat([member, fired[:, None]], 1)
+        r_on, t_on, member, fired = join_forced(r_on, t_on, r_f, t_f, coin, rc.tau, rc.af_mode)
     if rc.advantage == "rft":
         adv = rft_advantages(r_on, member, parse_task_values(rc.rft_accept, "rl.rft_accept")[task])
     else:
