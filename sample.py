@@ -1,0 +1,224 @@
+"""
+Watch a trained model work: answer, ground, edit or draw from one command, and see the denoising.
+
+    python sample.py answer --image=pic.png --prompt="how many red shapes are there ?"
+    python sample.py ground --image=pic.png --prompt="where is the red circle ?"
+    python sample.py edit   --image=pic.png --prompt="remove the red circle"
+    python sample.py draw   --prompt="large red circle r1c1 , small blue square r2c3"
+    python sample.py answer --example=3 --show_steps          # held-out example 3 instead of a file
+    python sample.py answer --example=3 --force="2" --show_steps   # answer-forcing: fix the answer,
+                                                                   # inpaint the reasoning (METHOD.md §5)
+
+Options: --ckpt=PATH (default: out_dir's ckpt_rl.pt, else ckpt_sft.pt, with the data and config it
+was trained with), --out=DIR (default <out_dir>/sample), --seed, --temperature (text; default the
+eval's greedy 0), --show_steps. Any --section.key=value of train.py works too.
+
+What it writes into --out: `<task>.png` (the input picture, the prompt and response text, and the
+output: the picture with the predicted box drawn for `ground`, the edited or drawn picture for
+`edit` / `draw`), and with --show_steps `<task>_steps.png` (one row per denoising step: the response
+canvas with [M] where a text token is still masked and grey cells where an image token is; the
+unmasking order, the semi-autoregressive text blocks and a forced answer's fixed tokens can be seen
+in it) plus the same as an animated `<task>_steps.gif`. The text is printed too.
+
+The prompt is tokenized with the run's word tokenizer: use the task language of the shape world
+(see data.py: make_vqa, make_ground, make_edit, describe); unknown words become [UNK] and are listed.
+Pictures are resized to data.image_size and read as VQ codes, like the training data.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import textwrap
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+import common
+import config as C
+import data as D
+import rewards as RW
+import vq as VQ
+from diffusion import sample
+from rollout import force_answer
+
+TASKS = {"answer": "vqa", "ground": "ground", "edit": "edit", "draw": "t2i"}
+SCALE = 6                                   # pixels per picture pixel in the PNGs
+
+
+def find_checkpoint(cfg, path: str) -> str:
+    if path:
+        return path
+    for name in ("ckpt_rl.pt", "ckpt_sft.pt"):
+        p = os.path.join(cfg.train.out_dir, name)
+        if os.path.exists(p):
+            return p
+    raise SystemExit(f"sample: no checkpoint in {cfg.train.out_dir}; run `python train.py --preset={cfg.preset}` "
+                     f"first or pass --ckpt=PATH")
+
+
+def build_example(task: str, opts: dict, bundle, dcfg) -> D.Example:
+    """The example to run: a held-out one (--example) or the user's picture and prompt."""
+    if opts["example"] >= 0:
+        exs = bundle.sets[task]["eval"].examples
+        if opts["example"] >= len(exs):
+            raise SystemExit(f"sample: --example={opts['example']} but the held-out {task} set has {len(exs)}")
+        ex = exs[opts["example"]]
+        D.ensure_images([ex], dcfg)                  # synthetic pictures are re-rendered on demand
+        return ex
+    if not opts["prompt"]:
+        raise SystemExit("sample: pass --prompt='...' (or --example=N for a held-out example)")
+    ex = D.Example(task, "user", opts["prompt"].strip(), None, None, None)
+    if task != "t2i":
+        if not opts["image"]:
+            raise SystemExit(f"sample: {task} needs --image=PNG (or --example=N)")
+        try:
+            im = Image.open(opts["image"]).convert("RGB").resize((dcfg.image_size, dcfg.image_size), Image.BOX)
+        except Exception as e:
+            raise SystemExit(f"sample: cannot read --image={opts['image']!r} ({type(e).__name__})") from None
+        ex.image = np.asarray(im, dtype=np.uint8)
+    return ex
+
+
+def canvas_batch(ex: D.Example, task: str, bundle, vq, force: str) -> D.Batch:
+    """The prompt of `ex` with an all-masked response canvas (or the forced answer in clear)."""
+    tok, lay = bundle.tok, bundle.layouts[task]
+    unknown = [w for w in ex.prompt.split() if w not in tok.stoi]
+    if unknown:
+        print(f"note: not in the vocabulary, read as [UNK]: {' '.join(unknown)}")
+    codes = vq.encode(ex.image[None]) if ex.image is not None else None
+    try:
+        ts = D.tokenize_split(task, [D.Example(task, ex.qtype, ex.prompt, ex.scene, ex.answer, None)], tok, lay,
+                              bundle.P, codes, None)
+    except ValueError as e:
+        raise SystemExit(f"sample: {e}") from None
+    batch = D.collate({task: ts}, [(task, 0)], tok, responses=False)
+    if force:
+        if task not in ("vqa", "ground"):
+            raise SystemExit("sample: --force works for answer and ground (the tasks with a text answer)")
+        ans = tuple(int(v) for v in force.split()) if task == "ground" else force
+        batch = force_answer(batch, [D.Example(task, "user", "", None, ans, None)], tok, lay)
+    return batch
+
+
+def pictures(codes: torch.Tensor, known: torch.Tensor, vq, side: int) -> np.ndarray:
+    """Decode VQ codes (S, n_img) to pictures (S, H, W, 3) uint8, greying every cell whose token is
+    still masked (known False). Masked codes are decoded as code 0 first, then covered."""
+    img = (vq.decode(torch.where(known, codes, torch.zeros_like(codes))).numpy() * 255).astype(np.uint8)
+    cell = img.shape[1] // side
+    for s, k in enumerate(known.tolist()):
+        for j, ok in enumerate(k):
+            if not ok:
+                r, c = divmod(j, side)
+                img[s, r * cell:(r + 1) * cell, c * cell:(c + 1) * cell] = 160
+    return img
+
+
+def text_of(ids, tok) -> str:
+    """A response's text region as words, [M] for a masked slot (tokenizer.decode, shortened)."""
+    return tok.decode(ids, skip=("[PAD]", "[EOS]")).replace("[MASK]", "[M]")
+
+
+def render_row(text: str, pic: np.ndarray | None, header: str, width: int = 100) -> Image.Image:
+    lines = [header] + (textwrap.wrap(text, width) or [""])
+    S = 0 if pic is None else pic.shape[0] * SCALE
+    h = max(S, 12 * len(lines) + 8)
+    row = Image.new("RGB", (S + 8 + 6 * width + 16, h + 4), (255, 255, 255))
+    if pic is not None:
+        row.paste(Image.fromarray(pic).resize((S, S), Image.NEAREST), (0, 2))
+    ImageDraw.Draw(row).multiline_text((S + 8, 4), "\n".join(lines), fill=(0, 0, 0))
+    return row
+
+
+def stack(rows: list[Image.Image]) -> Image.Image:
+    out = Image.new("RGB", (max(r.width for r in rows), sum(r.height for r in rows)), (255, 255, 255))
+    y = 0
+    for r in rows:
+        out.paste(r, (0, y))
+        y += r.height
+    return out
+
+
+def run(cfg, opts: dict, verb: str):
+    task = TASKS[verb]
+    path = find_checkpoint(cfg, opts["ckpt"])
+    out_dir = opts["out"] or os.path.join(cfg.train.out_dir, "sample")
+    run_cfg, bundle, model, blob = common.load_run(path, out_dir, "sample")
+    vq = VQ.get_vq(run_cfg, "cpu", out_dir)               # the run's own tokenizer (load_run checked it)
+    dcfg, tok, lay = run_cfg.data, bundle.tok, bundle.layouts[task]
+    ex = build_example(task, opts, bundle, dcfg)
+    batch = canvas_batch(ex, task, bundle, vq, opts["force"])
+    states = []
+    gen = torch.Generator().manual_seed(cfg.train.seed)
+    with torch.no_grad():
+        tokens, _ = sample(model, batch, tok, run_cfg.diffusion, temperature=opts["temperature"], generator=gen,
+                           on_step=lambda g, t: states.append(t[0, batch.P:batch.P + lay.R].clone()))
+    final = tokens[0, batch.P:batch.P + lay.R]
+    states.append(final)
+    text = text_of(final[:lay.R_text], tok)
+    side = dcfg.image_size // run_cfg.vq.downsample
+    pic_in = ex.image
+    pic_out = None
+    if lay.n_img:
+        codes = torch.stack([s[lay.R_text:] for s in states]) - tok.img_offset          # (S, n_img)
+        known = torch.stack([s[lay.R_text:] != tok.IMASK for s in states])
+        pic_out = pictures(codes, known, vq, side)[-1]
+    elif task == "ground":
+        box = RW.parse_box(text)[0]
+        pic_out = np.array(pic_in)
+        if box is not None:
+            im = Image.fromarray(pic_out)
+            ImageDraw.Draw(im).rectangle([box[0], box[1], box[2] - 1, box[3] - 1], outline=(255, 0, 255))
+            pic_out = np.asarray(im)
+    print(f"[{verb}] {ex.prompt}\n-> {text or '(a picture: see the PNG)'}" + (f"\n   (forced answer: {opts['force']})" if opts["force"] else ""))
+    os.makedirs(out_dir, exist_ok=True)
+    top = [render_row(ex.prompt, pic_in, f"{verb} | {os.path.basename(path)} (step {blob['step']})")]
+    top.append(render_row(text, pic_out, "response" + (" (answer forced)" if opts["force"] else "")))
+    stack(top).save(os.path.join(out_dir, f"{verb}.png"))
+    print(f"wrote {out_dir}/{verb}.png")
+    if opts["show_steps"]:
+        save_steps(states, lay, tok, vq, side, os.path.join(out_dir, f"{verb}_steps"))
+
+
+def save_steps(states: list[torch.Tensor], lay, tok, vq, side: int, stem: str):
+    """One row per denoising step (the canvas before it, and the final canvas last) as a PNG strip,
+    and the same rows as an animated GIF."""
+    pics = None
+    if lay.n_img:
+        codes = torch.stack([s[lay.R_text:] for s in states]) - tok.img_offset
+        pics = pictures(codes, torch.stack([s[lay.R_text:] != tok.IMASK for s in states]), vq, side)
+    rows = []
+    for g, s in enumerate(states):
+        label = f"step {g}" if g < len(states) - 1 else "final"
+        masked = int((s == tok.MASK).sum() + (s == tok.IMASK).sum())
+        rows.append(render_row(text_of(s[:lay.R_text], tok) if lay.R_text else "", None if pics is None else pics[g],
+                               f"{label}: {masked} masked"))
+    stack(rows).save(stem + ".png")
+    if pics is not None:      # the picture alone, step by step, in one row: the order cells are decoded in
+        film = Image.new("RGB", (len(pics) * (pics.shape[1] * 3 + 4), pics.shape[1] * 3 + 14), (255, 255, 255))
+        for g, p in enumerate(pics):
+            x = g * (pics.shape[1] * 3 + 4)
+            film.paste(Image.fromarray(p).resize((pics.shape[1] * 3,) * 2, Image.NEAREST), (x, 12))
+            ImageDraw.Draw(film).text((x, 0), str(g) if g < len(pics) - 1 else "end", fill=(0, 0, 0))
+        film.save(stem + "_film.png")
+    w, h = max(r.width for r in rows), max(r.height for r in rows)
+    frames = [Image.new("RGB", (w, h), (255, 255, 255)) for _ in rows]
+    for f, r in zip(frames, rows):
+        f.paste(r, (0, 0))
+    frames[0].save(stem + ".gif", save_all=True, append_images=frames[1:] + [frames[-1]] * 4, duration=250, loop=0)
+    print(f"wrote {stem}.png and {stem}.gif ({len(states) - 1} steps)")
+
+
+def main(argv: list[str]):
+    verb = argv[0] if argv else ""
+    if verb not in TASKS:
+        raise SystemExit(f"usage: python sample.py {{{'|'.join(TASKS)}}} [--image=PNG] [--prompt=TEXT] "
+                         f"[--example=N] [--force=ANSWER] [--show_steps] [--ckpt=PATH] [--out=DIR]")
+    cfg, opts = C.get_config(argv[1:], extra={"ckpt": "", "out": "", "image": "", "prompt": "", "example": -1,
+                                              "force": "", "show_steps": False, "temperature": 0.0})
+    torch.set_num_threads(1)
+    run(cfg, opts, verb)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
