@@ -101,7 +101,7 @@ def speed_world(cfg, ckpt: str):
     ctx = common.Ctx("cpu", torch.float32, "fp32", False, 0, 1, scratch)
     os.makedirs(scratch, exist_ok=True)
     if os.path.exists(path):
-        cfg, bundle, model, blob = common.load_run(path, scratch, "bench")
+        cfg, bundle, model, _, blob = common.load_run(path, scratch, "bench")
         return cfg, bundle, model, f"data and config of {path} (step {blob['step']})"
     cfg.data.n_sft, cfg.data.n_rl = min(cfg.data.n_sft, 256), 8
     cfg.data.n_eval, cfg.data.n_val = min(cfg.data.n_eval, 64), min(cfg.data.n_val, 8)

@@ -12,7 +12,8 @@ estimators.py, study.py): nothing here is the method itself, it is what every st
                         computed ONCE per (data, vq) config and cached in data.cache_dir, so that no
                         picture is tokenized inside a training loop
   build_model, make_optimizer, lr_at, unwrap
-  save_checkpoint, load_checkpoint, load_weights, model_from_checkpoint, load_latest, load_run,
+  save_checkpoint, load_checkpoint, load_weights, model_from_checkpoint, latest_checkpoint,
+  load_latest, load_run,
   best_score            atomic checkpoints (tmp + rename) and one-line errors for the usual mistakes
   TaskSampler, gather_rank_states, restore_rank_state
                         the task-mix sampler and every rank's random state, so that a resumed run
@@ -190,24 +191,59 @@ class Bundle:
     sets: dict          # sets[task][split] -> data.TaskSet
 
 
+def jsonl_files(path: str) -> list[str]:
+    """The JSONL file and the existing picture files its rows name ([] without a file): what the
+    token cache of a run with --data.jsonl depends on. Unreadable rows are passed over here (the
+    loader reports them)."""
+    if not path or not os.path.exists(path):
+        return []
+    base, out = os.path.dirname(os.path.abspath(path)), [path]
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            for k in ("image", "target_image"):
+                p = os.path.join(base, row[k]) if isinstance(row, dict) and isinstance(row.get(k), str) else ""
+                if p and os.path.isfile(p):
+                    out.append(p)
+    return out
+
+
 def _bundle_key(cfg, vq_file: str) -> str:
     # the key covers everything the tokens depend on: the data and VQ configs, the VQ weights' file,
-    # and the source of data.py itself (edit a task generator and the stale cache is not reused)
+    # the source of data.py itself (edit a task generator and the stale cache is not reused), and the
+    # contents of --data.jsonl and of the pictures it names, not just its file name
     blob = json.dumps(C.to_dict(cfg)["data"], sort_keys=True) + json.dumps(C.to_dict(cfg)["vq"], sort_keys=True)
     blob += str(os.path.getmtime(vq_file)) if os.path.exists(vq_file) else ""
-    with open(D.__file__, "rb") as f:
-        blob += hashlib.sha1(f.read()).hexdigest()
+    for path in [D.__file__] + jsonl_files(cfg.data.jsonl):
+        with open(path, "rb") as f:
+            blob += hashlib.sha1(f.read()).hexdigest()
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+
+def load_user_rows(cfg, ctx: Ctx) -> list:
+    """The rows of --data.jsonl (data.load_jsonl): malformed rows are counted and skipped; a missing
+    file, or one that yields no usable row at all, is a one-line error with the first problem."""
+    path = cfg.data.jsonl
+    try:
+        user, skipped = D.load_jsonl(path, cfg.data, strict=False)
+        if not user:
+            D.load_jsonl(path, cfg.data, strict=True)          # raises on the first bad row
+            raise D.JSONLError(f"{path}: the file holds no rows")
+    except D.JSONLError as e:
+        raise SystemExit(f"data error: --data.jsonl={path} gives no usable row: {e}") from None
+    ctx.log(f"jsonl: {len(user)} rows from {path} ({skipped} malformed rows skipped)")
+    return user
 
 
 def get_bundle(cfg, vq, ctx: Ctx) -> Bundle:
     """All tokenized sets. VQ codes are computed once per (data, vq) config and cached on disk."""
     pools = D.build_pools(cfg.data)
     if cfg.data.jsonl:
-        user, skipped = D.load_jsonl(cfg.data.jsonl, cfg.data, strict=False)
-        ctx.log(f"jsonl: {len(user)} rows from {cfg.data.jsonl} ({skipped} malformed rows skipped)")
-        for ex in user:   # traced rows join the SFT pool, answer-only rows the RL pool
-            pools[ex.task]["sft" if ex.trace is not None else "rl"].append(ex)
+        for ex in load_user_rows(cfg, ctx):     # by "split", else traced rows -> sft, answer-only -> rl
+            pools[ex.task][ex.split or ("sft" if ex.trace is not None else "rl")].append(ex)
     path = os.path.join(cfg.data.cache_dir, f"tokens_{_bundle_key(cfg, VQ.vq_path(cfg))}.pt")
     if os.path.exists(path):
         blob = torch.load(path, map_location="cpu", weights_only=False)
@@ -389,34 +425,39 @@ def restore_rank_state(blob: dict, ctx: Ctx, sampler: TaskSampler):
         torch.cuda.set_rng_state(st["cuda"], ctx.device)
 
 
-def load_latest(cfg, ctx: Ctx, path: str = ""):
-    """(model, bundle, vq) of a finished run: the checkpoint at `path` if given, else the RL checkpoint
-    in out_dir if present, else the SFT one."""
+def latest_checkpoint(out_dir: str) -> str:
+    """out_dir's RL checkpoint if there is one, else its SFT checkpoint (whose absence
+    load_checkpoint then reports with what to run)."""
+    rl_path = os.path.join(out_dir, "ckpt_rl.pt")
+    return rl_path if os.path.exists(rl_path) else os.path.join(out_dir, "ckpt_sft.pt")
+
+
+def load_latest(cfg, ctx: Ctx):
+    """(model, bundle, vq) of a finished run with the command line's config: latest_checkpoint."""
     vq = VQ.get_vq(cfg, ctx.device, ctx.out_dir)
     bundle = get_bundle(cfg, vq, ctx)
-    names = ("ckpt_rl.pt", "ckpt_sft.pt")
-    path = path or next((p for p in (os.path.join(cfg.train.out_dir, n) for n in names) if os.path.exists(p)),
-                        os.path.join(cfg.train.out_dir, "ckpt_sft.pt"))   # absent: load_checkpoint says what to run
+    path = latest_checkpoint(cfg.train.out_dir)
     blob = load_checkpoint(path, bundle.tok.vocab_size)
     ctx.log(f"loaded {path} (step {blob['step']})")
     return model_from_checkpoint(blob, ctx.device), bundle, vq
 
 
-def load_run(path: str, out_dir: str, who: str):
-    """(cfg, bundle, model, blob) of the checkpoint at `path` with the data it was trained on, on the
-    CPU: its own config decides the data (logs go to out_dir). The VQ tokenizer it was trained with
-    must still be in the cache: a new one would give other image codes than the model saw. `who`
-    names the calling script in the one-line errors."""
+def load_run(path: str, out_dir: str, who: str, device: str = "cpu"):
+    """(cfg, bundle, model, vq, blob) of the checkpoint at `path` with the data it was trained on:
+    its own config decides the data and the model (logs go to out_dir). The VQ tokenizer it was
+    trained with must still be in the cache: a new one would give other image codes than the model
+    saw. `who` names the calling script in the one-line errors."""
     cfg = C.from_dict(load_checkpoint(path)["config"])
-    cfg.train.device, cfg.train.out_dir = "cpu", out_dir
+    cfg.train.device, cfg.train.out_dir = device, out_dir
     if not os.path.exists(VQ.vq_path(cfg)):
         raise SystemExit(f"{who}: the VQ tokenizer {VQ.vq_path(cfg)} of {path} is missing; re-run "
                          f"`python train.py --preset={cfg.preset}` (or restore {cfg.data.cache_dir}/)")
     os.makedirs(out_dir, exist_ok=True)
-    ctx = Ctx("cpu", torch.float32, "fp32", False, 0, 1, out_dir)
-    bundle = get_bundle(cfg, VQ.get_vq(cfg, "cpu", out_dir), ctx)
+    ctx = Ctx(device, torch.float32, "fp32", False, 0, 1, out_dir)
+    vq = VQ.get_vq(cfg, device, out_dir)
+    bundle = get_bundle(cfg, vq, ctx)
     blob = load_checkpoint(path, bundle.tok.vocab_size)              # checks the vocabulary fits
-    return cfg, bundle, model_from_checkpoint(blob, "cpu").eval(), blob
+    return cfg, bundle, model_from_checkpoint(blob, device).eval(), vq, blob
 
 
 def git_commit() -> str:

@@ -56,7 +56,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from config import TASKS, ConfigError   # family names live in one place (config.py imports nothing of ours)
+from config import TASKS, ConfigError, get_config   # family names live in one place (config.py imports nothing of ours)
 
 # ----------------------------------------------------------------------------------------------
 # the world
@@ -372,6 +372,7 @@ class Example:
     image: np.ndarray | None = None         # input picture; rendered from `scene` unless user-given
     target_image: np.ndarray | None = None  # edit/t2i target picture (kept for scoring, never shown)
     key: str = ""                 # (scene, prompt) identity, for split disjointness
+    split: str = ""               # JSONL rows only: the split a row asks for ("" = by its trace)
     teacher_answer: str | None = None  # eval split, biased teacher only: what the sft teacher would
                                   # have answered (eval.py measures how much of its error a model copies)
 
@@ -745,29 +746,94 @@ JSONL_NEEDS = {"vqa": ("image",), "ground": ("image", "box"), "edit": ("image", 
                "t2i": ("target_image",)}
 
 
+def _jsonl_image(base: str, rel, dcfg, where: str) -> tuple[np.ndarray, tuple[int, int]]:
+    """(the picture resized to data.image_size as (S, S, 3) uint8, its original (width, height))."""
+    try:
+        p = os.path.join(base, rel)       # inside the try: a non-string path is a row error too
+        im = Image.open(p).convert("RGB")
+    except Exception as e:
+        raise JSONLError(f"{where}: cannot read image {rel!r} ({type(e).__name__}); "
+                         f"fix the path (relative to the JSONL file)") from None
+    size = im.size
+    im = im.resize((dcfg.image_size, dcfg.image_size), Image.BOX)
+    return np.asarray(im, dtype=np.uint8), size
+
+
+def _jsonl_box(b, size: tuple[int, int], dcfg, where: str) -> tuple[int, int, int, int]:
+    """A ground row's box, checked in the pixels of its image file (0 <= x0 < x1 <= width, the same
+    for y) and rescaled with the picture to data.image_size, so that the same box still frames the
+    same shape after the resize."""
+    num = lambda v: (type(v) is int) or (type(v) is float and math.isfinite(v))   # no bool/NaN/inf
+    if not (isinstance(b, list) and len(b) == 4 and all(num(v) for v in b)):
+        raise JSONLError(f"{where}: 'box' must be [x0, y0, x1, y1] numbers")
+    (W, H), (x0, y0, x1, y1) = size, b
+    if not (0 <= x0 < x1 <= W and 0 <= y0 < y1 <= H):
+        raise JSONLError(f"{where}: 'box' {b} must satisfy 0 <= x0 < x1 <= {W} and 0 <= y0 < y1 <= {H} "
+                         f"(pixels of the {W}x{H} image file; x1, y1 exclusive)")
+    sx, sy = dcfg.image_size / W, dcfg.image_size / H
+    return (int(round(x0 * sx)), int(round(y0 * sy)), max(int(round(x1 * sx)), int(round(x0 * sx)) + 1),
+            max(int(round(y1 * sy)), int(round(y0 * sy)) + 1))
+
+
+def _jsonl_example(row, where: str, base: str, dcfg) -> Example:
+    """One parsed JSONL row -> Example, or JSONLError naming the row, the key and the fix."""
+    if not isinstance(row, dict):
+        raise JSONLError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    task = row.get("task")
+    if task not in JSONL_NEEDS:
+        raise JSONLError(f"{where}: task {task!r} unknown; use one of {', '.join(JSONL_NEEDS)}")
+    if not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+        raise JSONLError(f"{where}: missing 'prompt' (a non-empty string)")
+    for k in JSONL_NEEDS[task]:
+        if k not in row:
+            raise JSONLError(f"{where}: task {task} needs key {k!r}")
+    if row.get("split", "") not in ("", *SPLITS):
+        raise JSONLError(f"{where}: 'split' {row['split']!r} unknown; use one of {', '.join(SPLITS)} (or leave it out)")
+    image, size = _jsonl_image(base, row["image"], dcfg, where) if "image" in row else (None, None)
+    trace, ans_text, answer = None, None, None
+    if task == "vqa":
+        if "response" in row:
+            r = str(row["response"])
+            if "<answer>" not in r or "</answer>" not in r:
+                raise JSONLError(f"{where}: 'response' needs '<answer> ... </answer>'")
+            ans_text = r.split("<answer>")[1].split("</answer>")[0].strip()
+            trace = r.split("<answer>")[0].replace("<think>", "").replace("</think>", "").strip()
+        elif "answer" in row:
+            ans_text = str(row["answer"]).strip()
+        else:
+            raise JSONLError(f"{where}: vqa needs 'response' or 'answer'")
+        answer = ans_text
+    elif task == "ground":
+        answer = _jsonl_box(row["box"], size, dcfg, where)
+        ans_text = box_text(answer)
+        trace = row.get("response")
+    else:
+        trace = row.get("response", "" if task == "t2i" else None)
+    ex = Example(task, "user", row["prompt"].strip(), None, answer, trace, ans_text, image=image)
+    if image is not None and task == "edit":     # scored as source-vs-target scenes, like ours
+        ex.scene = read_scene(image, dcfg.grid)
+    if "target_image" in row:
+        ex.target_image = _jsonl_image(base, row["target_image"], dcfg, where)[0]
+        ex.answer = read_scene(ex.target_image, dcfg.grid)     # scored like the synthetic sets
+    ex.split = row.get("split", "")
+    return ex
+
+
 def load_jsonl(path: str, dcfg, strict: bool = True) -> tuple[list[Example], int]:
     """Read users' examples: one JSON object per line,
         {"task": "vqa"|"ground"|"edit"|"t2i", "image": "a.png", "prompt": "...",
          "response": "<think> ... </think> <answer> 3 </answer>" | "answer": "3" | "box": [x0,y0,x1,y1]
-         | "target_image": "b.png"}
-    Image paths are relative to the JSONL file; pictures are resized to data.image_size.
-    A malformed row raises JSONLError('file:line: problem; fix') in strict mode, else it is counted
-    and skipped. Returns (examples, n_skipped).
+         | "target_image": "b.png", "split": "sft"|"rl"|"eval"|"val" (optional)}
+    Image paths are relative to the JSONL file; pictures are resized to data.image_size and grounding
+    boxes (pixels of the image file, x1 and y1 exclusive) with them. Without "split", traced rows go
+    to the SFT pool and answer-only rows to the RL pool. A malformed row raises
+    JSONLError('file:line: problem; fix') in strict mode, else it is counted and skipped. Returns
+    (examples, n_skipped); JSONLError if the file does not exist.
     """
     if not os.path.exists(path):
         raise JSONLError(f"{path}: no such file; pass an existing path with --data.jsonl=...")
     base = os.path.dirname(os.path.abspath(path))
     out, skipped = [], 0
-
-    def load_img(rel, where):
-        try:
-            p = os.path.join(base, rel)       # inside the try: a non-string path is a row error too
-            im = Image.open(p).convert("RGB").resize((dcfg.image_size, dcfg.image_size), Image.BOX)
-        except Exception as e:
-            raise JSONLError(f"{where}: cannot read image {rel!r} ({type(e).__name__}); "
-                             f"fix the path (relative to the JSONL file)") from None
-        return np.asarray(im, dtype=np.uint8)
-
     with open(path) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -778,47 +844,7 @@ def load_jsonl(path: str, dcfg, strict: bool = True) -> tuple[list[Example], int
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise JSONLError(f"{where}: not valid JSON ({e.msg}); one object per line") from None
-                if not isinstance(row, dict):
-                    raise JSONLError(f"{where}: expected a JSON object, got {type(row).__name__}")
-                task = row.get("task")
-                if task not in JSONL_NEEDS:
-                    raise JSONLError(f"{where}: task {task!r} unknown; use one of {', '.join(JSONL_NEEDS)}")
-                if not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
-                    raise JSONLError(f"{where}: missing 'prompt' (a non-empty string)")
-                for k in JSONL_NEEDS[task]:
-                    if k not in row:
-                        raise JSONLError(f"{where}: task {task} needs key {k!r}")
-                trace, ans_text, answer = None, None, None
-                if task == "vqa":
-                    if "response" in row:
-                        r = str(row["response"])
-                        if "<answer>" not in r or "</answer>" not in r:
-                            raise JSONLError(f"{where}: 'response' needs '<answer> ... </answer>'")
-                        ans_text = r.split("<answer>")[1].split("</answer>")[0].strip()
-                        trace = r.split("<answer>")[0].replace("<think>", "").replace("</think>", "").strip()
-                    elif "answer" in row:
-                        ans_text = str(row["answer"]).strip()
-                    else:
-                        raise JSONLError(f"{where}: vqa needs 'response' or 'answer'")
-                    answer = ans_text
-                elif task == "ground":
-                    b = row["box"]
-                    num = lambda v: (type(v) is int) or (type(v) is float and math.isfinite(v))  # no bool/NaN/inf
-                    if not (isinstance(b, list) and len(b) == 4 and all(num(v) for v in b)):
-                        raise JSONLError(f"{where}: 'box' must be [x0, y0, x1, y1] numbers")
-                    answer = tuple(int(round(v)) for v in b)
-                    ans_text = box_text(answer)
-                    trace = row.get("response")
-                else:
-                    trace = row.get("response", "" if task == "t2i" else None)
-                ex = Example(task, "user", row["prompt"].strip(), None, answer, trace, ans_text)
-                if "image" in row:
-                    ex.image = load_img(row["image"], where)
-                if "image" in row and task == "edit":   # scored as source-vs-target scenes, like ours
-                    ex.scene = read_scene(ex.image, dcfg.grid)
-                if "target_image" in row:
-                    ex.target_image = load_img(row["target_image"], where)
-                    ex.answer = read_scene(ex.target_image, dcfg.grid)   # scored like the synthetic sets
+                ex = _jsonl_example(row, where, base, dcfg)
                 ex.key = f"user|{lineno}"
                 out.append(ex)
             except JSONLError:
@@ -828,9 +854,49 @@ def load_jsonl(path: str, dcfg, strict: bool = True) -> tuple[list[Example], int
     return out, skipped
 
 
+def export_examples(pools, out_dir: str, n: int, dcfg) -> str:
+    """Write n shape-world examples per task and split as PNG files + one data.jsonl in out_dir, in
+    the format load_jsonl reads: sft rows with their traces, rl rows answer-only, eval and val rows
+    with "split". A starting point for your own data; returns the JSONL path."""
+    os.makedirs(out_dir, exist_ok=True)
+    rows = []
+    for task in pools:
+        for split in ("sft", "rl", "eval", "val"):
+            exs = pools[task][split][:n]
+            ensure_images(exs, dcfg)
+            for i, ex in enumerate(exs):
+                name = f"{task}_{split}_{i}"
+                row = {"task": task, "prompt": ex.prompt}
+                if split != "sft" and split != "rl":
+                    row["split"] = split
+                if ex.image is not None:
+                    Image.fromarray(ex.image).save(os.path.join(out_dir, name + ".png"))
+                    row["image"] = name + ".png"
+                if task in ("edit", "t2i"):
+                    Image.fromarray(render(ex.answer, dcfg.grid, dcfg.image_size)).save(
+                        os.path.join(out_dir, name + "_target.png"))
+                    row["target_image"] = name + "_target.png"
+                if task == "ground":
+                    row["box"] = list(ex.answer)
+                if task == "vqa" and (split != "sft" or ex.trace is None):
+                    row["answer"] = ex.answer
+                elif split == "sft" and ex.trace is not None:
+                    row["response"] = (f"<think> {ex.trace} </think> <answer> {ex.answer_text} </answer>"
+                                       if task in ("vqa", "ground") else ex.trace)
+                rows.append(row)
+    path = os.path.join(out_dir, "data.jsonl")
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return path
+
+
 if __name__ == "__main__":
-    from config import get_config
-    cfg = get_config()
+    # python data.py                              print a few examples of each family
+    # python data.py --export=example_data --n=8  write example data (PNG + data.jsonl) to start from
+    cfg, opts = get_config(extra={"export": "", "n": 8})
+    if opts["export"]:
+        print(f"wrote {export_examples(build_pools(cfg.data), opts['export'], opts['n'], cfg.data)}")
+        raise SystemExit(0)
     pools = build_pools(cfg.data)
     for task in pools:
         print(f"--- {task}: " + ", ".join(f"{s}={len(v)}" for s, v in pools[task].items()))

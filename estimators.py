@@ -346,7 +346,7 @@ def load(cfg, ckpt: str):
     if not os.path.exists(path):
         raise SystemExit(f"estimators: no checkpoint at {path}; run `python train.py --preset={cfg.preset}` "
                          f"first or pass --ckpt=PATH")
-    cfg, bundle, model, blob = common.load_run(path, os.path.join("runs", "estimators"), "estimators")
+    cfg, bundle, model, _, blob = common.load_run(path, os.path.join("runs", "estimators"), "estimators")
     for p in model.parameters():
         p.requires_grad_(True)
     return model, bundle, f"{path} (step {blob['step']})"

@@ -6,7 +6,9 @@ a PNG grid of prompts, inputs and outputs (metrics.py computes them all).
     python eval.py --preset=toy --out_dir=runs/x --eval.n_per_task=100
     python eval.py --preset=toy --ckpt=runs/toy/ckpt_sft_best.pt --pass_k=8   # + pass@1/4/8 from 8 samples
 
---pass_k=N adds pass@k for vqa and grounding and best-of-k for edit (k in 1, 4, 8 up to N), from N
+The checkpoint's own config decides the data and the model (its token cache and VQ tokenizer are
+reused), so a run made with other --data.* flags needs none of them here; --eval.* settings come
+from the command line. --pass_k=N adds pass@k for vqa and grounding and best-of-k for edit (k in 1, 4, 8 up to N), from N
 samples per prompt at the rollout temperature (rl.temperature): how much RL could gain by
 sharpening alone (metrics.pass_at_k_metrics). Writes metrics_eval.json and samples_eval.png into
 out_dir (or --out=FILE for the json).
@@ -21,7 +23,11 @@ from config import get_config
 def main(argv=None):
     cfg, opts = get_config(argv, extra={"ckpt": "", "pass_k": 0, "out": ""})
     ctx = common.setup(cfg)
-    model, bundle, vq = common.load_latest(cfg, ctx, opts["ckpt"])
+    path = opts["ckpt"] or common.latest_checkpoint(cfg.train.out_dir)
+    # the checkpoint's own config decides the data and the model; the command line the evaluation
+    run_cfg, bundle, model, vq, blob = common.load_run(path, cfg.train.out_dir, "eval", ctx.device)
+    print(f"eval: {path} (step {blob['step']})")
+    run_cfg.eval, cfg = cfg.eval, run_cfg
     m = metrics.evaluate(model, bundle, vq, cfg, ctx.device, ctx.autocast,
                          grid_path=os.path.join(cfg.train.out_dir, "samples_eval.png"))
     m.update(metrics.baselines(bundle, cfg))

@@ -184,23 +184,30 @@ def pass_at_k_metrics(model, bundle, vq, cfg, device, autocast, n_samples: int, 
     return out
 
 
+def mean(xs) -> float:
+    """The mean, NaN for nothing (e.g. a baseline on a JSONL eval set that has no such rows)."""
+    xs = list(xs)
+    return float(np.mean(xs)) if xs else float("nan")
+
+
 def baselines(bundle, cfg) -> dict:
-    """Image-blind / copy / random-choice baselines on the same held-out examples."""
+    """Image-blind / copy / random-choice baselines on the same held-out examples. Rows a baseline
+    cannot score (a user's grounding picture whose scene is unknown) are left out of it."""
     d, out = cfg.data, {}
     ev = {t: bundle.sets[t]["eval"].examples[:cfg.eval.n_per_task] for t in bundle.sets}
     prior = defaultdict(Counter)
     for ex in bundle.sets["vqa"]["rl"].examples:
         prior[ex.qtype][ex.answer] += 1
-    hit = [(e.qtype, prior[e.qtype].most_common(1)[0][0] == e.answer) for e in ev["vqa"]]
-    out["vqa_prior_acc"] = float(np.mean([h for _, h in hit]))
-    out["vqa_prior_by_type"] = {q: float(np.mean([h for t, h in hit if t == q])) for q in sorted({t for t, _ in hit})}
+    hit = [(e.qtype, bool(prior[e.qtype]) and prior[e.qtype].most_common(1)[0][0] == e.answer) for e in ev["vqa"]]
+    out["vqa_prior_acc"] = mean(h for _, h in hit)
+    out["vqa_prior_by_type"] = {q: mean(h for t, h in hit if t == q) for q in sorted({t for t, _ in hit})}
     ious = [[RW.iou(shape_box(i, s, d.grid, d.image_size), e.answer) for i, s in enumerate(e.scene) if s]
-            for e in ev["ground"]]
-    out["ground_random_miou"] = float(np.mean([np.mean(x) for x in ious]))
-    out["ground_random_p50"] = float(np.mean([np.mean([v >= 0.5 for v in x]) for x in ious]))
-    out["edit_copy_score"] = float(np.mean([RW.edit_score(e.scene, e.answer, e.scene) for e in ev["edit"]]))
+            for e in ev["ground"] if e.scene is not None]
+    out["ground_random_miou"] = mean(np.mean(x) for x in ious if x)
+    out["ground_random_p50"] = mean(np.mean([v >= 0.5 for v in x]) for x in ious if x)
+    out["edit_copy_score"] = mean(RW.edit_score(e.scene, e.answer, e.scene) for e in ev["edit"])
     empty = (None,) * (d.grid * d.grid)
-    out["t2i_empty_cell_acc"] = float(np.mean([RW.scene_accuracy(e.answer, empty) for e in ev["t2i"]]))
+    out["t2i_empty_cell_acc"] = mean(RW.scene_accuracy(e.answer, empty) for e in ev["t2i"])
     out["t2i_empty_shape_acc"] = 0.0
     return out
 

@@ -38,23 +38,11 @@ import common
 import config as C
 import data as D
 import rewards as RW
-import vq as VQ
 from diffusion import sample
 from rollout import force_answer
 
 TASKS = {"answer": "vqa", "ground": "ground", "edit": "edit", "draw": "t2i"}
 SCALE = 6                                   # pixels per picture pixel in the PNGs
-
-
-def find_checkpoint(cfg, path: str) -> str:
-    if path:
-        return path
-    for name in ("ckpt_rl.pt", "ckpt_sft.pt"):
-        p = os.path.join(cfg.train.out_dir, name)
-        if os.path.exists(p):
-            return p
-    raise SystemExit(f"sample: no checkpoint in {cfg.train.out_dir}; run `python train.py --preset={cfg.preset}` "
-                     f"first or pass --ckpt=PATH")
 
 
 def build_example(task: str, opts: dict, bundle, dcfg) -> D.Example:
@@ -141,10 +129,9 @@ def stack(rows: list[Image.Image]) -> Image.Image:
 
 def run(cfg, opts: dict, verb: str):
     task = TASKS[verb]
-    path = find_checkpoint(cfg, opts["ckpt"])
+    path = opts["ckpt"] or common.latest_checkpoint(cfg.train.out_dir)
     out_dir = opts["out"] or os.path.join(cfg.train.out_dir, "sample")
-    run_cfg, bundle, model, blob = common.load_run(path, out_dir, "sample")
-    vq = VQ.get_vq(run_cfg, "cpu", out_dir)               # the run's own tokenizer (load_run checked it)
+    run_cfg, bundle, model, vq, blob = common.load_run(path, out_dir, "sample")
     dcfg, tok, lay = run_cfg.data, bundle.tok, bundle.layouts[task]
     ex = build_example(task, opts, bundle, dcfg)
     batch = canvas_batch(ex, task, bundle, vq, opts["force"])
