@@ -303,8 +303,8 @@ def make_optimizer(model, lr: float, weight_decay: float, device: str):
 
 def lr_at(step: int, progress: float, warmup: int, lr: float, min_frac: float) -> float:
     """Linear warmup over `warmup` steps, then cosine decay to lr * min_frac as progress -> 1.
-    progress = max(step / max_steps, elapsed / time_budget): a run cut by its time budget still
-    finishes its schedule (toy runs are time-boxed, so the step count alone would leave lr high)."""
+    progress = step / max_steps, or max(that, elapsed / time_budget) under an optional time cap: a run
+    cut by its cap still finishes its schedule (the step count alone would leave the lr high)."""
     if step < warmup:
         return lr * (step + 1) / warmup
     return lr * (min_frac + (1 - min_frac) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))

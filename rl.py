@@ -187,8 +187,8 @@ def log_line(rec: dict, tasks: list[str]) -> str:
 
 def run_rl(cfg, ctx, bundle, vq, model=None):
     """The RL stage: from `model` (the SFT stage's, in memory), else out_dir/ckpt_sft.pt or
-    --train.init_from; --resume continues out_dir/ckpt_rl.pt. Runs until rl.max_steps or
-    rl.time_budget_s (training time: quick evals not counted). Writes ckpt_rl.pt, rl_log.json and,
+    --train.init_from; --resume continues out_dir/ckpt_rl.pt. Runs for rl.max_steps (or until the
+    optional cap rl.time_budget_s of training seconds, quick evals not counted). Writes ckpt_rl.pt, rl_log.json and,
     with rl.eval_interval, ckpt_rl_best.pt (the best quick-eval score on eval.curve_split)."""
     rc, t, dev = cfg.rl, cfg.train, ctx.device
     ckpt_path = os.path.join(t.out_dir, "ckpt_rl.pt")
@@ -219,7 +219,7 @@ def run_rl(cfg, ctx, bundle, vq, model=None):
     ctx.log(f"RL: prompts/step {draws} x group {rc.group_size} | sft rows {rc.sft_rows} | likelihood "
             f"{rc.likelihood} | gamma {rc.gamma} | answer-forcing p={rc.af_prob} ({rc.af_mode}) | tree "
             f"{rc.tree_schedule} on {rc.tree_tasks} | kl {rc.kl_coef} | lr {rc.lr} | "
-            f"max {rc.max_steps} steps or {rc.time_budget_s:.0f}s")
+            f"{rc.max_steps} steps" + (f" (cap {rc.time_budget_s:.0f}s)" if rc.time_budget_s > 0 else ""))
     t_start, bad_steps, saved = time.time() - elapsed, 0, step
     bar = tqdm(total=rc.max_steps, initial=step, disable=not ctx.master, desc="rl", dynamic_ncols=True, mininterval=5)
     while step < rc.max_steps:
@@ -233,7 +233,7 @@ def run_rl(cfg, ctx, bundle, vq, model=None):
                 raise SystemExit(f"training error: 5 non-finite RL updates in a row at step {step} (last: "
                                  f"{rec['nonfinite']}); lower --rl.lr (now {rc.lr}) and resume from {ckpt_path}")
             history.append({"step": step, "seconds": round(elapsed, 1), **rec})
-            if not stop_together(elapsed > rc.time_budget_s, ctx):
+            if not stop_together(0 < rc.time_budget_s < elapsed, ctx):
                 continue             # nothing changed: no log line, eval or checkpoint for this step
             break
         bad_steps, step = 0, step + 1
@@ -242,7 +242,7 @@ def run_rl(cfg, ctx, bundle, vq, model=None):
         bar.set_postfix({k: f"{rec[k]['reward']:.2f}" for k in draws})
         if step % max(1, t.log_interval // 10) == 0 or step == 1:
             ctx.log(log_line(rec, list(draws)))
-        done = step >= rc.max_steps or stop_together(elapsed > rc.time_budget_s, ctx)
+        done = step >= rc.max_steps or stop_together(0 < rc.time_budget_s < elapsed, ctx)
         if rc.eval_interval and (step % rc.eval_interval == 0 or done) and ctx.master:
             rec["eval"] = m = metrics.quick_eval(model, bundle, vq, cfg, dev, ctx.autocast, tasks=list(draws))
             t_start += m["eval_seconds"]            # the time budget counts training only

@@ -56,6 +56,9 @@ def sft_start(cfg, ctx: Ctx, bundle: Bundle, ckpt_path: str):
     """(model, optimizer, task sampler, saved run state) for SFT: fresh, from --train.init_from's
     weights, or resumed from ckpt_path with --resume (weights, optimizer, every rank's random state)."""
     t = cfg.train
+    # the stage's own seed: whatever ran before it in this process (training the VQ, or loading it
+    # from the cache instead) must not change the initial weights or the masks
+    torch.manual_seed(t.seed + ctx.rank)
     model = build_model(cfg, bundle.tok, ctx.device)
     opt = make_optimizer(model, t.lr, t.weight_decay, ctx.device)
     sampler = TaskSampler(bundle.sets, "sft", C.parse_mix(t.task_mix), t.seed * 1000 + ctx.rank)
@@ -100,8 +103,8 @@ def sft_step(model, opt, cfg, ctx: Ctx, bundle: Bundle, sampler: TaskSampler, ac
 
 
 def run_sft(cfg, ctx: Ctx, bundle: Bundle, vq) -> Transformer:
-    """The SFT stage: train until train.max_steps or train.time_budget_s (training time: the quick
-    evals are not counted); writes ckpt_sft.pt (every ckpt_interval steps and at the end),
+    """The SFT stage: train for train.max_steps (or until the optional cap train.time_budget_s of
+    training seconds, quick evals not counted); writes ckpt_sft.pt (every ckpt_interval steps and at the end),
     sft_curve.json (the quick evals on eval.curve_split) and ckpt_sft_best.pt (the weights with the
     best quick-eval score, metrics.selection_score)."""
     t, dev = cfg.train, ctx.device
@@ -116,7 +119,7 @@ def run_sft(cfg, ctx: Ctx, bundle: Bundle, vq) -> Transformer:
     best = best_score(best_path)
     ctx.log(f"SFT: {model.num_params(False) / 1e6:.2f}M params | {ctx.dtype_reason} | device {dev} | "
             f"world {ctx.world} | global batch {t.batch_size} = micro {t.micro_batch} x accum {accum} x world "
-            f"{ctx.world} | max {t.max_steps} steps or {t.time_budget_s:.0f}s")
+            f"{ctx.world} | {t.max_steps} steps" + (f" (cap {t.time_budget_s:.0f}s)" if t.time_budget_s > 0 else ""))
     if t.compile:
         model = torch.compile(model)
     model.train()
@@ -126,8 +129,10 @@ def run_sft(cfg, ctx: Ctx, bundle: Bundle, vq) -> Transformer:
     while step < t.max_steps:
         # a run cut by its time budget still finishes its schedule (see common.lr_at); rank 0's
         # clock for every rank: one learning rate for all
-        lr = lr_at(step, max(step / t.max_steps, from_rank0(time.time() - t_start, ctx) / t.time_budget_s),
-                   t.warmup, t.lr, t.min_lr_frac)
+        progress = step / t.max_steps
+        if t.time_budget_s > 0:
+            progress = max(progress, from_rank0(time.time() - t_start, ctx) / t.time_budget_s)
+        lr = lr_at(step, progress, t.warmup, t.lr, t.min_lr_frac)
         for g in opt.param_groups:
             g["lr"] = lr
         t0 = time.time()
@@ -148,7 +153,7 @@ def run_sft(cfg, ctx: Ctx, bundle: Bundle, vq) -> Transformer:
             ctx.log(f"sft step {step}/{t.max_steps} | loss {ema:.4f} | masked acc {stats['masked_acc']:.3f} | "
                     f"lr {lr:.2e} | grad {gnorm:.2f} | {1000 * (time.time() - t0):.0f} ms/step | "
                     f"{elapsed:.0f}s elapsed")
-        done = step >= t.max_steps or stop_together(elapsed > t.time_budget_s, ctx)
+        done = step >= t.max_steps or stop_together(0 < t.time_budget_s < elapsed, ctx)
         if t.eval_interval and (step % t.eval_interval == 0 or done) and ctx.master:
             m = metrics.quick_eval(unwrap(model), bundle, vq, cfg, dev, ctx.autocast)
             t_start += m["eval_seconds"]            # the time budget counts training only

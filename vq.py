@@ -261,7 +261,7 @@ def train_vq(vcfg: VQConfig, images_uint8: np.ndarray, device, seed: int = 0):
     """Train a VQVAE on (N, H, W, 3) uint8 pictures. Returns (model in eval mode, stats dict).
 
     Loss = MSE(x_hat, x) + beta * ||z_e - sg(e)||^2; the codebook follows by EMA. Runs vcfg.steps
-    steps, or stops early when the next step would cross vcfg.time_budget_s. The learning rate
+    steps, or stops early when the next step would cross vcfg.time_budget_s (if > 0). The learning rate
     follows a cosine over *progress* = max(step / steps, elapsed / budget), so a run cut short by
     the time budget still ends with a decayed lr and a settled codebook.
     """
@@ -278,9 +278,9 @@ def train_vq(vcfg: VQConfig, images_uint8: np.ndarray, device, seed: int = 0):
     while step < vcfg.steps:
         elapsed = time.time() - t0
         # stop if one more step (at the average pace so far) would overrun the budget
-        if step and elapsed + elapsed / step > vcfg.time_budget_s:
+        if step and vcfg.time_budget_s > 0 and elapsed + elapsed / step > vcfg.time_budget_s:
             break
-        progress = max(step / vcfg.steps, elapsed / vcfg.time_budget_s)
+        progress = max(step / vcfg.steps, elapsed / vcfg.time_budget_s if vcfg.time_budget_s > 0 else 0.0)
         # cosine from lr down to lr/10: the small late steps are what take MSE from 1e-3 to 1e-5
         lr = vcfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
         for g in opt.param_groups:
