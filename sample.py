@@ -8,6 +8,7 @@ Watch a trained model work: answer, ground, edit or draw from one command, and s
     python sample.py answer --example=3 --show_steps          # held-out example 3 instead of a file
     python sample.py answer --example=3 --force="2" --show_steps   # answer-forcing: fix the answer,
                                                                    # inpaint the reasoning (METHOD.md §5)
+    python sample.py assets --out_dir=runs/toy     # the README's pictures (assets/) from the main job
 
 Options: --ckpt=PATH (default: out_dir's ckpt_rl.pt, else ckpt_sft.pt, with the data and config it
 was trained with), --out=DIR (default <out_dir>/sample), --seed, --temperature (text; default the
@@ -26,6 +27,7 @@ Pictures are resized to data.image_size and read as VQ codes, like the training 
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 import textwrap
@@ -196,15 +198,53 @@ def save_steps(states: list[torch.Tensor], lay, tok, vq, side: int, stem: str):
     print(f"wrote {stem}.png and {stem}.gif ({len(states) - 1} steps)")
 
 
+def assets(cfg, opts: dict):
+    """The README's pictures from a finished main job (out_dir) into assets/: the sample grid, the
+    VQ reconstructions, a denoising strip of each kind (text, picture) and the learning curves
+    (the curves need matplotlib; without it they are skipped with a note)."""
+    run_dir, dst = cfg.train.out_dir, opts["out"] or "assets"
+    os.makedirs(dst, exist_ok=True)
+    for name in ("samples.png", "vq_recon.png"):
+        src = os.path.join(run_dir, name)
+        if not os.path.exists(src):
+            raise SystemExit(f"sample assets: {src} is missing; run `python train.py --preset={cfg.preset}` first")
+        Image.open(src).save(os.path.join(dst, name), optimize=True)
+    for verb, example in (("answer", 3), ("draw", 1)):
+        run(cfg, {**opts, "out": dst, "example": example, "show_steps": True}, verb)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("sample assets: no matplotlib, no curves (pip install matplotlib)")
+        return
+    hist = json.load(open(os.path.join(run_dir, "sft_curve.json")))
+    fig, ax = plt.subplots(figsize=(5.5, 3.2))
+    for key, label in (("vqa_acc", "vqa accuracy"), ("ground_miou", "grounding mIoU"), ("edit_score", "edit score"),
+                       ("t2i_shape_acc", "t2i shape accuracy")):
+        ax.plot([h["step"] for h in hist], [h[key] for h in hist], marker=".", label=label)
+    ax.set_xlabel("SFT step")
+    ax.set_ylabel(f"quick eval ({cfg.eval.curve_split} split)")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(dst, "sft_curve.png"), dpi=110)
+    print(f"wrote {dst}/sft_curve.png")
+
+
 def main(argv: list[str]):
     verb = argv[0] if argv else ""
-    if verb not in TASKS:
-        raise SystemExit(f"usage: python sample.py {{{'|'.join(TASKS)}}} [--image=PNG] [--prompt=TEXT] "
+    if verb not in (*TASKS, "assets"):
+        raise SystemExit(f"usage: python sample.py {{{'|'.join(TASKS)}|assets}} [--image=PNG] [--prompt=TEXT] "
                          f"[--example=N] [--force=ANSWER] [--show_steps] [--ckpt=PATH] [--out=DIR]")
     cfg, opts = C.get_config(argv[1:], extra={"ckpt": "", "out": "", "image": "", "prompt": "", "example": -1,
                                               "force": "", "show_steps": False, "temperature": 0.0})
     torch.set_num_threads(1)
-    run(cfg, opts, verb)
+    if verb == "assets":
+        assets(cfg, opts)
+    else:
+        run(cfg, opts, verb)
 
 
 if __name__ == "__main__":
