@@ -175,10 +175,19 @@ class Step:
     def cum_target(self, m: torch.Tensor) -> torch.Tensor:
         """How many of the block's m sampler-filled tokens are revealed after this step, per row.
         linear (LLaDA): equal shares, the remainder to the earliest steps;
-        cosine (MaskGIT): a fraction cos(pi/2 * (j+1)/S) of them is still masked."""
+        cosine (MaskGIT): a fraction cos(pi/2 * (j+1)/S) of them is still masked, at least one token
+        revealed per step and at least one kept masked until the last (MaskGIT's clamp)."""
         if self.cosine:
-            still = torch.floor(m.double() * math.cos(math.pi / 2 * (self.j + 1) / self.S)).long()
-            return m - still if self.j + 1 < self.S else m
+            # MaskGIT's rule on top of the cosine: every step reveals at least one token and one
+            # stays masked until the last step, so no step of the schedule is wasted (at 16 tokens
+            # in 16 steps the bare cosine would leave three steps with nothing to reveal)
+            still = m.clone()
+            for i in range(self.j + 1):
+                if i + 1 == self.S:
+                    return m
+                cos = torch.floor(m.double() * math.cos(math.pi / 2 * (i + 1) / self.S)).long()
+                still = torch.maximum(torch.minimum(torch.ones_like(m), m), torch.minimum(still - 1, cos))
+            return m - still
         return (m // self.S) * (self.j + 1) + torch.minimum(m % self.S, torch.full_like(m, self.j + 1))
 
 

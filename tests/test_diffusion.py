@@ -104,13 +104,29 @@ def linear_shares(m: int, S: int) -> list[int]:
 
 
 def cosine_shares(m: int, S: int) -> list[int]:
-    """MaskGIT: after step j, floor(m cos(pi/2 (j+1)/S)) are still masked; none after the last."""
-    still = [math.floor(m * math.cos(math.pi / 2 * (j + 1) / S)) for j in range(S - 1)] + [0]
-    prev, out = m, []
-    for s in still:
-        out.append(prev - s)
-        prev = s
+    """MaskGIT's schedule as its reference code writes it: before the last step, the number still
+    masked is floor(m cos(pi/2 (j+1)/S)), clamped to keep at least one masked and to reveal at least
+    one (max(1, min(unknown - 1, that))); none after the last step."""
+    unknown, out = m, []
+    for j in range(S):
+        if j == S - 1:
+            keep = 0
+        else:
+            keep = max(min(1, m), min(unknown - 1, math.floor(m * math.cos(math.pi / 2 * (j + 1) / S))))
+        out.append(unknown - keep)
+        unknown = keep
     return out
+
+
+def test_every_image_step_reveals_something():
+    """16 tokens in 16 steps (the toy), 64 in 32 and 256 in 64: no step of the image schedule is
+    empty, and the counts add up (the bare cosine left e.g. [1, 0, 0, 1, ...] at 16 / 16)."""
+    for m, S in ((16, 16), (64, 32), (256, 64)):
+        shares = cosine_shares(m, S)
+        assert sum(shares) == m and min(shares) >= 1, (m, S, shares)
+        steps = [D.Step(0, m, j, S, True) for j in range(S)]
+        cum = [int(s.cum_target(torch.tensor([m]))) for s in steps]
+        assert [b - a for a, b in zip([0] + cum, cum)] == shares
 
 
 def expected_counts(resp_row: list[int], R_text: int, n_img: int, block_len: int, tps: int,
