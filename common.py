@@ -85,6 +85,11 @@ def setup(cfg) -> Ctx:
         device = "cuda" if torch.cuda.is_available() else ("mps" if torch.backends.mps.is_available() else "cpu")
     else:
         device = t.device
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise SystemExit(f"config error: --train.device={device} but torch sees no CUDA device here; "
+                             f"use --train.device=cpu (or auto)")
+        if device == "mps" and not torch.backends.mps.is_available():
+            raise SystemExit("config error: --train.device=mps but MPS is not available; use --train.device=cpu (or auto)")
     rank, world = 0, 1
     if ddp:
         backend = "nccl" if device.startswith("cuda") else "gloo"
@@ -110,7 +115,11 @@ def setup(cfg) -> Ctx:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(t.seed + rank)
-    os.makedirs(t.out_dir, exist_ok=True)
+    try:
+        os.makedirs(t.out_dir, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"config error: --train.out_dir={t.out_dir!r} cannot be created ({e.strerror}); "
+                         f"pick a writable folder") from None
     return Ctx(device, dtype, why, ddp, rank, world, t.out_dir)
 
 

@@ -388,9 +388,61 @@ def _bare_key_message(key: str, opts: dict) -> str:
     return f"--{key}: write overrides as --section.key=value ({where})"
 
 
+# ----------------------------------------------------------------------------------------------
+# the range of every number: (section.key, lowest, highest, what the value is), checked by validate()
+
+INF = float("inf")
+RANGES = [
+    # sizes and counts that must be at least 1
+    *((k, 1, INF, "a size") for k in ("model.n_layer", "model.n_head", "model.d_model", "model.max_len",
+                                      "data.image_size", "data.grid", "vq.codebook_size", "vq.code_dim",
+                                      "vq.hidden", "vq.downsample", "vq.batch_size", "vq.n_images",
+                                      "diffusion.tokens_per_step", "diffusion.block_len", "diffusion.image_steps",
+                                      "train.batch_size", "train.micro_batch", "train.log_interval",
+                                      "train.ckpt_interval", "rl.group_size", "rl.prompts_per_step", "rl.n_mc",
+                                      "eval.batch_size")),
+    # counts that may be 0
+    *((k, 0, INF, "a count") for k in ("model.mlp_hidden", "data.n_sft", "data.n_rl", "data.n_eval", "data.n_val",
+                                       "data.teacher_box_pad", "vq.steps", "train.max_steps", "train.warmup",
+                                       "train.eval_interval", "rl.sft_rows", "rl.max_steps", "rl.eval_interval",
+                                       "rl.tokens_per_step", "eval.n_per_task", "eval.grid_rows", "eval.curve_n")),
+    # probabilities and fractions
+    *((k, 0.0, 1.0, "a probability") for k in ("model.dropout", "data.hard_frac", "data.teacher_slip",
+                                               "vq.ema_decay", "diffusion.full_mask_frac", "diffusion.prompt_drop",
+                                               "train.min_lr_frac", "rl.gamma", "rl.tau", "rl.af_prob")),
+    ("diffusion.eps", 0.0, 1.0, "the smallest noise level"),
+    # rates, weights and temperatures
+    *((k, 1e-12, INF, "a learning rate") for k in ("vq.lr", "train.lr", "rl.lr")),
+    *((k, 0.0, INF, "a weight (>= 0)") for k in ("model.rope_base", "vq.beta", "vq.dead_threshold",
+                                                 "train.weight_decay", "train.grad_clip", "rl.kl_coef",
+                                                 "diffusion.temperature", "diffusion.image_temperature",
+                                                 "diffusion.cfg_scale", "rl.temperature")),
+]
+
+
+def check_ranges(cfg: Config):
+    """Every number of RANGES within its bounds, else a one-line ConfigError naming the key and range."""
+    for key, lo, hi, what in RANGES:
+        section, name = key.split(".")
+        v = getattr(getattr(cfg, section), name)
+        if not lo <= v <= hi:
+            span = f">= {lo:g}" if hi == INF else f"in [{lo:g}, {hi:g}]"
+            raise ConfigError(f"--{key}={v!r}: {what}, must be {span}")
+
+
 def validate(cfg: Config):
-    """Cross-field checks that a type check cannot do. Each failure is one line with the fix."""
+    """Ranges (RANGES) and the cross-field checks a type check cannot do, the device and the paths.
+    Each failure is one line with the fix."""
     d, m, t, r = cfg.data, cfg.model, cfg.train, cfg.rl
+    check_ranges(cfg)
+    if d.jsonl and not os.path.isfile(d.jsonl):
+        raise ConfigError(f"--data.jsonl={d.jsonl!r}: no such file (python data.py --export=DIR writes an example)")
+    if t.init_from and not os.path.isfile(t.init_from):
+        raise ConfigError(f"--train.init_from={t.init_from!r}: no such checkpoint file")
+    if os.path.exists(t.out_dir) and not os.path.isdir(t.out_dir):
+        raise ConfigError(f"--train.out_dir={t.out_dir!r} is a file, not a folder; pick another --out_dir")
+    if t.device != "auto" and t.device.split(":")[0] not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"--train.device={t.device!r}: expected auto, cpu, cuda, cuda:N or mps")
     if cfg.train.stage not in ("vq", "sft", "rl", "eval", "all"):
         raise ConfigError(f"--train.stage={t.stage!r}: expected one of vq, sft, rl, eval, all")
     if d.image_size % cfg.vq.downsample:

@@ -307,3 +307,50 @@ def test_quick_eval_split_and_rl_arm_validation(capsys):
     assert get_config(["--rl.rft_accept=junk"]).rl.rft_accept == "junk"      # unused unless advantage=rft
     assert "rl.ppo_epochs" in _fails(["--rl.ppo_epochs=0"], capsys)
     assert "rl.clip_eps" in _fails(["--rl.clip_eps=1.5"], capsys)
+
+
+BAD_VALUES = [   # (argument, the key the one-line message must name)
+    ("--train.micro_batch=0", "train.micro_batch"), ("--model.n_head=0", "model.n_head"),
+    ("--model.n_layer=0", "model.n_layer"), ("--diffusion.tokens_per_step=0", "diffusion.tokens_per_step"),
+    ("--diffusion.block_len=0", "diffusion.block_len"), ("--train.lr=-1", "train.lr"),
+    ("--rl.af_prob=1.5", "rl.af_prob"), ("--rl.af_prob=-0.1", "rl.af_prob"), ("--rl.gamma=5", "rl.gamma"),
+    ("--diffusion.full_mask_frac=2", "diffusion.full_mask_frac"), ("--rl.group_size=0", "rl.group_size"),
+    ("--data.n_sft=-3", "data.n_sft"), ("--vq.lr=0", "vq.lr"), ("--model.dropout=1.2", "model.dropout"),
+    ("--train.grad_clip=-1", "train.grad_clip"), ("--rl.temperature=-1", "rl.temperature"),
+    ("--eval.batch_size=0", "eval.batch_size"), ("--train.time_budget_s=-5", "train.time_budget_s"),
+    ("--data.jsonl=no/such/file.jsonl", "data.jsonl"), ("--train.init_from=no/such.pt", "train.init_from"),
+    ("--train.device=tpu", "train.device"),
+]
+
+
+@pytest.mark.parametrize("arg,key", BAD_VALUES)
+def test_bad_values_are_one_line_errors_naming_the_key(arg, key, capsys):
+    assert key in _fails([arg], capsys)
+
+
+def test_every_number_of_the_config_has_a_range():
+    """RANGES covers every int and float field (except seeds, which any integer may be), so a new
+    knob cannot slip in without its check."""
+    import dataclasses
+    covered = {k for k, *_ in config.RANGES}
+    for section in config.SECTIONS:
+        for f in dataclasses.fields(getattr(config.Config(), section)):
+            v = getattr(getattr(config.Config(), section), f.name)
+            if type(v) in (int, float) and f.name != "seed" and f"{section}.{f.name}" not in covered:
+                # fields with their own checks in validate()
+                assert f"{section}.{f.name}" in ("data.min_shapes", "data.max_shapes", "vq.time_budget_s",
+                                                 "train.time_budget_s", "rl.time_budget_s", "rl.ppo_epochs",
+                                                 "rl.clip_eps"), f"{section}.{f.name} has no range"
+
+
+def test_unusable_device_and_out_dir_are_one_line_errors(tmp_path, capsys):
+    import common
+    import torch
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(SystemExit, match="train.out_dir.*cannot be created"):
+        common.setup(make_config("toy", {"train.out_dir": str(blocker / "run"), "train.device": "cpu"}))
+    assert "is a file" in _fails([f"--out_dir={blocker}"], capsys)
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="no CUDA device"):
+            common.setup(make_config("toy", {"train.out_dir": str(tmp_path / "r"), "train.device": "cuda"}))
