@@ -402,12 +402,14 @@ class TaskSampler:
         self.g.set_state(st)
 
 
-def gather_rank_states(ctx: Ctx, sampler: TaskSampler) -> list[dict]:
+def gather_rank_states(ctx: Ctx, sampler: TaskSampler, **generators: torch.Generator) -> list[dict]:
     """Every rank's random state, for the checkpoint: the torch CPU generator (masks, t, prompt
-    drop on CPU), the CUDA generator of its device (the same draws on GPU) and its TaskSampler.
-    The ranks draw different items and masks, so one rank's state restored on all of them would
-    make every rank compute the same gradient after a resume. Collective: every rank calls it."""
-    mine = {"torch": torch.get_rng_state(), "sampler": sampler.state()}
+    drop on CPU), the CUDA generator of its device (the same draws on GPU), its TaskSampler and the
+    named `generators` of the stage (RL: the sampling noise and the prompt picker). The ranks draw
+    different items and masks, so one rank's state restored on all of them would make every rank
+    compute the same gradient after a resume. Collective: every rank calls it."""
+    mine = {"torch": torch.get_rng_state(), "sampler": sampler.state(),
+            **{name: g.get_state() for name, g in generators.items()}}
     if ctx.device.startswith("cuda"):
         mine["cuda"] = torch.cuda.get_rng_state(ctx.device)
     if not ctx.ddp:
@@ -417,8 +419,8 @@ def gather_rank_states(ctx: Ctx, sampler: TaskSampler) -> list[dict]:
     return out
 
 
-def restore_rank_state(blob: dict, ctx: Ctx, sampler: TaskSampler):
-    """This rank's part of gather_rank_states() back. Older checkpoints hold only rank 0's torch
+def restore_rank_state(blob: dict, ctx: Ctx, sampler: TaskSampler, **generators: torch.Generator):
+    """This rank's part of gather_rank_states() back (the same `generators` by name). Older checkpoints hold only rank 0's torch
     and sampler state; ranks the checkpoint has no state for keep their fresh (per-rank) seeds."""
     states = blob.get("rank_states") or [{"torch": blob["rng"]["torch"], "sampler": blob.get("sampler")}]
     if len(states) != ctx.world:
@@ -432,6 +434,9 @@ def restore_rank_state(blob: dict, ctx: Ctx, sampler: TaskSampler):
         sampler.load_state(st["sampler"])
     if "cuda" in st and ctx.device.startswith("cuda"):
         torch.cuda.set_rng_state(st["cuda"], ctx.device)
+    for name, g in generators.items():
+        if name in st:
+            g.set_state(st[name])
 
 
 def latest_checkpoint(out_dir: str) -> str:

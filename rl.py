@@ -42,8 +42,9 @@ import config as C
 import data as D
 import likelihood as LK
 import metrics
-from common import (TaskSampler, best_score, from_rank0, load_checkpoint, make_optimizer, model_from_checkpoint,
-                    save_checkpoint, stop_together, sync_grads, write_json)
+from common import (TaskSampler, best_score, from_rank0, gather_rank_states, load_checkpoint, make_optimizer,
+                    model_from_checkpoint, restore_rank_state, save_checkpoint, stop_together, sync_grads,
+                    write_json)
 from rollout import Rollouts, rollout_task
 
 
@@ -185,6 +186,16 @@ def log_line(rec: dict, tasks: list[str]) -> str:
             f"update {rec['update_s']:.1f}s | {rec['seconds']:.0f}s")
 
 
+def save_rl(path: str, model, opt, step: int, cfg, bundle, ctx, elapsed: float, history: list, sft, gen, pick):
+    """The RL checkpoint: weights, optimizer, log, and every rank's random streams (SFT rows,
+    sampling noise and masks, prompt picker), so that --resume draws what an unbroken run would.
+    Collective (gather_rank_states): every rank calls it; rank 0 writes."""
+    states = gather_rank_states(ctx, sft, gen=gen, pick=pick)
+    if ctx.master:
+        save_checkpoint(path, model, opt, step, cfg, bundle, {"elapsed": elapsed, "history": history,
+                                                               "rank_states": states})
+
+
 def run_rl(cfg, ctx, bundle, vq, model=None):
     """The RL stage: from `model` (the SFT stage's, in memory), else out_dir/ckpt_sft.pt or
     --train.init_from; --resume continues out_dir/ckpt_rl.pt. Runs for rl.max_steps (or until the
@@ -220,6 +231,8 @@ def run_rl(cfg, ctx, bundle, vq, model=None):
             f"{rc.likelihood} | gamma {rc.gamma} | answer-forcing p={rc.af_prob} ({rc.af_mode}) | tree "
             f"{rc.tree_schedule} on {rc.tree_tasks} | kl {rc.kl_coef} | lr {rc.lr} | "
             f"{rc.max_steps} steps" + (f" (cap {rc.time_budget_s:.0f}s)" if rc.time_budget_s > 0 else ""))
+    if blob is not None:          # continue every random stream where the checkpoint left it
+        restore_rank_state(blob, ctx, sft, gen=gen, pick=pick)
     t_start, bad_steps, saved = time.time() - elapsed, 0, step
     bar = tqdm(total=rc.max_steps, initial=step, disable=not ctx.master, desc="rl", dynamic_ncols=True, mininterval=5)
     while step < rc.max_steps:
@@ -251,14 +264,14 @@ def run_rl(cfg, ctx, bundle, vq, model=None):
                 best = m["score"]
                 save_checkpoint(best_path, model, None, step, cfg, bundle, {"score": best, "elapsed": elapsed})
         history.append(rec)
-        if ctx.master and (step % t.ckpt_interval == 0 or done):
-            save_checkpoint(ckpt_path, model, opt, step, cfg, bundle, {"elapsed": elapsed, "history": history})
+        if step % t.ckpt_interval == 0 or done:
+            save_rl(ckpt_path, model, opt, step, cfg, bundle, ctx, elapsed, history, sft, gen, pick)
             saved = step
         if done:
             break
     bar.close()
-    if ctx.master and saved != step:       # stopped on a skipped step: the last update is not saved yet
-        save_checkpoint(ckpt_path, model, opt, step, cfg, bundle, {"elapsed": elapsed, "history": history})
+    if saved != step:       # stopped on a skipped step: the last update is not saved yet
+        save_rl(ckpt_path, model, opt, step, cfg, bundle, ctx, elapsed, history, sft, gen, pick)
     ctx.log(f"RL done: {step} steps in {elapsed:.0f}s -> {ckpt_path}")
     if ctx.master:
         write_json(os.path.join(t.out_dir, "rl_log.json"), history)

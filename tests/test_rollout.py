@@ -9,6 +9,7 @@ The world is tiny: data.build_pools with a few examples, a fake VQ whose codes A
     cd /work/main && python -m pytest tests/test_rollout.py -q
 """
 import math
+import os
 from contextlib import nullcontext
 from types import SimpleNamespace
 
@@ -686,3 +687,34 @@ def test_forced_rows_are_sampled_only_where_the_coin_lands(world, monkeypatch):
     assert rows_seen == [len(idx) * N + F] and 0 < F < len(idx)          # seed 5: some coins land, not all
     all_failed = (roll.rewards[:, :N] < 0.5).all(1)
     assert roll.stats["af_fired"] <= min(F, int(all_failed.sum()))
+
+
+def test_rl_resume_continues_exactly(world, tmp_path):
+    """4 RL steps straight == 2 steps, then --resume for 2 more: the same prompts, samples, SFT rows
+    and masks (every random stream is in the checkpoint), so the same losses and the same weights."""
+    import copy
+    import json
+    import common
+    w = world
+
+    def cfg_for(out: str, steps: int, resume: bool):
+        cfg = rl_cfg(w, sft_rows=2, task_mix="vqa:1,edit:1", prompts_per_step=1, group_size=2, max_steps=steps,
+                     eval_interval=0, af_prob=0.5, time_budget_s=0.0)
+        cfg.model = ModelConfig(n_layer=1, n_head=2, d_model=32, max_len=128)
+        cfg.train.out_dir, cfg.train.resume, cfg.train.ckpt_interval = out, resume, 1
+        return cfg
+    ctx = SimpleNamespace(device="cpu", autocast=nullcontext(), rank=0, world=1, master=True, ddp=False,
+                          log=lambda m: None)
+    torch.manual_seed(0)
+    start = common.build_model(cfg_for("x", 1, False), w.tok, "cpu")
+    a, b = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    rl.run_rl(cfg_for(a, 4, False), ctx, w.bundle, w.vq, copy.deepcopy(start))
+    rl.run_rl(cfg_for(b, 2, False), ctx, w.bundle, w.vq, copy.deepcopy(start))
+    torch.manual_seed(123)                     # the resumed process starts with another global RNG state
+    rl.run_rl(cfg_for(b, 4, True), ctx, w.bundle, w.vq, None)
+    ha, hb = (json.load(open(os.path.join(d, "rl_log.json"))) for d in (a, b))
+    assert [h["step"] for h in hb] == [1, 2, 3, 4]
+    for x, y in zip(ha, hb):
+        assert x["loss"] == y["loss"] and x["vqa"]["reward"] == y["vqa"]["reward"], (x["step"], x["loss"], y["loss"])
+    wa, wb = (torch.load(os.path.join(d, "ckpt_rl.pt"), weights_only=False)["model"] for d in (a, b))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
