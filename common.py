@@ -367,6 +367,19 @@ def load_weights(model, state: dict, source: str):
                          f"--model.* flags it was trained with, or retrain it") from None
 
 
+def check_model_config(blob: dict, cfg, path: str):
+    """A run that continues a checkpoint must describe the same model: a --model.* flag that
+    contradicts the checkpoint's is a one-line error naming the first differing key, before any
+    work (otherwise the checkpoint's model would train and the flag's config be written beside it,
+    and the result would never load again)."""
+    theirs, ours = C.from_dict(blob["config"]).model, cfg.model
+    diff = [k for k in C.to_dict(C.Config())["model"] if getattr(theirs, k) != getattr(ours, k)]
+    if diff:
+        k = diff[0]
+        raise SystemExit(f"config error: {path} was trained with --model.{k}={getattr(theirs, k)!r}, this run "
+                         f"says --model.{k}={getattr(ours, k)!r}; drop the --model.* flags or use another out_dir")
+
+
 def model_from_checkpoint(blob: dict, device: str) -> Transformer:
     """Rebuild the model with the checkpoint's own architecture (like nanoGPT's resume)."""
     model = build_model(C.from_dict(blob["config"]), D.Tokenizer.from_state(blob["tok"]), device)

@@ -42,7 +42,7 @@ import config as C
 import data as D
 import likelihood as LK
 import metrics
-from common import (TaskSampler, best_score, from_rank0, gather_rank_states, load_checkpoint, make_optimizer,
+from common import (TaskSampler, best_score, check_model_config, from_rank0, gather_rank_states, load_checkpoint, make_optimizer,
                     model_from_checkpoint, restore_rank_state, save_checkpoint, stop_together, sync_grads,
                     write_json)
 from rollout import Rollouts, rollout_task
@@ -206,12 +206,15 @@ def run_rl(cfg, ctx, bundle, vq, model=None):
     step, elapsed, history, blob = 0, 0.0, [], None
     if t.resume and os.path.exists(ckpt_path):
         blob = load_checkpoint(ckpt_path, bundle.tok.vocab_size)
+        check_model_config(blob, cfg, ckpt_path)
         model = model_from_checkpoint(blob, dev)
         step, elapsed, history = blob["step"], blob.get("elapsed", 0.0), blob.get("history", [])
         ctx.log(f"resumed RL from {ckpt_path} at step {step}")
     elif model is None:
         src = t.init_from or os.path.join(t.out_dir, "ckpt_sft.pt")
-        model = model_from_checkpoint(load_checkpoint(src, bundle.tok.vocab_size), dev)
+        start = load_checkpoint(src, bundle.tok.vocab_size)
+        check_model_config(start, cfg, src)
+        model = model_from_checkpoint(start, dev)
         ctx.log(f"RL starts from {src}")
     best_path = os.path.join(t.out_dir, "ckpt_rl_best.pt")
     best = best_score(best_path)

@@ -43,7 +43,7 @@ import metrics
 import rl
 import vq as VQ
 from common import (Bundle, Ctx, TaskSampler, all_reduce_mean, best_score, broadcast_params, build_model,
-                    from_rank0, gather_rank_states, get_bundle, load_checkpoint, load_latest, load_weights, lr_at,
+                    check_model_config, from_rank0, gather_rank_states, get_bundle, load_checkpoint, load_latest, load_weights, lr_at,
                     make_optimizer, restore_rank_state, save_checkpoint, setup, stop_together, sync_grads, unwrap,
                     write_json)
 from diffusion import sft_loss
@@ -65,6 +65,7 @@ def sft_start(cfg, ctx: Ctx, bundle: Bundle, ckpt_path: str):
     run = {"step": 0, "elapsed": 0.0, "history": [], "loss_ema": None}
     if t.resume and os.path.exists(ckpt_path):
         blob = load_checkpoint(ckpt_path, bundle.tok.vocab_size)
+        check_model_config(blob, cfg, ckpt_path)
         load_weights(model, blob["model"], ckpt_path)
         opt.load_state_dict(blob["optim"])
         run.update(step=blob["step"], elapsed=blob.get("elapsed", 0.0), history=blob.get("history", []),
@@ -72,7 +73,9 @@ def sft_start(cfg, ctx: Ctx, bundle: Bundle, ckpt_path: str):
         restore_rank_state(blob, ctx, sampler)
         ctx.log(f"resumed SFT from {ckpt_path} at step {run['step']}")
     elif t.init_from:
-        load_weights(model, load_checkpoint(t.init_from, bundle.tok.vocab_size)["model"], t.init_from)
+        start = load_checkpoint(t.init_from, bundle.tok.vocab_size)
+        check_model_config(start, cfg, t.init_from)
+        load_weights(model, start["model"], t.init_from)
     broadcast_params(model, ctx)
     return model, opt, sampler, run
 

@@ -455,3 +455,22 @@ def test_architecture_mismatch_is_one_line(saved):
 
 if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "worker":
     worker(sys.argv[2], sys.argv[3])
+
+
+def test_a_flag_that_contradicts_the_checkpoint_is_an_error(tmp_path):
+    """SFT with 1 layer, then RL (or an SFT resume) on the same out_dir with --model.n_layer=2: a
+    one-line error naming the key, before any work, and nothing written (it used to train the
+    checkpoint's model and write the flag's config into ckpt_rl.pt, which then never loaded)."""
+    import rl
+    cache = str(tmp_path / "cache")
+    cfg = tiny_config(str(tmp_path), cache, **{"train.max_steps": 1})
+    train.run_sft(cfg, common.setup(cfg), make_bundle(cfg), FakeVQ())
+    for stage_cfg, run in ((tiny_config(str(tmp_path), cache, **{"model.n_layer": 2}), "rl"),
+                           (tiny_config(str(tmp_path), cache, **{"model.n_layer": 2, "train.resume": True}), "sft")):
+        ctx = common.setup(stage_cfg)
+        with pytest.raises(SystemExit, match=r"trained with --model.n_layer=1, this run says --model.n_layer=2"):
+            if run == "rl":
+                rl.run_rl(stage_cfg, ctx, make_bundle(stage_cfg), FakeVQ())
+            else:
+                train.run_sft(stage_cfg, ctx, make_bundle(stage_cfg), FakeVQ())
+    assert not (tmp_path / "ckpt_rl.pt").exists()
