@@ -8,6 +8,7 @@ estimators.py, study.py): nothing here is the method itself, it is what every st
   sync_grads, broadcast_params, all_reduce_mean, from_rank0, stop_together
                         the collectives the training loops need (we do not wrap the model in
                         DistributedDataParallel: see sync_grads)
+  STOP                  SIGINT / SIGTERM: stop after the current step with a checkpoint
   Bundle, get_bundle()  synthetic pools (+ optional JSONL) -> tokenizer -> VQ codes of every picture,
                         computed ONCE per (data, vq) config and cached in data.cache_dir, so that no
                         picture is tokenized inside a training loop
@@ -29,7 +30,9 @@ import hashlib
 import json
 import math
 import os
+import signal
 import subprocess
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -153,6 +156,39 @@ def broadcast_params(model, ctx: Ctx):
     with torch.no_grad():
         for t in unwrap(model).state_dict().values():     # parameters and persistent buffers
             dist.broadcast(t, 0)
+
+
+class StopRequest:
+    """SIGINT (Ctrl-C) and SIGTERM ask the training loops to stop after the current step: they
+    write their checkpoint as at a normal end and return, and train.py exits with a line that says
+    how to --resume. A second signal stops at once; the last checkpoint is still whole, since every
+    checkpoint is written to a temporary file and renamed."""
+
+    def __init__(self):
+        self.asked = False
+        self._old = {}
+
+    def _handler(self, signum, frame):
+        if self.asked:
+            raise KeyboardInterrupt
+        self.asked = True
+        print(f"\n{signal.Signals(signum).name}: stopping after this step (checkpoint first); again to stop now",
+              flush=True)
+
+    def __enter__(self):
+        self.asked = False
+        if threading.current_thread() is threading.main_thread():     # handlers live on the main thread
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._old[s] = signal.signal(s, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        self._old = {}
+
+
+STOP = StopRequest()      # train.main installs it (with STOP:); the loops read STOP.asked
 
 
 def from_rank0(x: float, ctx: Ctx) -> float:

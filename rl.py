@@ -42,7 +42,7 @@ import config as C
 import data as D
 import likelihood as LK
 import metrics
-from common import (TaskSampler, best_score, check_model_config, from_rank0, gather_rank_states, load_checkpoint, make_optimizer,
+from common import (STOP, TaskSampler, best_score, check_model_config, from_rank0, gather_rank_states, load_checkpoint, make_optimizer,
                     model_from_checkpoint, restore_rank_state, save_checkpoint, stop_together, sync_grads,
                     write_json)
 from rollout import Rollouts, rollout_task
@@ -249,7 +249,7 @@ def run_rl(cfg, ctx, bundle, vq, model=None):
                 raise SystemExit(f"training error: 5 non-finite RL updates in a row at step {step} (last: "
                                  f"{rec['nonfinite']}); lower --rl.lr (now {rc.lr}) and resume from {ckpt_path}")
             history.append({"step": step, "seconds": round(elapsed, 1), **rec})
-            if not stop_together(0 < rc.time_budget_s < elapsed, ctx):
+            if not stop_together(0 < rc.time_budget_s < elapsed or STOP.asked, ctx):
                 continue             # nothing changed: no log line, eval or checkpoint for this step
             break
         bad_steps, step = 0, step + 1
@@ -258,7 +258,7 @@ def run_rl(cfg, ctx, bundle, vq, model=None):
         bar.set_postfix({k: f"{rec[k]['reward']:.2f}" for k in draws})
         if step % max(1, t.log_interval // 10) == 0 or step == 1:
             ctx.log(log_line(rec, list(draws)))
-        done = step >= rc.max_steps or stop_together(0 < rc.time_budget_s < elapsed, ctx)
+        done = step >= rc.max_steps or stop_together(0 < rc.time_budget_s < elapsed or STOP.asked, ctx)
         if rc.eval_interval and (step % rc.eval_interval == 0 or done) and ctx.master:
             rec["eval"] = m = metrics.quick_eval(model, bundle, vq, cfg, dev, ctx.autocast, tasks=list(draws))
             t_start += m["eval_seconds"]            # the time budget counts training only

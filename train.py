@@ -43,7 +43,7 @@ import metrics
 import rl
 import vq as VQ
 from common import (Bundle, Ctx, TaskSampler, all_reduce_mean, best_score, broadcast_params, build_model,
-                    check_model_config, from_rank0, gather_rank_states, get_bundle, load_checkpoint, load_latest, load_weights, lr_at,
+                    STOP, check_model_config, from_rank0, gather_rank_states, get_bundle, load_checkpoint, load_latest, load_weights, lr_at,
                     make_optimizer, restore_rank_state, save_checkpoint, setup, stop_together, sync_grads, unwrap,
                     write_json)
 from diffusion import sft_loss
@@ -156,7 +156,7 @@ def run_sft(cfg, ctx: Ctx, bundle: Bundle, vq) -> Transformer:
             ctx.log(f"sft step {step}/{t.max_steps} | loss {ema:.4f} | masked acc {stats['masked_acc']:.3f} | "
                     f"lr {lr:.2e} | grad {gnorm:.2f} | {1000 * (time.time() - t0):.0f} ms/step | "
                     f"{elapsed:.0f}s elapsed")
-        done = step >= t.max_steps or stop_together(0 < t.time_budget_s < elapsed, ctx)
+        done = step >= t.max_steps or stop_together(0 < t.time_budget_s < elapsed or STOP.asked, ctx)
         if t.eval_interval and (step % t.eval_interval == 0 or done) and ctx.master:
             m = metrics.quick_eval(unwrap(model), bundle, vq, cfg, dev, ctx.autocast)
             t_start += m["eval_seconds"]            # the time budget counts training only
@@ -206,10 +206,16 @@ def main(argv=None):
         print(f"config error: {e}", file=sys.stderr)
         raise SystemExit(2)
     model = None
-    if stage in ("sft", "all"):
-        model = run_sft(cfg, ctx, bundle, vq)
-    if stage == "rl" or (stage == "all" and cfg.rl.max_steps > 0):
-        model = rl.run_rl(cfg, ctx, bundle, vq, model)
+    with STOP:                  # Ctrl-C / SIGTERM: finish the step, write the checkpoint, then stop
+        if stage in ("sft", "all"):
+            model = run_sft(cfg, ctx, bundle, vq)
+        if (stage == "rl" or (stage == "all" and cfg.rl.max_steps > 0)) and not STOP.asked:
+            model = rl.run_rl(cfg, ctx, bundle, vq, model)
+    if STOP.asked:
+        args = " ".join(sys.argv[1:] if argv is None else argv)
+        ctx.log(f"interrupted: the checkpoints in {out} are up to date; continue with "
+                f"`python train.py {args}{'' if cfg.train.resume else ' --resume'}`")
+        raise SystemExit(130)
     if stage in ("eval", "all") and ctx.master:
         if model is None:
             model, bundle, vq = load_latest(cfg, ctx)

@@ -474,3 +474,37 @@ def test_a_flag_that_contradicts_the_checkpoint_is_an_error(tmp_path):
             else:
                 train.run_sft(stage_cfg, ctx, make_bundle(stage_cfg), FakeVQ())
     assert not (tmp_path / "ckpt_rl.pt").exists()
+
+
+def test_a_signal_stops_with_a_checkpoint_and_resume_continues(tmp_path, monkeypatch):
+    """SIGINT in the middle of SFT step 2: the step finishes, the checkpoint is written, the run
+    stops (exit 130); --resume then ends exactly where an uninterrupted run ends (same last loss,
+    same weights)."""
+    import signal
+    cache = str(tmp_path / "cache")
+    steps = 4
+
+    def flags(out, *extra):
+        return [f"--out_dir={out}", f"--data.cache_dir={cache}", "--data.n_sft=8", "--data.n_rl=4", "--data.n_eval=2",
+                "--data.n_val=2", "--model.n_layer=1", "--model.n_head=2", "--model.d_model=32", "--vq.steps=10",
+                "--vq.n_images=32", f"--train.max_steps={steps}", "--train.batch_size=4", "--train.micro_batch=2",
+                "--train.eval_interval=0", "--train.ckpt_interval=100", "--rl.max_steps=0", "--stage=sft", *extra]
+    straight, broken = str(tmp_path / "straight"), str(tmp_path / "broken")
+    train.main(flags(straight))
+    real, calls = train.sft_step, []
+
+    def step_then_signal(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)          # arrives in the middle of the step
+        return real(*a, **k)
+    monkeypatch.setattr(train, "sft_step", step_then_signal)
+    with pytest.raises(SystemExit) as e:
+        train.main(flags(broken))
+    assert e.value.code == 130 and len(calls) == 2
+    assert torch.load(os.path.join(broken, "ckpt_sft.pt"), weights_only=False)["step"] == 2
+    monkeypatch.setattr(train, "sft_step", real)
+    train.main(flags(broken, "--resume"))
+    a, b = (torch.load(os.path.join(d, "ckpt_sft.pt"), weights_only=False) for d in (straight, broken))
+    assert a["step"] == b["step"] == steps and a["loss"] == b["loss"]
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
