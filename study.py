@@ -4,6 +4,7 @@ Studies: one named experiment, several seeds, one table, one plot, one results f
     python study.py rl_vs_sft                          # the whole protocol below (about 75 min on 2 cores)
     python study.py rl_vs_sft --seeds=0 --arm_s=120    # a quick look
     python study.py rl_vs_sft --report                 # rebuild the table and plot from finished runs
+                                                       # (--commit=HASH: the commit the runs were made at)
 
 `rl_vs_sft` asks the question LaViDa-R1 (arXiv 2602.14147) exists to answer: after SFT has taken
 all it can from the traced data, does the unified RL stage (METHOD.md §4-§6) still improve the
@@ -41,6 +42,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import torch
 
 import common
 import config as C
@@ -58,7 +60,6 @@ METRICS = ("vqa_acc", "ground_miou", "edit_score")
 
 
 def hardware() -> str:
-    import torch
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, " \
            f"1 thread per run, fp32"
 
@@ -90,22 +91,27 @@ def start_checkpoint(root: str, steps: int) -> str:
     return ckpt
 
 
-def arm_job(root: str, start: str, arm: str, seed: int, arm_s: float) -> dict:
-    """Train one arm for one seed, then evaluate its best checkpoint on the held-out split."""
+def arm_commands(root: str, start: str, arm: str, seed: int, arm_s: float) -> tuple[list[str], list[str], str]:
+    """(the train.py command of one arm and seed, its eval.py command on the best checkpoint, its folder)."""
     out = os.path.join(root, f"seed{seed}", arm)
-    os.makedirs(out, exist_ok=True)
     budget = ("--rl.time_budget_s" if arm != "sft" else "--train.time_budget_s") + f"={arm_s}"
     steps = "--rl.max_steps=100000" if arm != "sft" else "--train.max_steps=1000000"
     train_cmd = [sys.executable, "train.py", *WORLD, *ARMS[arm], f"--out_dir={out}", f"--train.init_from={start}",
                  budget, steps, f"--seed={seed}"]
-    stage = "rl" if arm != "sft" else "sft"
-    best = os.path.join(out, f"ckpt_{stage}_best.pt")
+    best = os.path.join(out, f"ckpt_{'rl' if arm != 'sft' else 'sft'}_best.pt")
+    eval_cmd = [sys.executable, "eval.py", f"--out_dir={out}", f"--ckpt={best}",
+                f"--out={os.path.join(out, 'heldout.json')}"]
+    return train_cmd, eval_cmd, out
+
+
+def arm_job(root: str, start: str, arm: str, seed: int, arm_s: float) -> dict:
+    """Train one arm for one seed, then evaluate its best checkpoint on the held-out split."""
+    train_cmd, eval_cmd, out = arm_commands(root, start, arm, seed, arm_s)
+    os.makedirs(out, exist_ok=True)
     wall = 0.0
-    if not os.path.exists(os.path.join(out, "rl_log.json" if stage == "rl" else "sft_curve.json")):   # at the end
+    if not os.path.exists(os.path.join(out, "rl_log.json" if arm != "sft" else "sft_curve.json")):   # at the end
         wall = run(train_cmd, os.path.join(out, "train.log"))
-    held = os.path.join(out, "heldout.json")
-    eval_cmd = [sys.executable, "eval.py", *WORLD, f"--out_dir={out}", f"--ckpt={best}", f"--out={held}"]
-    if not os.path.exists(held):
+    if not os.path.exists(os.path.join(out, "heldout.json")):
         run(eval_cmd, os.path.join(out, "eval.log"))
     return {"arm": arm, "seed": seed, "dir": out, "wall_s": round(wall, 1),
             "command": " ".join(train_cmd[1:]), "eval_command": " ".join(eval_cmd[1:])}
@@ -120,12 +126,35 @@ def curve(out: str, stage: str) -> tuple[list[float], list[float]]:
     return [h["seconds"] for h in hist], [h["eval"]["score"] for h in hist]
 
 
+def diagnostics(job: dict) -> dict:
+    """What each arm did in its budget, from its own logs: optimizer updates and their rate, the
+    step of the best checkpoint, and for the RL loops the share of groups with a GRPO signal (their
+    rewards differ), answer-forcing's count and the rollout share of the time."""
+    out, arm = job["dir"], job["arm"]
+    best = torch.load(os.path.join(out, f"ckpt_{'sft' if arm == 'sft' else 'rl'}_best.pt"), map_location="cpu",
+                      weights_only=False)["step"]
+    if arm == "sft":
+        hist = json.load(open(os.path.join(out, "sft_curve.json")))
+        return {"updates": hist[-1]["step"], "train_s": hist[-1]["seconds"], "best_step": best,
+                "updates_per_min": 60 * hist[-1]["step"] / hist[-1]["seconds"]}
+    log = [h for h in json.load(open(os.path.join(out, "rl_log.json"))) if not h.get("nonfinite")]
+    mu = json.load(open(os.path.join(out, "config.json")))["rl"]["ppo_epochs"]
+    tasks = [t for t in ("vqa", "ground", "edit") if t in log[-1]]
+    return {"steps": log[-1]["step"], "updates": mu * log[-1]["step"], "train_s": log[-1]["seconds"],
+            "best_step": best, "updates_per_min": 60 * mu * log[-1]["step"] / log[-1]["seconds"],
+            "rollout_share": sum(h["rollout_s"] for h in log) / sum(h["rollout_s"] + h["update_s"] for h in log),
+            "grpo_signal": {t: float(np.mean([h[t]["grpo_nonzero_frac"] for h in log])) for t in tasks},
+            "reward": {t: float(np.mean([h[t]["reward"] for h in log])) for t in tasks},
+            "af_fired": sum(h[t].get("af_fired", 0) for h in log for t in ("vqa", "ground") if t in h)}
+
+
 def report(root: str, jobs: list[dict], start_eval: dict, meta: dict) -> dict:
     """results/rl_vs_sft.json, the markdown table (printed and saved) and the plot."""
     res = {"start": [{k: start_eval[k] for k in METRICS}]}
     for arm in ARMS:
         res[arm] = [{k: json.load(open(os.path.join(j["dir"], "heldout.json")))[k] for k in METRICS}
                     for j in sorted(jobs, key=lambda j: j["seed"]) if j["arm"] == arm]
+    res["diagnostics"] = {f"{j['arm']}_seed{j['seed']}": diagnostics(j) for j in jobs}
     res.update(meta, wall_s={f"{j['arm']}_seed{j['seed']}": j["wall_s"] for j in jobs},
                commands={f"{j['arm']}_seed{j['seed']}": [j["command"], j["eval_command"]] for j in jobs})
     os.makedirs("results", exist_ok=True)
@@ -171,25 +200,29 @@ def plot(root: str, jobs: list[dict]):
 
 def rl_vs_sft(argv: list[str]):
     _, opts = C.get_config(argv, extra={"seeds": "0,1,2", "arm_s": 600.0, "start_steps": 6000,
-                                        "root": os.path.join("runs", "rl_vs_sft"), "report": False})
+                                        "root": os.path.join("runs", "rl_vs_sft"), "report": False,
+                                        "commit": ""})
     root, seeds = opts["root"], [int(s) for s in opts["seeds"].split(",")]
     t0 = time.time()
-    start = start_checkpoint(root, opts["start_steps"])
-    start_out = os.path.dirname(start)
-    held = os.path.join(start_out, "heldout.json")
-    if not os.path.exists(held):
-        run([sys.executable, "eval.py", *WORLD, f"--out_dir={start_out}", f"--ckpt={start}", f"--out={held}"],
-            os.path.join(start_out, "eval.log"))
     specs = [(arm, s) for s in seeds for arm in ARMS]
-    if opts["report"]:
+    start = os.path.join(root, "start", "ckpt_sft.pt")
+    held = os.path.join(root, "start", "heldout.json")
+    if opts["report"]:                      # only read what the runs wrote
         jobs = [{"arm": a, "seed": s, "dir": os.path.join(root, f"seed{s}", a), "wall_s": None,
-                 "command": "", "eval_command": ""} for a, s in specs]
+                 "command": " ".join(arm_commands(root, start, a, s, opts["arm_s"])[0][1:]), "eval_command": ""}
+                for a, s in specs]
     else:
+        start_checkpoint(root, opts["start_steps"])
+        if not os.path.exists(held):
+            run([sys.executable, "eval.py", *WORLD, f"--out_dir={os.path.dirname(start)}", f"--ckpt={start}",
+                 f"--out={held}"], os.path.join(root, "start", "eval.log"))
         with ThreadPoolExecutor(max_workers=2) as pool:        # two arms side by side, one thread each
             jobs = list(pool.map(lambda a_s: arm_job(root, start, a_s[0], a_s[1], opts["arm_s"]), specs))
-    meta = {"command": "python study.py rl_vs_sft " + " ".join(argv), "commit": common.git_commit(),
+    run_args = [a for a in argv if not a.startswith(("--report", "--commit", "--root"))]
+    meta = {"command": "python study.py rl_vs_sft " + " ".join(run_args),
+            "commit": opts["commit"] or common.git_commit(),      # --commit: the one the runs were made at
             "hardware": hardware(), "arm_s": opts["arm_s"], "seeds": seeds, "world": WORLD,
-            "rl_flags": RL_FLAGS, "study_wall_s": round(time.time() - t0, 1)}
+            "rl_flags": RL_FLAGS, "study_wall_s": None if opts["report"] else round(time.time() - t0, 1)}
     report(root, jobs, json.load(open(held)), meta)
 
 
