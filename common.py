@@ -5,7 +5,7 @@ estimators.py, study.py): nothing here is the method itself, it is what every st
   Ctx, setup()          device (cuda > mps > cpu), dtype (bf16 autocast on CUDA with bf16, else fp32;
                         the reason is printed), DDP from torchrun's environment (NCCL on GPU, gloo on
                         CPU), seeds offset by rank, out_dir and log.txt (rank 0 writes files)
-  sync_grads, broadcast_params, all_reduce_mean, from_rank0, stop_together
+  sync_grads, broadcast_params, all_reduce_mean, mean_over_all, from_rank0, stop_together
                         the collectives the training loops need (we do not wrap the model in
                         DistributedDataParallel: see sync_grads)
   STOP                  SIGINT / SIGTERM: stop after the current step with a checkpoint
@@ -200,6 +200,21 @@ def from_rank0(x: float, ctx: Ctx) -> float:
     t = torch.tensor([float(x)], dtype=torch.float64, device=ctx.device if ctx.device.startswith("cuda") else "cpu")
     dist.broadcast(t, 0)      # NCCL only moves CUDA tensors, gloo CPU ones
     return t.item()
+
+
+def mean_over_all(model, n_local: float, ctx: Ctx) -> float:
+    """Turn gradients of summed micro-batch losses into the gradient of ONE mean over everything the
+    step scored. Each micro-batch i of each rank has run backward on loss_i * n_i (its mean times
+    the count it is a mean over); the step's loss is then sum_i loss_i n_i / N with N = sum_i n_i over
+    all micro-batches and ranks, whatever their sizes. Averaging each micro-batch's mean instead
+    would weight a token of a sparsely masked batch more than one of a densely masked batch (the
+    same 16 rows as 1 x 16 or 2 x 8 gave gradients 9 % apart). Returns N. Collective under DDP."""
+    n = all_reduce_mean(n_local, ctx) * ctx.world                 # the sum over ranks
+    sync_grads(model, ctx)                                         # the mean over ranks ...
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad.mul_(ctx.world / max(n, 1.0))                   # ... times world / N
+    return n
 
 
 def stop_together(flag: bool, ctx: Ctx) -> bool:

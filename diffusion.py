@@ -112,7 +112,8 @@ def sft_loss(model, batch: Batch, dcfg, tok: Tokenizer, generator: torch.Generat
     complement M2 = resp \\ M1 (expected rate 1 - t), so every response token is supervised once.
     t: (B,) masking rates to use instead of drawing them (tests). Returns (loss, a scalar tensor with
     grad, in nats as masked_ce defines it; stats: floats "loss", "masked_acc" (share of masked tokens
-    predicted exactly by argmax) and "mask_frac" (masked share of the response positions)).
+    predicted exactly by argmax), "mask_frac" (masked share of the response positions) and "n" (the
+    count the loss is a mean over: masked tokens, or rows under "elbo")).
     """
     B, dev = batch.tokens.shape[0], batch.tokens.device
     if t is None:
@@ -145,7 +146,11 @@ def sft_loss(model, batch: Batch, dcfg, tok: Tokenizer, generator: torch.Generat
     loss = masked_ce(logits, big.tokens, mask, t_row, dcfg.loss_weight, big.is_resp.sum(1))
     with torch.no_grad():
         acc = ((logits.argmax(-1) == big.tokens) & mask).sum() / mask.sum().clamp(min=1)
-    return loss, {"loss": loss.item(), "masked_acc": acc.item(), "mask_frac": (mask.sum() / big.is_resp.sum()).item()}
+    # n: what the loss is a mean over (masked tokens; rows under "elbo"), so that callers can weight
+    # micro-batches by it and get the mean over all of them (train.sft_step)
+    n = mask.sum() if dcfg.loss_weight == "mean" else mask.shape[0]
+    return loss, {"loss": loss.item(), "masked_acc": acc.item(), "mask_frac": (mask.sum() / big.is_resp.sum()).item(),
+                  "n": float(n)}
 
 
 # ----------------------------------------------------------------------------------------------

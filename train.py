@@ -42,10 +42,10 @@ import data as D
 import metrics
 import rl
 import vq as VQ
-from common import (Bundle, Ctx, TaskSampler, all_reduce_mean, best_score, broadcast_params, build_model,
-                    STOP, check_model_config, from_rank0, gather_rank_states, get_bundle, load_checkpoint, load_latest, load_weights, lr_at,
-                    make_optimizer, restore_rank_state, save_checkpoint, setup, stop_together, sync_grads, unwrap,
-                    write_json)
+from common import (STOP, Bundle, Ctx, TaskSampler, all_reduce_mean, best_score, broadcast_params, build_model,
+                    check_model_config, from_rank0, gather_rank_states, get_bundle, load_checkpoint, load_latest,
+                    load_weights, lr_at, make_optimizer, mean_over_all, restore_rank_state, save_checkpoint, setup,
+                    stop_together, unwrap, write_json)
 from diffusion import sft_loss
 from model import Transformer
 
@@ -81,22 +81,23 @@ def sft_start(cfg, ctx: Ctx, bundle: Bundle, ckpt_path: str):
 
 
 def sft_step(model, opt, cfg, ctx: Ctx, bundle: Bundle, sampler: TaskSampler, accum: int) -> tuple[float, dict, float]:
-    """One optimizer step of masked-diffusion SFT on `accum` micro-batches of this rank. Returns (the
-    loss averaged over micro-batches and ranks, the last micro-batch's stats, the gradient norm);
-    a non-finite loss takes no step (gradient norm nan)."""
+    """One optimizer step of masked-diffusion SFT on `accum` micro-batches of this rank: the mean
+    loss over every token the step scores, on all micro-batches and ranks alike (common.mean_over_all).
+    Returns (that loss, the last micro-batch's stats, the gradient norm); a non-finite loss takes
+    no step (gradient norm nan)."""
     t = cfg.train
-    loss_sum, stats = 0.0, {}
+    loss_sum, n_local, stats = 0.0, 0.0, {}
     for _ in range(accum):
         batch = D.collate({k: v["sft"] for k, v in bundle.sets.items()}, sampler.draw(t.micro_batch),
                           bundle.tok).to(ctx.device)
         with ctx.autocast:
             loss, stats = sft_loss(model, batch, cfg.diffusion, bundle.tok)
-            (loss / accum).backward()
-        loss_sum += loss.item() / accum
-    sync_grads(model, ctx)
-    # the mean over ranks: every rank then takes the same skip-or-step decision (a NaN on one rank
-    # has already spread to every rank's gradients through the all-reduce)
-    loss_sum = all_reduce_mean(loss_sum, ctx)
+            (loss * stats["n"]).backward()                     # the micro-batch's sum; mean_over_all divides
+        loss_sum, n_local = loss_sum + loss.item() * stats["n"], n_local + stats["n"]
+    n = mean_over_all(model, n_local, ctx)
+    # the same number on every rank, so every rank takes the same skip-or-step decision (a NaN on one
+    # rank has already spread to every rank's gradients through the all-reduce)
+    loss_sum = all_reduce_mean(loss_sum, ctx) * ctx.world / max(n, 1.0)
     gnorm = float("nan")
     if math.isfinite(loss_sum):          # never step on a NaN
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip).item()

@@ -2,8 +2,8 @@
 Tests of the multi-process and checkpoint machinery (common.py, train.run_sft):
 
   1. DDP equivalence: 2 CPU processes on gloo, each with 2 micro-batches per step and gradients
-     averaged by common.sync_grads, end with the same parameters after 3 AdamW steps as ONE process
-     that accumulates all 4 micro-batches (loss / 4) and steps once. The ranks start from
+     combined by common.mean_over_all, end with the same parameters after 3 AdamW steps as ONE
+     process that takes the mean over every scored token of all 4 micro-batches and steps once. The ranks start from
      different seeds (setup() seeds seed + rank), so this also checks common.broadcast_params. A 4th
      step in which rank 1 runs no backward at all checks that sync_grads still agrees with the
      reference (rank 1 counts as a zero gradient) instead of hanging.
@@ -99,9 +99,10 @@ def micro_batch(bundle, rank: int, step: int, micro: int):
 
 
 def micro_loss(model, bundle, cfg, rank, step, micro):
+    """The micro-batch's summed loss (its mean times the count it is a mean over) and that count."""
     batch, t, g = micro_batch(bundle, rank, step, micro)
-    loss, _ = sft_loss(model, batch, cfg.diffusion, bundle.tok, generator=g, t=t)
-    return loss
+    loss, stats = sft_loss(model, batch, cfg.diffusion, bundle.tok, generator=g, t=t)
+    return loss * stats["n"], stats["n"]
 
 
 def sync_run(cfg, ctx, bundle) -> dict:
@@ -114,10 +115,13 @@ def sync_run(cfg, ctx, bundle) -> dict:
     opt = common.make_optimizer(model, cfg.train.lr, cfg.train.weight_decay, "cpu")
     out = {"init_own": before, "init": params(model)}
     for step in range(K_STEPS + 1):
+        n = 0.0
         if step < K_STEPS or ctx.rank == 0:
             for micro in range(ACCUM):
-                (micro_loss(model, bundle, cfg, ctx.rank, step, micro) / ACCUM).backward()
-        common.sync_grads(model, ctx)
+                loss, count = micro_loss(model, bundle, cfg, ctx.rank, step, micro)
+                loss.backward()
+                n += count
+        common.mean_over_all(model, n, ctx)
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -128,16 +132,23 @@ def sync_run(cfg, ctx, bundle) -> dict:
 
 
 def reference_run(cfg, bundle) -> dict:
-    """One process: all ranks' micro-batches of a step accumulated with loss / (WORLD * ACCUM)."""
+    """One process: all ranks' micro-batches of a step, the gradient of their summed loss divided by
+    the total count: the mean over every scored token of the step, written out."""
     torch.manual_seed(cfg.train.seed)                                      # rank 0's init
     model = common.build_model(cfg, bundle.tok, "cpu")
     opt = common.make_optimizer(model, cfg.train.lr, cfg.train.weight_decay, "cpu")
     out = {"init": params(model)}
     for step in range(K_STEPS + 1):
         ranks = range(WORLD) if step < K_STEPS else [0]                    # the step rank 1 sits out
+        n = 0.0
         for r in ranks:
             for micro in range(ACCUM):
-                (micro_loss(model, bundle, cfg, r, step, micro) / (WORLD * ACCUM)).backward()
+                loss, count = micro_loss(model, bundle, cfg, r, step, micro)
+                loss.backward()
+                n += count
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad /= n
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -297,8 +308,13 @@ def test_ddp_matches_one_process_with_grad_accumulation(ddp):
     m = common.build_model(solo, ddp.bundle.tok, "cpu")
     opt = common.make_optimizer(m, solo.train.lr, solo.train.weight_decay, "cpu")
     for step in range(K_STEPS):
+        n = 0.0
         for micro in range(ACCUM):
-            (micro_loss(m, ddp.bundle, solo, 0, step, micro) / ACCUM).backward()
+            loss, count = micro_loss(m, ddp.bundle, solo, 0, step, micro)
+            loss.backward()
+            n += count
+        for p in m.parameters():
+            p.grad /= n
         torch.nn.utils.clip_grad_norm_(m.parameters(), solo.train.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -367,7 +383,7 @@ def saved(tmp_path_factory):
     torch.manual_seed(0)
     model = common.build_model(cfg, bundle.tok, "cpu")
     opt = common.make_optimizer(model, 1e-3, 0.0, "cpu")
-    micro_loss(model, bundle, cfg, 0, 0, 0).backward()
+    micro_loss(model, bundle, cfg, 0, 0, 0)[0].backward()
     opt.step()                                            # optimizer state with tensors
     path = str(tmp / "ckpt_sft.pt")
     common.save_checkpoint(path, model, opt, 7, cfg, bundle, {"elapsed": 1.5})
@@ -508,3 +524,41 @@ def test_a_signal_stops_with_a_checkpoint_and_resume_continues(tmp_path, monkeyp
     a, b = (torch.load(os.path.join(d, "ckpt_sft.pt"), weights_only=False) for d in (straight, broken))
     assert a["step"] == b["step"] == steps and a["loss"] == b["loss"]
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_micro_batches_weight_every_token_alike(tmp_path):
+    """The same 16 rows with the same masks (t = 1: every response token masked, no randomness) as
+    one micro-batch of 16 or two of 8: the same loss and gradient once each micro-batch's sum is
+    divided by the step's total count (common.mean_over_all, as sft_step does). The rows' responses
+    differ in length, so averaging the two micro-batches' means (the old rule) is measurably off."""
+    cfg = tiny_config(str(tmp_path), str(tmp_path / "cache"), **{"diffusion.prompt_drop": 0.0})
+    bundle = make_bundle(cfg)
+    ctx = common.Ctx("cpu", torch.float32, "fp32", False, 0, 1, str(tmp_path))
+    tasks = ("vqa", "ground", "edit", "t2i")
+    items = [(tasks[i % 4] if i < 8 else "t2i", i % 8) for i in range(16)]   # 2nd half: short t2i responses
+    sets = {k: v["sft"] for k, v in bundle.sets.items()}
+    torch.manual_seed(0)
+    model = common.build_model(cfg, bundle.tok, "cpu")
+
+    def grads(chunks, rule):
+        model.zero_grad()
+        n, total = 0.0, 0.0
+        for part in chunks:
+            batch = D.collate(sets, part, bundle.tok)
+            loss, stats = sft_loss(model, batch, cfg.diffusion, bundle.tok, t=torch.ones(len(part)))
+            if rule == "token mean":
+                (loss * stats["n"]).backward()
+                n, total = n + stats["n"], total + loss.item() * stats["n"]
+            else:
+                (loss / len(chunks)).backward()
+                total += loss.item() / len(chunks)
+        if rule == "token mean":
+            common.mean_over_all(model, n, ctx)
+            total /= n
+        return total, torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    l16, g16 = grads([items], "token mean")
+    l8, g8 = grads([items[:8], items[8:]], "token mean")
+    assert abs(l16 - l8) < 1e-5 and torch.allclose(g16, g8, rtol=1e-4, atol=1e-7)
+    old_l, old_g = grads([items[:8], items[8:]], "mean of means")
+    assert abs(old_l - l16) > 1e-3 and (old_g - g16).norm() > 0.01 * g16.norm()
