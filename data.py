@@ -836,14 +836,16 @@ def load_jsonl(path: str, dcfg, strict: bool = True) -> tuple[list[Example], int
     out, skipped = [], 0
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
             where = f"{path}:{lineno}"
             try:
                 try:
-                    row = json.loads(raw.decode("utf-8"))
+                    line = raw.decode("utf-8")
                 except UnicodeDecodeError:
                     raise JSONLError(f"{where}: not UTF-8 text; save the file as UTF-8") from None
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise JSONLError(f"{where}: not valid JSON ({e.msg}); one object per line") from None
                 ex = _jsonl_example(row, where, base, dcfg)
