@@ -67,9 +67,11 @@ class Ctx:
 
     @property
     def autocast(self):
-        """bf16 autocast on CUDA when supported; plain fp32 elsewhere (never autocast on CPU)."""
+        """bf16 autocast when the dtype is bfloat16 (on CUDA by default when supported; on the CPU when
+        asked for with --train.dtype=bfloat16, which runs the GPU presets' number format on a laptop);
+        plain fp32 otherwise. Softmaxes, losses and Gumbel noise are computed in fp32 / fp64 anyway."""
         if self.dtype == torch.bfloat16:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+            return torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16)
         return nullcontext()
 
     def log(self, msg: str):
