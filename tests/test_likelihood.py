@@ -27,7 +27,7 @@ from data import Layout, Tokenizer, make_batch  # noqa: E402
 from model import Transformer  # noqa: E402
 
 
-from tiny_vocab import EOS, IMASK, MASK, PAD, TOK, V, WA, WB, WC, WD, code, mixed_batch  # noqa: E402
+from tiny_vocab import EOS, IMASK, MASK, TOK, V, WA, WB, WC, WD, code, mixed_batch  # noqa: E402
 N_SIGMA = 4.0                              # statistical tolerance: |mean - truth| < 4 standard errors
 EPS32 = torch.finfo(torch.float32).eps     # unit roundoff of the float32 forward pass (~1.2e-7)
 # cached vs full forward: two float32 computation orders through 2 layers, logits of size ~5:
