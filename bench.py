@@ -277,8 +277,7 @@ def bench_rl(cfg, opts: dict):
         arms[mu] = (acfg, model, common.make_optimizer(model, acfg.rl.lr, acfg.train.weight_decay, dev),
                     common.TaskSampler(bundle.sets, "sft", C.parse_mix(acfg.train.task_mix), 7),
                     torch.Generator().manual_seed(13), torch.Generator(device=dev).manual_seed(11), [])
-    mix = C.parse_mix(cfg.rl.task_mix, "rl.task_mix")
-    draws = {k: max(1, round(cfg.rl.prompts_per_step * len(mix) * w)) for k, w in mix.items()}
+    draws = rl.prompt_draws(cfg.rl)
     print(f"bench rl | device {dev} | {why} | torch {torch.__version__} | commit {common.git_commit()}")
     print(f"model: {'the checkpoint' if trained is not None else 'randomly initialised'}; {model_line(start)}\n"
           f"data: {data_note}\nprompts/step {draws} x group {cfg.rl.group_size}, sft rows {cfg.rl.sft_rows}, "

@@ -186,6 +186,12 @@ def log_line(rec: dict, tasks: list[str]) -> str:
             f"update {rec['update_s']:.1f}s | {rec['seconds']:.0f}s")
 
 
+def prompt_draws(rc) -> dict[str, int]:
+    """Prompts per task in one RL step: rl.prompts_per_step per task on average, split by rl.task_mix."""
+    mix = C.parse_mix(rc.task_mix, "rl.task_mix")
+    return {k: max(1, round(rc.prompts_per_step * len(mix) * w)) for k, w in mix.items()}
+
+
 def save_rl(path: str, model, opt, step: int, cfg, bundle, ctx, elapsed: float, history: list, sft, gen, pick):
     """The RL checkpoint: weights, optimizer, log, and every rank's random streams (SFT rows,
     sampling noise and masks, prompt picker), so that --resume draws what an unbroken run would.
@@ -224,8 +230,7 @@ def run_rl(cfg, ctx, bundle, vq, model=None):
     ref = None
     if rc.kl_coef > 0:      # ablation only: the paper drops the KL term and the reference model
         ref = copy.deepcopy(model).eval().requires_grad_(False)
-    mix = C.parse_mix(rc.task_mix, "rl.task_mix")
-    draws = {k: max(1, round(rc.prompts_per_step * len(mix) * w)) for k, w in mix.items()}
+    draws = prompt_draws(rc)
     # three random streams per rank: SFT rows, sampling noise and masks, the prompt picker
     sft = TaskSampler(bundle.sets, "sft", C.parse_mix(t.task_mix), t.seed * 1000 + 7 + ctx.rank)
     gen = torch.Generator(device=dev).manual_seed(t.seed * 1000 + 11 + ctx.rank)
