@@ -223,7 +223,7 @@ def run_rl(cfg, ctx, bundle, vq, model=None):
         model = model_from_checkpoint(start, dev)
         ctx.log(f"RL starts from {src}")
     best_path = os.path.join(t.out_dir, "ckpt_rl_best.pt")
-    best = best_score(best_path)
+    best = best_score(best_path) if t.resume else -math.inf       # a fresh run replaces an old best
     opt = make_optimizer(model, rc.lr, t.weight_decay, dev)
     if blob is not None:
         opt.load_state_dict(blob["optim"])

@@ -108,9 +108,9 @@ def sft_step(model, opt, cfg, ctx: Ctx, bundle: Bundle, sampler: TaskSampler, ac
 
 def run_sft(cfg, ctx: Ctx, bundle: Bundle, vq) -> Transformer:
     """The SFT stage: train for train.max_steps (or until the optional cap train.time_budget_s of
-    training seconds, quick evals not counted); writes ckpt_sft.pt (every ckpt_interval steps and at the end),
-    sft_curve.json (the quick evals on eval.curve_split) and ckpt_sft_best.pt (the weights with the
-    best quick-eval score, metrics.selection_score)."""
+    training seconds, quick evals not counted); writes ckpt_sft.pt (every ckpt_interval steps and at
+    the end), sft_curve.json (the quick evals on eval.curve_split) and ckpt_sft_best.pt (the weights
+    with the best quick-eval score, metrics.selection_score)."""
     t, dev = cfg.train, ctx.device
     accum = t.batch_size // (t.micro_batch * ctx.world)
     if accum < 1 or t.batch_size % (t.micro_batch * ctx.world):
@@ -120,7 +120,7 @@ def run_sft(cfg, ctx: Ctx, bundle: Bundle, vq) -> Transformer:
     model, opt, sampler, run = sft_start(cfg, ctx, bundle, ckpt_path)
     step, elapsed, history, ema = run["step"], run["elapsed"], run["history"], run["loss_ema"]
     best_path = os.path.join(t.out_dir, "ckpt_sft_best.pt")
-    best = best_score(best_path)
+    best = best_score(best_path) if t.resume else -math.inf       # a fresh run replaces an old best
     ctx.log(f"SFT: {model.num_params(False) / 1e6:.2f}M params | {ctx.dtype_reason} | device {dev} | "
             f"world {ctx.world} | global batch {t.batch_size} = micro {t.micro_batch} x accum {accum} x world "
             f"{ctx.world} | {t.max_steps} steps" + (f" (cap {t.time_budget_s:.0f}s)" if t.time_budget_s > 0 else ""))
