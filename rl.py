@@ -202,26 +202,35 @@ def save_rl(path: str, model, opt, step: int, cfg, bundle, ctx, elapsed: float, 
                                                                "rank_states": states})
 
 
-def run_rl(cfg, ctx, bundle, vq, model=None):
-    """The RL stage: from `model` (the SFT stage's, in memory), else out_dir/ckpt_sft.pt or
-    --train.init_from; --resume continues out_dir/ckpt_rl.pt. Runs for rl.max_steps (or until the
-    optional cap rl.time_budget_s of training seconds, quick evals not counted). Writes ckpt_rl.pt, rl_log.json and,
-    with rl.eval_interval, ckpt_rl_best.pt (the best quick-eval score on eval.curve_split)."""
-    rc, t, dev = cfg.rl, cfg.train, ctx.device
-    ckpt_path = os.path.join(t.out_dir, "ckpt_rl.pt")
-    step, elapsed, history, blob = 0, 0.0, [], None
+def rl_start(cfg, ctx, bundle, model, ckpt_path: str):
+    """(model, the checkpoint blob when resuming else None): --resume continues ckpt_path; else the
+    SFT stage's model in memory, else --train.init_from or out_dir/ckpt_sft.pt."""
+    t = cfg.train
     if t.resume and os.path.exists(ckpt_path):
         blob = load_checkpoint(ckpt_path, bundle.tok.vocab_size)
         check_model_config(blob, cfg, ckpt_path)
-        model = model_from_checkpoint(blob, dev)
-        step, elapsed, history = blob["step"], blob.get("elapsed", 0.0), blob.get("history", [])
-        ctx.log(f"resumed RL from {ckpt_path} at step {step}")
-    elif model is None:
+        ctx.log(f"resumed RL from {ckpt_path} at step {blob['step']}")
+        return model_from_checkpoint(blob, ctx.device), blob
+    if model is None:
         src = t.init_from or os.path.join(t.out_dir, "ckpt_sft.pt")
         start = load_checkpoint(src, bundle.tok.vocab_size)
         check_model_config(start, cfg, src)
-        model = model_from_checkpoint(start, dev)
         ctx.log(f"RL starts from {src}")
+        model = model_from_checkpoint(start, ctx.device)
+    return model, None
+
+
+def run_rl(cfg, ctx, bundle, vq, model=None):
+    """The RL stage: from `model` (the SFT stage's, in memory), else out_dir/ckpt_sft.pt or
+    --train.init_from; --resume continues out_dir/ckpt_rl.pt. Runs for rl.max_steps (or until the
+    optional cap rl.time_budget_s of training seconds, quick evals not counted). Writes ckpt_rl.pt,
+    rl_log.json and, with rl.eval_interval, ckpt_rl_best.pt (the best quick-eval score on
+    eval.curve_split)."""
+    rc, t, dev = cfg.rl, cfg.train, ctx.device
+    ckpt_path = os.path.join(t.out_dir, "ckpt_rl.pt")
+    model, blob = rl_start(cfg, ctx, bundle, model, ckpt_path)
+    step, elapsed, history = (0, 0.0, []) if blob is None else (blob["step"], blob.get("elapsed", 0.0),
+                                                               blob.get("history", []))
     best_path = os.path.join(t.out_dir, "ckpt_rl_best.pt")
     best = best_score(best_path) if t.resume else -math.inf       # a fresh run replaces an old best
     opt = make_optimizer(model, rc.lr, t.weight_decay, dev)
