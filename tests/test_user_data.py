@@ -97,3 +97,23 @@ def test_example_data_walkthrough(tmp_path, capsys):
     for name in ("answer.png", "answer_steps.png", "answer_steps.gif"):
         assert os.path.exists(os.path.join(run, "sample", name)), name
     assert np.asarray(Image.open(os.path.join(run, "sample", "answer.png"))).std() > 0
+
+
+def test_token_cache_follows_the_jsonl_contents(tmp_path):
+    """The token cache is keyed on what the JSONL file and its pictures hold, not on the file name:
+    appending rows, editing a prompt without changing the row count, or redrawing a picture each give
+    a new key (a stale cache used to crash with an IndexError or train on the old tokens silently)."""
+    rows = [{"task": "vqa", "image": "pic.png", "prompt": "how many red shapes are there ?", "answer": "1"}]
+    path = write_rows(tmp_path, rows)
+    cfg = make_config("toy", {"data.jsonl": path})
+    key = lambda: common._bundle_key(cfg, str(tmp_path / "no_vq.pt"))
+    keys = [key()]
+    with open(path, "a") as f:                                   # 1. rows appended
+        f.write(json.dumps(rows[0]) + "\n")
+    keys.append(key())
+    write_rows(tmp_path, [dict(rows[0], prompt="how many blue shapes are there ?")] * 2)   # 2. same count, new text
+    keys.append(key())
+    Image.fromarray(data.render(SCENE[::-1], 4, 64)).save(tmp_path / "pic.png")            # 3. a new picture
+    keys.append(key())
+    assert len(set(keys)) == 4, keys
+    assert key() == keys[-1]                                     # and nothing else moves it
