@@ -2,8 +2,8 @@
 Shared plumbing of the training loops (train.py, rl.py) and the entry scripts (eval.py, bench.py,
 estimators.py, study.py): nothing here is the method itself, it is what every stage needs around it.
 
-  Ctx, setup()          device (cuda > mps > cpu), dtype (bf16 autocast on CUDA with bf16, else fp32;
-                        the reason is printed), DDP from torchrun's environment (NCCL on GPU, gloo on
+  Ctx, setup()          device (cuda > mps > cpu), dtype (bf16 autocast on CUDA with bf16, or on any
+                        device with --train.dtype=bfloat16; else fp32; the reason is printed), DDP from torchrun's environment (NCCL on GPU, gloo on
                         CPU), seeds offset by rank, out_dir and log.txt (rank 0 writes files)
   sync_grads, broadcast_params, all_reduce_mean, mean_over_all, from_rank0, stop_together
                         the collectives the training loops need (we do not wrap the model in
@@ -174,8 +174,9 @@ class StopRequest:
         if self.asked:
             raise KeyboardInterrupt
         self.asked = True
-        print(f"\n{signal.Signals(signum).name}: stopping after this step (checkpoint first); again to stop now",
-              flush=True)
+        # os.write, not print: a handler may interrupt a print in progress (print is not reentrant)
+        os.write(2, f"\n{signal.Signals(signum).name}: stopping after this step (checkpoint first); "
+                    f"again to stop now\n".encode())
 
     def __enter__(self):
         self.asked = False
@@ -260,11 +261,11 @@ def jsonl_files(path: str) -> list[str]:
     if not path or not os.path.exists(path):
         return []
     base, out = os.path.dirname(os.path.abspath(path)), [path]
-    with open(path) as f:
+    with open(path, "rb") as f:
         for line in f:
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError:
+            except ValueError:             # not JSON, or not UTF-8
                 continue
             for k in ("image", "target_image"):
                 p = os.path.join(base, row[k]) if isinstance(row, dict) and isinstance(row.get(k), str) else ""
@@ -537,6 +538,9 @@ def load_run(path: str, out_dir: str, who: str, device: str = "cpu"):
     vq = VQ.get_vq(cfg, device, out_dir)
     bundle = get_bundle(cfg, vq, ctx)
     blob = load_checkpoint(path, bundle.tok.vocab_size)              # checks the vocabulary fits
+    if blob.get("tok") is not None and blob["tok"] != bundle.tok.state():
+        raise SystemExit(f"{who}: the word tokenizer rebuilt from {path}'s data differs from the one it was "
+                         f"trained with (the data or data.py changed since); retrain, or check out that version")
     return cfg, bundle, model_from_checkpoint(blob, device).eval(), vq, blob
 
 

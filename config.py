@@ -235,9 +235,9 @@ PRESETS: dict[str, dict[str, dict]] = {
                    n_images=100000),
         "diffusion": dict(image_steps=64),
         "train": dict(out_dir="runs/base", batch_size=512, micro_batch=64, lr=3e-4,
-                      max_steps=100000, time_budget_s=1e9, eval_interval=5000, ckpt_interval=2000),
+                      max_steps=100000, time_budget_s=0.0, eval_interval=5000, ckpt_interval=2000),
         "rl": dict(group_size=8, prompts_per_step=32, sft_rows=256, max_steps=5000, tree_schedule="0,8",
-                   time_budget_s=1e9, lr=5e-5, eval_interval=200),
+                   time_budget_s=0.0, lr=5e-5, eval_interval=200),
         "eval": dict(n_per_task=1000),
     },
 }
@@ -410,7 +410,7 @@ RANGES = [
     *((k, 0.0, 1.0, "a probability") for k in ("model.dropout", "data.hard_frac", "data.teacher_slip",
                                                "vq.ema_decay", "diffusion.full_mask_frac", "diffusion.prompt_drop",
                                                "train.min_lr_frac", "rl.gamma", "rl.tau", "rl.af_prob")),
-    ("diffusion.eps", 0.0, 1.0, "the smallest noise level"),
+    ("diffusion.eps", 1e-9, 1.0, "the smallest noise level (> 0: the ELBO weighs by 1/t)"),
     # rates, weights and temperatures
     *((k, 1e-12, INF, "a learning rate") for k in ("vq.lr", "train.lr", "rl.lr")),
     *((k, 0.0, INF, "a weight (>= 0)") for k in ("model.rope_base", "vq.beta", "vq.dead_threshold",
@@ -462,8 +462,6 @@ def validate(cfg: Config):
                           f"mc_unweighted or one_step")
     if r.logp_norm not in ("sum", "mean"):
         raise ConfigError(f"--rl.logp_norm={r.logp_norm!r}: expected sum or mean")
-    if r.tokens_per_step < 0:
-        raise ConfigError(f"--rl.tokens_per_step={r.tokens_per_step}: must be >= 0 (0 = diffusion.tokens_per_step)")
     for key, v in (("vq.time_budget_s", cfg.vq.time_budget_s), ("train.time_budget_s", t.time_budget_s),
                    ("rl.time_budget_s", r.time_budget_s)):
         if v < 0:

@@ -770,9 +770,10 @@ def _jsonl_box(b, size: tuple[int, int], dcfg, where: str) -> tuple[int, int, in
     if not (0 <= x0 < x1 <= W and 0 <= y0 < y1 <= H):
         raise JSONLError(f"{where}: 'box' {b} must satisfy 0 <= x0 < x1 <= {W} and 0 <= y0 < y1 <= {H} "
                          f"(pixels of the {W}x{H} image file; x1, y1 exclusive)")
-    sx, sy = dcfg.image_size / W, dcfg.image_size / H
-    return (int(round(x0 * sx)), int(round(y0 * sy)), max(int(round(x1 * sx)), int(round(x0 * sx)) + 1),
-            max(int(round(y1 * sy)), int(round(y0 * sy)) + 1))
+    S = dcfg.image_size
+    X0, Y0 = min(int(round(x0 * S / W)), S - 1), min(int(round(y0 * S / H)), S - 1)
+    X1, Y1 = min(max(int(round(x1 * S / W)), X0 + 1), S), min(max(int(round(y1 * S / H)), Y0 + 1), S)
+    return X0, Y0, X1, Y1                 # at least 1 px wide and high, inside the S x S picture
 
 
 def _jsonl_example(row, where: str, base: str, dcfg) -> Example:
@@ -806,7 +807,8 @@ def _jsonl_example(row, where: str, base: str, dcfg) -> Example:
     elif task == "ground":
         answer = _jsonl_box(row["box"], size, dcfg, where)
         ans_text = box_text(answer)
-        trace = row.get("response")
+        if "response" in row:            # the reasoning before <answer>; the box itself comes from "box"
+            trace = str(row["response"]).split("<answer>")[0].replace("<think>", "").replace("</think>", "").strip()
     else:
         trace = row.get("response", "" if task == "t2i" else None)
     ex = Example(task, "user", row["prompt"].strip(), None, answer, trace, ans_text, image=image)
@@ -816,6 +818,8 @@ def _jsonl_example(row, where: str, base: str, dcfg) -> Example:
         ex.target_image = _jsonl_image(base, row["target_image"], dcfg, where)[0]
         ex.answer = read_scene(ex.target_image, dcfg.grid)     # scored like the synthetic sets
     ex.split = row.get("split", "")
+    if ex.split == "sft" and ex.trace is None:
+        raise JSONLError(f"{where}: a row with \"split\": \"sft\" needs a 'response' (SFT trains on it)")
     return ex
 
 

@@ -10,9 +10,9 @@ Watch a trained model work: answer, ground, edit or draw from one command, and s
                                                                    # inpaint the reasoning (METHOD.md §5)
     python sample.py assets --out_dir=runs/toy     # the README's pictures (assets/) from the main job
 
-Options: --ckpt=PATH (default: out_dir's ckpt_rl.pt, else ckpt_sft.pt, with the data and config it
-was trained with), --out=DIR (default <out_dir>/sample), --seed, --temperature (text; default the
-eval's greedy 0), --show_steps. Any --section.key=value of train.py works too.
+Options: --ckpt=PATH (default: out_dir's ckpt_rl.pt, else ckpt_sft.pt; the data, model and sampler
+settings are the checkpoint's own), --out=DIR (default <out_dir>/sample), --seed, --temperature
+(text; default the eval's greedy 0), --show_steps. Runs on the CPU.
 
 What it writes into --out: `<task>.png` (the input picture, the prompt and response text, and the
 output: the picture with the predicted box drawn for `ground`, the edited or drawn picture for

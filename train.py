@@ -210,9 +210,11 @@ def main(argv=None):
     with STOP:                  # Ctrl-C / SIGTERM: finish the step, write the checkpoint, then stop
         if stage in ("sft", "all"):
             model = run_sft(cfg, ctx, bundle, vq)
-        if (stage == "rl" or (stage == "all" and cfg.rl.max_steps > 0)) and not STOP.asked:
+        stopped = stop_together(STOP.asked, ctx)        # rank 0's word: every rank goes on, or none
+        if (stage == "rl" or (stage == "all" and cfg.rl.max_steps > 0)) and not stopped:
             model = rl.run_rl(cfg, ctx, bundle, vq, model)
-    if STOP.asked:
+        stopped = stop_together(STOP.asked, ctx)
+    if stopped:
         args = " ".join(sys.argv[1:] if argv is None else argv)
         ctx.log(f"interrupted: the checkpoints in {out} are up to date; continue with "
                 f"`python train.py {args}{'' if cfg.train.resume else ' --resume'}`")

@@ -9,9 +9,12 @@ import json
 import math
 import os
 
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+import pytest
 from PIL import Image
+
+pytest.importorskip("hypothesis", reason="fuzzing needs hypothesis (pip install -r requirements.txt)")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 import data
 import rewards as RW

@@ -117,3 +117,25 @@ def test_token_cache_follows_the_jsonl_contents(tmp_path):
     keys.append(key())
     assert len(set(keys)) == 4, keys
     assert key() == keys[-1]                                     # and nothing else moves it
+
+
+def test_loader_edge_cases(tmp_path):
+    """A grounding response keeps only its reasoning (the box comes from "box"); a row sent to the
+    SFT split without a response is a row error; a box at the picture's edge stays inside the
+    resized picture; a line that is not UTF-8 neither crashes the loader nor the cache key."""
+    dcfg = make_config("toy").data
+    path = write_rows(tmp_path, [
+        {"task": "ground", "image": "pic.png", "prompt": "where ?", "box": [40, 0, 64, 12],
+         "response": "<think> blue square : r0c2 </think> <answer> 40 0 64 12 </answer>"},
+        {"task": "vqa", "image": "pic.png", "prompt": "how many ?", "answer": "1", "split": "sft"},
+        {"task": "ground", "image": "pic.png", "prompt": "where ?", "box": [63, 63, 64, 64]}])
+    with open(path, "ab") as f:
+        f.write(b'{"task": "vqa", "prompt": "\xff\xfe"}\n')
+    exs, skipped = data.load_jsonl(path, dcfg, strict=False)
+    assert skipped == 2 and len(exs) == 2                       # the untraced sft row and the bytes line
+    assert exs[0].trace == "blue square : r0c2" and exs[0].answer == (20, 0, 32, 6)
+    assert exs[1].answer == (31, 31, 32, 32)                   # 1 px, inside the 32 px picture
+    with pytest.raises(data.JSONLError, match="needs a 'response'"):
+        data.load_jsonl(path, dcfg, strict=True)
+    cfg = make_config("toy", {"data.jsonl": path})
+    assert len(common._bundle_key(cfg, "no_vq.pt")) == 12
