@@ -133,7 +133,7 @@ def run(cfg, opts: dict, verb: str):
     task = TASKS[verb]
     path = opts["ckpt"] or common.latest_checkpoint(cfg.train.out_dir)
     out_dir = opts["out"] or os.path.join(cfg.train.out_dir, "sample")
-    run_cfg, bundle, model, vq, blob = common.load_run(path, out_dir, "sample")
+    run_cfg, bundle, model, vq, blob = common.load_run(path, os.path.join(cfg.train.out_dir, "sample"), "sample")
     dcfg, tok, lay = run_cfg.data, bundle.tok, bundle.layouts[task]
     ex = build_example(task, opts, bundle, dcfg)
     batch = canvas_batch(ex, task, bundle, vq, opts["force"])
