@@ -40,6 +40,7 @@ import common
 import config as C
 import data as D
 import rewards as RW
+import vq as VQ
 from diffusion import sample
 from rollout import force_answer
 
@@ -204,11 +205,18 @@ def assets(cfg, opts: dict):
     (the curves need matplotlib; without it they are skipped with a note)."""
     run_dir, dst = cfg.train.out_dir, opts["out"] or "assets"
     os.makedirs(dst, exist_ok=True)
-    for name in ("samples.png", "vq_recon.png"):
-        src = os.path.join(run_dir, name)
-        if not os.path.exists(src):
-            raise SystemExit(f"sample assets: {src} is missing; run `python train.py --preset={cfg.preset}` first")
-        Image.open(src).save(os.path.join(dst, name), optimize=True)
+    src = os.path.join(run_dir, "samples.png")
+    if not os.path.exists(src):
+        raise SystemExit(f"sample assets: {src} is missing; run `python train.py --preset={cfg.preset}` first")
+    Image.open(src).save(os.path.join(dst, "samples.png"), optimize=True)
+    # the VQ reconstructions of 16 fresh scenes (a run that found its VQ in the cache has no vq_recon.png)
+    run_cfg, _, _, vq, _ = common.load_run(opts["ckpt"] or common.latest_checkpoint(run_dir),
+                                           os.path.join(run_dir, "sample"), "sample assets")
+    d = run_cfg.data
+    rng = np.random.default_rng([d.seed, 778])
+    pics = np.stack([D.render(D.random_scene(rng, d.grid, d.min_shapes, d.max_shapes), d.grid, d.image_size)
+                     for _ in range(16)])
+    VQ.save_grid(pics, vq.decode(vq.encode(pics)), os.path.join(dst, "vq_recon.png"))
     for verb, example in (("answer", 3), ("draw", 1)):
         run(cfg, {**opts, "out": dst, "example": example, "show_steps": True}, verb)
     try:
