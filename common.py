@@ -385,7 +385,7 @@ def save_checkpoint(path: str, model, opt, step: int, cfg, bundle: Bundle, extra
     plus the caller's `extra` (SFT: elapsed time, eval history, every rank's RNG and sampler state
     from gather_rank_states, the step's loss and the log's loss EMA)."""
     blob = {"model": unwrap(model).state_dict(), "optim": opt.state_dict() if opt is not None else None,
-            "step": step, "config": C.to_dict(cfg), "vocab_size": bundle.tok.vocab_size,
+            "step": step, "config": C.to_dict(cfg), "vocab_size": bundle.tok.vocab_size, "vq_sha": vq_sha(cfg),
             "tok": bundle.tok.state(), "rng": {"torch": torch.get_rng_state()}, **(extra or {})}
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     torch.save(blob, path + ".tmp")
@@ -419,6 +419,25 @@ def load_weights(model, state: dict, source: str):
         first = str(e).strip().splitlines()[-1].strip()
         raise SystemExit(f"checkpoint error: {source} does not fit this model ({first[:160]}); use the "
                          f"--model.* flags it was trained with, or retrain it") from None
+
+
+def vq_sha(cfg) -> str:
+    """A fingerprint of the cached VQ tokenizer file of this config ("" when there is none yet)."""
+    path = VQ.vq_path(cfg)
+    if not os.path.exists(path):
+        return ""
+    with open(path, "rb") as f:
+        return hashlib.sha1(f.read()).hexdigest()[:12]
+
+
+def check_vq(blob: dict, cfg, path: str):
+    """The image codes a checkpoint learned must mean the same pictures now: its VQ tokenizer's
+    fingerprint must match the cached file's, else a one-line error (a retrained tokenizer assigns
+    other codes, and the model would read and draw garbage)."""
+    want, have = blob.get("vq_sha", ""), vq_sha(cfg)
+    if want and have and want != have:
+        raise SystemExit(f"checkpoint error: {path} was trained with another VQ tokenizer than "
+                         f"{VQ.vq_path(cfg)} (it was retrained since); retrain the checkpoint, or restore the file")
 
 
 def check_model_config(blob: dict, cfg, path: str):
@@ -538,6 +557,7 @@ def load_run(path: str, out_dir: str, who: str, device: str = "cpu"):
     vq = VQ.get_vq(cfg, device, out_dir)
     bundle = get_bundle(cfg, vq, ctx)
     blob = load_checkpoint(path, bundle.tok.vocab_size)              # checks the vocabulary fits
+    check_vq(blob, cfg, path)
     if blob.get("tok") is not None and blob["tok"] != bundle.tok.state():
         raise SystemExit(f"{who}: the word tokenizer rebuilt from {path}'s data differs from the one it was "
                          f"trained with (the data or data.py changed since); retrain, or check out that version")

@@ -42,9 +42,9 @@ import config as C
 import data as D
 import likelihood as LK
 import metrics
-from common import (STOP, TaskSampler, best_score, check_model_config, from_rank0, gather_rank_states, load_checkpoint, make_optimizer,
-                    model_from_checkpoint, restore_rank_state, save_checkpoint, stop_together, sync_grads,
-                    write_json)
+from common import (STOP, TaskSampler, best_score, check_model_config, check_vq, from_rank0, gather_rank_states,
+                    load_checkpoint, make_optimizer, model_from_checkpoint, restore_rank_state, save_checkpoint,
+                    stop_together, sync_grads, write_json)
 from rollout import Rollouts, rollout_task
 
 
@@ -209,12 +209,14 @@ def rl_start(cfg, ctx, bundle, model, ckpt_path: str):
     if t.resume and os.path.exists(ckpt_path):
         blob = load_checkpoint(ckpt_path, bundle.tok.vocab_size)
         check_model_config(blob, cfg, ckpt_path)
+        check_vq(blob, cfg, ckpt_path)
         ctx.log(f"resumed RL from {ckpt_path} at step {blob['step']}")
         return model_from_checkpoint(blob, ctx.device), blob
     if model is None:
         src = t.init_from or os.path.join(t.out_dir, "ckpt_sft.pt")
         start = load_checkpoint(src, bundle.tok.vocab_size)
         check_model_config(start, cfg, src)
+        check_vq(start, cfg, src)
         ctx.log(f"RL starts from {src}")
         model = model_from_checkpoint(start, ctx.device)
     return model, None

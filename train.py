@@ -43,9 +43,9 @@ import metrics
 import rl
 import vq as VQ
 from common import (STOP, Bundle, Ctx, TaskSampler, all_reduce_mean, best_score, broadcast_params, build_model,
-                    check_model_config, from_rank0, gather_rank_states, get_bundle, load_checkpoint, load_latest,
-                    load_weights, lr_at, make_optimizer, mean_over_all, restore_rank_state, save_checkpoint, setup,
-                    stop_together, unwrap, write_json)
+                    check_model_config, check_vq, from_rank0, gather_rank_states, get_bundle, load_checkpoint,
+                    load_latest, load_weights, lr_at, make_optimizer, mean_over_all, restore_rank_state,
+                    save_checkpoint, setup, stop_together, unwrap, write_json)
 from diffusion import sft_loss
 from model import Transformer
 
@@ -66,6 +66,7 @@ def sft_start(cfg, ctx: Ctx, bundle: Bundle, ckpt_path: str):
     if t.resume and os.path.exists(ckpt_path):
         blob = load_checkpoint(ckpt_path, bundle.tok.vocab_size)
         check_model_config(blob, cfg, ckpt_path)
+        check_vq(blob, cfg, ckpt_path)
         load_weights(model, blob["model"], ckpt_path)
         opt.load_state_dict(blob["optim"])
         run.update(step=blob["step"], elapsed=blob.get("elapsed", 0.0), history=blob.get("history", []),
@@ -75,6 +76,7 @@ def sft_start(cfg, ctx: Ctx, bundle: Bundle, ckpt_path: str):
     elif t.init_from:
         start = load_checkpoint(t.init_from, bundle.tok.vocab_size)
         check_model_config(start, cfg, t.init_from)
+        check_vq(start, cfg, t.init_from)
         load_weights(model, start["model"], t.init_from)
     broadcast_params(model, ctx)
     return model, opt, sampler, run

@@ -41,6 +41,7 @@ Exercise it:
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -412,9 +413,14 @@ def load_vq(path: str, vcfg: VQConfig, image_size: int, device) -> VQVAE:
 
 
 def vq_path(cfg) -> str:
-    """Where the tokenizer of this config is cached: data.cache_dir/vq_{px}px_{K}c_seed{seed}.pt."""
+    """Where the tokenizer of this config is cached: data.cache_dir/vq_{px}px_{K}c_seed{seed}_{hash}.pt,
+    the hash over every VQ field and the data fields its training pictures depend on. Two configs
+    never share the file, so training one tokenizer can never overwrite another that a checkpoint
+    was trained with (its codes would then mean other pictures)."""
     d = cfg.data
-    return os.path.join(d.cache_dir, f"vq_{d.image_size}px_{cfg.vq.codebook_size}c_seed{d.seed}.pt")
+    key = json.dumps([asdict(cfg.vq), d.image_size, d.grid, d.min_shapes, d.max_shapes, d.seed], sort_keys=True)
+    return os.path.join(d.cache_dir, f"vq_{d.image_size}px_{cfg.vq.codebook_size}c_seed{d.seed}_"
+                                     f"{hashlib.sha1(key.encode()).hexdigest()[:8]}.pt")
 
 
 # ----------------------------------------------------------------------------------------------

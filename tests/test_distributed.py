@@ -562,3 +562,22 @@ def test_micro_batches_weight_every_token_alike(tmp_path):
     assert abs(l16 - l8) < 1e-5 and torch.allclose(g16, g8, rtol=1e-4, atol=1e-7)
     old_l, old_g = grads([items[:8], items[8:]], "mean of means")
     assert abs(old_l - l16) > 1e-3 and (old_g - g16).norm() > 0.01 * g16.norm()
+
+
+def test_a_vq_tokenizer_is_never_shared_or_swapped_under_a_checkpoint(tmp_path):
+    """Two VQ configs (here only the time cap differs) get two cache files, so training one never
+    overwrites the other; and a checkpoint records its tokenizer's fingerprint, so a retrained file
+    under it is a one-line error instead of a model that reads and draws garbage (seen: eval.py at
+    chance after another run retrained the shared file)."""
+    import vq as VQ
+    a = C.make_config("toy", {"data.cache_dir": str(tmp_path)})
+    b = C.make_config("toy", {"data.cache_dir": str(tmp_path), "vq.time_budget_s": 150.0})
+    assert VQ.vq_path(a) != VQ.vq_path(b)
+    with open(VQ.vq_path(a), "wb") as f:
+        f.write(b"the tokenizer the model was trained with")
+    blob = {"vq_sha": common.vq_sha(a)}
+    common.check_vq(blob, a, "ckpt.pt")                         # the same file: fine
+    with open(VQ.vq_path(a), "wb") as f:
+        f.write(b"a retrained tokenizer")
+    with pytest.raises(SystemExit, match="another VQ tokenizer"):
+        common.check_vq(blob, a, "ckpt.pt")
