@@ -1,7 +1,7 @@
 """
 Studies: one named experiment, several seeds, one table, one plot, one results file.
 
-    python study.py rl_vs_sft                          # the whole protocol below (about 75 min on 2 cores)
+    python study.py rl_vs_sft                          # the whole protocol below (about 85 min on 2 cores)
     python study.py rl_vs_sft --seeds=0 --arm_s=120    # a quick look
     python study.py rl_vs_sft --report                 # rebuild the table and plot from finished runs
                                                        # (--commit=HASH: the commit the runs were made at)
@@ -87,7 +87,7 @@ def start_checkpoint(root: str, steps: int) -> str:
     if not os.path.exists(os.path.join(out, "sft_curve.json")):      # written when the run ends
         os.makedirs(out, exist_ok=True)
         run([sys.executable, "train.py", *WORLD, "--stage=sft", f"--out_dir={out}", f"--train.max_steps={steps}",
-             "--train.time_budget_s=1e9", "--train.eval_interval=1000", "--seed=0"], os.path.join(out, "run.log"))
+             "--train.eval_interval=1000", "--seed=0"], os.path.join(out, "run.log"))
     return ckpt
 
 
