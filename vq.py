@@ -265,7 +265,22 @@ def train_vq(vcfg: VQConfig, images_uint8: np.ndarray, device, seed: int = 0):
     steps, or stops early when the next step would cross vcfg.time_budget_s (if > 0). The learning rate
     follows a cosine over *progress* = max(step / steps, elapsed / budget), so a run cut short by
     the time budget still ends with a decayed lr and a settled codebook.
+    On the CPU it trains on one thread: the convolutions' results depend on the thread count in the
+    last bits, the dead-code restarts amplify that, and two machines would get tokenizers that assign
+    other codes (measured: 1 vs 2 threads gave different codebooks). With one thread the tokenizer,
+    and so every run built on it, is the same on any CPU; it costs a few seconds.
     """
+    if str(device).startswith("cpu"):
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return _train_vq(vcfg, images_uint8, device, seed)
+        finally:
+            torch.set_num_threads(threads)
+    return _train_vq(vcfg, images_uint8, device, seed)
+
+
+def _train_vq(vcfg: VQConfig, images_uint8: np.ndarray, device, seed: int):
     torch.manual_seed(seed)
     image_size = images_uint8.shape[1]
     model = VQVAE(vcfg, image_size).to(device)
