@@ -526,10 +526,13 @@ def restore_rank_state(blob: dict, ctx: Ctx, sampler: TaskSampler, **generators:
 
 
 def latest_checkpoint(out_dir: str) -> str:
-    """out_dir's RL checkpoint if there is one, else its SFT checkpoint (whose absence
-    load_checkpoint then reports with what to run)."""
-    rl_path = os.path.join(out_dir, "ckpt_rl.pt")
-    return rl_path if os.path.exists(rl_path) else os.path.join(out_dir, "ckpt_sft.pt")
+    """out_dir's RL checkpoint if there is one, else its SFT checkpoint; a one-line error naming
+    what to run when out_dir has neither."""
+    for name in ("ckpt_rl.pt", "ckpt_sft.pt"):
+        if os.path.exists(os.path.join(out_dir, name)):
+            return os.path.join(out_dir, name)
+    raise SystemExit(f"no checkpoint in {out_dir}: train one there (python train.py --out_dir={out_dir}) "
+                     f"or pass --ckpt=PATH / the --out_dir of a finished run")
 
 
 def load_latest(cfg, ctx: Ctx):

@@ -196,7 +196,7 @@ def save_steps(states: list[torch.Tensor], lay, tok, vq, side: int, stem: str):
     for f, r in zip(frames, rows):
         f.paste(r, (0, 0))
     frames[0].save(stem + ".gif", save_all=True, append_images=frames[1:] + [frames[-1]] * 4, duration=250, loop=0)
-    print(f"wrote {stem}.png and {stem}.gif ({len(states) - 1} steps)")
+    print(f"wrote {stem}.png, {stem}.gif" + (f", {stem}_film.png" if pics is not None else "") + f" ({len(states) - 1} steps)")
 
 
 def assets(cfg, opts: dict):
