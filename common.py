@@ -550,7 +550,8 @@ def load_run(path: str, out_dir: str, who: str, device: str = "cpu"):
     its own config decides the data and the model (logs go to out_dir). The VQ tokenizer it was
     trained with must still be in the cache: a new one would give other image codes than the model
     saw. `who` names the calling script in the one-line errors."""
-    cfg = C.from_dict(load_checkpoint(path)["config"])
+    blob = load_checkpoint(path)
+    cfg = C.from_dict(blob["config"])
     cfg.train.device, cfg.train.out_dir = device, out_dir
     if not os.path.exists(VQ.vq_path(cfg)):
         raise SystemExit(f"{who}: the VQ tokenizer {VQ.vq_path(cfg)} of {path} is missing; re-run "
@@ -559,7 +560,9 @@ def load_run(path: str, out_dir: str, who: str, device: str = "cpu"):
     ctx = Ctx(device, torch.float32, "fp32", False, 0, 1, out_dir)
     vq = VQ.get_vq(cfg, device, out_dir)
     bundle = get_bundle(cfg, vq, ctx)
-    blob = load_checkpoint(path, bundle.tok.vocab_size)              # checks the vocabulary fits
+    if blob.get("vocab_size") != bundle.tok.vocab_size:
+        raise SystemExit(f"{who}: {path} has vocabulary {blob.get('vocab_size')} but its data now gives "
+                         f"{bundle.tok.vocab_size} (the data or data.py changed since); retrain it")
     check_vq(blob, cfg, path)
     if blob.get("tok") is not None and blob["tok"] != bundle.tok.state():
         raise SystemExit(f"{who}: the word tokenizer rebuilt from {path}'s data differs from the one it was "

@@ -148,11 +148,11 @@ def run(cfg, opts: dict, verb: str):
     text = text_of(final[:lay.R_text], tok)
     side = dcfg.image_size // run_cfg.vq.downsample
     pic_in = ex.image
-    pic_out = None
-    if lay.n_img:
+    pic_out = pics = None
+    if lay.n_img:            # every step's picture, decoded once: the last is the output, all go to the strip
         codes = torch.stack([s[lay.R_text:] for s in states]) - tok.img_offset          # (S, n_img)
-        known = torch.stack([s[lay.R_text:] != tok.IMASK for s in states])
-        pic_out = pictures(codes, known, vq, side)[-1]
+        pics = pictures(codes, torch.stack([s[lay.R_text:] != tok.IMASK for s in states]), vq, side)
+        pic_out = pics[-1]
     elif task == "ground":
         box = RW.parse_box(text)[0]
         pic_out = np.array(pic_in)
@@ -167,16 +167,12 @@ def run(cfg, opts: dict, verb: str):
     stack(top).save(os.path.join(out_dir, f"{verb}.png"))
     print(f"wrote {out_dir}/{verb}.png")
     if opts["show_steps"]:
-        save_steps(states, lay, tok, vq, side, os.path.join(out_dir, f"{verb}_steps"))
+        save_steps(states, pics, lay, tok, os.path.join(out_dir, f"{verb}_steps"))
 
 
-def save_steps(states: list[torch.Tensor], lay, tok, vq, side: int, stem: str):
+def save_steps(states: list[torch.Tensor], pics: np.ndarray | None, lay, tok, stem: str):
     """One row per denoising step (the canvas before it, and the final canvas last) as a PNG strip,
-    and the same rows as an animated GIF."""
-    pics = None
-    if lay.n_img:
-        codes = torch.stack([s[lay.R_text:] for s in states]) - tok.img_offset
-        pics = pictures(codes, torch.stack([s[lay.R_text:] != tok.IMASK for s in states]), vq, side)
+    and the same rows as an animated GIF. pics: (S, H, W, 3) the pictures of the states, or None."""
     rows = []
     for g, s in enumerate(states):
         label = f"step {g}" if g < len(states) - 1 else "final"
