@@ -570,6 +570,21 @@ def load_run(path: str, out_dir: str, who: str, device: str = "cpu"):
     return cfg, bundle, model_from_checkpoint(blob, device).eval(), vq, blob
 
 
+def peak_memory_mb(device: str) -> float:
+    """The process's peak memory so far, in MiB: allocated GPU memory on CUDA
+    (torch.cuda.max_memory_allocated), else the peak resident set size of the process (Linux and
+    macOS getrusage; 0 where neither exists). On the CPU it counts everything the process holds
+    (Python, the data, the tokenizer), so compare runs of the same job, not absolute numbers."""
+    if str(device).startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        import resource            # Unix only; optional by design
+    except ImportError:
+        return 0.0
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if os.uname().sysname == "Darwin" else rss / 2**10       # bytes on macOS, KiB on Linux
+
+
 def git_commit() -> str:
     """The short commit hash of this checkout, for results files ("" outside a git checkout)."""
     try:

@@ -67,22 +67,6 @@ def teacher_error_metrics(task, exs, resp, layout, tok, rewards) -> dict:
     return m
 
 
-def trace_lists(text: str) -> list[tuple[str, ...]]:
-    """The lists a vqa trace reads off the picture: the words between each ':' and the next '.'.
-    'red shapes : r0c1 r2c2 . count 2 . squares : none . count 0 . 2 > 0 yes' -> [(r0c1, r2c2), (none,)];
-    a sides trace gives one list of (cell, sides) words. A list the model never closed is dropped."""
-    out, cur = [], None
-    for w in text.split():
-        if w == ":":
-            cur = []
-        elif w == "." and cur is not None:
-            out.append(tuple(cur))
-            cur = None
-        elif cur is not None:
-            cur.append(w)
-    return out
-
-
 def reading_metrics(exs, resp, layout, tok, rewards) -> dict:
     """Where vqa answers go wrong: *reading* (a cell list in the trace differs from the truth's) or
     *reasoning* (every list right, the count / sum / comparison after it wrong). Why: the toy's vqa
@@ -94,7 +78,7 @@ def reading_metrics(exs, resp, layout, tok, rewards) -> dict:
     for ex, r, x in zip(exs, resp, rewards):
         if not ex.trace:
             continue
-        want, got = trace_lists(ex.trace), trace_lists(tok.decode(r[:layout.R_text]))
+        want, got = RW.trace_lists(ex.trace), RW.trace_lists(tok.decode(r[:layout.R_text]))
         exact = [i < len(got) and got[i] == w for i, w in enumerate(want)]
         n_lists, n_exact = n_lists + len(want), n_exact + sum(exact)
         if x < 1:

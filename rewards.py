@@ -80,6 +80,45 @@ def parse_box(text: str) -> tuple[tuple[float, float, float, float] | None, str]
     return (x0, y0, x1, y1), "ok"
 
 
+def trace_lists(text: str) -> list[tuple[str, ...]]:
+    """The lists a vqa trace reads off the picture: the words between each ':' and the next '.'.
+    'red shapes : r0c1 r2c2 . count 2 . squares : none . count 0 . 2 > 0 yes' -> [(r0c1, r2c2), (none,)];
+    a sides trace gives one list of (cell, sides) words. A list the model never closed is dropped."""
+    out, cur = [], None
+    for w in text.split():
+        if w == ":":
+            cur = []
+        elif w == "." and cur is not None:
+            out.append(tuple(cur))
+            cur = None
+        elif cur is not None:
+            cur.append(w)
+    return out
+
+
+def trace_answer(text: str, qtype: str) -> str | None:
+    """The answer a vqa reasoning trace implies, recomputed from what it read off the picture
+    (its lists), not copied from the number it wrote last: count -> the first list's length;
+    compare -> "yes" if the first list is longer than the second; add / diff -> the sum / absolute
+    difference of the two lengths; sides -> the sum of the listed side counts. "none" is an empty
+    list. Returns None when the trace lacks the lists its question type needs or a side count is not
+    a number. Used to check answer-forcing's inpainted reasoning against the forced answer
+    (METHOD.md §5): a trace whose lists imply another answer is not a real explanation of it."""
+    lists = trace_lists(text)
+    if qtype == "sides":
+        if not lists or len(lists[0]) % 2:
+            return None
+        terms = lists[0][1::2]                     # "sides : r0c0 4 r1c2 3 ." -> cells and counts alternate
+        return str(sum(int(t) for t in terms)) if all(t.isdigit() for t in terms) else None
+    n = [0 if lst == ("none",) else len(lst) for lst in lists]
+    if qtype == "count":
+        return str(n[0]) if n else None
+    if len(n) < 2:
+        return None
+    a, b = n[0], n[1]
+    return {"compare": "yes" if a > b else "no", "add": str(a + b), "diff": str(abs(a - b))}.get(qtype)
+
+
 # ----------------------------------------------------------------------------------------------
 # rewards
 

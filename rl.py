@@ -43,7 +43,7 @@ import data as D
 import likelihood as LK
 import metrics
 from common import (STOP, TaskSampler, best_score, check_model_config, check_vq, from_rank0, gather_rank_states,
-                    load_checkpoint, make_optimizer, model_from_checkpoint, restore_rank_state, save_checkpoint,
+                    load_checkpoint, make_optimizer, model_from_checkpoint, peak_memory_mb, restore_rank_state, save_checkpoint,
                     stop_together, sync_grads, write_json)
 from rollout import Rollouts, rollout_task
 
@@ -93,6 +93,13 @@ def unified_loss(model, batch: D.Batch, adv: torch.Tensor, tok, rc, n_total: int
         kl = (torch.exp(d) - d - 1) * scored                                        # k3 estimator, >= 0
         loss = loss + rc.kl_coef * kl.sum() / n_total
         stats["kl"] = (kl.sum() / scored.sum().clamp(min=1)).item()
+        # the ablation's question: is the KL term noisier on image tokens than on text tokens?
+        # Mean and variance of the per-token k3 term over the scored tokens of each kind.
+        img = batch.is_image[:, batch.P:batch.P + kl.shape[1]]
+        for name, sel in (("text", scored & ~img), ("image", scored & img)):
+            if sel.any():
+                v = kl.detach()[sel]
+                stats[f"kl_{name}_mean"], stats[f"kl_{name}_var"] = v.mean().item(), v.var(unbiased=False).item()
     return loss, stats
 
 
@@ -154,7 +161,7 @@ def rl_step(model, opt, cfg, ctx, bundle, vq, draws: dict, sft: TaskSampler, pic
                                             ref_model=ref, seed=seed, logp_old=old)
             loss.backward()
             terms["loss"] = terms.get("loss", 0.0) + loss.item()      # each part is already / N: they add up to -J
-            for k, v in lstats.items():                              # per-token means: weighted by rows
+            for k, v in lstats.items():      # per-token means (and the KL's variances): weighted by rows
                 terms[k] = terms.get(k, 0.0) + v * len(rows) / len(adv)
         sync_grads(model, ctx)
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip).item()
@@ -170,7 +177,7 @@ def rl_step(model, opt, cfg, ctx, bundle, vq, draws: dict, sft: TaskSampler, pic
         if bad is not None:
             break
     rec = {"rollout_s": round(t_roll, 2), "update_s": round(time.time() - t0 - t_roll, 2),
-           "grad": round(gnorm, 3), **terms, "nonfinite": bad}
+           "grad": round(gnorm, 3), **terms, "nonfinite": bad, "peak_mem_mb": round(peak_memory_mb(dev), 1)}
     for r in rolls:
         rec[r.task] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.stats.items()
                        if k != "members"}

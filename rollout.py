@@ -39,7 +39,7 @@ from einops import rearrange
 from config import parse_int_list, parse_task_values
 from data import Batch, answer_ids, cat_batches, collate
 from diffusion import image_step_offset, rebuild_state, sample
-from rewards import score_rows
+from rewards import normalise, score_rows, trace_answer
 
 
 @dataclass
@@ -56,6 +56,16 @@ def rewards_differ(r: torch.Tensor, member: torch.Tensor) -> torch.Tensor:
     """(G, n) rewards, (G, n) membership -> (G,) bool: the group's members do not all score the same,
     i.e. GRPO has a signal there (the paper's "vanishing advantage" is the False case)."""
     return r.masked_fill(~member, float("-inf")).amax(1) > r.masked_fill(~member, float("inf")).amin(1)
+
+
+def pairwise_hamming(t: torch.Tensor) -> float:
+    """Diversity of the samples of each group: t (G, N, L) token ids -> the mean over groups and
+    over pairs i != j of the share of the L positions where samples i and j differ (0 = N copies)."""
+    G, N, _ = t.shape
+    if N < 2:
+        return 0.0
+    diff = (t[:, :, None, :] != t[:, None, :, :]).float().mean(-1)               # (G, N, N), 0 on the diagonal
+    return (diff.sum() / (G * N * (N - 1))).item()
 
 
 def advantages(r: torch.Tensor, member: torch.Tensor, gamma: float, use_std: bool = True) -> torch.Tensor:
@@ -144,7 +154,8 @@ def rollout_task(model, bundle, task: str, idx: list[int], cfg, device, autocast
     base = collate({task: ts}, [(task, i) for i in idx], tok, responses=False).to(device)   # (G, T)
     P = base.P
     forcing = task in ("vqa", "ground") and rc.af_prob > 0
-    schedule = parse_int_list(rc.tree_schedule, "rl.tree_schedule") if task in rc.tree_tasks.split(",") else [0]
+    tree = task in rc.tree_tasks.split(",")
+    schedule = parse_int_list(rc.tree_schedule, "rl.tree_schedule") if tree else [0]
     t0, reasons, dcfg = time.time(), Counter(), rollout_diffusion(cfg)
 
     def run(canvas: Batch, order=None, start=0):
@@ -152,10 +163,12 @@ def rollout_task(model, bundle, task: str, idx: list[int], cfg, device, autocast
             return sample(model, canvas, tok, dcfg, temperature=rc.temperature,
                           image_temperature=rc.temperature, generator=generator, order=order, start_step=start)
 
-    def score(tokens, row_exs: list) -> torch.Tensor:
-        """Rewards (len(row_exs),) of sampled rows, row b answering row_exs[b]."""
+    def score(tokens, row_exs: list, on_policy: bool = True) -> torch.Tensor:
+        """Rewards (len(row_exs),) of sampled rows, row b answering row_exs[b]; the parse failures
+        of on-policy rows are counted in `reasons` (forced rows carry a fixed, parsable answer)."""
         r, why, _, _ = score_rows(task, row_exs, tokens[:, P:P + lay.R].cpu(), lay, tok, vq.decode, cfg.data.grid)
-        reasons.update(why)
+        if on_policy:
+            reasons.update(why)
         return torch.tensor(r, dtype=torch.float32)
 
     # answer-forcing's coin comes first: the forced sample can join only where it lands (both
@@ -195,7 +208,7 @@ def rollout_task(model, bundle, task: str, idx: list[int], cfg, device, autocast
     member, fired = torch.ones_like(r_on, dtype=torch.bool), torch.zeros(G, dtype=torch.bool)
     if forcing:
         r_f, t_f = torch.zeros(G), base.tokens.clone()         # placeholders where no forced row was drawn
-        r_f[f_idx] = score(tokens[G * N:], [exs[g] for g in f_idx.tolist()])
+        r_f[f_idx] = score(tokens[G * N:], [exs[g] for g in f_idx.tolist()], on_policy=False)
         t_f[f_idx] = tokens[G * N:]
         r_on, t_on, member, fired = join_forced(r_on, t_on, r_f, t_f, coin, rc.tau, rc.af_mode)
     if rc.advantage == "rft":
@@ -207,11 +220,19 @@ def rollout_task(model, bundle, task: str, idx: list[int], cfg, device, autocast
     rows = base.repeat(n).with_tokens(rearrange(t_on, "g n t -> (g n) t"))
     keep = flat_adv != 0                                         # zero-advantage rows carry no gradient
     stats = group_stats(r_on, member, adv, fired, forcing, rc.tau)
-    stats.update(rollout_s=time.time() - t0, parse_fail={k: v for k, v in reasons.items() if k != "ok"})
+    n_fail = sum(v for k, v in reasons.items() if k != "ok")
+    stats.update(rollout_s=time.time() - t0, parse_fail={k: v for k, v in reasons.items() if k != "ok"},
+                 unparsable_frac=n_fail / max(1, sum(reasons.values())))
     if len(f_idx):
         stats["forced_reward"] = r_f[f_idx].mean().item()
+        if task == "vqa":     # does the inpainted reasoning imply the answer it was forced to end in?
+            texts = [tok.decode(row[P:P + lay.R_text]) for row in tokens[G * N:].cpu()]
+            stats["forced_consistent"] = sum(
+                trace_answer(x, exs[g].qtype) == normalise(exs[g].answer) for x, g in zip(texts, f_idx.tolist())
+            ) / len(f_idx)
     stats["forced_rows"] = len(f_idx)
-    if len(schedule) > 1:
-        stats["round_reward"] = round_means
+    if tree:      # what each round found, and how different its N samples are (the tree study)
+        stats.update(round_reward=round_means, round_max=[r.amax(1).mean().item() for r in rews],
+                     round_hamming=[pairwise_hamming(t[:, :, P:P + lay.R]) for t in toks])
     return Rollouts(task, rows.rows(keep.nonzero().squeeze(1)), flat_adv[keep], r_on, stats)
 

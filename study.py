@@ -1,10 +1,19 @@
 """
 Studies: one named experiment, several seeds, one table, one plot, one results file.
 
-    python study.py rl_vs_sft                          # the whole protocol below (about 85 min on 2 cores)
+    python study.py rl_vs_sft                          # RL vs continued SFT vs RFT (about 85 min on 2 cores)
     python study.py rl_vs_sft --seeds=0 --arm_s=120    # a quick look
     python study.py rl_vs_sft --report                 # rebuild the table and plot from finished runs
                                                        # (--commit=HASH: the commit the runs were made at)
+    python study.py af_ratio | objective | gamma | estimator    # the RL ablations (--arm_s each run)
+    python study.py tree                               # tree search at equal sample count (rollouts only)
+    python study.py estimator_variance                 # estimators.py on the start checkpoint, 3 seeds
+
+Every study writes results/<name>.json (every number, commands, commit, hardware, wall time),
+results/<name>.md (the table), results/<name>.png (needs matplotlib: skipped with a note without
+it) and replaces its own block in RESULTS.md (between `<!-- study:<name> -->` markers), so the page
+always shows the last run. All studies start from the same checkpoint: rl_vs_sft's start (below),
+trained once.
 
 `rl_vs_sft` asks the question LaViDa-R1 (arXiv 2602.14147) exists to answer: after SFT has taken
 all it can from the traced data, does the unified RL stage (METHOD.md §4-§6) still improve the
@@ -28,24 +37,47 @@ are scarce (--data.n_sft, a few hundred to a thousand traced examples per family
          results/rl_vs_sft.png (validation score against training seconds; needs matplotlib,
          skipped with a note without it)
 
-Every run is a plain `train.py` / `eval.py` command (printed and stored), so any arm can be
-re-run or inspected by hand. Runs that finished are reused: delete a run folder to redo it.
+The ablations (one of the paper's claims each, METHOD.md §10): RL from the start checkpoint with
+RL_FLAGS plus the variant's flags, --arm_s seconds each (default 300), one thread, two side by side,
+judged like the rl arm (best checkpoint on val, then held-out):
+  af_ratio   answer-forcing injection ratio p in {0, 0.1, 0.5, 1} (paper: 10 % best, 100 % collapses):
+             held-out metrics, groups with a nonzero advantage, unparsable answers, and whether the
+             inpainted reasoning of the forced vqa samples implies the forced answer
+             (rewards.trace_answer: the answer recomputed from the lists the trace read)
+  objective  pure GRPO (no SFT rows) vs GRPO + KL to a frozen reference (k3, beta = 0.04) vs the
+             unified GRPO + SFT loss: reward curves, the per-token KL variance on text vs image
+             tokens, the peak memory (the unified loss needs no reference model)
+  gamma      the self-distillation weight gamma in {0, 0.5, 1} of Eq. (A)
+  estimator  the log-likelihood estimator inside RL (complementary, elbo_mc, mc_unweighted at 2
+             passes; one_step at 1), reward curves and held-out metrics
+  tree       tree search on edit at equal samples per prompt, no training: i.i.d. sampling vs
+             branching early / late / in several rounds: mean and max reward of the group and the
+             children's diversity (mean pairwise Hamming distance of their tokens)
+  estimator_variance  estimators.py (variance, bias and rank correlation against exact
+             enumeration) on the start checkpoint, one run per seed
+
+Every run is a plain `train.py` / `eval.py` / `estimators.py` command (printed and stored), so any
+arm can be re-run or inspected by hand. Runs that finished are reused: delete a run folder to redo it.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import replace
 
 import numpy as np
 import torch
 
 import common
 import config as C
+import rollout as RO
 
 # the world of the protocol: scarce traces, a large answer-only pool, 200 held-out and 200
 # validation examples per family
@@ -57,6 +89,7 @@ ARMS = {
     "rft": ["--stage=rl", "--rl.eval_interval=15", "--rl.advantage=rft", "--rl.af_prob=0"],
 }
 METRICS = ("vqa_acc", "ground_miou", "edit_score")
+START_ROOT = os.path.join("runs", "rl_vs_sft")        # the shared start lives in its start/ folder
 
 
 def hardware() -> str:
@@ -91,30 +124,52 @@ def start_checkpoint(root: str, steps: int) -> str:
     return ckpt
 
 
-def arm_commands(root: str, start: str, arm: str, seed: int, arm_s: float) -> tuple[list[str], list[str], str]:
-    """(the train.py command of one arm and seed, its eval.py command on the best checkpoint, its folder)."""
-    out = os.path.join(root, f"seed{seed}", arm)
-    budget = ("--rl.time_budget_s" if arm != "sft" else "--train.time_budget_s") + f"={arm_s}"
-    steps = "--rl.max_steps=100000" if arm != "sft" else "--train.max_steps=1000000"
-    train_cmd = [sys.executable, "train.py", *WORLD, *ARMS[arm], f"--out_dir={out}", f"--train.init_from={start}",
+def run_commands(out: str, start: str, flags: list[str], seed: int, arm_s: float) -> tuple[list[str], list[str]]:
+    """(the train.py command of one run from `start`, its eval.py command on the run's best
+    checkpoint). The stage is in `flags` (--stage=rl or --stage=sft); the run trains arm_s seconds."""
+    sft = "--stage=sft" in flags
+    budget = ("--train.time_budget_s" if sft else "--rl.time_budget_s") + f"={arm_s}"
+    steps = "--train.max_steps=1000000" if sft else "--rl.max_steps=100000"
+    train_cmd = [sys.executable, "train.py", *WORLD, *flags, f"--out_dir={out}", f"--train.init_from={start}",
                  budget, steps, f"--seed={seed}"]
-    best = os.path.join(out, f"ckpt_{'rl' if arm != 'sft' else 'sft'}_best.pt")
+    best = os.path.join(out, f"ckpt_{'sft' if sft else 'rl'}_best.pt")
     eval_cmd = [sys.executable, "eval.py", f"--out_dir={out}", f"--ckpt={best}",
                 f"--out={os.path.join(out, 'heldout.json')}"]
-    return train_cmd, eval_cmd, out
+    return train_cmd, eval_cmd
+
+
+def train_and_eval(out: str, start: str, flags: list[str], seed: int, arm_s: float, **tags) -> dict:
+    """Train one run (unless it finished before), evaluate its best checkpoint on the held-out split."""
+    train_cmd, eval_cmd = run_commands(out, start, flags, seed, arm_s)
+    os.makedirs(out, exist_ok=True)
+    wall = 0.0
+    done = os.path.join(out, "sft_curve.json" if "--stage=sft" in flags else "rl_log.json")   # written at the end
+    if not os.path.exists(done):
+        wall = run(train_cmd, os.path.join(out, "train.log"))
+    if not os.path.exists(os.path.join(out, "heldout.json")):
+        run(eval_cmd, os.path.join(out, "eval.log"))
+    return {**tags, "seed": seed, "dir": out, "wall_s": round(wall, 1),
+            "command": " ".join(train_cmd[1:]), "eval_command": " ".join(eval_cmd[1:])}
+
+
+def shared_start(root: str = START_ROOT, steps: int = 6000) -> tuple[str, dict]:
+    """(the start checkpoint every study begins from, its held-out metrics), made once."""
+    start, held = start_checkpoint(root, steps), os.path.join(root, "start", "heldout.json")
+    if not os.path.exists(held):
+        run([sys.executable, "eval.py", *WORLD, f"--out_dir={os.path.dirname(start)}", f"--ckpt={start}",
+             f"--out={held}"], os.path.join(root, "start", "eval.log"))
+    return start, json.load(open(held))
+
+
+def arm_commands(root: str, start: str, arm: str, seed: int, arm_s: float) -> tuple[list[str], list[str], str]:
+    """(the train.py command of one rl_vs_sft arm and seed, its eval.py command, its folder)."""
+    out = os.path.join(root, f"seed{seed}", arm)
+    return (*run_commands(out, start, ARMS[arm], seed, arm_s), out)
 
 
 def arm_job(root: str, start: str, arm: str, seed: int, arm_s: float) -> dict:
     """Train one arm for one seed, then evaluate its best checkpoint on the held-out split."""
-    train_cmd, eval_cmd, out = arm_commands(root, start, arm, seed, arm_s)
-    os.makedirs(out, exist_ok=True)
-    wall = 0.0
-    if not os.path.exists(os.path.join(out, "rl_log.json" if arm != "sft" else "sft_curve.json")):   # at the end
-        wall = run(train_cmd, os.path.join(out, "train.log"))
-    if not os.path.exists(os.path.join(out, "heldout.json")):
-        run(eval_cmd, os.path.join(out, "eval.log"))
-    return {"arm": arm, "seed": seed, "dir": out, "wall_s": round(wall, 1),
-            "command": " ".join(train_cmd[1:]), "eval_command": " ".join(eval_cmd[1:])}
+    return train_and_eval(os.path.join(root, f"seed{seed}", arm), start, ARMS[arm], seed, arm_s, arm=arm)
 
 
 def curve(out: str, stage: str) -> tuple[list[float], list[float]]:
@@ -212,10 +267,7 @@ def rl_vs_sft(argv: list[str]):
                  "command": " ".join(arm_commands(root, start, a, s, opts["arm_s"])[0][1:]), "eval_command": ""}
                 for a, s in specs]
     else:
-        start_checkpoint(root, opts["start_steps"])
-        if not os.path.exists(held):
-            run([sys.executable, "eval.py", *WORLD, f"--out_dir={os.path.dirname(start)}", f"--ckpt={start}",
-                 f"--out={held}"], os.path.join(root, "start", "eval.log"))
+        shared_start(root, opts["start_steps"])
         with ThreadPoolExecutor(max_workers=2) as pool:        # two arms side by side, one thread each
             jobs = list(pool.map(lambda a_s: arm_job(root, start, a_s[0], a_s[1], opts["arm_s"]), specs))
     run_args = [a for a in argv if not a.startswith(("--report", "--commit", "--root"))]
@@ -226,7 +278,281 @@ def rl_vs_sft(argv: list[str]):
     report(root, jobs, json.load(open(held)), meta)
 
 
-STUDIES = {"rl_vs_sft": rl_vs_sft}
+# ------------------------------------------------------------------------------------------------
+# publishing: results/<name>.{json,md,png} and the study's block in RESULTS.md
+
+def publish(name: str, res: dict, table: str, note: str = ""):
+    """Write results/<name>.json and .md, and replace the study's block in RESULTS.md (between
+    <!-- study:<name> --> and <!-- /study:<name> -->; appended at the end when the page has none)."""
+    os.makedirs("results", exist_ok=True)
+    common.write_json(os.path.join("results", f"{name}.json"), res)
+    head = (f"*{time.strftime('%Y-%m-%d')} · commit {res['commit']} · {res['hardware']} · seeds "
+            f"{','.join(map(str, res['seeds']))} · study wall time {res['study_wall_s']} s*\n\n"
+            f"    {res['command']}\n\n")
+    body = head + table + ("\n\n" + note if note else "") + "\n"
+    with open(os.path.join("results", f"{name}.md"), "w") as f:
+        f.write(body)
+    print(table)
+    page = "RESULTS.md"
+    if not os.path.exists(page):
+        return
+    text = open(page).read()
+    a, b = f"<!-- study:{name} -->", f"<!-- /study:{name} -->"
+    block = f"{a}\n{body}{b}"
+    if a in text and b in text:
+        text = text[:text.index(a)] + block + text[text.index(b) + len(b):]
+    else:
+        text = text.rstrip("\n") + f"\n\n{block}\n"
+    with open(page, "w") as f:
+        f.write(text)
+    print(f"wrote results/{name}.json, results/{name}.md and its block in {page}")
+
+
+def mean_sd(xs) -> str:
+    """'m ± sd' over seeds (population sd), or 'm' for one seed, or '-' for none."""
+    xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    if not xs:
+        return "-"
+    v = np.array(xs, dtype=float)
+    return f"{v.mean():.3f} ± {v.std():.3f}" if len(v) > 1 else f"{v.mean():.3f}"
+
+
+def meta(name: str, argv: list[str], seeds: list[int], t0: float | None, **more) -> dict:
+    run_args = [a for a in argv if not a.startswith(("--report", "--commit", "--root"))]
+    return {"command": f"python study.py {name} " + " ".join(run_args), "commit": common.git_commit(),
+            "hardware": hardware(), "seeds": seeds, "world": WORLD,
+            "study_wall_s": None if t0 is None else round(time.time() - t0, 1), **more}
+
+
+# ------------------------------------------------------------------------------------------------
+# the RL ablations
+
+KL_BETA = 0.04      # DeepSeekMath's GRPO coefficient; the paper's ablation value is unknown
+ABLATIONS = {
+    "af_ratio": {"p=0": ["--rl.af_prob=0"], "p=0.1": ["--rl.af_prob=0.1"], "p=0.5": ["--rl.af_prob=0.5"],
+                 "p=1": ["--rl.af_prob=1.0"]},
+    "objective": {"grpo": ["--rl.sft_rows=0"], "grpo+kl": ["--rl.sft_rows=0", f"--rl.kl_coef={KL_BETA}"],
+                  "unified": []},
+    "gamma": {"gamma=0": ["--rl.gamma=0"], "gamma=0.5": ["--rl.gamma=0.5"], "gamma=1": ["--rl.gamma=1"]},
+    "estimator": {"complementary": ["--rl.likelihood=complementary"],
+                  "elbo_mc": ["--rl.likelihood=elbo_mc", "--rl.n_mc=2"],
+                  "mc_unweighted": ["--rl.likelihood=mc_unweighted", "--rl.n_mc=2"],
+                  "one_step": ["--rl.likelihood=one_step"]},
+}
+RL_TASKS = ("vqa", "ground", "edit")
+
+
+def run_summary(out: str) -> dict:
+    """What one RL run did, from its rl_log.json and heldout.json: the held-out metrics of its best
+    checkpoint; the training reward per step (mean over tasks); per task the mean reward of the last
+    third of the steps, the share of groups with a nonzero advantage and with a GRPO signal, the
+    unparsable-answer rate, and (vqa) how often a forced sample's reasoning implies its answer; the
+    KL term's per-token mean and variance on text and image tokens (runs with a reference); peak memory."""
+    log = [h for h in json.load(open(os.path.join(out, "rl_log.json"))) if not h.get("nonfinite")]
+    held = json.load(open(os.path.join(out, "heldout.json")))
+    tasks = [t for t in RL_TASKS if t in log[-1]]
+    per = lambda key, t, hs=log: [h[t][key] for h in hs if key in h[t]]
+    last = log[len(log) * 2 // 3:]
+    forced = [(h["vqa"]["forced_consistent"], h["vqa"]["forced_rows"]) for h in log if "forced_consistent" in h.get("vqa", {})]
+    kl = {k: [h[k] for h in log if k in h] for k in ("kl_text_mean", "kl_text_var", "kl_image_mean", "kl_image_var")}
+    return {
+        "heldout": {k: held[k] for k in (*METRICS, "ground_p50")},
+        "steps": log[-1]["step"], "train_s": log[-1]["seconds"],
+        "reward_curve": [float(np.mean([h[t]["reward"] for t in tasks])) for h in log],
+        "reward_last_third": {t: float(np.mean(per("reward", t, last))) for t in tasks},
+        "nonzero_adv": {t: float(np.mean(per("nonzero_adv_frac", t))) for t in tasks},
+        "grpo_signal": {t: float(np.mean(per("grpo_nonzero_frac", t))) for t in tasks},
+        "unparsable": {t: float(np.mean(per("unparsable_frac", t))) for t in ("vqa", "ground") if t in tasks},
+        "forced_rows": sum(h[t].get("forced_rows", 0) for h in log for t in ("vqa", "ground") if t in h),
+        "forced_consistent": (sum(c * n for c, n in forced) / sum(n for _, n in forced)) if forced else None,
+        **{k: (float(np.mean(v)) if v else None) for k, v in kl.items()},
+        "peak_mem_mb": max(h.get("peak_mem_mb", 0) for h in log),
+        "val_curve": curve(out, "rl"),
+    }
+
+
+def ablation_table(name: str, runs: dict[str, list[dict]]) -> str:
+    """Held-out metrics and training diagnostics per variant, mean ± sd over seeds."""
+    cols = [("vqa", lambda r: r["heldout"]["vqa_acc"]), ("mIoU", lambda r: r["heldout"]["ground_miou"]),
+            ("edit", lambda r: r["heldout"]["edit_score"]),
+            ("train reward, last third", lambda r: float(np.mean(list(r["reward_last_third"].values())))),
+            ("GRPO-signal groups (vqa/ground)", lambda r: (r["grpo_signal"]["vqa"] + r["grpo_signal"]["ground"]) / 2),
+            ("steps", lambda r: r["steps"])]
+    if name == "af_ratio":
+        cols += [("nonzero-adv groups (vqa/ground)", lambda r: (r["nonzero_adv"]["vqa"] + r["nonzero_adv"]["ground"]) / 2),
+                 ("unparsable (vqa/ground)", lambda r: (r["unparsable"]["vqa"] + r["unparsable"]["ground"]) / 2),
+                 ("forced rows", lambda r: r["forced_rows"]),
+                 ("forced vqa traces imply the answer", lambda r: r["forced_consistent"])]
+    if name == "objective":
+        cols += [("KL/token text: mean, var", lambda r: r["kl_text_mean"]), ("", lambda r: r["kl_text_var"]),
+                 ("KL/token image: mean, var", lambda r: r["kl_image_mean"]), ("", lambda r: r["kl_image_var"]),
+                 ("peak RSS MiB", lambda r: r["peak_mem_mb"])]
+    lines = ["| variant | " + " | ".join(c for c, _ in cols) + " |", "|---|" + "---|" * len(cols)]
+    for v, rs in runs.items():
+        lines.append(f"| {v} | " + " | ".join(mean_sd([f(r) for r in rs]) for _, f in cols) + " |")
+    return "\n".join(lines)
+
+
+def plot_ablation(name: str, runs: dict[str, list[dict]]):
+    """Training reward against RL step (a 5-step moving average, each seed a line) and the
+    validation score against training seconds, one colour per variant."""
+    plt = pyplot()
+    if plt is None:
+        return
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for i, (v, rs) in enumerate(runs.items()):
+        c = f"C{i}"
+        for j, r in enumerate(rs):
+            y = np.convolve(r["reward_curve"], np.ones(5) / 5, mode="valid")
+            a1.plot(np.arange(len(y)) + 5, y, color=c, alpha=0.7, lw=1, label=v if j == 0 else None)
+            a2.plot(*r["val_curve"], color=c, alpha=0.7, marker=".", label=v if j == 0 else None)
+    a1.set(xlabel="RL step", ylabel="training reward (mean of the tasks,\n5-step moving average)", title=name)
+    a2.set(xlabel="training seconds (1 CPU thread)", ylabel="validation score")
+    for a in (a1, a2):
+        a.grid(alpha=0.3)
+        a.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join("results", f"{name}.png"), dpi=110)
+    print(f"wrote results/{name}.png")
+
+
+def pyplot():
+    """matplotlib's pyplot (an optional extra), or None with a note."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        return plt
+    except ImportError:
+        print("study: matplotlib is not installed, no plot (pip install matplotlib)")
+        return None
+
+
+def ablation(name: str, argv: list[str]):
+    _, opts = C.get_config(argv, extra={"seeds": "0,1,2", "arm_s": 300.0, "start_steps": 6000,
+                                        "root": os.path.join("runs", name), "report": False})
+    root, seeds, t0 = opts["root"], [int(x) for x in opts["seeds"].split(",")], time.time()
+    start = os.path.join(START_ROOT, "start", "ckpt_sft.pt")
+    if not opts["report"]:
+        start, _ = shared_start(START_ROOT, opts["start_steps"])
+    specs = [(v, sd) for sd in seeds for v in ABLATIONS[name]]
+    out = lambda v, sd: os.path.join(root, f"seed{sd}", v.replace("=", "").replace("+", "_"))
+    flags = lambda v: ["--stage=rl", "--rl.eval_interval=15", *RL_FLAGS, *ABLATIONS[name][v]]
+    if not opts["report"]:
+        with ThreadPoolExecutor(max_workers=2) as pool:            # two runs side by side, one thread each
+            jobs = list(pool.map(lambda vs: train_and_eval(out(*vs), start, flags(vs[0]), vs[1], opts["arm_s"],
+                                                           variant=vs[0]), specs))
+    else:
+        jobs = [{"variant": v, "seed": sd, "dir": out(v, sd), "wall_s": None,
+                 "command": " ".join(run_commands(out(v, sd), start, flags(v), sd, opts["arm_s"])[0][1:])}
+                for v, sd in specs]
+    runs = {v: [run_summary(j["dir"]) for j in jobs if j["variant"] == v] for v in ABLATIONS[name]}
+    res = {**meta(name, argv, seeds, None if opts["report"] else t0, arm_s=opts["arm_s"], rl_flags=RL_FLAGS,
+                  variants=ABLATIONS[name]),
+           "runs": runs, "commands": {f"{j['variant']}_seed{j['seed']}": j["command"] for j in jobs},
+           "wall_s": {f"{j['variant']}_seed{j['seed']}": j["wall_s"] for j in jobs}}
+    plot_ablation(name, runs)
+    publish(name, res, ablation_table(name, runs) + f"\n\n![{name}](results/{name}.png)")
+
+
+# ------------------------------------------------------------------------------------------------
+# tree search at equal sample count: rollouts only
+
+# variant -> (rl.tree_schedule, samples per round); every variant of a block draws the same number
+# of samples per prompt (16 or 32). Toy edit has 16 image steps: step 2 is the paper's 8 of 64, step 4
+# its "late" 16 of 64.
+TREE = {"iid x16": ("0", 16), "[0,2] early": ("0,2", 8), "[0,4] late": ("0,4", 8), "[0,8] later": ("0,8", 8),
+        "iid x32": ("0", 32), "[0,2,4,8] rounds": ("0,2,4,8", 8)}
+
+
+def tree(argv: list[str]):
+    """Mean and max reward per group and the samples' diversity for each schedule of TREE on
+    --n_prompts validation edit prompts, from --ckpt (default: the shared start)."""
+    _, opts = C.get_config(argv, extra={"seeds": "0,1,2", "ckpt": "", "n_prompts": 64, "start_steps": 6000})
+    seeds, t0 = [int(x) for x in opts["seeds"].split(",")], time.time()
+    torch.set_num_threads(1)
+    ckpt = opts["ckpt"] or shared_start(START_ROOT, opts["start_steps"])[0]
+    cfg, bundle, model, vq, _ = common.load_run(ckpt, os.path.join("runs", "tree"), "study.py tree")
+    idx = list(range(min(opts["n_prompts"], len(bundle.sets["edit"]["val"]))))
+    rows = {}
+    for name, (sched, n) in TREE.items():
+        rows[name] = []
+        for sd in seeds:
+            c = replace(cfg, rl=replace(cfg.rl, tree_schedule=sched, group_size=n, tree_tasks="edit", af_prob=0.0))
+            gen = torch.Generator().manual_seed(sd)
+            t1 = time.time()
+            ro = RO.rollout_task(model, bundle, "edit", idx, c, "cpu", nullcontext(), vq, gen, split="val")
+            r = ro.rewards                                                           # (G, samples)
+            rows[name].append({"samples": r.shape[1], "mean": r.mean().item(), "max": r.amax(1).mean().item(),
+                               "round_mean": ro.stats["round_reward"], "round_max": ro.stats["round_max"],
+                               "round_hamming": ro.stats["round_hamming"], "seconds": time.time() - t1})
+            print(f"tree {name} seed {sd}: mean {rows[name][-1]['mean']:.3f} max {rows[name][-1]['max']:.3f} "
+                  f"hamming {ro.stats['round_hamming']} ({time.time() - t1:.0f}s)", flush=True)
+    lines = ["| schedule | samples / prompt | group mean reward | group max reward | diversity of round 0 | "
+             "diversity of the branched rounds |", "|---|---|---|---|---|---|"]
+    for name, rs in rows.items():
+        branched = [float(np.mean(r["round_hamming"][1:])) for r in rs] if len(rs[0]["round_hamming"]) > 1 else []
+        lines.append(f"| {name} | {rs[0]['samples']} | {mean_sd([r['mean'] for r in rs])} | "
+                     f"{mean_sd([r['max'] for r in rs])} | {mean_sd([r['round_hamming'][0] for r in rs])} | "
+                     f"{mean_sd(branched)} |")
+    note = ("Diversity: the mean pairwise Hamming distance between the samples of one round of one prompt "
+            f"(share of differing response tokens). {len(idx)} validation edit prompts, temperature "
+            f"{cfg.rl.temperature}, checkpoint {ckpt}.")
+    res = {**meta("tree", argv, seeds, t0, ckpt=ckpt, n_prompts=len(idx), schedules=TREE), "rows": rows}
+    plt = pyplot()
+    if plt is not None:
+        fig, ax = plt.subplots(figsize=(6, 3.6))
+        for i, (name, rs) in enumerate(rows.items()):
+            m = np.mean([r["round_max"] for r in rs], 0)
+            ax.plot(range(len(m)), np.maximum.accumulate(m), marker="o", color=f"C{i}", label=name)
+        ax.set(xlabel="round", ylabel="best reward of the round\n(group max, running)", title="tree search (edit)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(os.path.join("results", "tree.png"), dpi=110)
+    publish("tree", res, "\n".join(lines) + "\n\n![tree](results/tree.png)", note)
+
+
+# ------------------------------------------------------------------------------------------------
+# the estimator study of estimators.py, one run per seed
+
+def estimator_variance(argv: list[str]):
+    _, opts = C.get_config(argv, extra={"seeds": "0,1,2", "start_steps": 6000, "root": os.path.join("runs", "estimators")})
+    seeds, t0 = [int(x) for x in opts["seeds"].split(",")], time.time()
+    start, _ = shared_start(START_ROOT, opts["start_steps"])
+    os.makedirs(opts["root"], exist_ok=True)
+    outs, cmds = [], []
+    for sd in seeds:
+        out = os.path.join(opts["root"], f"seed{sd}.json")
+        cmd = [sys.executable, "estimators.py", *WORLD, f"--ckpt={start}", f"--seed={sd}", f"--out={out}"]
+        cmds.append(" ".join(cmd[1:]))
+        if not os.path.exists(out):
+            run(cmd, out.replace(".json", ".log"))
+        outs.append(json.load(open(out)))
+    e2, m2, one = "elbo_mc n=2", "mc_unweighted n=2", "one_step"
+    rows = [("var(value): elbo_mc n=2 / complementary", lambda d: d["value_var_ratio"][e2]),
+            ("var(value): mc_unweighted n=2 / complementary", lambda d: d["value_var_ratio"][m2]),
+            ("var(gradient): elbo_mc n=2 / complementary", lambda d: d["grad_var_ratio"][e2]),
+            ("var(gradient): mc_unweighted n=2 / complementary", lambda d: d["grad_var_ratio"][m2])]
+    for k in ("complementary", e2, one):
+        rows.append((f"bias vs exact any-order log-lik, {k} (nats)", lambda d, k=k: d["bias"][k]["minus_any_order"]))
+    for k in ("complementary", e2, one):
+        rows.append((f"Spearman of one draw with exact any-order, {k}", lambda d, k=k: d["spearman"][k]["any_order"]))
+    rows.append(("response tokens scored per draw, complementary", lambda d: d["coverage"]["complementary"]))
+    rows.append(("response tokens scored per draw, elbo_mc n=1", lambda d: d["coverage"]["elbo_mc n=1"]))
+    lines = ["| quantity | mean ± sd over seeds | per seed |", "|---|---|---|"]
+    for label, f in rows:
+        vals = [f(d) for d in outs]
+        lines.append(f"| {label} | {mean_sd(vals)} | {' / '.join(f'{v:.3g}' for v in vals)} |")
+    res = {**meta("estimator_variance", argv, seeds, t0, ckpt=start), "commands": cmds,
+           "per_seed": [{k: d[k] for k in ("value_var_ratio", "grad_var_ratio", "bias", "spearman", "coverage",
+                                           "wall_s")} for d in outs]}
+    publish("estimator_variance", res, "\n".join(lines),
+            "Each seed draws other masks and other (x, y) pairs; estimators.py explains every quantity.")
+
+
+STUDIES = {"rl_vs_sft": rl_vs_sft, "tree": tree, "estimator_variance": estimator_variance,
+           **{name: (lambda argv, name=name: ablation(name, argv)) for name in ABLATIONS}}
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import math
 from types import SimpleNamespace
 
 import metrics as E
+import rewards as RW
 from data import Example
 
 FAKE_TOK = SimpleNamespace(decode=lambda text: text)     # responses are given as text already
@@ -45,10 +46,10 @@ def test_ground_box_pad_is_the_mean_outward_edge_offset():
 
 def test_trace_lists_reads_each_colon_to_dot_span():
     t = "red shapes : r0c1 r2c2 . count 2 . squares : none . count 0 . 2 > 0 yes"
-    assert E.trace_lists(t) == [("r0c1", "r2c2"), ("none",)]
-    assert E.trace_lists("sides : r0c1 3 r1c1 4 . 3 + 4 = 7") == [("r0c1", "3", "r1c1", "4")]
+    assert RW.trace_lists(t) == [("r0c1", "r2c2"), ("none",)]
+    assert RW.trace_lists("sides : r0c1 3 r1c1 4 . 3 + 4 = 7") == [("r0c1", "3", "r1c1", "4")]
     # the model's decoded text: special tokens around it, and a list it never closed is dropped
-    assert E.trace_lists("<think> circles : r3c3 . count 1 . large shapes : r0c0 </think>") == [("r3c3",)]
+    assert RW.trace_lists("<think> circles : r3c3 . count 1 . large shapes : r0c0 </think>") == [("r3c3",)]
 
 
 def test_reading_metrics_split_reading_from_reasoning_errors_by_hand():

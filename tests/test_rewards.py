@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import rewards as RW  # noqa: E402
-from data import Shape, make_edit, random_scene, read_scene, render  # noqa: E402
+from data import Shape, Teacher, make_edit, make_vqa, random_scene, read_scene, render  # noqa: E402
 
 REASONS = {"ok", "no_answer_tag", "unclosed", "multiple_answers", "empty", "garbage", "bad_box"}
 
@@ -305,3 +305,39 @@ def test_scene_accuracy_by_hand():
     assert RW.scene_accuracy(target, (None,) * 4) == pytest.approx(0.5)
     # B drawn red: 1 + 1 + 2/3 + 1 over 4
     assert RW.scene_accuracy(target, (A, None, Shape("square", "red", "small"), None)) == pytest.approx(11 / 12)
+
+
+def test_trace_answer_by_hand():
+    """The implied answer is recomputed from the lists, not read from the trace's last number."""
+    t = "red shapes : r0c1 r2c2 . count 2 . squares : none . count 0 . 2 > 0 yes"
+    assert RW.trace_answer(t, "compare") == "yes"
+    assert RW.trace_answer(t, "add") == "2"
+    assert RW.trace_answer(t, "diff") == "2"
+    assert RW.trace_answer(t, "count") == "2"
+    # a trace that wrote "count 5" for a two-cell list still implies 2
+    assert RW.trace_answer("circles : r0c0 r1c1 . count 5", "count") == "2"
+    assert RW.trace_answer("sides : r0c1 3 r1c1 4 . 3 + 4 = 7 <answer> 9 </answer>", "sides") == "7"
+    assert RW.trace_answer("sides : r0c1 3 r1c1 . 3 = 3", "sides") is None          # a cell without a count
+    assert RW.trace_answer("sides : r0c1 x r1c1 4 .", "sides") is None
+    assert RW.trace_answer("red shapes : r0c1 . count 1 .", "add") is None          # the second list is missing
+    assert RW.trace_answer("no lists at all", "count") is None
+
+
+def test_trace_answer_recovers_the_truth_of_every_generated_trace():
+    """On the world's own traces (an independent reference: data.make_vqa computes the truth from the
+    scene): the lists are always read right, so the implied answer is the truth, also when the
+    teacher slipped a count (the written answer is then wrong, the lists still right)."""
+    rng = np.random.default_rng(0)
+    teacher = Teacher(slip=0.5, rng=np.random.default_rng(1))
+    seen, slips = set(), 0
+    for i in range(400):
+        teacher.slipped = False
+        scene = random_scene(rng, 4, 3, 7)
+        prompt, trace, ans, truth, qtype = make_vqa(scene, rng, 4, hard=i % 2 == 1, teacher=teacher)
+        seen.add(qtype)
+        if qtype != "sides":      # a sides slip changes a listed count: the trace then implies its own answer
+            assert RW.trace_answer(trace, qtype) == truth, (trace, qtype)
+            slips += ans != truth
+        else:
+            assert RW.trace_answer(trace, qtype) == ans, (trace, qtype)
+    assert seen == {"count", "compare", "add", "diff", "sides"} and slips > 10

@@ -352,6 +352,10 @@ def test_rollout_task_edit_tree_search(world):
     assert roll.stats["af_fired"] == 0 and roll.stats["members"] == 2 * G * N
     assert len(roll.stats["round_reward"]) == 2
     assert math.isclose(roll.stats["round_reward"][0], roll.rewards[:, :N].mean().item(), rel_tol=1e-6)
+    for k in range(2):      # the tree study's per-round figures, recounted from the rewards
+        assert math.isclose(roll.stats["round_max"][k], roll.rewards[:, k * N:(k + 1) * N].amax(1).mean().item(),
+                            rel_tol=1e-6)
+    assert len(roll.stats["round_hamming"]) == 2 and all(0 <= h <= 1 for h in roll.stats["round_hamming"])
     assert ((roll.rewards >= 0) & (roll.rewards <= 1)).all()
     assert len(set(roll.rewards.flatten().tolist())) > 2, "edit rewards should be real-valued"
     keep = check_rows(roll, w, "edit", idx, 2 * N, ones(G, 2 * N), 0.5).view(G, 2 * N)
@@ -718,3 +722,65 @@ def test_rl_resume_continues_exactly(world, tmp_path):
         assert x["loss"] == y["loss"] and x["vqa"]["reward"] == y["vqa"]["reward"], (x["step"], x["loss"], y["loss"])
     wa, wb = (torch.load(os.path.join(d, "ckpt_rl.pt"), weights_only=False)["model"] for d in (a, b))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. the diagnostics of the ablation studies (study.py)
+
+def test_pairwise_hamming_matches_a_loop():
+    g = torch.Generator().manual_seed(0)
+    t = torch.randint(0, 3, (4, 5, 7), generator=g)
+    t[1] = t[1, :1]                                        # group 1: five copies of one sample
+    want = []
+    for grp in t:
+        d = [(grp[i] != grp[j]).float().mean().item() for i in range(5) for j in range(5) if i != j]
+        want.append(sum(d) / len(d))
+    assert math.isclose(RO.pairwise_hamming(t), sum(want) / 4, rel_tol=1e-6)
+    assert RO.pairwise_hamming(t[1:2]) == 0.0 and RO.pairwise_hamming(t[:, :1]) == 0.0
+
+
+def test_forced_consistency_and_unparsable_rate_count_the_right_rows(world, monkeypatch):
+    """forced_consistent = the share of forced vqa rows whose reasoning implies their forced answer,
+    asked of trace_answer once per forced row with that row's decoded text; unparsable_frac counts
+    the on-policy rows only."""
+    w = world
+    N, idx = 2, [0, 1, 2, 3, 4, 5]
+    calls = []
+
+    def fake_trace_answer(text, qtype):
+        calls.append(text)
+        return "yes"                     # "consistent" exactly where the truth is yes
+
+    monkeypatch.setattr(RO, "trace_answer", fake_trace_answer)
+    cfg = rl_cfg(w, group_size=N, af_prob=1.0, af_mode="all_groups", temperature=1.0)
+    roll = RO.rollout_task(vqa_answering_model(w, seed=3), w.bundle, "vqa", idx, cfg, "cpu", nullcontext(), w.vq,
+                           torch.Generator().manual_seed(5))
+    exs = [w.bundle.sets["vqa"]["rl"].examples[i] for i in idx]
+    assert len(calls) == len(idx) == roll.stats["forced_rows"]
+    for text, ex in zip(calls, exs):          # each call saw its own forced answer at the end
+        assert text.split()[-3:] == ["<answer>", RW.normalise(ex.answer), "</answer>"]
+    assert math.isclose(roll.stats["forced_consistent"], sum(RW.normalise(e.answer) == "yes" for e in exs) / len(idx))
+    # the answering model always writes a parsable block: no on-policy row fails to parse
+    assert roll.stats["unparsable_frac"] == 0.0 and roll.stats["parse_fail"] == {}
+
+
+def test_kl_statistics_split_text_and_image_tokens(world):
+    """With a reference model, the per-token k3 KL's mean and variance on text and on image tokens
+    are those of the scored tokens of each kind (recomputed from two token_logp calls on the same masks)."""
+    w = world
+    tok = w.tok
+    sets = {"vqa": w.bundle.sets["vqa"]["sft"], "edit": w.bundle.sets["edit"]["sft"]}
+    batch = D.collate(sets, [("vqa", 0), ("edit", 1), ("edit", 2)], tok)
+    pol, ref = tiny_model(tok.vocab_size, seed=1, scale=0.2), tiny_model(tok.vocab_size, seed=2, scale=0.2)
+    rc = rl_cfg(w, kl_coef=0.1).rl
+    _, stats = rl.unified_loss(pol, batch, torch.ones(3), tok, rc, 3, ref_model=ref, seed=17)
+    with torch.no_grad():
+        lp, scored = rl.token_logp(pol, batch, tok, rc, 17)
+        lr_, _ = rl.token_logp(ref, batch, tok, rc, 17)
+    img = batch.is_image[:, batch.P:]
+    for name, sel in (("text", scored & ~img), ("image", scored & img)):
+        vals = [math.exp(a - b) - (a - b) - 1 for a, b in zip(lr_[sel].tolist(), lp[sel].tolist())]
+        m = sum(vals) / len(vals)
+        assert math.isclose(stats[f"kl_{name}_mean"], m, rel_tol=1e-4)
+        assert math.isclose(stats[f"kl_{name}_var"], sum((v - m) ** 2 for v in vals) / len(vals), rel_tol=1e-3)
+    assert int((scored & img).sum()) > 0 and int((scored & ~img).sum()) > 0
