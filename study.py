@@ -5,7 +5,8 @@ Studies: one named experiment, several seeds, one table, one plot, one results f
     python study.py rl_vs_sft --seeds=0 --arm_s=120    # a quick look
     python study.py rl_vs_sft --report                 # rebuild the table and plot from finished runs
                                                        # (--commit=HASH: the commit the runs were made at)
-    python study.py af_ratio | objective | gamma | estimator    # the RL ablations (--arm_s each run)
+    python study.py af_ratio | objective | gamma | estimator    # one RL ablation (--arm_s each run)
+    python study.py ablations                          # all four, each distinct run once (about 2 h 20 min)
     python study.py tree                               # tree search at equal sample count (rollouts only)
     python study.py estimator_variance                 # estimators.py on the start checkpoint, 3 seeds
 
@@ -38,8 +39,10 @@ are scarce (--data.n_sft, a few hundred to a thousand traced examples per family
          skipped with a note without it)
 
 The ablations (one of the paper's claims each, METHOD.md §10): RL from the start checkpoint with
-RL_FLAGS plus the variant's flags, --arm_s seconds each (default 300), one thread, two side by side,
-judged like the rl arm (best checkpoint on val, then held-out):
+RL_FLAGS plus the variant's flags, --arm_s seconds each (default 240), one thread, two side by side,
+judged like the rl arm (best checkpoint on val, then held-out). A run is stored under
+runs/ablations/seed<s>/rl-<hash of its RL config and budget>, so the default variant that four
+studies share is trained once per seed:
   af_ratio   answer-forcing injection ratio p in {0, 0.1, 0.5, 1} (paper: 10 % best, 100 % collapses):
              held-out metrics, groups with a nonzero advantage, unparsable answers, and whether the
              inpainted reasoning of the forced vqa samples implies the forced answer
@@ -61,6 +64,7 @@ arm can be re-run or inspected by hand. Runs that finished are reused: delete a 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -371,6 +375,15 @@ def run_summary(out: str) -> dict:
     }
 
 
+def run_key(flags: list[str], arm_s: float) -> str:
+    """The folder name of one ablation run: a hash of its whole RL config and budget, so that a
+    variant several studies share (the defaults: p = 0.1, unified, gamma = 0.5, complementary)
+    is trained once per seed and read by each of them."""
+    cfg = C.get_config([*WORLD, *flags])
+    key = json.dumps([C.to_dict(cfg)["rl"], arm_s], sort_keys=True)
+    return "rl-" + hashlib.sha1(key.encode()).hexdigest()[:10]
+
+
 def ablation_table(name: str, runs: dict[str, list[dict]]) -> str:
     """Held-out metrics and training diagnostics per variant, mean ± sd over seeds."""
     cols = [("vqa", lambda r: r["heldout"]["vqa_acc"]), ("mIoU", lambda r: r["heldout"]["ground_miou"]),
@@ -428,31 +441,37 @@ def pyplot():
         return None
 
 
-def ablation(name: str, argv: list[str]):
-    _, opts = C.get_config(argv, extra={"seeds": "0,1,2", "arm_s": 300.0, "start_steps": 6000,
-                                        "root": os.path.join("runs", name), "report": False})
+def ablation(names: list[str], argv: list[str]):
+    """Train every run the named ablations need (each distinct config once per seed; --workers of
+    them side by side, one thread each), then write each study's table, plot and results."""
+    _, opts = C.get_config(argv, extra={"seeds": "0,1,2", "arm_s": 240.0, "start_steps": 6000, "workers": 2,
+                                        "root": os.path.join("runs", "ablations"), "report": False})
     root, seeds, t0 = opts["root"], [int(x) for x in opts["seeds"].split(",")], time.time()
     start = os.path.join(START_ROOT, "start", "ckpt_sft.pt")
     if not opts["report"]:
         start, _ = shared_start(START_ROOT, opts["start_steps"])
-    specs = [(v, sd) for sd in seeds for v in ABLATIONS[name]]
-    out = lambda v, sd: os.path.join(root, f"seed{sd}", v.replace("=", "").replace("+", "_"))
-    flags = lambda v: ["--stage=rl", "--rl.eval_interval=15", *RL_FLAGS, *ABLATIONS[name][v]]
+    flags = lambda name, v: ["--stage=rl", "--rl.eval_interval=15", *RL_FLAGS, *ABLATIONS[name][v]]
+    out = lambda name, v, sd: os.path.join(root, f"seed{sd}", run_key(flags(name, v), opts["arm_s"]))
+    todo = {}                                       # folder -> (flags, seed): each distinct run once
+    for sd in seeds:
+        for name in names:
+            for v in ABLATIONS[name]:
+                todo.setdefault(out(name, v, sd), (flags(name, v), sd))
+    walls = {}
     if not opts["report"]:
-        with ThreadPoolExecutor(max_workers=2) as pool:            # two runs side by side, one thread each
-            jobs = list(pool.map(lambda vs: train_and_eval(out(*vs), start, flags(vs[0]), vs[1], opts["arm_s"],
-                                                           variant=vs[0]), specs))
-    else:
-        jobs = [{"variant": v, "seed": sd, "dir": out(v, sd), "wall_s": None,
-                 "command": " ".join(run_commands(out(v, sd), start, flags(v), sd, opts["arm_s"])[0][1:])}
-                for v, sd in specs]
-    runs = {v: [run_summary(j["dir"]) for j in jobs if j["variant"] == v] for v in ABLATIONS[name]}
-    res = {**meta(name, argv, seeds, None if opts["report"] else t0, arm_s=opts["arm_s"], rl_flags=RL_FLAGS,
-                  variants=ABLATIONS[name]),
-           "runs": runs, "commands": {f"{j['variant']}_seed{j['seed']}": j["command"] for j in jobs},
-           "wall_s": {f"{j['variant']}_seed{j['seed']}": j["wall_s"] for j in jobs}}
-    plot_ablation(name, runs)
-    publish(name, res, ablation_table(name, runs) + f"\n\n![{name}](results/{name}.png)")
+        with ThreadPoolExecutor(max_workers=opts["workers"]) as pool:
+            for j in pool.map(lambda kv: train_and_eval(kv[0], start, kv[1][0], kv[1][1], opts["arm_s"]), todo.items()):
+                walls[j["dir"]] = j["wall_s"]
+    for name in names:
+        runs = {v: [run_summary(out(name, v, sd)) for sd in seeds] for v in ABLATIONS[name]}
+        cmds = {f"{v}_seed{sd}": " ".join(run_commands(out(name, v, sd), start, flags(name, v), sd, opts["arm_s"])[0][1:])
+                for v in ABLATIONS[name] for sd in seeds}
+        res = {**meta(name, argv, seeds, None if opts["report"] else t0, arm_s=opts["arm_s"], rl_flags=RL_FLAGS,
+                      variants=ABLATIONS[name]),
+               "runs": runs, "commands": cmds,
+               "wall_s": {f"{v}_seed{sd}": walls.get(out(name, v, sd)) for v in ABLATIONS[name] for sd in seeds}}
+        plot_ablation(name, runs)
+        publish(name, res, ablation_table(name, runs) + f"\n\n![{name}](results/{name}.png)")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -552,7 +571,8 @@ def estimator_variance(argv: list[str]):
 
 
 STUDIES = {"rl_vs_sft": rl_vs_sft, "tree": tree, "estimator_variance": estimator_variance,
-           **{name: (lambda argv, name=name: ablation(name, argv)) for name in ABLATIONS}}
+           "ablations": lambda argv: ablation(list(ABLATIONS), argv),
+           **{name: (lambda argv, name=name: ablation([name], argv)) for name in ABLATIONS}}
 
 
 if __name__ == "__main__":
