@@ -285,17 +285,21 @@ def rl_vs_sft(argv: list[str]):
 # ------------------------------------------------------------------------------------------------
 # publishing: results/<name>.{json,md,png} and the study's block in RESULTS.md
 
-def publish(name: str, res: dict, table: str, note: str = ""):
-    """Write results/<name>.json and .md, and replace the study's block in RESULTS.md (between
-    <!-- study:<name> --> and <!-- /study:<name> -->; appended at the end when the page has none)."""
+def publish(name: str, res: dict, table: str, note: str = "", run_dir: str = ""):
+    """Write results/<name>.json and .md (and the .md into run_dir), and replace the study's block
+    in RESULTS.md (between <!-- study:<name> --> and <!-- /study:<name> -->; appended at the end
+    when the page has none)."""
     os.makedirs("results", exist_ok=True)
     common.write_json(os.path.join("results", f"{name}.json"), res)
     head = (f"*{time.strftime('%Y-%m-%d')} · commit {res['commit']} · {res['hardware']} · seeds "
             f"{','.join(map(str, res['seeds']))} · study wall time {res['study_wall_s']} s*\n\n"
             f"    {res['command']}\n\n")
     body = head + table + ("\n\n" + note if note else "") + "\n"
-    with open(os.path.join("results", f"{name}.md"), "w") as f:
-        f.write(body)
+    for d in ("results", run_dir):
+        if d:
+            os.makedirs(d, exist_ok=True)
+            with open(os.path.join(d, f"{name}.md"), "w") as f:
+                f.write(body)
     print(table)
     page = "RESULTS.md"
     if not os.path.exists(page):
@@ -321,9 +325,10 @@ def mean_sd(xs) -> str:
     return f"{v.mean():.3f} ± {v.std():.3f}" if len(v) > 1 else f"{v.mean():.3f}"
 
 
-def meta(name: str, argv: list[str], seeds: list[int], t0: float | None, **more) -> dict:
-    run_args = [a for a in argv if not a.startswith(("--report", "--commit", "--root"))]
-    return {"command": f"python study.py {name} " + " ".join(run_args), "commit": common.git_commit(),
+def meta(name: str, argv: list[str], seeds: list[int], t0: float | None, commit: str = "", **more) -> dict:
+    """The header of a results file. commit: the one the runs were made at (--commit), else HEAD's."""
+    run_args = [a for a in argv if not a.startswith(("--report", "--commit", "--root", "--workers"))]
+    return {"command": f"python study.py {name} " + " ".join(run_args), "commit": commit or common.git_commit(),
             "hardware": hardware(), "seeds": seeds, "world": WORLD,
             "study_wall_s": None if t0 is None else round(time.time() - t0, 1), **more}
 
@@ -406,7 +411,7 @@ def ablation_table(name: str, runs: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
-def plot_ablation(name: str, runs: dict[str, list[dict]]):
+def plot_ablation(name: str, runs: dict[str, list[dict]], run_dir: str = ""):
     """Training reward against RL step (a 5-step moving average, each seed a line) and the
     validation score against training seconds, one colour per variant."""
     plt = pyplot()
@@ -425,7 +430,15 @@ def plot_ablation(name: str, runs: dict[str, list[dict]]):
         a.grid(alpha=0.3)
         a.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(os.path.join("results", f"{name}.png"), dpi=110)
+    save_figure(fig, name, run_dir)
+
+
+def save_figure(fig, name: str, run_dir: str = ""):
+    """results/<name>.png, and a copy in the study's run folder."""
+    for d in ("results", run_dir):
+        if d:
+            os.makedirs(d, exist_ok=True)
+            fig.savefig(os.path.join(d, f"{name}.png"), dpi=110)
     print(f"wrote results/{name}.png")
 
 
@@ -445,7 +458,8 @@ def ablation(names: list[str], argv: list[str]):
     """Train every run the named ablations need (each distinct config once per seed; --workers of
     them side by side, one thread each), then write each study's table, plot and results."""
     _, opts = C.get_config(argv, extra={"seeds": "0,1,2", "arm_s": 240.0, "start_steps": 6000, "workers": 2,
-                                        "root": os.path.join("runs", "ablations"), "report": False})
+                                        "root": os.path.join("runs", "ablations"), "report": False,
+                                        "commit": ""})
     root, seeds, t0 = opts["root"], [int(x) for x in opts["seeds"].split(",")], time.time()
     start = os.path.join(START_ROOT, "start", "ckpt_sft.pt")
     if not opts["report"]:
@@ -466,12 +480,13 @@ def ablation(names: list[str], argv: list[str]):
         runs = {v: [run_summary(out(name, v, sd)) for sd in seeds] for v in ABLATIONS[name]}
         cmds = {f"{v}_seed{sd}": " ".join(run_commands(out(name, v, sd), start, flags(name, v), sd, opts["arm_s"])[0][1:])
                 for v in ABLATIONS[name] for sd in seeds}
-        res = {**meta(name, argv, seeds, None if opts["report"] else t0, arm_s=opts["arm_s"], rl_flags=RL_FLAGS,
+        res = {**meta(name, argv, seeds, None if opts["report"] else t0, opts["commit"], arm_s=opts["arm_s"],
+                      rl_flags=RL_FLAGS,
                       variants=ABLATIONS[name]),
                "runs": runs, "commands": cmds,
                "wall_s": {f"{v}_seed{sd}": walls.get(out(name, v, sd)) for v in ABLATIONS[name] for sd in seeds}}
-        plot_ablation(name, runs)
-        publish(name, res, ablation_table(name, runs) + f"\n\n![{name}](results/{name}.png)")
+        plot_ablation(name, runs, root)
+        publish(name, res, ablation_table(name, runs) + f"\n\n![{name}](results/{name}.png)", run_dir=root)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -528,8 +543,8 @@ def tree(argv: list[str]):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(os.path.join("results", "tree.png"), dpi=110)
-    publish("tree", res, "\n".join(lines) + "\n\n![tree](results/tree.png)", note)
+        save_figure(fig, "tree", os.path.join("runs", "tree"))
+    publish("tree", res, "\n".join(lines) + "\n\n![tree](results/tree.png)", note, run_dir=os.path.join("runs", "tree"))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -567,7 +582,8 @@ def estimator_variance(argv: list[str]):
            "per_seed": [{k: d[k] for k in ("value_var_ratio", "grad_var_ratio", "bias", "spearman", "coverage",
                                            "wall_s")} for d in outs]}
     publish("estimator_variance", res, "\n".join(lines),
-            "Each seed draws other masks and other (x, y) pairs; estimators.py explains every quantity.")
+            "Each seed draws other masks and other (x, y) pairs; estimators.py explains every quantity.",
+            run_dir=opts["root"])
 
 
 STUDIES = {"rl_vs_sft": rl_vs_sft, "tree": tree, "estimator_variance": estimator_variance,
