@@ -316,13 +316,13 @@ def publish(name: str, res: dict, table: str, note: str = "", run_dir: str = "")
     print(f"wrote results/{name}.json, results/{name}.md and its block in {page}")
 
 
-def mean_sd(xs) -> str:
+def mean_sd(xs, fmt: str = ".3f") -> str:
     """'m ± sd' over seeds (population sd), or 'm' for one seed, or '-' for none."""
     xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
     if not xs:
         return "-"
     v = np.array(xs, dtype=float)
-    return f"{v.mean():.3f} ± {v.std():.3f}" if len(v) > 1 else f"{v.mean():.3f}"
+    return f"{v.mean():{fmt}} ± {v.std():{fmt}}" if len(v) > 1 else f"{v.mean():{fmt}}"
 
 
 def meta(name: str, argv: list[str], seeds: list[int], t0: float | None, commit: str = "", **more) -> dict:
@@ -395,19 +395,22 @@ def ablation_table(name: str, runs: dict[str, list[dict]]) -> str:
             ("edit", lambda r: r["heldout"]["edit_score"]),
             ("train reward, last third", lambda r: float(np.mean(list(r["reward_last_third"].values())))),
             ("GRPO-signal groups (vqa/ground)", lambda r: (r["grpo_signal"]["vqa"] + r["grpo_signal"]["ground"]) / 2),
-            ("steps", lambda r: r["steps"])]
+            ("steps", lambda r: r["steps"], ".0f")]
     if name == "af_ratio":
         cols += [("nonzero-adv groups (vqa/ground)", lambda r: (r["nonzero_adv"]["vqa"] + r["nonzero_adv"]["ground"]) / 2),
                  ("unparsable (vqa/ground)", lambda r: (r["unparsable"]["vqa"] + r["unparsable"]["ground"]) / 2),
-                 ("forced rows", lambda r: r["forced_rows"]),
+                 ("forced rows", lambda r: r["forced_rows"], ".0f"),
                  ("forced vqa traces imply the answer", lambda r: r["forced_consistent"])]
     if name == "objective":
-        cols += [("KL/token text: mean, var", lambda r: r["kl_text_mean"]), ("", lambda r: r["kl_text_var"]),
-                 ("KL/token image: mean, var", lambda r: r["kl_image_mean"]), ("", lambda r: r["kl_image_var"]),
-                 ("peak RSS MiB", lambda r: r["peak_mem_mb"])]
-    lines = ["| variant | " + " | ".join(c for c, _ in cols) + " |", "|---|" + "---|" * len(cols)]
+        cols += [("KL per text token: mean", lambda r: r["kl_text_mean"], ".3g"),
+                 ("KL per text token: var", lambda r: r["kl_text_var"], ".3g"),
+                 ("KL per image token: mean", lambda r: r["kl_image_mean"], ".3g"),
+                 ("KL per image token: var", lambda r: r["kl_image_var"], ".3g"),
+                 ("peak RSS MiB", lambda r: r["peak_mem_mb"], ".0f")]
+    cols = [c if len(c) == 3 else (*c, ".3f") for c in cols]          # (header, value of a run, format)
+    lines = ["| variant | " + " | ".join(c[0] for c in cols) + " |", "|---|" + "---|" * len(cols)]
     for v, rs in runs.items():
-        lines.append(f"| {v} | " + " | ".join(mean_sd([f(r) for r in rs]) for _, f in cols) + " |")
+        lines.append(f"| {v} | " + " | ".join(mean_sd([f(r) for r in rs], fmt) for _, f, fmt in cols) + " |")
     return "\n".join(lines)
 
 
