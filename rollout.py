@@ -233,6 +233,9 @@ def rollout_task(model, bundle, task: str, idx: list[int], cfg, device, autocast
     stats["forced_rows"] = len(f_idx)
     if tree:      # what each round found, and how different its N samples are (the tree study)
         stats.update(round_reward=round_means, round_max=[r.amax(1).mean().item() for r in rews],
-                     round_hamming=[pairwise_hamming(t[:, :, P:P + lay.R]) for t in toks])
+                     # diversity of the pictures when the task draws one (the plan text is shared by
+                     # every child of a branch), else of the text
+                     round_hamming=[pairwise_hamming(t[:, :, P + lay.R_text:P + lay.R] if lay.n_img
+                                                     else t[:, :, P:P + lay.R_text]) for t in toks])
     return Rollouts(task, rows.rows(keep.nonzero().squeeze(1)), flat_adv[keep], r_on, stats)
 

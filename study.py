@@ -55,7 +55,8 @@ studies share is trained once per seed:
              passes; one_step at 1), reward curves and held-out metrics
   tree       tree search on edit at equal samples per prompt, no training: i.i.d. sampling vs
              branching early / late / in several rounds: mean and max reward of the group and the
-             children's diversity (mean pairwise Hamming distance of their tokens)
+             pictures' diversity (mean pairwise Hamming distance of their codes), on the start and
+             on an early SFT checkpoint (--early_steps) where edit still has headroom
   estimator_variance  estimators.py (variance, bias and rank correlation against exact
              enumeration) on the start checkpoint, one run per seed
 
@@ -498,53 +499,70 @@ def ablation(names: list[str], argv: list[str]):
 # variant -> (rl.tree_schedule, samples per round); every variant of a block draws the same number
 # of samples per prompt (16 or 32). Toy edit has 16 image steps: step 2 is the paper's 8 of 64, step 4
 # its "late" 16 of 64.
-TREE = {"iid x16": ("0", 16), "[0,2] early": ("0,2", 8), "[0,4] late": ("0,4", 8), "[0,8] later": ("0,8", 8),
+TREE = {"iid x16": ("0", 16), "[0,2] early": ("0,2", 8), "[0,4] late": ("0,4", 8),
         "iid x32": ("0", 32), "[0,2,4,8] rounds": ("0,2,4,8", 8)}
 
 
+def early_checkpoint(steps: int) -> str:
+    """A weaker checkpoint of the same SFT recipe (`steps` steps, its own cosine schedule): edit
+    still has headroom there, which the saturated start lacks."""
+    out = os.path.join(START_ROOT, f"early{steps}")
+    if not os.path.exists(os.path.join(out, "sft_curve.json")):
+        os.makedirs(out, exist_ok=True)
+        run([sys.executable, "train.py", *WORLD, "--stage=sft", f"--out_dir={out}", f"--train.max_steps={steps}",
+             "--train.eval_interval=1000", "--seed=0"], os.path.join(out, "run.log"))
+    return os.path.join(out, "ckpt_sft.pt")
+
+
 def tree(argv: list[str]):
-    """Mean and max reward per group and the samples' diversity for each schedule of TREE on
-    --n_prompts validation edit prompts, from --ckpt (default: the shared start)."""
-    _, opts = C.get_config(argv, extra={"seeds": "0,1,2", "ckpt": "", "n_prompts": 64, "start_steps": 6000})
+    """Mean and max reward per group and the pictures' diversity for each schedule of TREE on
+    --n_prompts validation edit prompts, on the shared start and on an early SFT checkpoint
+    (--early_steps) where edit has headroom."""
+    _, opts = C.get_config(argv, extra={"seeds": "0,1,2", "n_prompts": 48, "start_steps": 6000,
+                                        "early_steps": 1000, "commit": ""})
     seeds, t0 = [int(x) for x in opts["seeds"].split(",")], time.time()
     torch.set_num_threads(1)
-    ckpt = opts["ckpt"] or shared_start(START_ROOT, opts["start_steps"])[0]
-    cfg, bundle, model, vq, _ = common.load_run(ckpt, os.path.join("runs", "tree"), "study.py tree")
-    idx = list(range(min(opts["n_prompts"], len(bundle.sets["edit"]["val"]))))
-    rows = {}
-    for name, (sched, n) in TREE.items():
-        rows[name] = []
-        for sd in seeds:
-            c = replace(cfg, rl=replace(cfg.rl, tree_schedule=sched, group_size=n, tree_tasks="edit", af_prob=0.0))
-            gen = torch.Generator().manual_seed(sd)
-            t1 = time.time()
-            ro = RO.rollout_task(model, bundle, "edit", idx, c, "cpu", nullcontext(), vq, gen, split="val")
-            r = ro.rewards                                                           # (G, samples)
-            rows[name].append({"samples": r.shape[1], "mean": r.mean().item(), "max": r.amax(1).mean().item(),
-                               "round_mean": ro.stats["round_reward"], "round_max": ro.stats["round_max"],
-                               "round_hamming": ro.stats["round_hamming"], "seconds": time.time() - t1})
-            print(f"tree {name} seed {sd}: mean {rows[name][-1]['mean']:.3f} max {rows[name][-1]['max']:.3f} "
-                  f"hamming {ro.stats['round_hamming']} ({time.time() - t1:.0f}s)", flush=True)
-    lines = ["| schedule | samples / prompt | group mean reward | group max reward | diversity of round 0 | "
-             "diversity of the branched rounds |", "|---|---|---|---|---|---|"]
-    for name, rs in rows.items():
-        branched = [float(np.mean(r["round_hamming"][1:])) for r in rs] if len(rs[0]["round_hamming"]) > 1 else []
-        lines.append(f"| {name} | {rs[0]['samples']} | {mean_sd([r['mean'] for r in rs])} | "
-                     f"{mean_sd([r['max'] for r in rs])} | {mean_sd([r['round_hamming'][0] for r in rs])} | "
-                     f"{mean_sd(branched)} |")
-    note = ("Diversity: the mean pairwise Hamming distance between the samples of one round of one prompt "
-            f"(share of differing response tokens). {len(idx)} validation edit prompts, temperature "
-            f"{cfg.rl.temperature}, checkpoint {ckpt}.")
-    res = {**meta("tree", argv, seeds, t0, ckpt=ckpt, n_prompts=len(idx), schedules=TREE), "rows": rows}
+    ckpts = {"start": shared_start(START_ROOT, opts["start_steps"])[0],
+             f"early ({opts['early_steps']} SFT steps)": early_checkpoint(opts["early_steps"])}
+    rows, lines = {}, ["| checkpoint | schedule | samples / prompt | group mean reward | group max reward | "
+                       "diversity, round 0 | diversity, branched rounds |", "|---|---|---|---|---|---|---|"]
+    for label, ckpt in ckpts.items():
+        cfg, bundle, model, vq, _ = common.load_run(ckpt, os.path.join("runs", "tree"), "study.py tree")
+        idx = list(range(min(opts["n_prompts"], len(bundle.sets["edit"]["val"]))))
+        rows[label] = {}
+        for name, (sched, n) in TREE.items():
+            rs = rows[label][name] = []
+            for sd in seeds:
+                c = replace(cfg, rl=replace(cfg.rl, tree_schedule=sched, group_size=n, tree_tasks="edit", af_prob=0.0))
+                t1 = time.time()
+                ro = RO.rollout_task(model, bundle, "edit", idx, c, "cpu", nullcontext(), vq,
+                                     torch.Generator().manual_seed(sd), split="val")
+                r = ro.rewards                                                       # (G, samples)
+                rs.append({"samples": r.shape[1], "mean": r.mean().item(), "max": r.amax(1).mean().item(),
+                           "round_mean": ro.stats["round_reward"], "round_max": ro.stats["round_max"],
+                           "round_hamming": ro.stats["round_hamming"], "seconds": time.time() - t1})
+                print(f"tree {label} {name} seed {sd}: mean {rs[-1]['mean']:.3f} max {rs[-1]['max']:.3f} "
+                      f"diversity {[round(h, 3) for h in ro.stats['round_hamming']]} ({time.time() - t1:.0f}s)",
+                      flush=True)
+            branched = [float(np.mean(r["round_hamming"][1:])) for r in rs] if len(rs[0]["round_hamming"]) > 1 else []
+            lines.append(f"| {label} | {name} | {rs[0]['samples']} | {mean_sd([r['mean'] for r in rs])} | "
+                         f"{mean_sd([r['max'] for r in rs])} | {mean_sd([r['round_hamming'][0] for r in rs])} | "
+                         f"{mean_sd(branched)} |")
+    note = ("Diversity: the mean pairwise Hamming distance between the pictures (VQ codes) drawn in one round for "
+            f"one prompt. {opts['n_prompts']} validation edit prompts, temperature {cfg.rl.temperature}; a "
+            "branched round continues the best picture so far from the given image step.")
+    res = {**meta("tree", argv, seeds, t0, opts["commit"], ckpts=ckpts, n_prompts=opts["n_prompts"], schedules=TREE),
+           "rows": rows}
     plt = pyplot()
     if plt is not None:
-        fig, ax = plt.subplots(figsize=(6, 3.6))
-        for i, (name, rs) in enumerate(rows.items()):
-            m = np.mean([r["round_max"] for r in rs], 0)
-            ax.plot(range(len(m)), np.maximum.accumulate(m), marker="o", color=f"C{i}", label=name)
-        ax.set(xlabel="round", ylabel="best reward of the round\n(group max, running)", title="tree search (edit)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        fig, axes = plt.subplots(1, len(ckpts), figsize=(5 * len(ckpts), 3.6))
+        for ax, (label, by) in zip(axes, rows.items()):
+            for i, (name, rs) in enumerate(by.items()):
+                m = np.mean([np.maximum.accumulate(r["round_max"]) for r in rs], 0)
+                ax.plot(np.arange(1, len(m) + 1) * rs[0]["samples"] // len(m), m, marker="o", color=f"C{i}", label=name)
+            ax.set(xlabel="samples per prompt", ylabel="best reward so far\n(mean over prompts)", title=f"edit, {label}")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
         fig.tight_layout()
         save_figure(fig, "tree", os.path.join("runs", "tree"))
     publish("tree", res, "\n".join(lines) + "\n\n![tree](results/tree.png)", note, run_dir=os.path.join("runs", "tree"))
