@@ -39,7 +39,7 @@ are scarce (--data.n_sft, a few hundred to a thousand traced examples per family
          skipped with a note without it)
 
 The ablations (one of the paper's claims each, METHOD.md §10): RL from the start checkpoint with
-RL_FLAGS plus the variant's flags, --arm_s seconds each (default 240), one thread, two side by side,
+ABLATION_FLAGS plus the variant's flags, --arm_s seconds each (default 240), one thread, two side by side,
 judged like the rl arm (best checkpoint on val, then held-out). A run is stored under
 runs/ablations/seed<s>/rl-<hash of its RL config and budget>, so the default variant that four
 studies share is trained once per seed:
@@ -88,6 +88,8 @@ import rollout as RO
 # validation examples per family
 WORLD = ["--preset=toy", "--data.n_sft=1000", "--data.n_rl=5000", "--data.n_eval=200", "--data.n_val=200"]
 RL_FLAGS = ["--rl.ppo_epochs=2", "--rl.af_prob=0.1"]
+# the ablations vary one thing each around the paper's setting: answer-forcing at 10 %, mu = 2
+ABLATION_FLAGS = ["--rl.ppo_epochs=2", "--rl.af_prob=0.1"]
 ARMS = {
     "rl": ["--stage=rl", "--rl.eval_interval=15"] + RL_FLAGS,
     "sft": ["--stage=sft", "--train.lr=3e-4", "--train.warmup=0", "--train.eval_interval=400"],
@@ -468,7 +470,7 @@ def ablation(names: list[str], argv: list[str]):
     start = os.path.join(START_ROOT, "start", "ckpt_sft.pt")
     if not opts["report"]:
         start, _ = shared_start(START_ROOT, opts["start_steps"])
-    flags = lambda name, v: ["--stage=rl", "--rl.eval_interval=15", *RL_FLAGS, *ABLATIONS[name][v]]
+    flags = lambda name, v: ["--stage=rl", "--rl.eval_interval=15", *ABLATION_FLAGS, *ABLATIONS[name][v]]
     out = lambda name, v, sd: os.path.join(root, f"seed{sd}", run_key(flags(name, v), opts["arm_s"]))
     todo = {}                                       # folder -> (flags, seed): each distinct run once
     for sd in seeds:
@@ -485,7 +487,7 @@ def ablation(names: list[str], argv: list[str]):
         cmds = {f"{v}_seed{sd}": " ".join(run_commands(out(name, v, sd), start, flags(name, v), sd, opts["arm_s"])[0][1:])
                 for v in ABLATIONS[name] for sd in seeds}
         res = {**meta(name, argv, seeds, None if opts["report"] else t0, opts["commit"], arm_s=opts["arm_s"],
-                      rl_flags=RL_FLAGS,
+                      rl_flags=ABLATION_FLAGS,
                       variants=ABLATIONS[name]),
                "runs": runs, "commands": cmds,
                "wall_s": {f"{v}_seed{sd}": walls.get(out(name, v, sd)) for v in ABLATIONS[name] for sd in seeds}}

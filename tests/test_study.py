@@ -16,7 +16,7 @@ import study
 @pytest.mark.parametrize("name", list(study.ABLATIONS))
 def test_every_ablation_variant_is_a_valid_config(name):
     for variant, flags in study.ABLATIONS[name].items():
-        cfg = C.get_config([*study.WORLD, "--stage=rl", *study.RL_FLAGS, *flags])
+        cfg = C.get_config([*study.WORLD, "--stage=rl", *study.ABLATION_FLAGS, *flags])
         if name == "af_ratio":
             assert cfg.rl.af_prob == float(variant.split("=")[1])
         if name == "gamma":
