@@ -87,13 +87,15 @@ import rollout as RO
 # the world of the protocol: scarce traces, a large answer-only pool, 200 held-out and 200
 # validation examples per family
 WORLD = ["--preset=toy", "--data.n_sft=1000", "--data.n_rl=5000", "--data.n_eval=200", "--data.n_val=200"]
-RL_FLAGS = ["--rl.ppo_epochs=2", "--rl.af_prob=0.1"]
+RL_FLAGS = ["--rl.ppo_epochs=2", "--rl.af_prob=0.5"]
 # the ablations vary one thing each around the paper's setting: answer-forcing at 10 %, mu = 2
 ABLATION_FLAGS = ["--rl.ppo_epochs=2", "--rl.af_prob=0.1"]
 ARMS = {
     "rl": ["--stage=rl", "--rl.eval_interval=15"] + RL_FLAGS,
+    "rl_af0.1": ["--stage=rl", "--rl.eval_interval=15"] + ABLATION_FLAGS,
     "sft": ["--stage=sft", "--train.lr=3e-4", "--train.warmup=0", "--train.eval_interval=400"],
     "rft": ["--stage=rl", "--rl.eval_interval=15", "--rl.advantage=rft", "--rl.af_prob=0"],
+    "rft_af0.5": ["--stage=rl", "--rl.eval_interval=15", "--rl.advantage=rft", "--rl.af_prob=0.5"],
 }
 METRICS = ("vqa_acc", "ground_miou", "edit_score")
 START_ROOT = os.path.join("runs", "rl_vs_sft")        # the shared start lives in its start/ folder
@@ -211,62 +213,61 @@ def diagnostics(job: dict) -> dict:
 
 
 def report(root: str, jobs: list[dict], start_eval: dict, meta: dict) -> dict:
-    """results/rl_vs_sft.json, the markdown table (printed and saved) and the plot."""
+    """results/rl_vs_sft.json (per arm a list of the held-out metrics, one entry per seed), the
+    table (results/rl_vs_sft.md and its block in RESULTS.md) and the plot. An arm or seed without a
+    finished run is left out (and said so), so a partial study still reports what it has."""
+    jobs = [j for j in jobs if os.path.exists(os.path.join(j["dir"], "heldout.json"))]
+    arms = [a for a in ARMS if any(j["arm"] == a for j in jobs)]
     res = {"start": [{k: start_eval[k] for k in METRICS}]}
-    for arm in ARMS:
-        res[arm] = [{k: json.load(open(os.path.join(j["dir"], "heldout.json")))[k] for k in METRICS}
+    for arm in arms:
+        res[arm] = [{"seed": j["seed"], **{k: json.load(open(os.path.join(j["dir"], "heldout.json")))[k] for k in METRICS}}
                     for j in sorted(jobs, key=lambda j: j["seed"]) if j["arm"] == arm]
     res["diagnostics"] = {f"{j['arm']}_seed{j['seed']}": diagnostics(j) for j in jobs}
-    res.update(meta, wall_s={f"{j['arm']}_seed{j['seed']}": j["wall_s"] for j in jobs},
+    res.update(meta, arms={a: ARMS[a] for a in arms}, wall_s={f"{j['arm']}_seed{j['seed']}": j["wall_s"] for j in jobs},
                commands={f"{j['arm']}_seed{j['seed']}": [j["command"], j["eval_command"]] for j in jobs})
-    os.makedirs("results", exist_ok=True)
-    common.write_json(os.path.join("results", "rl_vs_sft.json"), res)
-    lines = ["| arm | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
-    for arm in ["start", *ARMS]:
+    lines = ["| arm | seeds | " + " | ".join(METRICS) + " |", "|---|---|" + "---|" * len(METRICS)]
+    for arm in ["start", *arms]:
         cells = []
         for k in METRICS:
-            v = np.array([r[k] for r in res[arm]])
-            each = "/".join(f"{x:.3f}" for x in v)
-            cells.append(f"{v.mean():.3f} ± {v.std():.3f} ({each})" if len(v) > 1 else f"{v.mean():.3f}")
-        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
-    table = "\n".join(lines)
-    with open(os.path.join(root, "table.md"), "w") as f:
-        f.write(table + "\n")
-    print(table)
+            v = [r[k] for r in res[arm]]
+            cells.append(mean_sd(v) + (f" ({' / '.join(f'{x:.3f}' for x in v)})" if len(v) > 1 else ""))
+        seeds = ",".join(str(r["seed"]) for r in res[arm]) if arm != "start" else "-"
+        lines.append(f"| {arm} | {seeds} | " + " | ".join(cells) + " |")
     plot(root, jobs)
+    publish("rl_vs_sft", res, "\n".join(lines) + "\n\n![rl_vs_sft](results/rl_vs_sft.png)", run_dir=root)
     return res
 
 
 def plot(root: str, jobs: list[dict]):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("study: matplotlib is not installed, no plot (pip install matplotlib)")
+    plt = pyplot()
+    if plt is None:
         return
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    colours = {"rl": "tab:red", "sft": "tab:blue", "rft": "tab:green"}
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    colours = {"rl": "tab:red", "rl_af0.1": "tab:orange", "sft": "tab:blue", "rft": "tab:green",
+               "rft_af0.5": "tab:olive"}
     for j in jobs:
         xs, ys = curve(j["dir"], "sft" if j["arm"] == "sft" else "rl")
-        ax.plot(xs, ys, color=colours[j["arm"]], alpha=0.8, marker=".",
-                label=j["arm"] if j["seed"] == min(x["seed"] for x in jobs) else None)
+        first = j["seed"] == min(x["seed"] for x in jobs if x["arm"] == j["arm"])
+        ax.plot(xs, ys, color=colours.get(j["arm"], "tab:gray"), alpha=0.8, marker=".", label=j["arm"] if first else None)
     ax.set_xlabel("training seconds (1 CPU thread)")
     ax.set_ylabel("validation score\n(mean of vqa acc, mIoU, edit)")
-    ax.legend()
+    ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(os.path.join("results", "rl_vs_sft.png"), dpi=120)
-    print("wrote results/rl_vs_sft.png")
+    save_figure(fig, "rl_vs_sft", root)
 
 
 def rl_vs_sft(argv: list[str]):
     _, opts = C.get_config(argv, extra={"seeds": "0,1,2", "arm_s": 600.0, "start_steps": 6000,
-                                        "root": os.path.join("runs", "rl_vs_sft"), "report": False,
-                                        "commit": ""})
+                                        "root": START_ROOT, "report": False, "commit": "",
+                                        "arms": ",".join(ARMS)})
     root, seeds = opts["root"], [int(s) for s in opts["seeds"].split(",")]
+    arms = opts["arms"].split(",")
+    if set(arms) - set(ARMS):
+        raise SystemExit(f"--arms={opts['arms']}: unknown arm(s) {sorted(set(arms) - set(ARMS))}; the arms are "
+                         f"{', '.join(ARMS)}")
     t0 = time.time()
-    specs = [(arm, s) for s in seeds for arm in ARMS]
+    specs = [(arm, s) for s in seeds for arm in arms]
     start = os.path.join(root, "start", "ckpt_sft.pt")
     held = os.path.join(root, "start", "heldout.json")
     if opts["report"]:                      # only read what the runs wrote
@@ -277,12 +278,8 @@ def rl_vs_sft(argv: list[str]):
         shared_start(root, opts["start_steps"])
         with ThreadPoolExecutor(max_workers=2) as pool:        # two arms side by side, one thread each
             jobs = list(pool.map(lambda a_s: arm_job(root, start, a_s[0], a_s[1], opts["arm_s"]), specs))
-    run_args = [a for a in argv if not a.startswith(("--report", "--commit", "--root"))]
-    meta = {"command": "python study.py rl_vs_sft " + " ".join(run_args),
-            "commit": opts["commit"] or common.git_commit(),      # --commit: the one the runs were made at
-            "hardware": hardware(), "arm_s": opts["arm_s"], "seeds": seeds, "world": WORLD,
-            "rl_flags": RL_FLAGS, "study_wall_s": None if opts["report"] else round(time.time() - t0, 1)}
-    report(root, jobs, json.load(open(held)), meta)
+    report(root, jobs, json.load(open(held)), meta("rl_vs_sft", argv, seeds, None if opts["report"] else t0,
+                                                    opts["commit"], arm_s=opts["arm_s"], rl_flags=RL_FLAGS))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -44,3 +44,10 @@ def test_mean_sd_skips_missing_values():
     assert study.mean_sd([1.0, 3.0]) == "2.000 ± 1.000"
     assert study.mean_sd([None, 2.0, float("nan")]) == "2.000"
     assert study.mean_sd([None]) == "-"
+
+
+def test_every_rl_vs_sft_arm_is_a_valid_config():
+    for arm, flags in study.ARMS.items():
+        cfg = C.get_config([*study.WORLD, *flags])
+        assert (cfg.rl.advantage == "rft") == arm.startswith("rft")
+    assert study.ARMS["rl"][-len(study.RL_FLAGS):] == study.RL_FLAGS
