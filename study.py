@@ -1,7 +1,7 @@
 """
 Studies: one named experiment, several seeds, one table, one plot, one results file.
 
-    python study.py rl_vs_sft                          # RL vs continued SFT vs RFT (about 85 min on 2 cores)
+    python study.py rl_vs_sft                          # RL vs continued SFT vs RFT (about 2 h 20 min on 2 cores)
     python study.py rl_vs_sft --seeds=0 --arm_s=120    # a quick look
     python study.py rl_vs_sft --report                 # rebuild the table and plot from finished runs
                                                        # (--commit=HASH: the commit the runs were made at)
@@ -25,12 +25,18 @@ are scarce (--data.n_sft, a few hundred to a thousand traced examples per family
   start  one SFT checkpoint trained on the traced pool until its validation curve is flat
          (--start_steps; shared by every arm and seed; its curve is in start/sft_curve.json)
   arms   from that checkpoint, the same wall-clock budget each (--arm_s seconds of training, quick
-         evals not counted), one CPU thread each, two arms side by side:
-           rl   the unified objective, Eq. (U), with the flags in RL_FLAGS
-           sft  continued SFT on the same traced pool (lr 3e-4, the RL stage's)
-           rft  rejection-sampling fine-tuning: the RL loop with A = 1 on the samples the reward
-                accepts and 0 elsewhere (rl.advantage=rft), the strongest simple baseline for RL
-                with verifiable rewards; same SFT rows, prompts and sampler as rl
+         evals not counted), one CPU thread each, two arms side by side (--arms picks some):
+           rl         the unified objective, Eq. (U), with the flags in RL_FLAGS: mu = 2 and
+                      answer-forcing on half of the all-failed groups (p = 0.5, chosen over the
+                      paper's 0.1 in a one-seed screen of the levers, RESULTS.md 4.0)
+           rl_af0.1   the same with the paper's p = 0.1
+           sft        continued SFT on the same traced pool (lr 3e-4, the RL stage's)
+           rft        rejection-sampling fine-tuning: the RL loop with A = 1 on the samples the
+                      reward accepts and 0 elsewhere (rl.advantage=rft), the strongest simple
+                      baseline for RL with verifiable rewards; same SFT rows, prompts and sampler
+           rft_af0.5  rft that also keeps the accepted answer-forced samples (p = 0.5): SFT on
+                      reasoning inpainted for the known answer (STaR's rationalisation), the
+                      simple baseline that sees the same answers as rl
   select every arm keeps its best checkpoint by the quick evals on the validation split (disjoint
          from the held-out split), so an arm that degrades is not judged by its last step
   report held-out metrics (eval split, eval.n_per_task per task) of each arm's best checkpoint,
