@@ -25,6 +25,11 @@ the advantages of Eq. (A). The rollout side of LaViDa-R1 (arXiv 2602.14147), MET
                   the best sample. Reading taken: no distillation target when the best reward is 0
                   (imitating a failed sample cannot be what self-distillation means).
 
+Each task's stats (the RL log) also carry what the ablation studies (study.py) read: the
+on-policy unparsable-answer rate, whether each forced vqa sample's inpainted reasoning implies the
+answer it was forced to end in (rewards.trace_answer), and for tree search the best reward of each
+round and the diversity of its samples (pairwise_hamming).
+
 Exercise: python -m pytest tests/test_rollout.py -q
 """
 from __future__ import annotations
