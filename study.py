@@ -297,8 +297,10 @@ def publish(name: str, res: dict, table: str, note: str = "", run_dir: str = "")
     when the page has none)."""
     os.makedirs("results", exist_ok=True)
     common.write_json(os.path.join("results", f"{name}.json"), res)
-    head = (f"*{time.strftime('%Y-%m-%d')} · commit {res['commit']} · {res['hardware']} · seeds "
-            f"{','.join(map(str, res['seeds']))} · study wall time {res['study_wall_s']} s*\n\n"
+    wall = (f"study wall time {res['study_wall_s']:.0f} s" if res.get("study_wall_s") is not None
+            else "table rebuilt from the finished runs (--report)")
+    head = (f"*{time.strftime('%Y-%m-%d')} · runs at commit {res['commit']} · {res['hardware']} · seeds "
+            f"{','.join(map(str, res['seeds']))} · {wall}*\n\n"
             f"    {res['command']}\n\n")
     body = head + table + ("\n\n" + note if note else "") + "\n"
     for d in ("results", run_dir):
