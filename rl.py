@@ -86,6 +86,12 @@ def unified_loss(model, batch: D.Batch, adv: torch.Tensor, tok, rc, n_total: int
         J = clipped_objective(logp, logp_old, adv, scored, rc.clip_eps) / n_total
     loss = -J
     stats = {"logp_per_tok": (seq.sum() / scored.sum().clamp(min=1)).item()}
+    # the per-token NLL of text and of image tokens: how uncertain the policy is on each kind (the
+    # paper's reason to drop the KL term is image NLL > 6 against text < 2)
+    img = batch.is_image[:, batch.P:batch.P + logp.shape[1]]
+    for name, sel in (("text", scored & ~img), ("image", scored & img)):
+        if sel.any():
+            stats[f"nll_{name}"] = -logp.detach()[sel].mean().item()
     if ref_model is not None:
         with torch.no_grad():
             ref, _ = token_logp(ref_model, batch, tok, rc, seed)                    # the same masks
@@ -95,7 +101,6 @@ def unified_loss(model, batch: D.Batch, adv: torch.Tensor, tok, rc, n_total: int
         stats["kl"] = (kl.sum() / scored.sum().clamp(min=1)).item()
         # the ablation's question: is the KL term noisier on image tokens than on text tokens?
         # Mean and variance of the per-token k3 term over the scored tokens of each kind.
-        img = batch.is_image[:, batch.P:batch.P + kl.shape[1]]
         for name, sel in (("text", scored & ~img), ("image", scored & img)):
             if sel.any():
                 v = kl.detach()[sel]

@@ -364,14 +364,16 @@ def run_summary(out: str) -> dict:
     checkpoint; the training reward per step (mean over tasks); per task the mean reward of the last
     third of the steps, the share of groups with a nonzero advantage and with a GRPO signal, the
     unparsable-answer rate, and (vqa) how often a forced sample's reasoning implies its answer; the
-    KL term's per-token mean and variance on text and image tokens (runs with a reference); peak memory."""
+    per-token NLL of text and image tokens, the KL term's per-token mean and variance on each
+    (runs with a reference); peak memory."""
     log = [h for h in json.load(open(os.path.join(out, "rl_log.json"))) if not h.get("nonfinite")]
     held = json.load(open(os.path.join(out, "heldout.json")))
     tasks = [t for t in RL_TASKS if t in log[-1]]
     per = lambda key, t, hs=log: [h[t][key] for h in hs if key in h[t]]
     last = log[len(log) * 2 // 3:]
     forced = [(h["vqa"]["forced_consistent"], h["vqa"]["forced_rows"]) for h in log if "forced_consistent" in h.get("vqa", {})]
-    kl = {k: [h[k] for h in log if k in h] for k in ("kl_text_mean", "kl_text_var", "kl_image_mean", "kl_image_var")}
+    kl = {k: [h[k] for h in log if k in h] for k in ("kl_text_mean", "kl_text_var", "kl_image_mean", "kl_image_var",
+                                                        "nll_text", "nll_image")}
     return {
         "heldout": {k: held[k] for k in (*METRICS, "ground_p50")},
         "steps": log[-1]["step"], "train_s": log[-1]["seconds"],
@@ -410,7 +412,9 @@ def ablation_table(name: str, runs: dict[str, list[dict]]) -> str:
                  ("forced rows", lambda r: r["forced_rows"], ".0f"),
                  ("forced vqa traces imply the answer", lambda r: r["forced_consistent"])]
     if name == "objective":
-        cols += [("KL per text token: mean", lambda r: r["kl_text_mean"], ".3g"),
+        cols += [("NLL per text token", lambda r: r.get("nll_text"), ".3g"),
+                 ("NLL per image token", lambda r: r.get("nll_image"), ".3g"),
+                 ("KL per text token: mean", lambda r: r["kl_text_mean"], ".3g"),
                  ("KL per text token: var", lambda r: r["kl_text_var"], ".3g"),
                  ("KL per image token: mean", lambda r: r["kl_image_mean"], ".3g"),
                  ("KL per image token: var", lambda r: r["kl_image_var"], ".3g"),

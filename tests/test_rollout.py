@@ -766,7 +766,8 @@ def test_forced_consistency_and_unparsable_rate_count_the_right_rows(world, monk
 
 def test_kl_statistics_split_text_and_image_tokens(world):
     """With a reference model, the per-token k3 KL's mean and variance on text and on image tokens
-    are those of the scored tokens of each kind (recomputed from two token_logp calls on the same masks)."""
+    are those of the scored tokens of each kind (recomputed from two token_logp calls on the same
+    masks), and so is the per-token NLL of each kind."""
     w = world
     tok = w.tok
     sets = {"vqa": w.bundle.sets["vqa"]["sft"], "edit": w.bundle.sets["edit"]["sft"]}
@@ -779,6 +780,7 @@ def test_kl_statistics_split_text_and_image_tokens(world):
         lr_, _ = rl.token_logp(ref, batch, tok, rc, 17)
     img = batch.is_image[:, batch.P:]
     for name, sel in (("text", scored & ~img), ("image", scored & img)):
+        assert math.isclose(stats[f"nll_{name}"], -lp[sel].mean().item(), rel_tol=1e-5)
         vals = [math.exp(a - b) - (a - b) - 1 for a, b in zip(lr_[sel].tolist(), lp[sel].tolist())]
         m = sum(vals) / len(vals)
         assert math.isclose(stats[f"kl_{name}_mean"], m, rel_tol=1e-4)
