@@ -302,7 +302,8 @@ def publish(name: str, res: dict, table: str, note: str = "", run_dir: str = "")
     head = (f"*{time.strftime('%Y-%m-%d')} · runs at commit {res['commit']} · {res['hardware']} · seeds "
             f"{','.join(map(str, res['seeds']))} · {wall}*\n\n"
             f"    {res['command']}\n\n")
-    body = head + table + ("\n\n" + note if note else "") + "\n"
+    body = (head + table + ("\n\n" + note if note else "") +
+            f"\n\nEvery run's command, wall time and numbers: `results/{name}.json`.\n")
     for d in ("results", run_dir):
         if d:
             os.makedirs(d, exist_ok=True)
