@@ -68,6 +68,30 @@ def clipped_objective(logp: torch.Tensor, logp_old: torch.Tensor, adv: torch.Ten
     return (torch.minimum(rho * a, rho.clamp(1 - eps, 1 + eps) * a) * scored).sum()
 
 
+def kind_sums(name: str, values: torch.Tensor, kinds: dict[str, torch.Tensor]) -> dict:
+    """Sums of one per-token quantity over the tokens of each kind, to be added up over
+    micro-batches and turned into a mean and a variance once per step (finish_kind_stats):
+    values (M, R); kinds {kind: (M, R) bool}. Keys "<name>_<kind>_{n,sum,sq}"."""
+    out = {}
+    for kind, sel in kinds.items():
+        v = values[sel].double()
+        out.update({f"{name}_{kind}_n": float(v.numel()), f"{name}_{kind}_sum": v.sum().item(),
+                    f"{name}_{kind}_sq": (v * v).sum().item()})
+    return out
+
+
+def finish_kind_stats(terms: dict) -> dict:
+    """Replace the summed "<q>_n/_sum/_sq" entries of kind_sums by "<q>_mean" and "<q>_var" (the
+    population variance over every token of the step); a kind with no token gets neither."""
+    out = {k: v for k, v in terms.items() if not k.endswith(("_n", "_sum", "_sq"))}
+    for k in [k[:-2] for k in terms if k.endswith("_n")]:
+        n = terms[f"{k}_n"]
+        if n > 0:
+            mean = terms[f"{k}_sum"] / n
+            out[f"{k}_mean"], out[f"{k}_var"] = mean, max(0.0, terms[f"{k}_sq"] / n - mean * mean)
+    return out
+
+
 def unified_loss(model, batch: D.Batch, adv: torch.Tensor, tok, rc, n_total: int, generator=None,
                  ref_model=None, *, seed: int | None = None, logp_old: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, dict]:
@@ -86,12 +110,12 @@ def unified_loss(model, batch: D.Batch, adv: torch.Tensor, tok, rc, n_total: int
         J = clipped_objective(logp, logp_old, adv, scored, rc.clip_eps) / n_total
     loss = -J
     stats = {"logp_per_tok": (seq.sum() / scored.sum().clamp(min=1)).item()}
-    # the per-token NLL of text and of image tokens: how uncertain the policy is on each kind (the
-    # paper's reason to drop the KL term is image NLL > 6 against text < 2)
+    # per token kind: how uncertain the policy is on text and on image tokens (the paper's reason to
+    # drop the KL term is image NLL > 6 against text < 2). -logp per token is a per-token NLL for
+    # complementary and one_step with logp_norm = "sum" (the objective study's setting).
     img = batch.is_image[:, batch.P:batch.P + logp.shape[1]]
-    for name, sel in (("text", scored & ~img), ("image", scored & img)):
-        if sel.any():
-            stats[f"nll_{name}"] = -logp.detach()[sel].mean().item()
+    kinds = {"text": scored & ~img, "image": scored & img}
+    stats.update(kind_sums("nll", -logp.detach(), kinds))
     if ref_model is not None:
         with torch.no_grad():
             ref, _ = token_logp(ref_model, batch, tok, rc, seed)                    # the same masks
@@ -100,11 +124,7 @@ def unified_loss(model, batch: D.Batch, adv: torch.Tensor, tok, rc, n_total: int
         loss = loss + rc.kl_coef * kl.sum() / n_total
         stats["kl"] = (kl.sum() / scored.sum().clamp(min=1)).item()
         # the ablation's question: is the KL term noisier on image tokens than on text tokens?
-        # Mean and variance of the per-token k3 term over the scored tokens of each kind.
-        for name, sel in (("text", scored & ~img), ("image", scored & img)):
-            if sel.any():
-                v = kl.detach()[sel]
-                stats[f"kl_{name}_mean"], stats[f"kl_{name}_var"] = v.mean().item(), v.var(unbiased=False).item()
+        stats.update(kind_sums("kl", kl.detach(), kinds))
     return loss, stats
 
 
@@ -166,8 +186,8 @@ def rl_step(model, opt, cfg, ctx, bundle, vq, draws: dict, sft: TaskSampler, pic
                                             ref_model=ref, seed=seed, logp_old=old)
             loss.backward()
             terms["loss"] = terms.get("loss", 0.0) + loss.item()      # each part is already / N: they add up to -J
-            for k, v in lstats.items():      # per-token means (and the KL's variances): weighted by rows
-                terms[k] = terms.get(k, 0.0) + v * len(rows) / len(adv)
+            for k, v in lstats.items():      # per-token means: weighted by rows; kind sums: added
+                terms[k] = terms.get(k, 0.0) + (v if k.endswith(("_n", "_sum", "_sq")) else v * len(rows) / len(adv))
         sync_grads(model, ctx)
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip).item()
         # skip or step on the gradient norm: after sync_grads it is the same on every rank (a NaN
@@ -182,7 +202,7 @@ def rl_step(model, opt, cfg, ctx, bundle, vq, draws: dict, sft: TaskSampler, pic
         if bad is not None:
             break
     rec = {"rollout_s": round(t_roll, 2), "update_s": round(time.time() - t0 - t_roll, 2),
-           "grad": round(gnorm, 3), **terms, "nonfinite": bad, "peak_mem_mb": round(peak_memory_mb(dev), 1)}
+           "grad": round(gnorm, 3), **finish_kind_stats(terms), "nonfinite": bad, "peak_mem_mb": round(peak_memory_mb(dev), 1)}
     for r in rolls:
         rec[r.task] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.stats.items()
                        if k != "members"}

@@ -373,8 +373,8 @@ def run_summary(out: str) -> dict:
     per = lambda key, t, hs=log: [h[t][key] for h in hs if key in h[t]]
     last = log[len(log) * 2 // 3:]
     forced = [(h["vqa"]["forced_consistent"], h["vqa"]["forced_rows"]) for h in log if "forced_consistent" in h.get("vqa", {})]
-    kl = {k: [h[k] for h in log if k in h] for k in ("kl_text_mean", "kl_text_var", "kl_image_mean", "kl_image_var",
-                                                        "nll_text", "nll_image")}
+    per_token = {k: [h[k] for h in log if k in h] for k in ("kl_text_mean", "kl_text_var", "kl_image_mean",
+                                                               "kl_image_var", "nll_text_mean", "nll_image_mean")}
     return {
         "heldout": {k: held[k] for k in (*METRICS, "ground_p50")},
         "steps": log[-1]["step"], "train_s": log[-1]["seconds"],
@@ -385,7 +385,7 @@ def run_summary(out: str) -> dict:
         "unparsable": {t: float(np.mean(per("unparsable_frac", t))) for t in ("vqa", "ground") if t in tasks},
         "forced_rows": sum(h[t].get("forced_rows", 0) for h in log for t in ("vqa", "ground") if t in h),
         "forced_consistent": (sum(c * n for c, n in forced) / sum(n for _, n in forced)) if forced else None,
-        **{k: (float(np.mean(v)) if v else None) for k, v in kl.items()},
+        **{k: (float(np.mean(v)) if v else None) for k, v in per_token.items()},
         "peak_mem_mb": max(h.get("peak_mem_mb", 0) for h in log),
         "val_curve": curve(out, "rl"),
     }
@@ -413,8 +413,8 @@ def ablation_table(name: str, runs: dict[str, list[dict]]) -> str:
                  ("forced rows", lambda r: r["forced_rows"], ".0f"),
                  ("forced vqa traces imply the answer", lambda r: r["forced_consistent"])]
     if name == "objective":
-        cols += [("NLL per text token", lambda r: r.get("nll_text"), ".3g"),
-                 ("NLL per image token", lambda r: r.get("nll_image"), ".3g"),
+        cols += [("NLL per text token", lambda r: r.get("nll_text_mean"), ".3g"),
+                 ("NLL per image token", lambda r: r.get("nll_image_mean"), ".3g"),
                  ("KL per text token: mean", lambda r: r["kl_text_mean"], ".3g"),
                  ("KL per text token: var", lambda r: r["kl_text_var"], ".3g"),
                  ("KL per image token: mean", lambda r: r["kl_image_mean"], ".3g"),

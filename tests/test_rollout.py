@@ -775,14 +775,56 @@ def test_kl_statistics_split_text_and_image_tokens(world):
     pol, ref = tiny_model(tok.vocab_size, seed=1, scale=0.2), tiny_model(tok.vocab_size, seed=2, scale=0.2)
     rc = rl_cfg(w, kl_coef=0.1).rl
     _, stats = rl.unified_loss(pol, batch, torch.ones(3), tok, rc, 3, ref_model=ref, seed=17)
+    stats = rl.finish_kind_stats(stats)
     with torch.no_grad():
         lp, scored = rl.token_logp(pol, batch, tok, rc, 17)
         lr_, _ = rl.token_logp(ref, batch, tok, rc, 17)
     img = batch.is_image[:, batch.P:]
     for name, sel in (("text", scored & ~img), ("image", scored & img)):
-        assert math.isclose(stats[f"nll_{name}"], -lp[sel].mean().item(), rel_tol=1e-5)
+        nll = [-x for x in lp[sel].tolist()]
+        assert math.isclose(stats[f"nll_{name}_mean"], sum(nll) / len(nll), rel_tol=1e-5)
         vals = [math.exp(a - b) - (a - b) - 1 for a, b in zip(lr_[sel].tolist(), lp[sel].tolist())]
         m = sum(vals) / len(vals)
         assert math.isclose(stats[f"kl_{name}_mean"], m, rel_tol=1e-4)
         assert math.isclose(stats[f"kl_{name}_var"], sum((v - m) ** 2 for v in vals) / len(vals), rel_tol=1e-3)
     assert int((scored & img).sum()) > 0 and int((scored & ~img).sum()) > 0
+
+
+def test_kind_statistics_merge_over_micro_batches_like_one_batch():
+    """rl_step adds kind_sums over micro-batches: a micro-batch without image tokens must not pull
+    the image mean down, and the variance is over all tokens of the step (not a mean of variances)."""
+    g = torch.Generator().manual_seed(0)
+    v = torch.rand(6, 5, generator=g) * 3
+    img = torch.zeros(6, 5, dtype=torch.bool)
+    img[3:, 2:] = True                                         # rows 0-2: text only
+    kinds = lambda rows: {"text": ~img[rows], "image": img[rows]}
+    whole = rl.finish_kind_stats(rl.kind_sums("q", v, kinds(slice(None))))
+    terms = {}
+    for rows in (slice(0, 3), slice(3, 6)):                    # the first chunk has no image token
+        for k, x in rl.kind_sums("q", v[rows], kinds(rows)).items():
+            terms[k] = terms.get(k, 0.0) + x
+    merged = rl.finish_kind_stats(terms)
+    for kind in ("text", "image"):
+        vals = v[~img if kind == "text" else img]
+        assert math.isclose(merged[f"q_{kind}_mean"], vals.mean().item(), rel_tol=1e-6)
+        assert math.isclose(merged[f"q_{kind}_var"], vals.var(unbiased=False).item(), rel_tol=1e-5)
+        assert math.isclose(merged[f"q_{kind}_mean"], whole[f"q_{kind}_mean"], rel_tol=1e-9)
+    assert not any(k.endswith(("_n", "_sum", "_sq")) for k in merged)
+
+
+def test_run_rl_with_a_reference_logs_per_kind_statistics(world, tmp_path):
+    """The GRPO + KL ablation end to end: a step with edit rollouts and SFT rows (text and image
+    tokens in different micro-batches) logs the per-kind NLL and KL means and variances, at step 1
+    (the first epoch, before any update) with a KL of exactly 0: the policy is its own reference."""
+    import json
+    w = world
+    cfg = rl_cfg(w, sft_rows=4, task_mix="vqa:1,edit:1", af_prob=0.0, max_steps=1, eval_interval=0,
+                 prompts_per_step=1, group_size=2, kl_coef=0.1, tree_schedule="0", temperature=1.0)
+    cfg.train.out_dir, cfg.train.micro_batch = str(tmp_path), 3
+    ctx = SimpleNamespace(device="cpu", autocast=nullcontext(), rank=0, master=True, ddp=False, log=lambda s: None)
+    rl.run_rl(cfg, ctx, w.bundle, w.vq, tiny_model(w.tok.vocab_size, seed=8, scale=0.3))
+    rec = json.load(open(tmp_path / "rl_log.json"))[0]
+    for q in ("nll_text", "nll_image", "kl_text", "kl_image"):
+        assert f"{q}_mean" in rec and f"{q}_var" in rec and rec[f"{q}_var"] >= 0, q
+    assert rec["kl_text_mean"] == rec["kl_image_mean"] == 0.0 and rec["nll_image_mean"] > 0
+    assert not any(k.endswith(("_n", "_sum", "_sq")) for k in rec)
