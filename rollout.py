@@ -236,7 +236,10 @@ def rollout_task(model, bundle, task: str, idx: list[int], cfg, device, autocast
                 trace_answer(x, exs[g].qtype) == normalise(exs[g].answer) for x, g in zip(texts, f_idx.tolist())
             ) / len(f_idx)
     stats["forced_rows"] = len(f_idx)
-    if tree:      # what each round found, and how different its N samples are (the tree study)
+    # tree search's rounds (the tree study): round_reward / round_max are k floats, the mean over the
+    # G prompts of the round's mean / best reward; round_hamming the mean over prompts of the pairwise
+    # Hamming distance (share of differing positions) between the round's N samples
+    if tree:
         stats.update(round_reward=round_means, round_max=[r.amax(1).mean().item() for r in rews],
                      # diversity of the pictures when the task draws one (the plan text is shared by
                      # every child of a branch), else of the text

@@ -222,14 +222,26 @@ def report(root: str, jobs: list[dict], start_eval: dict, meta: dict) -> dict:
     """results/rl_vs_sft.json (per arm a list of the held-out metrics, one entry per seed), the
     table (results/rl_vs_sft.md and its block in RESULTS.md) and the plot. An arm or seed without a
     finished run is left out (and said so), so a partial study still reports what it has."""
-    jobs = [j for j in jobs if os.path.exists(os.path.join(j["dir"], "heldout.json"))]
+    walls = {(j["arm"], j["seed"]): j["wall_s"] for j in jobs}
+    start = os.path.join(root, "start", "ckpt_sft.pt")
+    jobs, missing = [], []
+    for arm in ARMS:                  # every finished run on disk, not only this call's (--arms, --seeds)
+        for sd in sorted({j_sd for _, j_sd in walls} | {int(p[4:]) for p in os.listdir(root) if p.startswith("seed")}):
+            train_cmd, eval_cmd, out = arm_commands(root, start, arm, sd, meta["arm_s"])
+            if os.path.exists(os.path.join(out, "heldout.json")):
+                jobs.append({"arm": arm, "seed": sd, "dir": out, "wall_s": walls.get((arm, sd)),
+                             "command": " ".join(train_cmd[1:]), "eval_command": " ".join(eval_cmd[1:])})
+            else:
+                missing.append(f"{arm} seed {sd}")
+    if missing:
+        print("study: no finished run for " + ", ".join(missing) + " (left out of the table)")
     arms = [a for a in ARMS if any(j["arm"] == a for j in jobs)]
     res = {"start": [{k: start_eval[k] for k in METRICS}]}
     for arm in arms:
         res[arm] = [{"seed": j["seed"], **{k: json.load(open(os.path.join(j["dir"], "heldout.json")))[k] for k in METRICS}}
                     for j in sorted(jobs, key=lambda j: j["seed"]) if j["arm"] == arm]
     res["diagnostics"] = {f"{j['arm']}_seed{j['seed']}": diagnostics(j) for j in jobs}
-    res.update(meta, arms={a: ARMS[a] for a in arms}, wall_s={f"{j['arm']}_seed{j['seed']}": j["wall_s"] for j in jobs},
+    res.update(meta, arms={a: ARMS[a] for a in arms}, not_run=missing, wall_s={f"{j['arm']}_seed{j['seed']}": j["wall_s"] for j in jobs},
                commands={f"{j['arm']}_seed{j['seed']}": [j["command"], j["eval_command"]] for j in jobs})
     lines = ["| arm | seeds | " + " | ".join(METRICS) + " |", "|---|---|" + "---|" * len(METRICS)]
     for arm in ["start", *arms]:
@@ -392,9 +404,11 @@ def run_summary(out: str) -> dict:
 
 
 def run_key(flags: list[str], arm_s: float) -> str:
-    """The folder name of one ablation run: a hash of its whole RL config and budget, so that a
-    variant several studies share (the defaults: p = 0.1, unified, gamma = 0.5, complementary)
-    is trained once per seed and read by each of them."""
+    """The folder name of one ablation run: a hash of its RL config and budget, so that a variant
+    several studies share (the defaults: p = 0.1, unified, gamma = 0.5, complementary) is trained
+    once per seed and read by each of them. Only the rl section is hashed (WORLD and the other
+    sections are fixed in this file), and the code is not: after changing either, delete
+    runs/ablations to redo the runs."""
     cfg = C.get_config([*WORLD, *flags])
     key = json.dumps([C.to_dict(cfg)["rl"], arm_s], sort_keys=True)
     return "rl-" + hashlib.sha1(key.encode()).hexdigest()[:10]
@@ -410,8 +424,8 @@ def ablation_table(name: str, runs: dict[str, list[dict]]) -> str:
     if name == "af_ratio":
         cols += [("nonzero-adv groups (vqa/ground)", lambda r: (r["nonzero_adv"]["vqa"] + r["nonzero_adv"]["ground"]) / 2),
                  ("unparsable (vqa/ground)", lambda r: (r["unparsable"]["vqa"] + r["unparsable"]["ground"]) / 2),
-                 ("forced rows", lambda r: r["forced_rows"], ".0f"),
-                 ("forced vqa traces imply the answer", lambda r: r["forced_consistent"])]
+                 ("forced rows drawn (vqa + ground)", lambda r: r["forced_rows"], ".0f"),
+                 ("forced vqa traces whose lists imply the forced answer", lambda r: r["forced_consistent"])]
     if name == "objective":
         cols += [("NLL per text token", lambda r: r.get("nll_text_mean"), ".3g"),
                  ("NLL per image token", lambda r: r.get("nll_image_mean"), ".3g"),
@@ -419,7 +433,7 @@ def ablation_table(name: str, runs: dict[str, list[dict]]) -> str:
                  ("KL per text token: var", lambda r: r["kl_text_var"], ".3g"),
                  ("KL per image token: mean", lambda r: r["kl_image_mean"], ".3g"),
                  ("KL per image token: var", lambda r: r["kl_image_var"], ".3g"),
-                 ("peak RSS MiB", lambda r: r["peak_mem_mb"], ".0f")]
+                 ("peak memory MiB", lambda r: r["peak_mem_mb"], ".0f")]
     cols = [c if len(c) == 3 else (*c, ".3f") for c in cols]          # (header, value of a run, format)
     lines = ["| variant | " + " | ".join(c[0] for c in cols) + " |", "|---|" + "---|" * len(cols)]
     for v, rs in runs.items():
@@ -493,12 +507,15 @@ def ablation(names: list[str], argv: list[str]):
             for j in pool.map(lambda kv: train_and_eval(kv[0], start, kv[1][0], kv[1][1], opts["arm_s"]), todo.items()):
                 walls[j["dir"]] = j["wall_s"]
     for name in names:
-        runs = {v: [run_summary(out(name, v, sd)) for sd in seeds] for v in ABLATIONS[name]}
+        done = lambda v, sd: os.path.exists(os.path.join(out(name, v, sd), "heldout.json"))
+        missing = [f"{v} seed {sd}" for v in ABLATIONS[name] for sd in seeds if not done(v, sd)]
+        if missing:
+            print(f"study {name}: no finished run for " + ", ".join(missing) + " (left out of the table)")
+        runs = {v: [run_summary(out(name, v, sd)) for sd in seeds if done(v, sd)] for v in ABLATIONS[name]}
         cmds = {f"{v}_seed{sd}": " ".join(run_commands(out(name, v, sd), start, flags(name, v), sd, opts["arm_s"])[0][1:])
                 for v in ABLATIONS[name] for sd in seeds}
         res = {**meta(name, argv, seeds, None if opts["report"] else t0, opts["commit"], arm_s=opts["arm_s"],
-                      rl_flags=ABLATION_FLAGS,
-                      variants=ABLATIONS[name]),
+                      rl_flags=ABLATION_FLAGS, variants=ABLATIONS[name], not_run=missing),
                "runs": runs, "commands": cmds,
                "wall_s": {f"{v}_seed{sd}": walls.get(out(name, v, sd)) for v in ABLATIONS[name] for sd in seeds}}
         plot_ablation(name, runs, root)
@@ -550,7 +567,10 @@ def tree(argv: list[str]):
                 ro = RO.rollout_task(model, bundle, "edit", idx, c, "cpu", nullcontext(), vq,
                                      torch.Generator().manual_seed(sd), split="val")
                 r = ro.rewards                                                       # (G, samples)
+                k = len(ro.stats["round_reward"])                                    # rounds of N = samples / k
+                best = r.view(len(idx), k, -1).amax(2).cummax(1).values.mean(0)      # (k,) best so far, per prompt
                 rs.append({"samples": r.shape[1], "mean": r.mean().item(), "max": r.amax(1).mean().item(),
+                           "best_so_far": best.tolist(),
                            "round_mean": ro.stats["round_reward"], "round_max": ro.stats["round_max"],
                            "round_hamming": ro.stats["round_hamming"], "seconds": time.time() - t1})
                 print(f"tree {label} {name} seed {sd}: mean {rs[-1]['mean']:.3f} max {rs[-1]['max']:.3f} "
@@ -570,7 +590,7 @@ def tree(argv: list[str]):
         fig, axes = plt.subplots(1, len(ckpts), figsize=(5 * len(ckpts), 3.6))
         for ax, (label, by) in zip(axes, rows.items()):
             for i, (name, rs) in enumerate(by.items()):
-                m = np.mean([np.maximum.accumulate(r["round_max"]) for r in rs], 0)
+                m = np.mean([r["best_so_far"] for r in rs], 0)
                 ax.plot(np.arange(1, len(m) + 1) * rs[0]["samples"] // len(m), m, marker="o", color=f"C{i}", label=name)
             ax.set(xlabel="samples per prompt", ylabel="best reward so far\n(mean over prompts)", title=f"edit, {label}")
             ax.grid(alpha=0.3)
@@ -605,8 +625,8 @@ def estimator_variance(argv: list[str]):
         rows.append((f"bias vs exact any-order log-lik, {k} (nats)", lambda d, k=k: d["bias"][k]["minus_any_order"]))
     for k in ("complementary", e2, one):
         rows.append((f"Spearman of one draw with exact any-order, {k}", lambda d, k=k: d["spearman"][k]["any_order"]))
-    rows.append(("response tokens scored per draw, complementary", lambda d: d["coverage"]["complementary"]))
-    rows.append(("response tokens scored per draw, elbo_mc n=1", lambda d: d["coverage"]["elbo_mc n=1"]))
+    rows.append(("share of the response tokens scored per draw, complementary", lambda d: d["coverage"]["complementary"]))
+    rows.append(("share of the response tokens scored per draw, elbo_mc n=1", lambda d: d["coverage"]["elbo_mc n=1"]))
     lines = ["| quantity | mean ± sd over seeds | per seed |", "|---|---|---|"]
     for label, f in rows:
         vals = [f(d) for d in outs]

@@ -762,6 +762,13 @@ def test_forced_consistency_and_unparsable_rate_count_the_right_rows(world, monk
     assert math.isclose(roll.stats["forced_consistent"], sum(RW.normalise(e.answer) == "yes" for e in exs) / len(idx))
     # the answering model always writes a parsable block: no on-policy row fails to parse
     assert roll.stats["unparsable_frac"] == 0.0 and roll.stats["parse_fail"] == {}
+    # a scorer that fails every row: only the G * N on-policy rows are counted, not the forced ones
+    real = RO.score_rows
+    monkeypatch.setattr(RO, "score_rows", lambda task, exs, *a: (lambda out: ([0.0] * len(exs), ["garbage"] * len(exs),
+                                                                               *out[2:]))(real(task, exs, *a)))
+    roll = RO.rollout_task(vqa_answering_model(w, seed=3), w.bundle, "vqa", idx, cfg, "cpu", nullcontext(), w.vq,
+                           torch.Generator().manual_seed(5))
+    assert roll.stats["parse_fail"] == {"garbage": len(idx) * N} and roll.stats["unparsable_frac"] == 1.0
 
 
 def test_kl_statistics_split_text_and_image_tokens(world):

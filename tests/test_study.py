@@ -51,3 +51,27 @@ def test_every_rl_vs_sft_arm_is_a_valid_config():
         cfg = C.get_config([*study.WORLD, *flags])
         assert (cfg.rl.advantage == "rft") == arm.startswith("rft")
     assert study.ARMS["rl"][-len(study.RL_FLAGS):] == study.RL_FLAGS
+
+
+def test_the_shared_default_variant_is_one_run_and_the_others_differ():
+    key = lambda name, v: study.run_key(["--stage=rl", "--rl.eval_interval=15", *study.ABLATION_FLAGS,
+                                         *study.ABLATIONS[name][v]], 240.0)
+    defaults = {key("af_ratio", "p=0.1"), key("objective", "unified"), key("gamma", "gamma=0.5"),
+                key("estimator", "complementary")}
+    assert len(defaults) == 1
+    others = [key(n, v) for n, vs in study.ABLATIONS.items() for v in vs]
+    assert len(set(others)) == 1 + sum(len(vs) - 1 for vs in study.ABLATIONS.values())
+    assert key("gamma", "gamma=0") != study.run_key(["--stage=rl", "--rl.eval_interval=15", *study.ABLATION_FLAGS,
+                                                     "--rl.gamma=0"], 120.0)            # the budget counts
+
+
+def test_publish_appends_when_the_page_has_no_block_and_keeps_similar_names_apart(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "RESULTS.md").write_text("# R\n\n<!-- study:estimator_variance -->\nold ev\n<!-- /study:estimator_variance -->\n\ntail\n")
+    res = {"commit": "abc", "hardware": "cpu", "seeds": [0], "study_wall_s": None, "command": "c"}
+    study.publish("estimator", res, "EST TABLE")
+    study.publish("estimator_variance", res, "EV TABLE")
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "old ev" not in text and text.count("EV TABLE") == 1 and text.count("EST TABLE") == 1
+    assert text.index("EV TABLE") < text.index("tail") < text.index("EST TABLE")     # appended at the end
+    assert "rebuilt from the finished runs" in text
