@@ -6,9 +6,9 @@ Studies: one named experiment, several seeds, one table, one plot, one results f
     python study.py rl_vs_sft --report                 # rebuild the table and plot from finished runs
                                                        # (--commit=HASH: the commit the runs were made at)
     python study.py af_ratio | objective | gamma | estimator    # one RL ablation (--arm_s each run)
-    python study.py ablations                          # all four, each distinct run once (about 2 h 20 min)
-    python study.py tree                               # tree search at equal sample count (rollouts only)
-    python study.py estimator_variance                 # estimators.py on the start checkpoint, 3 seeds
+    python study.py ablations                          # all four, 33 runs of ~5 min, two at a time: ~1 h 25 min
+    python study.py tree                               # tree search at equal sample count (rollouts only, ~18 min)
+    python study.py estimator_variance                 # estimators.py on the start checkpoint, 3 seeds (~4 min)
 
 Every study writes results/<name>.json (every number, commands, commit, hardware, wall time),
 results/<name>.md (the table), results/<name>.png (needs matplotlib: skipped with a note without
@@ -547,7 +547,7 @@ def tree(argv: list[str]):
     """Mean and max reward per group and the pictures' diversity for each schedule of TREE on
     --n_prompts validation edit prompts, on the shared start and on an early SFT checkpoint
     (--early_steps) where edit has headroom."""
-    _, opts = C.get_config(argv, extra={"seeds": "0,1,2", "n_prompts": 48, "start_steps": 6000,
+    _, opts = C.get_config(argv, extra={"seeds": "0,1,2", "n_prompts": 32, "start_steps": 6000,
                                         "early_steps": 1000, "commit": ""})
     seeds, t0 = [int(x) for x in opts["seeds"].split(",")], time.time()
     torch.set_num_threads(1)
