@@ -310,7 +310,7 @@ def publish(name: str, res: dict, table: str, note: str = "", run_dir: str = "")
     os.makedirs("results", exist_ok=True)
     common.write_json(os.path.join("results", f"{name}.json"), res)
     wall = (f"study wall time {res['study_wall_s']:.0f} s" if res.get("study_wall_s") is not None
-            else "table rebuilt from the finished runs (--report)")
+            else "table rebuilt from finished runs")
     head = (f"*{time.strftime('%Y-%m-%d')} · runs at commit {res['commit']} · {res['hardware']} · seeds "
             f"{','.join(map(str, res['seeds']))} · {wall}*\n\n"
             f"    {res['command']}\n\n")
@@ -604,17 +604,19 @@ def tree(argv: list[str]):
 # the estimator study of estimators.py, one run per seed
 
 def estimator_variance(argv: list[str]):
-    _, opts = C.get_config(argv, extra={"seeds": "0,1,2", "start_steps": 6000, "root": os.path.join("runs", "estimators")})
+    _, opts = C.get_config(argv, extra={"seeds": "0,1,2", "start_steps": 6000, "root": os.path.join("runs", "estimators"),
+                                        "commit": ""})
     seeds, t0 = [int(x) for x in opts["seeds"].split(",")], time.time()
     start, _ = shared_start(START_ROOT, opts["start_steps"])
     os.makedirs(opts["root"], exist_ok=True)
-    outs, cmds = [], []
+    outs, cmds, ran = [], [], False
     for sd in seeds:
         out = os.path.join(opts["root"], f"seed{sd}.json")
         cmd = [sys.executable, "estimators.py", *WORLD, f"--ckpt={start}", f"--seed={sd}", f"--out={out}"]
         cmds.append(" ".join(cmd[1:]))
         if not os.path.exists(out):
             run(cmd, out.replace(".json", ".log"))
+            ran = True
         outs.append(json.load(open(out)))
     e2, m2, one = "elbo_mc n=2", "mc_unweighted n=2", "one_step"
     rows = [("var(value): elbo_mc n=2 / complementary", lambda d: d["value_var_ratio"][e2]),
@@ -627,14 +629,28 @@ def estimator_variance(argv: list[str]):
         rows.append((f"Spearman of one draw with exact any-order, {k}", lambda d, k=k: d["spearman"][k]["any_order"]))
     rows.append(("share of the response tokens scored per draw, complementary", lambda d: d["coverage"]["complementary"]))
     rows.append(("share of the response tokens scored per draw, elbo_mc n=1", lambda d: d["coverage"]["elbo_mc n=1"]))
+    rows.append(("estimators.py wall time (s)", lambda d: d["wall_s"]))
     lines = ["| quantity | mean ± sd over seeds | per seed |", "|---|---|---|"]
     for label, f in rows:
         vals = [f(d) for d in outs]
         lines.append(f"| {label} | {mean_sd(vals)} | {' / '.join(f'{v:.3g}' for v in vals)} |")
-    res = {**meta("estimator_variance", argv, seeds, t0, ckpt=start), "commands": cmds,
+    plt = pyplot()
+    if plt is not None:          # the variance ratios of every seed: value and policy gradient
+        fig, ax = plt.subplots(figsize=(6, 3.4))
+        labels = [r[0].replace(" / complementary", "").replace("var(", "").replace("): ", "\n") for r in rows[:4]]
+        for i, d in enumerate(outs):
+            ax.bar(np.arange(4) + 0.25 * (i - 1), [f(d) for _, f in rows[:4]], width=0.25, label=f"seed {seeds[i]}")
+        ax.axhline(1, color="k", lw=0.8)
+        ax.set_xticks(range(4), labels, fontsize=8)
+        ax.set_yscale("log")
+        ax.set(ylabel="variance / complementary's\n(2 forward passes each)", title="estimators on the study checkpoint")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        save_figure(fig, "estimator_variance", opts["root"])
+    res = {**meta("estimator_variance", argv, seeds, t0 if ran else None, opts["commit"], ckpt=start), "commands": cmds,
            "per_seed": [{k: d[k] for k in ("value_var_ratio", "grad_var_ratio", "bias", "spearman", "coverage",
                                            "wall_s")} for d in outs]}
-    publish("estimator_variance", res, "\n".join(lines),
+    publish("estimator_variance", res, "\n".join(lines) + "\n\n![estimator_variance](results/estimator_variance.png)",
             "Each seed draws other masks and other (x, y) pairs; estimators.py explains every quantity.",
             run_dir=opts["root"])
 

@@ -74,4 +74,4 @@ def test_publish_appends_when_the_page_has_no_block_and_keeps_similar_names_apar
     text = (tmp_path / "RESULTS.md").read_text()
     assert "old ev" not in text and text.count("EV TABLE") == 1 and text.count("EST TABLE") == 1
     assert text.index("EV TABLE") < text.index("tail") < text.index("EST TABLE")     # appended at the end
-    assert "rebuilt from the finished runs" in text
+    assert "rebuilt from finished runs" in text
