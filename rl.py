@@ -68,6 +68,9 @@ def clipped_objective(logp: torch.Tensor, logp_old: torch.Tensor, adv: torch.Ten
     return (torch.minimum(rho * a, rho.clamp(1 - eps, 1 + eps) * a) * scored).sum()
 
 
+KIND_SUMS = ("_n", "_sum", "_sq")      # the keys kind_sums adds up over micro-batches
+
+
 def kind_sums(name: str, values: torch.Tensor, kinds: dict[str, torch.Tensor]) -> dict:
     """Sums of one per-token quantity over the tokens of each kind, to be added up over
     micro-batches and turned into a mean and a variance once per step (finish_kind_stats):
@@ -83,7 +86,7 @@ def kind_sums(name: str, values: torch.Tensor, kinds: dict[str, torch.Tensor]) -
 def finish_kind_stats(terms: dict) -> dict:
     """Replace the summed "<q>_n/_sum/_sq" entries of kind_sums by "<q>_mean" and "<q>_var" (the
     population variance over every token of the step); a kind with no token gets neither."""
-    out = {k: v for k, v in terms.items() if not k.endswith(("_n", "_sum", "_sq"))}
+    out = {k: v for k, v in terms.items() if not k.endswith(KIND_SUMS)}
     for k in [k[:-2] for k in terms if k.endswith("_n")]:
         n = terms[f"{k}_n"]
         if n > 0:
@@ -187,7 +190,7 @@ def rl_step(model, opt, cfg, ctx, bundle, vq, draws: dict, sft: TaskSampler, pic
             loss.backward()
             terms["loss"] = terms.get("loss", 0.0) + loss.item()      # each part is already / N: they add up to -J
             for k, v in lstats.items():      # per-token means: weighted by rows; kind sums: added
-                terms[k] = terms.get(k, 0.0) + (v if k.endswith(("_n", "_sum", "_sq")) else v * len(rows) / len(adv))
+                terms[k] = terms.get(k, 0.0) + (v if k.endswith(KIND_SUMS) else v * len(rows) / len(adv))
         sync_grads(model, ctx)
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip).item()
         # skip or step on the gradient norm: after sync_grads it is the same on every rank (a NaN

@@ -128,15 +128,14 @@ def run(cmd: list[str], log: str) -> float:
     return time.time() - t0
 
 
-def start_checkpoint(root: str, steps: int) -> str:
-    """The shared start: SFT on the traced pool for `steps` steps (quick evals every 1000)."""
-    out = os.path.join(root, "start")
-    ckpt = os.path.join(out, "ckpt_sft.pt")
+def sft_checkpoint(out: str, steps: int) -> str:
+    """SFT on the traced pool for `steps` steps into `out` (quick evals every 1000), unless a run
+    finished there before; returns its checkpoint. The shared start is sft_checkpoint(root/start, 6000)."""
     if not os.path.exists(os.path.join(out, "sft_curve.json")):      # written when the run ends
         os.makedirs(out, exist_ok=True)
         run([sys.executable, "train.py", *WORLD, "--stage=sft", f"--out_dir={out}", f"--train.max_steps={steps}",
              "--train.eval_interval=1000", "--seed=0"], os.path.join(out, "run.log"))
-    return ckpt
+    return os.path.join(out, "ckpt_sft.pt")
 
 
 def run_commands(out: str, start: str, flags: list[str], seed: int, arm_s: float) -> tuple[list[str], list[str]]:
@@ -169,7 +168,7 @@ def train_and_eval(out: str, start: str, flags: list[str], seed: int, arm_s: flo
 
 def shared_start(root: str = START_ROOT, steps: int = 6000) -> tuple[str, dict]:
     """(the start checkpoint every study begins from, its held-out metrics), made once."""
-    start, held = start_checkpoint(root, steps), os.path.join(root, "start", "heldout.json")
+    start, held = sft_checkpoint(os.path.join(root, "start"), steps), os.path.join(root, "start", "heldout.json")
     if not os.path.exists(held):
         run([sys.executable, "eval.py", *WORLD, f"--out_dir={os.path.dirname(start)}", f"--ckpt={start}",
              f"--out={held}"], os.path.join(root, "start", "eval.log"))
@@ -532,17 +531,6 @@ TREE = {"iid x16": ("0", 16), "[0,2] early": ("0,2", 8), "[0,4] late": ("0,4", 8
         "iid x32": ("0", 32), "[0,2,4,8] rounds": ("0,2,4,8", 8)}
 
 
-def early_checkpoint(steps: int) -> str:
-    """A weaker checkpoint of the same SFT recipe (`steps` steps, its own cosine schedule): edit
-    still has headroom there, which the saturated start lacks."""
-    out = os.path.join(START_ROOT, f"early{steps}")
-    if not os.path.exists(os.path.join(out, "sft_curve.json")):
-        os.makedirs(out, exist_ok=True)
-        run([sys.executable, "train.py", *WORLD, "--stage=sft", f"--out_dir={out}", f"--train.max_steps={steps}",
-             "--train.eval_interval=1000", "--seed=0"], os.path.join(out, "run.log"))
-    return os.path.join(out, "ckpt_sft.pt")
-
-
 def tree(argv: list[str]):
     """Mean and max reward per group and the pictures' diversity for each schedule of TREE on
     --n_prompts validation edit prompts, on the shared start and on an early SFT checkpoint
@@ -552,7 +540,9 @@ def tree(argv: list[str]):
     seeds, t0 = [int(x) for x in opts["seeds"].split(",")], time.time()
     torch.set_num_threads(1)
     ckpts = {"start": shared_start(START_ROOT, opts["start_steps"])[0],
-             f"early ({opts['early_steps']} SFT steps)": early_checkpoint(opts["early_steps"])}
+             # a weaker checkpoint of the same recipe (its own cosine schedule): edit still has headroom
+             f"early ({opts['early_steps']} SFT steps)": sft_checkpoint(os.path.join(START_ROOT, f"early{opts['early_steps']}"),
+                                                                   opts["early_steps"])}
     rows, lines = {}, ["| checkpoint | schedule | samples / prompt | group mean reward | group max reward | "
                        "diversity, round 0 | diversity, branched rounds |", "|---|---|---|---|---|---|---|"]
     for label, ckpt in ckpts.items():
