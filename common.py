@@ -32,6 +32,7 @@ import math
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from contextlib import nullcontext
@@ -435,7 +436,15 @@ def check_vq(blob: dict, cfg, path: str):
     fingerprint must match the cached file's, else a one-line error (a retrained tokenizer assigns
     other codes, and the model would read and draw garbage)."""
     want, have = blob.get("vq_sha", ""), vq_sha(cfg)
-    if want and have and want != have:
+    if not want and not have:       # no tokenizer file on either side (a fake VQ in tests): nothing to compare
+        return
+    if not have:
+        raise SystemExit(f"checkpoint error: the VQ tokenizer {VQ.vq_path(cfg)} that {path} needs is missing "
+                         f"(a new one would assign other codes); restore {cfg.data.cache_dir}/ or retrain the checkpoint")
+    if not want:
+        print(f"warning: {path} records no VQ tokenizer fingerprint (an older version): cannot check that "
+              f"{VQ.vq_path(cfg)} is the tokenizer it was trained with", file=sys.stderr)
+    elif want != have:
         raise SystemExit(f"checkpoint error: {path} was trained with another VQ tokenizer than "
                          f"{VQ.vq_path(cfg)} (it was retrained since); retrain the checkpoint, or restore the file")
 
@@ -445,7 +454,10 @@ def check_model_config(blob: dict, cfg, path: str):
     contradicts the checkpoint's is a one-line error naming the first differing key, before any
     work (otherwise the checkpoint's model would train and the flag's config be written beside it,
     and the result would never load again)."""
-    theirs, ours = C.from_dict(blob["config"]).model, cfg.model
+    try:
+        theirs, ours = C.from_dict(blob["config"], path).model, cfg.model
+    except C.ConfigError as e:
+        raise SystemExit(f"checkpoint error: {e}") from None
     diff = [k for k in C.to_dict(C.Config())["model"] if getattr(theirs, k) != getattr(ours, k)]
     if diff:
         k = diff[0]
@@ -551,7 +563,10 @@ def load_run(path: str, out_dir: str, who: str, device: str = "cpu"):
     trained with must still be in the cache: a new one would give other image codes than the model
     saw. `who` names the calling script in the one-line errors."""
     blob = load_checkpoint(path)
-    cfg = C.from_dict(blob["config"])
+    try:
+        cfg = C.from_dict(blob["config"], path)
+    except C.ConfigError as e:
+        raise SystemExit(f"{who}: {e}") from None
     cfg.train.device, cfg.train.out_dir = device, out_dir
     if not os.path.exists(VQ.vq_path(cfg)):
         raise SystemExit(f"{who}: the VQ tokenizer {VQ.vq_path(cfg)} of {path} is missing; re-run "

@@ -164,7 +164,10 @@ class RLConfig:
     likelihood: str = "complementary"  # complementary | elbo_mc | mc_unweighted | one_step
     n_mc: int = 2                    # forward passes for the MC estimators (complementary uses 2)
     logp_norm: str = "sum"           # log pi = sum over response tokens (Eq. C as written) | "mean" (unknown)
-    shared_t: bool = False           # one t1 for the whole batch instead of one per sample (unknown)
+    shared_t: bool = False           # one t1 for the whole batch instead of one per sample (unknown);
+                                     # complementary only
+    p_prompt: float = 0.0            # one_step only: mask each prompt token with this probability (Eq. O;
+                                     # d1 uses 0.15); 0 = the prompt stays clean
     kl_coef: float = 0.0             # ablation only: KL to a frozen reference copy (paper: none)
     ppo_epochs: int = 1              # mu: optimizer steps per batch of rollouts; 1 = the paper's on-policy
                                      # update (no ratio); > 1: ratio on the same masks, clipped (d1)
@@ -409,7 +412,7 @@ RANGES = [
     # probabilities and fractions
     *((k, 0.0, 1.0, "a probability") for k in ("model.dropout", "data.hard_frac", "data.teacher_slip",
                                                "vq.ema_decay", "diffusion.full_mask_frac", "diffusion.prompt_drop",
-                                               "train.min_lr_frac", "rl.gamma", "rl.tau", "rl.af_prob")),
+                                               "train.min_lr_frac", "rl.gamma", "rl.tau", "rl.af_prob", "rl.p_prompt")),
     ("diffusion.eps", 1e-9, 1.0, "the smallest noise level (> 0: the ELBO weighs by 1/t)"),
     # rates, weights and temperatures
     *((k, 1e-12, INF, "a learning rate") for k in ("vq.lr", "train.lr", "rl.lr")),
@@ -462,6 +465,14 @@ def validate(cfg: Config):
                           f"mc_unweighted or one_step")
     if r.logp_norm not in ("sum", "mean"):
         raise ConfigError(f"--rl.logp_norm={r.logp_norm!r}: expected sum or mean")
+    if r.shared_t and r.likelihood != "complementary":
+        raise ConfigError(f"--rl.shared_t=true applies to --rl.likelihood=complementary only (its t1), not "
+                          f"{r.likelihood}: drop --rl.shared_t")
+    if not 0 <= r.p_prompt < 1:
+        raise ConfigError(f"--rl.p_prompt={r.p_prompt!r}: a probability, must be in [0, 1)")
+    if r.p_prompt and r.likelihood != "one_step":
+        raise ConfigError(f"--rl.p_prompt={r.p_prompt} masks the prompt of --rl.likelihood=one_step only, not "
+                          f"{r.likelihood}: set --rl.likelihood=one_step or drop --rl.p_prompt")
     for key, v in (("vq.time_budget_s", cfg.vq.time_budget_s), ("train.time_budget_s", t.time_budget_s),
                    ("rl.time_budget_s", r.time_budget_s)):
         if v < 0:
@@ -540,16 +551,29 @@ def to_dict(cfg: Config) -> dict:
     return asdict(cfg)
 
 
-def from_dict(d: dict) -> Config:
-    """Rebuild a Config from to_dict() output (e.g. a checkpoint). Unknown keys are ignored and
-    missing ones keep their defaults, so old checkpoints still load (nanochat's patch-missing-keys)."""
+def from_dict(d: dict, source: str = "") -> Config:
+    """Rebuild a Config from to_dict() output. Unknown keys are ignored. For a config read from a
+    file (`source`: its path, e.g. a checkpoint) a missing key is never filled in silently: a
+    missing model.* key is a ConfigError (today's default may describe another architecture than
+    the one the weights were trained as), any other missing key takes today's default with a
+    warning on stderr that names the keys."""
     cfg = Config(preset=d.get("preset", "toy"))
+    missing = []
     for section in SECTIONS:
         sec = getattr(cfg, section)
-        names = {f.name for f in fields(sec)}
-        for k, v in d.get(section, {}).items():
-            if k in names:
-                setattr(sec, k, v)
+        given = d.get(section, {})
+        for f in fields(sec):
+            if f.name in given:
+                setattr(sec, f.name, given[f.name])
+            else:
+                missing.append(f"{section}.{f.name}")
+    if source and missing:
+        arch = [k for k in missing if k.startswith("model.")]
+        if arch:
+            raise ConfigError(f"{source}: its config has no {', '.join(arch)} (written by an older version); "
+                              f"today's default may be another architecture: retrain it, or check out that version")
+        print(f"warning: {source}: its config has no {', '.join(missing)} (an older version); using today's "
+              f"defaults for them", file=sys.stderr)
     return cfg
 
 

@@ -222,6 +222,33 @@ def gumbel_argmax(logits: torch.Tensor, temperature: float, generator: torch.Gen
     return (logits.double() / temperature + g).argmax(-1)
 
 
+def uses_prefix_cache(model) -> bool:
+    """Whether `model` is a prefix-DLM whose prompt can be encoded once (model.encode_prefix /
+    forward_cached, METHOD.md §3). A model without `cfg` (a test stub) has none. A wrapper (DDP's
+    .module, a compiled model's ._orig_mod) that hides a prefix-DLM's methods is a ValueError, not a
+    silent fall-back to the slow full pass: pass common.unwrap(model) instead."""
+    cfg = getattr(model, "cfg", None)
+    if cfg is None:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if getattr(getattr(inner, "cfg", None), "prefix_dlm", False):
+            raise ValueError(f"{type(model).__name__} wraps a prefix-DLM model but hides its prefix cache "
+                             f"(encode_prefix); pass the unwrapped model (common.unwrap)")
+        return False
+    return bool(cfg.prefix_dlm) and hasattr(model, "encode_prefix")
+
+
+def encode_prompts(model, prompt: torch.Tensor, valid: torch.Tensor):
+    """model.encode_prefix (B, P) with each DISTINCT prompt row encoded once and its keys/values
+    indexed back to every row that holds it: a group's N rollouts, and the rollout rows of one prompt
+    in the update, share one encoding. Same values as encoding every row (up to float rounding)."""
+    P = prompt.shape[1]
+    uniq, inv = torch.unique(torch.cat([prompt, valid.long()], 1), dim=0, return_inverse=True)
+    if len(uniq) == len(prompt):
+        return model.encode_prefix(prompt, valid)
+    cache = model.encode_prefix(uniq[:, :P], uniq[:, P:].bool())                  # (U, ...) -> (B, ...)
+    return type(cache)([(k[inv], v[inv]) for k, v in cache.kv], cache.valid[inv])
+
+
 def _response_logits(model, batch: Batch, resp: torch.Tensor, cache) -> torch.Tensor:
     """Logits at the response positions (B, R, V); with a prefix cache only the response runs."""
     if cache is not None:
@@ -234,7 +261,8 @@ def _response_logits(model, batch: Batch, resp: torch.Tensor, cache) -> torch.Te
 def sample(model, batch: Batch, tok: Tokenizer, dcfg, *, temperature: float | None = None,
            image_temperature: float | None = None, cfg_scale: float | None = None,
            generator: torch.Generator | None = None, order: torch.Tensor | None = None,
-           start_step: int = 0, use_cache: bool = True, on_step=None) -> tuple[torch.Tensor, torch.Tensor]:
+           start_step: int = 0, use_cache: bool = True, on_step=None,
+           forbid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Fill every [MASK]/[IMASK] in the response of `batch` and return (tokens (B, T), order (B, R)).
 
     batch.tokens holds the canvas: masked slots are filled, every other response token is FIXED and
@@ -243,8 +271,9 @@ def sample(model, batch: Batch, tok: Tokenizer, dcfg, *, temperature: float | No
     for tokens that were given. To continue a partial state (tree search), pass the state's tokens,
     its `order` (-1 for still-masked and given slots) and `start_step`; `rebuild_state` makes both.
     on_step(g, tokens) is called before every step g (tests use it to record intermediate states).
-    temperature / image_temperature / cfg_scale: None = dcfg's. AssertionError if the rows' response
-    layouts differ.
+    temperature / image_temperature / cfg_scale: None = dcfg's. forbid: (B, V) bool, ids that row b's
+    masked slots may not take (answer-forcing bans the answer tags from the inpainted reasoning).
+    AssertionError if the rows' response layouts differ.
     """
     temperature = dcfg.temperature if temperature is None else temperature
     image_temperature = dcfg.image_temperature if image_temperature is None else image_temperature
@@ -260,48 +289,48 @@ def sample(model, batch: Batch, tok: Tokenizer, dcfg, *, temperature: float | No
     order[masked] = -1
     text_ok, img_ok = vocab_masks(tok, dev)
     allowed = torch.where(is_img[..., None], img_ok, text_ok)               # (B, R, V)
+    if forbid is not None:                                                  # per-row bans (answer-forcing)
+        allowed = allowed & ~forbid[:, None, :]
 
     # prefix-DLM: the prompt never attends to the response, so encode it once for all steps
-    use_cache = use_cache and getattr(model, "cfg", None) is not None and model.cfg.prefix_dlm
+    use_cache = use_cache and uses_prefix_cache(model)
     guided = cfg_scale > 0 and n_img > 0
     uncond = batch.with_tokens(drop_prompt_text(batch, torch.ones(len(resp), dtype=torch.bool, device=dev), tok)) \
         if guided else None
-    cache = model.encode_prefix(batch.tokens[:, :P], batch.valid[:, :P]) if use_cache else None
-    ucache = model.encode_prefix(uncond.tokens[:, :P], uncond.valid[:, :P]) if (use_cache and guided) else None
+    cache = encode_prompts(model, batch.tokens[:, :P], batch.valid[:, :P]) if use_cache else None
+    ucache = encode_prompts(model, uncond.tokens[:, :P], uncond.valid[:, :P]) if (use_cache and guided) else None
 
     plan = make_plan(R_text, n_img, dcfg)
-    col = torch.arange(resp.shape[1], device=dev)
     for g in range(start_step, len(plan)):
         st = plan[g]
         if on_step is not None:
             on_step(g, torch.cat([batch.tokens[:, :P], resp], 1))
-        in_block = (col >= st.lo) & (col < st.hi)                           # (R,)
-        cand = masked & in_block                                            # (B, R)
-        filled = ((order >= 0) & in_block).sum(1)                           # revealed by the sampler so far
+        blk = slice(st.lo, st.hi)        # only the active block's slots can be revealed: all work below is on them
+        cand = masked[:, blk]                                               # (B, b) candidates
+        filled = (order[:, blk] >= 0).sum(1)                                # revealed by the sampler so far
         m = cand.sum(1) + filled                                            # sampler-filled slots in block
         k = (st.cum_target(m) - filled).clamp(min=0)                        # (B,) to reveal now
         if not bool((k > 0).any()):
             continue
-        logits = _response_logits(model, batch, resp, cache).float()        # (B, R, V)
+        logits = _response_logits(model, batch, resp, cache)[:, blk].float()    # (B, b, V)
         if guided and st.cosine:   # guidance only matters on image steps; skip the extra pass on text
-            ul = _response_logits(model, uncond, resp, ucache).float()
+            ul = _response_logits(model, uncond, resp, ucache)[:, blk].float()
             # CFG on image slots only: (1+g) cond - g uncond (Muse's form, METHOD.md §3)
-            logits = torch.where(is_img[..., None], (1 + cfg_scale) * logits - cfg_scale * ul, logits)
-        logits = logits.masked_fill(~allowed, float("-inf"))
+            logits = torch.where(is_img[:, blk, None], (1 + cfg_scale) * logits - cfg_scale * ul, logits)
+        logits = logits.masked_fill(~allowed[:, blk], float("-inf"))
         # every step works on one block of one modality, so one temperature applies
-        x0 = gumbel_argmax(logits, image_temperature if st.cosine else temperature, generator)
+        x0 = gumbel_argmax(logits, image_temperature if st.cosine else temperature, generator)   # (B, b)
         if dcfg.remask == "random":
-            conf = torch.rand(resp.shape, generator=generator, device=dev)
+            conf = torch.rand(cand.shape, generator=generator, device=dev)
         else:  # confidence = p(x0) under the noise-free softmax, not the Gumbel-perturbed one (as LLaDA)
             conf = logits.softmax(-1).gather(-1, x0[..., None]).squeeze(-1)
         conf = conf.masked_fill(~cand, -1.0)
-        # reveal the k most confident candidates of each row: rank positions by confidence
-        rank = torch.empty_like(order)
-        rank.scatter_(1, conf.argsort(1, descending=True), col.expand_as(order).contiguous())
-        reveal = (rank < k[:, None]) & cand                                 # (B, R)
-        resp = torch.where(reveal, x0, resp)
-        order = torch.where(reveal, torch.full_like(order, g), order)
-        masked = masked & ~reveal
+        # reveal the k most confident candidates of each row: rank the block's slots by confidence
+        rank = conf.argsort(1, descending=True).argsort(1)                  # (B, b), 0 = most confident
+        reveal = (rank < k[:, None]) & cand                                 # (B, b)
+        resp[:, blk] = torch.where(reveal, x0, resp[:, blk])
+        order[:, blk] = torch.where(reveal, torch.full_like(cand, g, dtype=torch.long), order[:, blk])
+        masked[:, blk] = cand & ~reveal
     return torch.cat([batch.tokens[:, :P], resp], 1), order
 
 

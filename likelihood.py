@@ -39,19 +39,20 @@ With a prefix-DLM model the prompt is encoded once and shared by every masked co
 Simplified: beyond the two readings above, Eq. C is taken as written; `exact` is a test oracle for
 tiny responses, not a training path.
 
-Exercise: python -m pytest tests/test_likelihood.py -q ; python estimators.py (the estimator study)
+Exercise: python -m pytest tests/test_likelihood.py -q ; python studies/estimators.py (the estimator study)
 """
 from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
 
 from data import Batch, Tokenizer
-from diffusion import apply_mask
+from diffusion import apply_mask, encode_prompts, uses_prefix_cache
 
 # ----------------------------------------------------------------------------------------------
 # the shared piece: log p(y_k | masked input) at every response position, for several masks at once
@@ -72,10 +73,9 @@ def masked_logprobs(model, batch: Batch, masks: torch.Tensor, tok: Tokenizer,
     if prompt_tokens is not None:
         inp = torch.cat([prompt_tokens.expand(n, B, P), inp[..., P:]], -1)
     copies = lambda x: repeat(x, "b ... -> (n b) ...", n=n)                     # (B, ...) -> (nB, ...)
-    cfg = getattr(model, "cfg", None) or getattr(getattr(model, "module", None), "cfg", None)
-    if cfg is not None and cfg.prefix_dlm and hasattr(model, "encode_prefix"):
+    if uses_prefix_cache(model):
         # prefix-DLM: one prompt encoding shared by all n masked copies (repeat keys/values, not work)
-        cache = model.encode_prefix(inp[0, :, :P], batch.valid[:, :P])
+        cache = encode_prompts(model, inp[0, :, :P], batch.valid[:, :P])        # each distinct prompt once
         cache = type(cache)([(copies(k), copies(v)) for k, v in cache.kv], copies(cache.valid))
         resp_in = rearrange(inp[..., P:], "n b r -> (n b) r")                  # (nB, R)
         logits = model.forward_cached(resp_in, cache, copies(batch.valid[:, P:]))   # (nB, R, V)
@@ -86,22 +86,55 @@ def masked_logprobs(model, batch: Batch, masks: torch.Tensor, tok: Tokenizer,
     return rearrange(logp, "(n b) r -> n b r", n=n)                             # (n, B, R)
 
 
-def _finish(logp: torch.Tensor, scored: torch.Tensor, batch: Batch, norm: str):
-    """Apply the sum/mean reading: 'mean' divides every token's term by the response length."""
+@dataclass
+class Terms:
+    """An estimate of log pi(y|x) as weighted per-token terms, one slice per masked draw:
+
+        log pi^(y|x) = sum_{d, k} weight[d, b, k] * logp[d, b, k]          (seq())
+
+    logp (D, B, R): log p_theta(y_k | the response masked by draw d, x), the model's raw log-prob of the
+    clean token, 0 where draw d does not score slot k; weight (D, B, R): the estimator's weight of that
+    term (L/k for elbo_mc, 2/n for mc_unweighted, 1 otherwise, divided by the response length under
+    norm="mean"), 0 where unscored. Keeping the two apart is what lets the PPO ratio (rl.py) be formed
+    on the raw log-probs, the same clip band for every estimator and normalisation."""
+    logp: torch.Tensor
+    weight: torch.Tensor
+
+    @property
+    def scored(self) -> torch.Tensor:
+        """(D, B, R) bool: the terms the estimate uses."""
+        return self.weight != 0
+
+    def seq(self) -> torch.Tensor:
+        """(B,) the sequence estimate log pi^(y|x), in nats."""
+        return (self.weight * self.logp).sum((0, 2))
+
+    def detach(self) -> "Terms":
+        return Terms(self.logp.detach(), self.weight.detach())
+
+    def per_token(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(values (B, R), scored (B, R) bool): each slot's weighted terms summed over the draws, so that
+        values.sum(1) = seq(), and which slots any draw scored."""
+        return (self.weight * self.logp).sum(0), self.scored.any(0)
+
+
+def _terms(logp: torch.Tensor, weight: torch.Tensor, batch: Batch, norm: str) -> Terms:
+    """Terms with the sum/mean reading applied: 'mean' divides every weight by the response length.
+    logp, weight: (D, B, R); logp is zeroed where the weight is 0."""
     if norm == "mean":
-        logp = logp / batch.is_resp[:, batch.P:].sum(1, keepdim=True).clamp(min=1)
-    return logp * scored, scored
+        weight = weight / batch.is_resp[:, batch.P:].sum(1).clamp(min=1)[None, :, None]
+    return Terms(torch.where(weight != 0, logp, torch.zeros_like(logp)), weight)
 
 
 # ----------------------------------------------------------------------------------------------
-# the estimators. Each returns (logp (B, R), scored (B, R) bool); sequence estimate = logp.sum(1).
+# the estimators. Each returns Terms; the sequence estimate is terms.seq() (B,).
 
 
 def complementary(model, batch: Batch, tok: Tokenizer, generator=None, norm: str = "sum",
-                  shared_t: bool = False, t1: torch.Tensor | None = None):
+                  shared_t: bool = False, t1: torch.Tensor | None = None) -> Terms:
     """LaViDa-R1's estimator (Eq. C): two complementary masks, each token scored exactly once, w = 1.
     t1: (B,) masking rates of M1 to use instead of drawing them (None: t1 ~ U[0, 1], one per row, or
-    one for the batch with shared_t). Returns (logp (B, R) in nats, scored (B, R) bool)."""
+    one for the batch with shared_t). Returns Terms with D = 1 (each token's term from its own pass)."""
     B, T = batch.tokens.shape
     dev = batch.tokens.device
     if t1 is None:
@@ -112,7 +145,7 @@ def complementary(model, batch: Batch, tok: Tokenizer, generator=None, norm: str
     logp = masked_logprobs(model, batch, torch.stack([m1, m2]), tok)                # (2, B, R)
     P = batch.P
     per_tok = torch.where(m1[:, P:], logp[0], logp[1])                              # one term per token
-    return _finish(per_tok, resp[:, P:], batch, norm)
+    return _terms(per_tok[None], resp[None, :, P:].float(), batch, norm)
 
 
 def _count_masks(batch: Batch, n: int, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,39 +163,35 @@ def _count_masks(batch: Batch, n: int, generator=None) -> tuple[torch.Tensor, to
     return masks, k
 
 
-def elbo_mc(model, batch: Batch, tok: Tokenizer, n: int = 2, generator=None, norm: str = "sum"):
-    """Unbiased MC estimate of the ELBO: mean over n draws of (L/k) * sum_{masked} log p."""
+def elbo_mc(model, batch: Batch, tok: Tokenizer, n: int = 2, generator=None, norm: str = "sum") -> Terms:
+    """Unbiased MC estimate of the ELBO: mean over n draws of (L/k) * sum_{masked} log p. D = n."""
     P = batch.P
     masks, k = _count_masks(batch, n, generator)
     logp = masked_logprobs(model, batch, masks, tok)                                # (n, B, R)
     L = batch.is_resp[:, P:].sum(1).float()                                         # (B,)
-    w = (L / k.float())[..., None]                                                  # (n, B, 1)
-    per_tok = (w * logp * masks[..., P:]).sum(0) / n
-    return _finish(per_tok, masks[..., P:].any(0), batch, norm)
+    w = (L / k.float())[..., None] / n                                              # (n, B, 1): L/k, mean over draws
+    return _terms(logp, w * masks[..., P:], batch, norm)
 
 
-def mc_unweighted(model, batch: Batch, tok: Tokenizer, n: int = 2, generator=None, norm: str = "sum"):
-    """The elbo_mc masks with weight 1; (2/n) * sum over draws so n = 2 covers ~L tokens."""
+def mc_unweighted(model, batch: Batch, tok: Tokenizer, n: int = 2, generator=None, norm: str = "sum") -> Terms:
+    """The elbo_mc masks with weight 1; (2/n) * sum over draws so n = 2 covers ~L tokens. D = n."""
     P = batch.P
     masks, _ = _count_masks(batch, n, generator)
     logp = masked_logprobs(model, batch, masks, tok)
-    per_tok = (logp * masks[..., P:]).sum(0) * (2.0 / n)
-    return _finish(per_tok, masks[..., P:].any(0), batch, norm)
+    return _terms(logp, (2.0 / n) * masks[..., P:].float(), batch, norm)
 
 
-def one_step(model, batch: Batch, tok: Tokenizer, generator=None, norm: str = "sum", p_prompt: float = 0.0):
-    """d1's estimator: response fully masked (t = 1), one pass, every token scored once, no weight.
-    p_prompt > 0 also masks each prompt token with that probability (d1's regulariser)."""
+def one_step(model, batch: Batch, tok: Tokenizer, generator=None, norm: str = "sum", p_prompt: float = 0.0) -> Terms:
+    """d1's estimator (Eq. O): response fully masked (t = 1), one pass, every token scored once, no
+    weight. p_prompt > 0 also masks each prompt token with that probability (d1's regulariser). D = 1."""
     B, T = batch.tokens.shape
     P, dev = batch.P, batch.tokens.device
     prompt = batch.tokens[:, :P]
     if p_prompt > 0:
         drop = (torch.rand(B, P, generator=generator, device=dev) < p_prompt) & batch.is_prompt[:, :P]
-        img = prompt >= tok.img_offset
-        prompt = torch.where(drop, torch.where(img, torch.full_like(prompt, tok.IMASK),
-                                               torch.full_like(prompt, tok.MASK)), prompt)
-    logp = masked_logprobs(model, batch, batch.is_resp[None], tok, prompt_tokens=prompt)[0]
-    return _finish(logp, batch.is_resp[:, P:], batch, norm)
+        prompt = apply_mask(prompt, drop, prompt >= tok.img_offset, tok)
+    logp = masked_logprobs(model, batch, batch.is_resp[None], tok, prompt_tokens=prompt)   # (1, B, R)
+    return _terms(logp, batch.is_resp[None, :, P:].float(), batch, norm)
 
 
 ESTIMATORS = {"complementary": complementary, "elbo_mc": elbo_mc, "mc_unweighted": mc_unweighted,
@@ -170,13 +199,20 @@ ESTIMATORS = {"complementary": complementary, "elbo_mc": elbo_mc, "mc_unweighted
 
 
 def estimate(name: str, model, batch: Batch, tok: Tokenizer, n: int = 2, generator=None,
-             norm: str = "sum", shared_t: bool = False):
-    """Dispatch by name (rl.likelihood: a key of ESTIMATORS, KeyError otherwise). n is the pass
-    budget of the MC estimators. Returns (logp (B, R) in nats, scored (B, R) bool)."""
+             norm: str = "sum", shared_t: bool = False, p_prompt: float = 0.0) -> Terms:
+    """Dispatch by name (rl.likelihood: a key of ESTIMATORS). n is the pass budget of the MC
+    estimators; shared_t applies to complementary only and p_prompt to one_step only (ValueError
+    otherwise: config.validate makes both one-line config errors first). Returns Terms."""
+    if name not in ESTIMATORS:
+        raise ValueError(f"unknown estimator {name!r}; expected one of {', '.join(ESTIMATORS)}")
+    if shared_t and name != "complementary":
+        raise ValueError(f"shared_t applies to the complementary estimator only, not {name}")
+    if p_prompt and name != "one_step":
+        raise ValueError(f"p_prompt applies to the one_step estimator only, not {name}")
     if name == "complementary":
         return complementary(model, batch, tok, generator, norm, shared_t)
     if name == "one_step":
-        return one_step(model, batch, tok, generator, norm)
+        return one_step(model, batch, tok, generator, norm, p_prompt)
     return ESTIMATORS[name](model, batch, tok, n=n, generator=generator, norm=norm)
 
 

@@ -15,15 +15,17 @@ loads a frozen copy and adds the k3 KL on the same masks, for the ablation only.
 
 Readings of the paper's unknowns (METHOD.md §9), all config fields:
   * on-policy, one gradient step per batch of fresh rollouts: no importance ratio, no clipping
-    (rl.ppo_epochs = 1); rl.ppo_epochs > 1 takes more steps per batch with the PPO-clipped ratio
-    on the same masks (Eq. PPO, rl.clip_eps)
-  * N in Eq. U counts every triplet of the step (SFT rows + all group members), so zero-advantage
-    rows dilute the step exactly as the formula says; they are not run through the model
-  * SFT rows per step (rl.sft_rows) and the task mix (rl.task_mix) are ours to choose
-  * sum over tokens for log pi (rl.logp_norm = sum | mean); one t1 per sample (rl.shared_t)
+    (--rl.ppo_epochs=1); --rl.ppo_epochs > 1 takes more steps per batch with the PPO-clipped ratio
+    on the same masks (Eq. PPO, --rl.clip_eps), formed on the raw per-token log-probs
+  * N in Eq. U counts every triplet of the step (SFT rows + all group members) on every rank, so
+    zero-advantage rows dilute the step exactly as the formula says; they are not run through the model
+  * SFT rows per step (--rl.sft_rows) and the task mix (--rl.task_mix) are ours to choose
+  * sum over tokens for log pi (--rl.logp_norm=sum | mean); one t1 per sample (--rl.shared_t)
 
-The file reads top to bottom: unified_loss (-J of Eq. U on a batch of triplets), rl_step (ONE update:
-rollouts -> advantages -> the J loss -> optimizer step) and run_rl (the stage: resume, loop, log,
+The file reads top to bottom: the advantages (Eq. G, D, A), the objective (triplets with their N,
+unified_loss = -J of Eq. U, the clipped form and the KL), policy_update (-J -> optimizer steps),
+rl_step (ONE step, whole: prompts -> groups -> advantages -> triplets -> update), step_record (what
+the log reports, computed once after the step) and run_rl (the stage: resume, loop, log,
 checkpoint, quick evals).
 
 Run it: python train.py --preset=toy --stage=rl   (starts from out_dir/ckpt_sft.pt)
@@ -34,6 +36,7 @@ import copy
 import math
 import os
 import time
+from dataclasses import dataclass, field
 
 import torch
 from tqdm import tqdm
@@ -42,173 +45,308 @@ import config as C
 import data as D
 import likelihood as LK
 import metrics
-from common import (STOP, TaskSampler, best_score, check_model_config, check_vq, from_rank0, gather_rank_states,
+from common import (STOP, all_reduce_mean, mean_over_all, TaskSampler, best_score, check_model_config, check_vq, from_rank0, gather_rank_states,
                     load_checkpoint, make_optimizer, model_from_checkpoint, peak_memory_mb, restore_rank_state, save_checkpoint,
-                    stop_together, sync_grads, write_json)
-from rollout import Rollouts, rollout_task
+                    stop_together, write_json)
+from rewards import normalise, trace_answer
+from rollout import Groups, sample_groups
 
 
-def token_logp(model, batch: D.Batch, tok, rc, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The per-token terms of log pi^(y|x) (rl.likelihood's estimator, METHOD.md §7): (M, R) floats and
-    the (M, R) bool mask of the scored tokens. The masks come from `seed` alone, so two calls with the
-    same seed (old and new policy, or the policy and a reference) score the same masked slots."""
-    g = torch.Generator(device=batch.tokens.device).manual_seed(seed)
-    return LK.estimate(rc.likelihood, model, batch, tok, n=rc.n_mc, generator=g, norm=rc.logp_norm,
-                       shared_t=rc.shared_t)
+# ----------------------------------------------------------------------------------------------
+# advantages (Eq. G, D, A): one number per group member, from the group's rewards alone
 
 
-def clipped_objective(logp: torch.Tensor, logp_old: torch.Tensor, adv: torch.Tensor, scored: torch.Tensor,
-                      eps: float) -> torch.Tensor:
-    """The PPO-clipped surrogate of A_i log pi, per token as d1's diffu-GRPO does:
-        sum_i sum_k min(rho_ik A_i, clip(rho_ik, 1 - eps, 1 + eps) A_i),   rho_ik = exp(logp_ik - logp_old_ik)
-    over the scored tokens (logp, logp_old, scored: (M, R); adv: (M,)). At rho = 1 its gradient is
-    sum_i A_i grad log pi_i, the gradient of Eq. (U)'s numerator."""
-    rho = torch.exp(logp - logp_old)
-    a = adv[:, None]
-    return (torch.minimum(rho * a, rho.clamp(1 - eps, 1 + eps) * a) * scored).sum()
+def rewards_differ(r: torch.Tensor, member: torch.Tensor) -> torch.Tensor:
+    """(G, n) rewards, (G, n) membership -> (G,) bool: the group's members do not all score the same,
+    i.e. GRPO has a signal there (the paper's "vanishing advantage" is the False case)."""
+    return r.masked_fill(~member, float("-inf")).amax(1) > r.masked_fill(~member, float("inf")).amin(1)
 
 
-KIND_SUMS = ("_n", "_sum", "_sq")      # the keys kind_sums adds up over micro-batches
+def advantages(r: torch.Tensor, member: torch.Tensor, gamma: float, use_std: bool = True) -> torch.Tensor:
+    """Eq. A on groups. r: (G, n) rewards; member: (G, n) bool, False = not in the group (an unjoined
+    answer-forcing slot). Returns A (G, n), zero outside the group.
+        A_GRPO    = (r - mean) / (std + 1e-4)         (Eq. G; population std over the members; the
+                    paper does not say, rl.adv_std = False gives the mean-only Dr.-GRPO form)
+        A_distill = 1 for the best member, 0 else     (Eq. D; first argmax; no target when the best
+                    reward is 0: imitating a failed sample cannot be what self-distillation means)
+        A         = gamma * A_distill + (1 - gamma) * A_GRPO                                  (Eq. A)"""
+    cnt = member.sum(1, keepdim=True).clamp(min=1)
+    mean = (r * member).sum(1, keepdim=True) / cnt
+    var = (((r - mean) ** 2) * member).sum(1, keepdim=True) / cnt
+    a_grpo = r - mean
+    if use_std:
+        a_grpo = a_grpo / (var.sqrt() + 1e-4)
+    # equal rewards carry no GRPO signal: exactly 0 (the float mean of e.g. seven 0.3s is an ulp off,
+    # and / (std + 1e-4) would blow that residue up to ~3e-4 and keep the rows as "nonzero")
+    a_grpo = a_grpo * rewards_differ(r, member)[:, None]
+    masked_r = r.masked_fill(~member, float("-inf"))
+    a_dist = torch.zeros_like(r)
+    has_win = masked_r.max(1).values > 0                               # no target in all-failed groups
+    a_dist[torch.arange(len(r)), masked_r.argmax(1)] = has_win.float()
+    return (gamma * a_dist + (1 - gamma) * a_grpo) * member
 
 
-def kind_sums(name: str, values: torch.Tensor, kinds: dict[str, torch.Tensor]) -> dict:
-    """Sums of one per-token quantity over the tokens of each kind, to be added up over
-    micro-batches and turned into a mean and a variance once per step (finish_kind_stats):
-    values (M, R); kinds {kind: (M, R) bool}. Keys "<name>_<kind>_{n,sum,sq}"."""
-    out = {}
-    for kind, sel in kinds.items():
-        v = values[sel].double()
-        out.update({f"{name}_{kind}_n": float(v.numel()), f"{name}_{kind}_sum": v.sum().item(),
-                    f"{name}_{kind}_sq": (v * v).sum().item()})
-    return out
+def rft_advantages(r: torch.Tensor, member: torch.Tensor, accept: float) -> torch.Tensor:
+    """Rejection-sampling fine-tuning, the baseline arm (rl.advantage = "rft"): A = 1 for every group
+    member whose reward reaches `accept`, 0 for the rest, so the update is SFT on the accepted samples
+    (no baseline subtracted, no push away from the rejected ones). r, member: (G, n) -> A (G, n)."""
+    return ((r >= accept) & member).float()
 
 
-def finish_kind_stats(terms: dict) -> dict:
-    """Replace the summed "<q>_n/_sum/_sq" entries of kind_sums by "<q>_mean" and "<q>_var" (the
-    population variance over every token of the step); a kind with no token gets neither."""
-    out = {k: v for k, v in terms.items() if not k.endswith(KIND_SUMS)}
-    for k in [k[:-2] for k in terms if k.endswith("_n")]:
-        n = terms[f"{k}_n"]
-        if n > 0:
-            mean = terms[f"{k}_sum"] / n
-            out[f"{k}_mean"], out[f"{k}_var"] = mean, max(0.0, terms[f"{k}_sq"] / n - mean * mean)
-    return out
+def group_advantages(g: Groups, rc) -> torch.Tensor:
+    """A (G, n) of one task's groups by rl.advantage: Eq. A, or RFT's 0/1 at rl.rft_accept."""
+    if rc.advantage == "rft":
+        return rft_advantages(g.rewards, g.member, C.parse_task_values(rc.rft_accept, "rl.rft_accept")[g.task])
+    return advantages(g.rewards, g.member, rc.gamma, rc.adv_std)
 
 
-def unified_loss(model, batch: D.Batch, adv: torch.Tensor, tok, rc, n_total: int, generator=None,
-                 ref_model=None, *, seed: int | None = None, logp_old: torch.Tensor | None = None
-                 ) -> tuple[torch.Tensor, dict]:
-    """-J of Eq. (U) on the rows of `batch`: -(1/N) sum_i A_i log pi^(y_i|x_i), A: (M,), N = n_total.
-    The estimator's masks come from `seed` (default: one draw from `generator`).
-    logp_old (M, R), the old policy's token terms on the same masks (rl.ppo_epochs > 1): the
-    clipped surrogate (clipped_objective) replaces A_i log pi.
-    With ref_model, + kl_coef * the k3 KL(pi || pi_ref) per scored token / N, on the same masks."""
-    if seed is None:
-        seed = int(torch.randint(2**62, (1,), generator=generator, device=generator.device)) if generator is not None else 0
-    logp, scored = token_logp(model, batch, tok, rc, seed)                          # (M, R)
-    seq = logp.sum(1)                                                               # log pi^(y_i|x_i)
-    if logp_old is None:
-        J = (adv * seq).sum() / n_total                                             # Eq. U
-    else:
-        J = clipped_objective(logp, logp_old, adv, scored, rc.clip_eps) / n_total
-    loss = -J
-    stats = {"logp_per_tok": (seq.sum() / scored.sum().clamp(min=1)).item()}
-    # per token kind: how uncertain the policy is on text and on image tokens (the paper's reason to
-    # drop the KL term is image NLL > 6 against text < 2). -logp per token is a per-token NLL for
-    # complementary and one_step with logp_norm = "sum" (the objective study's setting).
-    img = batch.is_image[:, batch.P:batch.P + logp.shape[1]]
-    kinds = {"text": scored & ~img, "image": scored & img}
-    stats.update(kind_sums("nll", -logp.detach(), kinds))
-    if ref_model is not None:
-        with torch.no_grad():
-            ref, _ = token_logp(ref_model, batch, tok, rc, seed)                    # the same masks
-        d = (ref - logp) * scored                                                   # log pi_ref - log pi
-        kl = (torch.exp(d) - d - 1) * scored                                        # k3 estimator, >= 0
-        loss = loss + rc.kl_coef * kl.sum() / n_total
-        stats["kl"] = (kl.sum() / scored.sum().clamp(min=1)).item()
-        # the ablation's question: is the KL term noisier on image tokens than on text tokens?
-        stats.update(kind_sums("kl", kl.detach(), kinds))
-    return loss, stats
+# ----------------------------------------------------------------------------------------------
+# the objective: (x, y, A) triplets, -J of Eq. U, its PPO-clipped form and the k3 KL
 
 
-def triplets(rolls: list[Rollouts], cfg, bundle, sft: TaskSampler, device) -> tuple[D.Batch | None, torch.Tensor, int]:
-    """The step's (x, y, A) triplets of Eq. (U): rl.sft_rows SFT rows with A = 1, then every rollout
-    row with A != 0. Returns (batch or None when there is no row, A (M,), N): N counts every
-    triplet of the step, zero-advantage group members included (they add nothing to J, so they are
-    never run through the model)."""
-    rc = cfg.rl
-    parts, advs = [], []
+@dataclass
+class Triplets:
+    """The step's (x, y, A) triplets of Eq. (U) on this rank. Only rows with A != 0 are kept (the
+    others add nothing to J and are never run through the model), but N counts them all."""
+    batch: D.Batch | None          # (M, T) the kept rows: SFT rows first, then rollout rows; None if M = 0
+    adv: torch.Tensor              # (M,) their advantages (1 for SFT rows)
+    n: int                         # N of Eq. U on this rank: SFT rows + every group member of the step
+
+
+def triplets(groups: list[Groups], advs: list[torch.Tensor], cfg, bundle, sft: TaskSampler, device) -> Triplets:
+    """rl.sft_rows SFT rows with A = 1, then every group member with A != 0 (advs[i]: (G, n) of
+    groups[i]). N counts every triplet of the step, zero-advantage group members included."""
+    rc, parts, kept = cfg.rl, [], []
     if rc.sft_rows:
         parts.append(D.collate({k: v["sft"] for k, v in bundle.sets.items()}, sft.draw(rc.sft_rows),
                                bundle.tok).to(device))
-        advs.append(torch.ones(rc.sft_rows, device=device))
-    for r in rolls:
-        if len(r.adv):
-            parts.append(r.batch)
-            advs.append(r.adv.to(device))
-    n_total = rc.sft_rows + sum(int(r.stats["members"]) for r in rolls)
-    if not parts:     # no SFT rows and every advantage 0 (all groups failed): J = 0, no gradient
-        return None, torch.zeros(0, device=device), n_total
-    return D.cat_batches(parts, bundle.tok), torch.cat(advs), n_total
+        kept.append(torch.ones(rc.sft_rows, device=device))
+    for g, a in zip(groups, advs):
+        keep = (a.reshape(-1) != 0).nonzero().squeeze(1)                   # prompt-major slots with A != 0
+        if len(keep):
+            parts.append(g.rows().rows(keep.to(device)))
+            kept.append(a.reshape(-1)[keep].to(device))
+    n = rc.sft_rows + sum(int(g.member.sum()) for g in groups)
+    if not parts:
+        return Triplets(None, torch.zeros(0, device=device), n)
+    return Triplets(D.cat_batches(parts, bundle.tok), torch.cat(kept), n)
 
 
-def rl_step(model, opt, cfg, ctx, bundle, vq, draws: dict, sft: TaskSampler, pick: torch.Generator,
-            gen: torch.Generator, ref=None) -> dict:
-    """One RL step: rollouts -> advantages -> the J loss (Eq. U) -> rl.ppo_epochs optimizer steps
-    (1, the paper's on-policy update, by default).
+def token_terms(model, batch: D.Batch, tok, rc, seed: int) -> LK.Terms:
+    """log pi^(y|x) of every row as rl.likelihood's per-token terms (METHOD.md §7). The masks come
+    from `seed` alone, so two calls with the same seed (old and new policy, or the policy and a
+    reference) score the same masked slots."""
+    g = torch.Generator(device=batch.tokens.device).manual_seed(seed)
+    return LK.estimate(rc.likelihood, model, batch, tok, n=rc.n_mc, generator=g, norm=rc.logp_norm,
+                       shared_t=rc.shared_t, p_prompt=rc.p_prompt)
 
-    draws: prompts per task this step ({task: k}); sft: the sampler of the SFT rows (A = 1); pick:
-    the prompt picker's generator; gen: the sampling and mask generator. Returns the step's record
-    (rewards, GRPO signal, timings, and the loss terms and gradient norm of the last epoch). When
-    the gradient is non-finite the update is skipped (and the step's later epochs with it) and the
-    record's "nonfinite" names the loss term that caused it (or "gradient norm")."""
+
+def clipped_objective(terms: LK.Terms, logp_old: torch.Tensor, adv: torch.Tensor, eps: float
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The PPO-clipped surrogate of sum_i A_i log pi_i (Eq. PPO), per term of the estimate as d1's
+    diffu-GRPO does, with the ratio formed on the policy's RAW per-token log-probs, before the
+    estimator's weight w (L/k, 2/n, 1/L) is applied:
+        sum_{i,d,k} w_idk * min(rho_idk A_i, clip(rho_idk, 1 - eps, 1 + eps) A_i),
+        rho_idk = exp(logp_idk - logp_old_idk)
+    so the trust region is the same for every estimator and normalisation. logp_old (D, M, R);
+    adv (M,). At rho = 1 its gradient is sum_i A_i grad log pi^_i, the gradient of Eq. U's numerator.
+    Returns (the surrogate, a scalar; clipped (D, M, R) bool: the scored terms whose clip is active)."""
+    rho = torch.exp(terms.logp - logp_old)
+    a = adv[None, :, None]
+    unclipped, clipped = rho * a, rho.clamp(1 - eps, 1 + eps) * a
+    active = (clipped < unclipped) & terms.scored                       # min() picks the clipped term
+    return (terms.weight * torch.minimum(unclipped, clipped)).sum(), active
+
+
+def k3_kl(terms: LK.Terms, ref: LK.Terms) -> torch.Tensor:
+    """The k3 estimate of KL(pi || pi_ref) per term (Schulman's exp(d) - d - 1 >= 0, d = log p_ref -
+    log p), on the raw per-token log-probs of the same masks: (D, M, R), 0 where unscored."""
+    d = (ref.logp - terms.logp) * terms.scored
+    return (torch.exp(d) - d - 1) * terms.scored
+
+
+def unified_loss(model, batch: D.Batch, adv: torch.Tensor, tok, rc, seed: int, logp_old: torch.Tensor | None = None,
+                 ref_model=None) -> tuple[torch.Tensor, LK.Terms, torch.Tensor | None, torch.Tensor | None]:
+    """-(sum_i A_i log pi^(y_i|x_i)) on the rows of `batch` (A: (M,)), the numerator of -J (Eq. U):
+    policy_update divides by N once, over every micro-batch and rank. With logp_old (D, M, R), the
+    old policy's raw terms on the same masks (rl.ppo_epochs > 1), the clipped surrogate replaces
+    A_i log pi_i. With ref_model, + rl.kl_coef * sum_i KL_i (k3 per term, weighted like log pi).
+    Returns (loss, the policy's terms, the k3 terms or None, the active-clip mask or None)."""
+    terms = token_terms(model, batch, tok, rc, seed)                                # (D, M, R)
+    if logp_old is None:
+        J, clipped = (adv * terms.seq()).sum(), None                                # Eq. U, numerator
+    else:
+        J, clipped = clipped_objective(terms, logp_old, adv, rc.clip_eps)           # Eq. PPO
+    loss, kl = -J, None
+    if ref_model is not None:
+        with torch.no_grad():
+            ref = token_terms(ref_model, batch, tok, rc, seed)                      # the same masks
+        kl = k3_kl(terms, ref)
+        loss = loss + rc.kl_coef * (terms.weight * kl).sum()
+    return loss, terms, kl, clipped
+
+
+@dataclass
+class Update:
+    """What policy_update did: -J summed over the step (the last epoch), the gradient norm, why it
+    skipped the update (None: it stepped), and per micro-batch the detached per-term quantities the
+    log reports (step_record)."""
+    loss: float = 0.0
+    grad: float = 0.0
+    skipped: str | None = None     # "no rows" | "non-finite <term>" | None
+    chunks: list = field(default_factory=list)     # (terms, kl or None, clipped or None, is_image (M, R))
+
+
+def policy_update(model, opt, trip: Triplets, cfg, ctx, tok, gen: torch.Generator, ref=None) -> Update:
+    """rl.ppo_epochs optimizer steps on the triplets (1 = the paper's on-policy update). Each epoch
+    runs backward on -sum_i A_i log pi_i per micro-batch, then common.mean_over_all turns the summed
+    gradients into those of -J = -(1/N) sum: N summed over micro-batches AND ranks, as SFT does.
+    The masks of each micro-batch are drawn once and kept for every epoch, so old and new policy are
+    compared on the same masks (d1's diffu-GRPO). A step without a single row on any rank makes no
+    update (no AdamW momentum or weight-decay step), on one process and under DDP alike; a
+    non-finite gradient norm skips the update and the remaining epochs."""
     rc, t, dev = cfg.rl, cfg.train, ctx.device
-    t0 = time.time()
-    model.eval()                     # sampling: no dropout
-    rolls: list[Rollouts] = []
-    for task, k in draws.items():
-        idx = torch.randperm(len(bundle.sets[task]["rl"]), generator=pick)[:k].tolist()
-        rolls.append(rollout_task(model, bundle, task, idx, cfg, dev, ctx.autocast, vq, gen))
-    t_roll = time.time() - t0
-    model.train()
-    batch, adv, n_total = triplets(rolls, cfg, bundle, sft, dev)
-    # micro-batches, each with its own mask seed, kept for every epoch: old and new policy are
-    # compared on the same masks (d1's diffu-GRPO form of the importance ratio)
-    chunks = [(torch.arange(lo, min(lo + t.micro_batch, len(adv)), device=dev),
+    if all_reduce_mean(float(len(trip.adv)), ctx) == 0:
+        return Update(skipped="no rows")
+    n_all = all_reduce_mean(float(trip.n), ctx) * ctx.world                # N of Eq. U, every rank's
+    chunks = [(torch.arange(lo, min(lo + t.micro_batch, len(trip.adv)), device=dev),
                int(torch.randint(2**62, (1,), generator=gen, device=gen.device)))
-              for lo in range(0, len(adv), t.micro_batch)]
+              for lo in range(0, len(trip.adv), t.micro_batch)]
     olds = [None] * len(chunks)
     if rc.ppo_epochs > 1:
         with torch.no_grad(), ctx.autocast:
-            olds = [token_logp(model, batch.rows(rows), bundle.tok, rc, seed)[0] for rows, seed in chunks]
-    for epoch in range(rc.ppo_epochs):
-        terms = {}
+            olds = [token_terms(model, trip.batch.rows(rows), tok, rc, seed).logp for rows, seed in chunks]
+    for _ in range(rc.ppo_epochs):
+        out = Update()
         for (rows, seed), old in zip(chunks, olds):
+            mb = trip.batch.rows(rows)
             with ctx.autocast:
-                loss, lstats = unified_loss(model, batch.rows(rows), adv[rows], bundle.tok, rc, n_total,
-                                            ref_model=ref, seed=seed, logp_old=old)
+                loss, terms, kl, clipped = unified_loss(model, mb, trip.adv[rows], tok, rc, seed, old, ref)
             loss.backward()
-            terms["loss"] = terms.get("loss", 0.0) + loss.item()      # each part is already / N: they add up to -J
-            for k, v in lstats.items():      # per-token means: weighted by rows; kind sums: added
-                terms[k] = terms.get(k, 0.0) + (v if k.endswith(KIND_SUMS) else v * len(rows) / len(adv))
-        sync_grads(model, ctx)
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip).item()
-        # skip or step on the gradient norm: after sync_grads it is the same on every rank (a NaN
-        # on one rank has spread to all), so every rank takes the same decision; the log names the
-        # first non-finite loss term of this rank, if any
-        bad = None
-        if not math.isfinite(gnorm):
-            bad = next((k for k, v in terms.items() if not math.isfinite(v)), "gradient norm")
+            out.loss += loss.item()
+            out.chunks.append((terms.detach(), None if kl is None else kl.detach(), clipped,
+                               mb.is_image[:, mb.P:mb.P + terms.logp.shape[2]]))
+        mean_over_all(model, trip.n, ctx)                                   # gradients of -J, 1/N
+        out.loss = all_reduce_mean(out.loss, ctx) * ctx.world / max(n_all, 1.0)
+        out.grad = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip).item()
+        # after the all-reduce the norm is the same on every rank, so every rank decides alike
+        if not math.isfinite(out.grad):
+            out.skipped = "non-finite " + ("loss" if not math.isfinite(out.loss) else "gradient norm")
         else:
             opt.step()
         opt.zero_grad(set_to_none=True)
-        if bad is not None:
+        if out.skipped:
             break
-    rec = {"rollout_s": round(t_roll, 2), "update_s": round(time.time() - t0 - t_roll, 2),
-           "grad": round(gnorm, 3), **finish_kind_stats(terms), "nonfinite": bad, "peak_mem_mb": round(peak_memory_mb(dev), 1)}
-    for r in rolls:
-        rec[r.task] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.stats.items()
-                       if k != "members"}
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# one RL step
+
+
+@dataclass
+class Step:
+    """One RL step's parts, for the log (step_record), the studies and the benchmarks."""
+    groups: list[Groups]
+    advs: list[torch.Tensor]       # (G, n) per task
+    trip: Triplets
+    update: Update
+    rollout_s: float
+    update_s: float
+
+
+def rl_step(model, opt, cfg, ctx, bundle, vq, draws: dict, sft: TaskSampler, pick: torch.Generator,
+            gen: torch.Generator, ref=None) -> Step:
+    """One RL step of METHOD.md §4, whole. draws: prompts per task ({task: k}); sft: the sampler of
+    the SFT rows (A = 1); pick: the prompt picker's generator; gen: the sampling and mask generator;
+    ref: the frozen reference of the KL ablation (None: the paper's objective)."""
+    t0 = time.time()
+    model.eval()                                                         # sampling: no dropout
+    groups = []
+    for task, k in draws.items():
+        idx = torch.randperm(len(bundle.sets[task]["rl"]), generator=pick)[:k].tolist()      # prompts
+        # -> groups: N samples per prompt (tree search on rl.tree_tasks), answer-forcing, rewards
+        groups.append(sample_groups(model, bundle, task, idx, cfg, ctx.device, ctx.autocast, vq, gen))
+    advs = [group_advantages(g, cfg.rl) for g in groups]                 # Eq. G, D, A
+    trip = triplets(groups, advs, cfg, bundle, sft, ctx.device)          # (x, y, A) and N of Eq. U
+    t_roll = time.time() - t0
+    model.train()
+    upd = policy_update(model, opt, trip, cfg, ctx, bundle.tok, gen, ref)    # -J -> mu optimizer steps
+    return Step(groups, advs, trip, upd, t_roll, time.time() - t0 - t_roll)
+
+
+# ----------------------------------------------------------------------------------------------
+# what the log reports of a step (computed once, after it)
+
+
+def group_stats(g: Groups, adv: torch.Tensor, tau: float, tok) -> dict:
+    """One task's groups in the RL log: the on-policy mean reward, the share of groups with any
+    nonzero advantage and with a GRPO signal, the all-failed share, the parse-failure rate of the
+    on-policy answers, and answer-forcing's count, reward, parse failures and (vqa) how often the
+    inpainted reasoning implies the answer it was forced to end in (rewards.trace_answer)."""
+    on = g.rewards[:, :g.n_on]
+    fails, n_on = sum(g.parse_fail.values()), on.numel()
+    out = {"reward": on.mean().item(),
+           # nonzero_adv_frac is ~1 whenever anything succeeds, since A_distill marks a best sample
+           "nonzero_adv_frac": (adv.abs().sum(1) > 0).float().mean().item(),
+           "grpo_nonzero_frac": rewards_differ(g.rewards, g.member).float().mean().item(),
+           "all_failed_frac": (on < tau).all(1).float().mean().item(),
+           "unparsable_frac": fails / max(1, n_on), "parse_fail": dict(g.parse_fail),
+           "af_fired": int(g.forced.sum()), "forced_rows": int(g.forced.sum()), "rollout_s": g.seconds}
+    if g.forced.any():
+        f = g.forced.nonzero().squeeze(1).tolist()
+        out["forced_reward"] = g.rewards[f, -1].mean().item()
+        out["forced_unparsable"] = sum(g.forced_parse_fail.values())
+        if g.task == "vqa":
+            P, exs = g.base.P, [g.examples[i] for i in f]
+            texts = [tok.decode(g.tokens[i, -1, P:P + g.layout.R_text].cpu()) for i in f]
+            out["forced_consistent"] = sum(trace_answer(x, e.qtype) == normalise(e.answer)
+                                           for x, e in zip(texts, exs)) / len(f)
+    return out
+
+
+def kind_stats(chunks: list) -> dict:
+    """Per token kind (text, image), the mean and population variance over every scored term of the
+    step of the policy's NLL (-log p of the raw term: how uncertain the policy is; the paper drops
+    the KL term because image NLL > 6 against < 2 for text) and, with a reference, of the k3 KL:
+    "nll_text_mean", "nll_image_var", "kl_text_mean", ...; a kind with no term gets neither."""
+    acc = {}
+    for terms, kl, _, img in chunks:
+        kinds = {"text": terms.scored & ~img[None], "image": terms.scored & img[None]}
+        for name, vals in (("nll", -terms.logp), ("kl", kl)):
+            if vals is None:
+                continue
+            for kind, sel in kinds.items():
+                v = vals[sel].double()
+                for key, x in (("n", v.numel()), ("sum", v.sum().item()), ("sq", (v * v).sum().item())):
+                    acc[(name, kind, key)] = acc.get((name, kind, key), 0.0) + x
+    out = {}
+    for (name, kind, key), n in acc.items():
+        if key == "n" and n > 0:
+            mean = acc[(name, kind, "sum")] / n
+            out[f"{name}_{kind}_mean"] = mean
+            out[f"{name}_{kind}_var"] = max(0.0, acc[(name, kind, "sq")] / n - mean * mean)
+    return out
+
+
+def step_record(st: Step, tok, tau: float, device) -> dict:
+    """The RL log's record of one step (rl_log.json): timings, -J, the gradient norm, whether the
+    update was skipped, N, the clip share, the per-kind statistics, and per task group_stats."""
+    u = st.update
+    clipped = [c for *_, c, _ in u.chunks if c is not None]
+    n_scored = sum(int(t.scored.sum()) for t, *_ in u.chunks)
+    rec = {"rollout_s": round(st.rollout_s, 2), "update_s": round(st.update_s, 2), "loss": u.loss,
+           "grad": round(u.grad, 3),
+           "nonfinite": u.skipped.removeprefix("non-finite ") if u.skipped and u.skipped != "no rows" else None,
+           "skipped": u.skipped, "n_triplets": st.trip.n, "rows": len(st.trip.adv),
+           "logp_per_tok": (sum(float((t.weight * t.logp).sum()) for t, *_ in u.chunks) / max(1, n_scored)),
+           **kind_stats(u.chunks), "peak_mem_mb": round(peak_memory_mb(device), 1)}
+    if clipped:
+        rec["clip_frac"] = sum(int(c.sum()) for c in clipped) / max(1, n_scored)
+    if any(kl is not None for _, kl, *_ in u.chunks):
+        rec["kl"] = sum(float(kl.sum()) for _, kl, *_ in u.chunks if kl is not None) / max(1, n_scored)
+    for g, a in zip(st.groups, st.advs):
+        rec[g.task] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in group_stats(g, a, tau, tok).items()}
     return rec
 
 
@@ -237,24 +375,54 @@ def save_rl(path: str, model, opt, step: int, cfg, bundle, ctx, elapsed: float, 
                                                                "rank_states": states})
 
 
-def rl_start(cfg, ctx, bundle, model, ckpt_path: str):
-    """(model, the checkpoint blob when resuming else None): --resume continues ckpt_path; else the
-    SFT stage's model in memory, else --train.init_from or out_dir/ckpt_sft.pt."""
-    t = cfg.train
+@dataclass
+class RLRun:
+    """What the RL stage carries from step to step: the policy, its optimizer, the KL ablation's
+    frozen reference (None: the paper's objective), the three random streams of this rank (SFT rows,
+    sampling noise and masks, the prompt picker), and the progress so far."""
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    ref: torch.nn.Module | None
+    sft: TaskSampler
+    gen: torch.Generator
+    pick: torch.Generator
+    step: int = 0
+    elapsed: float = 0.0
+    history: list = field(default_factory=list)
+    best: float = -math.inf        # the best quick-eval score so far (ckpt_rl_best.pt)
+
+
+def rl_start(cfg, ctx, bundle, model, ckpt_path: str) -> RLRun:
+    """The RL stage's state: --resume continues ckpt_path (weights, optimizer, log and every random
+    stream); else the SFT stage's model in memory, else --train.init_from or out_dir/ckpt_sft.pt."""
+    rc, t, dev = cfg.rl, cfg.train, ctx.device
+    blob = None
     if t.resume and os.path.exists(ckpt_path):
         blob = load_checkpoint(ckpt_path, bundle.tok.vocab_size)
         check_model_config(blob, cfg, ckpt_path)
         check_vq(blob, cfg, ckpt_path)
         ctx.log(f"resumed RL from {ckpt_path} at step {blob['step']}")
-        return model_from_checkpoint(blob, ctx.device), blob
-    if model is None:
+        model = model_from_checkpoint(blob, dev)
+    elif model is None:
         src = t.init_from or os.path.join(t.out_dir, "ckpt_sft.pt")
         start = load_checkpoint(src, bundle.tok.vocab_size)
         check_model_config(start, cfg, src)
         check_vq(start, cfg, src)
         ctx.log(f"RL starts from {src}")
-        model = model_from_checkpoint(start, ctx.device)
-    return model, None
+        model = model_from_checkpoint(start, dev)
+    opt = make_optimizer(model, rc.lr, t.weight_decay, dev)
+    # ablation only (--rl.kl_coef > 0): the paper drops the KL term and the reference model
+    ref = copy.deepcopy(model).eval().requires_grad_(False) if rc.kl_coef > 0 else None
+    run = RLRun(model, opt, ref, TaskSampler(bundle.sets, "sft", C.parse_mix(t.task_mix), t.seed * 1000 + 7 + ctx.rank),
+                torch.Generator(device=dev).manual_seed(t.seed * 1000 + 11 + ctx.rank),
+                torch.Generator().manual_seed(t.seed * 1000 + 13 + ctx.rank))
+    best_path = os.path.join(t.out_dir, "ckpt_rl_best.pt")
+    run.best = best_score(best_path) if t.resume else -math.inf      # a fresh run replaces an old best
+    if blob is not None:          # continue every random stream where the checkpoint left it
+        opt.load_state_dict(blob["optim"])
+        run.step, run.elapsed, run.history = blob["step"], blob.get("elapsed", 0.0), blob.get("history", [])
+        restore_rank_state(blob, ctx, run.sft, gen=run.gen, pick=run.pick)
+    return run
 
 
 def run_rl(cfg, ctx, bundle, vq, model=None):
@@ -264,69 +432,56 @@ def run_rl(cfg, ctx, bundle, vq, model=None):
     rl_log.json and, with rl.eval_interval, ckpt_rl_best.pt (the best quick-eval score on
     eval.curve_split)."""
     rc, t, dev = cfg.rl, cfg.train, ctx.device
-    ckpt_path = os.path.join(t.out_dir, "ckpt_rl.pt")
-    model, blob = rl_start(cfg, ctx, bundle, model, ckpt_path)
-    step, elapsed, history = (0, 0.0, []) if blob is None else (blob["step"], blob.get("elapsed", 0.0),
-                                                               blob.get("history", []))
-    best_path = os.path.join(t.out_dir, "ckpt_rl_best.pt")
-    best = best_score(best_path) if t.resume else -math.inf       # a fresh run replaces an old best
-    opt = make_optimizer(model, rc.lr, t.weight_decay, dev)
-    if blob is not None:
-        opt.load_state_dict(blob["optim"])
-    ref = None
-    if rc.kl_coef > 0:      # ablation only: the paper drops the KL term and the reference model
-        ref = copy.deepcopy(model).eval().requires_grad_(False)
-    draws = prompt_draws(rc)
-    # three random streams per rank: SFT rows, sampling noise and masks, the prompt picker
-    sft = TaskSampler(bundle.sets, "sft", C.parse_mix(t.task_mix), t.seed * 1000 + 7 + ctx.rank)
-    gen = torch.Generator(device=dev).manual_seed(t.seed * 1000 + 11 + ctx.rank)
-    pick = torch.Generator().manual_seed(t.seed * 1000 + 13 + ctx.rank)
+    ckpt_path, best_path = os.path.join(t.out_dir, "ckpt_rl.pt"), os.path.join(t.out_dir, "ckpt_rl_best.pt")
+    run, draws = rl_start(cfg, ctx, bundle, model, ckpt_path), prompt_draws(rc)
+    save = lambda: save_rl(ckpt_path, run.model, run.opt, run.step, cfg, bundle, ctx, run.elapsed, run.history,
+                           run.sft, run.gen, run.pick)
     ctx.log(f"RL: prompts/step {draws} x group {rc.group_size} | sft rows {rc.sft_rows} | likelihood "
             f"{rc.likelihood} | gamma {rc.gamma} | answer-forcing p={rc.af_prob} ({rc.af_mode}) | tree "
             f"{rc.tree_schedule} on {rc.tree_tasks} | kl {rc.kl_coef} | lr {rc.lr} | "
             f"{rc.max_steps} steps" + (f" (cap {rc.time_budget_s:.0f}s)" if rc.time_budget_s > 0 else ""))
-    if blob is not None:          # continue every random stream where the checkpoint left it
-        restore_rank_state(blob, ctx, sft, gen=gen, pick=pick)
-    t_start, bad_steps, saved = time.time() - elapsed, 0, step
-    bar = tqdm(total=rc.max_steps, initial=step, disable=not ctx.master, desc="rl", dynamic_ncols=True, mininterval=5)
-    while step < rc.max_steps:
-        rec = rl_step(model, opt, cfg, ctx, bundle, vq, draws, sft, pick, gen, ref)
-        elapsed = from_rank0(time.time() - t_start, ctx)
+    t_start, bad_steps, saved = time.time() - run.elapsed, 0, run.step
+    bar = tqdm(total=rc.max_steps, initial=run.step, disable=not ctx.master, desc="rl", dynamic_ncols=True, mininterval=5)
+    while run.step < rc.max_steps:
+        st = rl_step(run.model, run.opt, cfg, ctx, bundle, vq, draws, run.sft, run.pick, run.gen, run.ref)
+        rec = step_record(st, bundle.tok, rc.tau, dev)
+        run.elapsed = from_rank0(time.time() - t_start, ctx)
+        stop = lambda: stop_together(0 < rc.time_budget_s < run.elapsed or STOP.asked, ctx)
         if rec["nonfinite"]:
-            # never step on a NaN (rl_step skipped the update); several in a row means the run is broken
+            # never step on a NaN (policy_update skipped it); several in a row means the run is broken
             bad_steps += 1
-            ctx.log(f"rl step {step}: non-finite {rec['nonfinite']}; update skipped ({bad_steps} in a row)")
+            ctx.log(f"rl step {run.step}: non-finite {rec['nonfinite']}; update skipped ({bad_steps} in a row)")
             if bad_steps >= 5:
-                raise SystemExit(f"training error: 5 non-finite RL updates in a row at step {step} (last: "
+                raise SystemExit(f"training error: 5 non-finite RL updates in a row at step {run.step} (last: "
                                  f"{rec['nonfinite']}); lower --rl.lr (now {rc.lr}) and resume from {ckpt_path}")
-            history.append({"step": step, "seconds": round(elapsed, 1), **rec})
-            if not stop_together(0 < rc.time_budget_s < elapsed or STOP.asked, ctx):
-                continue             # nothing changed: no log line, eval or checkpoint for this step
-            break
-        bad_steps, step = 0, step + 1
+            run.history.append({"step": run.step, "seconds": round(run.elapsed, 1), **rec})
+            if stop():
+                break
+            continue                 # nothing changed: no log line, eval or checkpoint for this step
+        bad_steps, run.step = 0, run.step + 1
         bar.update(1)
-        rec = {"step": step, "seconds": round(elapsed, 1), **rec}
+        rec = {"step": run.step, "seconds": round(run.elapsed, 1), **rec}
         bar.set_postfix({k: f"{rec[k]['reward']:.2f}" for k in draws})
-        if step % max(1, t.log_interval // 10) == 0 or step == 1:
+        if run.step % max(1, t.log_interval // 10) == 0 or run.step == 1:
             ctx.log(log_line(rec, list(draws)))
-        done = step >= rc.max_steps or stop_together(0 < rc.time_budget_s < elapsed or STOP.asked, ctx)
-        if rc.eval_interval and (step % rc.eval_interval == 0 or done) and ctx.master:
-            rec["eval"] = m = metrics.quick_eval(model, bundle, vq, cfg, dev, ctx.autocast, tasks=list(draws))
+        done = run.step >= rc.max_steps or stop()
+        if rc.eval_interval and (run.step % rc.eval_interval == 0 or done) and ctx.master:
+            rec["eval"] = m = metrics.quick_eval(run.model, bundle, vq, cfg, dev, ctx.autocast, tasks=list(draws))
             t_start += m["eval_seconds"]            # the time budget counts training only
-            ctx.log(f"rl eval @ {step} ({elapsed:.0f}s, {cfg.eval.curve_split}): {metrics.headline(m)}")
-            if m["score"] > best:                   # the best checkpoint by the quick evals (not the held-out set)
-                best = m["score"]
-                save_checkpoint(best_path, model, None, step, cfg, bundle, {"score": best, "elapsed": elapsed})
-        history.append(rec)
-        if step % t.ckpt_interval == 0 or done:
-            save_rl(ckpt_path, model, opt, step, cfg, bundle, ctx, elapsed, history, sft, gen, pick)
-            saved = step
+            ctx.log(f"rl eval @ {run.step} ({run.elapsed:.0f}s, {cfg.eval.curve_split}): {metrics.headline(m)}")
+            if m["score"] > run.best:               # the best checkpoint by the quick evals (not the held-out set)
+                run.best = m["score"]
+                save_checkpoint(best_path, run.model, None, run.step, cfg, bundle, {"score": run.best, "elapsed": run.elapsed})
+        run.history.append(rec)
+        if run.step % t.ckpt_interval == 0 or done:
+            save()
+            saved = run.step
         if done:
             break
     bar.close()
-    if saved != step:       # stopped on a skipped step: the last update is not saved yet
-        save_rl(ckpt_path, model, opt, step, cfg, bundle, ctx, elapsed, history, sft, gen, pick)
-    ctx.log(f"RL done: {step} steps in {elapsed:.0f}s -> {ckpt_path}")
+    if saved != run.step:   # stopped on a skipped step: the last update is not saved yet
+        save()
+    ctx.log(f"RL done: {run.step} steps in {run.elapsed:.0f}s -> {ckpt_path}")
     if ctx.master:
-        write_json(os.path.join(t.out_dir, "rl_log.json"), history)
-    return model
+        write_json(os.path.join(t.out_dir, "rl_log.json"), run.history)
+    return run.model

@@ -71,7 +71,7 @@ def build_example(task: str, opts: dict, bundle, dcfg) -> D.Example:
     return ex
 
 
-def canvas_batch(ex: D.Example, task: str, bundle, vq, force: str) -> D.Batch:
+def canvas_batch(ex: D.Example, task: str, bundle, vq, force: str) -> tuple[D.Batch, torch.Tensor | None]:
     """The prompt of `ex` with an all-masked response canvas (or the forced answer in clear)."""
     tok, lay = bundle.tok, bundle.layouts[task]
     unknown = [w for w in ex.prompt.split() if w not in tok.stoi]
@@ -88,8 +88,8 @@ def canvas_batch(ex: D.Example, task: str, bundle, vq, force: str) -> D.Batch:
         if task not in ("vqa", "ground"):
             raise SystemExit("sample: --force works for answer and ground (the tasks with a text answer)")
         ans = tuple(int(v) for v in force.split()) if task == "ground" else force
-        batch = force_answer(batch, [D.Example(task, "user", "", None, ans, None)], tok, lay)
-    return batch
+        return force_answer(batch, [D.Example(task, "user", "", None, ans, None)], tok, lay)   # + the banned tags
+    return batch, None
 
 
 def pictures(codes: torch.Tensor, known: torch.Tensor, vq, side: int) -> np.ndarray:
@@ -137,12 +137,12 @@ def run(cfg, opts: dict, verb: str):
     run_cfg, bundle, model, vq, blob = common.load_run(path, os.path.join(cfg.train.out_dir, "sample"), "sample")
     dcfg, tok, lay = run_cfg.data, bundle.tok, bundle.layouts[task]
     ex = build_example(task, opts, bundle, dcfg)
-    batch = canvas_batch(ex, task, bundle, vq, opts["force"])
+    batch, forbid = canvas_batch(ex, task, bundle, vq, opts["force"])
     states = []
     gen = torch.Generator().manual_seed(cfg.train.seed)
     with torch.no_grad():
         tokens, _ = sample(model, batch, tok, run_cfg.diffusion, temperature=opts["temperature"], generator=gen,
-                           on_step=lambda g, t: states.append(t[0, batch.P:batch.P + lay.R].clone()))
+                           forbid=forbid, on_step=lambda g, t: states.append(t[0, batch.P:batch.P + lay.R].clone()))
     final = tokens[0, batch.P:batch.P + lay.R]
     states.append(final)
     text = text_of(final[:lay.R_text], tok)
@@ -239,9 +239,13 @@ def assets(cfg, opts: dict):
 
 def main(argv: list[str]):
     verb = argv[0] if argv else ""
+    usage = (f"usage: python sample.py {{{'|'.join(TASKS)}|assets}} [--image=PNG] [--prompt=TEXT] "
+             f"[--example=N] [--force=ANSWER] [--show_steps] [--ckpt=PATH] [--out=DIR] [--section.key=value ...]")
+    if verb in ("-h", "--help"):
+        print(usage + "\n" + (__doc__ or "").strip())
+        raise SystemExit(0)
     if verb not in (*TASKS, "assets"):
-        raise SystemExit(f"usage: python sample.py {{{'|'.join(TASKS)}|assets}} [--image=PNG] [--prompt=TEXT] "
-                         f"[--example=N] [--force=ANSWER] [--show_steps] [--ckpt=PATH] [--out=DIR]")
+        raise SystemExit(usage)
     cfg, opts = C.get_config(argv[1:], extra={"ckpt": "", "out": "", "image": "", "prompt": "", "example": -1,
                                               "force": "", "show_steps": False, "temperature": 0.0})
     torch.set_num_threads(1)

@@ -37,6 +37,7 @@ sys.path.insert(0, ROOT)
 import config as C  # noqa: E402
 import data as D  # noqa: E402
 import common  # noqa: E402
+import rl  # noqa: E402
 import train  # noqa: E402
 from diffusion import sft_loss  # noqa: E402
 
@@ -158,6 +159,51 @@ def reference_run(cfg, bundle) -> dict:
     return out
 
 
+# ----------------------------------------------------------------------------------------------
+# the RL update: N of Eq. U over every rank (forced samples that join on one rank only)
+
+RL_ROWS = {0: [0, 1, 2], 1: [3, 4, 5, 6]}     # each rank's kept rows (indices into the SFT pool)
+RL_N = {0: 9, 1: 14}                          # each rank's N: rank 1 had a forced sample join (+1) and more rows
+
+
+def rl_triplets(bundle, rows: list[int], n: int, scale: float = 1.0) -> rl.Triplets:
+    """Fixed triplets: vqa SFT rows `rows` with advantages +-1, 0.5 (scaled), and N = n."""
+    batch = D.collate({"vqa": bundle.sets["vqa"]["sft"]}, [("vqa", i) for i in rows], bundle.tok)
+    adv = torch.tensor([(1.0, -1.0, 0.5)[i % 3] for i in rows]) * scale
+    return rl.Triplets(batch, adv, n)
+
+
+def rl_config(cfg, mu: int):
+    c = copy.deepcopy(cfg)
+    c.rl.likelihood, c.rl.ppo_epochs, c.train.micro_batch = "one_step", mu, 2   # one_step: no random masks
+    return c
+
+
+def rl_update_run(cfg, ctx, bundle, world: int, rank: int) -> dict:
+    """Two RL updates (mu = 1, then mu = 2: the clipped ratio) on this rank's triplets (ranks > 0:
+    RL_ROWS[rank]; one process: every rank's rows with N = the sum), then a step with no row on any
+    rank. Returns the weights after the updates and after the row-less step, and the optimizer's
+    step count (AdamW's "step" of one parameter) before and after it."""
+    torch.manual_seed(cfg.train.seed)
+    model = common.build_model(cfg, bundle.tok, "cpu")
+    common.broadcast_params(model, ctx)
+    opt = common.make_optimizer(model, cfg.rl.lr, cfg.train.weight_decay, "cpu")
+    gen = torch.Generator().manual_seed(0)
+    if world == 1:
+        trip = rl_triplets(bundle, RL_ROWS[0] + RL_ROWS[1], RL_N[0] + RL_N[1])
+    else:
+        trip = rl_triplets(bundle, RL_ROWS[rank], RL_N[rank])
+    for mu in (1, 2):
+        u = rl.policy_update(model, opt, trip, rl_config(cfg, mu), ctx, bundle.tok, gen)
+        assert u.skipped is None, u.skipped
+    out = {"after": params(model), "loss": u.loss}
+    steps = int(opt.state[next(iter(model.parameters()))]["step"])
+    empty = rl.Triplets(None, torch.zeros(0), RL_N[rank])
+    u = rl.policy_update(model, opt, empty, rl_config(cfg, 1), ctx, bundle.tok, gen)
+    out.update(after_empty=params(model), skipped=u.skipped, steps=(steps, int(opt.state[next(iter(model.parameters()))]["step"])))
+    return out
+
+
 class Crash(Exception):
     """A stand-in for a run killed right after a checkpoint was written."""
 
@@ -225,7 +271,7 @@ def worker(out_dir: str, cache_dir: str):
     torch.set_num_threads(1)
     assert ctx.ddp and ctx.world == WORLD, (ctx.ddp, ctx.world)
     bundle = make_bundle(cfg)                            # the parent wrote the token cache
-    res = {"sync": sync_run(cfg, ctx, bundle)}
+    res = {"sync": sync_run(cfg, ctx, bundle), "rl": rl_update_run(cfg, ctx, bundle, ctx.world, ctx.rank)}
 
     def setup_ctx(c):
         return common.setup(c)
@@ -326,6 +372,47 @@ def test_ddp_rank_without_backward_counts_as_zero_gradient(ddp):
     ref = reference_run(ddp.cfg, ddp.bundle)
     for rank in range(WORLD):
         assert_close(ddp.res[rank]["sync"]["after_k1"], ref["after_k1"], 1e-5, f"rank {rank}, step {K_STEPS + 1}:")
+
+
+def test_rl_update_normalises_by_the_n_of_every_rank(ddp):
+    """Eq. U's N is the step's total over ranks: two ranks whose N differ (a forced sample joined on
+    rank 1 only) make the same two updates (mu = 1, then the clipped mu = 2) as one process holding
+    every row with N = N_0 + N_1. The old rule, (1/W) sum_r (1/N_r) sum_i, gives other weights."""
+    ctx1 = common.Ctx("cpu", torch.float32, "fp32", False, 0, 1, "unused")
+    ref = rl_update_run(ddp.cfg, ctx1, ddp.bundle, 1, 0)
+    moved = max((ref["after"][k] - params_init(ddp)[k]).abs().max().item() for k in ref["after"])
+    assert moved > 1e-5
+    for rank in range(WORLD):
+        assert_close(ddp.res[rank]["rl"]["after"], ref["after"], 1e-6, f"rank {rank} RL update:")
+        assert abs(ddp.res[rank]["rl"]["loss"] - ref["loss"]) < 1e-5
+    # the per-rank normaliser, written as one process: row i of rank r weighs N / (W N_r)
+    torch.manual_seed(ddp.cfg.train.seed)
+    model = common.build_model(ddp.cfg, ddp.bundle.tok, "cpu")
+    opt = common.make_optimizer(model, ddp.cfg.rl.lr, ddp.cfg.train.weight_decay, "cpu")
+    n = RL_N[0] + RL_N[1]
+    parts = [rl_triplets(ddp.bundle, RL_ROWS[r], n, scale=n / (WORLD * RL_N[r])) for r in range(WORLD)]
+    old = rl.Triplets(D.cat_batches([p.batch for p in parts], ddp.bundle.tok), torch.cat([p.adv for p in parts]), n)
+    for mu in (1, 2):
+        rl.policy_update(model, opt, old, rl_config(ddp.cfg, mu), ctx1, ddp.bundle.tok, torch.Generator().manual_seed(0))
+    diff = max((params(model)[k] - ref["after"][k]).abs().max().item() for k in ref["after"])
+    assert diff > 1e-6, "the test cannot tell the two normalisers apart"
+
+
+def params_init(ddp) -> dict:
+    torch.manual_seed(ddp.cfg.train.seed)
+    return params(common.build_model(ddp.cfg, ddp.bundle.tok, "cpu"))
+
+
+def test_a_step_without_rows_is_skipped_alike_on_one_process_and_on_two(ddp):
+    """No row on any rank: no optimizer step (AdamW's step count, momentum and weight decay stay
+    as they were) under DDP, exactly as on one process; before, sync_grads zero-filled the missing
+    gradients under DDP and AdamW stepped on them."""
+    ctx1 = common.Ctx("cpu", torch.float32, "fp32", False, 0, 1, "unused")
+    ref = rl_update_run(ddp.cfg, ctx1, ddp.bundle, 1, 0)
+    for res in [ref] + [ddp.res[r]["rl"] for r in range(WORLD)]:
+        assert res["skipped"] == "no rows"
+        assert res["steps"][0] == res["steps"][1] == 3          # mu = 1, then mu = 2
+        assert_close(res["after_empty"], res["after"], 0.0, "a row-less step moved the weights:")
 
 
 # ----------------------------------------------------------------------------------------------

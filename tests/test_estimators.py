@@ -2,7 +2,7 @@
 Smoke tests of estimators.py: every measurement of the estimator study runs on a tiny random model
 and the tiny hand-made pairs of tiny_vocab.py, and returns finite numbers under the keys the tables,
 the [claims] block and the results file read. (The study's numbers themselves need a trained
-checkpoint: python estimators.py --ckpt=....) CPU, about a second.
+checkpoint: python studies/estimators.py --ckpt=....) CPU, about a second.
 
     python -m pytest tests/test_estimators.py -q
 """

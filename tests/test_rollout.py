@@ -24,6 +24,7 @@ import likelihood as LK  # noqa: E402
 import rewards as RW  # noqa: E402
 import rl  # noqa: E402
 import rollout as RO  # noqa: E402
+import study  # noqa: E402   (studies/study.py: the tree study's diagnostics)
 from config import ModelConfig, make_config  # noqa: E402
 from model import Transformer  # noqa: E402
 
@@ -45,15 +46,15 @@ def test_all_equal_rewards_give_zero_grpo_part():
     for n in (3, 7, 8):
         for v in (0.0, 0.3, 5 / 6, 1 / 3, 0.7, 1.0):
             r = torch.full((2, n), v)
-            a = RO.advantages(r, ones(2, n), gamma=0.0)
+            a = rl.advantages(r, ones(2, n), gamma=0.0)
             assert torch.count_nonzero(a) == 0, (n, v, a)
-            a = RO.advantages(r, ones(2, n), gamma=0.0, use_std=False)
+            a = rl.advantages(r, ones(2, n), gamma=0.0, use_std=False)
             assert torch.count_nonzero(a) == 0, (n, v, a)
     # all zeros: no distillation target either, so the whole row is 0 for every gamma
     for gamma in (0.0, 0.5, 1.0):
-        assert torch.count_nonzero(RO.advantages(torch.zeros(3, 4), ones(3, 4), gamma)) == 0
+        assert torch.count_nonzero(rl.advantages(torch.zeros(3, 4), ones(3, 4), gamma)) == 0
     # all equal and positive, gamma = 0.5: GRPO part 0, distillation 1 on the FIRST member only
-    a = RO.advantages(torch.full((1, 7), 0.3), ones(1, 7), gamma=0.5)
+    a = rl.advantages(torch.full((1, 7), 0.3), ones(1, 7), gamma=0.5)
     assert a.tolist() == [[0.5] + [0.0] * 6]
 
 
@@ -62,14 +63,14 @@ def test_distillation_weight_lands_on_first_argmax():
                       [0.7, 0.1, 0.7, 0.7],      # three-way tie: index 0
                       [0.0, 0.0, 0.0, 0.4],      # last
                       [0.0, 0.0, 0.0, 0.0]])     # best reward 0: no target at all
-    a = RO.advantages(r, ones(4, 4), gamma=1.0)
+    a = rl.advantages(r, ones(4, 4), gamma=1.0)
     want = [[0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1], [0, 0, 0, 0]]
     assert a.tolist() == want
 
 
 def test_grpo_part_by_hand_population_std():
     r = [[1.0, 0.0, 0.0, 1.0, 1.0], [0.2, 0.5, 0.9, 0.4, 0.0]]
-    a = RO.advantages(torch.tensor(r), ones(2, 5), gamma=0.0)
+    a = rl.advantages(torch.tensor(r), ones(2, 5), gamma=0.0)
     for g, row in enumerate(r):
         mean = sum(row) / len(row)
         std = math.sqrt(sum((x - mean) ** 2 for x in row) / len(row))      # population std (/n)
@@ -78,7 +79,7 @@ def test_grpo_part_by_hand_population_std():
     # first row by hand: mean 0.6, std sqrt(0.24)
     assert math.isclose(a[0, 0].item(), 0.4 / (math.sqrt(0.24) + EPS), rel_tol=1e-5)
     # Dr.-GRPO form: r - mean, no division
-    b = RO.advantages(torch.tensor(r), ones(2, 5), gamma=0.0, use_std=False)
+    b = rl.advantages(torch.tensor(r), ones(2, 5), gamma=0.0, use_std=False)
     assert torch.allclose(b[0], torch.tensor([0.4, -0.6, -0.6, 0.4, 0.4]), atol=1e-6)
     assert torch.allclose(b[1], torch.tensor([0.2, 0.5, 0.9, 0.4, 0.0]) - 0.4, atol=1e-6)
 
@@ -87,7 +88,7 @@ def test_mixed_gamma_by_hand():
     row = [0.2, 0.8, 0.5]
     mean = 0.5
     std = math.sqrt((0.09 + 0.09 + 0.0) / 3)
-    a = RO.advantages(torch.tensor([row]), ones(1, 3), gamma=0.5)[0]
+    a = rl.advantages(torch.tensor([row]), ones(1, 3), gamma=0.5)[0]
     want = [0.5 * (x - mean) / (std + EPS) + (0.5 if i == 1 else 0.0) for i, x in enumerate(row)]
     assert torch.allclose(a, torch.tensor(want), atol=1e-5)
 
@@ -97,7 +98,7 @@ def test_non_member_slot_is_zero_and_excluded_from_mean_and_std():
     r = torch.tensor([[0.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 1.0]])
     member = torch.tensor([[True, True, True, False], [True, True, True, False]])
     for gamma in (0.0, 0.5, 1.0):
-        a = RO.advantages(r, member, gamma)
+        a = rl.advantages(r, member, gamma)
         assert a[0, 3] == 0 and a[1, 3] == 0
         # group 1 is all-failed among its members: the non-member's 1 must not leak in
         assert torch.count_nonzero(a[1]) == 0
@@ -107,15 +108,15 @@ def test_non_member_slot_is_zero_and_excluded_from_mean_and_std():
         want = [gamma * d + (1 - gamma) * g for d, g in zip(dist, grpo)] + [0.0]
         assert torch.allclose(a[0], torch.tensor(want), atol=1e-5), (gamma, a[0], want)
     # a non-member holding the largest reward never takes the distillation weight
-    a = RO.advantages(torch.tensor([[0.1, 0.3, 0.9]]), torch.tensor([[True, True, False]]), gamma=1.0)
+    a = rl.advantages(torch.tensor([[0.1, 0.3, 0.9]]), torch.tensor([[True, True, False]]), gamma=1.0)
     assert a.tolist() == [[0.0, 1.0, 0.0]]
 
 
 def test_forced_member_turns_an_all_failed_group_nonzero():
     r = torch.tensor([[0.0, 0.0, 0.0, 1.0]])                 # 3 failures + the forced sample
-    without = RO.advantages(r, torch.tensor([[True, True, True, False]]), 0.5)
+    without = rl.advantages(r, torch.tensor([[True, True, True, False]]), 0.5)
     assert torch.count_nonzero(without) == 0
-    a = RO.advantages(r, ones(1, 4), 0.5)[0]
+    a = rl.advantages(r, ones(1, 4), 0.5)[0]
     std = math.sqrt(3) / 4                                     # rewards 0,0,0,1: mean 1/4
     assert math.isclose(a[3].item(), 0.5 + 0.5 * 0.75 / (std + EPS), rel_tol=1e-5)
     for i in range(3):
@@ -209,6 +210,20 @@ def vqa_answering_model(w, seed: int = 0) -> Biased:
     return Biased(tiny_model(tok.vocab_size, seed), bias).eval()
 
 
+def rollout_task(model, bundle, task, idx, cfg, device, autocast, vq, gen, split="rl"):
+    """One task's part of an RL step as the update sees it: rollout.sample_groups, the advantages
+    (rl.group_advantages) and the rows rl.triplets keeps (no SFT rows), with rl.group_stats and
+    N of Eq. U ("members")."""
+    import copy
+    g = RO.sample_groups(model, bundle, task, idx, cfg, device, autocast, vq, gen, split)
+    a = rl.group_advantages(g, cfg.rl)
+    c = copy.deepcopy(cfg)
+    c.rl.sft_rows = 0
+    trip = rl.triplets([g], [a], c, bundle, None, device)
+    stats = {**rl.group_stats(g, a, cfg.rl.tau, bundle.tok), "members": trip.n}
+    return SimpleNamespace(task=task, rewards=g.rewards, batch=trip.batch, adv=trip.adv, stats=stats, groups=g)
+
+
 def rl_cfg(w, **rl):
     """The world's config with rl fields set directly (the toy diffusion settings)."""
     cfg = make_config("toy", {"data.n_sft": 6, "data.n_rl": 12, "data.n_eval": 2})
@@ -230,8 +245,11 @@ def test_force_answer_canvas_and_sampler_keep_the_answer(world, task):
     exs = [ts.examples[i] for i in idx]
     base = D.collate({task: ts}, [(task, i) for i in idx], tok, responses=False)
     before = base.tokens.clone()
-    canvas = RO.force_answer(base, exs, tok, lay)
+    canvas, forbid = RO.force_answer(base, exs, tok, lay)
     assert torch.equal(base.tokens, before), "force_answer modified its input"
+    # the banned ids are exactly the two answer tags, on every row
+    assert forbid.shape == (len(idx), tok.vocab_size)
+    assert [set(r.nonzero().flatten().tolist()) for r in forbid] == [{tok.ANS, tok.EANS}] * len(idx)
     end = P + lay.R_text
     for b, ex in enumerate(exs):
         ans = D.answer_ids(ex, tok)
@@ -242,10 +260,20 @@ def test_force_answer_canvas_and_sampler_keep_the_answer(world, task):
         assert (canvas.tokens[b, P:end - len(ans)] == tok.MASK).all()            # reasoning: all [M]
         assert torch.equal(canvas.tokens[b, :P], before[b, :P])                   # prompt untouched
         assert torch.equal(canvas.tokens[b, end:], before[b, end:])
-    # inpaint with a random tiny model at temperature 1
-    model = tiny_model(tok.vocab_size, seed=1, scale=0.3)
+    # inpaint with a random tiny model at temperature 1, pushed to write answer tags everywhere:
+    # the ban must hold in every masked slot, so the forced row still has exactly one answer block
+    net = tiny_model(tok.vocab_size, seed=1, scale=0.3)
+    bias = torch.zeros(canvas.tokens.shape[1], tok.vocab_size)
+    bias[:, [tok.ANS, tok.EANS]] = 30.0
+    model = Biased(net, bias)
     final, order = DF.sample(model, canvas, tok, w.cfg.diffusion, temperature=1.0,
-                             generator=torch.Generator().manual_seed(0))
+                             generator=torch.Generator().manual_seed(0), forbid=forbid)
+    for b in range(len(idx)):
+        text = final[b, P:end].tolist()
+        assert text.count(tok.ANS) == 1 and text.count(tok.EANS) == 1, "a second answer tag was written"
+    # without the ban the same model does write them: the check above has power
+    loose, _ = DF.sample(model, canvas, tok, w.cfg.diffusion, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    assert (loose[:, P:end] == tok.ANS).sum() > len(idx)
     for b, ex in enumerate(exs):
         ans = D.answer_ids(ex, tok)
         assert final[b, end - len(ans):end].tolist() == ans, "the sampler changed the forced answer"
@@ -256,21 +284,22 @@ def test_force_answer_canvas_and_sampler_keep_the_answer(world, task):
     # the inpainted rows as rewards see them: with the GT answer block, an all-failed group of 3
     # plus this forced member gets a positive advantage for it and negative ones for the failures
     r = torch.tensor([[0.0, 0.0, 0.0, 1.0]])
-    a = RO.advantages(r, ones(1, 4), 0.5)
+    a = rl.advantages(r, ones(1, 4), 0.5)
     assert a[0, 3] > 0 and (a[0, :3] < 0).all()
 
 
 # ----------------------------------------------------------------------------------------------
 # 3. rollout_task end to end
 
-STATS_KEYS = {"reward", "nonzero_adv_frac", "grpo_nonzero_frac", "all_failed_frac", "af_fired", "members", "rollout_s", "parse_fail"}
+STATS_KEYS = {"reward", "nonzero_adv_frac", "grpo_nonzero_frac", "all_failed_frac", "af_fired", "members", "rollout_s",
+              "parse_fail", "unparsable_frac", "forced_rows"}
 
 
 def check_rows(rc, w, task, idx, n_cols, member, gamma):
     """The returned rows are exactly the nonzero-advantage members, prompt-major, with the
     advantages recomputed from the returned rewards."""
     G = len(idx)
-    a = RO.advantages(rc.rewards, member, gamma, True).reshape(-1)
+    a = rl.advantages(rc.rewards, member, gamma, True).reshape(-1)
     keep = a != 0
     assert torch.allclose(rc.adv, a[keep], atol=1e-6)
     assert (rc.adv != 0).all(), "a zero-advantage row was kept"
@@ -292,16 +321,20 @@ def test_rollout_task_vqa_answer_forcing(world, tau):
     cfg = rl_cfg(w, group_size=N, af_prob=1.0, af_mode="failed_groups", tau=tau, gamma=0.5, adv_std=True,
                  temperature=1.0)
     model = vqa_answering_model(w, seed=3)
-    roll = RO.rollout_task(model, w.bundle, "vqa", idx, cfg, "cpu", nullcontext(), w.vq,
+    roll = rollout_task(model, w.bundle, "vqa", idx, cfg, "cpu", nullcontext(), w.vq,
                            torch.Generator().manual_seed(5))
     assert roll.task == "vqa"
-    assert STATS_KEYS <= set(roll.stats) and "forced_reward" in roll.stats
+    assert STATS_KEYS <= set(roll.stats)
     assert roll.rewards.shape == (G, N + 1)
     on, forced = roll.rewards[:, :N], roll.rewards[:, N]
     assert set(on.flatten().tolist()) <= {0.0, 1.0}
-    assert (forced == 1.0).all(), "the answer-forced sample must score 1 (GT answer, one block)"
     # recount the all-failed groups from the returned rewards: af_prob = 1 fires on each of them
     all_failed = (on < tau).all(1)
+    assert torch.equal(roll.groups.forced, all_failed)
+    assert (forced[all_failed] == 1.0).all(), "the answer-forced sample must score 1 (GT answer, one block)"
+    assert (forced[~all_failed] == 0.0).all(), "an unjoined forced slot is a placeholder"
+    assert ("forced_reward" in roll.stats) == bool(all_failed.any())
+    assert roll.stats.get("forced_unparsable", 0) == 0
     assert roll.stats["af_fired"] == int(all_failed.sum())
     assert roll.stats["members"] == G * N + int(all_failed.sum())
     assert math.isclose(roll.stats["reward"], on.mean().item(), rel_tol=1e-6)
@@ -311,7 +344,7 @@ def test_rollout_task_vqa_answer_forcing(world, tau):
     assert roll.stats["rollout_s"] >= 0
     member = torch.cat([ones(G, N), all_failed[:, None]], 1)
     keep = check_rows(roll, w, "vqa", idx, N + 1, member, 0.5)
-    adv = RO.advantages(roll.rewards, member, 0.5)
+    adv = rl.advantages(roll.rewards, member, 0.5)
     assert math.isclose(roll.stats["nonzero_adv_frac"], (adv.abs().sum(1) > 0).float().mean().item())
     # GRPO signal: a group counts when its members' rewards are not all equal (plain Python recount)
     differ = [len({x for x, m in zip(roll.rewards[g].tolist(), member[g].tolist()) if m}) > 1 for g in range(G)]
@@ -345,17 +378,19 @@ def test_rollout_task_edit_tree_search(world):
     cfg = rl_cfg(w, group_size=N, tree_schedule="0,2", tree_tasks="edit", gamma=0.5, adv_std=True,
                  temperature=1.0, af_prob=1.0)
     model = tiny_model(w.tok.vocab_size, seed=4, scale=0.3)
-    roll = RO.rollout_task(model, w.bundle, "edit", idx, cfg, "cpu", nullcontext(), w.vq,
+    roll = rollout_task(model, w.bundle, "edit", idx, cfg, "cpu", nullcontext(), w.vq,
                            torch.Generator().manual_seed(6))
     assert STATS_KEYS <= set(roll.stats) and "forced_reward" not in roll.stats     # no GT: no forcing
     assert roll.rewards.shape == (G, 2 * N)                                        # rounds at [0, 2]
     assert roll.stats["af_fired"] == 0 and roll.stats["members"] == 2 * G * N
-    assert len(roll.stats["round_reward"]) == 2
-    assert math.isclose(roll.stats["round_reward"][0], roll.rewards[:, :N].mean().item(), rel_tol=1e-6)
-    for k in range(2):      # the tree study's per-round figures, recounted from the rewards
-        assert math.isclose(roll.stats["round_max"][k], roll.rewards[:, k * N:(k + 1) * N].amax(1).mean().item(),
+    rounds = study.round_stats(roll.groups)           # the tree study's per-round figures, recounted
+    assert len(rounds["round_mean"]) == 2
+    assert math.isclose(rounds["round_mean"][0], roll.rewards[:, :N].mean().item(), rel_tol=1e-6)
+    for k in range(2):
+        assert math.isclose(rounds["round_max"][k], roll.rewards[:, k * N:(k + 1) * N].amax(1).mean().item(),
                             rel_tol=1e-6)
-    assert len(roll.stats["round_hamming"]) == 2 and all(0 <= h <= 1 for h in roll.stats["round_hamming"])
+    assert math.isclose(rounds["best_so_far"][1], roll.rewards.amax(1).mean().item(), rel_tol=1e-6)
+    assert len(rounds["round_hamming"]) == 2 and all(0 <= h <= 1 for h in rounds["round_hamming"])
     assert ((roll.rewards >= 0) & (roll.rewards <= 1)).all()
     assert len(set(roll.rewards.flatten().tolist())) > 2, "edit rewards should be real-valued"
     keep = check_rows(roll, w, "edit", idx, 2 * N, ones(G, 2 * N), 0.5).view(G, 2 * N)
@@ -403,7 +438,7 @@ def test_rollout_tokens_per_step_sets_the_text_plan_and_the_branch_step(world, m
         return real(model, batch, tok, dcfg, **kw)
 
     monkeypatch.setattr(RO, "sample", spy)
-    RO.rollout_task(tiny_model(w.tok.vocab_size, seed=1, scale=0.3), w.bundle, "edit", [0, 1], cfg, "cpu",
+    rollout_task(tiny_model(w.tok.vocab_size, seed=1, scale=0.3), w.bundle, "edit", [0, 1], cfg, "cpu",
                     nullcontext(), w.vq, torch.Generator().manual_seed(0))
     R_text, B = w.lay["edit"].R_text, cfg.diffusion.block_len
     text_steps = sum(math.ceil((min(lo + B, R_text) - lo) / 4) for lo in range(0, R_text, B))
@@ -496,23 +531,21 @@ def test_unified_loss_value_and_gradient_sign(world):
     model = tiny_model(tok.vocab_size, seed=7, scale=0.1).train()
     rc = rl_cfg(w, likelihood="complementary", logp_norm="sum", shared_t=False).rl
     adv = torch.tensor([1.0, -1.0])
-    n_total = 5                                                          # N of Eq. U: zero-adv members count
-    gen = torch.Generator().manual_seed(11)
-    # the seed unified_loss will draw from the generator, replayed on a copy of its state
-    seed = int(torch.randint(2**62, (1,), generator=torch.Generator().set_state(gen.get_state())))
-    loss, stats = rl.unified_loss(model, batch, adv, tok, rc, n_total, gen)
+    seed = 11
+    loss, terms, kl, clipped = rl.unified_loss(model, batch, adv, tok, rc, seed)
+    assert kl is None and clipped is None
     with torch.no_grad():
         seq = hand_complementary_logp(model, batch, tok, seed)
-    want = -(1.0 * seq[0] - 1.0 * seq[1]) / n_total
+    want = -(1.0 * seq[0] - 1.0 * seq[1])                  # the numerator of -J: policy_update divides by N
     assert math.isclose(loss.item(), want.item(), rel_tol=1e-5), (loss.item(), want.item())
-    n_resp = int(batch.is_resp.sum())
-    assert math.isclose(stats["logp_per_tok"], seq.sum().item() / n_resp, rel_tol=1e-5)
+    assert torch.allclose(terms.seq().detach(), seq, rtol=1e-5)
+    assert int(terms.scored.sum()) == int(batch.is_resp.sum())        # each response token scored once
 
     # one SGD step on that loss: log pi^ of the A = +1 row goes up, of the A = -1 row goes down,
     # both measured with one fixed mask draw (the same seed before and after)
     def measure():
         with torch.no_grad():
-            lp, scored = LK.complementary(model, batch, tok, generator=torch.Generator().manual_seed(99))
+            lp, scored = LK.complementary(model, batch, tok, generator=torch.Generator().manual_seed(99)).per_token()
         return (lp * scored).sum(1)
 
     before = measure()
@@ -542,7 +575,7 @@ def test_run_rl_step_with_no_sft_rows_and_all_zero_advantages(world, tmp_path):
                  prompts_per_step=2, group_size=2)
     cfg.train.out_dir = str(tmp_path)
     logs = []
-    ctx = SimpleNamespace(device="cpu", autocast=nullcontext(), rank=0, master=True, ddp=False, log=logs.append)
+    ctx = SimpleNamespace(device="cpu", autocast=nullcontext(), rank=0, world=1, master=True, ddp=False, log=logs.append)
     tok = w.tok
     bias = torch.zeros(w.P + w.lay["vqa"].R, tok.vocab_size)
     bias[:, [tok.ANS, tok.EANS]] = -30.0              # never an answer tag: every reward is 0
@@ -565,15 +598,15 @@ def test_run_rl_stops_on_persistent_non_finite_loss(world, tmp_path, monkeypatch
                  prompts_per_step=1, group_size=2, time_budget_s=1e9)
     cfg.train.out_dir = str(tmp_path)
     logs, calls = [], []
-    ctx = SimpleNamespace(device="cpu", autocast=nullcontext(), rank=0, master=True, ddp=False, log=logs.append)
+    ctx = SimpleNamespace(device="cpu", autocast=nullcontext(), rank=0, world=1, master=True, ddp=False, log=logs.append)
     model = vqa_answering_model(w, seed=3)
     params = [p.detach().clone() for p in model.parameters()]
     real = rl.unified_loss
 
     def nan_loss(*a, **k):
         calls.append(1)
-        loss, stats = real(*a, **k)
-        return loss * float("nan"), stats
+        loss, *rest = real(*a, **k)
+        return (loss * float("nan"), *rest)
     monkeypatch.setattr(rl, "unified_loss", nan_loss)
     with pytest.raises(SystemExit, match=r"5 non-finite RL updates in a row at step 0 \(last: loss\)"):
         rl.run_rl(cfg, ctx, w.bundle, w.vq, model)
@@ -608,16 +641,87 @@ def test_clipped_objective_by_hand():
                      rho = e^-0.1 = 0.905 -> min(1.810, 1.810) = 1.810 (inside the band)
       row 1, A = -1: rho = e^0.5 = 1.649 -> min(-1.649, -1.2) = -1.649 (never clipped when it hurts)
                      rho = e^-0.5 = 0.607 -> min(-0.607, -0.8) = -0.8, once that token is scored."""
-    logp = torch.tensor([[0.0, -1.1], [0.0, -0.5]])
-    old = torch.tensor([[-0.5, -1.0], [-0.5, 0.0]])
+    logp = torch.tensor([[[0.0, -1.1], [0.0, -0.5]]])                 # (D = 1, M = 2, R = 2)
+    old = torch.tensor([[[-0.5, -1.0], [-0.5, 0.0]]])
     adv = torch.tensor([2.0, -1.0])
-    scored = torch.tensor([[True, True], [True, False]])
+    scored = torch.tensor([[[True, True], [True, False]]])
     want = 1.2 * 2 + math.exp(-0.1) * 2 + (-math.exp(0.5))
-    got = rl.clipped_objective(logp, old, adv, scored, 0.2).item()
-    assert math.isclose(got, want, rel_tol=1e-6), (got, want)
-    scored[1, 1] = True
-    got = rl.clipped_objective(logp, old, adv, scored, 0.2).item()
-    assert math.isclose(got, want - 0.8, rel_tol=1e-6), (got, want - 0.8)
+    got, active = rl.clipped_objective(LK.Terms(logp, scored.float()), old, adv, 0.2)
+    assert math.isclose(got.item(), want, rel_tol=1e-6), (got.item(), want)
+    assert active.tolist() == [[[True, False], [False, False]]]       # only row 0's first token is clipped
+    scored[0, 1, 1] = True
+    got, active = rl.clipped_objective(LK.Terms(logp, scored.float()), old, adv, 0.2)
+    assert math.isclose(got.item(), want - 0.8, rel_tol=1e-6), (got.item(), want - 0.8)
+    assert active.tolist() == [[[True, False], [False, True]]]
+
+
+def hand_terms(name: str, L: int, norm: str, moved: int, delta: float):
+    """A hand-built estimate of one row with L response tokens under estimator `name`: the raw
+    log-probs are all -1, and the new policy moves token `moved` by `delta` nats in every draw that
+    scores it. The weights are the estimator's own: complementary and one_step 1 per token (one
+    draw); elbo_mc L/k per masked token in each of 2 draws (k = 2 and k = L masked), mc_unweighted
+    2/n = 1; a token masked in both draws has two terms. norm = mean divides every weight by L."""
+    D = 1 if name in ("complementary", "one_step") else 2
+    scored = torch.ones(D, 1, L, dtype=torch.bool)
+    if D == 2:
+        scored[0, 0, 2:] = False                                       # draw 0 masks tokens 0, 1 (k = 2)
+    k = scored.sum(2, keepdim=True).float()                            # (D, 1, 1) masked counts
+    w = {"complementary": torch.ones(1, 1, 1), "one_step": torch.ones(1, 1, 1),
+         "elbo_mc": L / k / D, "mc_unweighted": torch.full((D, 1, 1), 2.0 / D)}[name] * scored
+    if norm == "mean":
+        w = w / L
+    old = torch.where(scored, torch.full((D, 1, L), -1.0), torch.zeros(D, 1, L))
+    new = old.clone()
+    new[:, 0, moved] += delta * scored[:, 0, moved]
+    return LK.Terms(new, w), old
+
+
+@pytest.mark.parametrize("name", ["complementary", "elbo_mc", "mc_unweighted", "one_step"])
+def test_the_ratio_and_its_clip_band_are_the_same_for_every_estimator_and_normalisation(name):
+    """rho is formed on the raw per-token log-probs, before the estimator's weight: with nothing
+    moved rho = 1 and the surrogate is exactly sum_i A_i log pi^_i; when one token's log-prob moves
+    by delta, the clip fires exactly when e^delta leaves [1 - eps, 1 + eps] (for A > 0: above
+    1 + eps), whatever the estimator (elbo_mc's L/k, a token masked in both draws) or the reading
+    (sum or mean). Before the fix, rho was formed on the weighted terms: under elbo_mc the band in
+    log-prob was scaled by k/L, under mean by L."""
+    L, eps, adv = 4, 0.2, torch.tensor([1.0])
+    for norm in ("sum", "mean"):
+        same, old = hand_terms(name, L, norm, moved=0, delta=0.0)
+        got, active = rl.clipped_objective(same, old, adv, eps)
+        assert torch.equal(torch.exp(same.logp - old), torch.ones_like(old))         # rho = 1
+        assert not active.any()
+        # its value at rho = 1 is sum w A (its gradient is A grad log pi^: test_first_ppo_epoch_...)
+        assert math.isclose(got.item(), (same.weight * adv).sum().item(), rel_tol=1e-6)
+        for delta, fires in ((0.1, False), (0.17, False), (0.19, True), (0.5, True), (-0.5, False)):
+            assert (math.exp(delta) > 1 + eps) == fires                              # the band by hand
+            terms, old = hand_terms(name, L, norm, moved=0, delta=delta)
+            _, active = rl.clipped_objective(terms, old, adv, eps)
+            want = torch.zeros_like(active)
+            want[:, 0, 0] = fires & terms.scored[:, 0, 0]                              # token 0, every draw
+            assert torch.equal(active, want), (name, norm, delta)
+
+
+def test_mean_and_sum_normalisation_clip_the_same_terms(world):
+    """The same rows, masks and weights under logp_norm = sum and = mean: the policy's raw terms and
+    hence every clipping decision are identical; only the weights differ, by 1/L per row."""
+    w = world
+    tok = w.tok
+    sets = {"vqa": w.bundle.sets["vqa"]["sft"], "edit": w.bundle.sets["edit"]["sft"]}
+    batch = D.collate(sets, [("vqa", 0), ("edit", 1)], tok)
+    old_model, model = tiny_model(tok.vocab_size, seed=3, scale=0.2), tiny_model(tok.vocab_size, seed=4, scale=0.2)
+    adv = torch.tensor([1.0, -1.0])
+    out = {}
+    for norm in ("sum", "mean"):
+        rc = rl_cfg(w, likelihood="elbo_mc", logp_norm=norm).rl
+        with torch.no_grad():
+            old = rl.token_terms(old_model, batch, tok, rc, 5).logp
+            new = rl.token_terms(model, batch, tok, rc, 5)
+        out[norm] = (new, rl.clipped_objective(new, old, adv, 0.2)[1])
+    (ts, cs), (tm, cm) = out["sum"], out["mean"]
+    assert torch.equal(ts.logp, tm.logp) and torch.equal(cs, cm)
+    assert 0 < int(cs.sum()) < int(ts.scored.sum())                   # some terms clipped, not all
+    L = batch.is_resp[:, batch.P:].sum(1).float()
+    assert torch.allclose(tm.weight * L[None, :, None], ts.weight)
 
 
 def test_first_ppo_epoch_has_the_on_policy_gradient(world):
@@ -631,18 +735,18 @@ def test_first_ppo_epoch_has_the_on_policy_gradient(world):
     model = tiny_model(tok.vocab_size, seed=7, scale=0.1).train()
     rc = rl_cfg(w, likelihood="complementary", logp_norm="sum", shared_t=False).rl
     rc.clip_eps = 0.2
-    adv, n_total, seed = torch.tensor([1.5, -0.5]), 4, 1234
+    adv, seed = torch.tensor([1.5, -0.5]), 1234
 
     def grads(**kw):
         model.zero_grad()
-        loss, _ = rl.unified_loss(model, batch, adv, tok, rc, n_total, seed=seed, **kw)
+        loss, *_ = rl.unified_loss(model, batch, adv, tok, rc, seed, **kw)
         loss.backward()
         return loss, [p.grad.clone() for p in model.parameters()]
 
     loss_on, g_on = grads()
     with torch.no_grad():
-        want = -(adv * hand_complementary_logp(model, batch, tok, seed)).sum() / n_total
-        old, _ = rl.token_logp(model, batch, tok, rc, seed)
+        want = -(adv * hand_complementary_logp(model, batch, tok, seed)).sum()
+        old = rl.token_terms(model, batch, tok, rc, seed).logp
     assert math.isclose(loss_on.item(), want.item(), rel_tol=1e-5)
     _, g_ppo = grads(logp_old=old)
     for a, b in zip(g_on, g_ppo):
@@ -658,7 +762,7 @@ def test_rft_arm_trains_only_on_accepted_samples(world):
     cfg = rl_cfg(w, group_size=N, af_prob=0.0, advantage="rft", rft_accept="vqa:1,ground:0.5,edit:0.9",
                  temperature=1.0)
     model = vqa_answering_model(w, seed=3)
-    roll = RO.rollout_task(model, w.bundle, "vqa", idx, cfg, "cpu", nullcontext(), w.vq,
+    roll = rollout_task(model, w.bundle, "vqa", idx, cfg, "cpu", nullcontext(), w.vq,
                            torch.Generator().manual_seed(5))
     accepted = roll.rewards >= 1.0                                        # (G, N)
     assert 0 < int(accepted.sum()) < accepted.numel()                     # both kinds are present
@@ -668,14 +772,14 @@ def test_rft_arm_trains_only_on_accepted_samples(world):
     owners = [exs[g] for g in range(len(idx)) for n in range(N) if accepted[g, n]]
     texts = [w.tok.decode(r[w.P:w.P + w.lay["vqa"].R_text]) for r in roll.batch.tokens]
     assert [RW.vqa_reward(t, e.answer)[0] for t, e in zip(texts, owners)] == [1.0] * len(owners)
-    assert torch.equal(RO.rft_advantages(torch.tensor([[1.0, 0.4, 0.9]]), torch.tensor([[True, True, False]]), 0.9),
+    assert torch.equal(rl.rft_advantages(torch.tensor([[1.0, 0.4, 0.9]]), torch.tensor([[True, True, False]]), 0.9),
                        torch.tensor([[1.0, 0.0, 0.0]]))      # a non-member never counts, even when it passes
 
 
-def test_forced_rows_are_sampled_only_where_the_coin_lands(world, monkeypatch):
-    """Answer-forcing flips its coin before sampling: the sampler call of round 0 holds G*N on-policy
-    rows plus one forced row per group whose coin landed (never all G), and a forced sample joins
-    its group only there (and only if the group failed)."""
+def test_forced_rows_are_sampled_only_where_they_join(world, monkeypatch):
+    """Answer-forcing flips its coin after the on-policy samples are scored: one sampler call of
+    G*N on-policy rows, then one call with a forced row for each group that the join rule admits
+    (coin landed and every on-policy reward below tau), never for the others."""
     w = world
     N, idx = 3, list(range(8))
     cfg = rl_cfg(w, group_size=N, af_prob=0.5, af_mode="failed_groups", tau=0.5, temperature=1.0)
@@ -685,12 +789,14 @@ def test_forced_rows_are_sampled_only_where_the_coin_lands(world, monkeypatch):
         rows_seen.append(batch.tokens.shape[0])
         return real(model, batch, *a, **k)
     monkeypatch.setattr(RO, "sample", spy)
-    roll = RO.rollout_task(vqa_answering_model(w, seed=3), w.bundle, "vqa", idx, cfg, "cpu", nullcontext(), w.vq,
+    roll = rollout_task(vqa_answering_model(w, seed=3), w.bundle, "vqa", idx, cfg, "cpu", nullcontext(), w.vq,
                            torch.Generator().manual_seed(5))
     F = roll.stats["forced_rows"]
-    assert rows_seen == [len(idx) * N + F] and 0 < F < len(idx)          # seed 5: some coins land, not all
     all_failed = (roll.rewards[:, :N] < 0.5).all(1)
-    assert roll.stats["af_fired"] <= min(F, int(all_failed.sum()))
+    assert 0 < F < int(all_failed.sum())                                 # seed 5: some coins land, not all
+    assert rows_seen == [len(idx) * N, F]
+    assert roll.stats["af_fired"] == F == int(roll.groups.member[:, N].sum())
+    assert not (roll.groups.forced & ~all_failed).any()                  # only failed groups get one
 
 
 def test_rl_resume_continues_exactly(world, tmp_path):
@@ -735,8 +841,8 @@ def test_pairwise_hamming_matches_a_loop():
     for grp in t:
         d = [(grp[i] != grp[j]).float().mean().item() for i in range(5) for j in range(5) if i != j]
         want.append(sum(d) / len(d))
-    assert math.isclose(RO.pairwise_hamming(t), sum(want) / 4, rel_tol=1e-6)
-    assert RO.pairwise_hamming(t[1:2]) == 0.0 and RO.pairwise_hamming(t[:, :1]) == 0.0
+    assert math.isclose(study.pairwise_hamming(t), sum(want) / 4, rel_tol=1e-6)
+    assert study.pairwise_hamming(t[1:2]) == 0.0 and study.pairwise_hamming(t[:, :1]) == 0.0
 
 
 def test_forced_consistency_and_unparsable_rate_count_the_right_rows(world, monkeypatch):
@@ -751,9 +857,9 @@ def test_forced_consistency_and_unparsable_rate_count_the_right_rows(world, monk
         calls.append(text)
         return "yes"                     # "consistent" exactly where the truth is yes
 
-    monkeypatch.setattr(RO, "trace_answer", fake_trace_answer)
+    monkeypatch.setattr(rl, "trace_answer", fake_trace_answer)
     cfg = rl_cfg(w, group_size=N, af_prob=1.0, af_mode="all_groups", temperature=1.0)
-    roll = RO.rollout_task(vqa_answering_model(w, seed=3), w.bundle, "vqa", idx, cfg, "cpu", nullcontext(), w.vq,
+    roll = rollout_task(vqa_answering_model(w, seed=3), w.bundle, "vqa", idx, cfg, "cpu", nullcontext(), w.vq,
                            torch.Generator().manual_seed(5))
     exs = [w.bundle.sets["vqa"]["rl"].examples[i] for i in idx]
     assert len(calls) == len(idx) == roll.stats["forced_rows"]
@@ -766,9 +872,11 @@ def test_forced_consistency_and_unparsable_rate_count_the_right_rows(world, monk
     real = RO.score_rows
     monkeypatch.setattr(RO, "score_rows", lambda task, exs, *a: (lambda out: ([0.0] * len(exs), ["garbage"] * len(exs),
                                                                                *out[2:]))(real(task, exs, *a)))
-    roll = RO.rollout_task(vqa_answering_model(w, seed=3), w.bundle, "vqa", idx, cfg, "cpu", nullcontext(), w.vq,
+    roll = rollout_task(vqa_answering_model(w, seed=3), w.bundle, "vqa", idx, cfg, "cpu", nullcontext(), w.vq,
                            torch.Generator().manual_seed(5))
     assert roll.stats["parse_fail"] == {"garbage": len(idx) * N} and roll.stats["unparsable_frac"] == 1.0
+    # ... and a forced row that fails is counted on its own, so it shows in the log
+    assert roll.stats["forced_unparsable"] == len(idx)
 
 
 def test_kl_statistics_split_text_and_image_tokens(world):
@@ -781,12 +889,15 @@ def test_kl_statistics_split_text_and_image_tokens(world):
     batch = D.collate(sets, [("vqa", 0), ("edit", 1), ("edit", 2)], tok)
     pol, ref = tiny_model(tok.vocab_size, seed=1, scale=0.2), tiny_model(tok.vocab_size, seed=2, scale=0.2)
     rc = rl_cfg(w, kl_coef=0.1).rl
-    _, stats = rl.unified_loss(pol, batch, torch.ones(3), tok, rc, 3, ref_model=ref, seed=17)
-    stats = rl.finish_kind_stats(stats)
-    with torch.no_grad():
-        lp, scored = rl.token_logp(pol, batch, tok, rc, 17)
-        lr_, _ = rl.token_logp(ref, batch, tok, rc, 17)
+    loss, terms, kl, _ = rl.unified_loss(pol, batch, torch.ones(3), tok, rc, 17, ref_model=ref)
     img = batch.is_image[:, batch.P:]
+    stats = rl.kind_stats([(terms.detach(), kl.detach(), None, img)])
+    with torch.no_grad():
+        lp, scored = rl.token_terms(pol, batch, tok, rc, 17).per_token()
+        lr_, _ = rl.token_terms(ref, batch, tok, rc, 17).per_token()
+        # the loss by hand: -sum log pi + kl_coef * sum of the k3 terms
+        k3 = sum(math.exp(a - b) - (a - b) - 1 for a, b in zip(lr_[scored].tolist(), lp[scored].tolist()))
+    assert math.isclose(loss.item(), -lp[scored].sum().item() + 0.1 * k3, rel_tol=1e-4)
     for name, sel in (("text", scored & ~img), ("image", scored & img)):
         nll = [-x for x in lp[sel].tolist()]
         assert math.isclose(stats[f"nll_{name}_mean"], sum(nll) / len(nll), rel_tol=1e-5)
@@ -798,25 +909,22 @@ def test_kl_statistics_split_text_and_image_tokens(world):
 
 
 def test_kind_statistics_merge_over_micro_batches_like_one_batch():
-    """rl_step adds kind_sums over micro-batches: a micro-batch without image tokens must not pull
-    the image mean down, and the variance is over all tokens of the step (not a mean of variances)."""
+    """step_record pools the per-kind statistics over micro-batches: a micro-batch without image
+    tokens must not pull the image mean down, and the variance is over all tokens of the step (not a
+    mean of variances)."""
     g = torch.Generator().manual_seed(0)
-    v = torch.rand(6, 5, generator=g) * 3
+    v = -torch.rand(1, 6, 5, generator=g) * 3                  # raw log-probs: NLL = -v
     img = torch.zeros(6, 5, dtype=torch.bool)
     img[3:, 2:] = True                                         # rows 0-2: text only
-    kinds = lambda rows: {"text": ~img[rows], "image": img[rows]}
-    whole = rl.finish_kind_stats(rl.kind_sums("q", v, kinds(slice(None))))
-    terms = {}
-    for rows in (slice(0, 3), slice(3, 6)):                    # the first chunk has no image token
-        for k, x in rl.kind_sums("q", v[rows], kinds(rows)).items():
-            terms[k] = terms.get(k, 0.0) + x
-    merged = rl.finish_kind_stats(terms)
+    chunk = lambda rows: (LK.Terms(v[:, rows], torch.ones_like(v[:, rows])), None, None, img[rows])
+    whole = rl.kind_stats([chunk(slice(None))])
+    merged = rl.kind_stats([chunk(slice(0, 3)), chunk(slice(3, 6))])    # the first has no image token
     for kind in ("text", "image"):
-        vals = v[~img if kind == "text" else img]
-        assert math.isclose(merged[f"q_{kind}_mean"], vals.mean().item(), rel_tol=1e-6)
-        assert math.isclose(merged[f"q_{kind}_var"], vals.var(unbiased=False).item(), rel_tol=1e-5)
-        assert math.isclose(merged[f"q_{kind}_mean"], whole[f"q_{kind}_mean"], rel_tol=1e-9)
-    assert not any(k.endswith(("_n", "_sum", "_sq")) for k in merged)
+        vals = -v[0][~img if kind == "text" else img]
+        assert math.isclose(merged[f"nll_{kind}_mean"], vals.mean().item(), rel_tol=1e-6)
+        assert math.isclose(merged[f"nll_{kind}_var"], vals.var(unbiased=False).item(), rel_tol=1e-5)
+        assert math.isclose(merged[f"nll_{kind}_mean"], whole[f"nll_{kind}_mean"], rel_tol=1e-9)
+    assert set(merged) == {"nll_text_mean", "nll_text_var", "nll_image_mean", "nll_image_var"}
 
 
 def test_run_rl_with_a_reference_logs_per_kind_statistics(world, tmp_path):
@@ -828,7 +936,7 @@ def test_run_rl_with_a_reference_logs_per_kind_statistics(world, tmp_path):
     cfg = rl_cfg(w, sft_rows=4, task_mix="vqa:1,edit:1", af_prob=0.0, max_steps=1, eval_interval=0,
                  prompts_per_step=1, group_size=2, kl_coef=0.1, tree_schedule="0", temperature=1.0)
     cfg.train.out_dir, cfg.train.micro_batch = str(tmp_path), 3
-    ctx = SimpleNamespace(device="cpu", autocast=nullcontext(), rank=0, master=True, ddp=False, log=lambda s: None)
+    ctx = SimpleNamespace(device="cpu", autocast=nullcontext(), rank=0, world=1, master=True, ddp=False, log=lambda s: None)
     rl.run_rl(cfg, ctx, w.bundle, w.vq, tiny_model(w.tok.vocab_size, seed=8, scale=0.3))
     rec = json.load(open(tmp_path / "rl_log.json"))[0]
     for q in ("nll_text", "nll_image", "kl_text", "kl_image"):

@@ -31,7 +31,7 @@ def test_every_ablation_variant_is_a_valid_config(name):
 def test_publish_replaces_its_own_block_only(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "RESULTS.md").write_text("# Results\n\nintro\n\n<!-- study:other -->\nkeep me\n<!-- /study:other -->\n")
-    res = {"commit": "abc", "hardware": "cpu", "seeds": [0, 1], "study_wall_s": 1.0, "command": "python study.py x"}
+    res = {"commit": "abc", "hardware": "cpu", "seeds": [0, 1], "study_wall_s": 1.0, "command": "python studies/study.py x"}
     study.publish("x", res, "| a |\n|---|\n| 1 |")
     study.publish("x", res, "| a |\n|---|\n| 2 |")
     text = (tmp_path / "RESULTS.md").read_text()

@@ -2,7 +2,7 @@
 The likelihood-estimator study: how well each estimator of log pi(y|x) in likelihood.py does on a
 trained toy model, at an equal budget of forward passes (METHOD.md §7).
 
-    python estimators.py --ckpt=runs/toy/ckpt_sft.pt [--seed=0]
+    python studies/estimators.py --ckpt=runs/toy/ckpt_sft.pt [--seed=0]
 
 Needs a trained checkpoint and the VQ tokenizer it was trained with (`python train.py --preset=toy`
 writes both); without --ckpt it reads ckpt_sft.pt in the out_dir of --preset (or of --out_dir).
@@ -58,11 +58,14 @@ import time
 
 import torch
 
-import common
-import config as C
-import data as D
-import likelihood as LK
-from diffusion import apply_mask
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)          # the method's modules live one folder up (run from the repo root)
+
+import common  # noqa: E402
+import config as C  # noqa: E402
+import data as D  # noqa: E402
+import likelihood as LK  # noqa: E402
+from diffusion import apply_mask  # noqa: E402
 
 FAMILIES = ("vqa", "ground", "edit", "t2i")
 PAIRS_PER_FAMILY = 3        # value variance: 12 (x, y) pairs
@@ -119,9 +122,9 @@ def value_draws(model, batch: D.Batch, tok, k: int, g) -> dict:
     with torch.no_grad():
         for name, (_, fn, _) in ESTIMATORS.items():
             if name == BASE:
-                logp, scored = LK.complementary(model, big, tok, generator=g, t1=t1)
+                logp, scored = LK.complementary(model, big, tok, generator=g, t1=t1).per_token()
             else:
-                logp, scored = fn(model, big, tok, g)
+                logp, scored = fn(model, big, tok, g).per_token()
             values[name], coverage[name] = logp.sum(1).double(), scored.sum(1).double() / L
     return {"values": values, "coverage": coverage, "t1": t1}
 
@@ -181,7 +184,7 @@ def gradient_variance(model, batches: list[D.Batch], tok, k: int, g) -> dict:
                 continue
             s, ss = None, 0.0
             for _ in range(k):
-                logp, _ = fn(model, batch, tok, g)
+                logp, _ = fn(model, batch, tok, g).per_token()
                 flat = torch.cat([x.reshape(-1) for x in torch.autograd.grad(logp.sum(), params)]).double()
                 s = flat.clone() if s is None else s + flat
                 ss += flat.pow(2).sum().item()
@@ -277,7 +280,7 @@ def bias(model, cases: list[dict], tok, g, k_mc: int = K_BIAS_MC) -> dict:
         e0 = c["exact"][0]
         wb = windowed(c["batch"], c["cols"], tok)
         with torch.no_grad():
-            mc = ESTIMATORS["one_step p=.15"][1](model, wb.repeat(k_mc), tok, g)[0].sum(1).double()
+            mc = ESTIMATORS["one_step p=.15"][1](model, wb.repeat(k_mc), tok, g).seq().double()
         est = {k: (e0[key] if key else mc.mean().item()) for k, (_, _, key) in ESTIMATORS.items()}
         rows.append({"elbo": e0["elbo"], "any_order": e0["any_order"], "mean": est,
                      "one_step_p15_se": mc.std().item() / math.sqrt(k_mc)})
@@ -314,7 +317,7 @@ def rank_correlation(model, cases: list[dict], tok, g, reps: int = R_SPEARMAN) -
         cb = windowed(c["batch"].repeat(n * reps), c["cols"], tok, c["cands"].repeat_interleave(reps, 0))
         with torch.no_grad():
             for k, (_, fn, _) in ESTIMATORS.items():
-                v = fn(model, cb, tok, g)[0].sum(1).view(n, reps)
+                v = fn(model, cb, tok, g).seq().view(n, reps)
                 for r in range(reps):
                     for w in truth:
                         rho[k][w].append(spearman(v[:, r], truth[w]))

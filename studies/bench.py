@@ -1,11 +1,11 @@
 """
 Speed benchmarks. One function per benchmark, picked by the first argument:
 
-    python bench.py sampler [--prompts=8] [--reps=3] [--ckpt=PATH] [--device=cuda]
-    python bench.py rollout [--prompts=4] [--n=8] [--reps=2] [--ckpt=PATH] [--device=cuda]
-    python bench.py rl      [--mu=1,2,4] [--steps=3] [--ckpt=PATH]
-    python bench.py train   [--batch=16] [--warmup=2] [--steps=5] [--peak=989e12] [--compile] [--device=cuda]
-    python bench.py -h                      # this list; `python bench.py NAME -h`: every option and key
+    python studies/bench.py sampler [--prompts=8] [--reps=3] [--ckpt=PATH] [--device=cuda]
+    python studies/bench.py rollout [--prompts=4] [--n=8] [--reps=2] [--ckpt=PATH] [--device=cuda]
+    python studies/bench.py rl      [--arms=before,after] [--mu=1] [--steps=3] [--ckpt=PATH]
+    python studies/bench.py train   [--batch=16] [--warmup=2] [--steps=5] [--peak=989e12] [--compile] [--device=cuda]
+    python studies/bench.py -h                      # this list; `python studies/bench.py NAME -h`: every option and key
 
 Every config key (--preset=small, --section.key=value, --seed, --device) works as in train.py.
 Results are printed and written to runs/bench_<name>.json. On CPU one thread (a second intra-op
@@ -36,10 +36,15 @@ min(rl.prompts_per_step, 4), N = rl.group_size. Prints tokens/s of both and the 
 prefix-DLM model as `sampler`. On one CPU thread the work is compute-bound and grows linearly with
 the rows, so batching gains little there (measured ~0.8-1.0x); the gain is a GPU effect.
 
-`rl` -- whole RL steps (rl.rl_step: rollouts of every task, advantages, the J loss, the update) at
-rl.ppo_epochs = mu for each --mu, one model copy per arm, interleaved. Prints step time, the
-rollout share of it, policy updates per minute (mu optimizer steps per RL step) and their ratio to
-mu = 1, and the answer-forced rows sampled per step (one per group whose coin landed).
+`rl` -- whole RL steps (rl.rl_step: rollouts of every task, advantages, the J loss, the update) for
+each arm of --arms x each rl.ppo_epochs = mu of --mu, one model per arm (same init), interleaved.
+The arms (RL_ARMS): `before` = plain bidirectional attention, where every sampler step re-encodes
+prompt + response; `after` = prefix-DLM attention with the prompt's KV cache in the sampler and
+the likelihood (the toy preset's default). Both run today's code, so savings that do not depend
+on the attention (the sampler's per-block work, forced samples drawn only where they join) are in
+both arms and the ratio understates the change. Prints step time, the rollout share of it, policy
+updates per minute (mu optimizer steps per RL step) and their ratio to the first arm, and the
+answer-forced rows sampled per step.
 
 `train` -- SFT training-step throughput: sft_loss (complementary masks double the rows) + backward
 + clip + AdamW on micro batches of train.micro_batch sequences (--batch), a randomly initialised
@@ -60,12 +65,15 @@ from contextlib import nullcontext
 
 import torch
 
-import common
-import config as C
-import data as D
-import rl
-import vq as VQ
-from diffusion import n_steps, sample, sft_loss
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)          # the method's modules live one folder up (run from the repo root)
+
+import common  # noqa: E402
+import config as C  # noqa: E402
+import data as D  # noqa: E402
+import rl  # noqa: E402
+import vq as VQ  # noqa: E402
+from diffusion import n_steps, sample, sft_loss  # noqa: E402
 
 H100_BF16_DENSE = 989e12    # FLOP/s, H100 SXM bf16 dense tensor cores (H200: the same compute)
 
@@ -259,48 +267,70 @@ def bench_rollout(cfg, opts: dict):
     write_json("rollout", res)
 
 
+RL_ARMS = {   # name -> (what it is, the config overrides on top of the preset)
+    "before": ("the toy preset before the prefix cache: plain bidirectional attention, every sampler step "
+               "re-encodes prompt + response", {"model.prefix_dlm": False}),
+    "after": ("prefix-DLM attention: the prompt is encoded once per sampler call and once per likelihood "
+              "micro-batch, every step runs the response only", {"model.prefix_dlm": True}),
+}
+
+
 def bench_rl(cfg, opts: dict):
-    """Whole RL steps (rl.rl_step: rollouts + update) at rl.ppo_epochs = 1, 2, 4, interleaved."""
+    """Whole RL steps (rl.rl_step: rollouts + update) per arm of --arms (RL_ARMS) x --mu, interleaved."""
     dev, dtype, why = speed_device(cfg.train.device)
     cfg, bundle, trained, data_note = speed_world(cfg, opts["ckpt"])
     ctx = common.Ctx(dev, dtype, why, False, 0, 1, os.path.join("runs", "bench"))
-    torch.manual_seed(cfg.train.seed)
-    start = trained if trained is not None else common.build_model(cfg, bundle.tok, dev)
     # the edit reward decodes pictures: the run's own VQ, else an untrained one (same time, no meaning)
     vq = VQ.get_vq(cfg, dev, ctx.out_dir) if trained is not None else VQ.VQVAE(cfg.vq, cfg.data.image_size).eval()
-    mus = [int(m) for m in opts["mu"].split(",")]
+    names = [a for a in opts["arms"].split(",") if a]
+    unknown = set(names) - set(RL_ARMS)
+    if unknown:
+        raise SystemExit(f"bench rl: unknown arm(s) {sorted(unknown)}; arms are {', '.join(RL_ARMS)}")
     arms = {}
-    for mu in mus:           # each arm its own model copy, optimizer and random streams
-        acfg = C.from_dict(C.to_dict(cfg))
-        acfg.rl.ppo_epochs = mu
-        model = copy.deepcopy(start).to(dev)
-        arms[mu] = (acfg, model, common.make_optimizer(model, acfg.rl.lr, acfg.train.weight_decay, dev),
-                    common.TaskSampler(bundle.sets, "sft", C.parse_mix(acfg.train.task_mix), 7),
-                    torch.Generator().manual_seed(13), torch.Generator(device=dev).manual_seed(11), [])
+    for name in names:       # each arm its own model (same seed: same init), optimizer and random streams
+        for mu in [int(m) for m in opts["mu"].split(",")]:
+            acfg = C.from_dict(C.to_dict(cfg))
+            for key, v in RL_ARMS[name][1].items():
+                section, field_ = key.split(".")
+                setattr(getattr(acfg, section), field_, v)
+            acfg.rl.ppo_epochs = mu
+            torch.manual_seed(cfg.train.seed)
+            model = common.build_model(acfg, bundle.tok, dev)
+            if trained is not None and trained.cfg.prefix_dlm == acfg.model.prefix_dlm:
+                model.load_state_dict(trained.state_dict())
+            arms[(name, mu)] = (acfg, model, common.make_optimizer(model, acfg.rl.lr, acfg.train.weight_decay, dev),
+                                common.TaskSampler(bundle.sets, "sft", C.parse_mix(acfg.train.task_mix), 7),
+                                torch.Generator().manual_seed(13), torch.Generator(device=dev).manual_seed(11), [])
     draws = rl.prompt_draws(cfg.rl)
     print(f"bench rl | device {dev} | {why} | torch {torch.__version__} | commit {common.git_commit()}")
-    print(f"model: {'the checkpoint' if trained is not None else 'randomly initialised'}; {model_line(start)}\n"
-          f"data: {data_note}\nprompts/step {draws} x group {cfg.rl.group_size}, sft rows {cfg.rl.sft_rows}, "
-          f"answer-forcing p={cfg.rl.af_prob}; {opts['steps']} steps per arm after 1 warm-up step, interleaved")
+    print(f"model: {'the checkpoint where its attention matches the arm, else ' if trained is not None else ''}"
+          f"randomly initialised; {model_line(next(iter(arms.values()))[1])}\ndata: {data_note}\n"
+          f"prompts/step {draws} x group {cfg.rl.group_size}, sft rows {cfg.rl.sft_rows}, answer-forcing "
+          f"p={cfg.rl.af_prob}; {opts['steps']} steps per arm after 1 warm-up step, interleaved")
+    for name in names:
+        print(f"  {name}: {RL_ARMS[name][0]}")
     for i in range(opts["steps"] + 1):
-        for mu, (acfg, model, opt, sft, pick, gen, recs) in arms.items():
-            rec = rl.rl_step(model, opt, acfg, ctx, bundle, vq, draws, sft, pick, gen)
+        for (acfg, model, opt, sft, pick, gen, recs) in arms.values():
+            st = rl.rl_step(model, opt, acfg, ctx, bundle, vq, draws, sft, pick, gen)
             if i:                                 # the first step of each arm is a warm-up
-                recs.append(rec)
-    print(f"{'mu':>3}{'step s':>9}{'rollout s':>11}{'rollout share':>15}{'updates/min':>13}{'vs mu=1':>9}{'forced rows':>13}")
+                recs.append(rl.step_record(st, bundle.tok, acfg.rl.tau, dev))
+    print(f"{'arm':>7}{'mu':>4}{'step s':>9}{'rollout s':>11}{'rollout share':>15}{'updates/min':>13}"
+          f"{'vs first':>10}{'forced rows':>13}")
     res, base = {"device": dev, "data": data_note, "draws": draws, "arms": {}}, None
-    for mu, (*_, recs) in arms.items():
+    for (name, mu), (*_, recs) in arms.items():
         roll = median([r["rollout_s"] for r in recs])
         step = roll + median([r["update_s"] for r in recs])
         per_min = 60 * mu / step                  # optimizer steps on the policy per minute
         base = base or per_min
         forced = sum(r[t].get("forced_rows", 0) for r in recs for t in draws if t in ("vqa", "ground")) / len(recs)
-        print(f"{mu:>3}{step:>9.2f}{roll:>11.2f}{100 * roll / step:>14.0f}%{per_min:>13.1f}{per_min / base:>8.2f}x{forced:>13.1f}")
-        res["arms"][mu] = {"step_s": step, "rollout_s": roll, "rollout_share": roll / step,
-                           "updates_per_min": per_min, "forced_rows_per_step": forced}
-    print(f"(median step; updates/min = ppo_epochs optimizer steps per RL step. Forced rows: answer-forced "
-          f"samples drawn per step, one per group whose coin landed (p={cfg.rl.af_prob}); every group's, "
-          f"{sum(v for k, v in draws.items() if k in ('vqa', 'ground'))}, were drawn before.)")
+        print(f"{name:>7}{mu:>4}{step:>9.2f}{roll:>11.2f}{100 * roll / step:>14.0f}%{per_min:>13.1f}"
+              f"{per_min / base:>9.2f}x{forced:>13.1f}")
+        res["arms"][f"{name}_mu{mu}"] = {"step_s": step, "rollout_s": roll, "rollout_share": roll / step,
+                                         "updates_per_min": per_min, "vs_first": per_min / base,
+                                         "forced_rows_per_step": forced}
+    print("(median step; updates/min = ppo_epochs optimizer steps per RL step; vs first = the ratio to the first "
+          "arm's updates/min. Forced rows: answer-forced samples drawn per step, one per group the forced sample "
+          "joins.)")
     write_json("rl", res)
 
 
@@ -373,16 +403,16 @@ BENCHMARKS = {
                 "prefix-cache sampler vs re-encoding every step: tokens/s, speed-up, same greedy tokens"),
     "rollout": (bench_rollout, {"ckpt": "", "prompts": 0, "n": 0, "reps": 2},
                 "one batched group call vs N sequential sampler calls: tokens/s, speed-up"),
-    "rl": (bench_rl, {"ckpt": "", "mu": "1,2,4", "steps": 3},
-           "whole RL steps at rl.ppo_epochs = 1, 2, 4: step time, rollout share, policy updates per minute"),
+    "rl": (bench_rl, {"ckpt": "", "arms": "before,after", "mu": "1", "steps": 3},
+           "whole RL steps, before/after the prefix cache x rl.ppo_epochs: step time, rollout share, updates/min"),
     "train": (bench_train, {"ckpt": "", "batch": 0, "warmup": 2, "steps": 5, "peak": 0.0, "compile": False},
               "SFT step throughput (tokens/s) and MFU (--peak=0: 989e12 on an H100/H200 under bf16, else n/a)"),
 }
 
 
 def usage() -> str:
-    lines = ["usage: python bench.py NAME [--option=value ...] [--preset=toy] [--section.key=value ...]",
-             "benchmarks (`python bench.py NAME -h` lists every option and config key):"]
+    lines = ["usage: python studies/bench.py NAME [--option=value ...] [--preset=toy] [--section.key=value ...]",
+             "benchmarks (`python studies/bench.py NAME -h` lists every option and config key):"]
     for name, (_, extra, what) in BENCHMARKS.items():
         lines += [f"  {name:<8} {what}", "           " + " ".join(f"[--{k}={v!r}]" for k, v in extra.items())]
     return "\n".join(lines)

@@ -1,14 +1,14 @@
 """
 Studies: one named experiment, several seeds, one table, one plot, one results file.
 
-    python study.py rl_vs_sft                          # RL vs continued SFT vs RFT (about 2 h 20 min on 2 cores)
-    python study.py rl_vs_sft --seeds=0 --arm_s=120    # a quick look
-    python study.py rl_vs_sft --report                 # rebuild the table and plot from finished runs
+    python studies/study.py rl_vs_sft                          # RL vs continued SFT vs RFT (about 2 h 20 min on 2 cores)
+    python studies/study.py rl_vs_sft --seeds=0 --arm_s=120    # a quick look
+    python studies/study.py rl_vs_sft --report                 # rebuild the table and plot from finished runs
                                                        # (--commit=HASH: the commit the runs were made at)
-    python study.py af_ratio | objective | gamma | estimator    # one RL ablation (--arm_s each run)
-    python study.py ablations                          # all four, 33 runs of ~5 min, two at a time: ~1 h 25 min
-    python study.py tree                               # tree search at equal sample count (rollouts only, ~18 min)
-    python study.py estimator_variance                 # estimators.py on the start checkpoint, 3 seeds (~4 min)
+    python studies/study.py af_ratio | objective | gamma | estimator    # one RL ablation (--arm_s each run)
+    python studies/study.py ablations                          # all four, 33 runs of ~5 min, two at a time: ~1 h 25 min
+    python studies/study.py tree                               # tree search at equal sample count (rollouts only, ~18 min)
+    python studies/study.py estimator_variance                 # estimators.py on the start checkpoint, 3 seeds (~4 min)
 
 Every study writes results/<name>.json (every number, commands, commit, hardware, wall time),
 results/<name>.md (the table), results/<name>.png (needs matplotlib: skipped with a note without
@@ -86,9 +86,12 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-import common
-import config as C
-import rollout as RO
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)          # the method's modules live one folder up (run from the repo root)
+
+import common  # noqa: E402
+import config as C  # noqa: E402
+import rollout as RO  # noqa: E402
 
 # the world of the protocol: scarce traces, a large answer-only pool, 200 held-out and 200
 # validation examples per family
@@ -348,7 +351,7 @@ def mean_sd(xs, fmt: str = ".3f") -> str:
 def meta(name: str, argv: list[str], seeds: list[int], t0: float | None, commit: str = "", **more) -> dict:
     """The header of a results file. commit: the one the runs were made at (--commit), else HEAD's."""
     run_args = [a for a in argv if not a.startswith(("--report", "--commit", "--root", "--workers"))]
-    return {"command": f"python study.py {name} " + " ".join(run_args), "commit": commit or common.git_commit(),
+    return {"command": f"python studies/study.py {name} " + " ".join(run_args), "commit": commit or common.git_commit(),
             "hardware": hardware(), "seeds": seeds, "world": WORLD,
             "study_wall_s": None if t0 is None else round(time.time() - t0, 1), **more}
 
@@ -527,6 +530,31 @@ def ablation(names: list[str], argv: list[str]):
 # variant -> (rl.tree_schedule, samples per round); every variant of a block draws the same number
 # of samples per prompt (16 or 32). Toy edit has 16 image steps: step 2 is the paper's 8 of 64, step 4
 # its "late" 16 of 64.
+def pairwise_hamming(t: torch.Tensor) -> float:
+    """Diversity of the samples of each group: t (G, N, L) token ids -> the mean over groups and
+    over pairs i != j of the share of the L positions where samples i and j differ (0 = N copies)."""
+    G, N, _ = t.shape
+    if N < 2:
+        return 0.0
+    diff = (t[:, :, None, :] != t[:, None, :, :]).float().mean(-1)               # (G, N, N), 0 on the diagonal
+    return (diff.sum() / (G * N * (N - 1))).item()
+
+
+def round_stats(g: RO.Groups) -> dict:
+    """Tree search's rounds of one task's groups (rollout.Groups, rounds of N slots each): per round
+    the mean over prompts of the round's mean reward ("round_mean") and best reward ("round_max"),
+    the mean over prompts of the best reward so far ("best_so_far"), and the pairwise Hamming
+    diversity of the round's samples ("round_hamming": of the pictures when the task draws one,
+    since every child of a branch shares its parent's plan text, else of the text)."""
+    G, k, P, lay = len(g.examples), g.rounds, g.base.P, g.layout
+    r = g.rewards[:, :g.n_on].view(G, k, -1)                                      # (G, rounds, N)
+    t = g.tokens[:, :g.n_on].view(G, k, -1, g.tokens.shape[-1])                   # (G, rounds, N, T)
+    span = slice(P + lay.R_text, P + lay.R) if lay.n_img else slice(P, P + lay.R_text)
+    return {"round_mean": r.mean((0, 2)).tolist(), "round_max": r.amax(2).mean(0).tolist(),
+            "best_so_far": r.amax(2).cummax(1).values.mean(0).tolist(),
+            "round_hamming": [pairwise_hamming(t[:, i, :, span]) for i in range(k)]}
+
+
 TREE = {"iid x16": ("0", 16), "[0,2] early": ("0,2", 8), "[0,4] late": ("0,4", 8),
         "iid x32": ("0", 32), "[0,2,4,8] rounds": ("0,2,4,8", 8)}
 
@@ -554,17 +582,13 @@ def tree(argv: list[str]):
             for sd in seeds:
                 c = replace(cfg, rl=replace(cfg.rl, tree_schedule=sched, group_size=n, tree_tasks="edit", af_prob=0.0))
                 t1 = time.time()
-                ro = RO.rollout_task(model, bundle, "edit", idx, c, "cpu", nullcontext(), vq,
-                                     torch.Generator().manual_seed(sd), split="val")
-                r = ro.rewards                                                       # (G, samples)
-                k = len(ro.stats["round_reward"])                                    # rounds of N = samples / k
-                best = r.view(len(idx), k, -1).amax(2).cummax(1).values.mean(0)      # (k,) best so far, per prompt
+                grp = RO.sample_groups(model, bundle, "edit", idx, c, "cpu", nullcontext(), vq,
+                                       torch.Generator().manual_seed(sd), split="val")
+                r = grp.rewards                                                      # (G, samples)
                 rs.append({"samples": r.shape[1], "mean": r.mean().item(), "max": r.amax(1).mean().item(),
-                           "best_so_far": best.tolist(),
-                           "round_mean": ro.stats["round_reward"], "round_max": ro.stats["round_max"],
-                           "round_hamming": ro.stats["round_hamming"], "seconds": time.time() - t1})
+                           **round_stats(grp), "seconds": time.time() - t1})
                 print(f"tree {label} {name} seed {sd}: mean {rs[-1]['mean']:.3f} max {rs[-1]['max']:.3f} "
-                      f"diversity {[round(h, 3) for h in ro.stats['round_hamming']]} ({time.time() - t1:.0f}s)",
+                      f"diversity {[round(h, 3) for h in rs[-1]['round_hamming']]} ({time.time() - t1:.0f}s)",
                       flush=True)
             branched = [float(np.mean(r["round_hamming"][1:])) for r in rs] if len(rs[0]["round_hamming"]) > 1 else []
             lines.append(f"| {label} | {name} | {rs[0]['samples']} | {mean_sd([r['mean'] for r in rs])} | "
@@ -602,7 +626,7 @@ def estimator_variance(argv: list[str]):
     outs, cmds, ran = [], [], False
     for sd in seeds:
         out = os.path.join(opts["root"], f"seed{sd}.json")
-        cmd = [sys.executable, "estimators.py", *WORLD, f"--ckpt={start}", f"--seed={sd}", f"--out={out}"]
+        cmd = [sys.executable, os.path.join("studies", "estimators.py"), *WORLD, f"--ckpt={start}", f"--seed={sd}", f"--out={out}"]
         cmds.append(" ".join(cmd[1:]))
         if not os.path.exists(out):
             run(cmd, out.replace(".json", ".log"))
@@ -652,5 +676,5 @@ STUDIES = {"rl_vs_sft": rl_vs_sft, "tree": tree, "estimator_variance": estimator
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in STUDIES:
-        raise SystemExit(f"usage: python study.py NAME [--key=value ...]; studies: {', '.join(STUDIES)}")
+        raise SystemExit(f"usage: python studies/study.py NAME [--key=value ...]; studies: {', '.join(STUDIES)}")
     STUDIES[sys.argv[1]](sys.argv[2:])
