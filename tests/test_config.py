@@ -148,6 +148,11 @@ def test_unparseable_argument(capsys):
     (["--train.task_mix=vqa:1,ocr:2"], ["ocr", "task_mix"]),
     (["--rl.tree_schedule=0,x"], ["tree_schedule", "integers"]),
     (["--rl.tree_schedule=0,16"], ["tree_schedule", "branch step 16", "1..15"]),
+    # readings that apply to one estimator only are errors elsewhere, never silently ignored
+    (["--rl.likelihood=elbo_mc", "--rl.shared_t=true"], ["shared_t", "complementary", "elbo_mc"]),
+    (["--rl.likelihood=one_step", "--rl.shared_t=true"], ["shared_t", "complementary", "one_step"]),
+    (["--rl.p_prompt=0.15"], ["p_prompt", "one_step", "complementary"]),
+    (["--rl.likelihood=one_step", "--rl.p_prompt=1"], ["p_prompt", "[0, 1)"]),
 ])
 def test_cross_field_validation(argv, words, capsys):
     line = _fails(argv, capsys)
@@ -194,6 +199,24 @@ def test_from_dict_ignores_unknown_and_keeps_defaults_for_missing():
     assert not hasattr(cfg.model, "old_knob") and not hasattr(cfg, "ghost_section")
     assert cfg.model.d_model == config.ModelConfig().d_model
     assert cfg.rl == config.RLConfig() and cfg.train == config.TrainConfig()
+
+
+def test_from_dict_of_a_file_never_fills_missing_keys_silently(capsys):
+    """A config read from a checkpoint (source given): a missing model key is an error naming it
+    (today's default may be another architecture), any other missing key a warning naming it."""
+    full = to_dict(make_config("toy", {}))
+    old = {k: (dict(v) if isinstance(v, dict) else v) for k, v in full.items()}
+    del old["rl"]["p_prompt"], old["train"]["compile"]
+    cfg = from_dict(old, "runs/x/ckpt_sft.pt")
+    assert cfg.rl.p_prompt == config.RLConfig().p_prompt
+    err = capsys.readouterr().err
+    assert "warning" in err and "runs/x/ckpt_sft.pt" in err and "rl.p_prompt" in err and "train.compile" in err
+    assert err.count("\n") == 1
+    del old["model"]["abs_pos"]
+    with pytest.raises(ConfigError, match=r"runs/x/ckpt_sft.pt: its config has no model.abs_pos"):
+        from_dict(old, "runs/x/ckpt_sft.pt")
+    from_dict(full, "runs/x/ckpt_sft.pt")                      # a complete config: no word
+    assert capsys.readouterr().err == ""
 
 
 def test_save_config_writes_overrides(tmp_path):

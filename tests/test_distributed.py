@@ -651,6 +651,16 @@ def test_micro_batches_weight_every_token_alike(tmp_path):
     assert abs(old_l - l16) > 1e-3 and (old_g - g16).norm() > 0.01 * g16.norm()
 
 
+def test_a_checkpoint_without_a_vq_fingerprint_is_a_warning(tmp_path, capsys):
+    a = C.make_config("toy", {"data.cache_dir": str(tmp_path)})
+    import vq as VQ
+    with open(VQ.vq_path(a), "wb") as f:
+        f.write(b"some tokenizer")
+    common.check_vq({}, a, "old.pt")
+    err = capsys.readouterr().err
+    assert "warning" in err and "old.pt" in err and "fingerprint" in err
+
+
 def test_a_vq_tokenizer_is_never_shared_or_swapped_under_a_checkpoint(tmp_path):
     """Two VQ configs (here only the time cap differs) get two cache files, so training one never
     overwrites the other; and a checkpoint records its tokenizer's fingerprint, so a retrained file
@@ -667,4 +677,10 @@ def test_a_vq_tokenizer_is_never_shared_or_swapped_under_a_checkpoint(tmp_path):
     with open(VQ.vq_path(a), "wb") as f:
         f.write(b"a retrained tokenizer")
     with pytest.raises(SystemExit, match="another VQ tokenizer"):
+        common.check_vq(blob, a, "ckpt.pt")
+    # no silent pass on an empty fingerprint: a checkpoint without one is a warning, a missing file
+    # under a checkpoint that has one an error
+    common.check_vq({"vq_sha": ""}, a, "old.pt")
+    os.remove(VQ.vq_path(a))
+    with pytest.raises(SystemExit, match="VQ tokenizer .* that ckpt.pt needs is missing"):
         common.check_vq(blob, a, "ckpt.pt")

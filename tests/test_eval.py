@@ -5,7 +5,10 @@ expected values counted by hand.
     python -m pytest tests/test_eval.py -q
 """
 import math
+import os
 from types import SimpleNamespace
+
+import pytest
 
 import metrics as E
 import rewards as RW
@@ -100,3 +103,14 @@ def test_pass_at_k_rejects_impossible_counts():
     for n, c, k in ((4, 1, 5), (4, 5, 1), (4, 1, 0)):
         with pytest.raises(ValueError, match="pass_at_k"):
             E.pass_at_k(n, c, k)
+
+
+@pytest.mark.parametrize("script", ["train.py", "eval.py", "sample.py"])
+def test_every_entry_script_answers_help_with_exit_0(script):
+    """`python X.py -h` prints its usage and exits 0 (sample.py exited 1 before)."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p = subprocess.run([sys.executable, script, "-h"], cwd=root, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "usage" in (p.stdout + p.stderr).lower() or "--" in p.stdout

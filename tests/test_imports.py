@@ -2,8 +2,10 @@
 The shape of the code base, checked: the top-level modules form a layered import graph.
 
   * no import cycle among the top-level modules;
-  * no module imports an entry script (train.py, eval.py, bench.py, estimators.py, study.py, sample.py):
-    those are programs, the library lives below them (common.py, metrics.py, rl.py, ...);
+  * no module imports an entry script (train.py, eval.py, sample.py, or anything in studies/): those
+    are programs, the library lives below them (common.py, metrics.py, rl.py, ...);
+  * the experiment scripts (studies/: the claim studies, the estimator study, the benchmarks) sit in
+    a folder of their own: no top-level module imports any of them, and their own graph has no cycle;
   * project imports sit at the top of each file, not inside function bodies, unless the import line
     carries a comment that says why.
 
@@ -17,15 +19,21 @@ import glob
 import os
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
-ENTRY = {"train", "eval", "bench", "estimators", "sample", "study"}
+ENTRY = {"train", "eval", "sample"}
 
 
-def modules() -> dict[str, ast.Module]:
+def modules(folder: str = "") -> dict[str, ast.Module]:
+    """name -> parsed source of every .py file at the top level (folder "") or in `folder`."""
     out = {}
-    for path in sorted(glob.glob(os.path.join(ROOT, "*.py"))):
+    for path in sorted(glob.glob(os.path.join(ROOT, folder, "*.py"))):
         with open(path) as f:
             out[os.path.basename(path)[:-3]] = ast.parse(f.read(), path)
     return out
+
+
+def test_the_studies_folder_holds_the_experiment_scripts():
+    assert {"study", "estimators", "bench"} <= set(modules("studies"))
+    assert not {"study", "estimators", "bench"} & set(modules()), "an experiment script is back at the top level"
 
 
 def imported(node) -> set[str]:
@@ -37,8 +45,9 @@ def imported(node) -> set[str]:
     return set()
 
 
-def graph() -> dict[str, set[str]]:
-    mods = modules()
+def graph(mods: dict | None = None) -> dict[str, set[str]]:
+    """Module -> the project modules it imports (top level and studies/ together)."""
+    mods = mods or {**modules(), **modules("studies")}
     return {m: {d for n in ast.walk(tree) for d in imported(n)} & set(mods) - {m} for m, tree in mods.items()}
 
 
@@ -80,11 +89,18 @@ def test_no_module_imports_an_entry_script():
     assert not bad, bad
 
 
+def test_no_top_level_module_imports_the_studies():
+    studies, core = set(modules("studies")), set(modules())
+    bad = [f"{m}.py imports studies/{d}.py" for m, deps in graph().items() if m in core for d in deps & studies]
+    assert not bad, bad
+
+
 def test_project_imports_at_the_top_unless_a_comment_says_why():
-    mods = modules()
     bad = []
+    mods = {**modules(), **modules("studies")}
+    where = {**{m: m + ".py" for m in modules()}, **{m: os.path.join("studies", m + ".py") for m in modules("studies")}}
     for m, tree in mods.items():
-        with open(os.path.join(ROOT, m + ".py")) as f:
+        with open(os.path.join(ROOT, where[m])) as f:
             lines = f.read().splitlines()
         for fn in ast.walk(tree):
             if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
@@ -93,3 +109,16 @@ def test_project_imports_at_the_top_unless_a_comment_says_why():
                 if imported(n) & set(mods) and "#" not in lines[n.lineno - 1]:
                     bad.append(f"{m}.py:{n.lineno} {fn.name}: {lines[n.lineno - 1].strip()}")
     assert not bad, bad
+
+
+def test_rl_step_and_every_function_of_rl_and_rollout_fit_a_screen():
+    """rl.rl_step reads as the algorithm on one screen; no function of rl.py or rollout.py is longer
+    than 60 lines (counted from `def` to its last line, docstring included)."""
+    long = []
+    for m in ("rl", "rollout"):
+        for fn in ast.walk(modules()[m]):
+            if isinstance(fn, ast.FunctionDef) and fn.end_lineno - fn.lineno + 1 > 60:
+                long.append(f"{m}.{fn.name}: {fn.end_lineno - fn.lineno + 1} lines")
+    assert not long, long
+    step = next(f for f in ast.walk(modules()["rl"]) if isinstance(f, ast.FunctionDef) and f.name == "rl_step")
+    assert step.end_lineno - step.lineno + 1 <= 60

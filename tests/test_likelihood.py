@@ -458,3 +458,57 @@ def test_bf16_autocast_on_cpu_agrees_with_fp32():
     assert torch.allclose(est["bf16"], est["fp32"], rtol=0.02, atol=0.1), (est["bf16"], est["fp32"])
     same = (est["bf16_tok"] == est["fp32_tok"])[batch.rows(torch.tensor([0, 2])).is_resp].float().mean().item()
     assert same >= 0.9, same
+
+
+def test_rows_that_share_a_prompt_share_one_encoding(monkeypatch):
+    """A group's rollouts repeat their prompt: diffusion.encode_prompts encodes each distinct prompt
+    once (rows 3 x 3 -> 3 encodings) and gives every row the values of encoding it alone."""
+    model = tiny_model(5, prefix_dlm=True, n_layer=2)
+    batch = mixed_batch()
+    big = batch.repeat(3)                                                   # 9 rows, 3 distinct prompts
+    masks = (torch.rand(2, 9, big.tokens.shape[1], generator=torch.Generator().manual_seed(3)) < 0.5) & big.is_resp
+    seen, real = [], model.encode_prefix
+    monkeypatch.setattr(model, "encode_prefix", lambda idx, valid=None: seen.append(idx.shape[0]) or real(idx, valid))
+    with torch.no_grad():
+        got = LK.masked_logprobs(model, big, masks, TOK)
+        assert seen == [3]
+        for b in range(9):                                                  # each row on its own
+            one = LK.masked_logprobs(model, big.rows(torch.tensor([b])), masks[:, b:b + 1], TOK)
+            assert (got[:, b] - one[:, 0]).abs().max() < PREFIX_ATOL
+
+
+def test_a_wrapper_that_hides_the_prefix_cache_is_an_error_not_a_slow_fallback():
+    """DDP's .module or torch.compile's ._orig_mod around a prefix-DLM model without its
+    encode_prefix: the sampler and the likelihood say so instead of silently running the full pass."""
+    import diffusion as DF
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.module = m
+
+        def forward(self, *a, **k):
+            return self.module(*a, **k)
+    inner = tiny_model(5, prefix_dlm=True, n_layer=1)
+    batch = mixed_batch()
+    with pytest.raises(ValueError, match=r"Wrapper wraps a prefix-DLM model .* \(common.unwrap\)"):
+        LK.masked_logprobs(Wrapper(inner), batch, batch.is_resp[None], TOK)
+    with pytest.raises(ValueError, match="hides its prefix cache"):
+        DF.uses_prefix_cache(Wrapper(inner))
+    assert DF.uses_prefix_cache(inner) and not DF.uses_prefix_cache(Wrapper(tiny_model(5, n_layer=1)))
+
+
+def test_one_step_prompt_masking_is_reachable_from_the_config():
+    """Eq. (O)'s prompt masking: rl.p_prompt reaches likelihood.one_step through estimate (the
+    config field rl.p_prompt), and a reading that does not apply is a ValueError there too."""
+    model = tiny_model(5)
+    batch = mixed_batch()
+    with torch.no_grad():
+        via = LK.estimate("one_step", model, batch, TOK, generator=torch.Generator().manual_seed(1), p_prompt=0.5)
+        direct = LK.one_step(model, batch, TOK, generator=torch.Generator().manual_seed(1), p_prompt=0.5)
+        clean = LK.estimate("one_step", model, batch, TOK, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(via.seq(), direct.seq()) and not torch.equal(via.seq(), clean.seq())
+    with pytest.raises(ValueError, match="p_prompt applies to the one_step"):
+        LK.estimate("complementary", model, batch, TOK, p_prompt=0.5)
+    with pytest.raises(ValueError, match="shared_t applies to the complementary"):
+        LK.estimate("elbo_mc", model, batch, TOK, shared_t=True)
