@@ -249,12 +249,25 @@ def encode_prompts(model, prompt: torch.Tensor, valid: torch.Tensor):
     return type(cache)([(k[inv], v[inv]) for k, v in cache.kv], cache.valid[inv])
 
 
-def _response_logits(model, batch: Batch, resp: torch.Tensor, cache) -> torch.Tensor:
-    """Logits at the response positions (B, R, V); with a prefix cache only the response runs."""
+def _response_logits(model, batch: Batch, resp: torch.Tensor, cache, dedupe: bool = True) -> torch.Tensor:
+    """Logits at the response positions (B, R, V); with a prefix cache only the response runs.
+    Rows whose whole canvas (prompt and response) is identical get identical logits, so each
+    distinct canvas runs once: the N samples of a group start from one all-[M] canvas, a tree
+    branch's N children from one rebuilt state, and a confident policy's samples stay equal for many
+    steps. What is sampled does not change (the noise is drawn per row afterwards). dedupe=False
+    (--diffusion.dedupe=false) runs every row."""
+    P = batch.P
+    uniq, inv = torch.unique(torch.cat([batch.tokens[:, :P], resp], 1), dim=0, return_inverse=True) \
+        if dedupe else (resp, None)
+    if len(uniq) < len(resp):
+        first = torch.full((len(uniq),), len(resp), dtype=torch.long, device=resp.device)
+        first = first.scatter_reduce(0, inv, torch.arange(len(resp), device=resp.device), "amin")   # (U,)
+        sub = None if cache is None else type(cache)([(k[first], v[first]) for k, v in cache.kv], cache.valid[first])
+        return _response_logits(model, batch.rows(first), resp[first], sub)[inv]                   # (U,...) -> (B,...)
     if cache is not None:
-        return model.forward_cached(resp, cache, batch.valid[:, batch.P:])
-    tokens = torch.cat([batch.tokens[:, :batch.P], resp], 1)
-    return model(tokens, batch.valid, batch.is_prompt)[:, batch.P:]
+        return model.forward_cached(resp, cache, batch.valid[:, P:])
+    tokens = torch.cat([batch.tokens[:, :P], resp], 1)
+    return model(tokens, batch.valid, batch.is_prompt)[:, P:]
 
 
 @torch.no_grad()
@@ -312,9 +325,9 @@ def sample(model, batch: Batch, tok: Tokenizer, dcfg, *, temperature: float | No
         k = (st.cum_target(m) - filled).clamp(min=0)                        # (B,) to reveal now
         if not bool((k > 0).any()):
             continue
-        logits = _response_logits(model, batch, resp, cache)[:, blk].float()    # (B, b, V)
+        logits = _response_logits(model, batch, resp, cache, dcfg.dedupe)[:, blk].float()    # (B, b, V)
         if guided and st.cosine:   # guidance only matters on image steps; skip the extra pass on text
-            ul = _response_logits(model, uncond, resp, ucache)[:, blk].float()
+            ul = _response_logits(model, uncond, resp, ucache, dcfg.dedupe)[:, blk].float()
             # CFG on image slots only: (1+g) cond - g uncond (Muse's form, METHOD.md §3)
             logits = torch.where(is_img[:, blk, None], (1 + cfg_scale) * logits - cfg_scale * ul, logits)
         logits = logits.masked_fill(~allowed[:, blk], float("-inf"))

@@ -4,6 +4,7 @@ Speed benchmarks. One function per benchmark, picked by the first argument:
     python studies/bench.py sampler [--prompts=8] [--reps=3] [--ckpt=PATH] [--device=cuda]
     python studies/bench.py rollout [--prompts=4] [--n=8] [--reps=2] [--ckpt=PATH] [--device=cuda]
     python studies/bench.py rl      [--arms=before,after] [--mu=1] [--steps=3] [--ckpt=PATH]
+                                    [--ckpts=before=PATH,after=PATH]   (each arm its own trained model)
     python studies/bench.py train   [--batch=16] [--warmup=2] [--steps=5] [--peak=989e12] [--compile] [--device=cuda]
     python studies/bench.py -h                      # this list; `python studies/bench.py NAME -h`: every option and key
 
@@ -39,10 +40,13 @@ the rows, so batching gains little there (measured ~0.8-1.0x); the gain is a GPU
 `rl` -- whole RL steps (rl.rl_step: rollouts of every task, advantages, the J loss, the update) for
 each arm of --arms x each rl.ppo_epochs = mu of --mu, one model per arm (same init), interleaved.
 The arms (RL_ARMS): `before` = plain bidirectional attention, where every sampler step re-encodes
-prompt + response; `after` = prefix-DLM attention with the prompt's KV cache in the sampler and
-the likelihood (the toy preset's default). Both run today's code, so savings that do not depend
-on the attention (the sampler's per-block work, forced samples drawn only where they join) are in
-both arms and the ratio understates the change. Prints step time, the rollout share of it, policy
+prompt + response, and one model pass per row (--diffusion.dedupe=false); `after` = today's toy
+preset: prefix-DLM attention with the prompt's KV cache in the sampler and the likelihood, and
+each distinct canvas run once per step. Both run today's code otherwise, so the smaller savings
+(the sampler's per-block work, forced samples drawn only where they join, each distinct prompt
+encoded once) are in both arms and the ratio understates the change a little. Give each arm its
+own trained checkpoint (--ckpts=before=A,after=B): the share of equal canvases depends on how
+confident the policy is, so a random model shows the smallest gain. Prints step time, the rollout share of it, policy
 updates per minute (mu optimizer steps per RL step) and their ratio to the first arm, and the
 answer-forced rows sampled per step.
 
@@ -268,17 +272,19 @@ def bench_rollout(cfg, opts: dict):
 
 
 RL_ARMS = {   # name -> (what it is, the config overrides on top of the preset)
-    "before": ("the toy preset before the prefix cache: plain bidirectional attention, every sampler step "
-               "re-encodes prompt + response", {"model.prefix_dlm": False}),
-    "after": ("prefix-DLM attention: the prompt is encoded once per sampler call and once per likelihood "
-              "micro-batch, every step runs the response only", {"model.prefix_dlm": True}),
+    "before": ("the toy preset before: plain bidirectional attention (every sampler step re-encodes prompt + "
+               "response) and one pass per row", {"model.prefix_dlm": False, "diffusion.dedupe": False}),
+    "after": ("today's toy preset: prefix-DLM attention (each distinct prompt encoded once per sampler call and "
+              "per likelihood micro-batch, every step runs the response only) and each distinct canvas run "
+              "once per step", {"model.prefix_dlm": True, "diffusion.dedupe": True}),
 }
 
 
 def bench_rl(cfg, opts: dict):
     """Whole RL steps (rl.rl_step: rollouts + update) per arm of --arms (RL_ARMS) x --mu, interleaved."""
     dev, dtype, why = speed_device(cfg.train.device)
-    cfg, bundle, trained, data_note = speed_world(cfg, opts["ckpt"])
+    per_arm = dict(kv.split("=", 1) for kv in opts["ckpts"].split(",") if kv)     # arm -> its own checkpoint
+    cfg, bundle, trained, data_note = speed_world(cfg, next(iter(per_arm.values()), opts["ckpt"]))
     ctx = common.Ctx(dev, dtype, why, False, 0, 1, os.path.join("runs", "bench"))
     # the edit reward decodes pictures: the run's own VQ, else an untrained one (same time, no meaning)
     vq = VQ.get_vq(cfg, dev, ctx.out_dir) if trained is not None else VQ.VQVAE(cfg.vq, cfg.data.image_size).eval()
@@ -296,15 +302,21 @@ def bench_rl(cfg, opts: dict):
             acfg.rl.ppo_epochs = mu
             torch.manual_seed(cfg.train.seed)
             model = common.build_model(acfg, bundle.tok, dev)
-            if trained is not None and trained.cfg.prefix_dlm == acfg.model.prefix_dlm:
+            if name in per_arm:                   # the arm's own trained checkpoint (same data and vocabulary)
+                own = common.load_run(per_arm[name], os.path.join("runs", "bench"), "bench")[2]
+                if own.cfg.prefix_dlm != acfg.model.prefix_dlm or own.vocab_size != bundle.tok.vocab_size:
+                    raise SystemExit(f"bench rl: {per_arm[name]} does not fit arm {name!r} (prefix_dlm "
+                                     f"{own.cfg.prefix_dlm}, vocabulary {own.vocab_size})")
+                model.load_state_dict(own.state_dict())
+            elif trained is not None and trained.cfg.prefix_dlm == acfg.model.prefix_dlm:
                 model.load_state_dict(trained.state_dict())
             arms[(name, mu)] = (acfg, model, common.make_optimizer(model, acfg.rl.lr, acfg.train.weight_decay, dev),
                                 common.TaskSampler(bundle.sets, "sft", C.parse_mix(acfg.train.task_mix), 7),
                                 torch.Generator().manual_seed(13), torch.Generator(device=dev).manual_seed(11), [])
     draws = rl.prompt_draws(cfg.rl)
     print(f"bench rl | device {dev} | {why} | torch {torch.__version__} | commit {common.git_commit()}")
-    print(f"model: {'the checkpoint where its attention matches the arm, else ' if trained is not None else ''}"
-          f"randomly initialised; {model_line(next(iter(arms.values()))[1])}\ndata: {data_note}\n"
+    print(f"model: {'per arm: ' + opts['ckpts'] if per_arm else 'the checkpoint where its attention matches the arm, else randomly initialised' if trained is not None else 'randomly initialised'}; "
+          f"{model_line(next(iter(arms.values()))[1])}\ndata: {data_note}\n"
           f"prompts/step {draws} x group {cfg.rl.group_size}, sft rows {cfg.rl.sft_rows}, answer-forcing "
           f"p={cfg.rl.af_prob}; {opts['steps']} steps per arm after 1 warm-up step, interleaved")
     for name in names:
@@ -403,7 +415,7 @@ BENCHMARKS = {
                 "prefix-cache sampler vs re-encoding every step: tokens/s, speed-up, same greedy tokens"),
     "rollout": (bench_rollout, {"ckpt": "", "prompts": 0, "n": 0, "reps": 2},
                 "one batched group call vs N sequential sampler calls: tokens/s, speed-up"),
-    "rl": (bench_rl, {"ckpt": "", "arms": "before,after", "mu": "1", "steps": 3},
+    "rl": (bench_rl, {"ckpt": "", "ckpts": "", "arms": "before,after", "mu": "1", "steps": 3},
            "whole RL steps, before/after the prefix cache x rl.ppo_epochs: step time, rollout share, updates/min"),
     "train": (bench_train, {"ckpt": "", "batch": 0, "warmup": 2, "steps": 5, "peak": 0.0, "compile": False},
               "SFT step throughput (tokens/s) and MFU (--peak=0: 989e12 on an H100/H200 under bf16, else n/a)"),

@@ -447,7 +447,9 @@ def test_rebuild_state_reproduces_intermediate_states_and_continuation():
 
 def test_known_logits_give_known_tokens_and_confidence_order():
     P = 3
-    prompts = torch.tensor([[TOK.TASK["edit"], WA, WB]] * 2)
+    # two different prompts: per-row logits stand for two different inputs (the sampler runs each
+    # distinct canvas once, so two identical rows would rightly get the same logits)
+    prompts = torch.tensor([[TOK.TASK["edit"], WA, WB], [TOK.TASK["edit"], WB, WA]])
     lay = Layout(6, 4, 0)
     resp = torch.tensor([[MASK] * 6 + [IMASK] * 4] * 2)
     batch = make_batch(prompts, resp, [lay, lay], ["edit", "edit"], TOK)
