@@ -584,3 +584,24 @@ def test_prefix_cache_gives_identical_samples():
     assert torch.equal(out_c, out_f)
     assert torch.equal(ord_c, ord_f)
     assert not ((out_c[:, batch.P:] == MASK) | (out_c[:, batch.P:] == IMASK)).any()
+
+
+def test_identical_canvases_run_once_and_get_their_own_logits():
+    """diffusion._response_logits runs each distinct canvas (prompt + response) once and hands every
+    row the logits of running it alone: here 6 rows, 2 distinct canvases -> the model sees 2 rows,
+    and each row's logits equal a pass over that row by itself. With dedupe=False every row runs."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(n_layer=1, n_head=2, d_model=32, prefix_dlm=False, max_len=64), V).eval()
+    batch = canvas_batch()
+    big = batch.rows(torch.tensor([0, 1, 0, 0, 1, 1]))
+    seen, real = [], model.forward
+    model.forward = lambda idx, *a, **k: seen.append(idx.shape[0]) or real(idx, *a, **k)
+    with torch.no_grad():
+        got = D._response_logits(model, big, big.tokens[:, big.P:], None)
+        assert seen == [2]
+        for b in range(6):
+            one = D._response_logits(model, big.rows(torch.tensor([b])), big.tokens[b:b + 1, big.P:], None)
+            assert torch.allclose(got[b], one[0], atol=1e-5)
+        seen.clear()
+        D._response_logits(model, big, big.tokens[:, big.P:], None, dedupe=False)
+        assert seen == [6]
