@@ -30,6 +30,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -168,19 +169,24 @@ class StopRequest:
     checkpoint is written to a temporary file and renamed."""
 
     def __init__(self):
-        self.asked = False
+        self.asked, self.signum = False, 0
         self._old = {}
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal that asked: SIGINT 130, SIGTERM 143 (the shell's convention)."""
+        return 128 + (self.signum or signal.SIGINT)
 
     def _handler(self, signum, frame):
         if self.asked:
             raise KeyboardInterrupt
-        self.asked = True
+        self.asked, self.signum = True, signum
         # os.write, not print: a handler may interrupt a print in progress (print is not reentrant)
         os.write(2, f"\n{signal.Signals(signum).name}: stopping after this step (checkpoint first); "
                     f"again to stop now\n".encode())
 
     def __enter__(self):
-        self.asked = False
+        self.asked, self.signum = False, 0
         if threading.current_thread() is threading.main_thread():     # handlers live on the main thread
             for s in (signal.SIGINT, signal.SIGTERM):
                 self._old[s] = signal.signal(s, self._handler)
@@ -193,6 +199,17 @@ class StopRequest:
 
 
 STOP = StopRequest()      # train.main installs it (with STOP:); the loops read STOP.asked
+
+
+class Stopped(Exception):
+    """Raised between batches of a long evaluation when STOP was asked (the checkpoints are written
+    before any final evaluation, so nothing is lost); train.py exits with STOP.exit_code."""
+
+
+def check_stop():
+    """Raise Stopped if a signal asked to stop: called between the batches of long evaluations."""
+    if STOP.asked:
+        raise Stopped()
 
 
 def from_rank0(x: float, ctx: Ctx) -> float:
@@ -339,8 +356,7 @@ def get_bundle(cfg, vq, ctx: Ctx) -> Bundle:
         os.makedirs(cfg.data.cache_dir, exist_ok=True)
         blob = {"tok": tok.state(), "P": P, "layouts": {k: vars(v) for k, v in lay.items()},
                 "sets": {t: {s: (ts.prompt, ts.response) for s, ts in v.items()} for t, v in sets.items()}}
-        torch.save(blob, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        atomic_save(blob, path)
     ctx.log(f"tokenized {sum(len(s) for v in sets.values() for s in v.values())} examples in "
             f"{time.time() - t0:.1f}s (vocab {tok.vocab_size}, prompt width {P}, response widths "
             + ", ".join(f"{k} {v.R}" for k, v in lay.items()) + f") -> {path}")
@@ -388,9 +404,90 @@ def save_checkpoint(path: str, model, opt, step: int, cfg, bundle: Bundle, extra
     blob = {"model": unwrap(model).state_dict(), "optim": opt.state_dict() if opt is not None else None,
             "step": step, "config": C.to_dict(cfg), "vocab_size": bundle.tok.vocab_size, "vq_sha": vq_sha(cfg),
             "tok": bundle.tok.state(), "rng": {"torch": torch.get_rng_state()}, **(extra or {})}
+    atomic_save(blob, path)
+
+
+def atomic_save(obj, path: str):
+    """torch.save to a temporary file of this process (path.tmp.<pid>: two runs never share one),
+    then rename over `path`. An OSError while writing (a full disk: ENOSPC and kin) removes the
+    partial file, keeps the previous `path` as it was, and stops with one line naming the file,
+    the reason and the free space."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    torch.save(blob, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:         # torch.save reports a short write as RuntimeError
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free / 2**20
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+        raise SystemExit(f"save error: cannot write {path} ({why}; {free:.0f} MiB free on its disk); free "
+                         f"space or pick another --out_dir (the previous {os.path.basename(path)} is unchanged)") from None
+
+
+class OutDirLock:
+    """One run per out_dir: `with OutDirLock(out_dir):` creates out_dir/.lock holding this process's
+    pid and removes it on exit. A lock whose pid is still alive is a one-line error (another run is
+    writing there); a lock whose process is gone (a killed run) is stale and taken over with a note."""
+
+    def __init__(self, out_dir: str, log=print):
+        self.path, self.log, self.held = os.path.join(out_dir, ".lock"), log, False
+
+    def __enter__(self):
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                try:
+                    pid = int(open(self.path).read().strip() or 0)
+                except (OSError, ValueError):
+                    pid = 0
+                if pid and pid != os.getpid() and _alive(pid):
+                    raise SystemExit(f"config error: another run (pid {pid}) is using {os.path.dirname(self.path)}; "
+                                     f"wait for it to finish or pick another --out_dir") from None
+                self.log(f"note: removing the stale lock {self.path} (pid {pid} is not running)")
+                os.remove(self.path)
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+            self.held = True
+            return self
+        raise SystemExit(f"config error: cannot take the lock {self.path}; remove it if no run uses the folder")
+
+    def __exit__(self, *exc):
+        if self.held and os.path.exists(self.path):
+            os.remove(self.path)
+        self.held = False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:      # someone else's process: alive
+        return True
+    return True
+
+
+EXIT_CODES = {"training error": 1, "save error": 1}     # runtime failures; every other one-line error is 2
+
+
+def run_main(main, argv=None):
+    """Run an entry script's main with the project's exit codes: a one-line error (SystemExit with a
+    message: config, data and checkpoint errors) prints on stderr and exits 2, a runtime failure
+    ("training error", "save error") 1, a stop by signal 128 + the signal (SIGINT 130, SIGTERM 143)."""
+    try:
+        main(argv)
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+            raise SystemExit(EXIT_CODES.get(e.code.split(":")[0], 2)) from None
+        raise
+    except KeyboardInterrupt:            # a second signal: stop at once (the last checkpoint is whole)
+        raise SystemExit(128 + (STOP.signum or signal.SIGINT)) from None
 
 
 def load_checkpoint(path: str, vocab_size: int | None = None) -> dict:

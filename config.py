@@ -408,12 +408,12 @@ RANGES = [
                                       "diffusion.tokens_per_step", "diffusion.block_len", "diffusion.image_steps",
                                       "train.batch_size", "train.micro_batch", "train.log_interval",
                                       "train.ckpt_interval", "rl.group_size", "rl.prompts_per_step", "rl.n_mc",
-                                      "eval.batch_size")),
+                                      "eval.batch_size", "eval.n_per_task")),
     # counts that may be 0
     *((k, 0, INF, "a count") for k in ("model.mlp_hidden", "data.n_sft", "data.n_rl", "data.n_eval", "data.n_val",
                                        "data.teacher_box_pad", "vq.steps", "train.max_steps", "train.warmup",
                                        "train.eval_interval", "rl.sft_rows", "rl.max_steps", "rl.eval_interval",
-                                       "rl.tokens_per_step", "eval.n_per_task", "eval.grid_rows", "eval.curve_n")),
+                                       "rl.tokens_per_step", "eval.grid_rows", "eval.curve_n")),
     # probabilities and fractions
     *((k, 0.0, 1.0, "a probability") for k in ("model.dropout", "data.hard_frac", "data.teacher_slip",
                                                "vq.ema_decay", "diffusion.full_mask_frac", "diffusion.prompt_drop",
@@ -426,6 +426,19 @@ RANGES = [
                                                  "diffusion.temperature", "diffusion.image_temperature",
                                                  "diffusion.cfg_scale", "rl.temperature")),
 ]
+
+
+def writable(folder: str) -> bool:
+    """Whether a run could create `folder` and write files in it, checked without creating anything:
+    an existing folder must be writable, a missing one needs a writable existing ancestor, and a
+    file on the path fails."""
+    p = os.path.abspath(folder)
+    while not os.path.exists(p):
+        parent = os.path.dirname(p)
+        if parent == p:
+            return False
+        p = parent
+    return os.path.isdir(p) and os.access(p, os.W_OK | os.X_OK)
 
 
 def check_ranges(cfg: Config):
@@ -443,12 +456,19 @@ def validate(cfg: Config):
     Each failure is one line with the fix."""
     d, m, t, r = cfg.data, cfg.model, cfg.train, cfg.rl
     check_ranges(cfg)
+    if d.jsonl and os.path.isdir(d.jsonl):
+        raise ConfigError(f"--data.jsonl={d.jsonl!r} is a folder; pass the .jsonl file inside it "
+                          f"(python data.py --export=DIR writes DIR/data.jsonl)")
     if d.jsonl and not os.path.isfile(d.jsonl):
         raise ConfigError(f"--data.jsonl={d.jsonl!r}: no such file (python data.py --export=DIR writes an example)")
     if t.init_from and not os.path.isfile(t.init_from):
         raise ConfigError(f"--train.init_from={t.init_from!r}: no such checkpoint file")
     if os.path.exists(t.out_dir) and not os.path.isdir(t.out_dir):
         raise ConfigError(f"--train.out_dir={t.out_dir!r} is a file, not a folder; pick another --out_dir")
+    for key, folder in (("data.cache_dir", d.cache_dir), ("train.out_dir", t.out_dir)):
+        if not writable(folder):
+            raise ConfigError(f"--{key}={folder!r}: cannot write there (read-only, a file, or no permission); "
+                              f"pick another --{key}")
     if t.device != "auto" and t.device.split(":")[0] not in ("cpu", "cuda", "mps"):
         raise ConfigError(f"--train.device={t.device!r}: expected auto, cpu, cuda, cuda:N or mps")
     if cfg.train.stage not in ("vq", "sft", "rl", "eval", "all"):

@@ -395,9 +395,15 @@ def save_vq(model: VQVAE, path: str, vcfg: VQConfig, image_size: int):
     """State dict + the VQ config + image size, written atomically (tmp file, then os.replace), so
     a run killed mid-save never leaves a truncated cache file behind."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    torch.save({"state_dict": model.state_dict(), "vq_config": asdict(vcfg), "image_size": image_size}, tmp)
-    os.replace(tmp, path)
+    tmp = f"{path}.tmp.{os.getpid()}"           # this process's own: two runs never share one
+    try:
+        torch.save({"state_dict": model.state_dict(), "vq_config": asdict(vcfg), "image_size": image_size}, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise SystemExit(f"save error: cannot write the VQ tokenizer {path} ({e}); free space or pick another "
+                         f"--data.cache_dir") from None
 
 
 class VQCheckpointError(ValueError):
