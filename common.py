@@ -169,24 +169,19 @@ class StopRequest:
     checkpoint is written to a temporary file and renamed."""
 
     def __init__(self):
-        self.asked, self.signum = False, 0
+        self.asked = False
         self._old = {}
-
-    @property
-    def exit_code(self) -> int:
-        """128 + the signal that asked: SIGINT 130, SIGTERM 143 (the shell's convention)."""
-        return 128 + (self.signum or signal.SIGINT)
 
     def _handler(self, signum, frame):
         if self.asked:
             raise KeyboardInterrupt
-        self.asked, self.signum = True, signum
+        self.asked = True
         # os.write, not print: a handler may interrupt a print in progress (print is not reentrant)
         os.write(2, f"\n{signal.Signals(signum).name}: stopping after this step (checkpoint first); "
                     f"again to stop now\n".encode())
 
     def __enter__(self):
-        self.asked, self.signum = False, 0
+        self.asked = False
         if threading.current_thread() is threading.main_thread():     # handlers live on the main thread
             for s in (signal.SIGINT, signal.SIGTERM):
                 self._old[s] = signal.signal(s, self._handler)
@@ -200,16 +195,6 @@ class StopRequest:
 
 STOP = StopRequest()      # train.main installs it (with STOP:); the loops read STOP.asked
 
-
-class Stopped(Exception):
-    """Raised between batches of a long evaluation when STOP was asked (the checkpoints are written
-    before any final evaluation, so nothing is lost); train.py exits with STOP.exit_code."""
-
-
-def check_stop():
-    """Raise Stopped if a signal asked to stop: called between the batches of long evaluations."""
-    if STOP.asked:
-        raise Stopped()
 
 
 def from_rank0(x: float, ctx: Ctx) -> float:
@@ -470,24 +455,6 @@ def _alive(pid: int) -> bool:
     except PermissionError:      # someone else's process: alive
         return True
     return True
-
-
-EXIT_CODES = {"training error": 1, "save error": 1}     # runtime failures; every other one-line error is 2
-
-
-def run_main(main, argv=None):
-    """Run an entry script's main with the project's exit codes: a one-line error (SystemExit with a
-    message: config, data and checkpoint errors) prints on stderr and exits 2, a runtime failure
-    ("training error", "save error") 1, a stop by signal 128 + the signal (SIGINT 130, SIGTERM 143)."""
-    try:
-        main(argv)
-    except SystemExit as e:
-        if isinstance(e.code, str):
-            print(e.code, file=sys.stderr)
-            raise SystemExit(EXIT_CODES.get(e.code.split(":")[0], 2)) from None
-        raise
-    except KeyboardInterrupt:            # a second signal: stop at once (the last checkpoint is whole)
-        raise SystemExit(128 + (STOP.signum or signal.SIGINT)) from None
 
 
 def load_checkpoint(path: str, vocab_size: int | None = None) -> dict:

@@ -246,7 +246,7 @@ def encode_prompts(model, prompt: torch.Tensor, valid: torch.Tensor):
     if len(uniq) == len(prompt):
         return model.encode_prefix(prompt, valid)
     cache = model.encode_prefix(uniq[:, :P], uniq[:, P:].bool())                  # (U, ...) -> (B, ...)
-    return type(cache)([(k[inv], v[inv]) for k, v in cache.kv], cache.valid[inv])
+    return cache.rows(inv)
 
 
 def _response_logits(model, batch: Batch, resp: torch.Tensor, cache, dedupe: bool = True) -> torch.Tensor:
@@ -262,7 +262,7 @@ def _response_logits(model, batch: Batch, resp: torch.Tensor, cache, dedupe: boo
     if len(uniq) < len(resp):
         first = torch.full((len(uniq),), len(resp), dtype=torch.long, device=resp.device)
         first = first.scatter_reduce(0, inv, torch.arange(len(resp), device=resp.device), "amin")   # (U,)
-        sub = None if cache is None else type(cache)([(k[first], v[first]) for k, v in cache.kv], cache.valid[first])
+        sub = None if cache is None else cache.rows(first)
         return _response_logits(model, batch.rows(first), resp[first], sub)[inv]                   # (U,...) -> (B,...)
     if cache is not None:
         return model.forward_cached(resp, cache, batch.valid[:, P:])

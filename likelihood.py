@@ -76,7 +76,7 @@ def masked_logprobs(model, batch: Batch, masks: torch.Tensor, tok: Tokenizer,
     if uses_prefix_cache(model):
         # prefix-DLM: one prompt encoding shared by all n masked copies (repeat keys/values, not work)
         cache = encode_prompts(model, inp[0, :, :P], batch.valid[:, :P])        # each distinct prompt once
-        cache = type(cache)([(copies(k), copies(v)) for k, v in cache.kv], copies(cache.valid))
+        cache = cache.rows(torch.arange(B, device=y.device).repeat(n))           # row c * B + b = copy c of b
         resp_in = rearrange(inp[..., P:], "n b r -> (n b) r")                  # (nB, R)
         logits = model.forward_cached(resp_in, cache, copies(batch.valid[:, P:]))   # (nB, R, V)
     else:

@@ -168,6 +168,10 @@ class PrefixCache:
     def length(self) -> int:
         return self.valid.shape[1]
 
+    def rows(self, idx: torch.Tensor) -> "PrefixCache":
+        """The cache of rows idx (B',) of this one, in that order; a row may appear several times."""
+        return PrefixCache([(k[idx], v[idx]) for k, v in self.kv], self.valid[idx])
+
 
 # ----------------------------------------------------------------------------------------------
 # the model
