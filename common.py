@@ -169,19 +169,24 @@ class StopRequest:
     checkpoint is written to a temporary file and renamed."""
 
     def __init__(self):
-        self.asked = False
+        self.asked, self.signum = False, 0
         self._old = {}
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's convention for a stop by signal: 128 + its number (SIGINT 130, SIGTERM 143)."""
+        return 128 + (self.signum or signal.SIGINT)
 
     def _handler(self, signum, frame):
         if self.asked:
             raise KeyboardInterrupt
-        self.asked = True
+        self.asked, self.signum = True, signum
         # os.write, not print: a handler may interrupt a print in progress (print is not reentrant)
         os.write(2, f"\n{signal.Signals(signum).name}: stopping after this step (checkpoint first); "
                     f"again to stop now\n".encode())
 
     def __enter__(self):
-        self.asked = False
+        self.asked, self.signum = False, 0
         if threading.current_thread() is threading.main_thread():     # handlers live on the main thread
             for s in (signal.SIGINT, signal.SIGTERM):
                 self._old[s] = signal.signal(s, self._handler)
@@ -194,6 +199,17 @@ class StopRequest:
 
 
 STOP = StopRequest()      # train.main installs it (with STOP:); the loops read STOP.asked
+
+
+class Stopped(Exception):
+    """Raised between the batches of a long evaluation when STOP was asked. The checkpoints are
+    written before any final evaluation, so nothing is lost; train.py exits with STOP.exit_code."""
+
+
+def check_stop():
+    """Raise Stopped if a signal asked to stop: called between the batches of long evaluations."""
+    if STOP.asked:
+        raise Stopped()
 
 
 
@@ -300,8 +316,37 @@ def load_user_rows(cfg, ctx: Ctx) -> list:
             raise D.JSONLError(f"{path}: the file holds no rows")
     except D.JSONLError as e:
         raise SystemExit(f"data error: --data.jsonl={path} gives no usable row: {e}") from None
-    ctx.log(f"jsonl: {len(user)} rows from {path} ({skipped} malformed rows skipped)")
+    ctx.log(f"jsonl: {len(user)} rows from {path} ({len(skipped)} malformed rows skipped)")
+    for why in skipped[:3]:                     # the first few reasons, with their line numbers
+        ctx.log(f"  skipped {why}")
+    if len(skipped) > 3:
+        ctx.log(f"  ... and {len(skipped) - 3} more (python -c \"import data, config; data.load_jsonl('{path}', "
+                f"config.Config().data)\" stops at the first)")
     return user
+
+
+def check_fits(pools, tok: D.Tokenizer, lay: dict, P: int, n_img: int, max_len: int, jsonl: str):
+    """Every family's prompt + response (P + R positions) must fit the model's max_len. When one
+    does not, the JSONL row that widened it is named (file:line) at load time, not left to a shape
+    error in the first training step."""
+    for task, L in lay.items():
+        if P + L.R <= max_len:
+            continue
+        own = {t: {s: [e for e in v if not e.key.startswith("user|")] for s, v in sp.items()} for t, sp in pools.items()}
+        users = [e for sp in pools.values() for v in sp.values() for e in v if e.key.startswith("user|")]
+        P0, R0 = D.prompt_width(own, tok, n_img), D.layouts_for(own, tok, n_img)[task].R
+        if P > P0:            # a user prompt is the widest
+            row, part = max(users, key=lambda e: len(e.prompt.split())), "prompt"
+        elif L.R > R0:        # a user response is the widest of this family
+            row = max((e for e in users if e.task == task),
+                      key=lambda e: D.layouts_for({task: {"one": [e]}}, tok, n_img)[task].R)
+            part = "response"
+        else:
+            raise SystemExit(f"config error: {task} needs {P} + {L.R} = {P + L.R} positions but "
+                             f"--model.max_len={max_len}; raise --model.max_len")
+        raise SystemExit(f"data error: {jsonl}:{row.key.split('|')[1]}: its {part} makes {task} need {P} + {L.R} = "
+                         f"{P + L.R} positions but --model.max_len={max_len}; shorten or drop the row, "
+                         f"or raise --model.max_len")
 
 
 def get_bundle(cfg, vq, ctx: Ctx) -> Bundle:
@@ -315,6 +360,8 @@ def get_bundle(cfg, vq, ctx: Ctx) -> Bundle:
         blob = torch.load(path, map_location="cpu", weights_only=False)
         tok = D.Tokenizer.from_state(blob["tok"])
         lay = {k: D.Layout(**v) for k, v in blob["layouts"].items()}
+        check_fits(pools, tok, lay, blob["P"], (cfg.data.image_size // cfg.vq.downsample) ** 2, cfg.model.max_len,
+                   cfg.data.jsonl)
         sets = {t: {s: D.TaskSet(t, pools[t][s], *blob["sets"][t][s], lay[t]) for s in pools[t]} for t in pools}
         return Bundle(tok, blob["P"], lay, sets)
     t0 = time.time()
@@ -322,6 +369,7 @@ def get_bundle(cfg, vq, ctx: Ctx) -> Bundle:
     tok = D.Tokenizer.fit(D.all_texts(pools), cfg.vq.codebook_size, max_number=cfg.data.image_size, grid=side)
     n_img = side * side
     lay, P = D.layouts_for(pools, tok, n_img), D.prompt_width(pools, tok, n_img)
+    check_fits(pools, tok, lay, P, n_img, cfg.model.max_len, cfg.data.jsonl)
     sets = {}
     for task in pools:
         sets[task] = {}
@@ -455,6 +503,26 @@ def _alive(pid: int) -> bool:
     except PermissionError:      # someone else's process: alive
         return True
     return True
+
+
+EXIT_CODES = {"training error": 1, "save error": 1}     # runtime failures; every other one-line error is 2
+
+
+def run_main(main, argv=None):
+    """Run an entry script's main with the project's exit codes: a one-line error (a SystemExit
+    with a message: config, data and checkpoint errors) goes to stderr and exits 2, a runtime failure
+    ("training error: ...", "save error: ...") 1, a stop by signal 128 + the signal (SIGINT 130,
+    SIGTERM 143; a second signal stops at once, the last checkpoint whole)."""
+    try:
+        main(argv)
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+            raise SystemExit(EXIT_CODES.get(e.code.split(":")[0], 2)) from None
+        raise
+    except KeyboardInterrupt:
+        print("stopped at once (the last checkpoint written is whole)", file=sys.stderr)
+        raise SystemExit(STOP.exit_code) from None
 
 
 def load_checkpoint(path: str, vocab_size: int | None = None) -> dict:
@@ -599,6 +667,13 @@ def restore_rank_state(blob: dict, ctx: Ctx, sampler: TaskSampler, **generators:
     for name, g in generators.items():
         if name in st:
             g.set_state(st[name])
+
+
+def resume_hint(ckpt_path: str) -> str:
+    """How to continue after a failure, naming only a checkpoint that exists."""
+    if os.path.exists(ckpt_path):
+        return f"resume from {ckpt_path} (add --resume)"
+    return f"run the command again ({os.path.basename(ckpt_path)} is not written yet: nothing to resume)"
 
 
 def latest_checkpoint(out_dir: str) -> str:

@@ -831,13 +831,13 @@ def load_jsonl(path: str, dcfg, strict: bool = True) -> tuple[list[Example], int
     Image paths are relative to the JSONL file; pictures are resized to data.image_size and grounding
     boxes (pixels of the image file, x1 and y1 exclusive) with them. Without "split", traced rows go
     to the SFT pool and answer-only rows to the RL pool. A malformed row raises
-    JSONLError('file:line: problem; fix') in strict mode, else it is counted and skipped. Returns
-    (examples, n_skipped); JSONLError if the file does not exist.
+    JSONLError('file:line: problem; fix') in strict mode, else it is skipped and its message kept.
+    Returns (examples, problems: the messages of the skipped rows); JSONLError if the file does not exist.
     """
     if not os.path.exists(path):
         raise JSONLError(f"{path}: no such file; pass an existing path with --data.jsonl=...")
     base = os.path.dirname(os.path.abspath(path))
-    out, skipped = [], 0
+    out, skipped = [], []
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             where = f"{path}:{lineno}"
@@ -855,10 +855,10 @@ def load_jsonl(path: str, dcfg, strict: bool = True) -> tuple[list[Example], int
                 ex = _jsonl_example(row, where, base, dcfg)
                 ex.key = f"user|{lineno}"
                 out.append(ex)
-            except JSONLError:
+            except JSONLError as e:
                 if strict:
                     raise
-                skipped += 1
+                skipped.append(str(e))
     return out, skipped
 
 

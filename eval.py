@@ -8,7 +8,7 @@ a PNG grid of prompts, inputs and outputs (metrics.py computes them all).
 
 The checkpoint's own config decides the data and the model (its token cache and VQ tokenizer are
 reused), so a run made with other --data.* flags needs none of them here; --eval.* settings come
-from the command line. --pass_k=N adds pass@k for vqa and grounding and best-of-k for edit (k in 1, 4, 8 up to N), from N
+from the command line. --pass_k=N (0 = off, else 1..64) adds pass@k for vqa and grounding and best-of-k for edit (k in 1, 4, 8 up to N), from N
 samples per prompt at the rollout temperature (rl.temperature): how much RL could gain by
 sharpening alone (metrics.pass_at_k_metrics). Writes metrics_eval.json and samples_eval.png into
 out_dir (or --out=FILE for the json).
@@ -19,9 +19,14 @@ import common
 import metrics
 from config import get_config
 
+MAX_PASS_K = 64       # samples per prompt: 64 x eval.n_per_task rollouts per task is already hours on a CPU
+
 
 def main(argv=None):
     cfg, opts = get_config(argv, extra={"ckpt": "", "pass_k": 0, "out": ""})
+    if not 0 <= opts["pass_k"] <= MAX_PASS_K:      # before any work: a typo must not cost an evaluation
+        raise SystemExit(f"config error: --pass_k={opts['pass_k']}: expected 0 (off) or 1..{MAX_PASS_K} "
+                         f"samples per prompt")
     ctx = common.setup(cfg)
     path = opts["ckpt"] or common.latest_checkpoint(cfg.train.out_dir)
     # the checkpoint's own config decides the data and the model; the command line the evaluation
@@ -41,4 +46,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from collections import Counter, defaultdict
 
@@ -35,6 +36,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import rewards as RW
+from common import Stopped, check_stop
 from config import TASKS, parse_mix
 from data import collate, render, shape_box
 from diffusion import sample
@@ -98,6 +100,7 @@ def generate(model, bundle, task: str, idx: list[int], split: str, cfg, device, 
     gen = torch.Generator(device=device).manual_seed(seed)
     outs = []
     for i in range(0, len(idx), cfg.eval.batch_size):
+        check_stop()                # a stop request (SIGINT/SIGTERM): common.Stopped between batches
         batch = collate(sets, [(task, j) for j in idx[i:i + cfg.eval.batch_size]], bundle.tok,
                         responses=False).to(device)
         with autocast:
@@ -147,6 +150,7 @@ def pass_at_k_metrics(model, bundle, vq, cfg, device, autocast, n_samples: int, 
         gen = torch.Generator(device=device).manual_seed(cfg.eval.seed + 100 + ti)
         scores = []                                                  # (prompts, n_samples)
         for i in range(0, len(idx), per_call):
+            check_stop()
             chunk = idx[i:i + per_call]
             batch = collate({task: ts}, [(task, j) for j in chunk], bundle.tok, responses=False)
             batch = batch.to(device).repeat(n_samples)               # prompt-major: n_samples rows per prompt
@@ -257,9 +261,14 @@ def selection_score(m: dict) -> float:
 
 def quick_eval(model, bundle, vq, cfg, device, autocast, tasks=None) -> dict:
     """The quick eval of the training loops: eval.curve_n examples per task of eval.curve_split
-    (not the held-out split), plus "score" (selection_score) and its own "eval_seconds"."""
-    m = evaluate(model, bundle, vq, cfg, device, autocast, split=cfg.eval.curve_split,
-                 n=cfg.eval.curve_n, tasks=tasks)
+    (not the held-out split), plus "score" (selection_score) and its own "eval_seconds". None when
+    a stop request cut it short (the loop then writes its checkpoint and stops)."""
+    try:
+        m = evaluate(model, bundle, vq, cfg, device, autocast, split=cfg.eval.curve_split,
+                     n=cfg.eval.curve_n, tasks=tasks)
+    except Stopped:
+        print("quick eval cut short by the stop request", file=sys.stderr)
+        return None
     m["score"] = selection_score(m)
     return m
 

@@ -45,7 +45,7 @@ import config as C
 import data as D
 import likelihood as LK
 import metrics
-from common import (STOP, all_reduce_mean, mean_over_all, TaskSampler, best_score, check_model_config, check_vq, from_rank0, gather_rank_states,
+from common import (STOP, resume_hint, all_reduce_mean, mean_over_all, TaskSampler, best_score, check_model_config, check_vq, from_rank0, gather_rank_states,
                     load_checkpoint, make_optimizer, model_from_checkpoint, peak_memory_mb, restore_rank_state, save_checkpoint,
                     stop_together, write_json)
 from rewards import normalise, trace_answer
@@ -359,6 +359,14 @@ def log_line(rec: dict, tasks: list[str]) -> str:
             f"update {rec['update_s']:.1f}s | {rec['seconds']:.0f}s")
 
 
+def describe(rc, draws: dict) -> str:
+    """The RL stage's settings in one log line."""
+    return (f"RL: prompts/step {draws} x group {rc.group_size} | sft rows {rc.sft_rows} | likelihood "
+            f"{rc.likelihood} | gamma {rc.gamma} | answer-forcing p={rc.af_prob} ({rc.af_mode}) | tree "
+            f"{rc.tree_schedule} on {rc.tree_tasks} | kl {rc.kl_coef} | lr {rc.lr} | "
+            f"{rc.max_steps} steps" + (f" (cap {rc.time_budget_s:.0f}s)" if rc.time_budget_s > 0 else ""))
+
+
 def prompt_draws(rc) -> dict[str, int]:
     """Prompts per task in one RL step: rl.prompts_per_step per task on average, split by rl.task_mix."""
     mix = C.parse_mix(rc.task_mix, "rl.task_mix")
@@ -403,7 +411,9 @@ def rl_start(cfg, ctx, bundle, model, ckpt_path: str) -> RLRun:
         check_vq(blob, cfg, ckpt_path)
         ctx.log(f"resumed RL from {ckpt_path} at step {blob['step']}")
         model = model_from_checkpoint(blob, dev)
-    elif model is None:
+    elif t.resume:
+        ctx.log(f"note: --resume, but there is no {ckpt_path} yet: RL starts from step 0")
+    if blob is None and model is None:
         src = t.init_from or os.path.join(t.out_dir, "ckpt_sft.pt")
         start = load_checkpoint(src, bundle.tok.vocab_size)
         check_model_config(start, cfg, src)
@@ -425,6 +435,21 @@ def rl_start(cfg, ctx, bundle, model, ckpt_path: str) -> RLRun:
     return run
 
 
+def rl_quick_eval(run: RLRun, rec: dict, cfg, ctx, bundle, vq, tasks: list, best_path: str) -> float | None:
+    """Rank 0's quick eval (metrics.quick_eval on eval.curve_split) into rec["eval"], and
+    ckpt_rl_best.pt when its score is the best so far. Returns its seconds on every rank (rank 0's
+    word), None when a stop request cut it short."""
+    m = metrics.quick_eval(run.model, bundle, vq, cfg, ctx.device, ctx.autocast, tasks=tasks) if ctx.master else None
+    if m is not None:
+        rec["eval"] = m
+        ctx.log(f"rl eval @ {run.step} ({run.elapsed:.0f}s, {cfg.eval.curve_split}): {metrics.headline(m)}")
+        if m["score"] > run.best:           # the best checkpoint by the quick evals (not the held-out set)
+            run.best = m["score"]
+            save_checkpoint(best_path, run.model, None, run.step, cfg, bundle, {"score": run.best, "elapsed": run.elapsed})
+    secs = from_rank0(m["eval_seconds"] if m is not None else -1.0, ctx)
+    return None if secs < 0 else secs
+
+
 def run_rl(cfg, ctx, bundle, vq, model=None):
     """The RL stage: from `model` (the SFT stage's, in memory), else out_dir/ckpt_sft.pt or
     --train.init_from; --resume continues out_dir/ckpt_rl.pt. Runs for rl.max_steps (or until the
@@ -436,10 +461,7 @@ def run_rl(cfg, ctx, bundle, vq, model=None):
     run, draws = rl_start(cfg, ctx, bundle, model, ckpt_path), prompt_draws(rc)
     save = lambda: save_rl(ckpt_path, run.model, run.opt, run.step, cfg, bundle, ctx, run.elapsed, run.history,
                            run.sft, run.gen, run.pick)
-    ctx.log(f"RL: prompts/step {draws} x group {rc.group_size} | sft rows {rc.sft_rows} | likelihood "
-            f"{rc.likelihood} | gamma {rc.gamma} | answer-forcing p={rc.af_prob} ({rc.af_mode}) | tree "
-            f"{rc.tree_schedule} on {rc.tree_tasks} | kl {rc.kl_coef} | lr {rc.lr} | "
-            f"{rc.max_steps} steps" + (f" (cap {rc.time_budget_s:.0f}s)" if rc.time_budget_s > 0 else ""))
+    ctx.log(describe(rc, draws))
     t_start, bad_steps, saved = time.time() - run.elapsed, 0, run.step
     bar = tqdm(total=rc.max_steps, initial=run.step, disable=not ctx.master, desc="rl", dynamic_ncols=True, mininterval=5)
     while run.step < rc.max_steps:
@@ -453,7 +475,7 @@ def run_rl(cfg, ctx, bundle, vq, model=None):
             ctx.log(f"rl step {run.step}: non-finite {rec['nonfinite']}; update skipped ({bad_steps} in a row)")
             if bad_steps >= 5:
                 raise SystemExit(f"training error: 5 non-finite RL updates in a row at step {run.step} (last: "
-                                 f"{rec['nonfinite']}); lower --rl.lr (now {rc.lr}) and resume from {ckpt_path}")
+                                 f"{rec['nonfinite']}); lower --rl.lr (now {rc.lr}) and {resume_hint(ckpt_path)}")
             run.history.append({"step": run.step, "seconds": round(run.elapsed, 1), **rec})
             if stop():
                 break
@@ -465,16 +487,17 @@ def run_rl(cfg, ctx, bundle, vq, model=None):
         if run.step % max(1, t.log_interval // 10) == 0 or run.step == 1:
             ctx.log(log_line(rec, list(draws)))
         done = run.step >= rc.max_steps or stop()
-        if rc.eval_interval and (run.step % rc.eval_interval == 0 or done) and ctx.master:
-            rec["eval"] = m = metrics.quick_eval(run.model, bundle, vq, cfg, dev, ctx.autocast, tasks=list(draws))
-            t_start += m["eval_seconds"]            # the time budget counts training only
-            ctx.log(f"rl eval @ {run.step} ({run.elapsed:.0f}s, {cfg.eval.curve_split}): {metrics.headline(m)}")
-            if m["score"] > run.best:               # the best checkpoint by the quick evals (not the held-out set)
-                run.best = m["score"]
-                save_checkpoint(best_path, run.model, None, run.step, cfg, bundle, {"score": run.best, "elapsed": run.elapsed})
         run.history.append(rec)
-        if run.step % t.ckpt_interval == 0 or done:
+        if done:             # the last update is on disk before the final quick eval (minutes on larger presets)
             save()
+            saved = run.step
+        evaluated = False
+        if rc.eval_interval and (run.step % rc.eval_interval == 0 or done):
+            secs = rl_quick_eval(run, rec, cfg, ctx, bundle, vq, list(draws), best_path)
+            evaluated, t_start = secs is not None, t_start + (secs or 0.0)   # the time budget counts training only
+            done = done or stop_together(STOP.asked, ctx)     # a stop during the eval: checkpoint now
+        if (run.step % t.ckpt_interval == 0 or done) and (saved != run.step or evaluated):
+            save()          # again after the final eval: the checkpoint's log then holds it
             saved = run.step
         if done:
             break

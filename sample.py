@@ -256,4 +256,4 @@ def main(argv: list[str]):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    common.run_main(main, sys.argv[1:])

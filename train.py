@@ -32,6 +32,7 @@ import math
 import os
 import sys
 import time
+from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -42,9 +43,9 @@ import data as D
 import metrics
 import rl
 import vq as VQ
-from common import (STOP, Bundle, Ctx, TaskSampler, all_reduce_mean, best_score, broadcast_params, build_model,
+from common import (STOP, Bundle, OutDirLock, Stopped, run_main, Ctx, TaskSampler, all_reduce_mean, best_score, broadcast_params, build_model,
                     check_model_config, check_vq, from_rank0, gather_rank_states, get_bundle, load_checkpoint,
-                    load_latest, load_weights, lr_at, make_optimizer, mean_over_all, restore_rank_state,
+                    load_latest, load_weights, lr_at, make_optimizer, mean_over_all, restore_rank_state, resume_hint,
                     save_checkpoint, setup, stop_together, unwrap, write_json)
 from diffusion import sft_loss
 from model import Transformer
@@ -73,7 +74,9 @@ def sft_start(cfg, ctx: Ctx, bundle: Bundle, ckpt_path: str):
                    loss_ema=blob.get("loss_ema"))
         restore_rank_state(blob, ctx, sampler)
         ctx.log(f"resumed SFT from {ckpt_path} at step {run['step']}")
-    elif t.init_from:
+    elif t.resume:
+        ctx.log(f"note: --resume, but there is no {ckpt_path} yet: SFT starts from step 0")
+    if not (t.resume and os.path.exists(ckpt_path)) and t.init_from:
         start = load_checkpoint(t.init_from, bundle.tok.vocab_size)
         check_model_config(start, cfg, t.init_from)
         check_vq(start, cfg, t.init_from)
@@ -130,6 +133,16 @@ def run_sft(cfg, ctx: Ctx, bundle: Bundle, vq) -> Transformer:
         model = torch.compile(model)
     model.train()
     t_start, bad_losses = time.time() - elapsed, 0
+
+    def save(step, loss, ema, elapsed):     # collective (gather_rank_states): every rank calls it
+        states = gather_rank_states(ctx, sampler)
+        if ctx.master:   # loss = this step's loss (the resume test compares it), loss_ema = the log's
+            save_checkpoint(ckpt_path, model, opt, step, cfg, bundle,
+                            {"elapsed": elapsed, "history": history, "sampler": sampler.state(),
+                             "rank_states": states, "loss": loss, "loss_ema": ema})
+        if ctx.ddp:      # nobody runs ahead (or exits) while rank 0 is still writing
+            dist.barrier()
+
     bar = tqdm(total=t.max_steps, initial=step, disable=not ctx.master, desc="sft", dynamic_ncols=True,
                mininterval=5)
     while step < t.max_steps:
@@ -148,7 +161,7 @@ def run_sft(cfg, ctx: Ctx, bundle: Bundle, vq) -> Transformer:
             ctx.log(f"step {step}: non-finite loss ({loss}); batch skipped ({bad_losses} in a row)")
             if bad_losses >= 5:
                 raise SystemExit(f"training error: 5 non-finite losses in a row at step {step}; lower "
-                                 f"--train.lr (now {t.lr}) and resume from {ckpt_path}")
+                                 f"--train.lr (now {t.lr}) and {resume_hint(ckpt_path)}")
             continue
         bad_losses, step = 0, step + 1
         ema = loss if ema is None else 0.95 * ema + 0.05 * loss
@@ -160,22 +173,22 @@ def run_sft(cfg, ctx: Ctx, bundle: Bundle, vq) -> Transformer:
                     f"lr {lr:.2e} | grad {gnorm:.2f} | {1000 * (time.time() - t0):.0f} ms/step | "
                     f"{elapsed:.0f}s elapsed")
         done = step >= t.max_steps or stop_together(0 < t.time_budget_s < elapsed or STOP.asked, ctx)
-        if t.eval_interval and (step % t.eval_interval == 0 or done) and ctx.master:
-            m = metrics.quick_eval(unwrap(model), bundle, vq, cfg, dev, ctx.autocast)
-            t_start += m["eval_seconds"]            # the time budget counts training only
-            history.append({**m, "step": step, "seconds": round(elapsed, 1)})
-            ctx.log(f"sft eval @ {step} ({elapsed:.0f}s, {cfg.eval.curve_split}): {metrics.headline(m)}")
-            if m["score"] > best:                   # the best checkpoint by the quick evals (not the held-out set)
-                best = m["score"]
-                save_checkpoint(best_path, model, None, step, cfg, bundle, {"score": best, "elapsed": elapsed})
-        if step % t.ckpt_interval == 0 or done:
-            states = gather_rank_states(ctx, sampler)       # collective: every rank takes part
-            if ctx.master:   # loss = this step's loss (the resume test compares it), loss_ema = the log's
-                save_checkpoint(ckpt_path, model, opt, step, cfg, bundle,
-                                {"elapsed": elapsed, "history": history, "sampler": sampler.state(),
-                                 "rank_states": states, "loss": loss, "loss_ema": ema})
-            if ctx.ddp:      # nobody runs ahead (or exits) while rank 0 is still writing
-                dist.barrier()
+        if done:             # the last step is on disk before the final quick eval
+            save(step, loss, ema, elapsed)
+        saved, evaluated = done, False
+        if t.eval_interval and (step % t.eval_interval == 0 or done):
+            m = metrics.quick_eval(unwrap(model), bundle, vq, cfg, dev, ctx.autocast) if ctx.master else None
+            if m is not None:                       # None on the other ranks, or cut short by a stop request
+                t_start += m["eval_seconds"]        # the time budget counts training only
+                history.append({**m, "step": step, "seconds": round(elapsed, 1)})
+                ctx.log(f"sft eval @ {step} ({elapsed:.0f}s, {cfg.eval.curve_split}): {metrics.headline(m)}")
+                if m["score"] > best:               # the best checkpoint by the quick evals (not the held-out set)
+                    best = m["score"]
+                    save_checkpoint(best_path, model, None, step, cfg, bundle, {"score": best, "elapsed": elapsed})
+            evaluated = bool(from_rank0(float(m is not None), ctx))
+            done = done or stop_together(STOP.asked, ctx)       # a stop during the eval: checkpoint now
+        if (step % t.ckpt_interval == 0 or done) and (not saved or evaluated):
+            save(step, loss, ema, elapsed)          # (again after the final eval: its history then holds it)
         if done:
             break
     bar.close()
@@ -192,6 +205,13 @@ def run_sft(cfg, ctx: Ctx, bundle: Bundle, vq) -> Transformer:
 def main(argv=None):
     cfg = C.get_config(argv)
     ctx = setup(cfg)
+    # one run per out_dir: a second one would overwrite the first's checkpoints under it
+    with OutDirLock(cfg.train.out_dir, ctx.log) if ctx.master else nullcontext():
+        run_stages(cfg, ctx, argv)
+
+
+def run_stages(cfg, ctx: Ctx, argv):
+    """The stages of --train.stage in order, then the exit code of a stop request (after its checkpoint)."""
     stage, out = cfg.train.stage, cfg.train.out_dir
     if ctx.master:
         C.save_config(cfg, out)
@@ -206,8 +226,7 @@ def main(argv=None):
     try:
         bundle = get_bundle(cfg, vq, ctx)
     except C.ConfigError as e:        # a config value only the data builder can check (e.g. a colour)
-        print(f"config error: {e}", file=sys.stderr)
-        raise SystemExit(2)
+        raise SystemExit(f"config error: {e}") from None
     model = None
     with STOP:                  # Ctrl-C / SIGTERM: finish the step, write the checkpoint, then stop
         if stage in ("sft", "all"):
@@ -216,27 +235,35 @@ def main(argv=None):
         if (stage == "rl" or (stage == "all" and cfg.rl.max_steps > 0)) and not stopped:
             model = rl.run_rl(cfg, ctx, bundle, vq, model)
         stopped = stop_together(STOP.asked, ctx)
+        if stage in ("eval", "all") and ctx.master and not stopped:
+            try:
+                final_eval(cfg, ctx, model, bundle, vq, t0)
+            except Stopped:                             # the checkpoints are already written
+                stopped = True
+    if ctx.ddp:
+        dist.destroy_process_group()
     if stopped:
         args = " ".join(sys.argv[1:] if argv is None else argv)
         ctx.log(f"interrupted: the checkpoints in {out} are up to date; continue with "
                 f"`python train.py {args}{'' if cfg.train.resume else ' --resume'}`")
-        raise SystemExit(130)
-    if stage in ("eval", "all") and ctx.master:
-        if model is None:
-            model, bundle, vq = load_latest(cfg, ctx)
-        m = metrics.evaluate(model, bundle, vq, cfg, ctx.device, ctx.autocast,
-                       grid_path=os.path.join(out, "samples.png"))
-        m.update(metrics.baselines(bundle, cfg))
-        m["total_seconds"] = round(time.time() - t0, 1)
-        write_json(os.path.join(out, "metrics.json"), m)
-        ctx.log(f"final eval: {metrics.headline(m)}")
-        ctx.log(f"baselines: vqa prior {m['vqa_prior_acc']:.3f} | ground random mIoU {m['ground_random_miou']:.3f} "
-                f"P@0.5 {m['ground_random_p50']:.3f} | edit copy-input {m['edit_copy_score']:.3f} | "
-                f"t2i empty-canvas cell acc {m['t2i_empty_cell_acc']:.3f}")
-        ctx.log(f"wrote {out}/metrics.json and {out}/samples.png ({m['total_seconds']:.0f}s in all)")
-    if ctx.ddp:
-        dist.destroy_process_group()
+        raise SystemExit(STOP.exit_code)
+
+
+def final_eval(cfg, ctx: Ctx, model, bundle: Bundle, vq, t0: float):
+    """The held-out evaluation at the end of `all` (or --stage=eval): metrics.json and samples.png."""
+    out = cfg.train.out_dir
+    if model is None:
+        model, bundle, vq = load_latest(cfg, ctx)
+    m = metrics.evaluate(model, bundle, vq, cfg, ctx.device, ctx.autocast, grid_path=os.path.join(out, "samples.png"))
+    m.update(metrics.baselines(bundle, cfg))
+    m["total_seconds"] = round(time.time() - t0, 1)
+    write_json(os.path.join(out, "metrics.json"), m)
+    ctx.log(f"final eval: {metrics.headline(m)}")
+    ctx.log(f"baselines: vqa prior {m['vqa_prior_acc']:.3f} | ground random mIoU {m['ground_random_miou']:.3f} "
+            f"P@0.5 {m['ground_random_p50']:.3f} | edit copy-input {m['edit_copy_score']:.3f} | "
+            f"t2i empty-canvas cell acc {m['t2i_empty_cell_acc']:.3f}")
+    ctx.log(f"wrote {out}/metrics.json and {out}/samples.png ({m['total_seconds']:.0f}s in all)")
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -689,7 +689,7 @@ def test_jsonl_good_file(jdir):
     d, dcfg = jdir
     path = write(d / "good.jsonl", [GOOD_ROWS[0], "", *GOOD_ROWS[1:]])     # blank lines are skipped
     exs, skipped = data.load_jsonl(path, dcfg)
-    assert skipped == 0 and [e.task for e in exs] == ["vqa", "vqa", "ground", "edit", "t2i"]
+    assert skipped == [] and [e.task for e in exs] == ["vqa", "vqa", "ground", "edit", "t2i"]
     v1, v2, gr, ed, ti = exs
     assert v1.answer == v1.answer_text == "1" and v1.trace == "circles : r0c0 . count 1"
     assert v2.answer == "1" and v2.trace is None
@@ -746,7 +746,9 @@ def test_jsonl_lenient_skips_and_counts(jdir):
     for bad in BAD_ROWS.values():
         lines += [GOOD_ROWS[1], bad]
     exs, skipped = data.load_jsonl(write(d / "mixed.jsonl", lines), dcfg, strict=False)
-    assert skipped == len(BAD_ROWS) and len(exs) == len(BAD_ROWS)
+    assert len(skipped) == len(BAD_ROWS) and len(exs) == len(BAD_ROWS)
+    # every skipped row's reason names its line: the bad rows are the even lines
+    assert [int(w.split(":")[1]) for w in skipped] == list(range(2, 2 * len(BAD_ROWS) + 1, 2))
     assert all(e.task == "vqa" and e.answer == "1" for e in exs)
 
 

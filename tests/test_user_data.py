@@ -41,7 +41,7 @@ def test_box_is_rescaled_with_its_picture(tmp_path):
     rows = [{"task": "ground", "image": "pic.png", "prompt": "where is the blue square ?",
              "box": list(data.shape_box(i, SCENE[i], 4, 64))} for i in (1, 6, 13)]
     exs, skipped = data.load_jsonl(write_rows(tmp_path, rows), dcfg, strict=True)
-    assert skipped == 0
+    assert skipped == []
     for ex, i in zip(exs, (1, 6, 13)):
         want = data.shape_box(i, SCENE[i], 4, 32)                    # the same shape's box, drawn at 32 px
         assert RW.iou(ex.answer, want) > 0.8, (ex.answer, want)
@@ -57,7 +57,8 @@ def test_bad_boxes_are_rejected(tmp_path, box, why):
     path = write_rows(tmp_path, [{"task": "ground", "image": "pic.png", "prompt": "where ?", "box": box}])
     with pytest.raises(data.JSONLError, match="'box'"):
         data.load_jsonl(path, dcfg, strict=True)
-    assert data.load_jsonl(path, dcfg, strict=False) == ([], 1), why         # lenient: counted and skipped
+    exs, problems = data.load_jsonl(path, dcfg, strict=False)       # lenient: skipped, its message kept
+    assert exs == [] and len(problems) == 1 and problems[0].startswith(f"{path}:1: ") and "'box'" in problems[0], why
 
 
 def test_a_file_with_no_usable_row_is_an_error(tmp_path, capsys):
@@ -132,7 +133,8 @@ def test_loader_edge_cases(tmp_path):
     with open(path, "ab") as f:
         f.write(b'{"task": "vqa", "prompt": "\xff\xfe"}\n')
     exs, skipped = data.load_jsonl(path, dcfg, strict=False)
-    assert skipped == 2 and len(exs) == 2                       # the untraced sft row and the bytes line
+    assert len(skipped) == 2 and len(exs) == 2                  # the untraced sft row and the bytes line
+    assert "needs a 'response'" in skipped[0] and "not UTF-8" in skipped[1] and skipped[1].startswith(f"{path}:4:")
     assert exs[0].trace == "blue square : r0c2" and exs[0].answer == (20, 0, 32, 6)
     assert exs[1].answer == (31, 31, 32, 32)                   # 1 px, inside the 32 px picture
     with pytest.raises(data.JSONLError, match="needs a 'response'"):
