@@ -159,7 +159,7 @@ def _count_masks(batch: Batch, n: int, generator=None) -> tuple[torch.Tensor, to
     key = torch.rand(n, B, T - P, generator=generator, device=dev).masked_fill(~batch.is_resp[:, P:], 2.0)
     rank = key.argsort(-1).argsort(-1)                                              # (n, B, R)
     masks = torch.zeros(n, B, T, dtype=torch.bool, device=dev)
-    masks[..., P:] = rank < k[..., None]
+    masks[..., P:] = (rank < k[..., None]) & batch.is_resp[:, P:]      # an empty response masks nothing
     return masks, k
 
 

@@ -25,6 +25,7 @@ Exercise: python -m pytest tests/test_rewards.py -q
 from __future__ import annotations
 
 import re
+from decimal import Decimal
 
 from data import Scene, read_scene
 
@@ -49,11 +50,13 @@ def extract_answer(text: str) -> tuple[str | None, str]:
 
 
 def normalise(ans: str) -> str | None:
-    """'3' / '3.0' / ' Yes ' -> '3' / '3' / 'yes'; anything else (several words, junk) -> None."""
+    """'3' / '3.0' / ' Yes ' -> '3' / '3' / 'yes'; anything else (several words, junk) -> None.
+    Numbers are compared exactly, at any size (Decimal, not float: float would call
+    99999999999999999999 and 100000000000000000000 the same answer)."""
     a = ans.strip().lower()
     if _NUM.match(a):
-        v = float(a)
-        return str(int(v)) if v.is_integer() else str(v)
+        v = Decimal(a)                                  # exact: no context rounding from a string
+        return str(int(v)) if v == v.to_integral_value() else format(v, "f").rstrip("0")
     if a in ("yes", "no"):
         return a
     return None
@@ -154,11 +157,13 @@ def cell_similarity(a, b) -> float:
 
 def edit_score(source: Scene, target: Scene, pred: Scene) -> float:
     """0.5 * mean similarity over the cells the instruction changes
-     + 0.5 * mean similarity over the cells it must keep."""
+     + 0.5 * mean similarity over the cells it must keep.
+    A part with no cells is vacuously met (1): an instruction that changes nothing (a user's row
+    whose target is its source) gives a perfect prediction 1, not 0.5."""
     changed = [i for i in range(len(target)) if source[i] != target[i]]
     kept = [i for i in range(len(target)) if source[i] == target[i]]
-    follow = sum(cell_similarity(pred[i], target[i]) for i in changed) / max(len(changed), 1)
-    keep = sum(cell_similarity(pred[i], target[i]) for i in kept) / max(len(kept), 1)
+    follow = sum(cell_similarity(pred[i], target[i]) for i in changed) / len(changed) if changed else 1.0
+    keep = sum(cell_similarity(pred[i], target[i]) for i in kept) / len(kept) if kept else 1.0
     return 0.5 * follow + 0.5 * keep
 
 

@@ -45,7 +45,7 @@ import rl
 import vq as VQ
 from common import (STOP, Bundle, OutDirLock, Stopped, run_main, Ctx, TaskSampler, all_reduce_mean, best_score, broadcast_params, build_model,
                     check_model_config, check_vq, from_rank0, gather_rank_states, get_bundle, load_checkpoint,
-                    load_latest, load_weights, lr_at, make_optimizer, mean_over_all, restore_rank_state, resume_hint,
+                    latest_checkpoint, load_latest, load_weights, lr_at, make_optimizer, mean_over_all, restore_rank_state, resume_hint,
                     save_checkpoint, setup, stop_together, unwrap, write_json)
 from diffusion import sft_loss
 from model import Transformer
@@ -219,6 +219,7 @@ def run_stages(cfg, ctx: Ctx, argv):
         ctx.log(f"torch {torch.__version__} | device {ctx.device} | {ctx.dtype_reason} | world {ctx.world}")
         ctx.log("config: " + json.dumps(C.to_dict(cfg)))
     t0 = time.time()
+    check_inputs(cfg)
     if stage == "vq":
         VQ.run_vq_stage(cfg, out, ctx.device)
         return
@@ -247,6 +248,20 @@ def run_stages(cfg, ctx: Ctx, argv):
         ctx.log(f"interrupted: the checkpoints in {out} are up to date; continue with "
                 f"`python train.py {args}{'' if cfg.train.resume else ' --resume'}`")
         raise SystemExit(STOP.exit_code)
+
+
+def check_inputs(cfg):
+    """The checkpoint a stage starts from must exist before any work (the VQ tokenizer or the data
+    would otherwise be built first): --stage=rl needs --train.init_from or out_dir/ckpt_sft.pt (unless
+    --resume finds ckpt_rl.pt), --stage=eval a checkpoint in out_dir."""
+    t = cfg.train
+    if t.stage == "rl" and not (t.resume and os.path.exists(os.path.join(t.out_dir, "ckpt_rl.pt"))):
+        src = t.init_from or os.path.join(t.out_dir, "ckpt_sft.pt")
+        if not os.path.exists(src):
+            raise SystemExit(f"checkpoint error: --stage=rl starts from {src}, which does not exist; run "
+                             f"--stage=sft first or point --train.init_from at an SFT checkpoint")
+    if t.stage == "eval":
+        latest_checkpoint(t.out_dir)
 
 
 def final_eval(cfg, ctx: Ctx, model, bundle: Bundle, vq, t0: float):
