@@ -73,7 +73,13 @@ class DataConfig:
     n_eval: int = 200                # held-out examples per family, disjoint from both pools
     n_val: int = 200                 # validation examples per family (quick evals, best checkpoints),
                                      # disjoint from all the other splits
-    hard_frac: float = 0.4           # share of math/VQA + grounding questions drawn from the hard types
+    hard_frac: float = 0.4           # share of level-2 vqa / grounding questions when a split's levels are 1,2
+    # difficulty levels per split (data.draw_level; vqa 1-4 = lists combined, grounding 1-3 = relation
+    # depth; a family keeps the levels it has): traced SFT, answer-only RL, and held-out eval + val.
+    # Metrics split eval by bucket: in (<= the top SFT level), edge (one above), far (two or more above)
+    sft_levels: str = "1,2"
+    rl_levels: str = "1,2"
+    eval_levels: str = "1,2"
     teacher_slip: float = 0.0        # fraction of traces with a random miscount carried to a wrong answer
     teacher_bias: str = ""           # colours the teacher always overcounts by one, "yellow,red" ("" = none)
     teacher_box_pad: int = 0         # the teacher's grounding boxes are this many px too loose per side
@@ -473,6 +479,12 @@ def validate(cfg: Config):
         raise ConfigError(f"--train.device={t.device!r}: expected auto, cpu, cuda, cuda:N or mps")
     if cfg.train.stage not in ("vq", "sft", "rl", "eval", "all"):
         raise ConfigError(f"--train.stage={t.stage!r}: expected one of vq, sft, rl, eval, all")
+    for key in ("sft_levels", "rl_levels", "eval_levels"):
+        v = getattr(d, key)
+        parts = [p.strip() for p in v.split(",") if p.strip()]
+        if not parts or not all(p.isdigit() and 1 <= int(p) <= 4 for p in parts):
+            raise ConfigError(f"--data.{key}={v!r}: expected a comma list of levels 1..4 (vqa has 1-4, "
+                              f"grounding 1-3), e.g. 1,2")
     if d.image_size % cfg.vq.downsample:
         raise ConfigError(f"data.image_size={d.image_size} must be divisible by vq.downsample={cfg.vq.downsample}")
     if d.image_size % d.grid:

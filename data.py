@@ -226,12 +226,19 @@ def _list(cells: list[int], grid: int) -> str:
     return " ".join(cell_name(i, grid) for i in cells) if cells else "none"
 
 
-VQA_EASY = ("count", "compare")
-VQA_HARD = ("add", "diff", "sides")
+# question types by difficulty level: how many lists the answer combines (composition), with the
+# per-list reading load the same at every level (one filter over the same scenes)
+VQA_LEVELS = {1: ("count", "compare"), 2: ("add", "diff", "sides"), 3: ("add3",), 4: ("add4",)}
+VQA_EASY, VQA_HARD = VQA_LEVELS[1], VQA_LEVELS[2]
 
 
-def make_vqa(scene: Scene, rng, grid: int, hard: bool, teacher: Teacher):
-    qtype = VQA_HARD[rng.integers(3)] if hard else VQA_EASY[rng.integers(2)]
+def make_vqa(scene: Scene, rng, grid: int, level: int, teacher: Teacher):
+    """(prompt, trace, the trace's answer, the true answer, qtype) of a level-`level` question:
+    1 count / compare, 2 add / diff / sides, 3 the sum of three counts, 4 the sum of four."""
+    types = VQA_LEVELS[level]
+    qtype = types[rng.integers(len(types))]
+    if level >= 3:
+        return _sum_of_counts(scene, rng, grid, level, teacher)
     if qtype == "sides":
         cells = [i for i, s in enumerate(scene) if s is not None]
         # the trace lists each shape's sides; a slip miscounts one term of the sum
@@ -267,8 +274,57 @@ def make_vqa(scene: Scene, rng, grid: int, hard: bool, teacher: Teacher):
             str(abs(len(A) - len(B))), qtype)
 
 
-GROUND_EASY = ("unique",)
-GROUND_HARD = ("odd_colour", "left_of", "above")
+def _sum_of_counts(scene: Scene, rng, grid: int, k: int, teacher: Teacher):
+    """Level 3 / 4: "how many A plus B plus C ?" over k distinct filters; the trace reads each list,
+    counts it, and adds the counts (a filter pair may share shapes: each list counts them)."""
+    picks = [FILTERS[i] for i in rng.choice(len(FILTERS), size=k, replace=False)]
+    lists = [_cells(scene, f) for _, f, _ in picks]
+    counts = [teacher.count(cells, c) for cells, (_, _, c) in zip(lists, picks)]
+    trace = " ".join(f"{p} : {_list(cells, grid)} . count {n} ." for (p, _, _), cells, n in zip(picks, lists, counts))
+    trace += " " + " + ".join(str(n) for n in counts) + f" = {sum(counts)}"
+    prompt = "how many " + " plus ".join(p for p, _, _ in picks) + " ?"
+    return prompt, trace, str(sum(counts)), str(sum(len(c) for c in lists)), f"add{k}"
+
+
+GROUND_LEVELS = {1: ("unique",), 2: ("odd_colour", "left_of", "above"), 3: ("two_hop",)}
+GROUND_EASY, GROUND_HARD = GROUND_LEVELS[1], GROUND_LEVELS[2]
+MAX_LEVEL = {"vqa": max(VQA_LEVELS), "ground": max(GROUND_LEVELS)}     # the other families have level 1 only
+
+
+def _relation(scene: Scene, grid: int, anchor: int, rel: str) -> tuple[list[int], str, int] | None:
+    """The shapes left of (same row, before) or above (same column, before) `anchor`, and a size word
+    that picks exactly one of them: (candidates, size, the picked cell), or None."""
+    r, c = divmod(anchor, grid)
+    cand = [r * grid + j for j in range(c)] if rel == "left_of" else [i * grid + c for i in range(r)]
+    cand = [i for i in cand if scene[i] is not None]
+    for size in SIZES:
+        pick = [i for i in cand if scene[i].size == size]
+        if len(pick) == 1:
+            return cand, size, pick[0]
+    return None
+
+
+def _two_hop(scene: Scene, rng, grid: int):
+    """Level 3 grounding: "the small shape above the large shape left of the red circle": two
+    relations chained from a uniquely named anchor; the trace resolves one hop per clause."""
+    uniq = _unique_pairs(scene)
+    rng.shuffle(uniq)
+    for anchor in uniq:
+        for rel1, rel2 in (("left_of", "above"), ("above", "left_of"), ("left_of", "left_of"), ("above", "above")):
+            hop1 = _relation(scene, grid, anchor, rel1)
+            hop2 = hop1 and _relation(scene, grid, hop1[2], rel2)
+            if not hop2:
+                continue
+            a = scene[anchor]
+            word = {"left_of": "left", "above": "above"}
+            phrase = {"left_of": "left of", "above": "above"}
+            trace = (f"{a.colour} {a.kind} : {cell_name(anchor, grid)} . {word[rel1]} : {_list(hop1[0], grid)} . "
+                     f"{hop1[1]} : {cell_name(hop1[2], grid)} . {word[rel2]} : {_list(hop2[0], grid)} . "
+                     f"{hop2[1]} : {cell_name(hop2[2], grid)}")
+            prompt = (f"where is the {hop2[1]} shape {phrase[rel2]} the {hop1[1]} shape {phrase[rel1]} "
+                      f"the {a.colour} {a.kind} ?")
+            return prompt, trace, hop2[2], "two_hop"
+    return None
 
 
 def _unique_pairs(scene: Scene) -> list[int]:
@@ -277,9 +333,13 @@ def _unique_pairs(scene: Scene) -> list[int]:
     return [i for i, p in enumerate(pairs) if p is not None and pairs.count(p) == 1]
 
 
-def make_ground(scene: Scene, rng, grid: int, hard: bool):
-    """Returns (prompt, trace, target cell, qtype) or None when this scene cannot pose the question."""
-    qtype = GROUND_HARD[rng.integers(3)] if hard else "unique"
+def make_ground(scene: Scene, rng, grid: int, level: int):
+    """Returns (prompt, trace, target cell, qtype) or None when this scene cannot pose the question.
+    Levels by relation depth: 1 a unique (colour, kind), 2 one relation (left of / above) or the
+    odd colour out, 3 two chained relations."""
+    if level >= 3:
+        return _two_hop(scene, rng, grid)
+    qtype = GROUND_HARD[rng.integers(3)] if level == 2 else "unique"
     uniq = _unique_pairs(scene)
     if qtype == "unique":
         if not uniq:
@@ -300,17 +360,13 @@ def make_ground(scene: Scene, rng, grid: int, hard: bool):
     # or column (above) before it; a size word picks exactly one of them
     rng.shuffle(uniq)
     for anchor in uniq:
-        r, c = divmod(anchor, grid)
-        cand = [r * grid + j for j in range(c)] if qtype == "left_of" else [i * grid + c for i in range(r)]
-        cand = [i for i in cand if scene[i] is not None]
-        for size in SIZES:
-            pick = [i for i in cand if scene[i].size == size]
-            if len(pick) == 1:
-                a = scene[anchor]
-                rel = "left of" if qtype == "left_of" else "above"
-                trace = (f"{a.colour} {a.kind} : {cell_name(anchor, grid)} . {rel.split()[0]} : "
-                         f"{_list(cand, grid)} . {size} : {cell_name(pick[0], grid)}")
-                return f"where is the {size} shape {rel} the {a.colour} {a.kind} ?", trace, pick[0], qtype
+        hop = _relation(scene, grid, anchor, qtype)
+        if hop:
+            (cand, size, pick), a = hop, scene[anchor]
+            rel = "left of" if qtype == "left_of" else "above"
+            trace = (f"{a.colour} {a.kind} : {cell_name(anchor, grid)} . {rel.split()[0]} : "
+                     f"{_list(cand, grid)} . {size} : {cell_name(pick, grid)}")
+            return f"where is the {size} shape {rel} the {a.colour} {a.kind} ?", trace, pick, qtype
     return None
 
 
@@ -375,20 +431,43 @@ class Example:
     split: str = ""               # JSONL rows only: the split a row asks for ("" = by its trace)
     teacher_answer: str | None = None  # eval split, biased teacher only: what the sft teacher would
                                   # have answered (eval.py measures how much of its error a model copies)
+    level: int = 1                # difficulty (vqa: lists combined, ground: relation depth; else 1)
 
 
 def box_text(box) -> str:
     return " ".join(str(int(v)) for v in box)
 
 
-def _make_example(task, scene, rng, cfg, teacher: Teacher | None) -> Example | None:
+def parse_levels(text: str) -> tuple[int, ...]:
+    """'1,2' -> (1, 2): a split's difficulty levels (config.validate checks the range)."""
+    return tuple(sorted({int(v) for v in text.split(",") if v.strip()}))
+
+
+def draw_level(rng, levels: tuple[int, ...], hard_frac: float, top: int) -> int:
+    """The level of one example, from the split's `levels` clipped to the family's `top` (the top
+    level when none is left). The original world, levels (1, 2), keeps its draw exactly: level 2
+    with probability hard_frac; any other set is drawn uniformly."""
+    levels = tuple(v for v in levels if v <= top) or (top,)
+    hard = rng.random() < hard_frac           # always drawn: the pools of levels (1, 2) stay as they were
+    if levels == (1, 2):
+        return 2 if hard else 1
+    return levels[int(rng.integers(len(levels)))] if len(levels) > 1 else levels[0]
+
+
+def bucket(level: int, sft_levels: tuple[int, ...]) -> str:
+    """in (at most the highest level traced in SFT), edge (one above it) or far (two or more)."""
+    top = max(sft_levels)
+    return "in" if level <= top else "edge" if level == top + 1 else "far"
+
+
+def _make_example(task, scene, rng, cfg, teacher: Teacher | None, levels: tuple[int, ...] = (1, 2)) -> Example | None:
     d = cfg
-    hard = rng.random() < d.hard_frac
+    level = draw_level(rng, levels, d.hard_frac, MAX_LEVEL.get(task, 1))      # every family draws: same streams
     if task == "vqa":
-        q, trace, ans_text, truth, qtype = make_vqa(scene, rng, d.grid, hard, teacher or Teacher())
+        q, trace, ans_text, truth, qtype = make_vqa(scene, rng, d.grid, level, teacher or Teacher())
         ex = Example(task, qtype, q, scene, truth, trace, ans_text)
     elif task == "ground":
-        out = make_ground(scene, rng, d.grid, hard)
+        out = make_ground(scene, rng, d.grid, level)
         if out is None:
             return None
         q, trace, cell, qtype = out
@@ -407,7 +486,7 @@ def _make_example(task, scene, rng, cfg, teacher: Teacher | None) -> Example | N
         ex = Example(task, qtype, q, scene, target, plan)
     else:
         ex = Example("t2i", "t2i", describe(scene, d.grid), None, scene, "")
-    ex.key = f"{task}|{scene_key(scene)}|{ex.prompt}"
+    ex.key, ex.level = f"{task}|{scene_key(scene)}|{ex.prompt}", level
     return ex
 
 
@@ -424,6 +503,8 @@ def build_pools(dcfg) -> dict[str, dict[str, list[Example]]]:
     ConfigError if data.teacher_bias names an unknown colour.
     """
     sizes = {"sft": dcfg.n_sft, "rl": dcfg.n_rl, "eval": dcfg.n_eval, "val": dcfg.n_val}
+    levels = {"sft": parse_levels(dcfg.sft_levels), "rl": parse_levels(dcfg.rl_levels),
+              "eval": parse_levels(dcfg.eval_levels), "val": parse_levels(dcfg.eval_levels)}
     bad = [c for c in dcfg.teacher_bias.split(",") if c and c not in COLOURS]
     if bad:     # a typo would silently give an unbiased teacher
         raise ConfigError(f"--data.teacher_bias={dcfg.teacher_bias!r}: unknown colour(s) {bad}; "
@@ -440,7 +521,7 @@ def build_pools(dcfg) -> dict[str, dict[str, list[Example]]]:
                 scene = random_scene(rng, dcfg.grid, dcfg.min_shapes, dcfg.max_shapes)
                 teacher = (Teacher(dcfg.teacher_slip, dcfg.teacher_bias, rng, box_pad=dcfg.teacher_box_pad)
                            if split == "sft" else None)
-                ex = _make_example(task, scene, rng, dcfg, teacher)
+                ex = _make_example(task, scene, rng, dcfg, teacher, levels[split])
                 if ex is None or ex.key in seen:
                     continue
                 if split != "sft":          # answer-only pools carry no trace (rewards need none)
@@ -451,7 +532,7 @@ def build_pools(dcfg) -> dict[str, dict[str, list[Example]]]:
                     rng2 = np.random.default_rng([dcfg.seed, ti, si, i - 1])
                     scene2 = random_scene(rng2, dcfg.grid, dcfg.min_shapes, dcfg.max_shapes)
                     twin = _make_example(task, scene2, rng2, dcfg,
-                                         Teacher(bias=dcfg.teacher_bias, box_pad=dcfg.teacher_box_pad))
+                                         Teacher(bias=dcfg.teacher_bias, box_pad=dcfg.teacher_box_pad), levels[split])
                     assert twin.key == ex.key
                     ex.teacher_answer = twin.answer_text
                 out.append(ex)

@@ -38,7 +38,7 @@ from PIL import Image, ImageDraw
 import rewards as RW
 from common import Stopped, check_stop
 from config import TASKS, parse_mix
-from data import collate, render, shape_box
+from data import bucket, collate, parse_levels, render, shape_box
 from diffusion import sample
 from rollout import rollout_diffusion
 
@@ -220,6 +220,8 @@ def evaluate(model, bundle, vq, cfg, device, autocast, split: str = "eval", n: i
         r, why, pics, preds = RW.score_rows(task, exs, resp, ts.layout, bundle.tok, vq.decode, grid)
         fails = {k: v for k, v in Counter(why).items() if k != "ok"}
         m.update(teacher_error_metrics(task, exs, resp, ts.layout, bundle.tok, r))
+        if task in ("vqa", "ground"):
+            m.update(level_metrics("vqa_acc" if task == "vqa" else "ground_miou", exs, r, cfg.data.sft_levels))
         if task == "vqa":
             m["vqa_acc"] = float(np.mean(r))
             by = defaultdict(list)
@@ -247,6 +249,20 @@ def evaluate(model, bundle, vq, cfg, device, autocast, split: str = "eval", n: i
         save_sample_grid(rows, bundle.tok, cfg, grid_path)
     model.train(was_training)
     return m
+
+
+def level_metrics(name: str, exs, r, sft_levels: str) -> dict:
+    """The mean reward `r` per difficulty level ({name}_L1, ...) and per bucket relative to the SFT
+    levels ({name}_in / _edge / _far, data.bucket), for the buckets the examples fill; plus the
+    example counts under "{name}_n" so that a reader can weigh each number."""
+    by_level, by_bucket = defaultdict(list), defaultdict(list)
+    for e, x in zip(exs, r):
+        by_level[e.level].append(x)
+        by_bucket[bucket(e.level, parse_levels(sft_levels))].append(x)
+    out = {f"{name}_L{k}": float(np.mean(v)) for k, v in sorted(by_level.items())}
+    out.update({f"{name}_{b}": float(np.mean(v)) for b, v in by_bucket.items()})
+    out[f"{name}_n"] = {**{f"L{k}": len(v) for k, v in sorted(by_level.items())}, **{b: len(v) for b, v in by_bucket.items()}}
+    return out
 
 
 SELECT_KEYS = ("vqa_acc", "ground_miou", "edit_score")

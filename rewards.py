@@ -103,7 +103,7 @@ def trace_answer(text: str, qtype: str) -> str | None:
     """The answer a vqa reasoning trace implies, recomputed from what it read off the picture
     (its lists), not copied from the number it wrote last: count -> the first list's length;
     compare -> "yes" if the first list is longer than the second; add / diff -> the sum / absolute
-    difference of the two lengths; sides -> the sum of the listed side counts. "none" is an empty
+    difference of the two lengths; add3 / add4 -> the sum of the first three / four lengths; sides -> the sum of the listed side counts. "none" is an empty
     list. Returns None when the trace lacks the lists its question type needs or a side count is not
     a number. Used to check answer-forcing's inpainted reasoning against the forced answer
     (METHOD.md §5): a trace whose lists imply another answer is not a real explanation of it."""
@@ -116,6 +116,9 @@ def trace_answer(text: str, qtype: str) -> str | None:
     n = [0 if lst == ("none",) else len(lst) for lst in lists]
     if qtype == "count":
         return str(n[0]) if n else None
+    if qtype in ("add3", "add4"):                  # the sum of the first k counts (difficulty levels 3, 4)
+        k = int(qtype[-1])
+        return str(sum(n[:k])) if len(n) >= k else None
     if len(n) < 2:
         return None
     a, b = n[0], n[1]

@@ -330,14 +330,14 @@ def test_trace_answer_recovers_the_truth_of_every_generated_trace():
     rng = np.random.default_rng(0)
     teacher = Teacher(slip=0.5, rng=np.random.default_rng(1))
     seen, slips = set(), 0
-    for i in range(400):
+    for i in range(800):
         teacher.slipped = False
         scene = random_scene(rng, 4, 3, 7)
-        prompt, trace, ans, truth, qtype = make_vqa(scene, rng, 4, hard=i % 2 == 1, teacher=teacher)
+        prompt, trace, ans, truth, qtype = make_vqa(scene, rng, 4, level=1 + i % 4, teacher=teacher)
         seen.add(qtype)
         if qtype != "sides":      # a sides slip changes a listed count: the trace then implies its own answer
             assert RW.trace_answer(trace, qtype) == truth, (trace, qtype)
             slips += ans != truth
         else:
             assert RW.trace_answer(trace, qtype) == ans, (trace, qtype)
-    assert seen == {"count", "compare", "add", "diff", "sides"} and slips > 10
+    assert seen == {"count", "compare", "add", "diff", "sides", "add3", "add4"} and slips > 10
