@@ -91,8 +91,10 @@ def vqa_truth(ex, overcount: tuple = ()):
         return "count", str(n_of(sc, m.group(1), k))
     if m := re.fullmatch(r"are there more (.+) than (.+) \?", q):
         return "compare", "yes" if n_of(sc, m.group(1), k) > n_of(sc, m.group(2), k) else "no"
-    if m := re.fullmatch(r"how many (.+) plus (.+) \?", q):
-        return "add", str(n_of(sc, m.group(1), k) + n_of(sc, m.group(2), k))
+    if m := re.fullmatch(r"how many (.+) \?", q):           # two, three or four terms
+        terms = m.group(1).split(" plus ")
+        assert 2 <= len(terms) <= 4, q
+        return ("add" if len(terms) == 2 else f"add{len(terms)}"), str(sum(n_of(sc, t, k) for t in terms))
     if m := re.fullmatch(r"what is the difference between the number of (.+) and (.+) \?", q):
         return "diff", str(abs(n_of(sc, m.group(1), k) - n_of(sc, m.group(2), k)))
     raise AssertionError(f"unparseable vqa prompt {q!r}")
@@ -105,6 +107,16 @@ def ground_matches(ex, grid):
     if q == "where is the shape whose colour appears only once ?":
         once = [c for c in MY_COLOURS if sum(sc[i].colour == c for i in filled) == 1]
         return "odd_colour", [i for i in filled if sc[i].colour in once]
+    if m := re.fullmatch(r"where is the (small|large) shape (left of|above) the (small|large) shape (left of|above) "
+                         r"the (\w+) (\w+) \?", q):
+        size2, rel2, size1, rel1, colour, kind = m.groups()
+        anchors = [i for i in filled if (sc[i].colour, sc[i].kind) == (colour, kind)]
+        assert len(anchors) == 1, f"anchor of {q!r} is not unique"
+        hop = lambda a, rel, size: [i for i in filled if sc[i].size == size and (
+            (i // grid == a // grid and i % grid < a % grid) if rel == "left of" else (i % grid == a % grid and i < a))]
+        mid = hop(anchors[0], rel1, size1)
+        assert len(mid) == 1, f"the middle shape of {q!r} is not unique"
+        return "two_hop", hop(mid[0], rel2, size2)
     if m := re.fullmatch(r"where is the (small|large) shape (left of|above) the (\w+) (\w+) \?", q):
         size, rel, colour, kind = m.groups()
         anchors = [i for i in filled if (sc[i].colour, sc[i].kind) == (colour, kind)]
@@ -756,3 +768,47 @@ def test_jsonl_missing_file(tmp_path):
     dcfg = make_config("toy", SMALL).data
     with pytest.raises(JSONLError, match="no_such.jsonl"):
         data.load_jsonl(str(tmp_path / "no_such.jsonl"), dcfg)
+
+
+@pytest.fixture(scope="module")
+def levelled():
+    cfg = make_config("toy", {"data.n_sft": 150, "data.n_rl": 150, "data.n_eval": 200, "data.n_val": 50,
+                              "data.sft_levels": "1,2", "data.rl_levels": "3", "data.eval_levels": "1,2,3,4"})
+    return cfg, data.build_pools(cfg.data)
+
+
+def test_levels_and_buckets_are_disjoint_as_configured(levelled):
+    """sft draws only levels 1-2, rl only level 3 (grounding's top), eval every level a family has; the
+    buckets of eval are in (<= 2), edge (3) and far (4, vqa only): hand-set boundaries."""
+    cfg, pools = levelled
+    for task, top in (("vqa", 4), ("ground", 3)):
+        assert {e.level for e in pools[task]["sft"]} == {1, 2}
+        assert {e.level for e in pools[task]["rl"]} == {3}
+        assert {e.level for e in pools[task]["eval"]} == set(range(1, top + 1))
+    assert {e.level for t in ("edit", "t2i") for s in SPLITS for e in pools[t][s]} == {1}
+    assert [data.bucket(v, (1, 2)) for v in (1, 2, 3, 4)] == ["in", "in", "edge", "far"]
+    assert [data.bucket(v, (3,)) for v in (1, 3, 4, 5)] == ["in", "in", "edge", "far"]
+
+
+def test_every_level_is_answered_right(levelled):
+    """Level 3-4 vqa and level-3 grounding against the independent prompt readers above."""
+    cfg, pools = levelled
+    seen = set()
+    for s in SPLITS:
+        for e in pools["vqa"][s]:
+            qtype, truth = vqa_truth(e)
+            assert (e.qtype, e.answer) == (qtype, truth), e.prompt
+            seen.add(qtype)
+        for e in pools["ground"][s]:
+            qtype, hits = ground_matches(e, cfg.data.grid)
+            assert e.qtype == qtype and len(hits) == 1, (e.prompt, hits)
+            assert e.answer == data.shape_box(hits[0], e.scene[hits[0]], cfg.data.grid, cfg.data.image_size)
+            seen.add(qtype)
+    assert {"add3", "add4", "two_hop"} <= seen
+
+
+@pytest.mark.parametrize("bad", ["", "0", "5", "1,x", "2,,-1"])
+def test_levels_have_a_range(bad):
+    from config import ConfigError, validate
+    with pytest.raises(ConfigError, match="data.rl_levels"):
+        validate(make_config("toy", {"data.rl_levels": bad}))
