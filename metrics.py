@@ -132,6 +132,33 @@ def best_of_k(scores, k: int) -> float:
 
 
 @torch.no_grad()
+def sample_scores(model, bundle, vq, cfg, device, autocast, task: str, split: str, idx: list[int], n_samples: int,
+                  temperature: float, seed: int) -> list[list[float]]:
+    """n_samples responses per prompt idx of (task, split) at `temperature` with the rollout
+    sampler, scored: (len(idx), n_samples) rewards. Prompts are batched eval.batch_size rows at a time."""
+    ts, dcfg = bundle.sets[task][split], rollout_diffusion(cfg)
+    per_call = max(1, cfg.eval.batch_size // n_samples)              # prompts per sampler call
+    gen = torch.Generator(device=device).manual_seed(seed)
+    scores = []
+    for i in range(0, len(idx), per_call):
+        check_stop()
+        chunk = idx[i:i + per_call]
+        batch = collate({task: ts}, [(task, j) for j in chunk], bundle.tok, responses=False)
+        batch = batch.to(device).repeat(n_samples)                   # prompt-major: n_samples rows per prompt
+        with autocast:
+            tokens, _ = sample(model, batch, bundle.tok, dcfg, temperature=temperature,
+                               image_temperature=temperature, generator=gen)
+        exs = [ts.examples[j] for j in chunk for _ in range(n_samples)]
+        r, _, _, _ = RW.score_rows(task, exs, tokens[:, batch.P:batch.P + ts.layout.R].cpu(), ts.layout,
+                                   bundle.tok, vq.decode, cfg.data.grid)
+        scores += [r[p * n_samples:(p + 1) * n_samples] for p in range(len(chunk))]
+    return scores
+
+
+RIGHT = {"vqa": 1.0, "ground": 0.5}      # vqa rewards are 0/1; a box counts as right at IoU >= 0.5
+
+
+@torch.no_grad()
 def pass_at_k_metrics(model, bundle, vq, cfg, device, autocast, n_samples: int, ks=(1, 4, 8),
                       split: str = "eval", n: int | None = None, temperature: float = 1.0) -> dict:
     """How much a policy could gain by sharpening alone: n_samples responses per held-out prompt at
@@ -143,30 +170,15 @@ def pass_at_k_metrics(model, bundle, vq, cfg, device, autocast, n_samples: int, 
     n = cfg.eval.n_per_task if n is None else n
     out, was_training = {}, model.training
     model.eval()
-    dcfg, per_call = rollout_diffusion(cfg), max(1, cfg.eval.batch_size // n_samples)     # prompts per sampler call
     for ti, task in enumerate(t for t in ("vqa", "ground", "edit") if t in bundle.sets):
-        ts = bundle.sets[task][split]
-        idx = list(range(min(n, len(ts))))
-        gen = torch.Generator(device=device).manual_seed(cfg.eval.seed + 100 + ti)
-        scores = []                                                  # (prompts, n_samples)
-        for i in range(0, len(idx), per_call):
-            check_stop()
-            chunk = idx[i:i + per_call]
-            batch = collate({task: ts}, [(task, j) for j in chunk], bundle.tok, responses=False)
-            batch = batch.to(device).repeat(n_samples)               # prompt-major: n_samples rows per prompt
-            with autocast:
-                tokens, _ = sample(model, batch, bundle.tok, dcfg, temperature=temperature,
-                                   image_temperature=temperature, generator=gen)
-            exs = [ts.examples[j] for j in chunk for _ in range(n_samples)]
-            r, _, _, _ = RW.score_rows(task, exs, tokens[:, batch.P:batch.P + ts.layout.R].cpu(), ts.layout,
-                                       bundle.tok, vq.decode, cfg.data.grid)
-            scores += [r[p * n_samples:(p + 1) * n_samples] for p in range(len(chunk))]
+        idx = list(range(min(n, len(bundle.sets[task][split]))))
+        scores = sample_scores(model, bundle, vq, cfg, device, autocast, task, split, idx, n_samples,
+                               temperature, cfg.eval.seed + 100 + ti)
         for k in (k for k in ks if k <= n_samples):
             if task == "edit":
                 out[f"edit_best@{k}"] = float(np.mean([best_of_k(s, k) for s in scores]))
             else:
-                ok = 1.0 if task == "vqa" else 0.5              # vqa rewards are 0/1; a box counts at IoU >= 0.5
-                out[f"{task}_pass@{k}"] = float(np.mean([pass_at_k(n_samples, sum(x >= ok for x in s), k)
+                out[f"{task}_pass@{k}"] = float(np.mean([pass_at_k(n_samples, sum(x >= RIGHT[task] for x in s), k)
                                                          for s in scores]))
     model.train(was_training)
     return out

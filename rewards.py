@@ -125,6 +125,16 @@ def trace_answer(text: str, qtype: str) -> str | None:
     return {"compare": "yes" if a > b else "no", "add": str(a + b), "diff": str(abs(a - b))}.get(qtype)
 
 
+_CELL = re.compile(r"^r\d+c\d+$")
+
+
+def trace_cell(text: str) -> str | None:
+    """The cell a grounding trace resolves to: its last cell name ("... small : r2c0" -> "r2c0"),
+    grounding's analogue of trace_answer (every level's trace ends in the cell it names), or None."""
+    cells = [w for w in text.split() if _CELL.match(w)]
+    return cells[-1] if cells else None
+
+
 # ----------------------------------------------------------------------------------------------
 # rewards
 

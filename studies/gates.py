@@ -1,0 +1,190 @@
+"""
+The gates of the difficulty protocol: is there something for RL to learn at an SFT start, before
+any RL run is spent on it? Measured on the held-out EDGE bucket (the level just above the highest
+one traced in SFT, data.bucket), per reasoning family (vqa, grounding):
+
+  pass@1, pass@16   at the rollout temperature (rl.temperature), from 16 samples per prompt
+                    (metrics.pass_at_k, unbiased); headroom = pass@16 - pass@1          target >= 0.20
+  all_fail@8        the share of 8-sample groups in which every sample fails: per prompt with c
+                    right of n, C(n - c, 8) / C(n, 8) = 1 - pass@8 (GRPO has no signal there;
+                    answer-forcing is for exactly these prompts)                   target in [0.20, 0.60]
+  forced_consistent answer-forced samples (rollout.force_answer: the true answer written in, the
+                    reasoning inpainted) whose reasoning implies the answer it ends in:
+                    rewards.trace_answer for vqa, rewards.trace_cell for grounding   target >= 0.50
+  blind             the share an image-blind guess gets right: vqa the most common answer of the
+                    question type in the RL pool, grounding a uniformly random shape of the scene
+                    (exact expectation of IoU >= 0.5)
+
+"Right" is reward 1 for vqa and IoU >= 0.5 for grounding (metrics.RIGHT). Each call screens one
+design (a name and the flags that make it: the rollout temperature, random-order unmasking, ...)
+and adds it to results/gates.json, then rewrites the table and its RESULTS.md block from every
+design screened so far. A design's other settings (the data, the levels, the model) are the
+checkpoint's own.
+
+    python studies/gates.py --ckpt=runs/levels/start/ckpt_sft.pt --design=base
+    python studies/gates.py --ckpt=runs/levels/start/ckpt_sft.pt --design=t0.7 --rl.temperature=0.7
+    python studies/gates.py --ckpt=runs/levels/start/ckpt_sft.pt --design=random_order --diffusion.remask=random
+    python studies/gates.py --report                      # the table again from results/gates.json
+
+--n=100 edge prompts per family (default), --samples=16. About 10 min per design on one thread of a
+2-core CPU at the toy preset.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)          # the method's modules live one folder up (run from the repo root)
+
+import common  # noqa: E402
+import config as C  # noqa: E402
+import data as D  # noqa: E402
+import metrics  # noqa: E402
+import rewards as RW  # noqa: E402
+from rollout import force_answer, policy_sample  # noqa: E402
+from study import hardware, publish  # noqa: E402
+
+TASKS = ("vqa", "ground")
+TARGETS = {"headroom": 0.20, "all_fail@8": (0.20, 0.60), "forced_consistent": 0.50}
+RESULTS = os.path.join("results", "gates.json")
+
+
+def gate_numbers(correct: list[int], n: int) -> dict:
+    """From c right samples of n per prompt: mean pass@1, pass@16 (k capped at n), their difference
+    (headroom) and all_fail@8 = mean C(n - c, 8) / C(n, 8) (the chance that a group of 8 of the n
+    samples holds no right one)."""
+    k16, k8 = min(16, n), min(8, n)
+    p1 = float(np.mean([metrics.pass_at_k(n, c, 1) for c in correct]))
+    p16 = float(np.mean([metrics.pass_at_k(n, c, k16) for c in correct]))
+    fail8 = float(np.mean([1.0 - metrics.pass_at_k(n, c, k8) for c in correct]))
+    return {"pass@1": p1, "pass@16": p16, "headroom": p16 - p1, "all_fail@8": fail8}
+
+
+def passes(g: dict) -> dict:
+    """Which gates a family's numbers pass (TARGETS)."""
+    lo, hi = TARGETS["all_fail@8"]
+    return {"headroom": g["headroom"] >= TARGETS["headroom"], "all_fail@8": lo <= g["all_fail@8"] <= hi,
+            "forced_consistent": g["forced_consistent"] >= TARGETS["forced_consistent"]}
+
+
+def edge_split(bundle, cfg, task: str) -> D.TaskSet:
+    """The eval split's edge-bucket examples of `task` as a TaskSet of their own."""
+    ts, sft = bundle.sets[task]["eval"], D.parse_levels(cfg.data.sft_levels)
+    idx = [i for i, e in enumerate(ts.examples) if D.bucket(e.level, sft) == "edge"]
+    if not idx:
+        raise SystemExit(f"gates: the checkpoint's eval split has no {task} example one level above its "
+                         f"SFT levels ({cfg.data.sft_levels}); train the start with --data.eval_levels=1,2,3,4")
+    return D.TaskSet(task, [ts.examples[i] for i in idx], ts.prompt[idx],
+                     None if ts.response is None else ts.response[idx], ts.layout)
+
+
+def consistent(task: str, text: str, ex, cfg) -> bool:
+    """Does the inpainted reasoning imply the answer it was forced to end in?"""
+    if task == "vqa":
+        return RW.trace_answer(text, ex.qtype) == RW.normalise(ex.answer)
+    cell = cfg.data.image_size // cfg.data.grid                    # the box lies inside its shape's cell
+    x0, y0 = ex.answer[0], ex.answer[1]
+    return RW.trace_cell(text) == D.cell_name(int(y0 // cell) * cfg.data.grid + int(x0 // cell), cfg.data.grid)
+
+
+@torch.no_grad()
+def forced_consistency(model, bundle, cfg, task: str, idx: list[int], device, autocast) -> float:
+    """The share of answer-forced samples (one per prompt) whose reasoning implies the forced answer."""
+    ts, tok = bundle.sets[task]["edge"], bundle.tok
+    gen = torch.Generator(device=device).manual_seed(cfg.eval.seed + 7)
+    ok = []
+    for i in range(0, len(idx), cfg.eval.batch_size):
+        chunk = idx[i:i + cfg.eval.batch_size]
+        exs = [ts.examples[j] for j in chunk]
+        base = D.collate({task: ts}, [(task, j) for j in chunk], tok, responses=False).to(device)
+        canvas, forbid = force_answer(base, exs, tok, ts.layout)
+        tokens, _ = policy_sample(model, canvas, tok, cfg, gen, autocast, forbid=forbid)
+        for b, ex in enumerate(exs):
+            ok.append(consistent(task, tok.decode(tokens[b, base.P:base.P + ts.layout.R_text].cpu()), ex, cfg))
+    return float(np.mean(ok))
+
+
+def blind(bundle, task: str, examples, cfg) -> float:
+    """The share an image-blind guess gets right on `examples` (exact expectations)."""
+    if task == "vqa":
+        prior = {}
+        for e in bundle.sets["vqa"]["rl"].examples:
+            prior.setdefault(e.qtype, {}).setdefault(e.answer, 0)
+            prior[e.qtype][e.answer] += 1
+        guess = {q: max(c, key=c.get) for q, c in prior.items()}
+        return float(np.mean([guess.get(e.qtype) == e.answer for e in examples]))
+    g, size = cfg.data.grid, cfg.data.image_size
+    return float(np.mean([np.mean([RW.iou(D.shape_box(i, s, g, size), e.answer) >= 0.5
+                                   for i, s in enumerate(e.scene) if s is not None]) for e in examples]))
+
+
+def screen(argv: list[str]) -> dict:
+    cfg_cli, opts = C.get_config([a for a in argv if not a.startswith("--design")],
+                                 extra={"ckpt": "", "n": 100, "samples": 16})
+    design = next((a.split("=", 1)[1] for a in argv if a.startswith("--design=")), "base")
+    if not opts["ckpt"]:
+        raise SystemExit("gates: pass --ckpt=PATH (an SFT checkpoint trained with --data.eval_levels above its sft_levels)")
+    torch.set_num_threads(1)
+    t0 = time.time()
+    cfg, bundle, model, vq, blob = common.load_run(opts["ckpt"], os.path.join("runs", "gates"), "gates")
+    cfg.rl, cfg.diffusion = cfg_cli.rl, cfg_cli.diffusion          # the design: the sampler's settings
+    dev, autocast = "cpu", nullcontext()
+    out = {"design": design, "flags": [a for a in argv if a.startswith("--") and not a.startswith(("--ckpt", "--design",
+                                                                                                  "--n=", "--samples"))],
+           "ckpt": opts["ckpt"], "ckpt_step": blob["step"], "sft_levels": cfg.data.sft_levels,
+           "command": "python studies/gates.py " + " ".join(argv), "commit": common.git_commit(),
+           "hardware": hardware(), "n_samples": opts["samples"]}
+    for ti, task in enumerate(TASKS):
+        bundle.sets[task]["edge"] = edge = edge_split(bundle, cfg, task)
+        idx = list(range(min(opts["n"], len(edge))))
+        scores = metrics.sample_scores(model, bundle, vq, cfg, dev, autocast, task, "edge", idx, opts["samples"],
+                                       cfg.rl.temperature, cfg.eval.seed + 100 + ti)
+        g = gate_numbers([sum(x >= metrics.RIGHT[task] for x in s) for s in scores], opts["samples"])
+        g["forced_consistent"] = forced_consistency(model, bundle, cfg, task, idx, dev, autocast)
+        g["blind"] = blind(bundle, task, [edge.examples[i] for i in idx], cfg)
+        g["n_prompts"], g["levels"] = len(idx), sorted({edge.examples[i].level for i in idx})
+        g["passes"] = passes(g)
+        out[task] = g
+        print(f"{design} {task}: " + " | ".join(f"{k} {v:.3f}" for k, v in g.items() if isinstance(v, float)), flush=True)
+    out["seconds"] = round(time.time() - t0, 1)
+    return out
+
+
+def table(designs: list[dict]) -> str:
+    rows = ["| design | flags | family | pass@1 | pass@16 | headroom (>= 0.20) | all-fail@8 (0.20-0.60) | "
+            "forced consistent (>= 0.50) | blind guess | gates passed |", "|" + "---|" * 10]
+    for d in designs:
+        for task in TASKS:
+            g = d[task]
+            n_pass = sum(g["passes"].values())
+            rows.append(f"| {d['design']} | `{' '.join(d['flags']) or '-'}` | {task} (L{','.join(map(str, g['levels']))}, "
+                        f"{g['n_prompts']} prompts) | {g['pass@1']:.3f} | {g['pass@16']:.3f} | {g['headroom']:.3f} | "
+                        f"{g['all_fail@8']:.3f} | {g['forced_consistent']:.3f} | {g['blind']:.3f} | {n_pass}/3 |")
+    return "\n".join(rows)
+
+
+def main(argv: list[str]):
+    designs = json.load(open(RESULTS))["designs"] if os.path.exists(RESULTS) else []
+    if "--report" not in argv:
+        new = screen(argv)
+        designs = [d for d in designs if d["design"] != new["design"]] + [new]
+    if not designs:
+        raise SystemExit(f"gates: nothing screened yet ({RESULTS} is missing)")
+    res = {"command": "python studies/gates.py --ckpt=... --design=NAME [flags]", "commit": designs[-1]["commit"],
+           "hardware": designs[-1]["hardware"], "seeds": [0], "study_wall_s": sum(d["seconds"] for d in designs),
+           "targets": TARGETS, "designs": designs}
+    note = ("Every design is measured on the held-out edge bucket of its checkpoint (the level above the "
+            "highest traced in SFT), 16 samples per prompt at the design's rollout temperature; one sampling seed "
+            "(eval.seed). A design passes when all three gates hold for a family.")
+    publish("gates", res, table(designs), note)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
