@@ -3,6 +3,8 @@ Studies: one named experiment, several seeds, one table, one plot, one results f
 
     python studies/study.py rl_vs_sft                          # RL vs continued SFT vs RFT (about 2 h 20 min on 2 cores)
     python studies/study.py rl_vs_sft --seeds=0 --arm_s=120    # a quick look
+    python studies/study.py rl_vs_sft --world=levels           # the same on the difficulty protocol: traces for
+                                                       # levels 1-2, RL prompts at level 3, metrics per bucket
     python studies/study.py rl_vs_sft --report                 # rebuild the table and plot from finished runs
                                                        # (--commit=HASH: the commit the runs were made at)
     python studies/study.py af_ratio | objective | gamma | estimator    # one RL ablation (--arm_s each run)
@@ -95,7 +97,14 @@ import rollout as RO  # noqa: E402
 
 # the world of the protocol: scarce traces, a large answer-only pool, 200 held-out and 200
 # validation examples per family
-WORLD = ["--preset=toy", "--data.n_sft=1000", "--data.n_rl=5000", "--data.n_eval=200", "--data.n_val=200"]
+WORLDS = {
+    "flat": ["--preset=toy", "--data.n_sft=1000", "--data.n_rl=5000", "--data.n_eval=200", "--data.n_val=200"],
+    # the difficulty protocol: traces for levels 1-2 (the toy's 3000 per family), answer-only RL prompts
+    # all at the edge level 3, held-out and validation sets over every level (800 held-out: 200 per
+    # vqa level, ~267 per grounding level)
+    "levels": ["--preset=toy", "--data.rl_levels=3", "--data.eval_levels=1,2,3,4", "--data.n_eval=800"],
+}
+WORLD = WORLDS["flat"]           # rl_vs_sft --world=levels switches it
 RL_FLAGS = ["--rl.ppo_epochs=2", "--rl.af_prob=0.5"]
 # the ablations vary one thing each around the paper's setting: answer-forcing at 10 %, mu = 2
 ABLATION_FLAGS = ["--rl.ppo_epochs=2", "--rl.af_prob=0.1"]
@@ -107,6 +116,7 @@ ARMS = {
     "rft_af0.5": ["--stage=rl", "--rl.eval_interval=15", "--rl.advantage=rft", "--rl.af_prob=0.5"],
 }
 METRICS = ("vqa_acc", "ground_miou", "edit_score")
+BUCKETS = tuple(f"{m}_{b}" for m in ("vqa_acc", "ground_miou") for b in ("in", "edge", "far"))   # where present
 START_ROOT = os.path.join("runs", "rl_vs_sft")        # the shared start lives in its start/ folder
 
 
@@ -238,23 +248,25 @@ def report(root: str, jobs: list[dict], start_eval: dict, meta: dict) -> dict:
     if missing:
         print("study: no finished run for " + ", ".join(missing) + " (left out of the table)")
     arms = [a for a in ARMS if any(j["arm"] == a for j in jobs)]
-    res = {"start": [{k: start_eval[k] for k in METRICS}]}
+    keys = METRICS + tuple(k for k in BUCKETS if k in start_eval)       # per bucket on the levels world
+    res = {"start": [{k: start_eval[k] for k in keys}]}
     for arm in arms:
-        res[arm] = [{"seed": j["seed"], **{k: json.load(open(os.path.join(j["dir"], "heldout.json")))[k] for k in METRICS}}
+        res[arm] = [{"seed": j["seed"], **{k: json.load(open(os.path.join(j["dir"], "heldout.json"))).get(k) for k in keys}}
                     for j in sorted(jobs, key=lambda j: j["seed"]) if j["arm"] == arm]
     res["diagnostics"] = {f"{j['arm']}_seed{j['seed']}": diagnostics(j) for j in jobs}
     res.update(meta, arms={a: ARMS[a] for a in arms}, not_run=missing, wall_s={f"{j['arm']}_seed{j['seed']}": j["wall_s"] for j in jobs},
                commands={f"{j['arm']}_seed{j['seed']}": [j["command"], j["eval_command"]] for j in jobs})
-    lines = ["| arm | seeds | " + " | ".join(METRICS) + " |", "|---|---|" + "---|" * len(METRICS)]
+    lines = ["| arm | seeds | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
     for arm in ["start", *arms]:
         cells = []
-        for k in METRICS:
+        for k in keys:
             v = [r[k] for r in res[arm]]
             cells.append(mean_sd(v) + (f" ({' / '.join(f'{x:.3f}' for x in v)})" if len(v) > 1 else ""))
         seeds = ",".join(str(r["seed"]) for r in res[arm]) if arm != "start" else "-"
         lines.append(f"| {arm} | {seeds} | " + " | ".join(cells) + " |")
     plot(root, jobs)
-    publish("rl_vs_sft", res, "\n".join(lines) + "\n\n![rl_vs_sft](results/rl_vs_sft.png)", run_dir=root)
+    name = "rl_vs_sft" if WORLD == WORLDS["flat"] else "rl_vs_sft_levels"      # one results file per world
+    publish(name, res, "\n".join(lines) + f"\n\n![{name}](results/{name}.png)", run_dir=root)
     return res
 
 
@@ -274,14 +286,19 @@ def plot(root: str, jobs: list[dict]):
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    save_figure(fig, "rl_vs_sft", root)
+    save_figure(fig, "rl_vs_sft" if WORLD == WORLDS["flat"] else "rl_vs_sft_levels", root)
 
 
 def rl_vs_sft(argv: list[str]):
+    global WORLD
     _, opts = C.get_config(argv, extra={"seeds": "0,1,2", "arm_s": 600.0, "start_steps": 6000,
-                                        "root": START_ROOT, "report": False, "commit": "",
-                                        "arms": ",".join(ARMS)})
-    root, seeds = opts["root"], [int(s) for s in opts["seeds"].split(",")]
+                                        "root": "", "report": False, "commit": "",
+                                        "arms": ",".join(ARMS), "world": "flat"})
+    if opts["world"] not in WORLDS:
+        raise SystemExit(f"--world={opts['world']}: expected one of {', '.join(WORLDS)}")
+    WORLD = WORLDS[opts["world"]]
+    root = opts["root"] or (START_ROOT if opts["world"] == "flat" else os.path.join("runs", f"rl_vs_sft_{opts['world']}"))
+    seeds = [int(s) for s in opts["seeds"].split(",")]
     arms = opts["arms"].split(",")
     if set(arms) - set(ARMS):
         raise SystemExit(f"--arms={opts['arms']}: unknown arm(s) {sorted(set(arms) - set(ARMS))}; the arms are "

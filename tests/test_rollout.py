@@ -943,3 +943,30 @@ def test_run_rl_with_a_reference_logs_per_kind_statistics(world, tmp_path):
         assert f"{q}_mean" in rec and f"{q}_var" in rec and rec[f"{q}_var"] >= 0, q
     assert rec["kl_text_mean"] == rec["kl_image_mean"] == 0.0 and rec["nll_image_mean"] > 0
     assert not any(k.endswith(("_n", "_sum", "_sq")) for k in rec)
+
+
+def test_iterated_rft_resamples_from_the_current_policy(world, monkeypatch):
+    """The rft arm is iterated and on-policy: step 2's rollouts are drawn by the weights step 1's
+    update produced (not by the start's, as a one-shot RFT on a fixed sample set would be)."""
+    import common
+    w = world
+    cfg = rl_cfg(w, group_size=4, af_prob=0.0, advantage="rft", rft_accept="vqa:1,ground:0.5,edit:0.9",
+                 temperature=1.0, sft_rows=2, lr=1e-2, task_mix="vqa:1")
+    model = vqa_answering_model(w, seed=3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ctx = common.Ctx("cpu", torch.float32, "fp32", False, 0, 1, ".")
+    seen, real = [], RO.sample
+
+    def spy(m, batch, *a, **k):
+        seen.append(torch.cat([p.detach().flatten() for p in m.parameters()]).clone())
+        return real(m, batch, *a, **k)
+    monkeypatch.setattr(RO, "sample", spy)
+    sft = common.TaskSampler(w.bundle.sets, "sft", {"vqa": 1.0}, 0)
+    gen, pick = torch.Generator().manual_seed(5), torch.Generator().manual_seed(6)
+    after = []
+    for _ in range(2):
+        st = rl.rl_step(model, opt, cfg, ctx, w.bundle, w.vq, {"vqa": 6}, sft, pick, gen)
+        assert st.trip.n > 0 and not st.update.skipped                     # accepted rows: an update
+        after.append(torch.cat([p.detach().flatten() for p in model.parameters()]).clone())
+    assert len(seen) == 2 and not torch.equal(seen[0], seen[1])
+    assert torch.equal(seen[1], after[0])                                  # step 2 sampled with step 1's result
