@@ -45,7 +45,8 @@ import rl
 import vq as VQ
 from common import (STOP, Bundle, OutDirLock, Stopped, run_main, Ctx, TaskSampler, all_reduce_mean, best_score, broadcast_params, build_model,
                     check_model_config, check_vq, from_rank0, gather_rank_states, get_bundle, load_checkpoint,
-                    latest_checkpoint, load_latest, load_weights, lr_at, make_optimizer, mean_over_all, restore_rank_state, resume_hint,
+                    latest_checkpoint, load_latest, load_weights, lr_at, make_optimizer, mean_over_all, model_from_checkpoint,
+                    restore_rank_state, resume_hint,
                     save_checkpoint, setup, stop_together, unwrap, write_json)
 from diffusion import sft_loss
 from model import Transformer
@@ -271,6 +272,16 @@ def final_eval(cfg, ctx: Ctx, model, bundle: Bundle, vq, t0: float):
         model, bundle, vq = load_latest(cfg, ctx)
     m = metrics.evaluate(model, bundle, vq, cfg, ctx.device, ctx.autocast, grid_path=os.path.join(out, "samples.png"))
     m.update(metrics.baselines(bundle, cfg))
+    sft_path = os.path.join(out, "ckpt_sft.pt")
+    beyond = D.parse_levels(cfg.data.eval_levels)[-1] > D.parse_levels(cfg.data.sft_levels)[-1]
+    if beyond and os.path.exists(os.path.join(out, "ckpt_rl.pt")) and os.path.exists(sft_path):
+        # the held-out levels go past the traced ones: what RL added per bucket, on the same examples
+        sft_model = model_from_checkpoint(load_checkpoint(sft_path, bundle.tok.vocab_size), ctx.device)
+        ms = metrics.evaluate(sft_model, bundle, vq, cfg, ctx.device, ctx.autocast, tasks=["vqa", "ground"])
+        m["sft_checkpoint"] = {k: v for k, v in ms.items() if k.startswith(("vqa_acc", "ground_miou"))}
+        for name in ("vqa_acc", "ground_miou"):
+            ctx.log(f"{name} by bucket, SFT -> RL: " + " | ".join(
+                f"{b} {ms[f'{name}_{b}']:.3f} -> {m[f'{name}_{b}']:.3f}" for b in ("in", "edge", "far") if f"{name}_{b}" in m))
     m["total_seconds"] = round(time.time() - t0, 1)
     write_json(os.path.join(out, "metrics.json"), m)
     ctx.log(f"final eval: {metrics.headline(m)}")

@@ -114,3 +114,33 @@ def test_every_entry_script_answers_help_with_exit_0(script):
     p = subprocess.run([sys.executable, script, "-h"], cwd=root, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "usage" in (p.stdout + p.stderr).lower() or "--" in p.stdout
+
+
+def test_level_metrics_by_hand():
+    """Levels 1, 2 traced: L3 is the edge bucket, L4 far; the means and counts per level and bucket."""
+    exs = [Example("vqa", "q", "p", None, "1", level=v) for v in (1, 2, 2, 3, 3, 4)]
+    m = E.level_metrics("vqa_acc", exs, [1.0, 0.0, 1.0, 1.0, 0.0, 0.0], "1,2")
+    assert m["vqa_acc_L2"] == 0.5 and m["vqa_acc_L3"] == 0.5 and m["vqa_acc_L4"] == 0.0
+    assert m["vqa_acc_in"] == pytest.approx(2 / 3) and m["vqa_acc_edge"] == 0.5 and m["vqa_acc_far"] == 0.0
+    assert m["vqa_acc_n"] == {"L1": 1, "L2": 2, "L3": 2, "L4": 1, "in": 3, "edge": 2, "far": 1}
+
+
+def test_the_main_job_reports_buckets_before_and_after_rl(tmp_path):
+    """With held-out levels above the traced ones, metrics.json holds the RL model's per-bucket numbers
+    and the SFT checkpoint's on the same examples, and the log prints them side by side."""
+    import json
+
+    import train
+    out = tmp_path / "run"
+    train.main([f"--out_dir={out}", f"--data.cache_dir={tmp_path / 'cache'}", "--data.n_sft=8", "--data.n_rl=4",
+                "--data.n_eval=16", "--data.n_val=2", "--data.rl_levels=3", "--data.eval_levels=1,2,3,4",
+                "--model.n_layer=1", "--model.n_head=2", "--model.d_model=32", "--vq.steps=10", "--vq.n_images=32",
+                "--train.max_steps=2", "--train.batch_size=4", "--train.micro_batch=2", "--train.eval_interval=0",
+                "--rl.max_steps=1", "--rl.prompts_per_step=1", "--rl.group_size=2", "--rl.sft_rows=2",
+                "--eval.n_per_task=16", "--eval.grid_rows=1"])
+    m = json.load(open(out / "metrics.json"))
+    for name in ("vqa_acc", "ground_miou"):
+        assert {f"{name}_in", f"{name}_edge"} <= set(m) and {f"{name}_in", f"{name}_edge"} <= set(m["sft_checkpoint"])
+    assert "vqa_acc_far" in m                                          # vqa has a level 4; grounding stops at 3
+    log = (out / "log.txt").read_text()
+    assert "vqa_acc by bucket, SFT -> RL: in " in log and "edge" in log
