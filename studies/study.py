@@ -102,7 +102,8 @@ WORLDS = {
     # the difficulty protocol: traces for levels 1-2 (the toy's 3000 per family), answer-only RL prompts
     # all at the edge level 3, held-out and validation sets over every level (800 held-out: 200 per
     # vqa level, ~267 per grounding level)
-    "levels": ["--preset=toy", "--data.rl_levels=3", "--data.eval_levels=1,2,3,4", "--data.n_eval=800"],
+    "levels": ["--preset=toy", "--data.rl_levels=3", "--data.eval_levels=1,2,3,4", "--data.n_eval=800",
+               "--eval.n_per_task=800"],
 }
 WORLD = WORLDS["flat"]           # rl_vs_sft --world=levels switches it
 RL_FLAGS = ["--rl.ppo_epochs=2", "--rl.af_prob=0.5"]
@@ -160,8 +161,8 @@ def run_commands(out: str, start: str, flags: list[str], seed: int, arm_s: float
     train_cmd = [sys.executable, "train.py", *WORLD, *flags, f"--out_dir={out}", f"--train.init_from={start}",
                  budget, steps, f"--seed={seed}"]
     best = os.path.join(out, f"ckpt_{'sft' if sft else 'rl'}_best.pt")
-    eval_cmd = [sys.executable, "eval.py", f"--out_dir={out}", f"--ckpt={best}",
-                f"--out={os.path.join(out, 'heldout.json')}"]
+    eval_cmd = [sys.executable, "eval.py", *(a for a in WORLD if a.startswith("--eval.")), f"--out_dir={out}",
+                f"--ckpt={best}", f"--out={os.path.join(out, 'heldout.json')}"]     # the world's held-out size
     return train_cmd, eval_cmd
 
 
