@@ -23,6 +23,9 @@ Each family yields three disjoint pools, as in the paper's data:
   rl   -- prompt + ground-truth answer / box / target only, no trace (data.n_rl): verifiable rewards
           need no traces
   eval -- held out; any (scene, prompt) that also occurs in sft or rl is dropped.
+Difficulty levels (draw_level, bucket; METHOD.md §8) grade vqa by the lists a question combines (1-4)
+and grounding by relation depth (1-3), over the same scenes; each split draws from its own levels
+(data.sft_levels / rl_levels / eval_levels), so answer-only prompts can sit beyond the traced range.
 The traced pool can come from an imperfect teacher (data.teacher_slip: random miscounts carried
 through to a wrong answer; data.teacher_bias: colours the teacher always overcounts by one;
 data.teacher_box_pad: grounding boxes drawn this many pixels too loose on every side), as distilled
