@@ -329,11 +329,13 @@ def check_fits(pools, tok: D.Tokenizer, lay: dict, P: int, n_img: int, max_len: 
     """Every family's prompt + response (P + R positions) must fit the model's max_len. When one
     does not, the JSONL row that widened it is named (file:line) at load time, not left to a shape
     error in the first training step."""
-    for task, L in lay.items():
-        if P + L.R <= max_len:
-            continue
-        own = {t: {s: [e for e in v if not e.key.startswith("user|")] for s, v in sp.items()} for t, sp in pools.items()}
-        users = [e for sp in pools.values() for v in sp.values() for e in v if e.key.startswith("user|")]
+    over = [t for t, L in lay.items() if P + L.R > max_len]
+    if not over:
+        return
+    own = {t: {s: [e for e in v if not e.key.startswith("user|")] for s, v in sp.items()} for t, sp in pools.items()}
+    users = [e for sp in pools.values() for v in sp.values() for e in v if e.key.startswith("user|")]
+    for task in over:                       # the widths without the user's rows tell which row widened it
+        L = lay[task]
         P0, R0 = D.prompt_width(own, tok, n_img), D.layouts_for(own, tok, n_img)[task].R
         if P > P0:            # a user prompt is the widest
             row, part = max(users, key=lambda e: len(e.prompt.split())), "prompt"

@@ -190,19 +190,31 @@ def mean(xs) -> float:
     return float(np.mean(xs)) if xs else float("nan")
 
 
+def vqa_prior_hits(bundle, examples) -> list[tuple[str, bool]]:
+    """(qtype, right) per vqa example for the image-blind guess: the most common answer of its
+    question type in the RL pool."""
+    prior = defaultdict(Counter)
+    for ex in bundle.sets["vqa"]["rl"].examples:
+        prior[ex.qtype][ex.answer] += 1
+    return [(e.qtype, bool(prior[e.qtype]) and prior[e.qtype].most_common(1)[0][0] == e.answer) for e in examples]
+
+
+def random_shape_ious(examples, d) -> list[list[float]]:
+    """Per grounding example with a known scene, the IoU of every shape's box with the true box: a
+    uniformly random shape's expected IoU is their mean (exact, no sampling)."""
+    return [[RW.iou(shape_box(i, s, d.grid, d.image_size), e.answer) for i, s in enumerate(e.scene) if s]
+            for e in examples if e.scene is not None]
+
+
 def baselines(bundle, cfg) -> dict:
     """Image-blind / copy / random-choice baselines on the same held-out examples. Rows a baseline
     cannot score (a user's grounding picture whose scene is unknown) are left out of it."""
     d, out = cfg.data, {}
     ev = {t: bundle.sets[t]["eval"].examples[:cfg.eval.n_per_task] for t in bundle.sets}
-    prior = defaultdict(Counter)
-    for ex in bundle.sets["vqa"]["rl"].examples:
-        prior[ex.qtype][ex.answer] += 1
-    hit = [(e.qtype, bool(prior[e.qtype]) and prior[e.qtype].most_common(1)[0][0] == e.answer) for e in ev["vqa"]]
+    hit = vqa_prior_hits(bundle, ev["vqa"])
     out["vqa_prior_acc"] = mean(h for _, h in hit)
     out["vqa_prior_by_type"] = {q: mean(h for t, h in hit if t == q) for q in sorted({t for t, _ in hit})}
-    ious = [[RW.iou(shape_box(i, s, d.grid, d.image_size), e.answer) for i, s in enumerate(e.scene) if s]
-            for e in ev["ground"] if e.scene is not None]
+    ious = random_shape_ious(ev["ground"], d)
     out["ground_random_miou"] = mean(np.mean(x) for x in ious if x)
     out["ground_random_p50"] = mean(np.mean([v >= 0.5 for v in x]) for x in ious if x)
     out["edit_copy_score"] = mean(RW.edit_score(e.scene, e.answer, e.scene) for e in ev["edit"])

@@ -112,17 +112,11 @@ def forced_consistency(model, bundle, cfg, task: str, idx: list[int], device, au
 
 
 def blind(bundle, task: str, examples, cfg) -> float:
-    """The share an image-blind guess gets right on `examples` (exact expectations)."""
+    """The share an image-blind guess gets right on `examples` (exact expectations; metrics.baselines'
+    guesses: the most common RL-pool answer of the question type, a uniformly random shape)."""
     if task == "vqa":
-        prior = {}
-        for e in bundle.sets["vqa"]["rl"].examples:
-            prior.setdefault(e.qtype, {}).setdefault(e.answer, 0)
-            prior[e.qtype][e.answer] += 1
-        guess = {q: max(c, key=c.get) for q, c in prior.items()}
-        return float(np.mean([guess.get(e.qtype) == e.answer for e in examples]))
-    g, size = cfg.data.grid, cfg.data.image_size
-    return float(np.mean([np.mean([RW.iou(D.shape_box(i, s, g, size), e.answer) >= 0.5
-                                   for i, s in enumerate(e.scene) if s is not None]) for e in examples]))
+        return float(np.mean([h for _, h in metrics.vqa_prior_hits(bundle, examples)]))
+    return float(np.mean([np.mean([v >= 0.5 for v in x]) for x in metrics.random_shape_ious(examples, cfg.data) if x]))
 
 
 def screen(argv: list[str]) -> dict:
