@@ -36,7 +36,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import rewards as RW
-from common import Stopped, check_stop
+from common import Stopped, check_stop, from_rank0, save_checkpoint, unwrap
 from config import TASKS, parse_mix
 from data import bucket, collate, parse_levels, render, shape_box
 from diffusion import sample
@@ -311,6 +311,22 @@ def quick_eval(model, bundle, vq, cfg, device, autocast, tasks=None) -> dict:
         return None
     m["score"] = selection_score(m)
     return m
+
+
+def eval_and_keep_best(model, bundle, vq, cfg, ctx, stage: str, step: int, elapsed: float, best: float,
+                       best_path: str, tasks=None) -> tuple[dict | None, float, float | None]:
+    """The training loops' quick eval on rank 0 (quick_eval), its log line, and best_path written
+    when its score beats `best`. Returns (the metrics, None on other ranks or when a stop request cut
+    the eval short; the best score so far; the eval's seconds on every rank, rank 0's word, or None
+    when no eval finished). Collective under DDP: every rank calls it."""
+    m = quick_eval(unwrap(model), bundle, vq, cfg, ctx.device, ctx.autocast, tasks=tasks) if ctx.master else None
+    if m is not None:
+        ctx.log(f"{stage} eval @ {step} ({elapsed:.0f}s, {cfg.eval.curve_split}): {headline(m)}")
+        if m["score"] > best:                    # the best checkpoint by the quick evals (not the held-out set)
+            best = m["score"]
+            save_checkpoint(best_path, model, None, step, cfg, bundle, {"score": best, "elapsed": elapsed})
+    secs = from_rank0(m["eval_seconds"] if m is not None else -1.0, ctx)
+    return m, best, (None if secs < 0 else secs)
 
 
 def headline(m: dict) -> str:

@@ -435,21 +435,6 @@ def rl_start(cfg, ctx, bundle, model, ckpt_path: str) -> RLRun:
     return run
 
 
-def rl_quick_eval(run: RLRun, rec: dict, cfg, ctx, bundle, vq, tasks: list, best_path: str) -> float | None:
-    """Rank 0's quick eval (metrics.quick_eval on eval.curve_split) into rec["eval"], and
-    ckpt_rl_best.pt when its score is the best so far. Returns its seconds on every rank (rank 0's
-    word), None when a stop request cut it short."""
-    m = metrics.quick_eval(run.model, bundle, vq, cfg, ctx.device, ctx.autocast, tasks=tasks) if ctx.master else None
-    if m is not None:
-        rec["eval"] = m
-        ctx.log(f"rl eval @ {run.step} ({run.elapsed:.0f}s, {cfg.eval.curve_split}): {metrics.headline(m)}")
-        if m["score"] > run.best:           # the best checkpoint by the quick evals (not the held-out set)
-            run.best = m["score"]
-            save_checkpoint(best_path, run.model, None, run.step, cfg, bundle, {"score": run.best, "elapsed": run.elapsed})
-    secs = from_rank0(m["eval_seconds"] if m is not None else -1.0, ctx)
-    return None if secs < 0 else secs
-
-
 def run_rl(cfg, ctx, bundle, vq, model=None):
     """The RL stage: from `model` (the SFT stage's, in memory), else out_dir/ckpt_sft.pt or
     --train.init_from; --resume continues out_dir/ckpt_rl.pt. Runs for rl.max_steps (or until the
@@ -493,7 +478,9 @@ def run_rl(cfg, ctx, bundle, vq, model=None):
             saved = run.step
         evaluated = False
         if rc.eval_interval and (run.step % rc.eval_interval == 0 or done):
-            secs = rl_quick_eval(run, rec, cfg, ctx, bundle, vq, list(draws), best_path)
+            m, run.best, secs = metrics.eval_and_keep_best(run.model, bundle, vq, cfg, ctx, "rl", run.step, run.elapsed,
+                                                           run.best, best_path, tasks=list(draws))
+            rec.update({"eval": m} if m is not None else {})    # None on the other ranks, or cut short by a stop
             evaluated, t_start = secs is not None, t_start + (secs or 0.0)   # the time budget counts training only
             done = done or stop_together(STOP.asked, ctx)     # a stop during the eval: checkpoint now
         if (run.step % t.ckpt_interval == 0 or done) and (saved != run.step or evaluated):

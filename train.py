@@ -178,15 +178,10 @@ def run_sft(cfg, ctx: Ctx, bundle: Bundle, vq) -> Transformer:
             save(step, loss, ema, elapsed)
         saved, evaluated = done, False
         if t.eval_interval and (step % t.eval_interval == 0 or done):
-            m = metrics.quick_eval(unwrap(model), bundle, vq, cfg, dev, ctx.autocast) if ctx.master else None
+            m, best, secs = metrics.eval_and_keep_best(model, bundle, vq, cfg, ctx, "sft", step, elapsed, best, best_path)
             if m is not None:                       # None on the other ranks, or cut short by a stop request
-                t_start += m["eval_seconds"]        # the time budget counts training only
                 history.append({**m, "step": step, "seconds": round(elapsed, 1)})
-                ctx.log(f"sft eval @ {step} ({elapsed:.0f}s, {cfg.eval.curve_split}): {metrics.headline(m)}")
-                if m["score"] > best:               # the best checkpoint by the quick evals (not the held-out set)
-                    best = m["score"]
-                    save_checkpoint(best_path, model, None, step, cfg, bundle, {"score": best, "elapsed": elapsed})
-            evaluated = bool(from_rank0(float(m is not None), ctx))
+            evaluated, t_start = secs is not None, t_start + (secs or 0.0)   # the time budget counts training only
             done = done or stop_together(STOP.asked, ctx)       # a stop during the eval: checkpoint now
         if (step % t.ckpt_interval == 0 or done) and (not saved or evaluated):
             save(step, loss, ema, elapsed)          # (again after the final eval: its history then holds it)
