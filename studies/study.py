@@ -99,7 +99,7 @@ import rollout as RO  # noqa: E402
 # the world of the protocol: scarce traces, a large answer-only pool, 200 held-out and 200
 # validation examples per family
 WORLDS = {
-    "flat": ["--preset=toy", "--data.n_sft=1000", "--data.n_rl=5000", "--data.n_eval=200", "--data.n_val=200"],
+    "flat": ["--preset=toy", "--data.rl_levels=1,2", "--data.eval_levels=1,2", "--data.n_sft=1000", "--data.n_rl=5000", "--data.n_eval=200", "--data.n_val=200"],
     # the difficulty protocol: traces for levels 1-2 (the toy's 3000 per family), answer-only RL prompts
     # over levels 1-3 (the edge level 3 and the traced ones: with level 3 alone, RL's in-level vqa fell
     # 6.8 points behind continued SFT; RESULTS.md 4.6), held-out and validation sets over every level
