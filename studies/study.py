@@ -272,10 +272,38 @@ def report(root: str, jobs: list[dict], start_eval: dict, meta: dict) -> dict:
             cells.append(mean_sd(v) + (f" ({' / '.join(f'{x:.3f}' for x in v)})" if len(v) > 1 else ""))
         seeds = ",".join(str(r["seed"]) for r in res[arm]) if arm != "start" else "-"
         lines.append(f"| {arm} | {seeds} | " + " | ".join(cells) + " |")
+    res["differences"], diff_lines = differences(res, keys)
     plot(root, jobs)
     name = "rl_vs_sft" if WORLD == WORLDS["flat"] else "rl_vs_sft_levels"      # one results file per world
-    publish(name, res, "\n".join(lines) + f"\n\n![{name}](results/{name}.png)", run_dir=root)
+    publish(name, res, "\n".join(lines + diff_lines) + f"\n\n![{name}](results/{name}.png)", run_dir=root)
     return res
+
+
+def differences(res: dict, keys: tuple[str, ...]) -> tuple[dict, list[str]]:
+    """RL minus each other arm, paired by seed (the same seed's runs share data order and sampling
+    seeds): per metric the mean over seeds of d_s = rl_s - other_s and its spread (population sd of
+    d_s). A difference "holds" when |mean| > 2 sd with at least 2 seeds. Returns (the numbers, the
+    markdown lines under the table; none without an rl arm)."""
+    out, lines = {}, []
+    rl = {r["seed"]: r for r in res.get("rl", [])}
+    for other in [a for a in ARMS if a != "rl" and a in res]:
+        pairs = [(rl[r["seed"]], r) for r in res[other] if r["seed"] in rl]
+        if not pairs:
+            continue
+        out[f"rl-{other}"] = {"seeds": [b["seed"] for _, b in pairs]}
+        for k in keys:
+            d = np.array([a[k] - b[k] for a, b in pairs if a.get(k) is not None and b.get(k) is not None])
+            if len(d):
+                out[f"rl-{other}"][k] = {"mean": float(d.mean()), "sd": float(d.std()), "per_seed": d.tolist(),
+                                         "holds": bool(len(d) > 1 and abs(d.mean()) > 2 * d.std())}
+    if out:
+        lines += ["", "RL minus each arm, paired by seed (points = metric x 100; mean ± sd over seeds; * = |mean| > 2 sd):", "",
+                  "| difference | seeds | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
+        for name, row in out.items():
+            cells = [f"{100 * row[k]['mean']:+.1f} ± {100 * row[k]['sd']:.1f}{' *' if row[k]['holds'] else ''}"
+                     if k in row else "-" for k in keys]
+            lines.append(f"| {name} | {','.join(map(str, row['seeds']))} | " + " | ".join(cells) + " |")
+    return out, lines
 
 
 def plot(root: str, jobs: list[dict]):

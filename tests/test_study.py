@@ -50,7 +50,10 @@ def test_every_rl_vs_sft_arm_is_a_valid_config():
     for arm, flags in study.ARMS.items():
         cfg = C.get_config([*study.WORLD, *flags])
         assert (cfg.rl.advantage == "rft") == arm.startswith("rft")
+        if arm.startswith("rl_af"):          # the answer-forcing screen: mu = 2 as rl, only p differs
+            assert cfg.rl.af_prob == float(arm[5:]) and cfg.rl.ppo_epochs == 2
     assert study.ARMS["rl"][-len(study.RL_FLAGS):] == study.RL_FLAGS
+    assert set(study.DEFAULT_ARMS) <= set(study.ARMS)
 
 
 def test_the_shared_default_variant_is_one_run_and_the_others_differ():
@@ -75,3 +78,18 @@ def test_publish_appends_when_the_page_has_no_block_and_keeps_similar_names_apar
     assert "old ev" not in text and text.count("EV TABLE") == 1 and text.count("EST TABLE") == 1
     assert text.index("EV TABLE") < text.index("tail") < text.index("EST TABLE")     # appended at the end
     assert "rebuilt from finished runs" in text
+
+
+def test_differences_are_paired_by_seed_by_hand():
+    """rl - sft per seed: seed 0 0.5 - 0.2 = 0.3, seed 1 0.6 - 0.25 = 0.35 (seed 2 has no rl run and is
+    left out): mean 0.325, population sd 0.025, |mean| > 2 sd. rft at seed 1 only: one seed never holds."""
+    res = {"start": [{"a": 0.1}], "rl": [{"seed": 0, "a": 0.5}, {"seed": 1, "a": 0.6}],
+           "sft": [{"seed": 1, "a": 0.25}, {"seed": 0, "a": 0.2}, {"seed": 2, "a": 0.9}],
+           "rft": [{"seed": 1, "a": 0.7}]}
+    out, lines = study.differences(res, ("a",))
+    assert out["rl-sft"]["seeds"] == [1, 0]
+    assert out["rl-sft"]["a"]["mean"] == pytest.approx(0.325) and out["rl-sft"]["a"]["sd"] == pytest.approx(0.025)
+    assert out["rl-sft"]["a"]["holds"] is True
+    assert out["rl-rft"]["a"]["mean"] == pytest.approx(-0.1) and out["rl-rft"]["a"]["holds"] is False
+    assert "| rl-sft | 1,0 | +32.5 ± 2.5 * |" in lines and "| rl-rft | 1 | -10.0 ± 0.0 |" in lines
+    assert study.differences({"sft": res["sft"]}, ("a",)) == ({}, [])
