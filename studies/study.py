@@ -244,15 +244,15 @@ def report(root: str, jobs: list[dict], start_eval: dict, meta: dict) -> dict:
     finished run is left out (and said so), so a partial study still reports what it has."""
     walls = {(j["arm"], j["seed"]): j["wall_s"] for j in jobs}
     start = os.path.join(root, "start", "ckpt_sft.pt")
-    jobs, missing = [], []
+    jobs_in, jobs, missing = jobs, [], []
     for arm in ARMS:                  # every finished run on disk, not only this call's (--arms, --seeds)
         for sd in sorted({j_sd for _, j_sd in walls} | {int(p[4:]) for p in os.listdir(root) if p.startswith("seed")}):
             train_cmd, eval_cmd, out = arm_commands(root, start, arm, sd, meta["arm_s"])
             if os.path.exists(os.path.join(out, "heldout.json")):
                 jobs.append({"arm": arm, "seed": sd, "dir": out, "wall_s": walls.get((arm, sd)),
                              "command": " ".join(train_cmd[1:]), "eval_command": " ".join(eval_cmd[1:])})
-            elif arm in DEFAULT_ARMS or any(os.path.isdir(os.path.join(root, d, arm)) for d in os.listdir(root)):
-                missing.append(f"{arm} seed {sd}")      # the screen-only arms count where they were run
+            elif arm in {j["arm"] for j in jobs_in} or any(os.path.isdir(os.path.join(root, d, arm)) for d in os.listdir(root)):
+                missing.append(f"{arm} seed {sd}")      # arms asked for in this call, or run before
     if missing:
         print("study: no finished run for " + ", ".join(missing) + " (left out of the table)")
     arms = [a for a in ARMS if any(j["arm"] == a for j in jobs)]
