@@ -99,7 +99,8 @@ import rollout as RO  # noqa: E402
 # the world of the protocol: scarce traces, a large answer-only pool, 200 held-out and 200
 # validation examples per family
 WORLDS = {
-    "flat": ["--preset=toy", "--data.rl_levels=1,2", "--data.eval_levels=1,2", "--data.n_sft=1000", "--data.n_rl=5000", "--data.n_eval=200", "--data.n_val=200"],
+    "flat": ["--preset=toy", "--data.rl_levels=1,2", "--data.eval_levels=1,2", "--data.n_sft=1000", "--data.n_rl=5000",
+             "--data.n_eval=200", "--data.n_val=200"],
     # the difficulty protocol: traces for levels 1-2 (the toy's 3000 per family), answer-only RL prompts
     # over levels 1-3 (the edge level 3 and the traced ones: with level 3 alone, RL's in-level vqa fell
     # 6.8 points behind continued SFT; RESULTS.md 4.6), held-out and validation sets over every level
@@ -115,9 +116,8 @@ ABLATION_FLAGS = ["--rl.ppo_epochs=2", "--rl.af_prob=0.1"]
 ARMS = {
     "rl": ["--stage=rl", "--rl.eval_interval=15"] + RL_FLAGS,
     "rl_af0.1": ["--stage=rl", "--rl.eval_interval=15"] + ABLATION_FLAGS,
-    # the answer-forcing ratio screen on the difficulty protocol (p = 0, 0.1, 0.5 = rl, 1)
-    "rl_af0": ["--stage=rl", "--rl.eval_interval=15", "--rl.ppo_epochs=2", "--rl.af_prob=0"],
-    "rl_af1": ["--stage=rl", "--rl.eval_interval=15", "--rl.ppo_epochs=2", "--rl.af_prob=1"],
+    # the answer-forcing ratio screen on the difficulty protocol (p = 0, 0.1, 0.5 = rl, 1): rl's flags, another p
+    **{f"rl_af{p}": ["--stage=rl", "--rl.eval_interval=15", "--rl.ppo_epochs=2", f"--rl.af_prob={p}"] for p in (0, 1)},
     "sft": ["--stage=sft", "--train.lr=3e-4", "--train.warmup=0", "--train.eval_interval=400"],
     "rft": ["--stage=rl", "--rl.eval_interval=15", "--rl.advantage=rft", "--rl.af_prob=0"],
     "rft_af0.5": ["--stage=rl", "--rl.eval_interval=15", "--rl.advantage=rft", "--rl.af_prob=0.5"],
@@ -244,15 +244,17 @@ def report(root: str, jobs: list[dict], start_eval: dict, meta: dict) -> dict:
     finished run is left out (and said so), so a partial study still reports what it has."""
     walls = {(j["arm"], j["seed"]): j["wall_s"] for j in jobs}
     start = os.path.join(root, "start", "ckpt_sft.pt")
-    jobs_in, jobs, missing = jobs, [], []
+    # arms asked for in this call, or run before: only those count as missing where a seed lacks a run
+    listed = {j["arm"] for j in jobs} | {a for d in os.listdir(root) for a in ARMS if os.path.isdir(os.path.join(root, d, a))}
+    jobs, missing = [], []
     for arm in ARMS:                  # every finished run on disk, not only this call's (--arms, --seeds)
         for sd in sorted({j_sd for _, j_sd in walls} | {int(p[4:]) for p in os.listdir(root) if p.startswith("seed")}):
             train_cmd, eval_cmd, out = arm_commands(root, start, arm, sd, meta["arm_s"])
             if os.path.exists(os.path.join(out, "heldout.json")):
                 jobs.append({"arm": arm, "seed": sd, "dir": out, "wall_s": walls.get((arm, sd)),
                              "command": " ".join(train_cmd[1:]), "eval_command": " ".join(eval_cmd[1:])})
-            elif arm in {j["arm"] for j in jobs_in} or any(os.path.isdir(os.path.join(root, d, arm)) for d in os.listdir(root)):
-                missing.append(f"{arm} seed {sd}")      # arms asked for in this call, or run before
+            elif arm in listed:
+                missing.append(f"{arm} seed {sd}")
     if missing:
         print("study: no finished run for " + ", ".join(missing) + " (left out of the table)")
     arms = [a for a in ARMS if any(j["arm"] == a for j in jobs)]
@@ -311,8 +313,8 @@ def plot(root: str, jobs: list[dict]):
     if plt is None:
         return
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
-    colours = {"rl": "tab:red", "rl_af0.1": "tab:orange", "rl_af0": "tab:purple", "rl_af1": "tab:brown", "sft": "tab:blue", "rft": "tab:green",
-               "rft_af0.5": "tab:olive"}
+    colours = {"rl": "tab:red", "rl_af0.1": "tab:orange", "rl_af0": "tab:purple", "rl_af1": "tab:brown",
+               "sft": "tab:blue", "rft": "tab:green", "rft_af0.5": "tab:olive"}
     for j in jobs:
         xs, ys = curve(j["dir"], "sft" if j["arm"] == "sft" else "rl")
         first = j["seed"] == min(x["seed"] for x in jobs if x["arm"] == j["arm"])
