@@ -77,9 +77,9 @@ class DataConfig:
     # difficulty levels per split (data.draw_level; vqa 1-4 = lists combined, grounding 1-3 = relation
     # depth; a family keeps the levels it has): traced SFT, answer-only RL, and held-out eval + val.
     # Metrics split eval by bucket: in (<= the top SFT level), edge (one above), far (two or more above)
-    sft_levels: str = "1,2"
-    rl_levels: str = "1,2"
-    eval_levels: str = "1,2"
+    sft_levels: str = "1,2"          # traced: the in-bucket
+    rl_levels: str = "1,2,3"         # answer-only prompts reach one level past the traces (the edge)
+    eval_levels: str = "1,2,3,4"     # held out + val: in, edge and far buckets
     teacher_slip: float = 0.0        # fraction of traces with a random miscount carried to a wrong answer
     teacher_bias: str = ""           # colours the teacher always overcounts by one, "yellow,red" ("" = none)
     teacher_box_pad: int = 0         # the teacher's grounding boxes are this many px too loose per side

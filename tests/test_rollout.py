@@ -150,7 +150,10 @@ class FakeVQ:
 
 @pytest.fixture(scope="module")
 def world():
-    cfg = make_config("toy", {"data.n_sft": 6, "data.n_rl": 12, "data.n_eval": 2})
+    # levels 1-2 only: the fake answering model below writes answers 0-3 / yes / no, which level-3
+    # sums would outgrow (these tests check the loss, not the levels)
+    cfg = make_config("toy", {"data.n_sft": 6, "data.n_rl": 12, "data.n_eval": 2,
+                              "data.rl_levels": "1,2", "data.eval_levels": "1,2"})
     pools = D.build_pools(cfg.data)
     tok = D.Tokenizer.fit(D.all_texts(pools), cfg.vq.codebook_size, max_number=cfg.data.image_size)
     n_img = (cfg.data.image_size // cfg.vq.downsample) ** 2
