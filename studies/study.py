@@ -9,6 +9,8 @@ Studies: one named experiment, several seeds, one table, one plot, one results f
                                                        # (--commit=HASH: the commit the runs were made at)
     python studies/study.py af_ratio | objective | gamma | estimator    # one RL ablation (--arm_s each run)
     python studies/study.py ablations                          # all four, 33 runs of ~5 min, two at a time: ~1 h 25 min
+    python studies/study.py af_ratio --world=levels --arm_s=600 --start_steps=3800   # on the difficulty
+                                                       # protocol, from rl_vs_sft --world=levels' start
     python studies/study.py tree                               # tree search at equal sample count (rollouts only, ~18 min)
     python studies/study.py estimator_variance                 # estimators.py on the start checkpoint, 3 seeds (~4 min)
 
@@ -31,8 +33,7 @@ are scarce (--data.n_sft, a few hundred to a thousand traced examples per family
            rl         the unified objective, Eq. (U), with the flags in RL_FLAGS: mu = 2 and
                       answer-forcing on half of the all-failed groups (p = 0.5, chosen over the
                       paper's 0.1 in a one-seed screen of the levers, RESULTS.md 4.0)
-           rl_af0.1   the same with the paper's p = 0.1 (rl_af0, rl_af1: p = 0 and 1; with rl, the
-                      answer-forcing ratio screen on the difficulty protocol)
+           rl_af0.1   the same with the paper's p = 0.1 (the full ratio screen is `af_ratio`, below)
            sft        continued SFT on the same traced pool (lr 3e-4, the RL stage's)
            rft        rejection-sampling fine-tuning: the RL loop with A = 1 on the samples the
                       reward accepts and 0 elsewhere (rl.advantage=rft), the strongest simple
@@ -68,6 +69,9 @@ studies share is trained once per seed:
              on an early SFT checkpoint (--early_steps) where edit still has headroom
   estimator_variance  estimators.py (variance, bias and rank correlation against exact
              enumeration) on the start checkpoint, one run per seed
+With --world=levels an ablation runs on the difficulty protocol instead: from rl_vs_sft --world=levels'
+start (runs/rl_vs_sft_levels/start), into runs/ablations_levels, written as results/<name>_levels.*,
+its table with the held-out in / edge / far buckets.
 
 Every run is a plain `train.py` / `eval.py` / `estimators.py` command (printed and stored), so any
 arm can be re-run or inspected by hand. Runs that finished are reused: delete a run folder to redo it.
@@ -109,15 +113,13 @@ WORLDS = {
     "levels": ["--preset=toy", "--data.rl_levels=1,2,3", "--data.eval_levels=1,2,3,4", "--data.n_eval=800",
                "--eval.n_per_task=800"],
 }
-WORLD = WORLDS["flat"]           # rl_vs_sft --world=levels switches it
+WORLD = WORLDS["flat"]           # --world=levels switches it (set_world)
 RL_FLAGS = ["--rl.ppo_epochs=2", "--rl.af_prob=0.5"]
 # the ablations vary one thing each around the paper's setting: answer-forcing at 10 %, mu = 2
 ABLATION_FLAGS = ["--rl.ppo_epochs=2", "--rl.af_prob=0.1"]
 ARMS = {
     "rl": ["--stage=rl", "--rl.eval_interval=15"] + RL_FLAGS,
     "rl_af0.1": ["--stage=rl", "--rl.eval_interval=15"] + ABLATION_FLAGS,
-    # the answer-forcing ratio screen on the difficulty protocol (p = 0, 0.1, 0.5 = rl, 1): rl's flags, another p
-    **{f"rl_af{p}": ["--stage=rl", "--rl.eval_interval=15", "--rl.ppo_epochs=2", f"--rl.af_prob={p}"] for p in (0, 1)},
     "sft": ["--stage=sft", "--train.lr=3e-4", "--train.warmup=0", "--train.eval_interval=400"],
     "rft": ["--stage=rl", "--rl.eval_interval=15", "--rl.advantage=rft", "--rl.af_prob=0"],
     "rft_af0.5": ["--stage=rl", "--rl.eval_interval=15", "--rl.advantage=rft", "--rl.af_prob=0.5"],
@@ -126,6 +128,20 @@ DEFAULT_ARMS = ("rl", "rl_af0.1", "sft", "rft", "rft_af0.5")      # what --arms 
 METRICS = ("vqa_acc", "ground_miou", "edit_score")
 BUCKETS = tuple(f"{m}_{b}" for m in ("vqa_acc", "ground_miou") for b in ("in", "edge", "far"))   # where present
 START_ROOT = os.path.join("runs", "rl_vs_sft")        # the shared start lives in its start/ folder
+
+
+def set_world(world: str) -> str:
+    """Switch WORLD to WORLDS[world] for this study (a one-line error for an unknown name); returns the
+    suffix of its folders and results names: "" for flat, "_levels" for the difficulty protocol."""
+    global WORLD
+    if world not in WORLDS:
+        raise SystemExit(f"--world={world}: expected one of {', '.join(WORLDS)}")
+    WORLD = WORLDS[world]
+    return world_tag()
+
+
+def world_tag() -> str:
+    return "" if WORLD == WORLDS["flat"] else "_" + next(k for k, v in WORLDS.items() if v == WORLD)
 
 
 def hardware() -> str:
@@ -276,7 +292,7 @@ def report(root: str, jobs: list[dict], start_eval: dict, meta: dict) -> dict:
         lines.append(f"| {arm} | {seeds} | " + " | ".join(cells) + " |")
     res["differences"], diff_lines = differences(res, keys)
     plot(root, jobs)
-    name = "rl_vs_sft" if WORLD == WORLDS["flat"] else "rl_vs_sft_levels"      # one results file per world
+    name = "rl_vs_sft" + world_tag()                                    # one results file per world
     publish(name, res, "\n".join(lines + diff_lines) + f"\n\n![{name}](results/{name}.png)", run_dir=root)
     return res
 
@@ -313,7 +329,7 @@ def plot(root: str, jobs: list[dict]):
     if plt is None:
         return
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
-    colours = {"rl": "tab:red", "rl_af0.1": "tab:orange", "rl_af0": "tab:purple", "rl_af1": "tab:brown",
+    colours = {"rl": "tab:red", "rl_af0.1": "tab:orange",
                "sft": "tab:blue", "rft": "tab:green", "rft_af0.5": "tab:olive"}
     for j in jobs:
         xs, ys = curve(j["dir"], "sft" if j["arm"] == "sft" else "rl")
@@ -324,18 +340,14 @@ def plot(root: str, jobs: list[dict]):
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    save_figure(fig, "rl_vs_sft" if WORLD == WORLDS["flat"] else "rl_vs_sft_levels", root)
+    save_figure(fig, "rl_vs_sft" + world_tag(), root)
 
 
 def rl_vs_sft(argv: list[str]):
-    global WORLD
     _, opts = C.get_config(argv, extra={"seeds": "0,1,2", "arm_s": 600.0, "start_steps": 6000,
                                         "root": "", "report": False, "commit": "",
                                         "arms": ",".join(DEFAULT_ARMS), "world": "flat"})
-    if opts["world"] not in WORLDS:
-        raise SystemExit(f"--world={opts['world']}: expected one of {', '.join(WORLDS)}")
-    WORLD = WORLDS[opts["world"]]
-    root = opts["root"] or (START_ROOT if opts["world"] == "flat" else os.path.join("runs", f"rl_vs_sft_{opts['world']}"))
+    root = opts["root"] or START_ROOT + set_world(opts["world"])       # runs/rl_vs_sft, runs/rl_vs_sft_levels
     seeds = [int(s) for s in opts["seeds"].split(",")]
     arms = opts["arms"].split(",")
     if set(arms) - set(ARMS):
@@ -445,7 +457,7 @@ def run_summary(out: str) -> dict:
     per_token = {k: [h[k] for h in log if k in h] for k in ("kl_text_mean", "kl_text_var", "kl_image_mean",
                                                                "kl_image_var", "nll_text_mean", "nll_image_mean")}
     return {
-        "heldout": {k: held[k] for k in (*METRICS, "ground_p50")},
+        "heldout": {k: held[k] for k in (*METRICS, "ground_p50", *BUCKETS) if k in held},
         "steps": log[-1]["step"], "train_s": log[-1]["seconds"],
         "reward_curve": [float(np.mean([h[t]["reward"] for t in tasks])) for h in log],
         "reward_last_third": {t: float(np.mean(per("reward", t, last))) for t in tasks},
@@ -478,6 +490,10 @@ def ablation_table(name: str, runs: dict[str, list[dict]]) -> str:
             ("train reward, last third", lambda r: float(np.mean(list(r["reward_last_third"].values())))),
             ("GRPO-signal groups (vqa/ground)", lambda r: (r["grpo_signal"]["vqa"] + r["grpo_signal"]["ground"]) / 2),
             ("steps", lambda r: r["steps"], ".0f")]
+    if runs and any(BUCKETS[1] in r["heldout"] for rs in runs.values() for r in rs):      # the levels world
+        cols[3:3] = [(f"{m} {b}", lambda r, k=f"{key}_{b}": r["heldout"].get(k))
+                     for m, key in (("vqa", "vqa_acc"), ("mIoU", "ground_miou")) for b in ("in", "edge", "far")
+                     if any(f"{key}_{b}" in r["heldout"] for rs in runs.values() for r in rs)]
     if name == "af_ratio":
         cols += [("nonzero-adv groups (vqa/ground)", lambda r: (r["nonzero_adv"]["vqa"] + r["nonzero_adv"]["ground"]) / 2),
                  ("unparsable (vqa/ground)", lambda r: (r["unparsable"]["vqa"] + r["unparsable"]["ground"]) / 2),
@@ -545,12 +561,12 @@ def ablation(names: list[str], argv: list[str]):
     """Train every run the named ablations need (each distinct config once per seed; --workers of
     them side by side, one thread each), then write each study's table, plot and results."""
     _, opts = C.get_config(argv, extra={"seeds": "0,1,2", "arm_s": 240.0, "start_steps": 6000, "workers": 2,
-                                        "root": os.path.join("runs", "ablations"), "report": False,
-                                        "commit": ""})
-    root, seeds, t0 = opts["root"], [int(x) for x in opts["seeds"].split(",")], time.time()
-    start = os.path.join(START_ROOT, "start", "ckpt_sft.pt")
+                                        "root": "", "report": False, "commit": "", "world": "flat"})
+    tag = set_world(opts["world"])       # the levels world: its own runs, start (rl_vs_sft --world=levels') and names
+    root, seeds, t0 = opts["root"] or os.path.join("runs", "ablations" + tag), [int(x) for x in opts["seeds"].split(",")], time.time()
+    start = os.path.join(START_ROOT + tag, "start", "ckpt_sft.pt")
     if not opts["report"]:
-        start, _ = shared_start(START_ROOT, opts["start_steps"])
+        start, _ = shared_start(START_ROOT + tag, opts["start_steps"])
     flags = lambda name, v: ["--stage=rl", "--rl.eval_interval=15", *ABLATION_FLAGS, *ABLATIONS[name][v]]
     out = lambda name, v, sd: os.path.join(root, f"seed{sd}", run_key(flags(name, v), opts["arm_s"]))
     todo = {}                                       # folder -> (flags, seed): each distinct run once
@@ -575,8 +591,9 @@ def ablation(names: list[str], argv: list[str]):
                       rl_flags=ABLATION_FLAGS, variants=ABLATIONS[name], not_run=missing),
                "runs": runs, "commands": cmds,
                "wall_s": {f"{v}_seed{sd}": walls.get(out(name, v, sd)) for v in ABLATIONS[name] for sd in seeds}}
-        plot_ablation(name, runs, root)
-        publish(name, res, ablation_table(name, runs) + f"\n\n![{name}](results/{name}.png)", run_dir=root)
+        plot_ablation(name + tag, runs, root)
+        publish(name + tag, res, ablation_table(name, runs) + f"\n\n![{name + tag}](results/{name + tag}.png)",
+                run_dir=root)
 
 
 # ------------------------------------------------------------------------------------------------

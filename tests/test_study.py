@@ -93,3 +93,33 @@ def test_differences_are_paired_by_seed_by_hand():
     assert out["rl-rft"]["a"]["mean"] == pytest.approx(-0.1) and out["rl-rft"]["a"]["holds"] is False
     assert "| rl-sft | 1,0 | +32.5 ± 2.5 * |" in lines and "| rl-rft | 1 | -10.0 ± 0.0 |" in lines
     assert study.differences({"sft": res["sft"]}, ("a",)) == ({}, [])
+
+
+def test_ablation_table_shows_the_buckets_on_the_levels_world():
+    """A run whose held-out file has per-bucket numbers gets bucket columns (mean +- sd over seeds,
+    worked by hand here); a run without them (the flat world) keeps the old columns."""
+    def run(vqa_edge, with_buckets=True):
+        held = {"vqa_acc": 0.5, "ground_miou": 0.8, "edit_score": 0.9}
+        if with_buckets:
+            held.update(vqa_acc_in=0.6, vqa_acc_edge=vqa_edge, ground_miou_in=0.8, ground_miou_edge=0.4)
+        return {"heldout": held, "reward_last_third": {"vqa": 0.2, "ground": 0.4}, "steps": 50,
+                "grpo_signal": {"vqa": 0.5, "ground": 0.5}}
+    table = study.ablation_table("gamma", {"gamma=0": [run(0.1), run(0.3)]})
+    header, _, row = table.splitlines()
+    cols = [c.strip() for c in header.strip("|").split("|")]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert "vqa far" not in cols and "mIoU far" not in cols            # no run has that bucket
+    assert cells[cols.index("vqa edge")] == "0.200 ± 0.100"             # mean of 0.1, 0.3; population sd 0.1
+    assert cells[cols.index("mIoU edge")] == "0.400 ± 0.000"
+    flat = study.ablation_table("gamma", {"gamma=0": [run(0.1, with_buckets=False)]})
+    assert "edge" not in flat.splitlines()[0]
+
+
+def test_set_world_switches_and_names_the_world():
+    try:
+        assert study.set_world("levels") == "_levels" and study.WORLD == study.WORLDS["levels"]
+        assert study.set_world("flat") == "" and study.WORLD == study.WORLDS["flat"]
+        with pytest.raises(SystemExit, match="--world=nope"):
+            study.set_world("nope")
+    finally:
+        study.set_world("flat")
