@@ -475,9 +475,9 @@ def run_summary(out: str) -> dict:
 def run_key(flags: list[str], arm_s: float) -> str:
     """The folder name of one ablation run: a hash of its RL config and budget, so that a variant
     several studies share (the defaults: p = 0.1, unified, gamma = 0.5, complementary) is trained
-    once per seed and read by each of them. Only the rl section is hashed (WORLD and the other
-    sections are fixed in this file), and the code is not: after changing either, delete
-    runs/ablations to redo the runs."""
+    once per seed and read by each of them. Only the rl section is hashed (the other sections are
+    fixed by WORLD, and each world has its own root: runs/ablations, runs/ablations_levels), and the
+    code is not: after changing it, delete the root to redo the runs."""
     cfg = C.get_config([*WORLD, *flags])
     key = json.dumps([C.to_dict(cfg)["rl"], arm_s], sort_keys=True)
     return "rl-" + hashlib.sha1(key.encode()).hexdigest()[:10]
