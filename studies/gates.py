@@ -26,7 +26,7 @@ checkpoint's own.
     python studies/gates.py --ckpt=runs/levels/start/ckpt_sft.pt --design=random_order --diffusion.remask=random
     python studies/gates.py --report                      # the table again from results/gates.json
 
---n=100 edge prompts per family (default), --samples=16. About 10 min per design on one thread of a
+--n=100 edge prompts per family (default), --samples=16. About 4-7 min per design on one thread of a
 2-core CPU at the toy preset.
 """
 from __future__ import annotations
@@ -152,13 +152,13 @@ def screen(argv: list[str]) -> dict:
 
 
 def table(designs: list[dict]) -> str:
-    rows = ["| design | flags | family | pass@1 | pass@16 | headroom (>= 0.20) | all-fail@8 (0.20-0.60) | "
-            "forced consistent (>= 0.50) | blind guess | gates passed |", "|" + "---|" * 10]
+    rows = ["| design | checkpoint (SFT steps), commit | flags | family | pass@1 | pass@16 | headroom (>= 0.20) | "
+            "all-fail@8 (0.20-0.60) | forced consistent (>= 0.50) | blind guess | gates passed |", "|" + "---|" * 11]
     for d in designs:
         for task in TASKS:
             g = d[task]
             n_pass = sum(g["passes"].values())
-            rows.append(f"| {d['design']} | `{' '.join(d['flags']) or '-'}` | {task} (L{','.join(map(str, g['levels']))}, "
+            rows.append(f"| {d['design']} | `{d['ckpt']}` ({d['ckpt_step']}), {d['commit']} | `{' '.join(d['flags']) or '-'}` | {task} (L{','.join(map(str, g['levels']))}, "
                         f"{g['n_prompts']} prompts) | {g['pass@1']:.3f} | {g['pass@16']:.3f} | {g['headroom']:.3f} | "
                         f"{g['all_fail@8']:.3f} | {g['forced_consistent']:.3f} | {g['blind']:.3f} | {n_pass}/3 |")
     return "\n".join(rows)
@@ -171,7 +171,8 @@ def main(argv: list[str]):
         designs = [d for d in designs if d["design"] != new["design"]] + [new]
     if not designs:
         raise SystemExit(f"gates: nothing screened yet ({RESULTS} is missing)")
-    res = {"command": "python studies/gates.py --ckpt=... --design=NAME [flags]", "commit": designs[-1]["commit"],
+    commits = ", ".join(dict.fromkeys(d["commit"] for d in designs))       # every commit a design ran at, in order
+    res = {"command": "python studies/gates.py --ckpt=... --design=NAME [flags]", "commit": commits,
            "hardware": designs[-1]["hardware"], "seeds": [0], "study_wall_s": sum(d["seconds"] for d in designs),
            "targets": TARGETS, "designs": designs}
     note = ("Every design is measured on the held-out edge bucket of its checkpoint (the level above the "

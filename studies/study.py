@@ -3,16 +3,24 @@ Studies: one named experiment, several seeds, one table, one plot, one results f
 
     python studies/study.py rl_vs_sft                          # RL vs continued SFT vs RFT (about 2 h 20 min on 2 cores)
     python studies/study.py rl_vs_sft --seeds=0 --arm_s=120    # a quick look
-    python studies/study.py rl_vs_sft --world=levels           # the same on the difficulty protocol: traces for
-                                                       # levels 1-2, RL prompts at levels 1-3, metrics per bucket
+    python studies/study.py rl_vs_sft --world=levels --arms=rl,sft,rft,rft_af0.5   # the same on the difficulty
+                                                       # protocol: traces for levels 1-2, RL prompts at levels 1-3,
+                                                       # metrics per bucket, an 8000-step start (~43 min at 2
+                                                       # threads) then 12 runs of ~12 min, two at a time
     python studies/study.py rl_vs_sft --report                 # rebuild the table and plot from finished runs
                                                        # (--commit=HASH: the commit the runs were made at)
     python studies/study.py af_ratio | objective | gamma | estimator    # one RL ablation (--arm_s each run)
     python studies/study.py ablations                          # all four, 33 runs of ~5 min, two at a time: ~1 h 25 min
-    python studies/study.py af_ratio --world=levels --arm_s=600 --start_steps=3800   # on the difficulty
-                                                       # protocol, from rl_vs_sft --world=levels' start
+    python studies/study.py af_ratio --world=levels --arm_s=600   # on the difficulty protocol, from
+                                                       # rl_vs_sft --world=levels' start
     python studies/study.py tree                               # tree search at equal sample count (rollouts only, ~18 min)
     python studies/study.py estimator_variance                 # estimators.py on the start checkpoint, 3 seeds (~4 min)
+
+Options: --seeds=0,1,2; --arm_s (training seconds per run); --start_steps (SFT steps of the shared
+start; 0 = the world's, START_STEPS: 6000 flat, 8000 levels); --world=flat|levels (rl_vs_sft and
+the four ablations); --root (where the runs go: rl_vs_sft, the ablations, estimator_variance);
+--workers (runs side by side, the ablations; rl_vs_sft always runs two); --report and --commit
+(rl_vs_sft and the ablations); --arms (rl_vs_sft); --n_prompts and --early_steps (tree).
 
 Every study writes results/<name>.json (every number, commands, commit, hardware, wall time),
 results/<name>.md (the table), results/<name>.png (needs matplotlib: skipped with a note without
@@ -26,8 +34,9 @@ model, and by more than the simple alternatives? The toy mirrors the paper's sit
 are scarce (--data.n_sft, a few hundred to a thousand traced examples per family), answers are cheap
 (5000 answer-only RL prompts per family, rewards need no trace).
 
-  start  one SFT checkpoint trained on the traced pool until its validation curve is flat
-         (--start_steps; shared by every arm and seed; its curve is in start/sft_curve.json)
+  start  one SFT checkpoint trained on the traced pool for --start_steps steps (START_STEPS: chosen
+         so that continued SFT adds little on the in-levels; shared by every arm and seed; its curve
+         is in start/sft_curve.json; a stored start of another length is refused, not reused)
   arms   from that checkpoint, the same wall-clock budget each (--arm_s seconds of training, quick
          evals not counted), one CPU thread each, two arms side by side (--arms picks some):
            rl         the unified objective, Eq. (U), with the flags in RL_FLAGS: mu = 2 and
@@ -69,7 +78,8 @@ studies share is trained once per seed:
              on an early SFT checkpoint (--early_steps) where edit still has headroom
   estimator_variance  estimators.py (variance, bias and rank correlation against exact
              enumeration) on the start checkpoint, one run per seed
-With --world=levels an ablation runs on the difficulty protocol instead: from rl_vs_sft --world=levels'
+With --world=levels one of the four RL ablations (af_ratio, objective, gamma, estimator) runs on the
+difficulty protocol instead: from rl_vs_sft --world=levels'
 start (runs/rl_vs_sft_levels/start), into runs/ablations_levels, written as results/<name>_levels.*,
 its table with the held-out in / edge / far buckets.
 
@@ -114,6 +124,10 @@ WORLDS = {
                "--eval.n_per_task=800"],
 }
 WORLD = WORLDS["flat"]           # --world=levels switches it (set_world)
+# SFT steps of each world's shared start (--start_steps=0 picks these): long enough that continued SFT
+# adds little on the in-levels. On the levels world 3800 steps were not (continued SFT then gained 6.8
+# points of in-level vqa over RL; RESULTS.md 4.6), 8000 were (0.3 points).
+START_STEPS = {"flat": 6000, "levels": 8000}
 RL_FLAGS = ["--rl.ppo_epochs=2", "--rl.af_prob=0.5"]
 # the ablations vary one thing each around the paper's setting: answer-forcing at 10 %, mu = 2
 ABLATION_FLAGS = ["--rl.ppo_epochs=2", "--rl.af_prob=0.1"]
@@ -167,8 +181,16 @@ def run(cmd: list[str], log: str) -> float:
 
 def sft_checkpoint(out: str, steps: int) -> str:
     """SFT on the traced pool for `steps` steps into `out` (quick evals every 1000), unless a run
-    finished there before; returns its checkpoint. The shared start is sft_checkpoint(root/start, 6000)."""
-    if not os.path.exists(os.path.join(out, "sft_curve.json")):      # written when the run ends
+    finished there before; returns its checkpoint. The shared start is sft_checkpoint(root/start,
+    START_STEPS[world]). A finished run of another length is refused (one line), not reused: every
+    arm under the same root was trained from it, so swapping it silently would mix two starts."""
+    if os.path.exists(os.path.join(out, "sft_curve.json")):          # written when the run ends
+        done = json.load(open(os.path.join(out, "config.json")))["train"]["max_steps"]
+        if done != steps:
+            raise SystemExit(f"study: {out} holds a {done}-step SFT start, not the {steps} steps asked for; pass "
+                             f"--start_steps={done} to use it, or move {os.path.dirname(out) or out} away "
+                             f"(or pass --root=...) to train a new one")
+    else:
         os.makedirs(out, exist_ok=True)
         run([sys.executable, "train.py", *WORLD, "--stage=sft", f"--out_dir={out}", f"--train.max_steps={steps}",
              "--train.eval_interval=1000", "--seed=0"], os.path.join(out, "run.log"))
@@ -203,7 +225,7 @@ def train_and_eval(out: str, start: str, flags: list[str], seed: int, arm_s: flo
             "command": " ".join(train_cmd[1:]), "eval_command": " ".join(eval_cmd[1:])}
 
 
-def shared_start(root: str = START_ROOT, steps: int = 6000) -> tuple[str, dict]:
+def shared_start(root: str = START_ROOT, steps: int = START_STEPS["flat"]) -> tuple[str, dict]:
     """(the start checkpoint every study begins from, its held-out metrics), made once."""
     start, held = sft_checkpoint(os.path.join(root, "start"), steps), os.path.join(root, "start", "heldout.json")
     if not os.path.exists(held):
@@ -344,10 +366,11 @@ def plot(root: str, jobs: list[dict]):
 
 
 def rl_vs_sft(argv: list[str]):
-    _, opts = C.get_config(argv, extra={"seeds": "0,1,2", "arm_s": 600.0, "start_steps": 6000,
+    _, opts = C.get_config(argv, extra={"seeds": "0,1,2", "arm_s": 600.0, "start_steps": 0,
                                         "root": "", "report": False, "commit": "",
                                         "arms": ",".join(DEFAULT_ARMS), "world": "flat"})
     root = opts["root"] or START_ROOT + set_world(opts["world"])       # runs/rl_vs_sft, runs/rl_vs_sft_levels
+    start_steps = opts["start_steps"] or START_STEPS[opts["world"]]
     seeds = [int(s) for s in opts["seeds"].split(",")]
     arms = opts["arms"].split(",")
     if set(arms) - set(ARMS):
@@ -362,7 +385,7 @@ def rl_vs_sft(argv: list[str]):
                  "command": " ".join(arm_commands(root, start, a, s, opts["arm_s"])[0][1:]), "eval_command": ""}
                 for a, s in specs]
     else:
-        shared_start(root, opts["start_steps"])
+        shared_start(root, start_steps)
         with ThreadPoolExecutor(max_workers=2) as pool:        # two arms side by side, one thread each
             jobs = list(pool.map(lambda a_s: arm_job(root, start, a_s[0], a_s[1], opts["arm_s"]), specs))
     report(root, jobs, json.load(open(held)), meta("rl_vs_sft", argv, seeds, None if opts["report"] else t0,
@@ -472,14 +495,15 @@ def run_summary(out: str) -> dict:
     }
 
 
-def run_key(flags: list[str], arm_s: float) -> str:
-    """The folder name of one ablation run: a hash of its RL config and budget, so that a variant
-    several studies share (the defaults: p = 0.1, unified, gamma = 0.5, complementary) is trained
-    once per seed and read by each of them. Only the rl section is hashed (the other sections are
-    fixed by WORLD, and each world has its own root: runs/ablations, runs/ablations_levels), and the
-    code is not: after changing it, delete the root to redo the runs."""
+def run_key(flags: list[str], arm_s: float, start_steps: int) -> str:
+    """The folder name of one ablation run: a hash of its RL config, budget and start (its SFT steps),
+    so that a variant several studies share (the defaults: p = 0.1, unified, gamma = 0.5,
+    complementary) is trained once per seed and read by each of them, and a run from another start
+    is never read as this one's. Only the rl section is hashed (the other sections are fixed by
+    WORLD, and each world has its own root: runs/ablations, runs/ablations_levels), and the code is
+    not: after changing it, delete the root to redo the runs."""
     cfg = C.get_config([*WORLD, *flags])
-    key = json.dumps([C.to_dict(cfg)["rl"], arm_s], sort_keys=True)
+    key = json.dumps([C.to_dict(cfg)["rl"], arm_s, start_steps], sort_keys=True)
     return "rl-" + hashlib.sha1(key.encode()).hexdigest()[:10]
 
 
@@ -560,15 +584,15 @@ def pyplot():
 def ablation(names: list[str], argv: list[str]):
     """Train every run the named ablations need (each distinct config once per seed; --workers of
     them side by side, one thread each), then write each study's table, plot and results."""
-    _, opts = C.get_config(argv, extra={"seeds": "0,1,2", "arm_s": 240.0, "start_steps": 6000, "workers": 2,
+    _, opts = C.get_config(argv, extra={"seeds": "0,1,2", "arm_s": 240.0, "start_steps": 0, "workers": 2,
                                         "root": "", "report": False, "commit": "", "world": "flat"})
     tag = set_world(opts["world"])       # the levels world: its own runs, start (rl_vs_sft --world=levels') and names
     root, seeds, t0 = opts["root"] or os.path.join("runs", "ablations" + tag), [int(x) for x in opts["seeds"].split(",")], time.time()
-    start = os.path.join(START_ROOT + tag, "start", "ckpt_sft.pt")
+    start, start_steps = os.path.join(START_ROOT + tag, "start", "ckpt_sft.pt"), opts["start_steps"] or START_STEPS[opts["world"]]
     if not opts["report"]:
-        start, _ = shared_start(START_ROOT + tag, opts["start_steps"])
+        start, _ = shared_start(START_ROOT + tag, start_steps)
     flags = lambda name, v: ["--stage=rl", "--rl.eval_interval=15", *ABLATION_FLAGS, *ABLATIONS[name][v]]
-    out = lambda name, v, sd: os.path.join(root, f"seed{sd}", run_key(flags(name, v), opts["arm_s"]))
+    out = lambda name, v, sd: os.path.join(root, f"seed{sd}", run_key(flags(name, v), opts["arm_s"], start_steps))
     todo = {}                                       # folder -> (flags, seed): each distinct run once
     for sd in seeds:
         for name in names:
@@ -635,7 +659,7 @@ def tree(argv: list[str]):
     """Mean and max reward per group and the pictures' diversity for each schedule of TREE on
     --n_prompts validation edit prompts, on the shared start and on an early SFT checkpoint
     (--early_steps) where edit has headroom."""
-    _, opts = C.get_config(argv, extra={"seeds": "0,1,2", "n_prompts": 32, "start_steps": 6000,
+    _, opts = C.get_config(argv, extra={"seeds": "0,1,2", "n_prompts": 32, "start_steps": START_STEPS["flat"],
                                         "early_steps": 1000, "commit": ""})
     seeds, t0 = [int(x) for x in opts["seeds"].split(",")], time.time()
     torch.set_num_threads(1)
@@ -690,7 +714,7 @@ def tree(argv: list[str]):
 # the estimator study of estimators.py, one run per seed
 
 def estimator_variance(argv: list[str]):
-    _, opts = C.get_config(argv, extra={"seeds": "0,1,2", "start_steps": 6000, "root": os.path.join("runs", "estimators"),
+    _, opts = C.get_config(argv, extra={"seeds": "0,1,2", "start_steps": START_STEPS["flat"], "root": os.path.join("runs", "estimators"),
                                         "commit": ""})
     seeds, t0 = [int(x) for x in opts["seeds"].split(",")], time.time()
     start, _ = shared_start(START_ROOT, opts["start_steps"])

@@ -4,7 +4,7 @@ plus a brute-force comparison against an independent token-level reference parse
 (hand values and a pixel-counting brute force), and the exact edit / text-to-image scores on
 hand-made scenes with every expected value worked out by hand in the comments. CPU, well under 1 s.
 
-    cd /work/main && python -m pytest tests/test_rewards.py -q
+    python -m pytest tests/test_rewards.py -q
 """
 import itertools
 import math

@@ -6,7 +6,7 @@ rewards), or measured against the sampler's own recorded states (diffusion.sampl
 The world is tiny: data.build_pools with a few examples, a fake VQ whose codes ARE the cells
 (code k in cell i draws shape k of a fixed list, or nothing), and 1-layer random Transformers.
 
-    cd /work/main && python -m pytest tests/test_rollout.py -q
+    python -m pytest tests/test_rollout.py -q
 """
 import math
 import os

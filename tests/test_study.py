@@ -58,14 +58,28 @@ def test_every_rl_vs_sft_arm_is_a_valid_config():
 
 def test_the_shared_default_variant_is_one_run_and_the_others_differ():
     key = lambda name, v: study.run_key(["--stage=rl", "--rl.eval_interval=15", *study.ABLATION_FLAGS,
-                                         *study.ABLATIONS[name][v]], 240.0)
+                                         *study.ABLATIONS[name][v]], 240.0, 6000)
     defaults = {key("af_ratio", "p=0.1"), key("objective", "unified"), key("gamma", "gamma=0.5"),
                 key("estimator", "complementary")}
     assert len(defaults) == 1
     others = [key(n, v) for n, vs in study.ABLATIONS.items() for v in vs]
     assert len(set(others)) == 1 + sum(len(vs) - 1 for vs in study.ABLATIONS.values())
     assert key("gamma", "gamma=0") != study.run_key(["--stage=rl", "--rl.eval_interval=15", *study.ABLATION_FLAGS,
-                                                     "--rl.gamma=0"], 120.0)            # the budget counts
+                                                     "--rl.gamma=0"], 120.0, 6000)      # the budget counts
+    assert key("gamma", "gamma=0") != study.run_key(["--stage=rl", "--rl.eval_interval=15", *study.ABLATION_FLAGS,
+                                                     "--rl.gamma=0"], 240.0, 8000)      # and so does the start
+
+
+def test_a_start_of_another_length_is_refused_not_reused(tmp_path):
+    """A finished 3800-step start must not stand in for the 8000 steps asked for (every arm under
+    its root would silently mix two starts); the same length is reused without training."""
+    out = tmp_path / "start"
+    out.mkdir()
+    (out / "sft_curve.json").write_text("[]")
+    (out / "config.json").write_text(json.dumps({"train": {"max_steps": 3800}}))
+    with pytest.raises(SystemExit, match="holds a 3800-step SFT start, not the 8000 steps"):
+        study.sft_checkpoint(str(out), 8000)
+    assert study.sft_checkpoint(str(out), 3800) == str(out / "ckpt_sft.pt")
 
 
 def test_publish_appends_when_the_page_has_no_block_and_keeps_similar_names_apart(tmp_path, monkeypatch):
