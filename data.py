@@ -18,13 +18,14 @@ Every scene is a `grid x grid` board; each cell is empty or holds one shape (kin
 Because shapes are cell-aligned, `read_scene` can re-read every attribute from a picture exactly,
 and that one function scores edits, text-to-image, and the VQ tokenizer's reconstructions.
 
-Each family yields three disjoint pools, as in the paper's data:
+Each family yields four disjoint pools, as in the paper's data (plus a validation split):
   sft  -- prompt + full step-by-step reasoning trace + answer (deliberately small: data.n_sft)
   rl   -- prompt + ground-truth answer / box / target only, no trace (data.n_rl): verifiable rewards
           need no traces
-  eval -- held out; any (scene, prompt) that also occurs in sft or rl is dropped.
-Difficulty levels (draw_level, bucket; METHOD.md §8) grade vqa by the lists a question combines (1-4)
-and grounding by relation depth (1-3), over the same scenes; each split draws from its own levels
+  val  -- the quick evals during training and the choice of best checkpoints
+  eval -- held out; any (scene, prompt) that also occurs in another pool is dropped.
+Difficulty levels (draw_level, bucket; METHOD.md §8) grade vqa by composition (1: count, compare;
+2: add, diff, sides; 3, 4: sums of three or four lists) and grounding by relation depth (1-3), over the same scenes; each split draws from its own levels
 (data.sft_levels / rl_levels / eval_levels), so answer-only prompts can sit beyond the traced range.
 The traced pool can come from an imperfect teacher (data.teacher_slip: random miscounts carried
 through to a wrong answer; data.teacher_bias: colours the teacher always overcounts by one;

@@ -2,9 +2,10 @@
 Estimators of the sequence log-likelihood log pi(y | x) of a masked-diffusion model (METHOD.md §7).
 
 log pi(y|x) is intractable for a dLLM, so RL (the objective J of METHOD.md §4) needs an estimate.
-Every estimator below returns per-token log-probabilities (B, R) and a (B, R) mask of the positions
-it scored, so the RL loss (rl.py) can weight and sum them however it likes. The sequence estimate is
-(logp * scored).sum(1), in nats.
+Every estimator below returns a Terms: the model's raw per-token log-probabilities logp (D, B, R), one
+slice per masked draw d, and the estimator's weight of each term (D, B, R), 0 where unscored, so the
+RL loss (rl.py) can form its PPO ratio on the raw log-probs. The sequence estimate is Terms.seq() =
+sum over d and k of weight * logp, in nats.
 
   complementary  LaViDa-R1 (arXiv 2602.14147, its Eq. C; the default). t1 ~ U[0, 1], t2 = 1 - t1;
                  mask M1 at rate t1 over the response and M2 = its complement; two forward passes

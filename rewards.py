@@ -106,7 +106,7 @@ def trace_answer(text: str, qtype: str) -> str | None:
     difference of the two lengths; add3 / add4 -> the sum of the first three / four lengths; sides -> the sum of the listed side counts. "none" is an empty
     list. Returns None when the trace lacks the lists its question type needs or a side count is not
     a number. Used to check answer-forcing's inpainted reasoning against the forced answer
-    (METHOD.md §5): a trace whose lists imply another answer is not a real explanation of it."""
+    (METHOD.md §5, claim C3 of §10): a trace whose lists imply another answer is not a real explanation of it."""
     lists = trace_lists(text)
     if qtype == "sides":
         if not lists or len(lists[0]) % 2:

@@ -13,7 +13,7 @@ log pi is the complementary-masking estimate (METHOD.md §7, likelihood.py; rl.l
 the ablations). The loss minimised is -J. No KL term and no reference model: `--rl.kl_coef > 0`
 loads a frozen copy and adds the k3 KL on the same masks, for the ablation only.
 
-Readings of the paper's unknowns (METHOD.md §9), all config fields:
+Readings of the paper's unknowns (METHOD.md §9), config fields or fixed choices:
   * on-policy, one gradient step per batch of fresh rollouts: no importance ratio, no clipping
     (--rl.ppo_epochs=1); --rl.ppo_epochs > 1 takes more steps per batch with the PPO-clipped ratio
     on the same masks (Eq. PPO, --rl.clip_eps), formed on the raw per-token log-probs

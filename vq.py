@@ -7,8 +7,8 @@ and draws images as VQ tokens: it uses the VQ-VAE of Meissonic (arXiv 2410.08261
 an 8192-entry codebook), so a 1024px picture is a 64x64 grid of code ids that sit in the same
 vocabulary as the words, at an offset. Image understanding reads those codes in the prompt; editing
 and text-to-image *generate* them by masked diffusion and the VQ decoder turns them back into
-pixels. We keep exactly that contract and replace the tokenizer with a tiny VQ-VAE trained in a
-minute or two on our synthetic shape world:
+pixels. We keep exactly that contract and replace the tokenizer with a tiny VQ-VAE trained in under a
+minute on our synthetic shape world:
 
     image (N, H, W, 3) --encoder--> z_e (N, D, h, w) --nearest code--> codes (N, h*w) in [0, K)
     codes --codebook lookup--> z_q (N, D, h, w) --decoder--> image (N, H, W, 3) in [0, 1]

@@ -27,11 +27,11 @@ on the same held-out vqa and edit prompts (both carry the input picture's codes 
 greedy on text AND image slots. Prints response tokens/s of both, the speed-up and (P+R)/R (the
 ratio of the positions each step runs, a rough bound), and checks that both give the same tokens
 and the same unmasking order (in fp32; on CUDA the timed runs use bf16 autocast). The cache needs
-prefix-DLM attention: when the checkpoint is not prefix-DLM (the toy preset's default) a RANDOMLY
+prefix-DLM attention: when the checkpoint is not prefix-DLM (every preset is, since c3c4b12) a RANDOMLY
 INITIALISED prefix-DLM model of the same size is used, and the output says so.
 
-`rollout` -- rollout.rollout_task's batching: ONE sampler call for a whole group (rows = G prompts
-x N samples, base.repeat(N), as rollout_task builds it) vs N sequential sampler calls, each one
+`rollout` -- the group batching of rollout.sample_groups / sample_rounds: ONE sampler call for a whole group (rows = G prompts
+x N samples, base.repeat(N), as sample_rounds builds it) vs N sequential sampler calls, each one
 sample of every prompt (G rows), same prompts, temperature rl.temperature. Defaults: G =
 min(rl.prompts_per_step, 4), N = rl.group_size. Prints tokens/s of both and the ratio. The same
 prefix-DLM model as `sampler`. On one CPU thread the work is compute-bound and grows linearly with
@@ -234,7 +234,7 @@ def bench_rollout(cfg, opts: dict):
     G, N = opts["prompts"] or min(rc.prompts_per_step, 4), opts["n"] or rc.group_size
     print(f"bench rollout | device {dev} | {why} | torch {torch.__version__} | commit {common.git_commit()}")
     print(f"model: {model_note}; {model_line(model)}\ndata: {data_note}")
-    print(f"{G} prompts x N={N} samples per task, temperature {rc.temperature} (as rollout.rollout_task), "
+    print(f"{G} prompts x N={N} samples per task, temperature {rc.temperature} (as rollout.sample_groups), "
           f"median of {opts['reps']} timed runs after a warm-up")
     print(f"{'task':<6}{'rows':>6}{'batched tok/s':>15}{'sequential tok/s':>18}{'speed-up':>10}")
     res = {"device": dev, "dtype": str(dtype), "model": model_note, "data": data_note, "G": G, "N": N, "tasks": {}}
@@ -248,7 +248,7 @@ def bench_rollout(cfg, opts: dict):
                 return sample(model, canvas, tok, cfg.diffusion, temperature=rc.temperature,
                               image_temperature=rc.temperature, generator=gen)
 
-        def batched():                            # rollout_task: rows = prompts x samples, one call
+        def batched():                            # sample_rounds: rows = prompts x samples, one call
             return call(base.repeat(N))
 
         def sequential():                         # N calls, each one sample of every prompt
@@ -263,7 +263,7 @@ def bench_rollout(cfg, opts: dict):
         print(f"{task:<6}{Gr * N:>6}{tokens / tb:>15.0f}{tokens / ts:>18.0f}{ts / tb:>9.2f}x")
         res["tasks"][task] = {"rows": Gr * N, "R": R, "batched_s": tb, "sequential_s": ts,
                               "batched_tok_s": tokens / tb, "sequential_tok_s": tokens / ts, "speedup": ts / tb}
-    print(f"(batched: ONE sampler call with {G}x{N} rows, as rollout_task makes it (base.repeat(N): the prefix "
+    print(f"(batched: ONE sampler call with {G}x{N} rows, as sample_rounds makes it (base.repeat(N): the prefix "
           f"cache is computed for all {G}x{N} rows, each prompt {N} times); sequential: {N} calls of {G} rows, the "
           f"same tokens. Scoring, answer-forcing and tree search are not timed (the same work either way). On one "
           f"CPU thread the work is compute-bound and linear in the rows, so batching can gain little there; on a GPU "
