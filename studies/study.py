@@ -11,6 +11,8 @@ Studies: one named experiment, several seeds, one table, one plot, one results f
                                                        # (--commit=HASH: the commit the runs were made at)
     python studies/study.py af_ratio | objective | gamma | estimator    # one RL ablation (--arm_s each run)
     python studies/study.py ablations                          # all four, 33 runs of ~5 min, two at a time: ~1 h 25 min
+    python studies/study.py af_ratio,gamma --world=levels --arm_s=600   # several at once: the runs they share
+                                                       # (the default variant) are trained once per seed
     python studies/study.py af_ratio --world=levels --arm_s=600   # on the difficulty protocol, from
                                                        # rl_vs_sft --world=levels' start
     python studies/study.py tree                               # tree search at equal sample count (rollouts only, ~18 min)
@@ -770,7 +772,16 @@ STUDIES = {"rl_vs_sft": rl_vs_sft, "tree": tree, "estimator_variance": estimator
            **{name: (lambda argv, name=name: ablation([name], argv)) for name in ABLATIONS}}
 
 
+def main(argv: list[str]):
+    """python studies/study.py NAME [--key=value ...]; NAME may list several ablations (af_ratio,gamma):
+    they are trained together, so a run they share (the default variant) is trained once per seed."""
+    names = argv[0].split(",") if argv else []
+    several = len(names) > 1 and all(n in ABLATIONS for n in names)
+    if not names or not (several or (len(names) == 1 and names[0] in STUDIES)):
+        raise SystemExit(f"usage: python studies/study.py NAME [--key=value ...]; studies: {', '.join(STUDIES)} "
+                         f"(several ablations comma-separated: {','.join(ABLATIONS)})")
+    ablation(names, argv[1:]) if several else STUDIES[names[0]](argv[1:])
+
+
 if __name__ == "__main__":
-    if len(sys.argv) < 2 or sys.argv[1] not in STUDIES:
-        raise SystemExit(f"usage: python studies/study.py NAME [--key=value ...]; studies: {', '.join(STUDIES)}")
-    STUDIES[sys.argv[1]](sys.argv[2:])
+    main(sys.argv[1:])

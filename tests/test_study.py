@@ -137,3 +137,15 @@ def test_set_world_switches_and_names_the_world():
             study.set_world("nope")
     finally:
         study.set_world("flat")
+
+
+def test_the_command_line_names_one_study_or_several_ablations(monkeypatch):
+    """`af_ratio,gamma` trains both ablations in one call (their shared run once); a study that is not
+    an ablation cannot be combined, and an unknown name is a one-line usage error."""
+    calls = []
+    monkeypatch.setattr(study, "ablation", lambda names, argv: calls.append((names, argv)))
+    study.main(["af_ratio,gamma", "--seeds=0"])
+    assert calls == [(["af_ratio", "gamma"], ["--seeds=0"])]
+    for bad in (["rl_vs_sft,gamma"], ["nope"], []):
+        with pytest.raises(SystemExit, match="usage: python studies/study.py NAME"):
+            study.main(bad)
