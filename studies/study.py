@@ -127,8 +127,9 @@ WORLDS = {
 }
 WORLD = WORLDS["flat"]           # --world=levels switches it (set_world)
 # SFT steps of each world's shared start (--start_steps=0 picks these): long enough that continued SFT
-# adds little on the in-levels. On the levels world 3800 steps were not (continued SFT then gained 6.8
-# points of in-level vqa over RL; RESULTS.md 4.6), 8000 were (0.3 points).
+# adds little on the in-levels. On the levels world 3800 steps were not (continued SFT gained 6 points of
+# in-level vqa on the start, 6.8 over RL; RESULTS.md 4.6); from 8000 it gains nothing (-2.2 and -0.8 in
+# two runs), and RL's in-level vqa is 0.3 and 2.6 points behind it.
 START_STEPS = {"flat": 6000, "levels": 8000}
 RL_FLAGS = ["--rl.ppo_epochs=2", "--rl.af_prob=0.5"]
 # the ablations vary one thing each around the paper's setting: answer-forcing at 10 %, mu = 2
