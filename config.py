@@ -75,7 +75,8 @@ class DataConfig:
                                      # disjoint from all the other splits
     hard_frac: float = 0.4           # share of level-2 vqa / grounding questions when a split's levels are 1,2
     # difficulty levels per split (data.draw_level; vqa 1-4 = composition: 1 count/compare, 2 add/diff/sides,
-    # 3-4 sums of 3-4 lists; grounding 1-3 = relation depth; a family keeps the levels it has): traced SFT, answer-only RL, and held-out eval + val.
+    # 3-4 sums of 3-4 lists; grounding 1-3 = relation depth; a family keeps the levels it has): traced SFT,
+    # answer-only RL, and held-out eval + val.
     # Metrics split eval by bucket: in (<= the top SFT level), edge (one above), far (two or more above)
     sft_levels: str = "1,2"          # traced: the in-bucket
     rl_levels: str = "1,2,3"         # answer-only prompts reach one level past the traces (the edge)

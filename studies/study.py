@@ -157,6 +157,11 @@ def set_world(world: str) -> str:
     return world_tag()
 
 
+def start_steps(opts: dict) -> int:
+    """The SFT steps of the shared start: --start_steps, or the world's (START_STEPS) when it is 0."""
+    return opts["start_steps"] or START_STEPS[opts["world"]]
+
+
 def world_tag() -> str:
     return "" if WORLD == WORLDS["flat"] else "_" + next(k for k, v in WORLDS.items() if v == WORLD)
 
@@ -373,7 +378,6 @@ def rl_vs_sft(argv: list[str]):
                                         "root": "", "report": False, "commit": "",
                                         "arms": ",".join(DEFAULT_ARMS), "world": "flat"})
     root = opts["root"] or START_ROOT + set_world(opts["world"])       # runs/rl_vs_sft, runs/rl_vs_sft_levels
-    start_steps = opts["start_steps"] or START_STEPS[opts["world"]]
     seeds = [int(s) for s in opts["seeds"].split(",")]
     arms = opts["arms"].split(",")
     if set(arms) - set(ARMS):
@@ -388,7 +392,7 @@ def rl_vs_sft(argv: list[str]):
                  "command": " ".join(arm_commands(root, start, a, s, opts["arm_s"])[0][1:]), "eval_command": ""}
                 for a, s in specs]
     else:
-        shared_start(root, start_steps)
+        shared_start(root, start_steps(opts))
         with ThreadPoolExecutor(max_workers=2) as pool:        # two arms side by side, one thread each
             jobs = list(pool.map(lambda a_s: arm_job(root, start, a_s[0], a_s[1], opts["arm_s"]), specs))
     report(root, jobs, json.load(open(held)), meta("rl_vs_sft", argv, seeds, None if opts["report"] else t0,
@@ -498,7 +502,7 @@ def run_summary(out: str) -> dict:
     }
 
 
-def run_key(flags: list[str], arm_s: float, start_steps: int) -> str:
+def run_key(flags: list[str], arm_s: float, sft_steps: int) -> str:
     """The folder name of one ablation run: a hash of its RL config, budget and start (its SFT steps),
     so that a variant several studies share (the defaults: p = 0.1, unified, gamma = 0.5,
     complementary) is trained once per seed and read by each of them, and a run from another start
@@ -506,7 +510,7 @@ def run_key(flags: list[str], arm_s: float, start_steps: int) -> str:
     WORLD, and each world has its own root: runs/ablations, runs/ablations_levels), and the code is
     not: after changing it, delete the root to redo the runs."""
     cfg = C.get_config([*WORLD, *flags])
-    key = json.dumps([C.to_dict(cfg)["rl"], arm_s, start_steps], sort_keys=True)
+    key = json.dumps([C.to_dict(cfg)["rl"], arm_s, sft_steps], sort_keys=True)
     return "rl-" + hashlib.sha1(key.encode()).hexdigest()[:10]
 
 
@@ -591,11 +595,11 @@ def ablation(names: list[str], argv: list[str]):
                                         "root": "", "report": False, "commit": "", "world": "flat"})
     tag = set_world(opts["world"])       # the levels world: its own runs, start (rl_vs_sft --world=levels') and names
     root, seeds, t0 = opts["root"] or os.path.join("runs", "ablations" + tag), [int(x) for x in opts["seeds"].split(",")], time.time()
-    start, start_steps = os.path.join(START_ROOT + tag, "start", "ckpt_sft.pt"), opts["start_steps"] or START_STEPS[opts["world"]]
+    start, steps = os.path.join(START_ROOT + tag, "start", "ckpt_sft.pt"), start_steps(opts)
     if not opts["report"]:
-        start, _ = shared_start(START_ROOT + tag, start_steps)
+        start, _ = shared_start(START_ROOT + tag, steps)
     flags = lambda name, v: ["--stage=rl", "--rl.eval_interval=15", *ABLATION_FLAGS, *ABLATIONS[name][v]]
-    out = lambda name, v, sd: os.path.join(root, f"seed{sd}", run_key(flags(name, v), opts["arm_s"], start_steps))
+    out = lambda name, v, sd: os.path.join(root, f"seed{sd}", run_key(flags(name, v), opts["arm_s"], steps))
     todo = {}                                       # folder -> (flags, seed): each distinct run once
     for sd in seeds:
         for name in names:
@@ -769,19 +773,19 @@ def estimator_variance(argv: list[str]):
 
 
 STUDIES = {"rl_vs_sft": rl_vs_sft, "tree": tree, "estimator_variance": estimator_variance,
-           "ablations": lambda argv: ablation(list(ABLATIONS), argv),
-           **{name: (lambda argv, name=name: ablation([name], argv)) for name in ABLATIONS}}
+           "ablations": lambda argv: ablation(list(ABLATIONS), argv)}
 
 
 def main(argv: list[str]):
     """python studies/study.py NAME [--key=value ...]; NAME may list several ablations (af_ratio,gamma):
     they are trained together, so a run they share (the default variant) is trained once per seed."""
     names = argv[0].split(",") if argv else []
-    several = len(names) > 1 and all(n in ABLATIONS for n in names)
-    if not names or not (several or (len(names) == 1 and names[0] in STUDIES)):
-        raise SystemExit(f"usage: python studies/study.py NAME [--key=value ...]; studies: {', '.join(STUDIES)} "
-                         f"(several ablations comma-separated: {','.join(ABLATIONS)})")
-    ablation(names, argv[1:]) if several else STUDIES[names[0]](argv[1:])
+    if names and all(n in ABLATIONS for n in names):
+        return ablation(names, argv[1:])
+    if len(names) != 1 or names[0] not in STUDIES:
+        raise SystemExit(f"usage: python studies/study.py NAME [--key=value ...]; studies: "
+                         f"{', '.join([*STUDIES, *ABLATIONS])} (several ablations comma-separated: {','.join(ABLATIONS)})")
+    STUDIES[names[0]](argv[1:])
 
 
 if __name__ == "__main__":
