@@ -83,6 +83,14 @@ class DataConfig:
     eval_levels: str = "1,2,3"       # held out + val: the in and edge buckets (vqa's level 4, the far
                                      # bucket, widens every vqa row by 20 tokens: SFT 1.27x slower per step;
                                      # studies/study.py's levels world adds it)
+    edit_max_level: int = 4          # the highest edit level drawn (data.make_edit: 1 one operation, 2 two,
+                                     # 3 a colour constraint over rows or columns, 4 over both); 1 = the
+                                     # single-operation edits of the world before 2026-12-06
+    # looks: per-cell nuisance that no prompt names and no reward scores (data.py, "looks"), so a
+    # picture is not fixed by its description; 1, 1, 1 = one look per cell content (no nuisance)
+    shades: int = 3                  # brightness levels of a shape's colour (1-3)
+    fills: int = 4                   # a shape's fill: solid + striped / checkered patterns (1-4)
+    floors: int = 6                  # an empty cell's floor: black + dim grey patterns (1-6)
     teacher_slip: float = 0.0        # fraction of traces with a random miscount carried to a wrong answer
     teacher_bias: str = ""           # colours the teacher always overcounts by one, "yellow,red" ("" = none)
     teacher_box_pad: int = 0         # the teacher's grounding boxes are this many px too loose per side
@@ -172,8 +180,11 @@ class RLConfig:
     af_prob: float = 0.1             # answer-forcing probability (paper: "10%")
     af_mode: str = "failed_groups"   # "failed_groups": p applies to all-failed groups (reading 1, default)
                                      # "all_groups": p of all groups get the forced sample (reading 2)
-    tree_schedule: str = "0,2"       # tree-search rounds: 0 = fresh round, s = branch at image step s.
-                                     # The paper branches at step 8 of 64 (1/8); toy has 16 image steps -> 2
+    tree_schedule: str = "0,2"       # tree-search rounds: 0 = fresh round, s = branch at image step s
+                                     # (the paper branches at step 8 of 64, 1/8; the toy has 16 image
+                                     # steps -> 2); H = branch where the policy was most uncertain: at
+                                     # the step that revealed the best sample's highest-entropy slot
+                                     # (LATR, arXiv 2510.24302), Ht / Hi: among its plan-text / image slots
     tree_tasks: str = "edit"         # tasks that use tree search (real-valued rewards)
     likelihood: str = "complementary"  # complementary | elbo_mc | mc_unweighted | one_step
     n_mc: int = 2                    # forward passes for the MC estimators (complementary uses 2)
@@ -427,6 +438,9 @@ RANGES = [
     *((k, 0.0, 1.0, "a probability") for k in ("model.dropout", "data.hard_frac", "data.teacher_slip",
                                                "vq.ema_decay", "diffusion.full_mask_frac", "diffusion.prompt_drop",
                                                "train.min_lr_frac", "rl.gamma", "rl.tau", "rl.af_prob", "rl.p_prompt")),
+    # the world's own limits (data.MAX_LOOKS, data.MAX_LEVEL; tests/test_config.py checks they agree)
+    ("data.shades", 1, 3, "shade levels"), ("data.fills", 1, 4, "fill patterns"), ("data.floors", 1, 6, "floor patterns"),
+    ("data.edit_max_level", 1, 4, "an edit level"),
     ("diffusion.eps", 1e-9, 1.0, "the smallest noise level (> 0: the ELBO weighs by 1/t)"),
     # rates, weights and temperatures
     *((k, 1e-12, INF, "a learning rate") for k in ("vq.lr", "train.lr", "rl.lr")),
@@ -542,8 +556,8 @@ def validate(cfg: Config):
     parse_mix(r.task_mix, "rl.task_mix", RL_TASKS)
     n_img = (d.image_size // cfg.vq.downsample) ** 2
     img_steps = min(cfg.diffusion.image_steps, n_img)
-    for s in parse_int_list(r.tree_schedule, "rl.tree_schedule")[1:]:
-        if not 0 < s < img_steps:
+    for s in parse_tree_schedule(r.tree_schedule)[1:]:
+        if isinstance(s, int) and not 0 < s < img_steps:
             raise ConfigError(f"--rl.tree_schedule={r.tree_schedule!r}: branch step {s} must lie in "
                               f"1..{img_steps - 1} (the image has {img_steps} denoising steps)")
 
@@ -585,6 +599,28 @@ def parse_int_list(text: str, where: str) -> list[int]:
         return [int(x) for x in text.strip("[]").split(",") if x.strip()]
     except ValueError:
         raise ConfigError(f"--{where}={text!r}: expected comma-separated integers, e.g. 0,8") from None
+
+
+UNCERTAIN_BRANCHES = ("H", "Ht", "Hi")   # tree search: branch at the most uncertain slot of all / text / image
+
+
+def parse_tree_schedule(text: str) -> list:
+    """'0,2,H' -> [0, 2, 'H']: rl.tree_schedule's rounds. The first is 0 (fresh samples); each later
+    one is an image step (int) or one of UNCERTAIN_BRANCHES. One-line ConfigError otherwise."""
+    out = []
+    for x in (p.strip() for p in text.strip("[]").split(",") if p.strip()):
+        if x in UNCERTAIN_BRANCHES:
+            out.append(x)
+            continue
+        try:
+            out.append(int(x))
+        except ValueError:
+            raise ConfigError(f"--rl.tree_schedule={text!r}: {x!r} is neither an image step nor one of "
+                              f"{', '.join(UNCERTAIN_BRANCHES)}; e.g. 0,2 or 0,H") from None
+    if not out or out[0] != 0 or 0 in out[1:]:
+        raise ConfigError(f"--rl.tree_schedule={text!r}: the first round is 0 (fresh samples) and only the first, "
+                          f"e.g. 0,2 or 0,H")
+    return out
 
 
 def to_dict(cfg: Config) -> dict:

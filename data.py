@@ -121,8 +121,85 @@ def shape_box(i: int, shape: Shape, grid: int, image_size: int) -> tuple[int, in
     return (c * cell + m, r * cell + m, (c + 1) * cell - m, (r + 1) * cell - m)
 
 
-def render(scene: Scene, grid: int, image_size: int) -> np.ndarray:
-    """Scene -> (H, W, 3) uint8 picture on a black background."""
+# ----------------------------------------------------------------------------------------------
+# looks: what a picture shows that no prompt names and no reward scores (METHOD.md §8)
+#
+# A real prompt leaves most of a picture open (texture, lighting, background), so the image tokens
+# of text-to-image and editing carry real conditional entropy. The shape world gets the same with
+# three per-cell nuisance attributes, drawn independently and uniformly:
+#   a shape's shade   its colour at one of data.shades brightness levels        (SHADES)
+#   a shape's fill    solid or one of data.fills - 1 patterns of dimmed pixels  (FILLS)
+#   an empty floor    black or one of data.floors - 1 dim grey patterns         (FLOORS)
+# A cell's look is one integer: shade * 4 + fill for a shape (FILLS_MAX = 4 fill patterns exist),
+# the floor for an empty cell; at the defaults a shape has 3 x 4 = 12 looks and an empty cell 6
+# (entropy ln 12 and ln 6 nats).
+# None of them moves a shape's box (grounding's answer) or changes what read_scene reads: kind,
+# colour and size stay exactly recoverable from every look (tests/test_data.py checks every one).
+# data.shades = data.fills = data.floors = 1 is the world without nuisance (one look per content).
+
+SHADES = (1.0, 0.82, 0.66)                       # brightness factors of the palette colour
+DIM = 0.55                                       # a fill pattern's dimmed pixels keep this share
+FLOOR_GREY = (0, 52, 40, 48, 44, 52)             # peak grey level of each floor (0 = black)
+EMPTY_PEAK = 88                                  # a cell whose brightest pixel is below this is empty:
+                                                 # floors peak at <= 52, the darkest shape at 0.66 x 180
+
+
+def _fill_map(fill: int, cell: int) -> np.ndarray:
+    """(cell, cell) brightness factors of fill pattern `fill`: 0 solid, 1 horizontal stripes,
+    2 vertical stripes, 3 checker (the odd rows / columns / squares dimmed to DIM)."""
+    y, x = np.mgrid[:cell, :cell]
+    odd = [np.zeros_like(y, dtype=bool), y % 2 == 1, x % 2 == 1, (x + y) % 2 == 1][fill]
+    return np.where(odd, DIM, 1.0).astype(np.float32)
+
+
+def _floor_map(floor: int, cell: int) -> np.ndarray:
+    """(cell, cell) grey levels (0-255) of floor pattern `floor`: 0 black, 1 four dots, 2 a centre
+    cross, 3 a frame, 4 a diagonal, 5 one speck."""
+    f = np.zeros((cell, cell), dtype=np.float32)
+    q, h = cell // 4, cell // 2
+    if floor == 1:
+        f[q::h, q::h] = 1
+    elif floor == 2:
+        f[h, :] = f[:, h] = 1
+    elif floor == 3:
+        f[0, :] = f[-1, :] = f[:, 0] = f[:, -1] = 1
+    elif floor == 4:
+        f[np.arange(cell), np.arange(cell)] = 1
+    elif floor == 5:
+        f[h - 1, h] = 1
+    return f * FLOOR_GREY[floor]
+
+
+FILLS_MAX = 4
+MAX_LOOKS = {"shades": len(SHADES), "fills": FILLS_MAX, "floors": len(FLOOR_GREY)}   # config ranges (validate)
+
+
+def random_look(rng: np.random.Generator, shape: Shape | None, d) -> int:
+    """One cell's look, uniform over the data config's (d.shades, d.fills, d.floors): one draw."""
+    if shape is None:
+        return int(rng.integers(d.floors))
+    shade, fill = divmod(int(rng.integers(d.shades * d.fills)), d.fills)
+    return shade * FILLS_MAX + fill
+
+
+def random_looks(rng: np.random.Generator, scene: Scene, d) -> tuple | None:
+    """One uniformly random look per cell, or None (draws nothing) when the world has no nuisance."""
+    if d.shades * d.fills == 1 and d.floors == 1:
+        return None
+    return tuple(random_look(rng, s, d) for s in scene)
+
+
+def edited_looks(source: Scene, target: Scene, looks: tuple | None, rng: np.random.Generator, d) -> tuple | None:
+    """The looks of an edit's target picture: a cell the edit leaves alone keeps its look (an editor
+    copies what it was not asked to touch); a changed cell gets a fresh random one."""
+    if looks is None:
+        return None
+    return tuple(lk if s == t else random_look(rng, t, d) for s, t, lk in zip(source, target, looks))
+
+
+def render(scene: Scene, grid: int, image_size: int, looks: tuple | None = None) -> np.ndarray:
+    """Scene -> (H, W, 3) uint8 picture on a black background. looks: one int per cell (see above;
+    None = every cell's look 0: full colour, solid, black floor)."""
     S = SUPERSAMPLE
     img = Image.new("RGB", (image_size * S, image_size * S), (0, 0, 0))
     draw = ImageDraw.Draw(img)
@@ -138,14 +215,26 @@ def render(scene: Scene, grid: int, image_size: int) -> np.ndarray:
         else:  # apex at the top centre, base along the bottom
             draw.polygon([((x0 + x1) / 2, y0), (x1 - 1, y1 - 1), (x0, y1 - 1)], fill=col)
     img = img.resize((image_size, image_size), Image.BOX)
-    return np.asarray(img, dtype=np.uint8)
+    if looks is None or not any(looks):
+        return np.asarray(img, dtype=np.uint8)
+    out = np.asarray(img, dtype=np.float32).copy()
+    cell = image_size // grid
+    for i, (sh, lk) in enumerate(zip(scene, looks)):
+        r, c = divmod(i, grid)
+        patch = out[r * cell:(r + 1) * cell, c * cell:(c + 1) * cell]                    # (c, c, 3) view
+        if sh is None:
+            patch += _floor_map(lk, cell)[..., None]
+        else:
+            shade, fill = divmod(lk, FILLS_MAX)
+            patch *= (SHADES[shade] * _fill_map(fill, cell))[..., None]
+    return np.clip(out.round(), 0, 255).astype(np.uint8)
 
 
 _TEMPLATES: dict = {}
 
 
 def _templates(grid: int, image_size: int) -> tuple[list[Shape], np.ndarray]:
-    """Brightness maps of every (kind, size) drawn in white in cell 0, unit-normalised: (6, c*c)."""
+    """Brightness maps of every (kind, size) drawn in cell 0, unit-normalised: (6, c*c)."""
     key = (grid, image_size)
     if key not in _TEMPLATES:
         cell = image_size // grid
@@ -159,13 +248,21 @@ def _templates(grid: int, image_size: int) -> tuple[list[Shape], np.ndarray]:
     return _TEMPLATES[key]
 
 
+def _chroma(rgb: np.ndarray) -> np.ndarray:
+    """Colours (..., 3) scaled so that their brightest channel is 1: a shade changes brightness, not this."""
+    return rgb / np.maximum(rgb.max(-1, keepdims=True), 1e-6)
+
+
 def read_scene(img: np.ndarray, grid: int) -> Scene:
     """Re-read every cell's (kind, colour, size) from a picture: (H, W, 3) uint8 or float in [0, 1].
 
     This is the scorer for edits and text-to-image, and the attribute-recovery check of the VQ
-    tokenizer. Per cell: brightness = max over RGB; empty if the cell has less than a third of the
-    smallest shape's ink; colour = nearest palette entry to the mean of the bright pixels;
-    kind and size = the template with the highest cosine similarity of brightness maps.
+    tokenizer. It reads the scored content under every look (shade, fill, floor). Per cell:
+    brightness = max over RGB; empty if the brightest pixel is below EMPTY_PEAK (a floor, or
+    nothing); colour = the palette entry nearest in chroma (colour / its brightest channel, which no
+    shade changes) to the mean of the bright pixels; kind and size = the template with the highest
+    cosine similarity to the brightness map divided by a fill pattern, the best over every pattern
+    (the right pattern undoes the fill exactly).
     """
     img = np.asarray(img)
     if img.dtype != np.uint8:
@@ -173,20 +270,21 @@ def read_scene(img: np.ndarray, grid: int) -> Scene:
     image_size = img.shape[0]
     cell = image_size // grid
     shapes, maps = _templates(grid, image_size)
-    min_ink = (maps[[j for j, s in enumerate(shapes) if s.size == "small"]] > 0).sum(1).min() * 255 / 3
-    palette = np.array(list(COLOURS.values()), dtype=np.float32)
+    unfill = np.stack([1.0 / _fill_map(f, cell).ravel() for f in range(FILLS_MAX)])   # (F, c*c)
+    palette = _chroma(np.array(list(COLOURS.values()), dtype=np.float32))
     out = []
     for i in range(grid * grid):
         r, c = divmod(i, grid)
         patch = img[r * cell:(r + 1) * cell, c * cell:(c + 1) * cell].astype(np.float32)   # (c, c, 3)
         bright = patch.max(-1).ravel()                                                      # (c*c,)
-        if bright.sum() < min_ink:
+        if bright.max() < EMPTY_PEAK:
             out.append(None)
             continue
         px = patch.reshape(-1, 3)[bright > 0.5 * bright.max()]
-        colour = list(COLOURS)[int(((palette - px.mean(0)) ** 2).sum(1).argmin())]
-        sim = maps @ (bright / (np.linalg.norm(bright) + 1e-8))
-        best = shapes[int(sim.argmax())]
+        colour = list(COLOURS)[int(((palette - _chroma(px.mean(0))) ** 2).sum(1).argmin())]
+        undone = bright[None] * unfill                                                      # (F, c*c)
+        sim = (undone / (np.linalg.norm(undone, axis=1, keepdims=True) + 1e-8)) @ maps.T    # (F, 6)
+        best = shapes[int(sim.max(0).argmax())]
         out.append(Shape(best.kind, colour, best.size))
     return tuple(out)
 
@@ -292,7 +390,7 @@ def _sum_of_counts(scene: Scene, rng, grid: int, k: int, teacher: Teacher):
 
 GROUND_LEVELS = {1: ("unique",), 2: ("odd_colour", "left_of", "above"), 3: ("two_hop",)}
 GROUND_EASY, GROUND_HARD = GROUND_LEVELS[1], GROUND_LEVELS[2]
-MAX_LEVEL = {"vqa": max(VQA_LEVELS), "ground": max(GROUND_LEVELS)}     # the other families have level 1 only
+MAX_LEVEL = {"vqa": max(VQA_LEVELS), "ground": max(GROUND_LEVELS), "edit": 4}   # t2i has level 1 only
 
 
 def _relation(scene: Scene, grid: int, anchor: int, rel: str) -> tuple[list[int], str, int] | None:
@@ -377,10 +475,25 @@ def make_ground(scene: Scene, rng, grid: int, level: int):
 EDIT_TYPES = ("recolour", "remove", "move", "add")
 
 
-def make_edit(scene: Scene, rng, grid: int):
-    """Returns (prompt, plan, target scene, qtype) or None."""
+def make_edit(scene: Scene, rng, grid: int, level: int = 1):
+    """Returns (prompt, plan, target scene, qtype) or None. Levels by what one instruction asks:
+    1 one operation (recolour / remove / move / add), 2 two operations on different cells, 3 a colour
+    constraint over the rows or the columns, 4 over both (constraint_edit). Levels 1-2 have one right
+    picture; 3-4 have many (rewards.constraint_score grades them)."""
+    if level >= 3:
+        return constraint_edit(scene, rng, grid, ("rows", "cols") if level >= 4 else (("rows", "cols")[rng.integers(2)],))
+    if level == 2:
+        return _two_edits(scene, rng, grid)
     qtype = EDIT_TYPES[rng.integers(4)]
-    uniq, empty = _unique_pairs(scene), [i for i, s in enumerate(scene) if s is None]
+    out = _one_edit(scene, rng, grid, qtype, set())
+    return None if out is None else (*out[:3], qtype)
+
+
+def _one_edit(scene: Scene, rng, grid: int, qtype: str, busy: set[int]):
+    """One operation on `scene` that touches no cell of `busy`: (prompt, plan, target, the cells it
+    touches), or None. Shapes are named by a (colour, kind) pair unique in the scene."""
+    uniq = [i for i in _unique_pairs(scene) if i not in busy]
+    empty = [i for i, s in enumerate(scene) if s is None and i not in busy]
     tgt = list(scene)
     if qtype == "add":
         if not empty:
@@ -389,7 +502,7 @@ def make_edit(scene: Scene, rng, grid: int):
         new = Shape(KINDS[rng.integers(3)], list(COLOURS)[rng.integers(4)], SIZES[rng.integers(2)])
         tgt[j] = new
         return (f"add a {new.size} {new.colour} {new.kind} at {cell_name(j, grid)}",
-                f"{cell_name(j, grid)} empty . add", tuple(tgt), qtype)
+                f"{cell_name(j, grid)} empty . add", tuple(tgt), {j})
     if not uniq:
         return None
     t = int(rng.choice(uniq))
@@ -398,16 +511,114 @@ def make_edit(scene: Scene, rng, grid: int):
     if qtype == "recolour":
         newc = [c for c in COLOURS if c != s.colour][rng.integers(3)]
         tgt[t] = Shape(s.kind, newc, s.size)
-        return f"make the {name} {newc}", f"{name} : {cell_name(t, grid)} . recolour {newc}", tuple(tgt), qtype
+        return f"make the {name} {newc}", f"{name} : {cell_name(t, grid)} . recolour {newc}", tuple(tgt), {t}
     if qtype == "remove":
         tgt[t] = None
-        return f"remove the {name}", f"{name} : {cell_name(t, grid)} . remove", tuple(tgt), qtype
+        return f"remove the {name}", f"{name} : {cell_name(t, grid)} . remove", tuple(tgt), {t}
     if not empty:
         return None
     j = int(rng.choice(empty))
     tgt[t], tgt[j] = None, s
     return (f"move the {name} to {cell_name(j, grid)}",
-            f"{name} : {cell_name(t, grid)} . move {cell_name(j, grid)}", tuple(tgt), qtype)
+            f"{name} : {cell_name(t, grid)} . move {cell_name(j, grid)}", tuple(tgt), {t, j})
+
+
+def _two_edits(scene: Scene, rng, grid: int):
+    """Level 2: "A and B", two operations on disjoint cells, both naming shapes of the ORIGINAL
+    picture; the plan is the two one-operation plans in order."""
+    q1, q2 = (EDIT_TYPES[i] for i in rng.integers(4, size=2))
+    first = _one_edit(scene, rng, grid, q1, set())
+    if first is None:
+        return None
+    p1, plan1, mid, busy = first
+    # the second operation names shapes of the original picture and touches none of the first's cells
+    second = _one_edit(scene, rng, grid, q2, busy | {i for i, (a, b) in enumerate(zip(scene, mid)) if a != b})
+    if second is None:
+        return None
+    p2, plan2, _, cells = second
+    tgt = list(mid)
+    for i in cells:                       # apply the second operation's changes on top of the first
+        tgt[i] = second[2][i]
+    return f"{p1} and {p2}", f"{plan1} . {plan2}", tuple(tgt), "two_ops"
+
+
+UNITS = {"rows": "row", "cols": "column"}
+
+
+def unit_cells(kind: str, grid: int) -> list[list[int]]:
+    """The cells of every row ("rows") or column ("cols") of the board, row-major."""
+    return [[r * grid + c for c in range(grid)] if kind == "rows" else [c * grid + r for c in range(grid)]
+            for r in range(grid)]
+
+
+def repeats(scene: Scene, cells: list[int]) -> list[str]:
+    """The colours that occur more than once among the shapes of `cells`, in palette order."""
+    cols = [scene[i].colour for i in cells if scene[i] is not None]
+    return [c for c in COLOURS if cols.count(c) > 1]
+
+
+def colour_conflicts(scene: Scene, kinds: tuple[str, ...], grid: int) -> int:
+    """How many units (rows and/or columns) repeat a colour."""
+    return sum(bool(repeats(scene, u)) for k in kinds for u in unit_cells(k, grid))
+
+
+MAX_RECOLOURS = 3      # constraint edits whose fewest recolours exceed this are not posed
+
+
+def fewest_recolours(scene: Scene, kinds: tuple[str, ...], grid: int, rng) -> Scene | None:
+    """A recolouring of `scene` with no colour repeated in any unit of `kinds` that changes as few
+    shapes as possible (at most MAX_RECOLOURS, else None), picked at random among the fewest: the
+    subsets of conflicting shapes by size, then every colouring of a subset, both in random order.
+    Only shapes in a conflict are recoloured (a rare scene that needs another shape changed is not
+    posed)."""
+    units = [u for k in kinds for u in unit_cells(k, grid)]
+    involved = sorted({i for u in units for i in u if scene[i] is not None and scene[i].colour in repeats(scene, u)})
+    names = list(COLOURS)
+    for k in range(1, min(MAX_RECOLOURS, len(involved)) + 1):
+        subsets = [list(s) for s in _combinations(involved, k)]
+        for si in rng.permutation(len(subsets)):
+            cells = subsets[si]
+            for ci in rng.permutation(4 ** k):
+                new = list(scene)
+                for j, cell in enumerate(cells):
+                    colour = names[(int(ci) >> (2 * j)) & 3]
+                    new[cell] = Shape(scene[cell].kind, colour, scene[cell].size)
+                if any(new[c] == scene[c] for c in cells):
+                    continue                    # a "recolour" to its own colour is not a change
+                if colour_conflicts(tuple(new), kinds, grid) == 0:
+                    return tuple(new)
+    return None
+
+
+def _combinations(items: list[int], k: int):
+    if k == 0:
+        yield ()
+        return
+    for i in range(len(items)):
+        for rest in _combinations(items[i + 1:], k - 1):
+            yield (items[i],) + rest
+
+
+def constraint_edit(scene: Scene, rng, grid: int, kinds: tuple[str, ...]):
+    """Levels 3-4: "recolour shapes so that no row (and no column) repeats a colour", posed only on
+    scenes that break it. The target is one fewest-recolours solution (any valid picture scores,
+    rewards.constraint_score); the plan names each broken unit with its repeated colours, then the
+    recolours: "row1 red . r1c3 yellow"."""
+    if colour_conflicts(scene, kinds, grid) == 0:
+        return None
+    tgt = fewest_recolours(scene, kinds, grid, rng)
+    if tgt is None:
+        return None
+    broken = [f"{UNITS[k][:3]}{n} " + " ".join(repeats(scene, u))
+              for k in kinds for n, u in enumerate(unit_cells(k, grid)) if repeats(scene, u)]
+    changes = [f"{cell_name(i, grid)} {t.colour}" for i, (s, t) in enumerate(zip(scene, tgt)) if s != t]
+    what = " and no ".join(UNITS[k] for k in kinds)
+    qtype = "_".join(kinds)
+    return (f"recolour shapes so that no {what} repeats a colour", " . ".join(broken) + " . " + " ".join(changes),
+            tgt, qtype)
+
+
+CONSTRAINT_EDITS = {"rows": ("rows",), "cols": ("cols",), "rows_cols": ("rows", "cols")}   # qtype -> units
 
 
 def describe(scene: Scene, grid: int) -> str:
@@ -435,7 +646,10 @@ class Example:
     split: str = ""               # JSONL rows only: the split a row asks for ("" = by its trace)
     teacher_answer: str | None = None  # eval split, biased teacher only: what the sft teacher would
                                   # have answered (eval.py measures how much of its error a model copies)
-    level: int = 1                # difficulty (vqa: lists combined, ground: relation depth; else 1)
+    level: int = 1                # difficulty (vqa: lists combined, ground: relation depth, edit:
+                                  # operations / constraints; t2i 1)
+    looks: tuple | None = None    # the input picture's per-cell looks (nuisance; None = all 0)
+    target_looks: tuple | None = None   # edit / t2i: the target picture's looks
 
 
 def box_text(box) -> str:
@@ -466,7 +680,8 @@ def bucket(level: int, sft_levels: tuple[int, ...]) -> str:
 
 def _make_example(task, scene, rng, cfg, teacher: Teacher | None, levels: tuple[int, ...] = (1, 2)) -> Example | None:
     d = cfg
-    level = draw_level(rng, levels, d.hard_frac, MAX_LEVEL.get(task, 1))      # every family draws: same streams
+    top = min(MAX_LEVEL["edit"], d.edit_max_level) if task == "edit" else MAX_LEVEL.get(task, 1)
+    level = draw_level(rng, levels, d.hard_frac, top)      # every family draws: same streams
     if task == "vqa":
         q, trace, ans_text, truth, qtype = make_vqa(scene, rng, d.grid, level, teacher or Teacher())
         ex = Example(task, qtype, q, scene, truth, trace, ans_text)
@@ -483,7 +698,7 @@ def _make_example(task, scene, rng, cfg, teacher: Teacher | None, levels: tuple[
                      min(d.image_size, box[3] + p))
         ex = Example(task, qtype, q, scene, box, trace, box_text(shown))
     elif task == "edit":
-        out = make_edit(scene, rng, d.grid)
+        out = make_edit(scene, rng, d.grid, level)
         if out is None:
             return None
         q, plan, target, qtype = out
@@ -528,6 +743,14 @@ def build_pools(dcfg) -> dict[str, dict[str, list[Example]]]:
                 ex = _make_example(task, scene, rng, dcfg, teacher, levels[split])
                 if ex is None or ex.key in seen:
                     continue
+                # the pictures' looks from a stream of their own: the world without nuisance draws
+                # nothing more, and its scenes, questions and splits stay what they were
+                look_rng = np.random.default_rng([dcfg.seed, ti, si, i - 1, 1])
+                ex.looks = None if task == "t2i" else random_looks(look_rng, scene, dcfg)
+                if task == "edit":
+                    ex.target_looks = edited_looks(scene, ex.answer, ex.looks, look_rng, dcfg)
+                elif task == "t2i":           # the prompt fixes the content, never the looks
+                    ex.target_looks = random_looks(look_rng, ex.answer, dcfg)
                 if split != "sft":          # answer-only pools carry no trace (rewards need none)
                     ex.trace = ex.trace if split in ("eval", "val") else None
                 if split in ("eval", "val") and task in ("vqa", "ground") and (dcfg.teacher_bias or dcfg.teacher_box_pad):
@@ -549,9 +772,9 @@ def ensure_images(examples: list[Example], dcfg):
     """Render input and target pictures that are not user-given (cheap: ~0.1 ms per 32 px image)."""
     for ex in examples:
         if ex.image is None and ex.scene is not None:
-            ex.image = render(ex.scene, dcfg.grid, dcfg.image_size)
+            ex.image = render(ex.scene, dcfg.grid, dcfg.image_size, ex.looks)
         if ex.target_image is None and ex.task in ("edit", "t2i"):
-            ex.target_image = render(ex.answer, dcfg.grid, dcfg.image_size)
+            ex.target_image = render(ex.answer, dcfg.grid, dcfg.image_size, ex.target_looks)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -966,7 +1189,7 @@ def export_examples(pools, out_dir: str, n: int, dcfg) -> str:
                     Image.fromarray(ex.image).save(os.path.join(out_dir, name + ".png"))
                     row["image"] = name + ".png"
                 if task in ("edit", "t2i"):
-                    Image.fromarray(render(ex.answer, dcfg.grid, dcfg.image_size)).save(
+                    Image.fromarray(render(ex.answer, dcfg.grid, dcfg.image_size, ex.target_looks)).save(
                         os.path.join(out_dir, name + "_target.png"))
                     row["target_image"] = name + "_target.png"
                 if task == "ground":

@@ -275,7 +275,7 @@ def sample(model, batch: Batch, tok: Tokenizer, dcfg, *, temperature: float | No
            image_temperature: float | None = None, cfg_scale: float | None = None,
            generator: torch.Generator | None = None, order: torch.Tensor | None = None,
            start_step: int = 0, use_cache: bool = True, on_step=None,
-           forbid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+           forbid: torch.Tensor | None = None, entropy: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Fill every [MASK]/[IMASK] in the response of `batch` and return (tokens (B, T), order (B, R)).
 
     batch.tokens holds the canvas: masked slots are filled, every other response token is FIXED and
@@ -332,7 +332,8 @@ def sample(model, batch: Batch, tok: Tokenizer, dcfg, *, temperature: float | No
             logits = torch.where(is_img[:, blk, None], (1 + cfg_scale) * logits - cfg_scale * ul, logits)
         logits = logits.masked_fill(~allowed[:, blk], float("-inf"))
         # every step works on one block of one modality, so one temperature applies
-        x0 = gumbel_argmax(logits, image_temperature if st.cosine else temperature, generator)   # (B, b)
+        temp = image_temperature if st.cosine else temperature
+        x0 = gumbel_argmax(logits, temp, generator)                         # (B, b)
         if dcfg.remask == "random":
             conf = torch.rand(cand.shape, generator=generator, device=dev)
         else:  # confidence = p(x0) under the noise-free softmax, not the Gumbel-perturbed one (as LLaDA)
@@ -343,21 +344,28 @@ def sample(model, batch: Batch, tok: Tokenizer, dcfg, *, temperature: float | No
         reveal = (rank < k[:, None]) & cand                                 # (B, b)
         resp[:, blk] = torch.where(reveal, x0, resp[:, blk])
         order[:, blk] = torch.where(reveal, torch.full_like(cand, g, dtype=torch.long), order[:, blk])
+        if entropy is not None:          # H = -sum p log p of what was sampled from (0 when greedy)
+            logp = (logits / temp).log_softmax(-1) if temp > 0 else None
+            h = -(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(-1) if logp is not None else torch.zeros_like(conf)
+            entropy[:, blk] = torch.where(reveal, h.to(entropy.dtype), entropy[:, blk])
         masked[:, blk] = cand & ~reveal
     return torch.cat([batch.tokens[:, :P], resp], 1), order
 
 
-def rebuild_state(tokens: torch.Tensor, order: torch.Tensor, step: int, batch: Batch,
+def rebuild_state(tokens: torch.Tensor, order: torch.Tensor, step, batch: Batch,
                   tok: Tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
-    """The sampler's state just before global step `step`, from the final tokens and the order alone
-    (LaViDa-R1's cheap tree-search state, METHOD.md §6: no intermediate tensors are stored):
-    slots revealed at a step < `step` (and given slots, order -1) keep their token, the rest are
-    masked again. Returns (tokens (B, T), order (B, R)) ready for sample(..., start_step=step)."""
+    """The sampler's state just before global step `step` (an int, or (B,) long: one step per row),
+    from the final tokens and the order alone (LaViDa-R1's cheap tree-search state, METHOD.md §6: no
+    intermediate tensors are stored): slots revealed at a step < `step` (and given slots, order -1)
+    keep their token, the rest are masked again. Returns (tokens (B, T), order (B, R)) ready for
+    sample(..., start_step=step), or start_step=min(step) when the rows' steps differ."""
     P = batch.P
+    step = torch.as_tensor(step, device=order.device).reshape(-1, 1)          # (1, 1) or (B, 1)
+    again = order >= step                                                      # (B, R)
     remask = torch.zeros_like(tokens, dtype=torch.bool)
-    remask[:, P:] = order >= step
+    remask[:, P:] = again
     state = apply_mask(tokens, remask, batch.is_image, tok)
-    return state, torch.where(order >= step, torch.full_like(order, -1), order)
+    return state, torch.where(again, torch.full_like(order, -1), order)
 
 
 def n_steps(batch: Batch, dcfg) -> int:

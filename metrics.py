@@ -217,7 +217,7 @@ def baselines(bundle, cfg) -> dict:
     ious = random_shape_ious(ev["ground"], d)
     out["ground_random_miou"] = mean(np.mean(x) for x in ious if x)
     out["ground_random_p50"] = mean(np.mean([v >= 0.5 for v in x]) for x in ious if x)
-    out["edit_copy_score"] = mean(RW.edit_score(e.scene, e.answer, e.scene) for e in ev["edit"])
+    out["edit_copy_score"] = mean(RW.edit_reward(e, e.scene, d.grid) for e in ev["edit"] if e.scene is not None)
     empty = (None,) * (d.grid * d.grid)
     out["t2i_empty_cell_acc"] = mean(RW.scene_accuracy(e.answer, empty) for e in ev["t2i"])
     out["t2i_empty_shape_acc"] = 0.0
@@ -260,6 +260,7 @@ def evaluate(model, bundle, vq, cfg, device, autocast, split: str = "eval", n: i
             m["ground_parse_fail"] = fails
         elif task == "edit":
             m["edit_score"] = float(np.mean(r))
+            m.update(level_metrics("edit_score", exs, r, cfg.data.sft_levels))
             m["edit_exact"] = float(np.mean([p == e.answer for p, e in zip(preds, exs)]))
         else:
             m["t2i_cell_acc"] = float(np.mean(r))
@@ -362,7 +363,7 @@ def save_sample_grid(rows: dict, tok, cfg, path: str, scale: int = 4):
         for b, ex in enumerate(exs):
             x = 8
             if ex.image is not None or ex.scene is not None:
-                img = ex.image if ex.image is not None else render(ex.scene, cfg.data.grid, cfg.data.image_size)
+                img = ex.image if ex.image is not None else render(ex.scene, cfg.data.grid, cfg.data.image_size, ex.looks)
                 canvas.paste(Image.fromarray(img).resize((S, S), Image.NEAREST), (x, y))
             x += S + 8
             text = tok.decode(resp[b])          # the text region only
@@ -372,7 +373,7 @@ def save_sample_grid(rows: dict, tok, cfg, path: str, scale: int = 4):
             if pics is not None:
                 out = (np.asarray(pics[b]) * 255).clip(0, 255).astype(np.uint8)
                 canvas.paste(Image.fromarray(out).resize((S, S), Image.NEAREST), (x, y))
-                tgt = render(ex.answer, cfg.data.grid, cfg.data.image_size)
+                tgt = render(ex.answer, cfg.data.grid, cfg.data.image_size, ex.target_looks)
                 canvas.paste(Image.fromarray(tgt).resize((S, S), Image.NEAREST), (x + S + 8, y))
             y += row_h + 8
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import re
 from decimal import Decimal
 
-from data import Scene, read_scene
+from data import CONSTRAINT_EDITS, Scene, colour_conflicts, read_scene
 
 # ----------------------------------------------------------------------------------------------
 # parsing
@@ -180,6 +180,37 @@ def edit_score(source: Scene, target: Scene, pred: Scene) -> float:
     return 0.5 * follow + 0.5 * keep
 
 
+def constraint_score(source: Scene, target: Scene, pred: Scene, kinds: tuple[str, ...], grid: int) -> float:
+    """The reward of a constraint edit ("recolour shapes so that no row repeats a colour"; levels
+    3-4 of data.make_edit), in [0, 1]: met * kept * economy, where
+      met     = (broken units of source - broken units of pred) / broken units of source, clipped to
+                [0, 1] (a unit is a row or column; broken: it repeats a colour, data.colour_conflicts):
+                the share of the broken units pred fixes, less any it breaks; the source is posed
+                broken, so "do nothing" earns 0
+      kept    = mean over cells of what the instruction may not change: presence, kind and size
+                (1 if both cells are empty, 0 if one is, else half a point per matching kind / size)
+      economy = 1 - (recolours beyond the fewest needed) / (shapes in the source): the fewest are the
+                target's own (data.fewest_recolours), so a valid edit that recolours more than it must
+                earns less, and a fully valid fewest-recolours edit earns 1.
+    Many pictures earn 1 (any fewest recolouring); the rest are graded, which is what best-of-N and
+    tree search have to find."""
+    broken = colour_conflicts(source, kinds, grid)
+    met = min(1.0, max(0.0, (broken - colour_conflicts(pred, kinds, grid)) / max(1, broken)))
+    sim = lambda a, b: float(a is None and b is None) if a is None or b is None else ((a.kind == b.kind) + (a.size == b.size)) / 2
+    kept = sum(sim(p, s) for p, s in zip(pred, source)) / len(source)
+    fewest = sum(s != t for s, t in zip(source, target))
+    recoloured = sum(s is not None and p is not None and p.colour != s.colour for s, p in zip(source, pred))
+    economy = 1.0 - max(0, recoloured - fewest) / max(1, sum(s is not None for s in source))
+    return met * kept * economy
+
+
+def edit_reward(ex, pred: Scene, grid: int) -> float:
+    """The edit reward of the re-read picture `pred` for example `ex`: constraint_score for the
+    constraint edits (ex.qtype in CONSTRAINT_EDITS), else edit_score against the one right target."""
+    kinds = CONSTRAINT_EDITS.get(ex.qtype)
+    return constraint_score(ex.scene, ex.answer, pred, kinds, grid) if kinds else edit_score(ex.scene, ex.answer, pred)
+
+
 def scene_accuracy(target: Scene, pred: Scene) -> float:
     """Text-to-image attribute accuracy: mean per-cell similarity to the described scene."""
     return sum(cell_similarity(p, t) for p, t in zip(pred, target)) / len(target)
@@ -206,7 +237,7 @@ def score_rows(task: str, examples, resp, layout, tok, decode_fn, grid: int):
         elif task == "ground":
             r, w = ground_reward(texts[b], ex.answer)
         elif task == "edit":
-            r, w = edit_score(ex.scene, ex.answer, scenes[b]), "ok"
+            r, w = edit_reward(ex, scenes[b], grid), "ok"
         else:
             r, w = scene_accuracy(ex.answer, scenes[b]), "ok"
         out.append(r)

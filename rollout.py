@@ -11,9 +11,13 @@ advantages and the objective that consume these groups are in rl.py.
   tree search     (METHOD.md §6; real-valued rewards: edit; `sample_rounds`). Round 0 draws N samples
                   from the fully masked canvas; each later round takes the best sample so far (argmax
                   over ALL samples so far: the paper does not say; this is the simplest reading),
-                  rebuilds its state at image step s from its final tokens and recorded unmasking order
+                  rebuilds its state at a branch step from its final tokens and recorded unmasking order
                   alone (diffusion.rebuild_state: no intermediate tensors are kept), and samples N
-                  continuations from there. rl.tree_schedule = "0,8" means rounds at steps [0, 8].
+                  continuations from there. rl.tree_schedule = "0,8" means rounds at image steps [0, 8]
+                  (the paper's fixed schedule); "0,H" branches where the policy was most uncertain
+                  (`branch_step`: the step that revealed the parent's highest-entropy slot, as LATR,
+                  arXiv 2510.24302, branches at high-entropy tokens; "Ht" / "Hi" look at its plan text /
+                  its image slots only), so each group branches at a step of its own.
   answer-forcing  (METHOD.md §5; the tasks with a ground-truth answer: vqa, ground; `answer_forcing`).
                   After the on-policy samples are scored, a coin with probability rl.af_prob is flipped
                   per group; the forced sample joins the group (N+1 members) where `join_forced` says
@@ -36,7 +40,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from einops import rearrange
 
-from config import parse_int_list
+from config import parse_tree_schedule
 from data import Batch, answer_ids, collate
 from diffusion import image_step_offset, rebuild_state, sample
 from rewards import score_rows
@@ -81,14 +85,16 @@ def rollout_diffusion(cfg):
     return cfg.diffusion if rc.tokens_per_step <= 0 else replace(cfg.diffusion, tokens_per_step=rc.tokens_per_step)
 
 
-def policy_sample(model, canvas: Batch, tok, cfg, generator, autocast, order=None, start: int = 0, forbid=None):
+def policy_sample(model, canvas: Batch, tok, cfg, generator, autocast, order=None, start: int = 0, forbid=None,
+                  entropy=None):
     """pi_theta: fill `canvas` (B, T) with the rollout sampler (temperature rl.temperature on text and
     image slots, rollout_diffusion's schedule). order / start continue a rebuilt state (tree search);
-    forbid (B, V) bans ids from the masked slots. Returns (tokens (B, T), order (B, R))."""
+    forbid (B, V) bans ids from the masked slots; entropy (B, R) is filled in place with each revealed
+    slot's sampling entropy (diffusion.sample). Returns (tokens (B, T), order (B, R))."""
     with autocast:
         return sample(model, canvas, tok, rollout_diffusion(cfg), temperature=cfg.rl.temperature,
                       image_temperature=cfg.rl.temperature, generator=generator, order=order,
-                      start_step=start, forbid=forbid)
+                      start_step=start, forbid=forbid, entropy=entropy)
 
 
 def score(task: str, tokens: torch.Tensor, P: int, exs: list, lay, tok, vq, cfg) -> tuple[torch.Tensor, Counter]:
@@ -137,27 +143,48 @@ def answer_forcing(model, base: Batch, exs: list, r_on: torch.Tensor, cfg, tok, 
     return joins, t_f, r_f, why
 
 
-def sample_rounds(model, base: Batch, exs: list, schedule: list[int], cfg, tok, lay, vq, generator, autocast):
+def branch_step(order: torch.Tensor, entropy: torch.Tensor, span: torch.Tensor) -> torch.Tensor:
+    """Uncertainty branching: the step at which each row's highest-entropy slot was revealed.
+    order (B, R) the global step that revealed each slot (-1: given), entropy (B, R) nats, span (R,)
+    bool: the slots to look at (plan text, image or all). Returns (B,) long; a row with no revealed
+    slot in the span gets the first step at which any of its span's slots could be revealed (0)."""
+    score = entropy.masked_fill(~(span[None] & (order >= 0)), float("-inf"))     # (B, R)
+    slot = score.argmax(1)                                                       # (B,)
+    step = order.gather(1, slot[:, None]).squeeze(1)
+    return torch.where(torch.isinf(score.amax(1)), torch.zeros_like(step), step)
+
+
+def sample_rounds(model, base: Batch, exs: list, schedule: list, cfg, tok, lay, vq, generator, autocast):
     """The on-policy samples of G prompts: round 0 draws N = rl.group_size from the fully masked
     canvas; each later round s of `schedule` (tree search) branches N continuations from the best
-    sample so far, rebuilt at image step s. Returns (tokens (G, N * rounds, T), rewards (G, N * rounds),
-    parse failures)."""
+    sample so far, rebuilt at image step s (an int) or at its most uncertain step (s in H / Ht / Hi:
+    branch_step over all / text / image slots). Returns (tokens (G, N * rounds, T), rewards
+    (G, N * rounds), parse failures)."""
     N, G = cfg.rl.group_size, len(exs)
     offset = image_step_offset(base, rollout_diffusion(cfg))
     rep = [e for e in exs for _ in range(N)]                               # row g * N + i answers prompt g
-    toks, orders, rews, why = [], [], [], Counter()
+    is_img = base.is_image[0, base.P:]
+    spans = {"H": base.is_resp[0, base.P:], "Ht": base.is_resp[0, base.P:] & ~is_img, "Hi": is_img}
+    toks, orders, ents, rews, why = [], [], [], [], Counter()
     for s in schedule:
         if not toks:                                                       # round 0: fresh samples
             canvas, order, start = base.repeat(N), None, 0
+            ent = torch.zeros(G * N, is_img.shape[0], device=base.tokens.device)
         else:                                                              # branch from the best so far
             best = torch.cat(rews, 1).argmax(1)                            # (G,)
             pick = lambda xs: torch.cat(xs, 1)[torch.arange(G), best.to(xs[0].device)]
-            state, st_order = rebuild_state(pick(toks), pick(orders), offset + s, base, tok)
-            canvas, order, start = base.with_tokens(state).repeat(N), st_order.repeat_interleave(N, 0), offset + s
-        tokens, order = policy_sample(model, canvas, tok, cfg, generator, autocast, order=order, start=start)
+            p_order, p_ent = pick(orders), pick(ents)                      # (G, R) the parents'
+            step = branch_step(p_order, p_ent, spans[s]) if isinstance(s, str) else \
+                torch.full((G,), offset + s, device=p_order.device)
+            state, st_order = rebuild_state(pick(toks), p_order, step, base, tok)
+            canvas, order, start = base.with_tokens(state).repeat(N), st_order.repeat_interleave(N, 0), int(step.min())
+            ent = p_ent.repeat_interleave(N, 0)                            # kept slots keep their entropy
+        tokens, order = policy_sample(model, canvas, tok, cfg, generator, autocast, order=order, start=start,
+                                      entropy=ent)
         r, w = score(base.tasks[0], tokens, base.P, rep, lay, tok, vq, cfg)
         toks.append(rearrange(tokens, "(g n) t -> g n t", g=G))
         orders.append(rearrange(order, "(g n) r -> g n r", g=G))
+        ents.append(rearrange(ent, "(g n) r -> g n r", g=G))
         rews.append(r.view(G, N))
         why += w
     return torch.cat(toks, 1), torch.cat(rews, 1), why
@@ -173,7 +200,7 @@ def sample_groups(model, bundle, task: str, idx: list[int], cfg, device, autocas
     lay, exs = ts.layout, [ts.examples[i] for i in idx]
     base = collate({task: ts}, [(task, i) for i in idx], tok, responses=False).to(device)    # (G, T)
     tree = task in rc.tree_tasks.split(",")
-    schedule = parse_int_list(rc.tree_schedule, "rl.tree_schedule") if tree else [0]
+    schedule = parse_tree_schedule(rc.tree_schedule) if tree else [0]
     t_on, r_on, why = sample_rounds(model, base, exs, schedule, cfg, tok, lay, vq, generator, autocast)
     member = torch.ones_like(r_on, dtype=torch.bool)
     joins, why_f = torch.zeros(len(idx), dtype=torch.bool), Counter()

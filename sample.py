@@ -210,8 +210,8 @@ def assets(cfg, opts: dict):
                                            os.path.join(run_dir, "sample"), "sample assets")
     d = run_cfg.data
     rng = np.random.default_rng([d.seed, 778])
-    pics = np.stack([D.render(D.random_scene(rng, d.grid, d.min_shapes, d.max_shapes), d.grid, d.image_size)
-                     for _ in range(16)])
+    scenes = [D.random_scene(rng, d.grid, d.min_shapes, d.max_shapes) for _ in range(16)]
+    pics = np.stack([D.render(s, d.grid, d.image_size, D.random_looks(rng, s, d)) for s in scenes])
     VQ.save_grid(pics, vq.decode(vq.encode(pics)), os.path.join(dst, "vq_recon.png"))
     for verb, example in (("answer", 3), ("draw", 1)):
         run(cfg, {**opts, "out": dst, "example": example, "show_steps": True}, verb)

@@ -439,7 +439,10 @@ def vq_path(cfg) -> str:
     never share the file, so training one tokenizer can never overwrite another that a checkpoint
     was trained with (its codes would then mean other pictures)."""
     d = cfg.data
-    key = json.dumps([asdict(cfg.vq), d.image_size, d.grid, d.min_shapes, d.max_shapes, d.seed], sort_keys=True)
+    key = [asdict(cfg.vq), d.image_size, d.grid, d.min_shapes, d.max_shapes, d.seed]
+    if (d.shades, d.fills, d.floors) != (1, 1, 1):       # the world without looks keeps its old file name
+        key.append([d.shades, d.fills, d.floors])
+    key = json.dumps(key, sort_keys=True)
     return os.path.join(d.cache_dir, f"vq_{d.image_size}px_{cfg.vq.codebook_size}c_seed{d.seed}_"
                                      f"{hashlib.sha1(key.encode()).hexdigest()[:8]}.pt")
 
@@ -453,7 +456,10 @@ def _render_fresh(cfg, stream: int, n: int):
     d = cfg.data
     scenes = [data.random_scene(np.random.default_rng([d.seed, stream, i]), d.grid, d.min_shapes,
                                 d.max_shapes) for i in range(n)]
-    images = np.stack([data.render(s, d.grid, d.image_size) for s in scenes])   # (n, H, W, 3) uint8
+    # every picture with random looks (data.random_looks, from a stream of their own), so the codebook
+    # holds a code per (content, look); the world without looks draws none
+    looks = [data.random_looks(np.random.default_rng([d.seed, stream, i, 1]), s, d) for i, s in enumerate(scenes)]
+    images = np.stack([data.render(s, d.grid, d.image_size, lk) for s, lk in zip(scenes, looks)])   # (n, H, W, 3)
     return scenes, images
 
 

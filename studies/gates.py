@@ -15,6 +15,16 @@ one traced in SFT, data.bucket), per reasoning family (vqa, grounding):
                     question type in the RL pool, grounding a uniformly random shape of the scene
                     (exact expectation of IoU >= 0.5)
 
+The picture gates (--parts=pictures; real uncertainty in pictures and edits, METHOD.md §8), on the
+held-out split over every level:
+
+  t2i_image_nll     the per-token NLL (nats) of the text-to-image targets' image codes under the
+                    complementary-masking estimator (likelihood.complementary: the per-token terms the
+                    RL step logs as nll_image_mean)                               target >= 1.5
+  edit_mean         the mean edit reward of 16 samples per prompt at the rollout temperature
+                                                                                   target <= 0.8
+  edit_best16       the mean over prompts of the best of those 16; gap = best16 - mean   target >= 0.15
+
 "Right" is reward 1 for vqa and IoU >= 0.5 for grounding (metrics.RIGHT). Each call screens one
 design (a name and the flags that make it: the rollout temperature, random-order unmasking, ...)
 and adds it to results/gates.json, then rewrites the table and its RESULTS.md block from every
@@ -24,6 +34,7 @@ checkpoint's own.
     python studies/gates.py --ckpt=runs/levels/start/ckpt_sft.pt --design=base
     python studies/gates.py --ckpt=runs/levels/start/ckpt_sft.pt --design=t0.7 --rl.temperature=0.7
     python studies/gates.py --ckpt=runs/levels/start/ckpt_sft.pt --design=random_order --diffusion.remask=random
+    python studies/gates.py --ckpt=runs/rl_vs_sft_looks/start/ckpt_sft.pt --design=looks --parts=pictures
     python studies/gates.py --report                      # the table again from results/gates.json
 
 --n=100 edge prompts per family (default), --samples=16. About 4-7 min per design on one thread of a
@@ -46,6 +57,7 @@ sys.path.insert(0, ROOT)          # the method's modules live one folder up (run
 import common  # noqa: E402
 import config as C  # noqa: E402
 import data as D  # noqa: E402
+import likelihood as LK  # noqa: E402
 import metrics  # noqa: E402
 import rewards as RW  # noqa: E402
 from rollout import force_answer, policy_sample  # noqa: E402
@@ -53,6 +65,8 @@ from study import hardware, publish  # noqa: E402
 
 TASKS = ("vqa", "ground")
 TARGETS = {"headroom": 0.20, "all_fail@8": (0.20, 0.60), "forced_consistent": 0.50}
+PICTURE_TARGETS = {"t2i_image_nll": 1.5, "edit_mean": 0.8, "edit_gap": 0.15}
+PARTS = ("reasoning", "pictures")
 RESULTS = os.path.join("results", "gates.json")
 
 
@@ -119,9 +133,50 @@ def blind(bundle, task: str, examples, cfg) -> float:
     return float(np.mean([np.mean([v >= 0.5 for v in x]) for x in metrics.random_shape_ious(examples, cfg.data) if x]))
 
 
+@torch.no_grad()
+def image_nll(model, bundle, cfg, idx: list[int], device) -> float:
+    """Mean per-token NLL (nats) of the image codes of t2i targets idx (eval split) under the
+    complementary estimator (one draw per row, seed eval.seed): what rl.kind_stats logs for images."""
+    ts, tok = bundle.sets["t2i"]["eval"], bundle.tok
+    gen = torch.Generator(device=device).manual_seed(cfg.eval.seed)
+    total, count = 0.0, 0
+    for i in range(0, len(idx), cfg.eval.batch_size):
+        batch = D.collate({"t2i": ts}, [("t2i", j) for j in idx[i:i + cfg.eval.batch_size]], tok).to(device)
+        terms = LK.complementary(model, batch, tok, generator=gen)
+        img = (terms.weight > 0) & batch.is_image[:, batch.P:][None]                   # (D, B, R)
+        total += float(-terms.logp[img].double().sum())
+        count += int(img.sum())
+    return total / max(count, 1)
+
+
+def picture_gates(model, bundle, vq, cfg, n: int, samples: int, device, autocast) -> dict:
+    """t2i_image_nll on n held-out t2i targets; edit_mean, edit_best16 (best of `samples`) and their gap
+    on n held-out edit prompts, overall and per level; which PICTURE_TARGETS they pass."""
+    t2i = list(range(min(n, len(bundle.sets["t2i"]["eval"]))))
+    ts = bundle.sets["edit"]["eval"]
+    idx = list(range(min(n, len(ts))))
+    scores = metrics.sample_scores(model, bundle, vq, cfg, device, autocast, "edit", "eval", idx, samples,
+                                   cfg.rl.temperature, cfg.eval.seed + 200)
+    mean, best = [float(np.mean(s)) for s in scores], [max(s) for s in scores]
+    out = {"t2i_image_nll": image_nll(model, bundle, cfg, t2i, device), "edit_mean": float(np.mean(mean)),
+           f"edit_best{samples}": float(np.mean(best)), "n_t2i": len(t2i), "n_edit": len(idx)}
+    out["edit_gap"] = out[f"edit_best{samples}"] - out["edit_mean"]
+    for lv in sorted({ts.examples[i].level for i in idx}):
+        on = [k for k, i in enumerate(idx) if ts.examples[i].level == lv]
+        out[f"edit_L{lv}"] = {"n": len(on), "mean": float(np.mean([mean[k] for k in on])),
+                              "best": float(np.mean([best[k] for k in on]))}
+    out["passes"] = {"t2i_image_nll": out["t2i_image_nll"] >= PICTURE_TARGETS["t2i_image_nll"],
+                     "edit_mean": out["edit_mean"] <= PICTURE_TARGETS["edit_mean"],
+                     "edit_gap": out["edit_gap"] >= PICTURE_TARGETS["edit_gap"]}
+    return out
+
+
 def screen(argv: list[str]) -> dict:
     cfg_cli, opts = C.get_config([a for a in argv if not a.startswith("--design")],
-                                 extra={"ckpt": "", "n": 100, "samples": 16})
+                                 extra={"ckpt": "", "n": 100, "samples": 16, "parts": ",".join(PARTS)})
+    parts = opts["parts"].split(",")
+    if set(parts) - set(PARTS) or not parts:
+        raise SystemExit(f"gates: --parts={opts['parts']}: expected a comma list of {', '.join(PARTS)}")
     design = next((a.split("=", 1)[1] for a in argv if a.startswith("--design=")), "base")
     if not opts["ckpt"]:
         raise SystemExit("gates: pass --ckpt=PATH (an SFT checkpoint trained with --data.eval_levels above its sft_levels)")
@@ -131,11 +186,11 @@ def screen(argv: list[str]) -> dict:
     cfg.rl, cfg.diffusion = cfg_cli.rl, cfg_cli.diffusion          # the design: the sampler's settings
     dev, autocast = "cpu", nullcontext()
     out = {"design": design, "flags": [a for a in argv if a.startswith("--") and not a.startswith(("--ckpt", "--design",
-                                                                                                  "--n=", "--samples"))],
+                                                                                                  "--n=", "--samples", "--parts"))],
            "ckpt": opts["ckpt"], "ckpt_step": blob["step"], "sft_levels": cfg.data.sft_levels,
            "command": "python studies/gates.py " + " ".join(argv), "commit": common.git_commit(),
            "hardware": hardware(), "n_samples": opts["samples"]}
-    for ti, task in enumerate(TASKS):
+    for ti, task in enumerate(TASKS if "reasoning" in parts else ()):
         bundle.sets[task]["edge"] = edge = edge_split(bundle, cfg, task)
         idx = list(range(min(opts["n"], len(edge))))
         scores = metrics.sample_scores(model, bundle, vq, cfg, dev, autocast, task, "edge", idx, opts["samples"],
@@ -147,6 +202,9 @@ def screen(argv: list[str]) -> dict:
         g["passes"] = passes(g)
         out[task] = g
         print(f"{design} {task}: " + " | ".join(f"{k} {v:.3f}" for k, v in g.items() if isinstance(v, float)), flush=True)
+    if "pictures" in parts:
+        out["pictures"] = p = picture_gates(model, bundle, vq, cfg, opts["n"], opts["samples"], dev, autocast)
+        print(f"{design} pictures: " + " | ".join(f"{k} {v:.3f}" for k, v in p.items() if isinstance(v, float)), flush=True)
     out["seconds"] = round(time.time() - t0, 1)
     return out
 
@@ -155,12 +213,22 @@ def table(designs: list[dict]) -> str:
     rows = ["| design | checkpoint (SFT steps), commit | flags | family | pass@1 | pass@16 | headroom (>= 0.20) | "
             "all-fail@8 (0.20-0.60) | forced consistent (>= 0.50) | blind guess | gates passed |", "|" + "---|" * 11]
     for d in designs:
-        for task in TASKS:
+        for task in (t for t in TASKS if t in d):
             g = d[task]
             n_pass = sum(g["passes"].values())
             rows.append(f"| {d['design']} | `{d['ckpt']}` ({d['ckpt_step']}), {d['commit']} | `{' '.join(d['flags']) or '-'}` | {task} (L{','.join(map(str, g['levels']))}, "
                         f"{g['n_prompts']} prompts) | {g['pass@1']:.3f} | {g['pass@16']:.3f} | {g['headroom']:.3f} | "
                         f"{g['all_fail@8']:.3f} | {g['forced_consistent']:.3f} | {g['blind']:.3f} | {n_pass}/3 |")
+    pics = [d for d in designs if "pictures" in d]
+    if pics:
+        rows += ["", "| design | checkpoint (SFT steps), commit | flags | t2i image NLL per token (>= 1.5) | edit mean (<= 0.8) | "
+                 "edit best of N (16) | gap (>= 0.15) | edit mean / best per level | gates passed |", "|" + "---|" * 9]
+        for d in pics:
+            p = d["pictures"]
+            lv = "; ".join(f"L{k[6:]} {v['mean']:.2f} / {v['best']:.2f} ({v['n']})" for k, v in p.items() if k.startswith("edit_L"))
+            rows.append(f"| {d['design']} | `{d['ckpt']}` ({d['ckpt_step']}), {d['commit']} | `{' '.join(d['flags']) or '-'}` | "
+                        f"{p['t2i_image_nll']:.3f} | {p['edit_mean']:.3f} | {p['edit_best' + str(d['n_samples'])]:.3f} | {p['edit_gap']:.3f} | "
+                        f"{lv} | {sum(p['passes'].values())}/3 |")
     return "\n".join(rows)
 
 
@@ -174,7 +242,7 @@ def main(argv: list[str]):
     commits = ", ".join(dict.fromkeys(d["commit"] for d in designs))       # every commit a design ran at, in order
     res = {"command": "python studies/gates.py --ckpt=... --design=NAME [flags]", "commit": commits,
            "hardware": designs[-1]["hardware"], "seeds": [0], "study_wall_s": sum(d["seconds"] for d in designs),
-           "targets": TARGETS, "designs": designs}
+           "targets": TARGETS, "picture_targets": PICTURE_TARGETS, "designs": designs}
     note = ("Every design is measured on the held-out edge bucket of its checkpoint (the level above the "
             "highest traced in SFT), 16 samples per prompt at the design's rollout temperature; one sampling seed "
             "(eval.seed). A design passes when all three gates hold for a family.")

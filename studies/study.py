@@ -114,23 +114,31 @@ import rollout as RO  # noqa: E402
 
 # the world of the protocol: scarce traces, a large answer-only pool, 200 held-out and 200
 # validation examples per family
+# the pictures of the worlds measured before looks and edit levels existed (2026-12-06): one look per
+# cell content, single-operation edits, the 64-code tokenizer; they keep every earlier number repeatable
+PLAIN = ["--data.shades=1", "--data.fills=1", "--data.floors=1", "--data.edit_max_level=1", "--vq.codebook_size=64"]
 WORLDS = {
     "flat": ["--preset=toy", "--data.rl_levels=1,2", "--data.eval_levels=1,2", "--data.n_sft=1000", "--data.n_rl=5000",
-             "--data.n_eval=200", "--data.n_val=200"],
+             "--data.n_eval=200", "--data.n_val=200", *PLAIN],
     # the difficulty protocol: traces for levels 1-2 (the toy's 3000 per family), answer-only RL prompts
     # over levels 1-3 (the edge level 3 and the traced ones: with level 3 alone, RL's in-level vqa fell
     # 6.8 points behind continued SFT; RESULTS.md 4.6), held-out and validation sets over every level
     # (800 held-out: ~200 per vqa level; 368 / 245 / 187 grounding examples at levels 1 / 2 / 3, since
     # deeper relations are rejected more often when drawn)
     "levels": ["--preset=toy", "--data.rl_levels=1,2,3", "--data.eval_levels=1,2,3,4", "--data.n_eval=800",
-               "--eval.n_per_task=800"],
+               "--eval.n_per_task=800", *PLAIN],
+    # the levels protocol in today's toy world: pictures with looks (a prompt no longer fixes its
+    # picture's codes) and edits with levels (two operations; colour constraints with many right
+    # pictures, graded), where the claims about image tokens (C5, C6) and tree search (C9) can show
+    "looks": ["--preset=toy", "--data.rl_levels=1,2,3", "--data.eval_levels=1,2,3,4", "--data.n_eval=800",
+              "--eval.n_per_task=800"],
 }
 WORLD = WORLDS["flat"]           # --world=levels switches it (set_world)
 # SFT steps of each world's shared start (--start_steps=0 picks these): long enough that continued SFT
 # adds little on the in-levels. On the levels world 3800 steps were not (continued SFT gained 6 points of
 # in-level vqa on the start, 6.8 over RL; RESULTS.md 4.6); from 8000 it gains nothing (-2.2 and -0.8 in
 # two runs), and RL's in-level vqa is 0.3 and 2.6 points behind it.
-START_STEPS = {"flat": 6000, "levels": 8000}
+START_STEPS = {"flat": 6000, "levels": 8000, "looks": 8000}
 RL_FLAGS = ["--rl.ppo_epochs=2", "--rl.af_prob=0.5"]
 # the ablations vary one thing each around the paper's setting: answer-forcing at 10 %, mu = 2
 ABLATION_FLAGS = ["--rl.ppo_epochs=2", "--rl.af_prob=0.1"]
@@ -659,26 +667,34 @@ def round_stats(g: RO.Groups) -> dict:
 
 
 TREE = {"iid x16": ("0", 16), "[0,2] early": ("0,2", 8), "[0,4] late": ("0,4", 8),
-        "iid x32": ("0", 32), "[0,2,4,8] rounds": ("0,2,4,8", 8)}
+        # uncertainty branching (rollout.branch_step): at the step of the best sample's highest-entropy
+        # slot, over all its slots / its plan text / its image
+        "[0,H] uncertain": ("0,H", 8), "[0,Ht] uncertain plan": ("0,Ht", 8), "[0,Hi] uncertain image": ("0,Hi", 8),
+        "iid x32": ("0", 32), "[0,2,4,8] rounds": ("0,2,4,8", 8), "[0,H,H,H] rounds": ("0,H,H,H", 8)}
 
 
 def tree(argv: list[str]):
     """Mean and max reward per group and the pictures' diversity for each schedule of TREE on
     --n_prompts validation edit prompts, on the shared start and on an early SFT checkpoint
     (--early_steps) where edit has headroom."""
-    _, opts = C.get_config(argv, extra={"seeds": "0,1,2", "n_prompts": 32, "start_steps": START_STEPS["flat"],
-                                        "early_steps": 1000, "commit": ""})
+    _, opts = C.get_config(argv, extra={"seeds": "0,1,2", "n_prompts": 32, "start_steps": 0,
+                                        "early_steps": 1000, "commit": "", "world": "flat"})
+    tag = set_world(opts["world"])
+    root = START_ROOT + tag
     seeds, t0 = [int(x) for x in opts["seeds"].split(",")], time.time()
     torch.set_num_threads(1)
-    ckpts = {"start": shared_start(START_ROOT, opts["start_steps"])[0],
-             # a weaker checkpoint of the same recipe (its own cosine schedule): edit still has headroom
-             f"early ({opts['early_steps']} SFT steps)": sft_checkpoint(os.path.join(START_ROOT, f"early{opts['early_steps']}"),
-                                                                   opts["early_steps"])}
+    ckpts = {"start": shared_start(root, start_steps(opts))[0]}
+    if opts["early_steps"]:      # a weaker checkpoint of the same recipe (its own cosine schedule): edit has headroom
+        ckpts[f"early ({opts['early_steps']} SFT steps)"] = sft_checkpoint(os.path.join(root, f"early{opts['early_steps']}"),
+                                                                          opts["early_steps"])
     rows, lines = {}, ["| checkpoint | schedule | samples / prompt | group mean reward | group max reward | "
-                       "diversity, round 0 | diversity, branched rounds |", "|---|---|---|---|---|---|---|"]
+                       "group max, constraint edits (L3+) | diversity, round 0 | diversity, branched rounds |",
+                       "|---|---|---|---|---|---|---|---|"]
+    out_dir = os.path.join("runs", "tree" + tag)
     for label, ckpt in ckpts.items():
-        cfg, bundle, model, vq, _ = common.load_run(ckpt, os.path.join("runs", "tree"), "study.py tree")
+        cfg, bundle, model, vq, _ = common.load_run(ckpt, out_dir, "study.py tree")
         idx = list(range(min(opts["n_prompts"], len(bundle.sets["edit"]["val"]))))
+        hard = torch.tensor([bundle.sets["edit"]["val"].examples[i].level >= 3 for i in idx])     # (G,)
         rows[label] = {}
         for name, (sched, n) in TREE.items():
             rs = rows[label][name] = []
@@ -689,23 +705,26 @@ def tree(argv: list[str]):
                                        torch.Generator().manual_seed(sd), split="val")
                 r = grp.rewards                                                      # (G, samples)
                 rs.append({"samples": r.shape[1], "mean": r.mean().item(), "max": r.amax(1).mean().item(),
+                           "max_L3+": r.amax(1)[hard].mean().item() if hard.any() else None, "n_L3+": int(hard.sum()),
                            **round_stats(grp), "seconds": time.time() - t1})
                 print(f"tree {label} {name} seed {sd}: mean {rs[-1]['mean']:.3f} max {rs[-1]['max']:.3f} "
                       f"diversity {[round(h, 3) for h in rs[-1]['round_hamming']]} ({time.time() - t1:.0f}s)",
                       flush=True)
             branched = [float(np.mean(r["round_hamming"][1:])) for r in rs] if len(rs[0]["round_hamming"]) > 1 else []
             lines.append(f"| {label} | {name} | {rs[0]['samples']} | {mean_sd([r['mean'] for r in rs])} | "
-                         f"{mean_sd([r['max'] for r in rs])} | {mean_sd([r['round_hamming'][0] for r in rs])} | "
-                         f"{mean_sd(branched)} |")
+                         f"{mean_sd([r['max'] for r in rs])} | {mean_sd([r['max_L3+'] for r in rs])} | "
+                         f"{mean_sd([r['round_hamming'][0] for r in rs])} | {mean_sd(branched)} |")
     note = ("Diversity: the mean pairwise Hamming distance between the pictures (VQ codes) drawn in one round for "
-            f"one prompt. {opts['n_prompts']} validation edit prompts, temperature {cfg.rl.temperature}; a "
-            "branched round continues the best picture so far from the given image step.")
+            f"one prompt. {opts['n_prompts']} validation edit prompts ({int(hard.sum())} of them constraint edits, "
+            f"levels 3-4, where any of many pictures is right), temperature {cfg.rl.temperature}; a branched round "
+            "continues the best picture so far from the given image step, or from the step of its most uncertain "
+            "slot (H: any slot, Ht: plan text, Hi: image).")
     res = {**meta("tree", argv, seeds, t0, opts["commit"], ckpts=ckpts, n_prompts=opts["n_prompts"], schedules=TREE),
            "rows": rows}
     plt = pyplot()
     if plt is not None:
-        fig, axes = plt.subplots(1, len(ckpts), figsize=(5 * len(ckpts), 3.6))
-        for ax, (label, by) in zip(axes, rows.items()):
+        fig, axes = plt.subplots(1, len(ckpts), figsize=(5 * len(ckpts), 3.6), squeeze=False)
+        for ax, (label, by) in zip(axes[0], rows.items()):
             for i, (name, rs) in enumerate(by.items()):
                 m = np.mean([r["best_so_far"] for r in rs], 0)
                 ax.plot(np.arange(1, len(m) + 1) * rs[0]["samples"] // len(m), m, marker="o", color=f"C{i}", label=name)
@@ -713,8 +732,8 @@ def tree(argv: list[str]):
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
         fig.tight_layout()
-        save_figure(fig, "tree", os.path.join("runs", "tree"))
-    publish("tree", res, "\n".join(lines) + "\n\n![tree](results/tree.png)", note, run_dir=os.path.join("runs", "tree"))
+        save_figure(fig, "tree" + tag, out_dir)
+    publish("tree" + tag, res, "\n".join(lines) + f"\n\n![tree{tag}](results/tree{tag}.png)", note, run_dir=out_dir)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -60,6 +60,8 @@ def test_int_accepts_integral_float_and_float_accepts_int():
 def test_bracketed_int_list():
     cfg = get_config(["--rl.tree_schedule=[0,2,4]"])
     assert config.parse_int_list(cfg.rl.tree_schedule, "rl.tree_schedule") == [0, 2, 4]
+    assert config.parse_tree_schedule(cfg.rl.tree_schedule) == [0, 2, 4]
+    assert config.parse_tree_schedule("0,H,Ht,4") == [0, "H", "Ht", 4]
 
 
 def test_presets_change_values():
@@ -146,7 +148,9 @@ def test_unparseable_argument(capsys):
     (["--stage=pretrain"], ["stage", "pretrain"]),
     (["--rl.likelihood=exact"], ["likelihood", "complementary"]),
     (["--train.task_mix=vqa:1,ocr:2"], ["ocr", "task_mix"]),
-    (["--rl.tree_schedule=0,x"], ["tree_schedule", "integers"]),
+    (["--rl.tree_schedule=0,x"], ["tree_schedule", "neither an image step", "H, Ht, Hi"]),
+    (["--rl.tree_schedule=2,4"], ["tree_schedule", "first round is 0"]),
+    (["--rl.tree_schedule=0,0"], ["tree_schedule", "only the first"]),
     (["--rl.tree_schedule=0,16"], ["tree_schedule", "branch step 16", "1..15"]),
     # readings that apply to one estimator only are errors elsewhere, never silently ignored
     (["--rl.likelihood=elbo_mc", "--rl.shared_t=true"], ["shared_t", "complementary", "elbo_mc"]),

@@ -8,6 +8,7 @@ the tokenizer; the shared sequence layout and batches; the JSONL loader. CPU, sm
 import itertools
 import json
 import re
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -136,7 +137,20 @@ def ground_matches(ex, grid):
 
 
 def apply_edit(scene, prompt, grid):
-    """(qtype, target scene) from the instruction words."""
+    """(qtype, target scene) from the instruction words; "A and B" applies both operations, each
+    naming shapes of the ORIGINAL picture, on cells the other does not touch. A constraint edit
+    ("recolour shapes so that no row repeats a colour") has many right targets: it returns
+    (qtype, None) and constraint_ok checks the one given."""
+    if m := re.fullmatch(r"recolour shapes so that no (row|column)(?: and no (column))? repeats a colour", prompt):
+        return ("rows_cols" if m.group(2) else {"row": "rows", "column": "cols"}[m.group(1)]), None
+    if " and " in prompt:
+        a, b = prompt.split(" and ")
+        _, ta = apply_edit(scene, a, grid)
+        _, tb = apply_edit(scene, b, grid)
+        da = {i for i in range(len(scene)) if ta[i] != scene[i]}
+        db = {i for i in range(len(scene)) if tb[i] != scene[i]}
+        assert not da & db, f"{prompt!r}: the two operations touch the same cell"
+        return "two_ops", tuple(ta[i] if i in da else tb[i] if i in db else scene[i] for i in range(len(scene)))
     sc = list(scene)
 
     def the(colour, kind):
@@ -166,6 +180,18 @@ def apply_edit(scene, prompt, grid):
         sc[i], sc[j] = None, sc[i]
         return "move", tuple(sc)
     raise AssertionError(f"unparseable edit prompt {prompt!r}")
+
+
+def constraint_ok(scene, target, qtype, grid):
+    """Whether `target` recolours `scene` so that no row (rows), column (cols) or either (rows_cols)
+    holds a colour twice, changing nothing but colours; and whether `scene` broke it."""
+    lines = {"rows": [[r * grid + c for c in range(grid)] for r in range(grid)],
+             "cols": [[r * grid + c for r in range(grid)] for c in range(grid)]}
+    units = [u for k in ("rows", "cols") if k in qtype for u in lines[k]]
+    distinct = lambda sc: all(len(cs) == len(set(cs)) for cs in ([sc[i].colour for i in u if sc[i]] for u in units))
+    same_but_colour = all((s is None and t is None) or (s and t and (s.kind, s.size) == (t.kind, t.size))
+                          for s, t in zip(scene, target))
+    return distinct(target) and not distinct(scene) and same_but_colour
 
 
 def parse_description(text, grid):
@@ -319,10 +345,13 @@ def test_edit_targets(wide):
         for e in pools["edit"][s]:
             qtype, target = apply_edit(e.scene, e.prompt, cfg.data.grid)
             assert e.qtype == qtype
-            assert e.answer == target, e.prompt
+            if target is None:                      # a constraint edit: one right target of many
+                assert constraint_ok(e.scene, e.answer, qtype, cfg.data.grid), e.prompt
+            else:
+                assert e.answer == target, e.prompt
             assert e.answer != e.scene
             seen.add(qtype)
-    assert seen == {"recolour", "remove", "move", "add"}
+    assert seen == {"recolour", "remove", "move", "add", "two_ops", "rows", "cols"}     # levels 1-3 at the toy defaults
 
 
 def test_t2i_descriptions(wide):
@@ -786,13 +815,13 @@ def levelled():
 
 def test_levels_and_buckets_are_disjoint_as_configured(levelled):
     """sft draws only levels 1-2, rl only level 3 (grounding's top), eval every level a family has; the
-    buckets of eval are in (<= 2), edge (3) and far (4, vqa only): hand-set boundaries."""
+    buckets of eval are in (<= 2), edge (3) and far (4, vqa and edit): hand-set boundaries."""
     cfg, pools = levelled
-    for task, top in (("vqa", 4), ("ground", 3)):
+    for task, top in (("vqa", 4), ("ground", 3), ("edit", 4)):
         assert {e.level for e in pools[task]["sft"]} == {1, 2}
         assert {e.level for e in pools[task]["rl"]} == {3}
         assert {e.level for e in pools[task]["eval"]} == set(range(1, top + 1))
-    assert {e.level for t in ("edit", "t2i") for s in SPLITS for e in pools[t][s]} == {1}
+    assert {e.level for s in SPLITS for e in pools["t2i"][s]} == {1}
     assert [data.bucket(v, (1, 2)) for v in (1, 2, 3, 4)] == ["in", "in", "edge", "far"]
     assert [data.bucket(v, (3,)) for v in (1, 3, 4, 5)] == ["in", "in", "edge", "far"]
 
@@ -815,3 +844,163 @@ def test_levels_have_a_range(bad):
     from config import ConfigError, validate
     with pytest.raises(ConfigError, match="data.rl_levels"):
         validate(make_config("toy", {"data.rl_levels": bad}))
+
+
+# ----------------------------------------------------------------------------------------------
+# looks: nuisance that no prompt names and no reward scores
+
+LOOKS = SimpleNamespace(shades=3, fills=4, floors=6)        # the toy defaults: every look there is
+
+
+def every_look():
+    """(shape, look) for every scored content and every shape look, and (None, floor) for every floor."""
+    shapes = [data.Shape(k, c, z) for k in data.KINDS for c in data.COLOURS for z in data.SIZES]
+    looks = [s * data.FILLS_MAX + f for s in range(LOOKS.shades) for f in range(LOOKS.fills)]
+    return [(sh, lk) for sh in shapes for lk in looks] + [(None, f) for f in range(LOOKS.floors)]
+
+
+def test_read_scene_is_exact_on_every_look():
+    """Every content in every look, in a corner, an edge and an inner cell, beside neighbours in
+    other looks: read_scene recovers kind, colour and size (or empty) exactly."""
+    rng = np.random.default_rng(0)
+    for sh, lk in every_look():
+        for cell in (0, 7, 10):
+            scene = list(data.random_scene(rng, 4, 3, 7))
+            scene[cell] = sh
+            looks = list(data.random_looks(rng, tuple(scene), LOOKS))
+            looks[cell] = lk
+            img = data.render(tuple(scene), 4, 32, tuple(looks))
+            assert data.read_scene(img, 4) == tuple(scene), (sh, lk, cell)
+
+
+def test_looks_change_the_picture_not_the_box():
+    """Each look of a cell is a different picture (the VQ has something to encode), shades keep the
+    colour's chroma, and no look moves a pixel outside the shape's box (grounding's answer)."""
+    cell = 8
+    for sh in (data.Shape("circle", "green", "small"), data.Shape("triangle", "yellow", "large")):
+        box = data.shape_box(0, sh, 4, 32)
+        pics = []
+        for lk in [s * data.FILLS_MAX + f for s in range(3) for f in range(4)]:
+            img = data.render((sh,) + (None,) * 15, 4, 32, (lk,) + (0,) * 15)
+            bright = img[:cell, :cell].max(-1)
+            ys, xs = np.nonzero(bright)
+            assert xs.min() >= box[0] and xs.max() < box[2] and ys.min() >= box[1] and ys.max() < box[3]
+            pics.append(img[:cell, :cell].tobytes())
+        assert len(set(pics)) == 12
+    floors = {data.render((None,) * 16, 4, 32, (f,) * 16)[:cell, :cell].tobytes() for f in range(6)}
+    assert len(floors) == 6
+
+
+def test_no_looks_is_the_old_world():
+    """data.shades = fills = floors = 1 draws no looks: the pictures are the plain renders and the
+    pools are those of a world without looks (the look stream is separate)."""
+    plain = make_config("toy", {"data.n_sft": 20, "data.n_rl": 20, "data.n_eval": 10, "data.n_val": 10,
+                                "data.shades": 1, "data.fills": 1, "data.floors": 1}).data
+    looked = make_config("toy", {"data.n_sft": 20, "data.n_rl": 20, "data.n_eval": 10, "data.n_val": 10}).data
+    a, b = data.build_pools(plain), data.build_pools(looked)
+    for task in a:
+        for split in a[task]:
+            assert [e.key for e in a[task][split]] == [e.key for e in b[task][split]]
+            assert all(e.looks is None and e.target_looks is None for e in a[task][split])
+    data.ensure_images(a["vqa"]["sft"][:5], plain)
+    for e in a["vqa"]["sft"][:5]:
+        assert np.array_equal(e.image, data.render(e.scene, 4, 32))
+
+
+def test_edit_targets_keep_untouched_looks_and_t2i_looks_are_open(wide):
+    _, pools = wide
+    kept = changed = 0
+    for e in pools["edit"]["rl"]:
+        for s, t, a, b in zip(e.scene, e.answer, e.looks, e.target_looks):
+            if s == t:
+                assert a == b             # an editor copies the cells it was not asked to touch
+                kept += 1
+            else:
+                changed += 1
+    assert kept and changed
+    t2i = pools["t2i"]["rl"]
+    assert all(e.looks is None and e.target_looks is not None for e in t2i)
+    # the same description is drawn in many looks: over the pool, each shape cell's looks spread
+    shape_looks = [lk for e in t2i for s, lk in zip(e.answer, e.target_looks) if s is not None]
+    assert set(shape_looks) == {s * data.FILLS_MAX + f for s in range(3) for f in range(4)}
+
+
+def test_looks_ranges_match_the_world():
+    import config
+    lim = {k: hi for k, lo, hi, _ in config.RANGES if k.startswith("data.") and k[5:] in ("shades", "fills", "floors",
+                                                                                           "edit_max_level")}
+    assert lim == {"data.shades": data.MAX_LOOKS["shades"], "data.fills": data.MAX_LOOKS["fills"],
+                   "data.floors": data.MAX_LOOKS["floors"], "data.edit_max_level": data.MAX_LEVEL["edit"]}
+
+
+# ----------------------------------------------------------------------------------------------
+# edit levels: two operations, colour constraints
+
+def brute_fewest(scene, kinds):
+    """The fewest recolours that leave no unit repeating a colour, by trying every colouring of every
+    shape (independent of data.fewest_recolours, which only recolours conflicting shapes)."""
+    cells = [i for i, s in enumerate(scene) if s is not None]
+    best = None
+    for colours in itertools.product(list(data.COLOURS), repeat=len(cells)):
+        new = list(scene)
+        for i, c in zip(cells, colours):
+            new[i] = data.Shape(scene[i].kind, c, scene[i].size)
+        if data.colour_conflicts(tuple(new), kinds, 4) == 0:
+            n = sum(c != scene[i].colour for i, c in zip(cells, colours))
+            best = n if best is None else min(best, n)
+    return best
+
+
+def test_constraint_edits_are_valid_and_fewest():
+    rng = np.random.default_rng(3)
+    seen = set()
+    for _ in range(300):
+        scene = data.random_scene(rng, 4, 3, 6)
+        level = int(rng.integers(3, 5))
+        out = data.make_edit(scene, rng, 4, level)
+        if out is None:
+            continue
+        prompt, plan, target, qtype = out
+        kinds = data.CONSTRAINT_EDITS[qtype]
+        seen.add(qtype)
+        assert data.colour_conflicts(scene, kinds, 4) > 0 and data.colour_conflicts(target, kinds, 4) == 0
+        assert all((s is None) == (t is None) and (s is None or (s.kind, s.size) == (t.kind, t.size))
+                   for s, t in zip(scene, target))                           # colours only
+        if len(seen) < 4 or rng.random() < 0.2:                              # brute force is slow-ish
+            assert sum(s != t for s, t in zip(scene, target)) == brute_fewest(scene, kinds)
+        # the plan names every broken unit and every recoloured cell with its new colour
+        for i, (s, t) in enumerate(zip(scene, target)):
+            if s != t:
+                assert f"{data.cell_name(i, 4)} {t.colour}" in plan
+        assert ("row" in prompt) == ("rows" in kinds) and ("column" in prompt) == ("cols" in kinds)
+    assert seen == {"rows", "cols", "rows_cols"}
+
+
+def test_two_operation_edits_apply_both():
+    """Level 2 = two level-1 operations on disjoint cells of the original picture: the target equals
+    the source with each operation's own cells changed as that operation alone would."""
+    rng = np.random.default_rng(5)
+    n = 0
+    for _ in range(200):
+        scene = data.random_scene(rng, 4, 3, 7)
+        out = data.make_edit(scene, rng, 4, 2)
+        if out is None:
+            continue
+        prompt, plan, target, qtype = out
+        assert qtype == "two_ops" and " and " in prompt and plan.count(" . ") >= 3
+        changed = [i for i in range(16) if scene[i] != target[i]]
+        assert 2 <= len(changed) <= 4                 # recolour/remove/add touch 1 cell, move 2
+        assert apply_edit(scene, prompt, 4) == ("two_ops", target)      # the independent reader agrees
+        n += 1
+    assert n > 100
+
+
+def test_edit_levels_follow_the_config():
+    cfg = make_config("toy", {"data.n_sft": 10, "data.n_rl": 200, "data.n_eval": 10, "data.n_val": 10,
+                              "data.rl_levels": "1,2,3,4", "data.edit_max_level": 2}).data
+    lv = {e.level for e in data.build_pools(cfg)["edit"]["rl"]}
+    assert lv == {1, 2}
+    cfg.edit_max_level = 4
+    ex = data.build_pools(cfg)["edit"]["rl"]
+    assert {e.level for e in ex} == {1, 2, 3, 4}
+    assert all((e.qtype in data.CONSTRAINT_EDITS) == (e.level >= 3) for e in ex)

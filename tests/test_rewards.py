@@ -10,11 +10,14 @@ import itertools
 import math
 import random
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
 import rewards as RW  # noqa: E402
 from data import Shape, Teacher, make_edit, make_vqa, random_scene, read_scene, render  # noqa: E402
+from data import random_looks as data_random_looks  # noqa: E402
 
 REASONS = {"ok", "no_answer_tag", "unclosed", "multiple_answers", "empty", "garbage", "bad_box"}
 
@@ -341,3 +344,75 @@ def test_trace_answer_recovers_the_truth_of_every_generated_trace():
         else:
             assert RW.trace_answer(trace, qtype) == ans, (trace, qtype)
     assert seen == {"count", "compare", "add", "diff", "sides", "add3", "add4"} and slips > 10
+
+
+# ----------------------------------------------------------------------------------------------
+# constraint edits: many right pictures, graded (rewards.constraint_score)
+
+def board(cells: dict):
+    """A 4 x 4 scene from {cell index: 'rs' / 'gc' / ...} (colour letter, kind letter), all large."""
+    C = {"r": "red", "g": "green", "b": "blue", "y": "yellow"}
+    K = {"c": "circle", "s": "square", "t": "triangle"}
+    return tuple(Shape(K[v[1]], C[v[0]], "large") if i in cells and (v := cells[i]) else None for i in range(16))
+
+
+def test_constraint_score_by_hand():
+    """Row 0 holds red, red, blue (cells 0, 1, 2); row 2 holds green, green (cells 8, 9); the other
+    rows are fine. 'No row repeats a colour': 2 broken rows of 4, fewest recolours 2."""
+    src = board({0: "rc", 1: "rs", 2: "bt", 8: "gc", 9: "gs", 5: "yc"})
+    fix = board({0: "rc", 1: "ys", 2: "bt", 8: "gc", 9: "rs", 5: "yc"})     # a fewest-recolours fix
+    rows = ("rows",)
+    assert RW.constraint_score(src, fix, src, rows, 4) == 0.0                  # do nothing: nothing fixed
+    assert RW.constraint_score(src, fix, fix, rows, 4) == 1.0                  # the target
+    other = board({0: "gc", 1: "rs", 2: "bt", 8: "yc", 9: "gs", 5: "yc"})   # another fewest fix
+    assert RW.constraint_score(src, fix, other, rows, 4) == 1.0
+    half = board({0: "rc", 1: "ys", 2: "bt", 8: "gc", 9: "gs", 5: "yc"})    # row 0 fixed, row 2 not
+    assert RW.constraint_score(src, fix, half, rows, 4) == pytest.approx(0.5)
+    # valid, but 3 recolours where 2 suffice: economy 1 - 1/6 (6 shapes)
+    extra = board({0: "rc", 1: "ys", 2: "gt", 8: "gc", 9: "rs", 5: "yc"})
+    assert RW.constraint_score(src, fix, extra, rows, 4) == pytest.approx(5 / 6)
+    # fixes both rows but turns cell 5's circle into a square: kept = 15.5 / 16
+    kind = board({0: "rc", 1: "ys", 2: "bt", 8: "gc", 9: "rs", 5: "ys"})
+    assert RW.constraint_score(src, fix, kind, rows, 4) == pytest.approx(15.5 / 16)
+    # removing a shape of each broken row also "fixes" them, but loses two cells: kept = 14 / 16
+    gone = board({0: "rc", 2: "bt", 8: "gc", 5: "yc"})
+    assert RW.constraint_score(src, fix, gone, rows, 4) == pytest.approx(14 / 16)
+    # breaking a row that was fine costs: row 1 fixed but now repeats yellow -> (1 - 1) / 1 = 0
+    src2 = board({0: "rc", 1: "rs", 5: "yc", 6: "bs"})
+    fix2 = board({0: "rc", 1: "gs", 5: "yc", 6: "bs"})
+    bad = board({0: "rc", 1: "gs", 5: "yc", 6: "ys"})                           # row 1 now repeats yellow
+    assert RW.constraint_score(src2, fix2, bad, rows, 4) == 0.0
+    # columns: cells 0 and 4 share column 0
+    srcc = board({0: "rc", 4: "rs"})
+    fixc = board({0: "rc", 4: "bs"})
+    assert RW.constraint_score(srcc, fixc, srcc, ("cols",), 4) == 0.0
+    assert RW.constraint_score(srcc, fixc, fixc, ("cols",), 4) == 1.0
+    assert RW.constraint_score(srcc, fixc, fixc, ("rows",), 4) == 0.0      # rows were never broken: 0 / 0 fixed
+
+
+def test_edit_reward_dispatches_on_the_question():
+    src = board({0: "rc", 1: "rs"})
+    fix = board({0: "rc", 1: "gs"})
+    ex = SimpleNamespace(qtype="rows", scene=src, answer=fix)
+    assert RW.edit_reward(ex, fix, 4) == 1.0 and RW.edit_reward(ex, src, 4) == 0.0
+    one = SimpleNamespace(qtype="recolour", scene=src, answer=fix)
+    assert RW.edit_reward(one, src, 4) == pytest.approx(RW.edit_score(src, fix, src)) == pytest.approx(5 / 6)
+
+
+def test_generated_constraint_edits_score_through_pictures():
+    """The world's own constraint edits, rendered in random looks and re-read: the target scores 1,
+    the source 0."""
+    rng = np.random.default_rng(11)
+    d = SimpleNamespace(shades=3, fills=4, floors=6)
+    n = 0
+    while n < 30:
+        scene = random_scene(rng, 4, 3, 7)
+        out = make_edit(scene, rng, 4, int(rng.integers(3, 5)))
+        if out is None:
+            continue
+        _, _, target, qtype = out
+        ex = SimpleNamespace(qtype=qtype, scene=scene, answer=target)
+        looks = data_random_looks(rng, target, d)
+        assert RW.edit_reward(ex, read_scene(render(target, 4, 32, looks), 4), 4) == 1.0
+        assert RW.edit_reward(ex, read_scene(render(scene, 4, 32, looks), 4), 4) == 0.0
+        n += 1

@@ -450,7 +450,7 @@ def test_rollout_tokens_per_step_sets_the_text_plan_and_the_branch_step(world, m
 
 
 def RW_edit(ex, pred_scene):
-    return RW.edit_score(ex.scene, ex.answer, pred_scene)
+    return RW.edit_reward(ex, pred_scene, 4)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -500,6 +500,85 @@ def test_rebuilt_tree_state_equals_sampler_state_and_branches_keep_the_prefix(wo
     # they really are new samples: the children of a row are not all identical
     late = cont[:, P + lay.R_text:].view(2, N, -1)
     assert any(not (late[b] == late[b, 0]).all() for b in range(2))
+
+
+def test_branch_step_picks_the_highest_entropy_slot():
+    """Hand-built: row 0's most uncertain revealed slot is 1 (step 5) over all slots, 4 (step 8)
+    among the image slots 3-5; the given slot 2 (order -1) never counts, however high its entropy.
+    Row 1 revealed no text slot (all given): its text branch falls back to step 0."""
+    order = torch.tensor([[3, 5, -1, 7, 8, 9],
+                          [-1, -1, -1, 2, 4, 6]])
+    ent = torch.tensor([[0.1, 2.0, 9.0, 0.5, 1.0, 0.2],
+                        [5.0, 5.0, 5.0, 0.3, 0.1, 0.7]])
+    img = torch.tensor([False, False, False, True, True, True])
+    assert RO.branch_step(order, ent, torch.ones(6, dtype=torch.bool)).tolist() == [5, 6]
+    assert RO.branch_step(order, ent, img).tolist() == [8, 6]
+    assert RO.branch_step(order, ent, ~img).tolist() == [5, 0]
+
+
+def test_sampler_records_each_revealed_slots_entropy(world):
+    """diffusion.sample(entropy=...) against the entropy recomputed from the model's logits at the
+    recorded state before each step (on_step), over the ids the slot may take, at the temperature
+    of its modality (text 0.7, image 1.3 here)."""
+    w = world
+    ts = w.bundle.sets["edit"]["rl"]
+    tok, P, lay, dcfg = w.tok, w.P, ts.layout, w.cfg.diffusion
+    base = D.collate({"edit": ts}, [("edit", 0), ("edit", 1)], tok, responses=False)
+    model = tiny_model(tok.vocab_size, seed=2, scale=0.3)
+    states, ent = {}, torch.full((2, lay.R), -1.0)
+    _, order = DF.sample(model, base, tok, dcfg, temperature=0.7, image_temperature=1.3,
+                         generator=torch.Generator().manual_seed(0), entropy=ent,
+                         on_step=lambda g, x: states.__setitem__(g, x.clone()), use_cache=False)
+    text_ok, img_ok = DF.vocab_masks(tok, "cpu")
+    checked = 0
+    for g, x in states.items():
+        with torch.no_grad():
+            logits = model(x, base.valid, base.is_prompt)[:, P:].float()              # (2, R, V)
+        for b in range(2):
+            for k in (order[b] == g).nonzero().flatten().tolist():
+                is_img = k >= lay.R_text
+                T = 1.3 if is_img else 0.7
+                lg = logits[b, k].masked_fill(~(img_ok if is_img else text_ok), float("-inf")) / T
+                p = lg.softmax(-1)
+                want = -(p[p > 0] * p[p > 0].log()).sum().item()
+                assert math.isclose(ent[b, k].item(), want, rel_tol=1e-4, abs_tol=1e-5), (g, b, k)
+                checked += 1
+    assert checked == 2 * lay.R and (ent >= 0).all()                     # every slot, once
+
+
+def test_uncertainty_branching_rebuilds_each_group_at_its_own_step(world, monkeypatch):
+    """rl.tree_schedule = 0,H: each group's children keep every token their parent revealed before the
+    step branch_step chose for that group (a step per group, so the sampler starts at the smallest and
+    a group ahead of it waits), and redraw the rest."""
+    w = world
+    N, idx = 3, [0, 1, 2, 3]
+    G = len(idx)
+    seen = {}
+    real = RO.branch_step
+
+    def spy(order, entropy, span):
+        seen["order"], seen["entropy"], seen["step"] = order.clone(), entropy.clone(), real(order, entropy, span)
+        return seen["step"]
+
+    monkeypatch.setattr(RO, "branch_step", spy)
+    cfg = rl_cfg(w, group_size=N, tree_schedule="0,H", tree_tasks="edit", temperature=1.0)
+    model = tiny_model(w.tok.vocab_size, seed=4, scale=0.3)
+    ts = w.bundle.sets["edit"]["rl"]
+    base = D.collate({"edit": ts}, [("edit", i) for i in idx], w.tok, responses=False)
+    toks, r, _ = RO.sample_rounds(model, base, [ts.examples[i] for i in idx], [0, "H"], cfg, w.tok, ts.layout,
+                                  w.vq, torch.Generator().manual_seed(3), nullcontext())
+    assert toks.shape[:2] == (G, 2 * N) and r.shape == (G, 2 * N)
+    step, porder, P = seen["step"], seen["order"], w.P
+    assert (seen["entropy"][porder >= 0] > 0).all()          # temperature 1: every revealed slot has entropy
+    assert len(set(step.tolist())) > 1, "the groups should branch at different steps here"
+    for g in range(G):
+        parent = toks[g, int(r[g, :N].argmax())]
+        keep = (porder[g] >= 0) & (porder[g] < step[g])                 # revealed before the branch
+        for j in range(N, 2 * N):
+            assert torch.equal(toks[g, j, P:][keep], parent[P:][keep])
+        # and the branch point itself was redrawn from its masked state in some child (not copied)
+        hot = int(seen["entropy"][g].masked_fill(porder[g] < 0, -1).argmax())
+        assert porder[g, hot] == step[g]
 
 
 # ----------------------------------------------------------------------------------------------
