@@ -101,7 +101,8 @@ class DataConfig:
 
 @dataclass
 class VQConfig:
-    codebook_size: int = 64          # 4 colours x 3 kinds x 2 sizes + empty = 25 cell types, with room
+    codebook_size: int = 512         # 24 shapes (4 colours x 3 kinds x 2 sizes) x 12 looks + 6 empty floors =
+                                     # 294 cell pictures (data.py, looks), with room; 64 for the world without looks
     code_dim: int = 32
     hidden: int = 64                 # conv channels
     downsample: int = 8              # 32px / 8 = 4x4 tokens: one token per grid cell at toy size

@@ -8,11 +8,14 @@ Watch a trained model work: answer, ground, edit or draw from one command, and s
     python sample.py answer --example=3 --show_steps          # held-out example 3 instead of a file
     python sample.py answer --example=3 --force="2" --show_steps   # answer-forcing: fix the answer,
                                                                    # inpaint the reasoning (METHOD.md §5)
+    python sample.py draw --example=0 --n=8       # 8 pictures of one prompt: what the prompt leaves open
+                                                  # (the looks), each with its reward
     python sample.py assets --out_dir=runs/toy     # the README's pictures (assets/) from the main job
 
 Options: --ckpt=PATH (default: out_dir's ckpt_rl.pt, else ckpt_sft.pt; the data, model and sampler
 settings are the checkpoint's own), --out=DIR (default <out_dir>/sample), --seed, --temperature
-(text; default the eval's greedy 0), --show_steps. Runs on the CPU.
+(text; default the eval's greedy 0), --show_steps, --n (draw / edit: that many pictures of one
+prompt side by side, `<task>_variety.png`). Runs on the CPU.
 
 What it writes into --out: `<task>.png` (the input picture, the prompt and response text, and the
 output: the picture with the predicted box drawn for `ground`, the edited or drawn picture for
@@ -170,6 +173,47 @@ def run(cfg, opts: dict, verb: str):
         save_steps(states, pics, lay, tok, os.path.join(out_dir, f"{verb}_steps"))
 
 
+def variety(cfg, opts: dict, verb: str) -> str:
+    """--n pictures of one prompt (draw or edit) sampled at the image temperature with different noise,
+    in one row under the input picture, each with its reward (t2i: cell accuracy; edit: rewards.edit_reward;
+    the prompt's own example only, so a held-out --example): the looks a prompt does not fix, and for a
+    constraint edit the different right (and wrong) edits. Returns the PNG's path."""
+    task = TASKS[verb]
+    path = opts["ckpt"] or common.latest_checkpoint(cfg.train.out_dir)
+    out_dir = opts["out"] or os.path.join(cfg.train.out_dir, "sample")
+    run_cfg, bundle, model, vq, _ = common.load_run(path, os.path.join(cfg.train.out_dir, "sample"), "sample")
+    tok, lay, n = bundle.tok, bundle.layouts[task], opts["n"]
+    if not lay.n_img:
+        raise SystemExit(f"sample: --n draws several pictures; {verb} answers in text (use draw or edit)")
+    ex = build_example(task, opts, bundle, run_cfg.data)
+    batch, _ = canvas_batch(ex, task, bundle, vq, "")
+    with torch.no_grad():
+        tokens, _ = sample(model, batch.repeat(n), tok, run_cfg.diffusion, temperature=opts["temperature"],
+                           generator=torch.Generator().manual_seed(cfg.train.seed))
+    resp = tokens[:, batch.P:batch.P + lay.R]
+    pics = (vq.decode(resp[:, lay.R_text:] - tok.img_offset).numpy() * 255).round().astype(np.uint8)
+    scores = None
+    if ex.answer is not None:                       # a held-out example: score each picture
+        scores, *_ = RW.score_rows(task, [ex] * n, resp, lay, tok, vq.decode, run_cfg.data.grid)
+    S = pics.shape[1] * SCALE
+    row = Image.new("RGB", (8 + (n + 1) * (S + 8), S + 40), (255, 255, 255))
+    draw = ImageDraw.Draw(row)
+    if ex.image is not None:
+        row.paste(Image.fromarray(ex.image).resize((S, S), Image.NEAREST), (8, 24))
+        draw.text((8, 4), "input", fill=(0, 0, 0))
+    for i, p in enumerate(pics):
+        x = 8 + (i + 1) * (S + 8)
+        row.paste(Image.fromarray(p).resize((S, S), Image.NEAREST), (x, 24))
+        draw.text((x, 4), f"sample {i}" + ("" if scores is None else f": {scores[i]:.2f}"), fill=(0, 0, 0))
+    head = render_row(ex.prompt, None, f"{verb} x {n} | {os.path.basename(path)}", width=(row.width - 24) // 6)
+    os.makedirs(out_dir, exist_ok=True)
+    dst = os.path.join(out_dir, f"{verb}_variety.png")
+    stack([head, row]).save(dst)
+    print(f"[{verb}] {ex.prompt}\n-> {n} pictures" + ("" if scores is None else f", rewards {[round(x, 2) for x in scores]}")
+          + f"\nwrote {dst}")
+    return dst
+
+
 def save_steps(states: list[torch.Tensor], pics: np.ndarray | None, lay, tok, stem: str):
     """One row per denoising step (the canvas before it, and the final canvas last) as a PNG strip,
     and the same rows as an animated GIF. pics: (S, H, W, 3) the pictures of the states, or None."""
@@ -206,8 +250,8 @@ def assets(cfg, opts: dict):
         raise SystemExit(f"sample assets: {src} is missing; run `python train.py --preset={cfg.preset}` first")
     Image.open(src).save(os.path.join(dst, "samples.png"), optimize=True)
     # the VQ reconstructions of 16 fresh scenes (a run that found its VQ in the cache has no vq_recon.png)
-    run_cfg, _, _, vq, _ = common.load_run(opts["ckpt"] or common.latest_checkpoint(run_dir),
-                                           os.path.join(run_dir, "sample"), "sample assets")
+    run_cfg, bundle, _, vq, _ = common.load_run(opts["ckpt"] or common.latest_checkpoint(run_dir),
+                                                os.path.join(run_dir, "sample"), "sample assets")
     d = run_cfg.data
     rng = np.random.default_rng([d.seed, 778])
     scenes = [D.random_scene(rng, d.grid, d.min_shapes, d.max_shapes) for _ in range(16)]
@@ -215,6 +259,16 @@ def assets(cfg, opts: dict):
     VQ.save_grid(pics, vq.decode(vq.encode(pics)), os.path.join(dst, "vq_recon.png"))
     for verb, example in (("answer", 3), ("draw", 1)):
         run(cfg, {**opts, "out": dst, "example": example, "show_steps": True}, verb)
+    # what a prompt leaves open: one description drawn 8 times (greedy text: the pictures differ in
+    # their looks), one constraint edit made 8 times at the rollout temperature (the plans differ too)
+    edits = bundle.sets["edit"]["eval"].examples
+    hard = next((i for i, e in enumerate(edits) if e.qtype in D.CONSTRAINT_EDITS), 0)
+    rows = [Image.open(variety(cfg, {**opts, "out": dst, "example": ex, "n": 8, "temperature": temp}, verb))
+            for verb, ex, temp in (("draw", 1, 0.0), ("edit", hard, run_cfg.rl.temperature))]
+    stack(rows).save(os.path.join(dst, "variety.png"), optimize=True)
+    for verb in ("draw", "edit"):
+        os.remove(os.path.join(dst, f"{verb}_variety.png"))
+    print(f"wrote {dst}/variety.png")
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -247,10 +301,14 @@ def main(argv: list[str]):
     if verb not in (*TASKS, "assets"):
         raise SystemExit(usage)
     cfg, opts = C.get_config(argv[1:], extra={"ckpt": "", "out": "", "image": "", "prompt": "", "example": -1,
-                                              "force": "", "show_steps": False, "temperature": 0.0})
+                                              "force": "", "show_steps": False, "temperature": 0.0, "n": 1})
     torch.set_num_threads(1)
+    if opts["n"] < 1:
+        raise SystemExit(f"sample: --n={opts['n']}: the number of pictures to draw, >= 1")
     if verb == "assets":
         assets(cfg, opts)
+    elif opts["n"] > 1:
+        variety(cfg, opts, verb)
     else:
         run(cfg, opts, verb)
 

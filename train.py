@@ -272,9 +272,10 @@ def final_eval(cfg, ctx: Ctx, model, bundle: Bundle, vq, t0: float):
     if beyond and os.path.exists(os.path.join(out, "ckpt_rl.pt")) and os.path.exists(sft_path):
         # the held-out levels go past the traced ones: what RL added per bucket, on the same examples
         sft_model = model_from_checkpoint(load_checkpoint(sft_path, bundle.tok.vocab_size), ctx.device)
-        ms = metrics.evaluate(sft_model, bundle, vq, cfg, ctx.device, ctx.autocast, tasks=["vqa", "ground"])
-        m["sft_checkpoint"] = {k: v for k, v in ms.items() if k.startswith(("vqa_acc", "ground_miou"))}
-        for name in ("vqa_acc", "ground_miou"):
+        ms = metrics.evaluate(sft_model, bundle, vq, cfg, ctx.device, ctx.autocast,
+                              tasks=[t for t in ("vqa", "ground", "edit") if t in bundle.sets])
+        m["sft_checkpoint"] = {k: v for k, v in ms.items() if k.startswith(("vqa_acc", "ground_miou", "edit_score"))}
+        for name in (n for n in ("vqa_acc", "ground_miou", "edit_score") if f"{n}_in" in m):
             ctx.log(f"{name} by bucket, SFT -> RL: " + " | ".join(
                 f"{b} {ms[f'{name}_{b}']:.3f} -> {m[f'{name}_{b}']:.3f}" for b in ("in", "edge", "far") if f"{name}_{b}" in m))
     m["total_seconds"] = round(time.time() - t0, 1)

@@ -16,13 +16,19 @@ Studies: one named experiment, several seeds, one table, one plot, one results f
     python studies/study.py af_ratio --world=levels --arm_s=600   # on the difficulty protocol, from
                                                        # rl_vs_sft --world=levels' start
     python studies/study.py tree                               # tree search at equal sample count (rollouts only, ~18 min)
+    python studies/study.py objective --world=looks            # C5, C6 on pictures with looks (a prompt leaves
+                                                       # the image codes open) from the looks world's start
+    python studies/study.py tree --world=looks --early_steps=0 --n_prompts=64   # C9 where edits have many
+                                                       # graded answers (colour constraints), incl. uncertainty branching
     python studies/study.py estimator_variance                 # estimators.py on the start checkpoint, 3 seeds (~4 min)
 
 Options: --seeds=0,1,2; --arm_s (training seconds per run); --start_steps (SFT steps of the shared
-start; 0 = the world's, START_STEPS: 6000 flat, 8000 levels); --world=flat|levels (rl_vs_sft and
-the four ablations); --root (where the runs go: rl_vs_sft, the ablations, estimator_variance);
+start; 0 = the world's, START_STEPS: 6000 flat, 8000 levels and looks); --world=flat|levels|looks
+(rl_vs_sft, the four ablations and tree; flat and levels keep the pictures they were measured on,
+PLAIN; looks is the levels protocol in today's toy world); --root (where the runs go: rl_vs_sft, the ablations, estimator_variance);
 --workers (runs side by side, the ablations; rl_vs_sft always runs two); --report and --commit
-(rl_vs_sft and the ablations); --arms (rl_vs_sft); --n_prompts and --early_steps (tree).
+(rl_vs_sft and the ablations); --arms (rl_vs_sft); --n_prompts and --early_steps (tree; 0 = no
+early checkpoint).
 
 Every study writes results/<name>.json (every number, commands, commit, hardware, wall time),
 results/<name>.md (the table), results/<name>.png (needs matplotlib: skipped with a note without
@@ -75,9 +81,11 @@ studies share is trained once per seed:
   estimator  the log-likelihood estimator inside RL (complementary, elbo_mc, mc_unweighted at 2
              passes; one_step at 1), reward curves and held-out metrics
   tree       tree search on edit at equal samples per prompt, no training: i.i.d. sampling vs
-             branching early / late / in several rounds: mean and max reward of the group and the
-             pictures' diversity (mean pairwise Hamming distance of their codes), on the start and
-             on an early SFT checkpoint (--early_steps) where edit still has headroom
+             branching early / late / in several rounds / where the policy was most uncertain
+             (rollout.branch_step): mean and max reward of the group (and the max on the constraint
+             edits, levels 3-4), the pictures' diversity (mean pairwise Hamming distance of their
+             codes), on the start and on an early SFT checkpoint (--early_steps) where edit still has
+             headroom
   estimator_variance  estimators.py (variance, bias and rank correlation against exact
              enumeration) on the start checkpoint, one run per seed
 With --world=levels one of the four RL ablations (af_ratio, objective, gamma, estimator) runs on the
@@ -151,7 +159,7 @@ ARMS = {
 }
 DEFAULT_ARMS = ("rl", "rl_af0.1", "sft", "rft", "rft_af0.5")      # what --arms runs unless told
 METRICS = ("vqa_acc", "ground_miou", "edit_score")
-BUCKETS = tuple(f"{m}_{b}" for m in ("vqa_acc", "ground_miou") for b in ("in", "edge", "far"))   # where present
+BUCKETS = tuple(f"{m}_{b}" for m in ("vqa_acc", "ground_miou", "edit_score") for b in ("in", "edge", "far"))   # where present
 START_ROOT = os.path.join("runs", "rl_vs_sft")        # the shared start lives in its start/ folder
 
 
@@ -531,7 +539,7 @@ def ablation_table(name: str, runs: dict[str, list[dict]]) -> str:
             ("steps", lambda r: r["steps"], ".0f")]
     if runs and any(BUCKETS[1] in r["heldout"] for rs in runs.values() for r in rs):      # the levels world
         cols[3:3] = [(f"{m} {b}", lambda r, k=f"{key}_{b}": r["heldout"].get(k))
-                     for m, key in (("vqa", "vqa_acc"), ("mIoU", "ground_miou")) for b in ("in", "edge", "far")
+                     for m, key in (("vqa", "vqa_acc"), ("mIoU", "ground_miou"), ("edit", "edit_score")) for b in ("in", "edge", "far")
                      if any(f"{key}_{b}" in r["heldout"] for rs in runs.values() for r in rs)]
     if name == "af_ratio":
         cols += [("nonzero-adv groups (vqa/ground)", lambda r: (r["nonzero_adv"]["vqa"] + r["nonzero_adv"]["ground"]) / 2),

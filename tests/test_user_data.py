@@ -98,6 +98,12 @@ def test_example_data_walkthrough(tmp_path, capsys):
     for name in ("answer.png", "answer_steps.png", "answer_steps.gif"):
         assert os.path.exists(os.path.join(run, "sample", name)), name
     assert np.asarray(Image.open(os.path.join(run, "sample", "answer.png"))).std() > 0
+    # several pictures of one held-out description, side by side with their rewards
+    sample_script.main(["draw", f"--out_dir={run}", "--example=0", "--n=3"])
+    assert "3 pictures, rewards [" in capsys.readouterr().out
+    assert os.path.exists(os.path.join(run, "sample", "draw_variety.png"))
+    with pytest.raises(SystemExit, match="answers in text"):
+        sample_script.main(["answer", f"--out_dir={run}", "--example=0", "--n=2"])
 
 
 def test_token_cache_follows_the_jsonl_contents(tmp_path):
