@@ -247,7 +247,7 @@ PRESETS: dict[str, dict[str, dict]] = {
     "small": {
         "model": dict(n_layer=8, n_head=8, d_model=512, max_len=1024),
         "data": dict(image_size=64, grid=8, min_shapes=6, max_shapes=14, n_sft=8000, n_rl=20000, n_eval=500),
-        "vq": dict(codebook_size=256, hidden=128, downsample=8, steps=4000, time_budget_s=900,
+        "vq": dict(codebook_size=512, hidden=128, downsample=8, steps=4000, time_budget_s=900,
                    n_images=20000),
         "diffusion": dict(image_steps=32),
         "train": dict(out_dir="runs/small", batch_size=128, micro_batch=128, lr=5e-4,
@@ -501,7 +501,7 @@ def validate(cfg: Config):
         v = getattr(d, key)
         parts = [p.strip() for p in v.split(",") if p.strip()]
         if not parts or not all(p.isdigit() and 1 <= int(p) <= 4 for p in parts):
-            raise ConfigError(f"--data.{key}={v!r}: expected a comma list of levels 1..4 (vqa has 1-4, "
+            raise ConfigError(f"--data.{key}={v!r}: expected a comma list of levels 1..4 (vqa and edit have 1-4, "
                               f"grounding 1-3), e.g. 1,2")
     if d.image_size % cfg.vq.downsample:
         raise ConfigError(f"data.image_size={d.image_size} must be divisible by vq.downsample={cfg.vq.downsample}")

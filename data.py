@@ -8,15 +8,18 @@ Paper mapping. LaViDa-R1 (arXiv 2602.14147) post-trains on four kinds of data; e
     arXiv 2310.02255)
   * reason-intensive grounding (LISA-like,   -> `ground`: a referring expression that needs reasoning;
     arXiv 2308.00692)                                     the answer is a box in pixel coordinates
-  * image editing with reasoning (ImgEdit,   -> `edit`:   recolour / remove / move / add; the response
-    arXiv 2505.20275)                                     is a short plan followed by the edited image's
-                                                          VQ tokens (the "planning" of LaViDa-O,
-                                                          arXiv 2509.19244)
+  * image editing with reasoning (ImgEdit,   -> `edit`:   recolour / remove / move / add, two of them,
+    arXiv 2505.20275)                                     or a colour constraint with many right
+                                                          pictures; the response is a short plan followed
+                                                          by the edited image's VQ tokens (the "planning"
+                                                          of LaViDa-O, arXiv 2509.19244)
   * text-to-image (SFT only, as in the paper)-> `t2i`:    a scene description -> the image's VQ tokens
 
 Every scene is a `grid x grid` board; each cell is empty or holds one shape (kind, colour, size).
-Because shapes are cell-aligned, `read_scene` can re-read every attribute from a picture exactly,
-and that one function scores edits, text-to-image, and the VQ tokenizer's reconstructions.
+Each cell of a picture also has a look that no prompt names and no reward scores (a shape's shade
+and fill, an empty cell's floor; "looks" below), so a description does not fix its picture. Because
+shapes are cell-aligned, `read_scene` can re-read every scored attribute from a picture exactly under
+every look, and that one function scores edits, text-to-image, and the VQ tokenizer's reconstructions.
 
 Each family yields four disjoint pools, as in the paper's data (plus a validation split):
   sft  -- prompt + full step-by-step reasoning trace + answer (deliberately small: data.n_sft)
@@ -25,7 +28,9 @@ Each family yields four disjoint pools, as in the paper's data (plus a validatio
   val  -- the quick evals during training and the choice of best checkpoints
   eval -- held out; any (scene, prompt) that also occurs in another pool is dropped.
 Difficulty levels (draw_level, bucket; METHOD.md §8) grade vqa by composition (1: count, compare;
-2: add, diff, sides; 3, 4: sums of three or four lists) and grounding by relation depth (1-3), over the same scenes; each split draws from its own levels
+2: add, diff, sides; 3, 4: sums of three or four lists), grounding by relation depth (1-3) and edit
+by what one instruction asks (1: one operation, 2: two, 3: a colour constraint over rows or columns,
+4: over both), over the same scenes; each split draws from its own levels
 (data.sft_levels / rl_levels / eval_levels), so answer-only prompts can sit beyond the traced range.
 The traced pool can come from an imperfect teacher (data.teacher_slip: random miscounts carried
 through to a wrong answer; data.teacher_bias: colours the teacher always overcounts by one;
@@ -51,6 +56,7 @@ Exercise it: python data.py (prints samples) ; python -m pytest tests/test_data.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -489,10 +495,11 @@ def make_edit(scene: Scene, rng, grid: int, level: int = 1):
     return None if out is None else (*out[:3], qtype)
 
 
-def _one_edit(scene: Scene, rng, grid: int, qtype: str, busy: set[int]):
+def _one_edit(scene: Scene, rng, grid: int, qtype: str, busy: set[int], also: Scene | None = None):
     """One operation on `scene` that touches no cell of `busy`: (prompt, plan, target, the cells it
-    touches), or None. Shapes are named by a (colour, kind) pair unique in the scene."""
-    uniq = [i for i in _unique_pairs(scene) if i not in busy]
+    touches), or None. Shapes are named by a (colour, kind) pair unique in the scene (and in `also`,
+    the picture after a first operation, so that the name stays unambiguous there too)."""
+    uniq = [i for i in _unique_pairs(scene) if i not in busy and (also is None or i in _unique_pairs(also))]
     empty = [i for i, s in enumerate(scene) if s is None and i not in busy]
     tgt = list(scene)
     if qtype == "add":
@@ -525,14 +532,15 @@ def _one_edit(scene: Scene, rng, grid: int, qtype: str, busy: set[int]):
 
 def _two_edits(scene: Scene, rng, grid: int):
     """Level 2: "A and B", two operations on disjoint cells, both naming shapes of the ORIGINAL
-    picture; the plan is the two one-operation plans in order."""
+    picture by pairs that the first operation leaves unique; the plan is the two one-operation plans
+    in order."""
     q1, q2 = (EDIT_TYPES[i] for i in rng.integers(4, size=2))
     first = _one_edit(scene, rng, grid, q1, set())
     if first is None:
         return None
     p1, plan1, mid, busy = first
     # the second operation names shapes of the original picture and touches none of the first's cells
-    second = _one_edit(scene, rng, grid, q2, busy | {i for i, (a, b) in enumerate(zip(scene, mid)) if a != b})
+    second = _one_edit(scene, rng, grid, q2, busy | {i for i, (a, b) in enumerate(zip(scene, mid)) if a != b}, also=mid)
     if second is None:
         return None
     p2, plan2, _, cells = second
@@ -567,15 +575,18 @@ MAX_RECOLOURS = 3      # constraint edits whose fewest recolours exceed this are
 
 def fewest_recolours(scene: Scene, kinds: tuple[str, ...], grid: int, rng) -> Scene | None:
     """A recolouring of `scene` with no colour repeated in any unit of `kinds` that changes as few
-    shapes as possible (at most MAX_RECOLOURS, else None), picked at random among the fewest: the
-    subsets of conflicting shapes by size, then every colouring of a subset, both in random order.
-    Only shapes in a conflict are recoloured (a rare scene that needs another shape changed is not
-    posed)."""
+    shapes as possible (at most MAX_RECOLOURS, else None): the subsets of conflicting shapes by size,
+    then every colouring of a subset, each in a random order, and the first valid one is returned (a
+    random fewest solution, not uniform over all of them). Only shapes in a conflict are recoloured (a
+    rare scene that needs another shape changed is not posed), and a unit holding more shapes than
+    there are colours can never be fixed (None at once)."""
     units = [u for k in kinds for u in unit_cells(k, grid)]
+    if any(sum(scene[i] is not None for i in u) > len(COLOURS) for u in units):
+        return None
     involved = sorted({i for u in units for i in u if scene[i] is not None and scene[i].colour in repeats(scene, u)})
     names = list(COLOURS)
     for k in range(1, min(MAX_RECOLOURS, len(involved)) + 1):
-        subsets = [list(s) for s in _combinations(involved, k)]
+        subsets = [list(s) for s in itertools.combinations(involved, k)]
         for si in rng.permutation(len(subsets)):
             cells = subsets[si]
             for ci in rng.permutation(4 ** k):
@@ -588,15 +599,6 @@ def fewest_recolours(scene: Scene, kinds: tuple[str, ...], grid: int, rng) -> Sc
                 if colour_conflicts(tuple(new), kinds, grid) == 0:
                     return tuple(new)
     return None
-
-
-def _combinations(items: list[int], k: int):
-    if k == 0:
-        yield ()
-        return
-    for i in range(len(items)):
-        for rest in _combinations(items[i + 1:], k - 1):
-            yield (items[i],) + rest
 
 
 def constraint_edit(scene: Scene, rng, grid: int, kinds: tuple[str, ...]):

@@ -9,7 +9,8 @@ text-to-image attribute accuracy (GenEval-like) -> `t2i_shape_acc` / `t2i_cell_a
 Baselines reported by the same call (a trained model must beat them clearly):
   vqa     the most common ground-truth answer of each question type in the RL pool (image-blind)
   ground  the box of a uniformly random shape of the scene (exact expectation over the shapes)
-  edit    copy the input picture unchanged (scores 0.5 + partial credit, see rewards.edit_score)
+  edit    copy the input picture unchanged (0.5 + partial credit on levels 1-2, rewards.edit_score;
+          0 on the constraint edits, rewards.constraint_score)
   t2i     an empty canvas (cell accuracy = fraction of empty cells; shape accuracy 0)
 
 With an imperfect teacher (data.teacher_bias / teacher_box_pad: RESULTS.md, "RL vs continued SFT"), the same call
@@ -38,7 +39,7 @@ from PIL import Image, ImageDraw
 import rewards as RW
 from common import Stopped, check_stop, from_rank0, save_checkpoint, unwrap
 from config import TASKS, parse_mix
-from data import bucket, collate, parse_levels, render, shape_box
+from data import CONSTRAINT_EDITS, bucket, collate, parse_levels, render, shape_box
 from diffusion import sample
 from rollout import rollout_diffusion
 
@@ -261,7 +262,9 @@ def evaluate(model, bundle, vq, cfg, device, autocast, split: str = "eval", n: i
         elif task == "edit":
             m["edit_score"] = float(np.mean(r))
             m.update(level_metrics("edit_score", exs, r, cfg.data.sft_levels))
-            m["edit_exact"] = float(np.mean([p == e.answer for p, e in zip(preds, exs)]))
+            # exact: the one right picture; a constraint edit has many, and any with reward 1 is exact
+            m["edit_exact"] = float(np.mean([x == 1.0 if e.qtype in CONSTRAINT_EDITS else p == e.answer
+                                             for p, e, x in zip(preds, exs, r)]))
         else:
             m["t2i_cell_acc"] = float(np.mean(r))
             shape_acc = [np.mean([RW.cell_similarity(p[i], s) for i, s in enumerate(e.answer) if s])

@@ -14,6 +14,10 @@ The rewards of LaViDa-R1 (arXiv 2602.14147; METHOD.md §8):
           Copying the input scores 0.5 * (partial credit of the input's changed cells) + 0.5 * 1:
           exactly 0.5 for remove / move / add, 0.5 + 0.5 * 2/3 for a recolour (kind and size still
           match): metrics.baselines reports that baseline.
+          A constraint edit (edit levels 3-4: "recolour shapes so that no row repeats a colour")
+          has many right pictures and is graded by constraint_score: the share of broken rows /
+          columns fixed, times what it had to keep, times economy; copying the input scores 0
+          (edit_reward picks the reward by the question).
   t2i     (eval only; the paper does not RL text-to-image) mean per-cell attribute accuracy.
 
 Parsing never raises: a missing tag, two answers, garbage or an empty response scores 0 and the
@@ -187,8 +191,10 @@ def constraint_score(source: Scene, target: Scene, pred: Scene, kinds: tuple[str
                 [0, 1] (a unit is a row or column; broken: it repeats a colour, data.colour_conflicts):
                 the share of the broken units pred fixes, less any it breaks; the source is posed
                 broken, so "do nothing" earns 0
-      kept    = mean over cells of what the instruction may not change: presence, kind and size
-                (1 if both cells are empty, 0 if one is, else half a point per matching kind / size)
+      kept    = mean over the cells holding a shape in source or pred of what the instruction may not
+                change: presence, kind and size (0 if one of the two cells is empty, else half a point
+                per matching kind / size); removing a shape costs its whole share, so deleting a
+                conflicting shape is no cheaper than recolouring one too many
       economy = 1 - (recolours beyond the fewest needed) / (shapes in the source): the fewest are the
                 target's own (data.fewest_recolours), so a valid edit that recolours more than it must
                 earns less, and a fully valid fewest-recolours edit earns 1.
@@ -196,8 +202,9 @@ def constraint_score(source: Scene, target: Scene, pred: Scene, kinds: tuple[str
     tree search have to find."""
     broken = colour_conflicts(source, kinds, grid)
     met = min(1.0, max(0.0, (broken - colour_conflicts(pred, kinds, grid)) / max(1, broken)))
-    sim = lambda a, b: float(a is None and b is None) if a is None or b is None else ((a.kind == b.kind) + (a.size == b.size)) / 2
-    kept = sum(sim(p, s) for p, s in zip(pred, source)) / len(source)
+    sim = lambda a, b: 0.0 if a is None or b is None else ((a.kind == b.kind) + (a.size == b.size)) / 2
+    occupied = [(p, s) for p, s in zip(pred, source) if p is not None or s is not None]
+    kept = sum(sim(p, s) for p, s in occupied) / max(1, len(occupied))
     fewest = sum(s != t for s, t in zip(source, target))
     recoloured = sum(s is not None and p is not None and p.colour != s.colour for s, p in zip(source, pred))
     economy = 1.0 - max(0, recoloured - fewest) / max(1, sum(s is not None for s in source))

@@ -13,8 +13,8 @@ advantages and the objective that consume these groups are in rl.py.
                   over ALL samples so far: the paper does not say; this is the simplest reading),
                   rebuilds its state at a branch step from its final tokens and recorded unmasking order
                   alone (diffusion.rebuild_state: no intermediate tensors are kept), and samples N
-                  continuations from there. rl.tree_schedule = "0,8" means rounds at image steps [0, 8]
-                  (the paper's fixed schedule); "0,H" branches where the policy was most uncertain
+                  continuations from there. rl.tree_schedule = "0,8" means a fresh round, then a branch
+                  at image step 8 (the paper's fixed schedule); "0,H" branches where the policy was most uncertain
                   (`branch_step`: the step that revealed the parent's highest-entropy slot, as LATR,
                   arXiv 2510.24302, branches at high-entropy tokens; "Ht" / "Hi" look at its plan text /
                   its image slots only), so each group branches at a step of its own.
@@ -40,7 +40,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from einops import rearrange
 
-from config import parse_tree_schedule
+from config import UNCERTAIN_BRANCHES, parse_tree_schedule
 from data import Batch, answer_ids, collate
 from diffusion import image_step_offset, rebuild_state, sample
 from rewards import score_rows
@@ -143,15 +143,15 @@ def answer_forcing(model, base: Batch, exs: list, r_on: torch.Tensor, cfg, tok, 
     return joins, t_f, r_f, why
 
 
-def branch_step(order: torch.Tensor, entropy: torch.Tensor, span: torch.Tensor) -> torch.Tensor:
+def branch_step(order: torch.Tensor, entropy: torch.Tensor, span: torch.Tensor, fallback: int = 0) -> torch.Tensor:
     """Uncertainty branching: the step at which each row's highest-entropy slot was revealed.
     order (B, R) the global step that revealed each slot (-1: given), entropy (B, R) nats, span (R,)
     bool: the slots to look at (plan text, image or all). Returns (B,) long; a row with no revealed
-    slot in the span gets the first step at which any of its span's slots could be revealed (0)."""
+    slot in the span gets `fallback` (the span's first step: 0, or the first image step for images)."""
     score = entropy.masked_fill(~(span[None] & (order >= 0)), float("-inf"))     # (B, R)
     slot = score.argmax(1)                                                       # (B,)
     step = order.gather(1, slot[:, None]).squeeze(1)
-    return torch.where(torch.isinf(score.amax(1)), torch.zeros_like(step), step)
+    return torch.where(torch.isinf(score.amax(1)), torch.full_like(step, fallback), step)
 
 
 def sample_rounds(model, base: Batch, exs: list, schedule: list, cfg, tok, lay, vq, generator, autocast):
@@ -163,8 +163,9 @@ def sample_rounds(model, base: Batch, exs: list, schedule: list, cfg, tok, lay, 
     N, G = cfg.rl.group_size, len(exs)
     offset = image_step_offset(base, rollout_diffusion(cfg))
     rep = [e for e in exs for _ in range(N)]                               # row g * N + i answers prompt g
-    is_img = base.is_image[0, base.P:]
-    spans = {"H": base.is_resp[0, base.P:], "Ht": base.is_resp[0, base.P:] & ~is_img, "Hi": is_img}
+    is_img, resp = base.is_image[0, base.P:], base.is_resp[0, base.P:]
+    # (slots, fallback step) of each letter of config.UNCERTAIN_BRANCHES, in its order: all, text, image
+    spans = dict(zip(UNCERTAIN_BRANCHES, ((resp, 0), (resp & ~is_img, 0), (is_img, offset))))
     toks, orders, ents, rews, why = [], [], [], [], Counter()
     for s in schedule:
         if not toks:                                                       # round 0: fresh samples
@@ -174,7 +175,7 @@ def sample_rounds(model, base: Batch, exs: list, schedule: list, cfg, tok, lay, 
             best = torch.cat(rews, 1).argmax(1)                            # (G,)
             pick = lambda xs: torch.cat(xs, 1)[torch.arange(G), best.to(xs[0].device)]
             p_order, p_ent = pick(orders), pick(ents)                      # (G, R) the parents'
-            step = branch_step(p_order, p_ent, spans[s]) if isinstance(s, str) else \
+            step = branch_step(p_order, p_ent, *spans[s]) if isinstance(s, str) else \
                 torch.full((G,), offset + s, device=p_order.device)
             state, st_order = rebuild_state(pick(toks), p_order, step, base, tok)
             canvas, order, start = base.with_tokens(state).repeat(N), st_order.repeat_interleave(N, 0), int(step.min())

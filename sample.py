@@ -191,10 +191,12 @@ def variety(cfg, opts: dict, verb: str) -> str:
         tokens, _ = sample(model, batch.repeat(n), tok, run_cfg.diffusion, temperature=opts["temperature"],
                            generator=torch.Generator().manual_seed(cfg.train.seed))
     resp = tokens[:, batch.P:batch.P + lay.R]
-    pics = (vq.decode(resp[:, lay.R_text:] - tok.img_offset).numpy() * 255).round().astype(np.uint8)
     scores = None
     if ex.answer is not None:                       # a held-out example: score each picture
-        scores, *_ = RW.score_rows(task, [ex] * n, resp, lay, tok, vq.decode, run_cfg.data.grid)
+        scores, _, pics, _ = RW.score_rows(task, [ex] * n, resp, lay, tok, vq.decode, run_cfg.data.grid)
+    else:
+        pics = vq.decode(resp[:, lay.R_text:] - tok.img_offset)
+    pics = (np.asarray(pics) * 255).round().astype(np.uint8)
     S = pics.shape[1] * SCALE
     row = Image.new("RGB", (8 + (n + 1) * (S + 8), S + 40), (255, 255, 255))
     draw = ImageDraw.Draw(row)
@@ -260,7 +262,8 @@ def assets(cfg, opts: dict):
     for verb, example in (("answer", 3), ("draw", 1)):
         run(cfg, {**opts, "out": dst, "example": example, "show_steps": True}, verb)
     # what a prompt leaves open: one description drawn 8 times (greedy text: the pictures differ in
-    # their looks), one constraint edit made 8 times at the rollout temperature (the plans differ too)
+    # their looks), one constraint edit made 8 times with its plan text sampled at the rollout
+    # temperature (the plans differ too; image codes at diffusion.image_temperature in both)
     edits = bundle.sets["edit"]["eval"].examples
     hard = next((i for i, e in enumerate(edits) if e.qtype in D.CONSTRAINT_EDITS), 0)
     rows = [Image.open(variety(cfg, {**opts, "out": dst, "example": ex, "n": 8, "temperature": temp}, verb))

@@ -143,7 +143,7 @@ def image_nll(model, bundle, cfg, idx: list[int], device) -> float:
     for i in range(0, len(idx), cfg.eval.batch_size):
         batch = D.collate({"t2i": ts}, [("t2i", j) for j in idx[i:i + cfg.eval.batch_size]], tok).to(device)
         terms = LK.complementary(model, batch, tok, generator=gen)
-        img = (terms.weight > 0) & batch.is_image[:, batch.P:][None]                   # (D, B, R)
+        img = terms.scored & batch.is_image[:, batch.P:][None]                         # (D, B, R)
         total += float(-terms.logp[img].double().sum())
         count += int(img.sum())
     return total / max(count, 1)
@@ -222,7 +222,7 @@ def table(designs: list[dict]) -> str:
     pics = [d for d in designs if "pictures" in d]
     if pics:
         rows += ["", "| design | checkpoint (SFT steps), commit | flags | t2i image NLL per token (>= 1.5) | edit mean (<= 0.8) | "
-                 "edit best of N (16) | gap (>= 0.15) | edit mean / best per level | gates passed |", "|" + "---|" * 9]
+                 "edit best of N | gap (>= 0.15) | edit mean / best per level | gates passed |", "|" + "---|" * 9]
         for d in pics:
             p = d["pictures"]
             lv = "; ".join(f"L{k[6:]} {v['mean']:.2f} / {v['best']:.2f} ({v['n']})" for k, v in p.items() if k.startswith("edit_L"))

@@ -123,7 +123,9 @@ import rollout as RO  # noqa: E402
 # the world of the protocol: scarce traces, a large answer-only pool, 200 held-out and 200
 # validation examples per family
 # the pictures of the worlds measured before looks and edit levels existed (2026-12-06): one look per
-# cell content, single-operation edits, the 64-code tokenizer; they keep every earlier number repeatable
+# cell content, single-operation edits, the 64-code tokenizer: the same pools, pictures and codes as
+# then (data.read_scene became look-invariant since; it reads clean pictures the same, but may score a
+# garbled generated picture differently)
 PLAIN = ["--data.shades=1", "--data.fills=1", "--data.floors=1", "--data.edit_max_level=1", "--vq.codebook_size=64"]
 WORLDS = {
     "flat": ["--preset=toy", "--data.rl_levels=1,2", "--data.eval_levels=1,2", "--data.n_sft=1000", "--data.n_rl=5000",

@@ -371,12 +371,16 @@ def test_constraint_score_by_hand():
     # valid, but 3 recolours where 2 suffice: economy 1 - 1/6 (6 shapes)
     extra = board({0: "rc", 1: "ys", 2: "gt", 8: "gc", 9: "rs", 5: "yc"})
     assert RW.constraint_score(src, fix, extra, rows, 4) == pytest.approx(5 / 6)
-    # fixes both rows but turns cell 5's circle into a square: kept = 15.5 / 16
+    # fixes both rows but turns cell 5's circle into a square: kept = (5 + 1/2) / 6 occupied cells
     kind = board({0: "rc", 1: "ys", 2: "bt", 8: "gc", 9: "rs", 5: "ys"})
-    assert RW.constraint_score(src, fix, kind, rows, 4) == pytest.approx(15.5 / 16)
-    # removing a shape of each broken row also "fixes" them, but loses two cells: kept = 14 / 16
+    assert RW.constraint_score(src, fix, kind, rows, 4) == pytest.approx(5.5 / 6)
+    # removing a shape of each broken row also "fixes" them, but loses two of the 6 shapes: kept = 4 / 6,
+    # below the 5 / 6 of one recolour too many (deleting is no shortcut)
     gone = board({0: "rc", 2: "bt", 8: "gc", 5: "yc"})
-    assert RW.constraint_score(src, fix, gone, rows, 4) == pytest.approx(14 / 16)
+    assert RW.constraint_score(src, fix, gone, rows, 4) == pytest.approx(4 / 6)
+    # a shape added where there was none: 7 occupied cells, the new one scores 0 -> kept 6 / 7
+    added = board({0: "rc", 1: "ys", 2: "bt", 8: "gc", 9: "rs", 5: "yc", 15: "bs"})
+    assert RW.constraint_score(src, fix, added, rows, 4) == pytest.approx(6 / 7)
     # breaking a row that was fine costs: row 1 fixed but now repeats yellow -> (1 - 1) / 1 = 0
     src2 = board({0: "rc", 1: "rs", 5: "yc", 6: "bs"})
     fix2 = board({0: "rc", 1: "gs", 5: "yc", 6: "bs"})

@@ -514,6 +514,7 @@ def test_branch_step_picks_the_highest_entropy_slot():
     assert RO.branch_step(order, ent, torch.ones(6, dtype=torch.bool)).tolist() == [5, 6]
     assert RO.branch_step(order, ent, img).tolist() == [8, 6]
     assert RO.branch_step(order, ent, ~img).tolist() == [5, 0]
+    assert RO.branch_step(order, ent, ~img, fallback=4).tolist() == [5, 4]     # the span's own first step
 
 
 def test_sampler_records_each_revealed_slots_entropy(world):
@@ -546,6 +547,35 @@ def test_sampler_records_each_revealed_slots_entropy(world):
     assert checked == 2 * lay.R and (ent >= 0).all()                     # every slot, once
 
 
+def test_rows_rebuilt_at_different_steps_continue_as_if_alone(world):
+    """Greedy text and image (temperature 0, low-confidence reveals: deterministic), two rows rebuilt at
+    different steps (rebuild_state with a (B,) step) and continued in one sampler call from the
+    earlier step: each row ends exactly as when it is rebuilt and continued alone from its own step
+    (an int). rebuild_state with a tensor equals the per-row loop with ints. Greedy entropy is 0."""
+    w = world
+    ts = w.bundle.sets["edit"]["rl"]
+    tok, dcfg = w.tok, w.cfg.diffusion
+    base = D.collate({"edit": ts}, [("edit", 0), ("edit", 1)], tok, responses=False)
+    model = tiny_model(tok.vocab_size, seed=5, scale=0.3)
+    greedy = dict(temperature=0.0, image_temperature=0.0)
+    ent = torch.full((2, ts.layout.R), 7.0)
+    final, order = DF.sample(model, base, tok, dcfg, entropy=ent, **greedy)
+    assert (ent == 0).all()                                       # greedy: nothing was drawn at random
+    off = DF.image_step_offset(base, dcfg)
+    steps = torch.tensor([3, off + 5])                            # a text step and an image step
+    state, st_order = DF.rebuild_state(final, order, steps, base, tok)
+    for b in range(2):
+        s_b, o_b = DF.rebuild_state(final[b:b + 1], order[b:b + 1], int(steps[b]), base.rows(torch.tensor([b])), tok)
+        assert torch.equal(state[b:b + 1], s_b) and torch.equal(st_order[b:b + 1], o_b)
+    both, _ = DF.sample(model, base.with_tokens(state), tok, dcfg, order=st_order, start_step=int(steps.min()), **greedy)
+    for b in range(2):
+        one = base.rows(torch.tensor([b]))
+        alone, _ = DF.sample(model, one.with_tokens(state[b:b + 1]), tok, dcfg, order=st_order[b:b + 1],
+                             start_step=int(steps[b]), **greedy)
+        assert torch.equal(both[b:b + 1], alone), b
+        assert torch.equal(alone, final[b:b + 1])              # greedy: the continuation is the original
+
+
 def test_uncertainty_branching_rebuilds_each_group_at_its_own_step(world, monkeypatch):
     """rl.tree_schedule = 0,H: each group's children keep every token their parent revealed before the
     step branch_step chose for that group (a step per group, so the sampler starts at the smallest and
@@ -556,8 +586,8 @@ def test_uncertainty_branching_rebuilds_each_group_at_its_own_step(world, monkey
     seen = {}
     real = RO.branch_step
 
-    def spy(order, entropy, span):
-        seen["order"], seen["entropy"], seen["step"] = order.clone(), entropy.clone(), real(order, entropy, span)
+    def spy(order, entropy, span, fallback=0):
+        seen["order"], seen["entropy"], seen["step"] = order.clone(), entropy.clone(), real(order, entropy, span, fallback)
         return seen["step"]
 
     monkeypatch.setattr(RO, "branch_step", spy)
