@@ -16,16 +16,19 @@ Studies: one named experiment, several seeds, one table, one plot, one results f
     python studies/study.py af_ratio --world=levels --arm_s=600   # on the difficulty protocol, from
                                                        # rl_vs_sft --world=levels' start
     python studies/study.py tree                               # tree search at equal sample count (rollouts only, ~18 min)
-    python studies/study.py objective --world=looks            # C5, C6 on pictures with looks (a prompt leaves
-                                                       # the image codes open) from the looks world's start
-    python studies/study.py tree --world=looks --early_steps=0 --n_prompts=64   # C9 where edits have many
-                                                       # graded answers (colour constraints), incl. uncertainty branching
+    python studies/study.py objective --world=looks --start=runs/toy/ckpt_sft.pt   # C5, C6 on pictures with
+                                                       # looks (a prompt leaves the image codes open), from the
+                                                       # main job's SFT checkpoint
+    python studies/study.py tree --world=looks --start=runs/toy/ckpt_sft.pt --early_steps=0 --n_prompts=64
+                                                       # C9 where edits have many graded answers (colour
+                                                       # constraints), uncertainty branching included
     python studies/study.py estimator_variance                 # estimators.py on the start checkpoint, 3 seeds (~4 min)
 
 Options: --seeds=0,1,2; --arm_s (training seconds per run); --start_steps (SFT steps of the shared
-start; 0 = the world's, START_STEPS: 6000 flat, 8000 levels and looks); --world=flat|levels|looks
-(rl_vs_sft, the four ablations and tree; flat and levels keep the pictures they were measured on,
-PLAIN; looks is the levels protocol in today's toy world); --root (where the runs go: rl_vs_sft, the ablations, estimator_variance);
+start; 0 = the world's, START_STEPS: 6000 flat, 8000 levels, 3800 looks); --start=PATH (adopt an SFT
+checkpoint of the same world and length as the shared start instead of training one: one-line error
+otherwise); --world=flat|levels|looks (rl_vs_sft, the four ablations and tree; flat and levels keep
+the pictures they were measured on, PLAIN; looks is the main job's world); --root (where the runs go: rl_vs_sft, the ablations, estimator_variance);
 --workers (runs side by side, the ablations; rl_vs_sft always runs two); --report and --commit
 (rl_vs_sft and the ablations); --arms (rl_vs_sft); --n_prompts and --early_steps (tree; 0 = no
 early checkpoint).
@@ -137,18 +140,18 @@ WORLDS = {
     # deeper relations are rejected more often when drawn)
     "levels": ["--preset=toy", "--data.rl_levels=1,2,3", "--data.eval_levels=1,2,3,4", "--data.n_eval=800",
                "--eval.n_per_task=800", *PLAIN],
-    # the levels protocol in today's toy world: pictures with looks (a prompt no longer fixes its
-    # picture's codes) and edits with levels (two operations; colour constraints with many right
-    # pictures, graded), where the claims about image tokens (C5, C6) and tree search (C9) can show
-    "looks": ["--preset=toy", "--data.rl_levels=1,2,3", "--data.eval_levels=1,2,3,4", "--data.n_eval=800",
-              "--eval.n_per_task=800"],
+    # the main job's own world (today's toy defaults): pictures with looks (a prompt no longer fixes
+    # its picture's codes) and edits with levels (two operations; colour constraints with many right
+    # pictures, graded), where the claims about image tokens (C5, C6) and tree search (C9) can show.
+    # Its start is the main job's SFT checkpoint (3800 steps): --start=runs/toy/ckpt_sft.pt adopts it
+    "looks": ["--preset=toy"],
 }
 WORLD = WORLDS["flat"]           # --world=levels switches it (set_world)
 # SFT steps of each world's shared start (--start_steps=0 picks these): long enough that continued SFT
 # adds little on the in-levels. On the levels world 3800 steps were not (continued SFT gained 6 points of
 # in-level vqa on the start, 6.8 over RL; RESULTS.md 4.6); from 8000 it gains nothing (-2.2 and -0.8 in
 # two runs), and RL's in-level vqa is 0.3 and 2.6 points behind it.
-START_STEPS = {"flat": 6000, "levels": 8000, "looks": 8000}
+START_STEPS = {"flat": 6000, "levels": 8000, "looks": 3800}
 RL_FLAGS = ["--rl.ppo_epochs=2", "--rl.af_prob=0.5"]
 # the ablations vary one thing each around the paper's setting: answer-forcing at 10 %, mu = 2
 ABLATION_FLAGS = ["--rl.ppo_epochs=2", "--rl.af_prob=0.1"]
@@ -251,12 +254,50 @@ def train_and_eval(out: str, start: str, flags: list[str], seed: int, arm_s: flo
             "command": " ".join(train_cmd[1:]), "eval_command": " ".join(eval_cmd[1:])}
 
 
-def shared_start(root: str = START_ROOT, steps: int = START_STEPS["flat"]) -> tuple[str, dict]:
-    """(the start checkpoint every study begins from, its held-out metrics), made once."""
-    start, held = sft_checkpoint(os.path.join(root, "start"), steps), os.path.join(root, "start", "heldout.json")
+def adopt_start(path: str, out: str, steps: int) -> str:
+    """--start=PATH: an SFT checkpoint trained elsewhere serves as the shared start instead of one
+    trained into `out` (the looks world's start is the main job's own runs/toy/ckpt_sft.pt, the same
+    command's checkpoint). It must come from this world and length: the same data, VQ and model config
+    as WORLD's (the arms rebuild the world's pools and tokenizer from it) and `steps` SFT steps, else a
+    one-line error naming the first differing key. `out` records which file it is (given.json); a
+    folder that holds another start, trained or adopted, is refused, as in sft_checkpoint."""
+    if not os.path.exists(path):
+        raise SystemExit(f"--start={path}: no such file; train it first (python train.py --preset=toy) or drop --start")
+    theirs = torch.load(path, map_location="cpu", weights_only=False)["config"]
+    ours = C.to_dict(C.get_config(list(WORLD)))
+    for sec in ("data", "vq", "model"):
+        k = next((k for k, v in ours[sec].items() if theirs[sec].get(k) != v), None)
+        if k is not None:
+            raise SystemExit(f"--start={path} was trained with --{sec}.{k}={theirs[sec].get(k)!r}, this world "
+                             f"({world_tag()[1:] or 'flat'}) has {ours[sec][k]!r}: pick the matching --world")
+    if theirs["train"]["max_steps"] != steps:
+        raise SystemExit(f"--start={path} is a {theirs['train']['max_steps']}-step SFT start, not {steps}: pass "
+                         f"--start_steps={theirs['train']['max_steps']}")
+    record, given = os.path.join(out, "given.json"), os.path.abspath(path)
+    other = json.load(open(record))["ckpt"] if os.path.exists(record) else \
+        out if os.path.exists(os.path.join(out, "sft_curve.json")) else None
+    if other not in (None, given):
+        raise SystemExit(f"study: {out} holds another start ({other}); move it away or pass --root=...")
+    os.makedirs(out, exist_ok=True)
+    json.dump({"ckpt": given}, open(record, "w"))
+    return given
+
+
+def start_path(root: str) -> str:
+    """Where root's shared start is: adopted (--start, recorded in start/given.json) or trained."""
+    record = os.path.join(root, "start", "given.json")
+    return json.load(open(record))["ckpt"] if os.path.exists(record) else os.path.join(root, "start", "ckpt_sft.pt")
+
+
+def shared_start(root: str = START_ROOT, steps: int = START_STEPS["flat"], given: str = "") -> tuple[str, dict]:
+    """(the start checkpoint every study begins from, its held-out metrics), made once, or adopted
+    from --start (`given`)."""
+    out = os.path.join(root, "start")
+    start = adopt_start(given, out, steps) if given else sft_checkpoint(out, steps)
+    held = os.path.join(out, "heldout.json")
     if not os.path.exists(held):
-        run([sys.executable, "eval.py", *WORLD, f"--out_dir={os.path.dirname(start)}", f"--ckpt={start}",
-             f"--out={held}"], os.path.join(root, "start", "eval.log"))
+        run([sys.executable, "eval.py", *WORLD, f"--out_dir={out}", f"--ckpt={start}",
+             f"--out={held}"], os.path.join(out, "eval.log"))
     return start, json.load(open(held))
 
 
@@ -307,7 +348,7 @@ def report(root: str, jobs: list[dict], start_eval: dict, meta: dict) -> dict:
     table (results/rl_vs_sft.md and its block in RESULTS.md) and the plot. An arm or seed without a
     finished run is left out (and said so), so a partial study still reports what it has."""
     walls = {(j["arm"], j["seed"]): j["wall_s"] for j in jobs}
-    start = os.path.join(root, "start", "ckpt_sft.pt")
+    start = start_path(root)
     # arms asked for in this call, or run before: only those count as missing where a seed lacks a run
     listed = {j["arm"] for j in jobs} | {a for d in os.listdir(root) for a in ARMS if os.path.isdir(os.path.join(root, d, a))}
     jobs, missing = [], []
@@ -392,7 +433,7 @@ def plot(root: str, jobs: list[dict]):
 
 
 def rl_vs_sft(argv: list[str]):
-    _, opts = C.get_config(argv, extra={"seeds": "0,1,2", "arm_s": 600.0, "start_steps": 0,
+    _, opts = C.get_config(argv, extra={"seeds": "0,1,2", "arm_s": 600.0, "start_steps": 0, "start": "",
                                         "root": "", "report": False, "commit": "",
                                         "arms": ",".join(DEFAULT_ARMS), "world": "flat"})
     root = opts["root"] or START_ROOT + set_world(opts["world"])       # runs/rl_vs_sft, runs/rl_vs_sft_levels
@@ -403,14 +444,14 @@ def rl_vs_sft(argv: list[str]):
                          f"{', '.join(ARMS)}")
     t0 = time.time()
     specs = [(arm, s) for s in seeds for arm in arms]
-    start = os.path.join(root, "start", "ckpt_sft.pt")
+    start = start_path(root)
     held = os.path.join(root, "start", "heldout.json")
     if opts["report"]:                      # only read what the runs wrote
         jobs = [{"arm": a, "seed": s, "dir": os.path.join(root, f"seed{s}", a), "wall_s": None,
                  "command": " ".join(arm_commands(root, start, a, s, opts["arm_s"])[0][1:]), "eval_command": ""}
                 for a, s in specs]
     else:
-        shared_start(root, start_steps(opts))
+        start = shared_start(root, start_steps(opts), opts["start"])[0]
         with ThreadPoolExecutor(max_workers=2) as pool:        # two arms side by side, one thread each
             jobs = list(pool.map(lambda a_s: arm_job(root, start, a_s[0], a_s[1], opts["arm_s"]), specs))
     report(root, jobs, json.load(open(held)), meta("rl_vs_sft", argv, seeds, None if opts["report"] else t0,
@@ -609,13 +650,13 @@ def pyplot():
 def ablation(names: list[str], argv: list[str]):
     """Train every run the named ablations need (each distinct config once per seed; --workers of
     them side by side, one thread each), then write each study's table, plot and results."""
-    _, opts = C.get_config(argv, extra={"seeds": "0,1,2", "arm_s": 240.0, "start_steps": 0, "workers": 2,
+    _, opts = C.get_config(argv, extra={"seeds": "0,1,2", "arm_s": 240.0, "start_steps": 0, "start": "", "workers": 2,
                                         "root": "", "report": False, "commit": "", "world": "flat"})
     tag = set_world(opts["world"])       # the levels world: its own runs, start (rl_vs_sft --world=levels') and names
     root, seeds, t0 = opts["root"] or os.path.join("runs", "ablations" + tag), [int(x) for x in opts["seeds"].split(",")], time.time()
-    start, steps = os.path.join(START_ROOT + tag, "start", "ckpt_sft.pt"), start_steps(opts)
+    start, steps = start_path(START_ROOT + tag), start_steps(opts)
     if not opts["report"]:
-        start, _ = shared_start(START_ROOT + tag, steps)
+        start, _ = shared_start(START_ROOT + tag, steps, opts["start"])
     flags = lambda name, v: ["--stage=rl", "--rl.eval_interval=15", *ABLATION_FLAGS, *ABLATIONS[name][v]]
     out = lambda name, v, sd: os.path.join(root, f"seed{sd}", run_key(flags(name, v), opts["arm_s"], steps))
     todo = {}                                       # folder -> (flags, seed): each distinct run once
@@ -687,13 +728,13 @@ def tree(argv: list[str]):
     """Mean and max reward per group and the pictures' diversity for each schedule of TREE on
     --n_prompts validation edit prompts, on the shared start and on an early SFT checkpoint
     (--early_steps) where edit has headroom."""
-    _, opts = C.get_config(argv, extra={"seeds": "0,1,2", "n_prompts": 32, "start_steps": 0,
+    _, opts = C.get_config(argv, extra={"seeds": "0,1,2", "n_prompts": 32, "start_steps": 0, "start": "",
                                         "early_steps": 1000, "commit": "", "world": "flat"})
     tag = set_world(opts["world"])
     root = START_ROOT + tag
     seeds, t0 = [int(x) for x in opts["seeds"].split(",")], time.time()
     torch.set_num_threads(1)
-    ckpts = {"start": shared_start(root, start_steps(opts))[0]}
+    ckpts = {"start": shared_start(root, start_steps(opts), opts["start"])[0]}
     if opts["early_steps"]:      # a weaker checkpoint of the same recipe (its own cosine schedule): edit has headroom
         ckpts[f"early ({opts['early_steps']} SFT steps)"] = sft_checkpoint(os.path.join(root, f"early{opts['early_steps']}"),
                                                                           opts["early_steps"])

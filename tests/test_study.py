@@ -129,6 +129,34 @@ def test_ablation_table_shows_the_buckets_on_the_levels_world():
     assert "edge" not in flat.splitlines()[0]
 
 
+def test_an_adopted_start_must_come_from_the_world_and_length_asked_for(tmp_path):
+    """--start adopts a checkpoint trained elsewhere only when its data / VQ / model config is the
+    world's and its SFT length the one asked for; the folder then remembers it, and a folder that
+    already holds another start refuses it."""
+    import torch
+    try:
+        study.set_world("looks")
+        ours = C.to_dict(C.get_config(list(study.WORLD)))
+        ckpt = tmp_path / "ckpt_sft.pt"
+        torch.save({"config": {**ours, "train": {**ours["train"], "max_steps": 3800}}}, ckpt)
+        out = tmp_path / "root" / "start"
+        assert study.adopt_start(str(ckpt), str(out), 3800) == str(ckpt.resolve())
+        assert study.start_path(str(tmp_path / "root")) == str(ckpt.resolve())
+        with pytest.raises(SystemExit, match="is a 3800-step SFT start, not 8000"):
+            study.adopt_start(str(ckpt), str(out), 8000)
+        other = tmp_path / "other.pt"
+        torch.save({"config": {**ours, "train": {**ours["train"], "max_steps": 3800}}}, other)
+        with pytest.raises(SystemExit, match="holds another start"):
+            study.adopt_start(str(other), str(out), 3800)
+        study.set_world("levels")         # 800 held-out examples, plain pictures
+        with pytest.raises(SystemExit, match=r"was trained with --data\.n_eval=200, this world \(levels\) has 800"):
+            study.adopt_start(str(ckpt), str(tmp_path / "r2" / "start"), 3800)
+        with pytest.raises(SystemExit, match="no such file"):
+            study.adopt_start(str(tmp_path / "nope.pt"), str(out), 3800)
+    finally:
+        study.set_world("flat")
+
+
 def test_set_world_switches_and_names_the_world():
     try:
         assert study.set_world("levels") == "_levels" and study.WORLD == study.WORLDS["levels"]
