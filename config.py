@@ -83,14 +83,16 @@ class DataConfig:
     eval_levels: str = "1,2,3"       # held out + val: the in and edge buckets (vqa's level 4, the far
                                      # bucket, widens every vqa row by 20 tokens: SFT 1.27x slower per step;
                                      # studies/study.py's levels world adds it)
-    edit_max_level: int = 4          # the highest edit level drawn (data.make_edit: 1 one operation, 2 two,
-                                     # 3 a colour constraint over rows or columns, 4 over both); 1 = the
-                                     # single-operation edits of the world before 2026-12-06
+    # The looks world (METHOD.md §8; README, "Pictures the prompt does not fix") turns on the next four
+    # with --data.edit_max_level=4 --data.shades=3 --data.fills=4 --data.floors=6 --vq.codebook_size=512.
+    # Off by default: at the main job's 3800 SFT steps it leaves vqa and grounding near their baselines.
+    edit_max_level: int = 1          # the highest edit level drawn (data.make_edit: 1 one operation, 2 two,
+                                     # 3 a colour constraint over rows or columns, 4 over both)
     # looks: per-cell nuisance that no prompt names and no reward scores (data.py, "looks"), so a
     # picture is not fixed by its description; 1, 1, 1 = one look per cell content (no nuisance)
-    shades: int = 3                  # brightness levels of a shape's colour (1-3)
-    fills: int = 4                   # a shape's fill: solid + striped / checkered patterns (1-4)
-    floors: int = 6                  # an empty cell's floor: black + dim grey patterns (1-6)
+    shades: int = 1                  # brightness levels of a shape's colour (1-3)
+    fills: int = 1                   # a shape's fill: solid + striped / checkered patterns (1-4)
+    floors: int = 1                  # an empty cell's floor: black + dim grey patterns (1-6)
     teacher_slip: float = 0.0        # fraction of traces with a random miscount carried to a wrong answer
     teacher_bias: str = ""           # colours the teacher always overcounts by one, "yellow,red" ("" = none)
     teacher_box_pad: int = 0         # the teacher's grounding boxes are this many px too loose per side
@@ -101,8 +103,8 @@ class DataConfig:
 
 @dataclass
 class VQConfig:
-    codebook_size: int = 512         # 24 shapes (4 colours x 3 kinds x 2 sizes) x 12 looks + 6 empty floors =
-                                     # 294 cell pictures (data.py, looks), with room; 64 for the world without looks
+    codebook_size: int = 64          # 4 colours x 3 kinds x 2 sizes + empty = 25 cell types, with room; the
+                                     # looks world needs 512: 24 shapes x 12 looks + 6 floors = 294 cell pictures
     code_dim: int = 32
     hidden: int = 64                 # conv channels
     downsample: int = 8              # 32px / 8 = 4x4 tokens: one token per grid cell at toy size
@@ -247,7 +249,7 @@ PRESETS: dict[str, dict[str, dict]] = {
     "small": {
         "model": dict(n_layer=8, n_head=8, d_model=512, max_len=1024),
         "data": dict(image_size=64, grid=8, min_shapes=6, max_shapes=14, n_sft=8000, n_rl=20000, n_eval=500),
-        "vq": dict(codebook_size=512, hidden=128, downsample=8, steps=4000, time_budget_s=900,
+        "vq": dict(codebook_size=256, hidden=128, downsample=8, steps=4000, time_budget_s=900,
                    n_images=20000),
         "diffusion": dict(image_steps=32),
         "train": dict(out_dir="runs/small", batch_size=128, micro_batch=128, lr=5e-4,

@@ -16,10 +16,10 @@ Studies: one named experiment, several seeds, one table, one plot, one results f
     python studies/study.py af_ratio --world=levels --arm_s=600   # on the difficulty protocol, from
                                                        # rl_vs_sft --world=levels' start
     python studies/study.py tree                               # tree search at equal sample count (rollouts only, ~18 min)
-    python studies/study.py objective --world=looks --start=runs/toy/ckpt_sft.pt   # C5, C6 on pictures with
+    python studies/study.py objective --world=looks --start=runs/looks/ckpt_sft.pt   # C5, C6 on pictures with
                                                        # looks (a prompt leaves the image codes open), from the
                                                        # main job's SFT checkpoint
-    python studies/study.py tree --world=looks --start=runs/toy/ckpt_sft.pt --early_steps=0 --n_prompts=64
+    python studies/study.py tree --world=looks --start=runs/looks/ckpt_sft.pt --early_steps=0 --n_prompts=64
                                                        # C9 where edits have many graded answers (colour
                                                        # constraints), uncertainty branching included
     python studies/study.py estimator_variance                 # estimators.py on the start checkpoint, 3 seeds (~4 min)
@@ -28,7 +28,7 @@ Options: --seeds=0,1,2; --arm_s (training seconds per run); --start_steps (SFT s
 start; 0 = the world's, START_STEPS: 6000 flat, 8000 levels, 3800 looks); --start=PATH (adopt an SFT
 checkpoint of the same world and length as the shared start instead of training one: one-line error
 otherwise); --world=flat|levels|looks (rl_vs_sft, the four ablations and tree; flat and levels keep
-the pictures they were measured on, PLAIN; looks is the main job's world); --root (where the runs go: rl_vs_sft, the ablations, estimator_variance);
+the pictures they were measured on, PLAIN; looks is the main job with LOOKS); --root (where the runs go: rl_vs_sft, the ablations, estimator_variance);
 --workers (runs side by side, the ablations; rl_vs_sft always runs two); --report and --commit
 (rl_vs_sft and the ablations); --arms (rl_vs_sft); --n_prompts and --early_steps (tree; 0 = no
 early checkpoint).
@@ -130,6 +130,7 @@ import rollout as RO  # noqa: E402
 # then (data.read_scene became look-invariant since; it reads clean pictures the same, but may score a
 # garbled generated picture differently)
 PLAIN = ["--data.shades=1", "--data.fills=1", "--data.floors=1", "--data.edit_max_level=1", "--vq.codebook_size=64"]
+LOOKS = ["--data.edit_max_level=4", "--data.shades=3", "--data.fills=4", "--data.floors=6", "--vq.codebook_size=512"]
 WORLDS = {
     "flat": ["--preset=toy", "--data.rl_levels=1,2", "--data.eval_levels=1,2", "--data.n_sft=1000", "--data.n_rl=5000",
              "--data.n_eval=200", "--data.n_val=200", *PLAIN],
@@ -140,11 +141,12 @@ WORLDS = {
     # deeper relations are rejected more often when drawn)
     "levels": ["--preset=toy", "--data.rl_levels=1,2,3", "--data.eval_levels=1,2,3,4", "--data.n_eval=800",
                "--eval.n_per_task=800", *PLAIN],
-    # the main job's own world (today's toy defaults): pictures with looks (a prompt no longer fixes
-    # its picture's codes) and edits with levels (two operations; colour constraints with many right
-    # pictures, graded), where the claims about image tokens (C5, C6) and tree search (C9) can show.
-    # Its start is the main job's SFT checkpoint (3800 steps): --start=runs/toy/ckpt_sft.pt adopts it
-    "looks": ["--preset=toy"],
+    # the main job's world with pictures that have looks (a prompt no longer fixes its picture's
+    # codes) and edits with levels (two operations; colour constraints with many right pictures,
+    # graded), where the claims about image tokens (C5, C6) and tree search (C9) can show. Its start
+    # is the SFT checkpoint of the main job run in it, `python train.py --preset=toy <LOOKS>
+    # --out_dir=runs/looks` (3800 steps): --start=runs/looks/ckpt_sft.pt adopts it
+    "looks": ["--preset=toy", *LOOKS],
 }
 WORLD = WORLDS["flat"]           # --world=levels switches it (set_world)
 # SFT steps of each world's shared start (--start_steps=0 picks these): long enough that continued SFT
@@ -256,8 +258,8 @@ def train_and_eval(out: str, start: str, flags: list[str], seed: int, arm_s: flo
 
 def adopt_start(path: str, out: str, steps: int) -> str:
     """--start=PATH: an SFT checkpoint trained elsewhere serves as the shared start instead of one
-    trained into `out` (the looks world's start is the main job's own runs/toy/ckpt_sft.pt, the same
-    command's checkpoint). It must come from this world and length: the same data, VQ and model config
+    trained into `out` (the looks world's start is runs/looks/ckpt_sft.pt, the SFT checkpoint of the
+    main job run with LOOKS: the same command's checkpoint). It must come from this world and length: the same data, VQ and model config
     as WORLD's (the arms rebuild the world's pools and tokenizer from it) and `steps` SFT steps, else a
     one-line error naming the first differing key. `out` records which file it is (given.json); a
     folder that holds another start, trained or adopted, is refused, as in sft_checkpoint."""
