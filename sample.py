@@ -8,9 +8,10 @@ Watch a trained model work: answer, ground, edit or draw from one command, and s
     python sample.py answer --example=3 --show_steps          # held-out example 3 instead of a file
     python sample.py answer --example=3 --force="2" --show_steps   # answer-forcing: fix the answer,
                                                                    # inpaint the reasoning (METHOD.md §5)
-    python sample.py draw --example=0 --n=8       # 8 pictures of one prompt: what the prompt leaves open
-                                                  # (the looks), each with its reward
+    python sample.py draw --out_dir=runs/looks --example=0 --n=8   # 8 pictures of one prompt: what the
+                                                  # prompt leaves open (the looks world), each with its reward
     python sample.py assets --out_dir=runs/toy     # the README's pictures (assets/) from the main job
+    python sample.py assets --out_dir=runs/looks --out=assets/looks   # and from the looks world's run
 
 Options: --ckpt=PATH (default: out_dir's ckpt_rl.pt, else ckpt_sft.pt; the data, model and sampler
 settings are the checkpoint's own), --out=DIR (default <out_dir>/sample), --seed, --temperature
@@ -243,8 +244,9 @@ def save_steps(states: list[torch.Tensor], pics: np.ndarray | None, lay, tok, st
 
 def assets(cfg, opts: dict):
     """The README's pictures from a finished main job (out_dir) into assets/: the sample grid, the
-    VQ reconstructions, a denoising strip of each kind (text, picture) and the learning curves
-    (the curves need matplotlib; without it they are skipped with a note)."""
+    VQ reconstructions, a denoising strip of each kind (text, picture), where the run's world has
+    looks or constraint edits 8 pictures of one prompt (variety.png), and the learning curves (the
+    curves need matplotlib; without it they are skipped with a note). --out=DIR writes elsewhere."""
     run_dir, dst = cfg.train.out_dir, opts["out"] or "assets"
     os.makedirs(dst, exist_ok=True)
     src = os.path.join(run_dir, "samples.png")
@@ -265,13 +267,17 @@ def assets(cfg, opts: dict):
     # their looks), one constraint edit made 8 times with its plan text sampled at the rollout
     # temperature (the plans differ too; image codes at diffusion.image_temperature in both)
     edits = bundle.sets["edit"]["eval"].examples
-    hard = next((i for i, e in enumerate(edits) if e.qtype in D.CONSTRAINT_EDITS), 0)
-    rows = [Image.open(variety(cfg, {**opts, "out": dst, "example": ex, "n": 8, "temperature": temp}, verb))
-            for verb, ex, temp in (("draw", 1, 0.0), ("edit", hard, run_cfg.rl.temperature))]
-    stack(rows).save(os.path.join(dst, "variety.png"), optimize=True)
-    for verb in ("draw", "edit"):
-        os.remove(os.path.join(dst, f"{verb}_variety.png"))
-    print(f"wrote {dst}/variety.png")
+    hard = next((i for i, e in enumerate(edits) if e.qtype in D.CONSTRAINT_EDITS), None)
+    if d.shades * d.fills * d.floors > 1 or hard is not None:
+        rows = [Image.open(variety(cfg, {**opts, "out": dst, "example": ex, "n": 8, "temperature": temp}, verb))
+                for verb, ex, temp in (("draw", 1, 0.0), ("edit", hard or 0, run_cfg.rl.temperature))]
+        stack(rows).save(os.path.join(dst, "variety.png"), optimize=True)
+        for verb in ("draw", "edit"):
+            os.remove(os.path.join(dst, f"{verb}_variety.png"))
+        print(f"wrote {dst}/variety.png")
+    else:       # one look per cell content, one right picture per edit: 8 draws would be 8 copies
+        print("sample assets: no variety.png: this run's pictures have no looks and its edits one right picture "
+              "(the looks world has both: README, 'Pictures the prompt does not fix')")
     try:
         import matplotlib
         matplotlib.use("Agg")
