@@ -21,7 +21,9 @@ from data import JSONLError, Shape, Tokenizer  # noqa: E402
 
 SMALL = {"data.n_sft": 40, "data.n_rl": 60, "data.n_eval": 30}
 # a bigger (still fast: ~0.3 s) pool for the answer checks, so every question type shows up often
-WIDE = {"data.n_sft": 150, "data.n_rl": 300, "data.n_eval": 100}
+# the looks world (pictures with looks, edits with levels: off by default), so every edit kind shows up
+WIDE = {"data.n_sft": 150, "data.n_rl": 300, "data.n_eval": 100,
+        "data.edit_max_level": 4, "data.shades": 3, "data.fills": 4, "data.floors": 6}
 TASKS = ("vqa", "ground", "edit", "t2i")
 SPLITS = ("sft", "rl", "eval")
 
@@ -351,7 +353,7 @@ def test_edit_targets(wide):
                 assert e.answer == target, e.prompt
             assert e.answer != e.scene
             seen.add(qtype)
-    assert seen == {"recolour", "remove", "move", "add", "two_ops", "rows", "cols"}     # levels 1-3 at the toy defaults
+    assert seen == {"recolour", "remove", "move", "add", "two_ops", "rows", "cols"}     # levels 1-3 (eval levels 1-3)
 
 
 def test_t2i_descriptions(wide):
@@ -809,7 +811,8 @@ def test_jsonl_missing_file(tmp_path):
 @pytest.fixture(scope="module")
 def levelled():
     cfg = make_config("toy", {"data.n_sft": 150, "data.n_rl": 150, "data.n_eval": 200, "data.n_val": 50,
-                              "data.sft_levels": "1,2", "data.rl_levels": "3", "data.eval_levels": "1,2,3,4"})
+                              "data.sft_levels": "1,2", "data.rl_levels": "3", "data.eval_levels": "1,2,3,4",
+                              "data.edit_max_level": 4})
     return cfg, data.build_pools(cfg.data)
 
 
@@ -892,8 +895,8 @@ def test_looks_change_the_picture_not_the_box():
 
 
 def test_no_looks_is_the_old_world():
-    """The world without looks and edit levels (data.shades = fills = floors = 1, edit_max_level = 1,
-    studies/study.py's PLAIN) is the world before them: the same pools, key for key, as the code of
+    """The world without looks and edit levels (data.shades = fills = floors = 1, edit_max_level = 1:
+    the defaults, studies/study.py's PLAIN) is the world before them: the same pools, key for key, as the code of
     commit 3dd089b built (its digest, computed there), no looks drawn, and the plain renders."""
     import hashlib
     plain = make_config("toy", {"data.n_sft": 20, "data.n_rl": 20, "data.n_eval": 10, "data.n_val": 10,
@@ -909,7 +912,7 @@ def test_no_looks_is_the_old_world():
         assert np.array_equal(e.image, data.render(e.scene, 4, 32))
     # with looks, the same scenes and questions (the looks come from a stream of their own)
     looked = make_config("toy", {"data.n_sft": 20, "data.n_rl": 20, "data.n_eval": 10, "data.n_val": 10,
-                                 "data.edit_max_level": 1}).data
+                                 "data.shades": 3, "data.fills": 4, "data.floors": 6}).data
     b = data.build_pools(looked)
     assert all([e.key for e in a[t][s]] == [e.key for e in b[t][s]] for t in a for s in a[t])
     assert all(e.looks is not None for e in b["vqa"]["sft"])

@@ -224,13 +224,13 @@ def every_look_pictures():
 
 
 def test_toy_tokenizer_is_exact_on_every_look():
-    """The toy VQ (today's defaults: 512 codes, trained as the main job trains it) reconstructs every
+    """The toy VQ of the looks world (512 codes, trained as its main job trains it) reconstructs every
     scored attribute exactly under every look: read_scene of the decoded picture is the scene, for
     every content x shade x fill and every floor. And the looks are really encoded (the entropy of
     text-to-image is in the codes, not thrown away): nearly every (content, look) gets a code of its
     own. About 30-60 s on one CPU thread."""
     import config
-    cfg = config.make_config("toy")
+    cfg = config.make_config("toy", {"data.shades": 3, "data.fills": 4, "data.floors": 6, "vq.codebook_size": 512})
     _, train = vq._render_fresh(cfg, 777, cfg.vq.n_images)
     model, _ = vq.train_vq(cfg.vq, train, torch.device("cpu"), seed=0)
     pics, scenes, what = every_look_pictures()
