@@ -105,6 +105,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import platform
 import subprocess
 import sys
@@ -469,6 +470,9 @@ def publish(name: str, res: dict, table: str, note: str = "", run_dir: str = "")
     when the page has none)."""
     os.makedirs("results", exist_ok=True)
     common.write_json(os.path.join("results", f"{name}.json"), res)
+    # a plot that was not drawn (no matplotlib) is not linked
+    table = re.sub(r"\n*!\[[^\]]*\]\((results/[^)]+\.png)\)",
+                   lambda m: m.group(0) if os.path.exists(m.group(1)) else "", table)
     wall = (f"study wall time {res['study_wall_s']:.0f} s" if res.get("study_wall_s") is not None
             else "table rebuilt from finished runs")
     head = (f"*{time.strftime('%Y-%m-%d')} · runs at commit {res['commit']} · {res['hardware']} · seeds "

@@ -40,6 +40,17 @@ def test_publish_replaces_its_own_block_only(tmp_path, monkeypatch):
     assert json.load(open("results/x.json"))["commit"] == "abc" and os.path.exists("results/x.md")
 
 
+def test_publish_links_only_the_plots_that_were_drawn(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "RESULTS.md").write_text("# Results\n")
+    res = {"commit": "abc", "hardware": "cpu", "seeds": [0], "study_wall_s": 1.0, "command": "python studies/study.py x"}
+    study.publish("x", res, "| a |\n\n![x](results/x.png)")                 # no matplotlib: no plot drawn
+    assert "results/x.png" not in (tmp_path / "RESULTS.md").read_text()
+    (tmp_path / "results" / "x.png").write_bytes(b"png")
+    study.publish("x", res, "| a |\n\n![x](results/x.png)")
+    assert "![x](results/x.png)" in (tmp_path / "RESULTS.md").read_text()
+
+
 def test_mean_sd_skips_missing_values():
     assert study.mean_sd([1.0, 3.0]) == "2.000 ± 1.000"
     assert study.mean_sd([None, 2.0, float("nan")]) == "2.000"
