@@ -8,16 +8,18 @@ Paper mapping. LaViDa-R1 (arXiv 2602.14147) post-trains on four kinds of data; e
     arXiv 2310.02255)
   * reason-intensive grounding (LISA-like,   -> `ground`: a referring expression that needs reasoning;
     arXiv 2308.00692)                                     the answer is a box in pixel coordinates
-  * image editing with reasoning (ImgEdit,   -> `edit`:   recolour / remove / move / add, two of them,
-    arXiv 2505.20275)                                     or a colour constraint with many right
-                                                          pictures; the response is a short plan followed
+  * image editing with reasoning (ImgEdit,   -> `edit`:   recolour / remove / move / add (with
+    arXiv 2505.20275)                                     data.edit_max_level: two of them, or a colour
+                                                          constraint with many right pictures); the
+                                                          response is a short plan followed
                                                           by the edited image's VQ tokens (the "planning"
                                                           of LaViDa-O, arXiv 2509.19244)
   * text-to-image (SFT only, as in the paper)-> `t2i`:    a scene description -> the image's VQ tokens
 
 Every scene is a `grid x grid` board; each cell is empty or holds one shape (kind, colour, size).
-Each cell of a picture also has a look that no prompt names and no reward scores (a shape's shade
-and fill, an empty cell's floor; "looks" below), so a description does not fix its picture. Because
+With data.shades / fills / floors above 1 (the looks world; off by default), each cell of a picture
+also has a look that no prompt names and no reward scores (a shape's shade and fill, an empty cell's
+floor; "looks" below), so a description does not fix its picture. Because
 shapes are cell-aligned, `read_scene` can re-read every scored attribute from a picture exactly under
 every look, and that one function scores edits, text-to-image, and the VQ tokenizer's reconstructions.
 
@@ -137,11 +139,12 @@ def shape_box(i: int, shape: Shape, grid: int, image_size: int) -> tuple[int, in
 #   a shape's fill    solid or one of data.fills - 1 patterns of dimmed pixels  (FILLS)
 #   an empty floor    black or one of data.floors - 1 dim grey patterns         (FLOORS)
 # A cell's look is one integer: shade * 4 + fill for a shape (FILLS_MAX = 4 fill patterns exist),
-# the floor for an empty cell; at the defaults a shape has 3 x 4 = 12 looks and an empty cell 6
-# (entropy ln 12 and ln 6 nats).
+# the floor for an empty cell; with shades 3, fills 4, floors 6 (the looks world) a shape has 3 x 4 =
+# 12 looks and an empty cell 6 (entropy ln 12 and ln 6 nats).
 # None of them moves a shape's box (grounding's answer) or changes what read_scene reads: kind,
 # colour and size stay exactly recoverable from every look (tests/test_data.py checks every one).
-# data.shades = data.fills = data.floors = 1 is the world without nuisance (one look per content).
+# data.shades = data.fills = data.floors = 1 (the default) is the world without nuisance (one look per
+# content).
 
 SHADES = (1.0, 0.82, 0.66)                       # brightness factors of the palette colour
 DIM = 0.55                                       # a fill pattern's dimmed pixels keep this share

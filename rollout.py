@@ -166,26 +166,28 @@ def sample_rounds(model, base: Batch, exs: list, schedule: list, cfg, tok, lay, 
     is_img, resp = base.is_image[0, base.P:], base.is_resp[0, base.P:]
     # (slots, fallback step) of each letter of config.UNCERTAIN_BRANCHES, in its order: all, text, image
     spans = dict(zip(UNCERTAIN_BRANCHES, ((resp, 0), (resp & ~is_img, 0), (is_img, offset))))
+    uncertain = any(isinstance(s, str) for s in schedule)                 # entropy is kept only to branch on it
     toks, orders, ents, rews, why = [], [], [], [], Counter()
     for s in schedule:
         if not toks:                                                       # round 0: fresh samples
             canvas, order, start = base.repeat(N), None, 0
-            ent = torch.zeros(G * N, is_img.shape[0], device=base.tokens.device)
+            ent = torch.zeros(G * N, is_img.shape[0], device=base.tokens.device) if uncertain else None
         else:                                                              # branch from the best so far
             best = torch.cat(rews, 1).argmax(1)                            # (G,)
             pick = lambda xs: torch.cat(xs, 1)[torch.arange(G), best.to(xs[0].device)]
-            p_order, p_ent = pick(orders), pick(ents)                      # (G, R) the parents'
+            p_order, p_ent = pick(orders), (pick(ents) if uncertain else None)     # (G, R) the parents'
             step = branch_step(p_order, p_ent, *spans[s]) if isinstance(s, str) else \
                 torch.full((G,), offset + s, device=p_order.device)
             state, st_order = rebuild_state(pick(toks), p_order, step, base, tok)
             canvas, order, start = base.with_tokens(state).repeat(N), st_order.repeat_interleave(N, 0), int(step.min())
-            ent = p_ent.repeat_interleave(N, 0)                            # kept slots keep their entropy
+            ent = p_ent.repeat_interleave(N, 0) if uncertain else None     # kept slots keep their entropy
         tokens, order = policy_sample(model, canvas, tok, cfg, generator, autocast, order=order, start=start,
                                       entropy=ent)
         r, w = score(base.tasks[0], tokens, base.P, rep, lay, tok, vq, cfg)
         toks.append(rearrange(tokens, "(g n) t -> g n t", g=G))
         orders.append(rearrange(order, "(g n) r -> g n r", g=G))
-        ents.append(rearrange(ent, "(g n) r -> g n r", g=G))
+        if uncertain:
+            ents.append(rearrange(ent, "(g n) r -> g n r", g=G))
         rews.append(r.view(G, N))
         why += w
     return torch.cat(toks, 1), torch.cat(rews, 1), why

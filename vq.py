@@ -14,10 +14,11 @@ minute on our synthetic shape world:
     codes --codebook lookup--> z_q (N, D, h, w) --decoder--> image (N, H, W, 3) in [0, 1]
 
 At the toy size (32px images, a 4x4 board, downsample 8) that is 16 tokens per image, one per board
-cell, and a 512-entry codebook for 294 distinct cell pictures: 25 cell contents (4 colours x 3 kinds
-x 2 sizes + empty) in their looks (data.py: 12 shades x fills per shape, 6 floors per empty cell).
-The looks are nuisance that no reward reads, but the codes must keep them apart, or the conditional
-entropy of a picture (what a prompt leaves open) would vanish in the tokenizer.
+cell: a 64-entry codebook for 25 cell contents (4 colours x 3 kinds x 2 sizes + empty) by default,
+and in the looks world a 512-entry one for 294 distinct cell pictures, the contents in their looks
+(data.py: 12 shades x fills per shape, 6 floors per empty cell). The looks are nuisance that no
+reward reads, but the codes must keep them apart, or the conditional entropy of a picture (what a
+prompt leaves open) would vanish in the tokenizer.
 
 The VQ-VAE recipe is the original one ("Neural Discrete Representation Learning", van den Oord et
 al. 2017, arXiv 1711.00937):

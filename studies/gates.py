@@ -34,7 +34,7 @@ checkpoint's own.
     python studies/gates.py --ckpt=runs/levels/start/ckpt_sft.pt --design=base
     python studies/gates.py --ckpt=runs/levels/start/ckpt_sft.pt --design=t0.7 --rl.temperature=0.7
     python studies/gates.py --ckpt=runs/levels/start/ckpt_sft.pt --design=random_order --diffusion.remask=random
-    python studies/gates.py --ckpt=runs/rl_vs_sft_looks/start/ckpt_sft.pt --design=looks --parts=pictures
+    python studies/gates.py --ckpt=runs/looks/ckpt_sft.pt --design=looks     # the looks world's main job (README)
     python studies/gates.py --report                      # the table again from results/gates.json
 
 --n=100 edge prompts per family (default), --samples=16. About 4-7 min per design on one thread of a

@@ -173,7 +173,8 @@ START_ROOT = os.path.join("runs", "rl_vs_sft")        # the shared start lives i
 
 def set_world(world: str) -> str:
     """Switch WORLD to WORLDS[world] for this study (a one-line error for an unknown name); returns the
-    suffix of its folders and results names: "" for flat, "_levels" for the difficulty protocol."""
+    suffix of its folders and results names: "" for flat, "_levels" for the difficulty protocol,
+    "_looks" for the looks world."""
     global WORLD
     if world not in WORLDS:
         raise SystemExit(f"--world={world}: expected one of {', '.join(WORLDS)}")
@@ -294,8 +295,9 @@ def start_path(root: str) -> str:
 
 def shared_start(root: str = START_ROOT, steps: int = START_STEPS["flat"], given: str = "") -> tuple[str, dict]:
     """(the start checkpoint every study begins from, its held-out metrics), made once, or adopted
-    from --start (`given`)."""
+    from --start (`given`). A root that adopted one keeps it without --start (never trains a second)."""
     out = os.path.join(root, "start")
+    given = given or (start_path(root) if os.path.exists(os.path.join(out, "given.json")) else "")
     start = adopt_start(given, out, steps) if given else sft_checkpoint(out, steps)
     held = os.path.join(out, "heldout.json")
     if not os.path.exists(held):
@@ -773,7 +775,7 @@ def tree(argv: list[str]):
                          f"{mean_sd([r['round_hamming'][0] for r in rs])} | {mean_sd(branched)} |")
     note = ("Diversity: the mean pairwise Hamming distance between the pictures (VQ codes) drawn in one round for "
             f"one prompt. {opts['n_prompts']} validation edit prompts ({int(hard.sum())} of them constraint edits, "
-            f"levels 3-4, where any of many pictures is right), temperature {cfg.rl.temperature}; a branched round "
+            f"level 3 or 4, where any of many pictures is right), temperature {cfg.rl.temperature}; a branched round "
             "continues the best picture so far from the given image step, or from the step of its most uncertain "
             "slot (H: any slot, Ht: plan text, Hi: image).")
     res = {**meta("tree", argv, seeds, t0, opts["commit"], ckpts=ckpts, n_prompts=opts["n_prompts"], schedules=TREE),

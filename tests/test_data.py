@@ -852,7 +852,7 @@ def test_levels_have_a_range(bad):
 # ----------------------------------------------------------------------------------------------
 # looks: nuisance that no prompt names and no reward scores
 
-LOOKS = SimpleNamespace(shades=3, fills=4, floors=6)        # the toy defaults: every look there is
+LOOKS = SimpleNamespace(shades=3, fills=4, floors=6)        # the looks world: every look there is
 
 
 def every_look():

@@ -159,6 +159,9 @@ def test_an_adopted_start_must_come_from_the_world_and_length_asked_for(tmp_path
         torch.save({"config": {**ours, "train": {**ours["train"], "max_steps": 3800}}}, other)
         with pytest.raises(SystemExit, match="holds another start"):
             study.adopt_start(str(other), str(out), 3800)
+        # without --start, the root keeps its adopted start (no second one trained beside it)
+        (out / "heldout.json").write_text("{}")
+        assert study.shared_start(str(tmp_path / "root"), 3800)[0] == str(ckpt.resolve())
         study.set_world("levels")         # 800 held-out examples, plain pictures
         with pytest.raises(SystemExit, match=r"was trained with --data\.n_eval=200, this world \(levels\) has 800"):
             study.adopt_start(str(ckpt), str(tmp_path / "r2" / "start"), 3800)
