@@ -502,7 +502,8 @@ def _one_edit(scene: Scene, rng, grid: int, qtype: str, busy: set[int], also: Sc
     """One operation on `scene` that touches no cell of `busy`: (prompt, plan, target, the cells it
     touches), or None. Shapes are named by a (colour, kind) pair unique in the scene (and in `also`,
     the picture after a first operation, so that the name stays unambiguous there too)."""
-    uniq = [i for i in _unique_pairs(scene) if i not in busy and (also is None or i in _unique_pairs(also))]
+    still = set(_unique_pairs(also)) if also is not None else None          # nameable after the first op
+    uniq = [i for i in _unique_pairs(scene) if i not in busy and (still is None or i in still)]
     empty = [i for i, s in enumerate(scene) if s is None and i not in busy]
     tgt = list(scene)
     if qtype == "add":

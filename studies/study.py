@@ -105,8 +105,8 @@ import hashlib
 import json
 import math
 import os
-import re
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -287,17 +287,22 @@ def adopt_start(path: str, out: str, steps: int) -> str:
     return given
 
 
-def start_path(root: str) -> str:
-    """Where root's shared start is: adopted (--start, recorded in start/given.json) or trained."""
+def adopted(root: str) -> str:
+    """The start root adopted with --start (recorded in start/given.json by adopt_start), or ""."""
     record = os.path.join(root, "start", "given.json")
-    return json.load(open(record))["ckpt"] if os.path.exists(record) else os.path.join(root, "start", "ckpt_sft.pt")
+    return json.load(open(record))["ckpt"] if os.path.exists(record) else ""
+
+
+def start_path(root: str) -> str:
+    """Where root's shared start is: adopted (--start) or trained."""
+    return adopted(root) or os.path.join(root, "start", "ckpt_sft.pt")
 
 
 def shared_start(root: str = START_ROOT, steps: int = START_STEPS["flat"], given: str = "") -> tuple[str, dict]:
     """(the start checkpoint every study begins from, its held-out metrics), made once, or adopted
     from --start (`given`). A root that adopted one keeps it without --start (never trains a second)."""
     out = os.path.join(root, "start")
-    given = given or (start_path(root) if os.path.exists(os.path.join(out, "given.json")) else "")
+    given = given or adopted(root)
     start = adopt_start(given, out, steps) if given else sft_checkpoint(out, steps)
     held = os.path.join(out, "heldout.json")
     if not os.path.exists(held):
