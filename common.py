@@ -32,20 +32,17 @@ import math
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import threading
-import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
 import config as C
-import data as D
+import tokens as T
 import vq as VQ
 from model import Transformer
 
@@ -75,6 +72,14 @@ class Ctx:
         if self.dtype == torch.bfloat16:
             return torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16)
         return nullcontext()
+
+    def all_sum(self, x: float) -> float:
+        """x summed over the ranks (x itself on one process). Collective under DDP."""
+        return all_reduce_mean(x, self) * self.world
+
+    def average_gradients(self, model):
+        """Every gradient averaged over the ranks (sync_grads; nothing on one process). Collective."""
+        sync_grads(model, self)
 
     def log(self, msg: str):
         """print + append to out_dir/log.txt, on rank 0 only."""
@@ -262,148 +267,11 @@ def all_reduce_mean(x: float, ctx: Ctx) -> float:
 
 
 # ----------------------------------------------------------------------------------------------
-# data: pools -> tokens, cached
-
-
-@dataclass
-class Bundle:
-    tok: D.Tokenizer
-    P: int
-    layouts: dict
-    sets: dict          # sets[task][split] -> data.TaskSet
-
-
-def jsonl_files(path: str) -> list[str]:
-    """The JSONL file and the existing picture files its rows name ([] without a file): what the
-    token cache of a run with --data.jsonl depends on. Unreadable rows are passed over here (the
-    loader reports them)."""
-    if not path or not os.path.exists(path):
-        return []
-    base, out = os.path.dirname(os.path.abspath(path)), [path]
-    with open(path, "rb") as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except ValueError:             # not JSON, or not UTF-8
-                continue
-            for k in ("image", "target_image"):
-                p = os.path.join(base, row[k]) if isinstance(row, dict) and isinstance(row.get(k), str) else ""
-                if p and os.path.isfile(p):
-                    out.append(p)
-    return out
-
-
-def _bundle_key(cfg, vq_file: str) -> str:
-    # the key covers everything the tokens depend on: the data and VQ configs, the VQ weights' file,
-    # the source of data.py itself (edit a task generator and the stale cache is not reused), and the
-    # contents of --data.jsonl and of the pictures it names, not just its file name
-    blob = json.dumps(C.to_dict(cfg)["data"], sort_keys=True) + json.dumps(C.to_dict(cfg)["vq"], sort_keys=True)
-    blob += str(os.path.getmtime(vq_file)) if os.path.exists(vq_file) else ""
-    for path in [D.__file__] + jsonl_files(cfg.data.jsonl):
-        with open(path, "rb") as f:
-            blob += hashlib.sha1(f.read()).hexdigest()
-    return hashlib.sha1(blob.encode()).hexdigest()[:12]
-
-
-def load_user_rows(cfg, ctx: Ctx) -> list:
-    """The rows of --data.jsonl (data.load_jsonl): malformed rows are counted and skipped; a missing
-    file, or one that yields no usable row at all, is a one-line error with the first problem."""
-    path = cfg.data.jsonl
-    try:
-        user, skipped = D.load_jsonl(path, cfg.data, strict=False)
-        if not user:
-            D.load_jsonl(path, cfg.data, strict=True)          # raises on the first bad row
-            raise D.JSONLError(f"{path}: the file holds no rows")
-    except D.JSONLError as e:
-        raise SystemExit(f"data error: --data.jsonl={path} gives no usable row: {e}") from None
-    ctx.log(f"jsonl: {len(user)} rows from {path} ({len(skipped)} malformed rows skipped)")
-    for why in skipped[:3]:                     # the first few reasons, with their line numbers
-        ctx.log(f"  skipped {why}")
-    if len(skipped) > 3:
-        ctx.log(f"  ... and {len(skipped) - 3} more (python -c \"import data, config; data.load_jsonl('{path}', "
-                f"config.Config().data)\" stops at the first)")
-    return user
-
-
-def check_fits(pools, tok: D.Tokenizer, lay: dict, P: int, n_img: int, max_len: int, jsonl: str):
-    """Every family's prompt + response (P + R positions) must fit the model's max_len. When one
-    does not, the JSONL row that widened it is named (file:line) at load time, not left to a shape
-    error in the first training step."""
-    over = [t for t, L in lay.items() if P + L.R > max_len]
-    if not over:
-        return
-    own = {t: {s: [e for e in v if not e.key.startswith("user|")] for s, v in sp.items()} for t, sp in pools.items()}
-    users = [e for sp in pools.values() for v in sp.values() for e in v if e.key.startswith("user|")]
-    for task in over:                       # the widths without the user's rows tell which row widened it
-        L = lay[task]
-        P0, R0 = D.prompt_width(own, tok, n_img), D.layouts_for(own, tok, n_img)[task].R
-        if P > P0:            # a user prompt is the widest
-            row, part = max(users, key=lambda e: len(e.prompt.split())), "prompt"
-        elif L.R > R0:        # a user response is the widest of this family
-            row = max((e for e in users if e.task == task),
-                      key=lambda e: D.layouts_for({task: {"one": [e]}}, tok, n_img)[task].R)
-            part = "response"
-        else:
-            raise SystemExit(f"config error: {task} needs {P} + {L.R} = {P + L.R} positions but "
-                             f"--model.max_len={max_len}; raise --model.max_len")
-        raise SystemExit(f"data error: {jsonl}:{row.key.split('|')[1]}: its {part} makes {task} need {P} + {L.R} = "
-                         f"{P + L.R} positions but --model.max_len={max_len}; shorten or drop the row, "
-                         f"or raise --model.max_len")
-
-
-def get_bundle(cfg, vq, ctx: Ctx) -> Bundle:
-    """All tokenized sets. VQ codes are computed once per (data, vq) config and cached on disk."""
-    pools = D.build_pools(cfg.data)
-    if cfg.data.jsonl:
-        for ex in load_user_rows(cfg, ctx):     # by "split", else traced rows -> sft, answer-only -> rl
-            pools[ex.task][ex.split or ("sft" if ex.trace is not None else "rl")].append(ex)
-    path = os.path.join(cfg.data.cache_dir, f"tokens_{_bundle_key(cfg, VQ.vq_path(cfg))}.pt")
-    if os.path.exists(path):
-        blob = torch.load(path, map_location="cpu", weights_only=False)
-        tok = D.Tokenizer.from_state(blob["tok"])
-        lay = {k: D.Layout(**v) for k, v in blob["layouts"].items()}
-        check_fits(pools, tok, lay, blob["P"], (cfg.data.image_size // cfg.vq.downsample) ** 2, cfg.model.max_len,
-                   cfg.data.jsonl)
-        sets = {t: {s: D.TaskSet(t, pools[t][s], *blob["sets"][t][s], lay[t]) for s in pools[t]} for t in pools}
-        return Bundle(tok, blob["P"], lay, sets)
-    t0 = time.time()
-    side = cfg.data.image_size // cfg.vq.downsample                 # token grid side
-    tok = D.Tokenizer.fit(D.all_texts(pools), cfg.vq.codebook_size, max_number=cfg.data.image_size, grid=side)
-    n_img = side * side
-    lay, P = D.layouts_for(pools, tok, n_img), D.prompt_width(pools, tok, n_img)
-    check_fits(pools, tok, lay, P, n_img, cfg.model.max_len, cfg.data.jsonl)
-    sets = {}
-    for task in pools:
-        sets[task] = {}
-        for split, exs in pools[task].items():
-            D.ensure_images(exs, cfg.data)
-            codes = vq.encode(np.stack([e.image for e in exs])) \
-                if task != "t2i" and exs else None
-            tcodes = vq.encode(np.stack([e.target_image for e in exs])) \
-                if task in ("edit", "t2i") and exs else None
-            sets[task][split] = D.tokenize_split(task, exs, tok, lay[task], P, codes, tcodes)
-            for e in exs:      # pictures are cheap to re-render; keep memory flat
-                if e.scene is not None:
-                    e.image = e.target_image = None
-    if tok.n_unknown:
-        ctx.log(f"tokenizer: {tok.n_unknown} unknown words mapped to [UNK]")
-    if ctx.master:
-        os.makedirs(cfg.data.cache_dir, exist_ok=True)
-        blob = {"tok": tok.state(), "P": P, "layouts": {k: vars(v) for k, v in lay.items()},
-                "sets": {t: {s: (ts.prompt, ts.response) for s, ts in v.items()} for t, v in sets.items()}}
-        atomic_save(blob, path)
-    ctx.log(f"tokenized {sum(len(s) for v in sets.values() for s in v.values())} examples in "
-            f"{time.time() - t0:.1f}s (vocab {tok.vocab_size}, prompt width {P}, response widths "
-            + ", ".join(f"{k} {v.R}" for k, v in lay.items()) + f") -> {path}")
-    return Bundle(tok, P, lay, sets)
-
-
-# ----------------------------------------------------------------------------------------------
 # model, optimizer, schedule, checkpoints
 
 
 
-def build_model(cfg, tok: D.Tokenizer, device: str) -> Transformer:
+def build_model(cfg, tok: T.Tokenizer, device: str) -> Transformer:
     return Transformer(cfg.model, tok.vocab_size).to(device)
 
 
@@ -431,7 +299,7 @@ def unwrap(model):
     return getattr(model, "_orig_mod", model)
 
 
-def save_checkpoint(path: str, model, opt, step: int, cfg, bundle: Bundle, extra: dict | None = None):
+def save_checkpoint(path: str, model, opt, step: int, cfg, bundle, extra: dict | None = None):
     """Atomic write (tmp + rename): a run killed mid-save never leaves a broken checkpoint.
     Holds the unwrapped model, the optimizer, step, config, tokenizer and rank 0's torch RNG state,
     plus the caller's `extra` (SFT: elapsed time, eval history, every rank's RNG and sampler state
@@ -601,40 +469,12 @@ def check_model_config(blob: dict, cfg, path: str):
 
 def model_from_checkpoint(blob: dict, device: str) -> Transformer:
     """Rebuild the model with the checkpoint's own architecture (like nanoGPT's resume)."""
-    model = build_model(C.from_dict(blob["config"]), D.Tokenizer.from_state(blob["tok"]), device)
+    model = build_model(C.from_dict(blob["config"]), T.Tokenizer.from_state(blob["tok"]), device)
     load_weights(model, blob["model"], "the checkpoint (written by another version of model.py?)")
     return model
 
 
-# ----------------------------------------------------------------------------------------------
-# SFT
-
-
-class TaskSampler:
-    """Draws (task, index) training items of one split by the task-mix weights ({task: weight}).
-    Each rank has its own stream (seed), saved in checkpoints (state / load_state)."""
-
-    def __init__(self, sets: dict, split: str, mix: dict, seed: int):
-        self.sets, self.split = sets, split
-        self.tasks = [t for t in mix if len(sets[t][split]) > 0 and mix[t] > 0]
-        if not self.tasks:
-            raise SystemExit(f"data error: no examples in split {split!r} for tasks {list(mix)}")
-        self.w = torch.tensor([mix[t] for t in self.tasks])
-        self.g = torch.Generator().manual_seed(seed)
-
-    def draw(self, n: int) -> list[tuple[str, int]]:
-        ti = torch.multinomial(self.w, n, replacement=True, generator=self.g)
-        return [(self.tasks[i], int(torch.randint(len(self.sets[self.tasks[i]][self.split]), (1,),
-                                                    generator=self.g))) for i in ti]
-
-    def state(self):
-        return self.g.get_state()
-
-    def load_state(self, st):
-        self.g.set_state(st)
-
-
-def gather_rank_states(ctx: Ctx, sampler: TaskSampler, **generators: torch.Generator) -> list[dict]:
+def gather_rank_states(ctx: Ctx, sampler, **generators: torch.Generator) -> list[dict]:
     """Every rank's random state, for the checkpoint: the torch CPU generator (masks, t, prompt
     drop on CPU), the CUDA generator of its device (the same draws on GPU), its TaskSampler and the
     named `generators` of the stage (RL: the sampling noise and the prompt picker). The ranks draw
@@ -651,7 +491,7 @@ def gather_rank_states(ctx: Ctx, sampler: TaskSampler, **generators: torch.Gener
     return out
 
 
-def restore_rank_state(blob: dict, ctx: Ctx, sampler: TaskSampler, **generators: torch.Generator):
+def restore_rank_state(blob: dict, ctx: Ctx, sampler, **generators: torch.Generator):
     """This rank's part of gather_rank_states() back (the same `generators` by name). Older checkpoints hold only rank 0's torch
     and sampler state; ranks the checkpoint has no state for keep their fresh (per-rank) seeds."""
     states = blob.get("rank_states") or [{"torch": blob["rng"]["torch"], "sampler": blob.get("sampler")}]
@@ -688,44 +528,6 @@ def latest_checkpoint(out_dir: str) -> str:
                      f"or pass --ckpt=PATH / the --out_dir of a finished run")
 
 
-def load_latest(cfg, ctx: Ctx):
-    """(model, bundle, vq) of a finished run with the command line's config: latest_checkpoint."""
-    vq = VQ.get_vq(cfg, ctx.device, ctx.out_dir)
-    bundle = get_bundle(cfg, vq, ctx)
-    path = latest_checkpoint(cfg.train.out_dir)
-    blob = load_checkpoint(path, bundle.tok.vocab_size)
-    ctx.log(f"loaded {path} (step {blob['step']})")
-    return model_from_checkpoint(blob, ctx.device), bundle, vq
-
-
-def load_run(path: str, out_dir: str, who: str, device: str = "cpu"):
-    """(cfg, bundle, model, vq, blob) of the checkpoint at `path` with the data it was trained on:
-    its own config decides the data and the model (logs go to out_dir). The VQ tokenizer it was
-    trained with must still be in the cache: a new one would give other image codes than the model
-    saw. `who` names the calling script in the one-line errors."""
-    blob = load_checkpoint(path)
-    try:
-        cfg = C.from_dict(blob["config"], path)
-    except C.ConfigError as e:
-        raise SystemExit(f"{who}: {e}") from None
-    cfg.train.device, cfg.train.out_dir = device, out_dir
-    if not os.path.exists(VQ.vq_path(cfg)):
-        raise SystemExit(f"{who}: the VQ tokenizer {VQ.vq_path(cfg)} of {path} is missing; re-run "
-                         f"`python train.py --preset={cfg.preset}` (or restore {cfg.data.cache_dir}/)")
-    os.makedirs(out_dir, exist_ok=True)
-    ctx = Ctx(device, torch.float32, "fp32", False, 0, 1, out_dir)
-    vq = VQ.get_vq(cfg, device, out_dir)
-    bundle = get_bundle(cfg, vq, ctx)
-    if blob.get("vocab_size") != bundle.tok.vocab_size:
-        raise SystemExit(f"{who}: {path} has vocabulary {blob.get('vocab_size')} but its data now gives "
-                         f"{bundle.tok.vocab_size} (the data or data.py changed since); retrain it")
-    check_vq(blob, cfg, path)
-    if blob.get("tok") is not None and blob["tok"] != bundle.tok.state():
-        raise SystemExit(f"{who}: the word tokenizer rebuilt from {path}'s data differs from the one it was "
-                         f"trained with (the data or data.py changed since); retrain, or check out that version")
-    return cfg, bundle, model_from_checkpoint(blob, device).eval(), vq, blob
-
-
 def peak_memory_mb(device: str) -> float:
     """The process's peak memory so far, in MiB: allocated GPU memory on CUDA
     (torch.cuda.max_memory_allocated), else the peak resident set size of the process (Linux and
@@ -739,15 +541,6 @@ def peak_memory_mb(device: str) -> float:
         return 0.0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if os.uname().sysname == "Darwin" else rss / 2**10       # bytes on macOS, KiB on Linux
-
-
-def git_commit() -> str:
-    """The short commit hash of this checkout, for results files ("" outside a git checkout)."""
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    except OSError:
-        return ""
 
 
 def write_json(path: str, result: dict):

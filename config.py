@@ -13,7 +13,7 @@ scripts and saved as `config.json` next to every run's outputs (`save_config`).
 
 Sections and the parts of METHOD.md they configure:
   model      the transformer and its attention layout (§1)
-  data       the synthetic tasks, their pools and the imperfect teacher (§8)
+  data       the synthetic tasks and their pools (§8)
   vq         the image tokenizer that turns pictures into vocabulary tokens (§1)
   diffusion  masking and the SFT loss (§2), the sampler (§3)
   train      the SFT stage and the run around it (§2)
@@ -37,6 +37,9 @@ import json
 import os
 import sys
 from dataclasses import dataclass, field, fields, asdict
+
+from rollout import parse_tree_schedule
+from tokens import RL_TASKS, parse_mix, parse_task_values
 
 
 class ConfigError(ValueError):
@@ -74,7 +77,7 @@ class DataConfig:
     n_val: int = 200                 # validation examples per family (quick evals, best checkpoints),
                                      # disjoint from all the other splits
     hard_frac: float = 0.4           # share of level-2 vqa / grounding questions when a split's levels are 1,2
-    # difficulty levels per split (data.draw_level; vqa 1-4 = composition: 1 count/compare, 2 add/diff/sides,
+    # difficulty levels per split (world.draw_level; vqa 1-4 = composition: 1 count/compare, 2 add/diff/sides,
     # 3-4 sums of 3-4 lists; grounding 1-3 = relation depth; a family keeps the levels it has): traced SFT,
     # answer-only RL, and held-out eval + val.
     # Metrics split eval by bucket: in (<= the top SFT level), edge (one above), far (two or more above)
@@ -86,18 +89,15 @@ class DataConfig:
     # The looks world (METHOD.md §8; README, "Pictures the prompt does not fix") turns on the next four
     # with --data.edit_max_level=4 --data.shades=3 --data.fills=4 --data.floors=6 --vq.codebook_size=512.
     # Off by default: at the main job's 3800 SFT steps it leaves vqa and grounding near their baselines.
-    edit_max_level: int = 1          # the highest edit level drawn (data.make_edit: 1 one operation, 2 two,
+    edit_max_level: int = 1          # the highest edit level drawn (world_extras: 1 one operation, 2 two,
                                      # 3 a colour constraint over rows or columns, 4 over both)
-    # looks: per-cell nuisance that no prompt names and no reward scores (data.py, "looks"), so a
+    # looks: per-cell nuisance that no prompt names and no reward scores (world_extras.py, "looks"), so a
     # picture is not fixed by its description; 1, 1, 1 = one look per cell content (no nuisance)
     shades: int = 1                  # brightness levels of a shape's colour (1-3)
     fills: int = 1                   # a shape's fill: solid + striped / checkered patterns (1-4)
     floors: int = 1                  # an empty cell's floor: black + dim grey patterns (1-6)
-    teacher_slip: float = 0.0        # fraction of traces with a random miscount carried to a wrong answer
-    teacher_bias: str = ""           # colours the teacher always overcounts by one, "yellow,red" ("" = none)
-    teacher_box_pad: int = 0         # the teacher's grounding boxes are this many px too loose per side
     seed: int = 0                    # the world seed: same seed -> same scenes, questions and splits
-    jsonl: str = ""                  # optional user data (see data.load_jsonl); "" = synthetic only
+    jsonl: str = ""                  # optional user data (see user_data.load_jsonl); "" = synthetic only
     cache_dir: str = "cache"         # VQ checkpoint and tokenized datasets are cached here
 
 
@@ -434,14 +434,14 @@ RANGES = [
                                       "eval.batch_size", "eval.n_per_task")),
     # counts that may be 0
     *((k, 0, INF, "a count") for k in ("model.mlp_hidden", "data.n_sft", "data.n_rl", "data.n_eval", "data.n_val",
-                                       "data.teacher_box_pad", "vq.steps", "train.max_steps", "train.warmup",
+                                       "vq.steps", "train.max_steps", "train.warmup",
                                        "train.eval_interval", "rl.sft_rows", "rl.max_steps", "rl.eval_interval",
                                        "rl.tokens_per_step", "eval.grid_rows", "eval.curve_n")),
     # probabilities and fractions
-    *((k, 0.0, 1.0, "a probability") for k in ("model.dropout", "data.hard_frac", "data.teacher_slip",
+    *((k, 0.0, 1.0, "a probability") for k in ("model.dropout", "data.hard_frac",
                                                "vq.ema_decay", "diffusion.full_mask_frac", "diffusion.prompt_drop",
                                                "train.min_lr_frac", "rl.gamma", "rl.tau", "rl.af_prob", "rl.p_prompt")),
-    # the world's own limits (data.MAX_LOOKS, data.MAX_LEVEL; tests/test_config.py checks they agree)
+    # the world's own limits (world_extras.MAX_LOOKS, MAX_EDIT_LEVEL; tests/test_config.py checks they agree)
     ("data.shades", 1, 3, "shade levels"), ("data.fills", 1, 4, "fill patterns"), ("data.floors", 1, 6, "floor patterns"),
     ("data.edit_max_level", 1, 4, "an edit level"),
     ("diffusion.eps", 1e-9, 1.0, "the smallest noise level (> 0: the ELBO weighs by 1/t)"),
@@ -484,9 +484,9 @@ def validate(cfg: Config):
     check_ranges(cfg)
     if d.jsonl and os.path.isdir(d.jsonl):
         raise ConfigError(f"--data.jsonl={d.jsonl!r} is a folder; pass the .jsonl file inside it "
-                          f"(python data.py --export=DIR writes DIR/data.jsonl)")
+                          f"(python user_data.py --export=DIR writes DIR/data.jsonl)")
     if d.jsonl and not os.path.isfile(d.jsonl):
-        raise ConfigError(f"--data.jsonl={d.jsonl!r}: no such file (python data.py --export=DIR writes an example)")
+        raise ConfigError(f"--data.jsonl={d.jsonl!r}: no such file (python user_data.py --export=DIR writes an example)")
     if t.init_from and not os.path.isfile(t.init_from):
         raise ConfigError(f"--train.init_from={t.init_from!r}: no such checkpoint file")
     if os.path.exists(t.out_dir) and not os.path.isdir(t.out_dir):
@@ -540,7 +540,10 @@ def validate(cfg: Config):
     if r.advantage not in ("unified", "rft"):
         raise ConfigError(f"--rl.advantage={r.advantage!r}: expected unified or rft")
     if r.advantage == "rft":
-        missing = set(parse_mix(r.task_mix, "rl.task_mix", RL_TASKS)) - set(parse_task_values(r.rft_accept, "rl.rft_accept", RL_TASKS))
+        try:
+            missing = set(parse_mix(r.task_mix, "rl.task_mix", RL_TASKS)) - set(parse_task_values(r.rft_accept, "rl.rft_accept", RL_TASKS))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         if missing:
             raise ConfigError(f"--rl.rft_accept={r.rft_accept!r} has no threshold for {sorted(missing)} (in rl.task_mix)")
     splits = {"sft": d.n_sft, "rl": d.n_rl, "eval": d.n_eval, "val": d.n_val}
@@ -555,75 +558,18 @@ def validate(cfg: Config):
         raise ConfigError(f"--rl.af_mode={r.af_mode!r}: expected failed_groups or all_groups")
     if t.batch_size % t.micro_batch:
         raise ConfigError(f"train.batch_size={t.batch_size} must be a multiple of train.micro_batch={t.micro_batch}")
-    parse_mix(t.task_mix, "train.task_mix")
-    parse_mix(r.task_mix, "rl.task_mix", RL_TASKS)
+    try:     # the parsers live beside what they parse (tokens: task lists, rollout: the tree schedule)
+        parse_mix(t.task_mix, "train.task_mix")
+        parse_mix(r.task_mix, "rl.task_mix", RL_TASKS)
+        schedule = parse_tree_schedule(r.tree_schedule)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     n_img = (d.image_size // cfg.vq.downsample) ** 2
     img_steps = min(cfg.diffusion.image_steps, n_img)
-    for s in parse_tree_schedule(r.tree_schedule)[1:]:
+    for s in schedule[1:]:
         if isinstance(s, int) and not 0 < s < img_steps:
             raise ConfigError(f"--rl.tree_schedule={r.tree_schedule!r}: branch step {s} must lie in "
                               f"1..{img_steps - 1} (the image has {img_steps} denoising steps)")
-
-
-TASKS = ("vqa", "ground", "edit", "t2i")   # the task families (data.py builds their pools)
-RL_TASKS = ("vqa", "ground", "edit")    # the tasks with a verifiable reward on a generated answer
-
-
-def parse_task_values(text: str, where: str, allowed: tuple = TASKS, default: float | None = None) -> dict[str, float]:
-    """'vqa:1,ground:0.5' -> {'vqa': 1.0, 'ground': 0.5}: one number per task, as written. A task
-    without a value takes `default` (an error when there is none). Unknown tasks are errors."""
-    out = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        name, _, v = part.partition(":")
-        if name not in allowed:
-            raise ConfigError(f"--{where}: unknown task {name!r}; tasks are {', '.join(allowed)}")
-        try:
-            out[name] = default if (not v and default is not None) else float(v)
-        except ValueError:
-            raise ConfigError(f"--{where}: value {v!r} of {name!r} is not a number (write task:value)") from None
-    return out
-
-
-def parse_mix(text: str, where: str = "task_mix", allowed: tuple = TASKS) -> dict[str, float]:
-    """'vqa:4,ground:3' -> {'vqa': 4/7, 'ground': 3/7}: sampling weights (a bare name weighs 1),
-    normalised, zero weights dropped. Unknown tasks or bad weights are errors."""
-    out = parse_task_values(text, where, allowed, default=1.0)
-    for name, w in out.items():
-        if w < 0:
-            raise ConfigError(f"--{where}: weight of {name!r} is negative")
-    total = sum(out.values())
-    if total <= 0:
-        raise ConfigError(f"--{where}={text!r}: needs at least one positive weight, e.g. vqa:1")
-    return {k: v / total for k, v in out.items() if v > 0}
-
-
-def parse_int_list(text: str, where: str) -> list[int]:
-    try:
-        return [int(x) for x in text.strip("[]").split(",") if x.strip()]
-    except ValueError:
-        raise ConfigError(f"--{where}={text!r}: expected comma-separated integers, e.g. 0,8") from None
-
-
-UNCERTAIN_BRANCHES = ("H", "Ht", "Hi")   # tree search: branch at the most uncertain slot of all / text / image
-
-
-def parse_tree_schedule(text: str) -> list:
-    """'0,2,H' -> [0, 2, 'H']: rl.tree_schedule's rounds. The first is 0 (fresh samples); each later
-    one is an image step (int) or one of UNCERTAIN_BRANCHES. One-line ConfigError otherwise."""
-    out = []
-    for x in (p.strip() for p in text.strip("[]").split(",") if p.strip()):
-        if x in UNCERTAIN_BRANCHES:
-            out.append(x)
-            continue
-        try:
-            out.append(int(x))
-        except ValueError:
-            raise ConfigError(f"--rl.tree_schedule={text!r}: {x!r} is neither an image step nor one of "
-                              f"{', '.join(UNCERTAIN_BRANCHES)}; e.g. 0,2 or 0,H") from None
-    if not out or out[0] != 0 or 0 in out[1:]:
-        raise ConfigError(f"--rl.tree_schedule={text!r}: the first round is 0 (fresh samples) and only the first, "
-                          f"e.g. 0,2 or 0,H")
-    return out
 
 
 def to_dict(cfg: Config) -> dict:
@@ -662,7 +608,3 @@ def save_config(cfg: Config, out_dir: str, argv: list[str] | None = None):
     payload["argv"] = list(sys.argv if argv is None else argv)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(payload, f, indent=2)
-
-
-def format_config(cfg: Config) -> str:
-    return json.dumps(to_dict(cfg), indent=1)

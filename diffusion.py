@@ -32,10 +32,13 @@ arXiv 2406.07524) and LLaDA ("Large Language Diffusion Models", arXiv 2502.09992
                     can start from a partially revealed state (tree search, METHOD.md §6), never
                     re-masks a revealed token, and returns for every position the step at which
                     it was revealed (the order), from which `rebuild_state` recovers any earlier
-                    state.
+                    state. An `on_reveal` hook sees what each step revealed and the logits it was
+                    sampled from (tree search's uncertainty branching records entropies with it).
 
 Simplified (METHOD.md §9): no timestep shifting, no stratified image-token order (LaViDa-O), no
 EOS-confidence hacks, no dynamic/threshold decoding. Every reading is a field of `DiffusionConfig`.
+
+The file reads top-down: sft_loss and the forward process it uses, then sample and its parts.
 
 Exercise: python -m pytest tests/test_diffusion.py -q
 """
@@ -48,60 +51,10 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
 
-from data import Batch, Tokenizer
+from tokens import Batch, Tokenizer
 
 # ----------------------------------------------------------------------------------------------
-# forward process: the one place in the repo that turns tokens into [MASK]/[IMASK]
-
-
-def apply_mask(tokens: torch.Tensor, mask: torch.Tensor, is_image: torch.Tensor, tok: Tokenizer) -> torch.Tensor:
-    """Replace tokens where `mask` is True by [IMASK] (image slots) or [MASK] (text slots).
-    tokens (..., T) long; mask, is_image bool, broadcastable to it (e.g. (n, B, T) masks over one
-    (B, T) batch). Returns a new tensor of the broadcast shape."""
-    filler = torch.where(is_image, torch.full_like(tokens, tok.IMASK), torch.full_like(tokens, tok.MASK))
-    return torch.where(mask, filler, tokens)
-
-
-def draw_mask(batch: Batch, t: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """M(y_t): each response position masked independently with probability t (one t per row).
-    t: (B,) -> mask (B, T) bool, never True outside the response."""
-    u = torch.rand(batch.tokens.shape, generator=generator, device=batch.tokens.device)
-    return (u < t[:, None]) & batch.is_resp
-
-
-def sample_t(B: int, eps: float, device, generator: torch.Generator | None = None) -> torch.Tensor:
-    """t ~ U(eps, 1), shape (B,): eps > 0 keeps the 1/t weight finite and the mask non-empty in
-    expectation."""
-    return eps + (1 - eps) * torch.rand(B, generator=generator, device=device)
-
-
-def drop_prompt_text(batch: Batch, rows: torch.Tensor, tok: Tokenizer) -> torch.Tensor:
-    """The unconditional input for CFG: prompt *words* of the selected rows (rows: (B,) bool)
-    become [MASK]; returns tokens (B, T). The task tag and the input picture's codes stay (edit
-    keeps its source image)."""
-    t = batch.tokens
-    words = batch.is_prompt & (t >= tok.n_special) & (t < tok.img_offset)
-    return torch.where(words & rows[:, None], torch.full_like(t, tok.MASK), t)
-
-
-# ----------------------------------------------------------------------------------------------
-# SFT loss
-
-def masked_ce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, t_row: torch.Tensor,
-              weighting: str, n_resp: torch.Tensor) -> torch.Tensor:
-    """The SFT objective from logits. Only positions with mask=True contribute, so the logits at
-    every other position can be anything (tests check exactly that).
-
-      mean:  L = sum_{b,k in M} CE_bk / |M|                     (LaViDa-O: plain mean, no 1/t)
-      elbo:  L = mean_b [ (1/t_b) * sum_{k in M_b} CE_bk / R_b ]  (LLaDA SFT: 1/t, per-answer length)
-    logits (B, T, V); targets, mask (B, T); t_row, n_resp (B,). Returns a scalar in nats per token
-    ("mean") or per response position ("elbo").
-    """
-    ce = F.cross_entropy(rearrange(logits.float(), "b t v -> b v t"), targets, reduction="none")   # (B, T)
-    ce = torch.where(mask, ce, torch.zeros_like(ce))     # where, not *: junk logits elsewhere stay out
-    if weighting == "mean":
-        return ce.sum() / mask.sum().clamp(min=1)
-    return (ce.sum(1) / t_row / n_resp.clamp(min=1)).mean()
+# the SFT loss (METHOD.md §2) and the forward process it draws
 
 
 def sft_loss(model, batch: Batch, dcfg, tok: Tokenizer, generator: torch.Generator | None = None,
@@ -153,18 +106,164 @@ def sft_loss(model, batch: Batch, dcfg, tok: Tokenizer, generator: torch.Generat
                   "n": float(n)}
 
 
-# ----------------------------------------------------------------------------------------------
-# the sampler
+def sample_t(B: int, eps: float, device, generator: torch.Generator | None = None) -> torch.Tensor:
+    """t ~ U(eps, 1), shape (B,): eps > 0 keeps the 1/t weight finite and the mask non-empty in
+    expectation."""
+    return eps + (1 - eps) * torch.rand(B, generator=generator, device=device)
 
-def vocab_masks(tok: Tokenizer, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Which ids a text slot and an image slot may take: (V,) bool each."""
-    V = tok.vocab_size
-    img = torch.zeros(V, dtype=torch.bool, device=device)
-    img[tok.img_offset:] = True
-    text = ~img
-    for bad in (tok.PAD, tok.MASK, tok.IMASK, tok.UNK, tok.BOI, tok.EOI, *tok.TASK.values()):
-        text[bad] = False
-    return text, img
+
+def draw_mask(batch: Batch, t: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """M(y_t): each response position masked independently with probability t (one t per row).
+    t: (B,) -> mask (B, T) bool, never True outside the response."""
+    u = torch.rand(batch.tokens.shape, generator=generator, device=batch.tokens.device)
+    return (u < t[:, None]) & batch.is_resp
+
+
+def apply_mask(tokens: torch.Tensor, mask: torch.Tensor, is_image: torch.Tensor, tok: Tokenizer) -> torch.Tensor:
+    """Replace tokens where `mask` is True by [IMASK] (image slots) or [MASK] (text slots).
+    tokens (..., T) long; mask, is_image bool, broadcastable to it (e.g. (n, B, T) masks over one
+    (B, T) batch). Returns a new tensor of the broadcast shape."""
+    filler = torch.where(is_image, torch.full_like(tokens, tok.IMASK), torch.full_like(tokens, tok.MASK))
+    return torch.where(mask, filler, tokens)
+
+
+def drop_prompt_text(batch: Batch, rows: torch.Tensor, tok: Tokenizer) -> torch.Tensor:
+    """The unconditional input for CFG: prompt *words* of the selected rows (rows: (B,) bool)
+    become [MASK]; returns tokens (B, T). The task tag and the input picture's codes stay (edit
+    keeps its source image)."""
+    t = batch.tokens
+    words = batch.is_prompt & (t >= tok.n_special) & (t < tok.img_offset)
+    return torch.where(words & rows[:, None], torch.full_like(t, tok.MASK), t)
+
+
+def masked_ce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, t_row: torch.Tensor,
+              weighting: str, n_resp: torch.Tensor) -> torch.Tensor:
+    """The SFT objective from logits. Only positions with mask=True contribute, so the logits at
+    every other position can be anything (tests check exactly that).
+
+      mean:  L = sum_{b,k in M} CE_bk / |M|                     (LaViDa-O: plain mean, no 1/t)
+      elbo:  L = mean_b [ (1/t_b) * sum_{k in M_b} CE_bk / R_b ]  (LLaDA SFT: 1/t, per-answer length)
+    logits (B, T, V); targets, mask (B, T); t_row, n_resp (B,). Returns a scalar in nats per token
+    ("mean") or per response position ("elbo").
+    """
+    ce = F.cross_entropy(rearrange(logits.float(), "b t v -> b v t"), targets, reduction="none")   # (B, T)
+    ce = torch.where(mask, ce, torch.zeros_like(ce))     # where, not *: junk logits elsewhere stay out
+    if weighting == "mean":
+        return ce.sum() / mask.sum().clamp(min=1)
+    return (ce.sum(1) / t_row / n_resp.clamp(min=1)).mean()
+
+
+# ----------------------------------------------------------------------------------------------
+# the sampler (METHOD.md §3)
+
+@torch.no_grad()
+def sample(model, batch: Batch, tok: Tokenizer, dcfg, *, temperature: float | None = None,
+           image_temperature: float | None = None, cfg_scale: float | None = None,
+           generator: torch.Generator | None = None, order: torch.Tensor | None = None,
+           start_step: int = 0, use_cache: bool = True, forbid: torch.Tensor | None = None,
+           on_step=None, on_reveal=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fill every [MASK]/[IMASK] in the response of `batch` and return (tokens (B, T), order (B, R)).
+
+    batch.tokens holds the canvas: masked slots are filled, every other response token is FIXED and
+    never changed (answer-forcing writes '<answer> z </answer>' this way). All rows must share one
+    response layout (one task family; AssertionError otherwise). order[b, k] = the global step that
+    revealed slot k, or -1 for tokens that were given. To continue a partial state (tree search),
+    pass the state's tokens, its `order` (-1 for still-masked and given slots) and `start_step`;
+    `rebuild_state` makes both. temperature / image_temperature / cfg_scale: None = dcfg's.
+    forbid: (B, V) bool, ids that row b's masked slots may not take (answer-forcing bans the answer
+    tags from the inpainted reasoning). Hooks: on_step(g, tokens) before every step g (tests record
+    the trajectory); on_reveal(block, reveal, logits, temperature) after each step's reveal (block: the
+    response slice, reveal (B, b) bool, logits (B, b, V) as sampled from).
+    """
+    temperature = dcfg.temperature if temperature is None else temperature
+    image_temperature = dcfg.image_temperature if image_temperature is None else image_temperature
+    P = batch.P
+    resp = batch.tokens[:, P:].clone()                                      # (B, R)
+    masked = (resp == tok.MASK) | (resp == tok.IMASK)
+    order = torch.full_like(resp, -1) if order is None else order.masked_fill(masked, -1)
+    allowed = allowed_ids(batch, tok, forbid)                               # (B, R, V)
+    denoiser = Denoiser(model, batch, tok, dcfg, dcfg.cfg_scale if cfg_scale is None else cfg_scale, use_cache)
+    plan = make_plan(denoiser.R_text, denoiser.n_img, dcfg)
+    for g in range(start_step, len(plan)):
+        st = plan[g]
+        if on_step is not None:
+            on_step(g, torch.cat([batch.tokens[:, :P], resp], 1))
+        blk = slice(st.lo, st.hi)        # only the active block's slots can be revealed: all work below is on them
+        cand = masked[:, blk]                                               # (B, b) candidates
+        filled = (order[:, blk] >= 0).sum(1)                                # revealed by the sampler so far
+        k = (st.cum_target(cand.sum(1) + filled) - filled).clamp(min=0)    # (B,) to reveal now
+        if not bool((k > 0).any()):
+            continue
+        logits = denoiser.logits(resp, blk, st.cosine).masked_fill(~allowed[:, blk], float("-inf"))   # (B, b, V)
+        temp = image_temperature if st.cosine else temperature  # each step is one block of one modality
+        x0 = gumbel_argmax(logits, temp, generator)                         # (B, b) x0 ~ p(. | y_t)
+        if dcfg.remask == "random":
+            conf = torch.rand(cand.shape, generator=generator, device=resp.device)
+        else:  # confidence = p(x0) under the noise-free softmax, not the Gumbel-perturbed one (as LLaDA)
+            conf = logits.softmax(-1).gather(-1, x0[..., None]).squeeze(-1)
+        # reveal the k most confident candidates of each row: rank the block's slots by confidence
+        rank = conf.masked_fill(~cand, -1.0).argsort(1, descending=True).argsort(1)   # (B, b), 0 = most
+        reveal = (rank < k[:, None]) & cand                                 # (B, b)
+        resp[:, blk] = torch.where(reveal, x0, resp[:, blk])
+        order[:, blk] = torch.where(reveal, torch.full_like(cand, g, dtype=torch.long), order[:, blk])
+        masked[:, blk] = cand & ~reveal
+        if on_reveal is not None:
+            on_reveal(blk, reveal, logits, temp)
+    return torch.cat([batch.tokens[:, :P], resp], 1), order
+
+
+def allowed_ids(batch: Batch, tok: Tokenizer, forbid: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, R, V) bool: the ids each response slot may take (image codes in image slots, words and
+    tags in text slots, less row b's `forbid` (B, V))."""
+    text_ok, img_ok = vocab_masks(tok, batch.tokens.device)
+    allowed = torch.where(batch.is_image[:, batch.P:, None], img_ok, text_ok)          # (B, R, V)
+    return allowed if forbid is None else allowed & ~forbid[:, None, :]
+
+
+class Denoiser:
+    """The model as the sampler calls it: the logits of a block of the response given the current
+    canvas (B, R). With a prefix-DLM the prompt is encoded once for every step (model.encode_prefix);
+    with cfg_scale > 0 on a response with image slots the image steps also run the prompt-dropped
+    canvas and mix the two (classifier-free guidance on image slots only)."""
+
+    def __init__(self, model, batch: Batch, tok: Tokenizer, dcfg, cfg_scale: float, use_cache: bool = True):
+        P, dev = batch.P, batch.tokens.device
+        is_img = batch.is_image[:, P:]                                              # (B, R)
+        assert bool((batch.is_resp[:, P:] == batch.is_resp[0:1, P:]).all()), "sample(): one layout per call"
+        self.R_text, self.n_img = int((batch.is_resp[0, P:] & ~is_img[0]).sum()), int(is_img[0].sum())
+        self.model, self.batch, self.is_img, self.dedupe, self.cfg_scale = model, batch, is_img, dcfg.dedupe, cfg_scale
+        # prefix-DLM: the prompt never attends to the response, so encode it once for all steps
+        use_cache = use_cache and uses_prefix_cache(model)
+        self.guided = cfg_scale > 0 and self.n_img > 0
+        self.uncond = batch.with_tokens(drop_prompt_text(batch, torch.ones(len(batch.tokens), dtype=torch.bool, device=dev), tok)) \
+            if self.guided else None
+        self.cache = encode_prompts(model, batch.tokens[:, :P], batch.valid[:, :P]) if use_cache else None
+        self.ucache = encode_prompts(model, self.uncond.tokens[:, :P], self.uncond.valid[:, :P]) \
+            if (use_cache and self.guided) else None
+
+    def logits(self, resp: torch.Tensor, blk: slice, image_step: bool) -> torch.Tensor:
+        """(B, b, V) float logits of the block `blk` of the response `resp` (B, R)."""
+        logits = _response_logits(self.model, self.batch, resp, self.cache, self.dedupe)[:, blk].float()
+        if self.guided and image_step:   # guidance only matters on image steps; skip the extra pass on text
+            ul = _response_logits(self.model, self.uncond, resp, self.ucache, self.dedupe)[:, blk].float()
+            # CFG on image slots only: (1+g) cond - g uncond (Muse's form, METHOD.md §3)
+            g = self.cfg_scale
+            logits = torch.where(self.is_img[:, blk, None], (1 + g) * logits - g * ul, logits)
+        return logits
+
+
+def make_plan(R_text: int, n_img: int, dcfg) -> list[Step]:
+    """The whole schedule for a response of R_text text slots then n_img image slots: text blocks
+    first (the reasoning / plan), then the image block. One Step per denoising step, in order."""
+    plan = []
+    for lo in range(0, R_text, dcfg.block_len):
+        hi = min(lo + dcfg.block_len, R_text)
+        S = math.ceil((hi - lo) / dcfg.tokens_per_step)
+        plan += [Step(lo, hi, j, S, False) for j in range(S)]
+    if n_img:
+        S = min(dcfg.image_steps, n_img)
+        plan += [Step(R_text, R_text + n_img, j, S, True) for j in range(S)]
+    return plan
 
 
 @dataclass
@@ -196,20 +295,6 @@ class Step:
         return (m // self.S) * (self.j + 1) + torch.minimum(m % self.S, torch.full_like(m, self.j + 1))
 
 
-def make_plan(R_text: int, n_img: int, dcfg) -> list[Step]:
-    """The whole schedule for a response of R_text text slots then n_img image slots: text blocks
-    first (the reasoning / plan), then the image block. One Step per denoising step, in order."""
-    plan = []
-    for lo in range(0, R_text, dcfg.block_len):
-        hi = min(lo + dcfg.block_len, R_text)
-        S = math.ceil((hi - lo) / dcfg.tokens_per_step)
-        plan += [Step(lo, hi, j, S, False) for j in range(S)]
-    if n_img:
-        S = min(dcfg.image_steps, n_img)
-        plan += [Step(R_text, R_text + n_img, j, S, True) for j in range(S)]
-    return plan
-
-
 def gumbel_argmax(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
     """x0 ~ softmax(logits / T) via argmax(logits/T + Gumbel): logits (..., V) -> ids (...); T <= 0
     is greedy argmax. Float64 noise: low-precision Gumbel noise measurably hurts masked-diffusion
@@ -220,6 +305,17 @@ def gumbel_argmax(logits: torch.Tensor, temperature: float, generator: torch.Gen
     u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=torch.float64)
     g = -torch.log(-torch.log(u.clamp_min(1e-20)))
     return (logits.double() / temperature + g).argmax(-1)
+
+
+def vocab_masks(tok: Tokenizer, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which ids a text slot and an image slot may take: (V,) bool each."""
+    V = tok.vocab_size
+    img = torch.zeros(V, dtype=torch.bool, device=device)
+    img[tok.img_offset:] = True
+    text = ~img
+    for bad in (tok.PAD, tok.MASK, tok.IMASK, tok.UNK, tok.BOI, tok.EOI, *tok.TASK.values()):
+        text[bad] = False
+    return text, img
 
 
 def uses_prefix_cache(model) -> bool:
@@ -270,86 +366,8 @@ def _response_logits(model, batch: Batch, resp: torch.Tensor, cache, dedupe: boo
     return model(tokens, batch.valid, batch.is_prompt)[:, P:]
 
 
-@torch.no_grad()
-def sample(model, batch: Batch, tok: Tokenizer, dcfg, *, temperature: float | None = None,
-           image_temperature: float | None = None, cfg_scale: float | None = None,
-           generator: torch.Generator | None = None, order: torch.Tensor | None = None,
-           start_step: int = 0, use_cache: bool = True, on_step=None,
-           forbid: torch.Tensor | None = None, entropy: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fill every [MASK]/[IMASK] in the response of `batch` and return (tokens (B, T), order (B, R)).
-
-    batch.tokens holds the canvas: masked slots are filled, every other response token is FIXED and
-    never changed (answer-forcing writes '<answer> z </answer>' this way). All rows must share one
-    response layout (one task family). order[b, k] = the global step that revealed slot k, or -1
-    for tokens that were given. To continue a partial state (tree search), pass the state's tokens,
-    its `order` (-1 for still-masked and given slots) and `start_step`; `rebuild_state` makes both.
-    on_step(g, tokens) is called before every step g (tests use it to record intermediate states).
-    temperature / image_temperature / cfg_scale: None = dcfg's. forbid: (B, V) bool, ids that row b's
-    masked slots may not take (answer-forcing bans the answer tags from the inpainted reasoning).
-    AssertionError if the rows' response layouts differ.
-    """
-    temperature = dcfg.temperature if temperature is None else temperature
-    image_temperature = dcfg.image_temperature if image_temperature is None else image_temperature
-    cfg_scale = dcfg.cfg_scale if cfg_scale is None else cfg_scale
-    P, dev = batch.P, batch.tokens.device
-    is_img = batch.is_image[:, P:]                                          # (B, R)
-    R_text = int((batch.is_resp[0, P:] & ~is_img[0]).sum())
-    n_img = int(is_img[0].sum())
-    assert bool((batch.is_resp[:, P:] == batch.is_resp[0:1, P:]).all()), "sample(): one layout per call"
-    resp = batch.tokens[:, P:].clone()                                      # (B, R)
-    order = torch.full(resp.shape, -1, dtype=torch.long, device=dev) if order is None else order.clone()
-    masked = (resp == tok.MASK) | (resp == tok.IMASK)
-    order[masked] = -1
-    text_ok, img_ok = vocab_masks(tok, dev)
-    allowed = torch.where(is_img[..., None], img_ok, text_ok)               # (B, R, V)
-    if forbid is not None:                                                  # per-row bans (answer-forcing)
-        allowed = allowed & ~forbid[:, None, :]
-
-    # prefix-DLM: the prompt never attends to the response, so encode it once for all steps
-    use_cache = use_cache and uses_prefix_cache(model)
-    guided = cfg_scale > 0 and n_img > 0
-    uncond = batch.with_tokens(drop_prompt_text(batch, torch.ones(len(resp), dtype=torch.bool, device=dev), tok)) \
-        if guided else None
-    cache = encode_prompts(model, batch.tokens[:, :P], batch.valid[:, :P]) if use_cache else None
-    ucache = encode_prompts(model, uncond.tokens[:, :P], uncond.valid[:, :P]) if (use_cache and guided) else None
-
-    plan = make_plan(R_text, n_img, dcfg)
-    for g in range(start_step, len(plan)):
-        st = plan[g]
-        if on_step is not None:
-            on_step(g, torch.cat([batch.tokens[:, :P], resp], 1))
-        blk = slice(st.lo, st.hi)        # only the active block's slots can be revealed: all work below is on them
-        cand = masked[:, blk]                                               # (B, b) candidates
-        filled = (order[:, blk] >= 0).sum(1)                                # revealed by the sampler so far
-        m = cand.sum(1) + filled                                            # sampler-filled slots in block
-        k = (st.cum_target(m) - filled).clamp(min=0)                        # (B,) to reveal now
-        if not bool((k > 0).any()):
-            continue
-        logits = _response_logits(model, batch, resp, cache, dcfg.dedupe)[:, blk].float()    # (B, b, V)
-        if guided and st.cosine:   # guidance only matters on image steps; skip the extra pass on text
-            ul = _response_logits(model, uncond, resp, ucache, dcfg.dedupe)[:, blk].float()
-            # CFG on image slots only: (1+g) cond - g uncond (Muse's form, METHOD.md §3)
-            logits = torch.where(is_img[:, blk, None], (1 + cfg_scale) * logits - cfg_scale * ul, logits)
-        logits = logits.masked_fill(~allowed[:, blk], float("-inf"))
-        # every step works on one block of one modality, so one temperature applies
-        temp = image_temperature if st.cosine else temperature
-        x0 = gumbel_argmax(logits, temp, generator)                         # (B, b)
-        if dcfg.remask == "random":
-            conf = torch.rand(cand.shape, generator=generator, device=dev)
-        else:  # confidence = p(x0) under the noise-free softmax, not the Gumbel-perturbed one (as LLaDA)
-            conf = logits.softmax(-1).gather(-1, x0[..., None]).squeeze(-1)
-        conf = conf.masked_fill(~cand, -1.0)
-        # reveal the k most confident candidates of each row: rank the block's slots by confidence
-        rank = conf.argsort(1, descending=True).argsort(1)                  # (B, b), 0 = most confident
-        reveal = (rank < k[:, None]) & cand                                 # (B, b)
-        resp[:, blk] = torch.where(reveal, x0, resp[:, blk])
-        order[:, blk] = torch.where(reveal, torch.full_like(cand, g, dtype=torch.long), order[:, blk])
-        if entropy is not None:          # H = -sum p log p of what was sampled from (0 when greedy)
-            logp = (logits / temp).log_softmax(-1) if temp > 0 else None
-            h = -(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(-1) if logp is not None else torch.zeros_like(conf)
-            entropy[:, blk] = torch.where(reveal, h.to(entropy.dtype), entropy[:, blk])
-        masked[:, blk] = cand & ~reveal
-    return torch.cat([batch.tokens[:, :P], resp], 1), order
+# ----------------------------------------------------------------------------------------------
+# tree search's state (METHOD.md §6)
 
 
 def rebuild_state(tokens: torch.Tensor, order: torch.Tensor, step, batch: Batch,
@@ -366,13 +384,6 @@ def rebuild_state(tokens: torch.Tensor, order: torch.Tensor, step, batch: Batch,
     remask[:, P:] = again
     state = apply_mask(tokens, remask, batch.is_image, tok)
     return state, torch.where(again, torch.full_like(order, -1), order)
-
-
-def n_steps(batch: Batch, dcfg) -> int:
-    """Total denoising steps for this batch's layout (text blocks + image steps)."""
-    P = batch.P
-    is_img = batch.is_image[0, P:]
-    return len(make_plan(int((batch.is_resp[0, P:] & ~is_img).sum()), int(is_img.sum()), dcfg))
 
 
 def image_step_offset(batch: Batch, dcfg) -> int:

@@ -18,6 +18,7 @@ import os
 import common
 import metrics
 from config import get_config
+from data import load_run
 
 MAX_PASS_K = 64       # samples per prompt: 64 x eval.n_per_task rollouts per task is already hours on a CPU
 
@@ -30,7 +31,7 @@ def main(argv=None):
     ctx = common.setup(cfg)
     path = opts["ckpt"] or common.latest_checkpoint(cfg.train.out_dir)
     # the checkpoint's own config decides the data and the model; the command line the evaluation
-    run_cfg, bundle, model, vq, blob = common.load_run(path, cfg.train.out_dir, "eval", ctx.device)
+    run_cfg, bundle, model, vq, blob = load_run(path, cfg.train.out_dir, "eval", ctx.device)
     print(f"eval: {path} (step {blob['step']})")
     run_cfg.eval, cfg = cfg.eval, run_cfg
     m = metrics.evaluate(model, bundle, vq, cfg, ctx.device, ctx.autocast,

@@ -26,7 +26,8 @@ sum over d and k of weight * logp, in nats.
                  get the exact ELBO, the exact expectation of the complementary and MC estimators,
                  and the exact likelihood of the random-order, one-token-per-step sampler (DP over
                  revealed sets).
-                 Used only by tests and the estimator study.
+                 The reference the tests check every estimator against (and the estimator study's),
+                 never a training path.
 
 Unknowns of the paper, and the readings taken (both are arguments / config fields; METHOD.md §9):
   * normalisation: `norm="sum"` (Eq. C as written: a sum over the response's tokens) is the default;
@@ -40,6 +41,9 @@ With a prefix-DLM model the prompt is encoded once and shared by every masked co
 Simplified: beyond the two readings above, Eq. C is taken as written; `exact` is a test oracle for
 tiny responses, not a training path.
 
+The file reads top-down: estimate (what rl.py calls), the complementary estimator and the batched
+forward it shares with the others, the baselines, then the exact reference.
+
 Exercise: python -m pytest tests/test_likelihood.py -q ; python studies/estimators.py (the estimator study)
 """
 from __future__ import annotations
@@ -52,11 +56,47 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
 
-from data import Batch, Tokenizer
 from diffusion import apply_mask, encode_prompts, uses_prefix_cache
+from tokens import Batch, Tokenizer
 
 # ----------------------------------------------------------------------------------------------
-# the shared piece: log p(y_k | masked input) at every response position, for several masks at once
+# the estimate rl.py asks for, and LaViDa-R1's estimator (Eq. C)
+
+
+def estimate(name: str, model, batch: Batch, tok: Tokenizer, n: int = 2, generator=None,
+             norm: str = "sum", shared_t: bool = False, p_prompt: float = 0.0) -> Terms:
+    """Dispatch by name (rl.likelihood: a key of ESTIMATORS). n is the pass budget of the MC
+    estimators; shared_t applies to complementary only and p_prompt to one_step only (ValueError
+    otherwise: config.validate makes both one-line config errors first). Returns Terms."""
+    if name not in ESTIMATORS:
+        raise ValueError(f"unknown estimator {name!r}; expected one of {', '.join(ESTIMATORS)}")
+    if shared_t and name != "complementary":
+        raise ValueError(f"shared_t applies to the complementary estimator only, not {name}")
+    if p_prompt and name != "one_step":
+        raise ValueError(f"p_prompt applies to the one_step estimator only, not {name}")
+    if name == "complementary":
+        return complementary(model, batch, tok, generator, norm, shared_t)
+    if name == "one_step":
+        return one_step(model, batch, tok, generator, norm, p_prompt)
+    return ESTIMATORS[name](model, batch, tok, n=n, generator=generator, norm=norm)
+
+
+def complementary(model, batch: Batch, tok: Tokenizer, generator=None, norm: str = "sum",
+                  shared_t: bool = False, t1: torch.Tensor | None = None) -> Terms:
+    """LaViDa-R1's estimator (Eq. C): two complementary masks, each token scored exactly once, w = 1.
+    t1: (B,) masking rates of M1 to use instead of drawing them (None: t1 ~ U[0, 1], one per row, or
+    one for the batch with shared_t). Returns Terms with D = 1 (each token's term from its own pass)."""
+    B, T = batch.tokens.shape
+    dev = batch.tokens.device
+    if t1 is None:
+        t1 = torch.rand(1 if shared_t else B, generator=generator, device=dev).expand(B)
+    resp = batch.is_resp
+    m1 = (torch.rand(B, T, generator=generator, device=dev) < t1[:, None]) & resp    # M1 at rate t1
+    m2 = resp & ~m1                                                                  # M2 = complement
+    logp = masked_logprobs(model, batch, torch.stack([m1, m2]), tok)                # (2, B, R)
+    P = batch.P
+    per_tok = torch.where(m1[:, P:], logp[0], logp[1])                              # one term per token
+    return _terms(per_tok[None], resp[None, :, P:].float(), batch, norm)
 
 
 def masked_logprobs(model, batch: Batch, masks: torch.Tensor, tok: Tokenizer,
@@ -113,11 +153,6 @@ class Terms:
     def detach(self) -> "Terms":
         return Terms(self.logp.detach(), self.weight.detach())
 
-    def per_token(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(values (B, R), scored (B, R) bool): each slot's weighted terms summed over the draws, so that
-        values.sum(1) = seq(), and which slots any draw scored."""
-        return (self.weight * self.logp).sum(0), self.scored.any(0)
-
 
 def _terms(logp: torch.Tensor, weight: torch.Tensor, batch: Batch, norm: str) -> Terms:
     """Terms with the sum/mean reading applied: 'mean' divides every weight by the response length.
@@ -128,25 +163,17 @@ def _terms(logp: torch.Tensor, weight: torch.Tensor, batch: Batch, norm: str) ->
 
 
 # ----------------------------------------------------------------------------------------------
-# the estimators. Each returns Terms; the sequence estimate is terms.seq() (B,).
+# the baselines: LLaDA's Monte Carlo ELBO, its unweighted twin, d1's one-step estimate
 
 
-def complementary(model, batch: Batch, tok: Tokenizer, generator=None, norm: str = "sum",
-                  shared_t: bool = False, t1: torch.Tensor | None = None) -> Terms:
-    """LaViDa-R1's estimator (Eq. C): two complementary masks, each token scored exactly once, w = 1.
-    t1: (B,) masking rates of M1 to use instead of drawing them (None: t1 ~ U[0, 1], one per row, or
-    one for the batch with shared_t). Returns Terms with D = 1 (each token's term from its own pass)."""
-    B, T = batch.tokens.shape
-    dev = batch.tokens.device
-    if t1 is None:
-        t1 = torch.rand(1 if shared_t else B, generator=generator, device=dev).expand(B)
-    resp = batch.is_resp
-    m1 = (torch.rand(B, T, generator=generator, device=dev) < t1[:, None]) & resp    # M1 at rate t1
-    m2 = resp & ~m1                                                                  # M2 = complement
-    logp = masked_logprobs(model, batch, torch.stack([m1, m2]), tok)                # (2, B, R)
+def elbo_mc(model, batch: Batch, tok: Tokenizer, n: int = 2, generator=None, norm: str = "sum") -> Terms:
+    """Unbiased MC estimate of the ELBO: mean over n draws of (L/k) * sum_{masked} log p. D = n."""
     P = batch.P
-    per_tok = torch.where(m1[:, P:], logp[0], logp[1])                              # one term per token
-    return _terms(per_tok[None], resp[None, :, P:].float(), batch, norm)
+    masks, k = _count_masks(batch, n, generator)
+    logp = masked_logprobs(model, batch, masks, tok)                                # (n, B, R)
+    L = batch.is_resp[:, P:].sum(1).float()                                         # (B,)
+    w = (L / k.float())[..., None] / n                                              # (n, B, 1): L/k, mean over draws
+    return _terms(logp, w * masks[..., P:], batch, norm)
 
 
 def _count_masks(batch: Batch, n: int, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,16 +189,6 @@ def _count_masks(batch: Batch, n: int, generator=None) -> tuple[torch.Tensor, to
     masks = torch.zeros(n, B, T, dtype=torch.bool, device=dev)
     masks[..., P:] = (rank < k[..., None]) & batch.is_resp[:, P:]      # an empty response masks nothing
     return masks, k
-
-
-def elbo_mc(model, batch: Batch, tok: Tokenizer, n: int = 2, generator=None, norm: str = "sum") -> Terms:
-    """Unbiased MC estimate of the ELBO: mean over n draws of (L/k) * sum_{masked} log p. D = n."""
-    P = batch.P
-    masks, k = _count_masks(batch, n, generator)
-    logp = masked_logprobs(model, batch, masks, tok)                                # (n, B, R)
-    L = batch.is_resp[:, P:].sum(1).float()                                         # (B,)
-    w = (L / k.float())[..., None] / n                                              # (n, B, 1): L/k, mean over draws
-    return _terms(logp, w * masks[..., P:], batch, norm)
 
 
 def mc_unweighted(model, batch: Batch, tok: Tokenizer, n: int = 2, generator=None, norm: str = "sum") -> Terms:
@@ -199,26 +216,8 @@ ESTIMATORS = {"complementary": complementary, "elbo_mc": elbo_mc, "mc_unweighted
               "one_step": one_step}
 
 
-def estimate(name: str, model, batch: Batch, tok: Tokenizer, n: int = 2, generator=None,
-             norm: str = "sum", shared_t: bool = False, p_prompt: float = 0.0) -> Terms:
-    """Dispatch by name (rl.likelihood: a key of ESTIMATORS). n is the pass budget of the MC
-    estimators; shared_t applies to complementary only and p_prompt to one_step only (ValueError
-    otherwise: config.validate makes both one-line config errors first). Returns Terms."""
-    if name not in ESTIMATORS:
-        raise ValueError(f"unknown estimator {name!r}; expected one of {', '.join(ESTIMATORS)}")
-    if shared_t and name != "complementary":
-        raise ValueError(f"shared_t applies to the complementary estimator only, not {name}")
-    if p_prompt and name != "one_step":
-        raise ValueError(f"p_prompt applies to the one_step estimator only, not {name}")
-    if name == "complementary":
-        return complementary(model, batch, tok, generator, norm, shared_t)
-    if name == "one_step":
-        return one_step(model, batch, tok, generator, norm, p_prompt)
-    return ESTIMATORS[name](model, batch, tok, n=n, generator=generator, norm=norm)
-
-
 # ----------------------------------------------------------------------------------------------
-# exact values by enumeration (tiny L only)
+# the reference: exact values by enumeration (tiny L only; tests and the estimator study)
 
 
 @torch.no_grad()

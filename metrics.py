@@ -13,10 +13,9 @@ Baselines reported by the same call (a trained model must beat them clearly):
           0 on the constraint edits, rewards.constraint_score)
   t2i     an empty canvas (cell accuracy = fraction of empty cells; shape accuracy 0)
 
-With an imperfect teacher (data.teacher_bias / teacher_box_pad: RESULTS.md, "RL vs continued SFT"), the same call
-also reports how much of the teacher's systematic error a model repeats (`teacher_error_metrics`).
-For vqa it always splits the errors into reading (a cell list of the trace is wrong) and reasoning
-(every list right, the arithmetic after it wrong): `reading_metrics`.
+For grounding it also reports the mean outward offset of the predicted boxes (`box_pad_metric`: a
+box-size bias); for vqa it splits the errors into reading (a cell list of the trace is wrong) and
+reasoning (every list right, the arithmetic after it wrong): `reading_metrics`.
 
 Decoding is deterministic: text greedy (diffusion.temperature), image slots sampled at
 diffusion.image_temperature with a generator seeded by eval.seed, so the same checkpoint gives the
@@ -38,36 +37,24 @@ from PIL import Image, ImageDraw
 
 import rewards as RW
 from common import Stopped, check_stop, from_rank0, save_checkpoint, unwrap
-from config import TASKS, parse_mix
-from data import CONSTRAINT_EDITS, bucket, collate, parse_levels, render, shape_box
+from data import picture_judge
 from diffusion import sample
 from rollout import rollout_diffusion
+from tokens import TASKS, collate, parse_mix
+from world import bucket, parse_levels, shape_box
+from world_extras import world_for
 
 
-def teacher_error_metrics(task, exs, resp, layout, tok, rewards) -> dict:
-    """How much of a systematic teacher error a model repeats (the imperfect-teacher protocol of RESULTS.md).
-    vqa, when the eval examples carry the biased teacher's answer (data.teacher_bias): accuracy on
-    the questions that teacher gets wrong, and the share of them answered with its wrong answer.
-    ground, always: the mean outward offset of the predicted box edges in pixels (0 = exact size,
-    data.teacher_box_pad = what a loose teacher taught)."""
-    m = {}
-    if task == "vqa":
-        hit = [b for b, e in enumerate(exs) if e.teacher_answer is not None and e.teacher_answer != e.answer]
-        if hit:
-            said = [RW.parse_vqa(tok.decode(resp[b][:layout.R_text]))[0] for b in hit]
-            m["vqa_teacher_wrong_n"] = len(hit)
-            m["vqa_acc_teacher_wrong"] = float(np.mean([rewards[b] for b in hit]))
-            m["vqa_copies_teacher"] = float(np.mean([s == RW.normalise(exs[b].teacher_answer)
-                                                     for s, b in zip(said, hit)]))
-    elif task == "ground":
-        pads = []
-        for b, e in enumerate(exs):
-            box = RW.parse_box(tok.decode(resp[b][:layout.R_text]))[0]
-            if box is not None:
-                (x0, y0, x1, y1), (p0, q0, p1, q1) = e.answer, box
-                pads.append(((x0 - p0) + (y0 - q0) + (p1 - x1) + (q1 - y1)) / 4)
-        m["ground_box_pad_px"] = float(np.mean(pads)) if pads else float("nan")
-    return m
+def box_pad_metric(exs, resp, layout, tok) -> dict:
+    """ground_box_pad_px: the mean outward offset of the predicted box edges in pixels over the boxes
+    that parse (0 = exact size, > 0 too loose, < 0 too tight): a bias the IoU alone does not show."""
+    pads = []
+    for b, e in enumerate(exs):
+        box = RW.parse_box(tok.decode(resp[b][:layout.R_text]))[0]
+        if box is not None:
+            (x0, y0, x1, y1), (p0, q0, p1, q1) = e.answer, box
+            pads.append(((x0 - p0) + (y0 - q0) + (p1 - x1) + (q1 - y1)) / 4)
+    return {"ground_box_pad_px": float(np.mean(pads)) if pads else float("nan")}
 
 
 def reading_metrics(exs, resp, layout, tok, rewards) -> dict:
@@ -137,7 +124,7 @@ def sample_scores(model, bundle, vq, cfg, device, autocast, task: str, split: st
                   temperature: float, seed: int) -> list[list[float]]:
     """n_samples responses per prompt idx of (task, split) at `temperature` with the rollout
     sampler, scored: (len(idx), n_samples) rewards. Prompts are batched eval.batch_size rows at a time."""
-    ts, dcfg = bundle.sets[task][split], rollout_diffusion(cfg)
+    ts, dcfg, judge = bundle.sets[task][split], rollout_diffusion(cfg), picture_judge(cfg, vq)
     per_call = max(1, cfg.eval.batch_size // n_samples)              # prompts per sampler call
     gen = torch.Generator(device=device).manual_seed(seed)
     scores = []
@@ -151,7 +138,7 @@ def sample_scores(model, bundle, vq, cfg, device, autocast, task: str, split: st
                                image_temperature=temperature, generator=gen)
         exs = [ts.examples[j] for j in chunk for _ in range(n_samples)]
         r, _, _, _ = RW.score_rows(task, exs, tokens[:, batch.P:batch.P + ts.layout.R].cpu(), ts.layout,
-                                   bundle.tok, vq.decode, cfg.data.grid)
+                                   bundle.tok, judge)
         scores += [r[p * n_samples:(p + 1) * n_samples] for p in range(len(chunk))]
     return scores
 
@@ -210,7 +197,7 @@ def random_shape_ious(examples, d) -> list[list[float]]:
 def baselines(bundle, cfg) -> dict:
     """Image-blind / copy / random-choice baselines on the same held-out examples. Rows a baseline
     cannot score (a user's grounding picture whose scene is unknown) are left out of it."""
-    d, out = cfg.data, {}
+    d, out, judge = cfg.data, {}, picture_judge(cfg, None)
     ev = {t: bundle.sets[t]["eval"].examples[:cfg.eval.n_per_task] for t in bundle.sets}
     hit = vqa_prior_hits(bundle, ev["vqa"])
     out["vqa_prior_acc"] = mean(h for _, h in hit)
@@ -218,7 +205,7 @@ def baselines(bundle, cfg) -> dict:
     ious = random_shape_ious(ev["ground"], d)
     out["ground_random_miou"] = mean(np.mean(x) for x in ious if x)
     out["ground_random_p50"] = mean(np.mean([v >= 0.5 for v in x]) for x in ious if x)
-    out["edit_copy_score"] = mean(RW.edit_reward(e, e.scene, d.grid) for e in ev["edit"] if e.scene is not None)
+    out["edit_copy_score"] = mean(RW.edit_reward(e, e.scene, judge) for e in ev["edit"] if e.scene is not None)
     empty = (None,) * (d.grid * d.grid)
     out["t2i_empty_cell_acc"] = mean(RW.scene_accuracy(e.answer, empty) for e in ev["t2i"])
     out["t2i_empty_shape_acc"] = 0.0
@@ -235,16 +222,17 @@ def evaluate(model, bundle, vq, cfg, device, autocast, split: str = "eval", n: i
     was_training = model.training
     model.eval()
     n = cfg.eval.n_per_task if n is None else n
-    grid, m, rows = cfg.data.grid, {}, {}
+    m, rows, judge = {}, {}, picture_judge(cfg, vq)
     t0 = time.time()
     for ti, task in enumerate(tasks):
         ts = bundle.sets[task][split]
         idx = list(range(min(n, len(ts))))
         resp = generate(model, bundle, task, idx, split, cfg, device, autocast, cfg.eval.seed + ti)
         exs = [ts.examples[i] for i in idx]
-        r, why, pics, preds = RW.score_rows(task, exs, resp, ts.layout, bundle.tok, vq.decode, grid)
+        r, why, pics, preds = RW.score_rows(task, exs, resp, ts.layout, bundle.tok, judge)
         fails = {k: v for k, v in Counter(why).items() if k != "ok"}
-        m.update(teacher_error_metrics(task, exs, resp, ts.layout, bundle.tok, r))
+        if task == "ground":
+            m.update(box_pad_metric(exs, resp, ts.layout, bundle.tok))
         if task in ("vqa", "ground"):
             m.update(level_metrics("vqa_acc" if task == "vqa" else "ground_miou", exs, r, cfg.data.sft_levels))
         if task == "vqa":
@@ -263,7 +251,7 @@ def evaluate(model, bundle, vq, cfg, device, autocast, split: str = "eval", n: i
             m["edit_score"] = float(np.mean(r))
             m.update(level_metrics("edit_score", exs, r, cfg.data.sft_levels))
             # exact: the one right picture; a constraint edit has many, and any with reward 1 is exact
-            m["edit_exact"] = float(np.mean([x == 1.0 if e.qtype in CONSTRAINT_EDITS else p == e.answer
+            m["edit_exact"] = float(np.mean([x == 1.0 if e.qtype in judge.graders else p == e.answer
                                              for p, e, x in zip(preds, exs, r)]))
         else:
             m["t2i_cell_acc"] = float(np.mean(r))
@@ -356,7 +344,7 @@ def _wrap(text: str, width: int) -> list[str]:
 def save_sample_grid(rows: dict, tok, cfg, path: str, scale: int = 4):
     """One row per example: input picture | prompt + response text | output picture | target.
     rows[task] = (examples, text-region ids, decoded pictures or None, rewards)."""
-    S = cfg.data.image_size * scale
+    S, w = cfg.data.image_size * scale, world_for(cfg.data)
     text_w, row_h = 520, max(S, 130)
     n = sum(len(v[0]) for v in rows.values())
     canvas = Image.new("RGB", (3 * S + text_w + 40, n * (row_h + 8) + 8), (255, 255, 255))
@@ -366,7 +354,7 @@ def save_sample_grid(rows: dict, tok, cfg, path: str, scale: int = 4):
         for b, ex in enumerate(exs):
             x = 8
             if ex.image is not None or ex.scene is not None:
-                img = ex.image if ex.image is not None else render(ex.scene, cfg.data.grid, cfg.data.image_size, ex.looks)
+                img = ex.image if ex.image is not None else w.render(ex.scene, cfg.data.grid, cfg.data.image_size, ex.looks)
                 canvas.paste(Image.fromarray(img).resize((S, S), Image.NEAREST), (x, y))
             x += S + 8
             text = tok.decode(resp[b])          # the text region only
@@ -376,7 +364,7 @@ def save_sample_grid(rows: dict, tok, cfg, path: str, scale: int = 4):
             if pics is not None:
                 out = (np.asarray(pics[b]) * 255).clip(0, 255).astype(np.uint8)
                 canvas.paste(Image.fromarray(out).resize((S, S), Image.NEAREST), (x, y))
-                tgt = render(ex.answer, cfg.data.grid, cfg.data.image_size, ex.target_looks)
+                tgt = w.render(ex.answer, cfg.data.grid, cfg.data.image_size, ex.target_looks)
                 canvas.paste(Image.fromarray(tgt).resize((S, S), Image.NEAREST), (x + S + 8, y))
             y += row_h + 8
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

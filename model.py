@@ -28,6 +28,9 @@ Initialisation matters more than anything else here at toy size: with GPT-2's N(
 model never learned to *read* its input image within the CPU budget; fan-in init does it in ~2000
 steps (`init_weights`, RESULTS.md).
 
+The file reads top-down: the Transformer, then its Block, attention (with RoPE), MLP and norm, and the
+prefix cache. `cfg` is a config.ModelConfig (the dataclass; this file imports nothing of the project).
+
 Exercise it:  python -m pytest tests/test_model.py -q
 """
 from __future__ import annotations
@@ -40,148 +43,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from config import ModelConfig
-
-
-# ----------------------------------------------------------------------------------------------
-# building blocks
-
-class RMSNorm(nn.Module):
-    """LayerNorm without the mean subtraction and bias (LLaMA): cheaper, works as well."""
-
-    def __init__(self, dim: int, eps: float = 1e-6):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x):
-        # normalize in float32: under bf16 autocast the mean of squares loses too many bits
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return xf.type_as(x) * self.weight
-
-
-def rope_tables(head_dim: int, max_len: int, base: float):
-    """cos/sin tables, each (max_len, head_dim/2) float32, for rotary position embeddings
-    ("RoFormer", arXiv 2104.09864). Angles in radians: position * base^(-2i/head_dim)."""
-    # frequency of pair i is base^(-2i/hs): low pairs rotate fast (local order), high pairs slowly
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2).float() / head_dim))  # (hs/2,)
-    pos = torch.arange(max_len).float()                                             # (L,)
-    angles = torch.outer(pos, inv_freq)                                             # (L, hs/2)
-    return angles.cos(), angles.sin()
-
-
-def apply_rope(x, cos, sin):
-    """Rotate pairs (x[..., i], x[..., i + hs/2]) by angle pos * freq_i ("rotate-half" layout).
-    x: (B, nh, T, hs); cos, sin: (T, hs/2). Because q and k are both rotated, q.k depends only on
-    the *difference* of positions: attention is translation invariant, which is why left padding
-    does not change the valid tokens' outputs (up to float error)."""
-    h = x.shape[-1] // 2
-    x1, x2 = x[..., :h].float(), x[..., h:].float()                 # (B, nh, T, hs/2) each
-    out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1)  # (B, nh, T, hs)
-    return out.type_as(x)
-
-
-class SelfAttention(nn.Module):
-    """Multi-head NON-causal attention. The mask, not the module, decides who sees whom."""
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        assert cfg.d_model % cfg.n_head == 0
-        self.n_head = cfg.n_head
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
-        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)  # residual proj: scaled init
-        self.dropout = cfg.dropout
-        self.resid_drop = nn.Dropout(cfg.dropout)
-
-    def forward(self, x, cos, sin, mask, past_kv=None):
-        """x: (B, T, C). mask: (B, 1, T, T_keys) bool, True = may attend, or None = all.
-        past_kv: optional (k, v) of a cached prefix, each (B, nh, P, hs), prepended to the keys.
-        Returns the output (B, T, C) and this call's own (k, v) (after RoPE) for caching."""
-        C = x.shape[-1]
-        q, k, v = self.qkv(x).split(C, dim=2)                       # 3 x (B, T, C)
-        # split the channels into heads: C = nh * hs, each head attends on its own hs channels
-        q, k, v = (rearrange(z, "b t (h d) -> b h t d", h=self.n_head) for z in (q, k, v))  # (B, nh, T, hs)
-        # rotate q and k by their absolute positions; v carries content only, so it is not rotated
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        new_kv = (k, v)
-        if past_kv is not None:
-            # keys = [cached prompt ; this call's tokens]; the cached k already has its RoPE applied
-            k = torch.cat([past_kv[0], k], dim=2)                   # (B, nh, P+T, hs)
-            v = torch.cat([past_kv[1], v], dim=2)                   # (B, nh, P+T, hs)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=False,
-            dropout_p=self.dropout if self.training else 0.0)       # (B, nh, T, hs)
-        y = rearrange(y, "b h t d -> b t (h d)")                    # heads side by side again: (B, T, C)
-        return self.resid_drop(self.proj(y)), new_kv
-
-
-class SwiGLU(nn.Module):
-    """silu(x W_gate) * (x W_up) W_down ("GLU Variants Improve Transformer", arXiv 2002.05202): the
-    LLaMA MLP. The gate makes it ~as good as a 4x GELU MLP with 2/3 the hidden width, hence the
-    8/3 * d_model default. (B, T, C) -> (B, T, C)."""
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        h = mlp_hidden(cfg)
-        self.gate = nn.Linear(cfg.d_model, h, bias=False)
-        self.up = nn.Linear(cfg.d_model, h, bias=False)
-        self.down = nn.Linear(h, cfg.d_model, bias=False)            # residual proj: scaled init
-        self.drop = nn.Dropout(cfg.dropout)
-
-    def forward(self, x):
-        return self.drop(self.down(F.silu(self.gate(x)) * self.up(x)))
-
-
-def mlp_hidden(cfg: ModelConfig) -> int:
-    """cfg.mlp_hidden, or 8/3 * d_model rounded UP to a multiple of 32 (friendly matmul shapes)."""
-    if cfg.mlp_hidden > 0:
-        return cfg.mlp_hidden
-    return 32 * math.ceil(math.ceil(8 * cfg.d_model / 3) / 32)
-
-
-class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)). Pre-norm keeps the
-    residual stream an identity path, which trains stably without warmup tricks."""
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.norm1, self.attn = RMSNorm(cfg.d_model), SelfAttention(cfg)
-        self.norm2, self.mlp = RMSNorm(cfg.d_model), SwiGLU(cfg)
-
-    def forward(self, x, cos, sin, mask, past_kv=None):
-        a, kv = self.attn(self.norm1(x), cos, sin, mask, past_kv)
-        x = x + a
-        x = x + self.mlp(self.norm2(x))
-        return x, kv
-
-
-@dataclass
-class PrefixCache:
-    """What `encode_prefix` hands to `forward_cached`: per-layer (k, v), each (B, nh, P, hs) with
-    RoPE already applied to k, plus which prompt positions are real keys. Plain tensors, so a caller
-    may e.g. repeat_interleave them along dim 0 to share one prompt among several rollouts."""
-    kv: list            # n_layer x (k, v)
-    valid: torch.Tensor  # (B, P) bool, False = PAD key (ignored by every query)
-
-    @property
-    def length(self) -> int:
-        return self.valid.shape[1]
-
-    def rows(self, idx: torch.Tensor) -> "PrefixCache":
-        """The cache of rows idx (B',) of this one, in that order; a row may appear several times."""
-        return PrefixCache([(k[idx], v[idx]) for k, v in self.kv], self.valid[idx])
-
-
-# ----------------------------------------------------------------------------------------------
-# the model
 
 class Transformer(nn.Module):
     """The whole network: token ids (B, T) -> logits (B, T, vocab_size), plus the prefix-cache pair
     encode_prefix / forward_cached. vocab_size is the unified vocabulary's (data.Tokenizer.vocab_size:
     special tokens, words, then VQ codes)."""
 
-    def __init__(self, cfg: ModelConfig, vocab_size: int):
+    def __init__(self, cfg, vocab_size: int):
         super().__init__()
         self.cfg, self.vocab_size = cfg, vocab_size
         self.tok_emb = nn.Embedding(vocab_size, cfg.d_model)
@@ -331,3 +199,130 @@ class Transformer(nn.Module):
         backward. Used for MFU = flops_per_token * tokens_per_s / peak_flops."""
         n = self.num_params(non_embedding=True) + self.head.weight.numel()
         return 6 * n + 12 * self.cfg.n_layer * self.cfg.d_model * T
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)). Pre-norm keeps the
+    residual stream an identity path, which trains stably without warmup tricks."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.norm1, self.attn = RMSNorm(cfg.d_model), SelfAttention(cfg)
+        self.norm2, self.mlp = RMSNorm(cfg.d_model), SwiGLU(cfg)
+
+    def forward(self, x, cos, sin, mask, past_kv=None):
+        a, kv = self.attn(self.norm1(x), cos, sin, mask, past_kv)
+        x = x + a
+        x = x + self.mlp(self.norm2(x))
+        return x, kv
+
+
+class SelfAttention(nn.Module):
+    """Multi-head NON-causal attention. The mask, not the module, decides who sees whom."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        assert cfg.d_model % cfg.n_head == 0
+        self.n_head = cfg.n_head
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)  # residual proj: scaled init
+        self.dropout = cfg.dropout
+        self.resid_drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, cos, sin, mask, past_kv=None):
+        """x: (B, T, C). mask: (B, 1, T, T_keys) bool, True = may attend, or None = all.
+        past_kv: optional (k, v) of a cached prefix, each (B, nh, P, hs), prepended to the keys.
+        Returns the output (B, T, C) and this call's own (k, v) (after RoPE) for caching."""
+        C = x.shape[-1]
+        q, k, v = self.qkv(x).split(C, dim=2)                       # 3 x (B, T, C)
+        # split the channels into heads: C = nh * hs, each head attends on its own hs channels
+        q, k, v = (rearrange(z, "b t (h d) -> b h t d", h=self.n_head) for z in (q, k, v))  # (B, nh, T, hs)
+        # rotate q and k by their absolute positions; v carries content only, so it is not rotated
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        new_kv = (k, v)
+        if past_kv is not None:
+            # keys = [cached prompt ; this call's tokens]; the cached k already has its RoPE applied
+            k = torch.cat([past_kv[0], k], dim=2)                   # (B, nh, P+T, hs)
+            v = torch.cat([past_kv[1], v], dim=2)                   # (B, nh, P+T, hs)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=False,
+            dropout_p=self.dropout if self.training else 0.0)       # (B, nh, T, hs)
+        y = rearrange(y, "b h t d -> b t (h d)")                    # heads side by side again: (B, T, C)
+        return self.resid_drop(self.proj(y)), new_kv
+
+
+def rope_tables(head_dim: int, max_len: int, base: float):
+    """cos/sin tables, each (max_len, head_dim/2) float32, for rotary position embeddings
+    ("RoFormer", arXiv 2104.09864). Angles in radians: position * base^(-2i/head_dim)."""
+    # frequency of pair i is base^(-2i/hs): low pairs rotate fast (local order), high pairs slowly
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2).float() / head_dim))  # (hs/2,)
+    pos = torch.arange(max_len).float()                                             # (L,)
+    angles = torch.outer(pos, inv_freq)                                             # (L, hs/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate pairs (x[..., i], x[..., i + hs/2]) by angle pos * freq_i ("rotate-half" layout).
+    x: (B, nh, T, hs); cos, sin: (T, hs/2). Because q and k are both rotated, q.k depends only on
+    the *difference* of positions: attention is translation invariant, which is why left padding
+    does not change the valid tokens' outputs (up to float error)."""
+    h = x.shape[-1] // 2
+    x1, x2 = x[..., :h].float(), x[..., h:].float()                 # (B, nh, T, hs/2) each
+    out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1)  # (B, nh, T, hs)
+    return out.type_as(x)
+
+
+class SwiGLU(nn.Module):
+    """silu(x W_gate) * (x W_up) W_down ("GLU Variants Improve Transformer", arXiv 2002.05202): the
+    LLaMA MLP. The gate makes it ~as good as a 4x GELU MLP with 2/3 the hidden width, hence the
+    8/3 * d_model default. (B, T, C) -> (B, T, C)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        h = mlp_hidden(cfg)
+        self.gate = nn.Linear(cfg.d_model, h, bias=False)
+        self.up = nn.Linear(cfg.d_model, h, bias=False)
+        self.down = nn.Linear(h, cfg.d_model, bias=False)            # residual proj: scaled init
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        return self.drop(self.down(F.silu(self.gate(x)) * self.up(x)))
+
+
+def mlp_hidden(cfg) -> int:
+    """cfg.mlp_hidden, or 8/3 * d_model rounded UP to a multiple of 32 (friendly matmul shapes)."""
+    if cfg.mlp_hidden > 0:
+        return cfg.mlp_hidden
+    return 32 * math.ceil(math.ceil(8 * cfg.d_model / 3) / 32)
+
+
+class RMSNorm(nn.Module):
+    """LayerNorm without the mean subtraction and bias (LLaMA): cheaper, works as well."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalize in float32: under bf16 autocast the mean of squares loses too many bits
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+@dataclass
+class PrefixCache:
+    """What `encode_prefix` hands to `forward_cached`: per-layer (k, v), each (B, nh, P, hs) with
+    RoPE already applied to k, plus which prompt positions are real keys. Plain tensors, so a caller
+    may e.g. repeat_interleave them along dim 0 to share one prompt among several rollouts."""
+    kv: list            # n_layer x (k, v)
+    valid: torch.Tensor  # (B, P) bool, False = PAD key (ignored by every query)
+
+    @property
+    def length(self) -> int:
+        return self.valid.shape[1]
+
+    def rows(self, idx: torch.Tensor) -> "PrefixCache":
+        """The cache of rows idx (B',) of this one, in that order; a row may appear several times."""
+        return PrefixCache([(k[idx], v[idx]) for k, v in self.kv], self.valid[idx])

@@ -1,42 +1,137 @@
 """
-Verifiable rewards, one per task family, and the robust answer parser they share.
+Verifiable rewards, one per task family, and the robust answer parser they share (METHOD.md §8).
 
-The rewards of LaViDa-R1 (arXiv 2602.14147; METHOD.md §8):
+The rewards of LaViDa-R1 (arXiv 2602.14147):
   vqa     0-1 correctness of the text inside <answer> ... </answer> (numbers normalised)
   ground  IoU between the predicted box and the ground-truth box, in [0, 1]
-  edit    a real-valued edit score in [0, 1] read from the decoded picture. The paper uses the
-          EditScore reward model (a Qwen2.5-VL judge); our world is synthetic, so we can score
-          exactly: the edited picture is re-read cell by cell (data.read_scene) and compared with
-          the target scene: 0.5 * (instruction followed in the changed cells)
-                          + 0.5 * (the rest of the picture preserved).
-          Each cell earns partial credit (a third per matching kind / colour / size), so the
-          reward is genuinely real-valued, which is what tree search needs (METHOD.md §6).
-          Copying the input scores 0.5 * (partial credit of the input's changed cells) + 0.5 * 1:
-          exactly 0.5 for remove / move / add, 0.5 + 0.5 * 2/3 for a recolour (kind and size still
-          match): metrics.baselines reports that baseline.
-          A constraint edit (edit levels 3-4: "recolour shapes so that no row repeats a colour")
-          has many right pictures and is graded by constraint_score: the share of broken rows /
-          columns fixed, times what it had to keep, times economy; copying the input scores 0
-          (edit_reward picks the reward by the question).
+  edit    a real-valued score of the generated picture, in [0, 1]. The paper asks the EditScore
+          reward model (a Qwen2.5-VL judge); our world is synthetic, so we score exactly: the
+          picture is decoded (the VQ decoder) and re-read cell by cell (the world's scene reader;
+          both passed in a PictureJudge) and compared with the target scene (edit_score):
+              0.5 * (instruction followed in the changed cells) + 0.5 * (the rest preserved),
+          each cell earning a third per matching kind / colour / size, so the reward is genuinely
+          real-valued, which is what tree search needs (METHOD.md §6). Copying the input scores
+          0.5 for remove / move / add, 0.5 + 0.5 * 2/3 for a recolour (metrics.baselines). Edits
+          with many right pictures (the colour constraints of world_extras) bring their own grader.
   t2i     (eval only; the paper does not RL text-to-image) mean per-cell attribute accuracy.
 
 Parsing never raises: a missing tag, two answers, garbage or an empty response scores 0 and the
 reason is returned so callers can count failures by reason in their logs. score_rows applies the
 right reward to a batch of sampled rows (rollouts and held-out evaluation both call it).
 
+The file reads top-down: score_rows, the picture rewards, the vqa reward and its parser, the grounding
+reward, then
+trace_answer (whether a reasoning trace implies its answer: the check of answer-forcing's traces).
+
 Exercise: python -m pytest tests/test_rewards.py -q
 """
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 from decimal import Decimal
-
-from data import CONSTRAINT_EDITS, Scene, colour_conflicts, read_scene
+from typing import Callable
 
 # ----------------------------------------------------------------------------------------------
-# parsing
+# scoring sampled rows (rollouts and held-out evaluation share it)
 
-_NUM = re.compile(r"^-?\d+(\.\d+)?$")
+
+def score_rows(task: str, examples, resp, layout, tok, judge):
+    """Rewards of sampled responses `resp` (B, R) ids of `task`, one per example: returns (rewards
+    [B floats in [0, 1]], reasons [B strings, "ok" or why the text did not parse], decoded pictures
+    (B, H, W, 3) in [0, 1] or None, the scenes re-read from them or None). judge (PictureJudge)
+    decodes and reads the pictures of edit and t2i: each once, in picture_rewards."""
+    texts = [tok.decode(r[:layout.R_text]) for r in resp]
+    if layout.n_img:
+        codes = resp[:, layout.R_text:layout.R] - tok.img_offset                  # (B, n_img)
+        out, pics, scenes = picture_rewards(task, examples, codes, judge)
+        return out, ["ok"] * len(out), pics, scenes
+    out, why = [], []
+    for b, ex in enumerate(examples):
+        r, w = vqa_reward(texts[b], ex.answer) if task == "vqa" else ground_reward(texts[b], ex.answer)
+        out.append(r)
+        why.append(w)
+    return out, why, None, None
+
+
+# ----------------------------------------------------------------------------------------------
+# pictures: edit and text-to-image
+
+
+def picture_rewards(task: str, examples, codes, judge) -> tuple[list[float], object, list]:
+    """The rewards of generated pictures, codes (B, n_img): decode them, re-read their scenes, and grade
+    each against its example (edit: edit_reward; t2i: scene_accuracy). Returns (rewards, pictures
+    (B, H, W, 3) in [0, 1], the re-read scenes)."""
+    pics = judge.decode(codes)
+    scenes = [judge.read(p, judge.grid) for p in pics]
+    if task == "edit":
+        return [edit_reward(ex, s, judge) for ex, s in zip(examples, scenes)], pics, scenes
+    return [scene_accuracy(ex.answer, s) for ex, s in zip(examples, scenes)], pics, scenes
+
+
+@dataclass
+class PictureJudge:
+    """What the rewards need to see a generated picture: the VQ decoder and the world's scene reader
+    (each one call, nothing of the method inside), and the graders of edits with many right pictures
+    (world_extras' colour constraints; qtype -> grade(source, target, pred, grid)). data.picture_judge
+    builds it from a run's config and VQ tokenizer."""
+    decode: Callable               # (B, n_img) codes -> (B, H, W, 3) pictures in [0, 1] (vq.VQVAE.decode)
+    read: Callable                 # (picture, grid) -> the scene: one Shape or None per cell (world.World.read)
+    grid: int
+    graders: dict = field(default_factory=dict)
+
+
+def edit_reward(ex, pred, judge) -> float:
+    """The reward of the re-read edited picture `pred` for example `ex`: edit_score against the one
+    right target, or the grader of its question type when many pictures are right."""
+    grade = judge.graders.get(ex.qtype)
+    return grade(ex.scene, ex.answer, pred, judge.grid) if grade else edit_score(ex.scene, ex.answer, pred)
+
+
+def cell_similarity(a, b) -> float:
+    """1 if both empty; 0 if exactly one is empty; else a third per matching kind, colour, size."""
+    if a is None or b is None:
+        return float(a is None and b is None)
+    return ((a.kind == b.kind) + (a.colour == b.colour) + (a.size == b.size)) / 3
+
+
+def edit_score(source: tuple, target: tuple, pred: tuple) -> float:
+    """0.5 * mean similarity over the cells the instruction changes
+     + 0.5 * mean similarity over the cells it must keep.
+    Each cell earns partial credit (a third per matching kind / colour / size), so the reward is
+    genuinely real-valued, which is what tree search needs (METHOD.md §6). Copying the input scores
+    exactly 0.5 for remove / move / add, 0.5 + 0.5 * 2/3 for a recolour (metrics.baselines).
+    A part with no cells is vacuously met (1): an instruction that changes nothing (a user's row
+    whose target is its source) gives a perfect prediction 1, not 0.5."""
+    changed = [i for i in range(len(target)) if source[i] != target[i]]
+    kept = [i for i in range(len(target)) if source[i] == target[i]]
+    follow = sum(cell_similarity(pred[i], target[i]) for i in changed) / len(changed) if changed else 1.0
+    keep = sum(cell_similarity(pred[i], target[i]) for i in kept) / len(kept) if kept else 1.0
+    return 0.5 * follow + 0.5 * keep
+
+
+def scene_accuracy(target: tuple, pred: tuple) -> float:
+    """Text-to-image attribute accuracy: mean per-cell similarity to the described scene."""
+    return sum(cell_similarity(p, t) for p, t in zip(pred, target)) / len(target)
+
+
+# ----------------------------------------------------------------------------------------------
+# vqa: the answer, parsed and normalised
+
+
+def vqa_reward(text: str, truth: str) -> tuple[float, str]:
+    v, why = parse_vqa(text)
+    if v is None:
+        return 0.0, why
+    return float(v == normalise(truth)), "ok"
+
+
+def parse_vqa(text: str) -> tuple[str | None, str]:
+    inner, why = extract_answer(text)
+    if inner is None:
+        return None, why
+    v = normalise(inner)
+    return (v, "ok") if v is not None else (None, "garbage")
 
 
 def extract_answer(text: str) -> tuple[str | None, str]:
@@ -53,6 +148,9 @@ def extract_answer(text: str) -> tuple[str | None, str]:
     return (inner, "ok") if inner else (None, "empty")
 
 
+_NUM = re.compile(r"^-?\d+(\.\d+)?$")
+
+
 def normalise(ans: str) -> str | None:
     """'3' / '3.0' / ' Yes ' -> '3' / '3' / 'yes'; anything else (several words, junk) -> None.
     Numbers are compared exactly, at any size (Decimal, not float: float would call
@@ -66,12 +164,15 @@ def normalise(ans: str) -> str | None:
     return None
 
 
-def parse_vqa(text: str) -> tuple[str | None, str]:
-    inner, why = extract_answer(text)
-    if inner is None:
-        return None, why
-    v = normalise(inner)
-    return (v, "ok") if v is not None else (None, "garbage")
+# ----------------------------------------------------------------------------------------------
+# grounding: the box, parsed, and its IoU
+
+
+def ground_reward(text: str, box) -> tuple[float, str]:
+    pred, why = parse_box(text)
+    if pred is None:
+        return 0.0, why
+    return iou(pred, box), "ok"
 
 
 def parse_box(text: str) -> tuple[tuple[float, float, float, float] | None, str]:
@@ -87,20 +188,17 @@ def parse_box(text: str) -> tuple[tuple[float, float, float, float] | None, str]
     return (x0, y0, x1, y1), "ok"
 
 
-def trace_lists(text: str) -> list[tuple[str, ...]]:
-    """The lists a vqa trace reads off the picture: the words between each ':' and the next '.'.
-    'red shapes : r0c1 r2c2 . count 2 . squares : none . count 0 . 2 > 0 yes' -> [(r0c1, r2c2), (none,)];
-    a sides trace gives one list of (cell, sides) words. A list the model never closed is dropped."""
-    out, cur = [], None
-    for w in text.split():
-        if w == ":":
-            cur = []
-        elif w == "." and cur is not None:
-            out.append(tuple(cur))
-            cur = None
-        elif cur is not None:
-            cur.append(w)
-    return out
+def iou(a, b) -> float:
+    """Intersection over union of boxes (x0, y0, x1, y1) with exclusive x1/y1 (pixel boxes)."""
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+# ----------------------------------------------------------------------------------------------
+# the answer a reasoning trace implies (answer-forcing's check, METHOD.md §5)
 
 
 def trace_answer(text: str, qtype: str) -> str | None:
@@ -129,125 +227,17 @@ def trace_answer(text: str, qtype: str) -> str | None:
     return {"compare": "yes" if a > b else "no", "add": str(a + b), "diff": str(abs(a - b))}.get(qtype)
 
 
-_CELL = re.compile(r"^r\d+c\d+$")
-
-
-def trace_cell(text: str) -> str | None:
-    """The cell a grounding trace resolves to: its last cell name ("... small : r2c0" -> "r2c0"),
-    grounding's analogue of trace_answer (every level's trace ends in the cell it names), or None."""
-    cells = [w for w in text.split() if _CELL.match(w)]
-    return cells[-1] if cells else None
-
-
-# ----------------------------------------------------------------------------------------------
-# rewards
-
-def vqa_reward(text: str, truth: str) -> tuple[float, str]:
-    v, why = parse_vqa(text)
-    if v is None:
-        return 0.0, why
-    return float(v == normalise(truth)), "ok"
-
-
-def iou(a, b) -> float:
-    """Intersection over union of boxes (x0, y0, x1, y1) with exclusive x1/y1 (pixel boxes)."""
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
-def ground_reward(text: str, box) -> tuple[float, str]:
-    pred, why = parse_box(text)
-    if pred is None:
-        return 0.0, why
-    return iou(pred, box), "ok"
-
-
-def cell_similarity(a, b) -> float:
-    """1 if both empty; 0 if exactly one is empty; else a third per matching kind, colour, size."""
-    if a is None or b is None:
-        return float(a is None and b is None)
-    return ((a.kind == b.kind) + (a.colour == b.colour) + (a.size == b.size)) / 3
-
-
-def edit_score(source: Scene, target: Scene, pred: Scene) -> float:
-    """0.5 * mean similarity over the cells the instruction changes
-     + 0.5 * mean similarity over the cells it must keep.
-    A part with no cells is vacuously met (1): an instruction that changes nothing (a user's row
-    whose target is its source) gives a perfect prediction 1, not 0.5."""
-    changed = [i for i in range(len(target)) if source[i] != target[i]]
-    kept = [i for i in range(len(target)) if source[i] == target[i]]
-    follow = sum(cell_similarity(pred[i], target[i]) for i in changed) / len(changed) if changed else 1.0
-    keep = sum(cell_similarity(pred[i], target[i]) for i in kept) / len(kept) if kept else 1.0
-    return 0.5 * follow + 0.5 * keep
-
-
-def constraint_score(source: Scene, target: Scene, pred: Scene, kinds: tuple[str, ...], grid: int) -> float:
-    """The reward of a constraint edit ("recolour shapes so that no row repeats a colour"; levels
-    3-4 of data.make_edit), in [0, 1]: met * kept * economy, where
-      met     = (broken units of source - broken units of pred) / broken units of source, clipped to
-                [0, 1] (a unit is a row or column; broken: it repeats a colour, data.colour_conflicts):
-                the share of the broken units pred fixes, less any it breaks; the source is posed
-                broken, so "do nothing" earns 0
-      kept    = mean over the cells holding a shape in source or pred of what the instruction may not
-                change: presence, kind and size (0 if one of the two cells is empty, else half a point
-                per matching kind / size); removing a shape costs its whole share, so deleting a
-                conflicting shape is no cheaper than recolouring one too many
-      economy = 1 - (recolours beyond the fewest needed) / (shapes in the source): the fewest are the
-                target's own (data.fewest_recolours), so a valid edit that recolours more than it must
-                earns less, and a fully valid fewest-recolours edit earns 1.
-    Many pictures earn 1 (any fewest recolouring); the rest are graded, which is what best-of-N and
-    tree search have to find."""
-    broken = colour_conflicts(source, kinds, grid)
-    met = min(1.0, max(0.0, (broken - colour_conflicts(pred, kinds, grid)) / max(1, broken)))
-    sim = lambda a, b: 0.0 if a is None or b is None else ((a.kind == b.kind) + (a.size == b.size)) / 2
-    occupied = [(p, s) for p, s in zip(pred, source) if p is not None or s is not None]
-    kept = sum(sim(p, s) for p, s in occupied) / max(1, len(occupied))
-    fewest = sum(s != t for s, t in zip(source, target))
-    recoloured = sum(s is not None and p is not None and p.colour != s.colour for s, p in zip(source, pred))
-    economy = 1.0 - max(0, recoloured - fewest) / max(1, sum(s is not None for s in source))
-    return met * kept * economy
-
-
-def edit_reward(ex, pred: Scene, grid: int) -> float:
-    """The edit reward of the re-read picture `pred` for example `ex`: constraint_score for the
-    constraint edits (ex.qtype in CONSTRAINT_EDITS), else edit_score against the one right target."""
-    kinds = CONSTRAINT_EDITS.get(ex.qtype)
-    return constraint_score(ex.scene, ex.answer, pred, kinds, grid) if kinds else edit_score(ex.scene, ex.answer, pred)
-
-
-def scene_accuracy(target: Scene, pred: Scene) -> float:
-    """Text-to-image attribute accuracy: mean per-cell similarity to the described scene."""
-    return sum(cell_similarity(p, t) for p, t in zip(pred, target)) / len(target)
-
-
-# ----------------------------------------------------------------------------------------------
-# scoring sampled rows (rollouts and held-out evaluation share it)
-
-def score_rows(task: str, examples, resp, layout, tok, decode_fn, grid: int):
-    """Rewards of sampled responses `resp` (B, R) ids of `task`, one per example: returns (rewards
-    [B floats in [0, 1]], reasons [B strings, "ok" or why the text did not parse], decoded pictures
-    (B, H, W, 3) in [0, 1] or None, the scenes re-read from them or None). decode_fn maps VQ codes
-    (B, n_img) to pictures (vq.VQVAE.decode); each picture is decoded and read once, here."""
-    texts = [tok.decode(r[:layout.R_text]) for r in resp]
-    pics = scenes = None
-    if layout.n_img:
-        codes = resp[:, layout.R_text:layout.R] - tok.img_offset                  # (B, n_img)
-        pics = decode_fn(codes)                                                     # (B, H, W, 3)
-        scenes = [read_scene(p, grid) for p in pics]
-    out, why = [], []
-    for b, ex in enumerate(examples):
-        if task == "vqa":
-            r, w = vqa_reward(texts[b], ex.answer)
-        elif task == "ground":
-            r, w = ground_reward(texts[b], ex.answer)
-        elif task == "edit":
-            r, w = edit_reward(ex, scenes[b], grid), "ok"
-        else:
-            r, w = scene_accuracy(ex.answer, scenes[b]), "ok"
-        out.append(r)
-        why.append(w)
-    return out, why, pics, scenes
-
+def trace_lists(text: str) -> list[tuple[str, ...]]:
+    """The lists a vqa trace reads off the picture: the words between each ':' and the next '.'.
+    'red shapes : r0c1 r2c2 . count 2 . squares : none . count 0 . 2 > 0 yes' -> [(r0c1, r2c2), (none,)];
+    a sides trace gives one list of (cell, sides) words. A list the model never closed is dropped."""
+    out, cur = [], None
+    for w in text.split():
+        if w == ":":
+            cur = []
+        elif w == "." and cur is not None:
+            out.append(tuple(cur))
+            cur = None
+        elif cur is not None:
+            cur.append(w)
+    return out

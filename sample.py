@@ -26,7 +26,7 @@ unmasking order, the semi-autoregressive text blocks and a forced answer's fixed
 in it) plus the same as an animated `<task>_steps.gif`. The text is printed too.
 
 The prompt is tokenized with the run's word tokenizer: use the task language of the shape world
-(see data.py: make_vqa, make_ground, make_edit, describe); unknown words become [UNK] and are listed.
+(see world.py: make_vqa, make_ground, make_edit, describe); unknown words become [UNK] and are listed.
 Pictures are resized to data.image_size and read as VQ codes, like the training data.
 """
 from __future__ import annotations
@@ -42,9 +42,12 @@ from PIL import Image, ImageDraw
 
 import common
 import config as C
-import data as D
 import rewards as RW
+import tokens as T
 import vq as VQ
+import world
+import world_extras
+from data import load_run, picture_judge
 from diffusion import sample
 from rollout import force_answer
 
@@ -52,18 +55,18 @@ TASKS = {"answer": "vqa", "ground": "ground", "edit": "edit", "draw": "t2i"}
 SCALE = 6                                   # pixels per picture pixel in the PNGs
 
 
-def build_example(task: str, opts: dict, bundle, dcfg) -> D.Example:
+def build_example(task: str, opts: dict, bundle, dcfg) -> world.Example:
     """The example to run: a held-out one (--example) or the user's picture and prompt."""
     if opts["example"] >= 0:
         exs = bundle.sets[task]["eval"].examples
         if opts["example"] >= len(exs):
             raise SystemExit(f"sample: --example={opts['example']} but the held-out {task} set has {len(exs)}")
         ex = exs[opts["example"]]
-        D.ensure_images([ex], dcfg)                  # synthetic pictures are re-rendered on demand
+        world.ensure_images([ex], dcfg, world_extras.world_for(dcfg))   # synthetic pictures are re-rendered on demand
         return ex
     if not opts["prompt"]:
         raise SystemExit("sample: pass --prompt='...' (or --example=N for a held-out example)")
-    ex = D.Example(task, "user", opts["prompt"].strip(), None, None, None)
+    ex = world.Example(task, "user", opts["prompt"].strip(), None, None, None)
     if task != "t2i":
         if not opts["image"]:
             raise SystemExit(f"sample: {task} needs --image=PNG (or --example=N)")
@@ -75,7 +78,7 @@ def build_example(task: str, opts: dict, bundle, dcfg) -> D.Example:
     return ex
 
 
-def canvas_batch(ex: D.Example, task: str, bundle, vq, force: str) -> tuple[D.Batch, torch.Tensor | None]:
+def canvas_batch(ex: world.Example, task: str, bundle, vq, force: str) -> tuple[T.Batch, torch.Tensor | None]:
     """The prompt of `ex` with an all-masked response canvas (or the forced answer in clear)."""
     tok, lay = bundle.tok, bundle.layouts[task]
     unknown = [w for w in ex.prompt.split() if w not in tok.stoi]
@@ -83,16 +86,16 @@ def canvas_batch(ex: D.Example, task: str, bundle, vq, force: str) -> tuple[D.Ba
         print(f"note: not in the vocabulary, read as [UNK]: {' '.join(unknown)}")
     codes = vq.encode(ex.image[None]) if ex.image is not None else None
     try:
-        ts = D.tokenize_split(task, [D.Example(task, ex.qtype, ex.prompt, ex.scene, ex.answer, None)], tok, lay,
+        ts = T.tokenize_split(task, [world.Example(task, ex.qtype, ex.prompt, ex.scene, ex.answer, None)], tok, lay,
                               bundle.P, codes, None)
     except ValueError as e:
         raise SystemExit(f"sample: {e}") from None
-    batch = D.collate({task: ts}, [(task, 0)], tok, responses=False)
+    batch = T.collate({task: ts}, [(task, 0)], tok, responses=False)
     if force:
         if task not in ("vqa", "ground"):
             raise SystemExit("sample: --force works for answer and ground (the tasks with a text answer)")
         ans = tuple(int(v) for v in force.split()) if task == "ground" else force
-        return force_answer(batch, [D.Example(task, "user", "", None, ans, None)], tok, lay)   # + the banned tags
+        return force_answer(batch, [world.Example(task, "user", "", None, ans, None)], tok, lay)   # + the banned tags
     return batch, None
 
 
@@ -138,7 +141,7 @@ def run(cfg, opts: dict, verb: str):
     task = TASKS[verb]
     path = opts["ckpt"] or common.latest_checkpoint(cfg.train.out_dir)
     out_dir = opts["out"] or os.path.join(cfg.train.out_dir, "sample")
-    run_cfg, bundle, model, vq, blob = common.load_run(path, os.path.join(cfg.train.out_dir, "sample"), "sample")
+    run_cfg, bundle, model, vq, blob = load_run(path, os.path.join(cfg.train.out_dir, "sample"), "sample")
     dcfg, tok, lay = run_cfg.data, bundle.tok, bundle.layouts[task]
     ex = build_example(task, opts, bundle, dcfg)
     batch, forbid = canvas_batch(ex, task, bundle, vq, opts["force"])
@@ -182,7 +185,7 @@ def variety(cfg, opts: dict, verb: str) -> str:
     task = TASKS[verb]
     path = opts["ckpt"] or common.latest_checkpoint(cfg.train.out_dir)
     out_dir = opts["out"] or os.path.join(cfg.train.out_dir, "sample")
-    run_cfg, bundle, model, vq, _ = common.load_run(path, os.path.join(cfg.train.out_dir, "sample"), "sample")
+    run_cfg, bundle, model, vq, _ = load_run(path, os.path.join(cfg.train.out_dir, "sample"), "sample")
     tok, lay, n = bundle.tok, bundle.layouts[task], opts["n"]
     if not lay.n_img:
         raise SystemExit(f"sample: --n draws several pictures; {verb} answers in text (use draw or edit)")
@@ -194,7 +197,7 @@ def variety(cfg, opts: dict, verb: str) -> str:
     resp = tokens[:, batch.P:batch.P + lay.R]
     scores = None
     if ex.answer is not None:                       # a held-out example: score each picture
-        scores, _, pics, _ = RW.score_rows(task, [ex] * n, resp, lay, tok, vq.decode, run_cfg.data.grid)
+        scores, _, pics, _ = RW.score_rows(task, [ex] * n, resp, lay, tok, picture_judge(run_cfg, vq))
     else:
         pics = vq.decode(resp[:, lay.R_text:] - tok.img_offset)
     pics = (np.asarray(pics) * 255).round().astype(np.uint8)
@@ -254,12 +257,12 @@ def assets(cfg, opts: dict):
         raise SystemExit(f"sample assets: {src} is missing; run `python train.py --preset={cfg.preset}` first")
     Image.open(src).save(os.path.join(dst, "samples.png"), optimize=True)
     # the VQ reconstructions of 16 fresh scenes (a run that found its VQ in the cache has no vq_recon.png)
-    run_cfg, bundle, _, vq, _ = common.load_run(opts["ckpt"] or common.latest_checkpoint(run_dir),
+    run_cfg, bundle, _, vq, _ = load_run(opts["ckpt"] or common.latest_checkpoint(run_dir),
                                                 os.path.join(run_dir, "sample"), "sample assets")
-    d = run_cfg.data
+    d, w = run_cfg.data, world_extras.world_for(run_cfg.data)
     rng = np.random.default_rng([d.seed, 778])
-    scenes = [D.random_scene(rng, d.grid, d.min_shapes, d.max_shapes) for _ in range(16)]
-    pics = np.stack([D.render(s, d.grid, d.image_size, D.random_looks(rng, s, d)) for s in scenes])
+    scenes = [world.random_scene(rng, d.grid, d.min_shapes, d.max_shapes) for _ in range(16)]
+    pics = np.stack([w.render(s, d.grid, d.image_size, world_extras.random_looks(rng, s, d)) for s in scenes])
     VQ.save_grid(pics, vq.decode(vq.encode(pics)), os.path.join(dst, "vq_recon.png"))
     for verb, example in (("answer", 3), ("draw", 1)):
         run(cfg, {**opts, "out": dst, "example": example, "show_steps": True}, verb)
@@ -267,7 +270,7 @@ def assets(cfg, opts: dict):
     # their looks), one constraint edit made 8 times with its plan text sampled at the rollout
     # temperature (the plans differ too; image codes at diffusion.image_temperature in both)
     edits = bundle.sets["edit"]["eval"].examples
-    hard = next((i for i, e in enumerate(edits) if e.qtype in D.CONSTRAINT_EDITS), None)
+    hard = next((i for i, e in enumerate(edits) if e.qtype in w.graders), None)
     if d.shades * d.fills * d.floors > 1 or hard is not None:
         rows = [Image.open(variety(cfg, {**opts, "out": dst, "example": ex, "n": 8, "temperature": temp}, verb))
                 for verb, ex, temp in (("draw", 1, 0.0), ("edit", hard or 0, run_cfg.rl.temperature))]

@@ -16,7 +16,7 @@ minute on our synthetic shape world:
 At the toy size (32px images, a 4x4 board, downsample 8) that is 16 tokens per image, one per board
 cell: a 64-entry codebook for 25 cell contents (4 colours x 3 kinds x 2 sizes + empty) by default,
 and in the looks world a 512-entry one for 294 distinct cell pictures, the contents in their looks
-(data.py: 12 shades x fills per shape, 6 floors per empty cell). The looks are nuisance that no
+(world_extras.py: 12 shades x fills per shape, 6 floors per empty cell). The looks are nuisance that no
 reward reads, but the codes must keep them apart, or the conditional entropy of a picture (what a
 prompt leaves open) would vanish in the tokenizer.
 
@@ -36,7 +36,7 @@ pixels (the shape world is flat colours on black, so MSE is enough); and the enc
 patch-local (one token sees only its own patch, see VQVAE), so a cell's code does not depend on its
 neighbours.
 
-Conventions: pictures are channels-last (N, H, W, 3), uint8 or float in [0, 1] (what data.render
+Conventions: pictures are channels-last (N, H, W, 3), uint8 or float in [0, 1] (what world.render
 makes); codes are (N, h*w) long, row-major over the token grid; both come back on the CPU.
 
 Exercise it:
@@ -60,7 +60,8 @@ from einops import rearrange
 from PIL import Image
 from tqdm import tqdm
 
-import data
+import world
+import world_extras
 from config import VQConfig
 
 
@@ -343,13 +344,13 @@ def _train_vq(vcfg: VQConfig, images_uint8: np.ndarray, device, seed: int):
 # ----------------------------------------------------------------------------------------------
 # evaluation and pictures
 
-def evaluate_vq(model: VQVAE, images_uint8: np.ndarray, scenes, grid: int) -> dict:
+def evaluate_vq(model: VQVAE, images_uint8: np.ndarray, scenes, grid: int, read=world.read_scene) -> dict:
     """Reconstruction MSE, codebook usage and attribute recovery on these pictures.
 
     Attribute recovery is the number that matters downstream: every edit and text-to-image answer
-    is scored by reading the *decoded* picture with data.read_scene, so the decoder must draw each
+    is scored by reading the *decoded* picture with world.read_scene, so the decoder must draw each
     cell's kind, colour and size (or nothing) clearly enough to be re-read exactly.
-    images_uint8 (N, H, W, 3); scenes: the N scenes drawn in them. Returns a dict: recon_mse (mean
+    images_uint8 (N, H, W, 3); scenes: the N scenes drawn in them; read: the world's reader. Returns a dict: recon_mse (mean
     squared error per pixel channel, on the [0, 1] scale), codes_used / codebook_size / usage_frac /
     perplexity (codebook use), cell_acc / image_acc (share of cells / whole pictures re-read
     exactly), n_images.
@@ -363,7 +364,7 @@ def evaluate_vq(model: VQVAE, images_uint8: np.ndarray, scenes, grid: int) -> di
     n_cells = 0
     recon_np = recon.numpy()
     for img, scene in zip(recon_np, scenes):
-        got = data.read_scene(img, grid)
+        got = read(img, grid)
         ok = [a == b for a, b in zip(got, scene)]                    # Shape is a frozen dataclass: ==
         cells_ok += sum(ok)
         n_cells += len(ok)
@@ -457,13 +458,13 @@ def vq_path(cfg) -> str:
 def _render_fresh(cfg, stream: int, n: int):
     """n fresh scenes + pictures from their own seed stream [seed, stream, i]: never the scenes of
     the task pools (those use other streams), so the tokenizer is not fitted to the eval pictures."""
-    d = cfg.data
-    scenes = [data.random_scene(np.random.default_rng([d.seed, stream, i]), d.grid, d.min_shapes,
-                                d.max_shapes) for i in range(n)]
-    # every picture with random looks (data.random_looks, from a stream of their own), so the codebook
-    # holds a code per (content, look); the world without looks draws none
-    looks = [data.random_looks(np.random.default_rng([d.seed, stream, i, 1]), s, d) for i, s in enumerate(scenes)]
-    images = np.stack([data.render(s, d.grid, d.image_size, lk) for s, lk in zip(scenes, looks)])   # (n, H, W, 3)
+    d, w = cfg.data, world_extras.world_for(cfg.data)
+    scenes = [world.random_scene(np.random.default_rng([d.seed, stream, i]), d.grid, d.min_shapes,
+                                 d.max_shapes) for i in range(n)]
+    # every picture with random looks (world_extras.random_looks, from a stream of their own), so the
+    # codebook holds a code per (content, look); the world without looks draws none
+    looks = [world_extras.random_looks(np.random.default_rng([d.seed, stream, i, 1]), s, d) for i, s in enumerate(scenes)]
+    images = np.stack([w.render(s, d.grid, d.image_size, lk) for s, lk in zip(scenes, looks)])   # (n, H, W, 3)
     return scenes, images
 
 
@@ -476,7 +477,7 @@ def run_vq_stage(cfg, out_dir: str, device):
     print(f"vq: rendered {len(train_imgs)} training + {len(eval_imgs)} eval pictures "
           f"({d.image_size}px) in {time.time() - t0:.1f}s; training on {device}")
     model, stats = train_vq(v, train_imgs, device, seed=d.seed)
-    ev = evaluate_vq(model, eval_imgs, eval_scenes, d.grid)
+    ev = evaluate_vq(model, eval_imgs, eval_scenes, d.grid, world_extras.world_for(d).read)
     metrics = {"train": stats, "eval": ev, "wall_s": time.time() - t0,
                "tokens_per_image": model.tokens_per_image}
     print(f"vq: {stats['steps']} steps in {stats['seconds']:.1f}s | train mse {stats['recon_mse']:.5f} | "

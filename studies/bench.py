@@ -61,7 +61,6 @@ The likelihood-estimator study is its own script: estimators.py.
 """
 from __future__ import annotations
 
-import copy
 import os
 import sys
 import time
@@ -74,10 +73,14 @@ sys.path.insert(0, ROOT)          # the method's modules live one folder up (run
 
 import common  # noqa: E402
 import config as C  # noqa: E402
-import data as D  # noqa: E402
+import data  # noqa: E402
 import rl  # noqa: E402
+import tokens as T  # noqa: E402
+import train  # noqa: E402   (the RL stage's log record and prompt draws)
 import vq as VQ  # noqa: E402
-from diffusion import n_steps, sample, sft_loss  # noqa: E402
+from diffusion import make_plan, sample, sft_loss  # noqa: E402
+from rollout import RolloutContext  # noqa: E402
+from study import git_commit  # noqa: E402
 
 H100_BF16_DENSE = 989e12    # FLOP/s, H100 SXM bf16 dense tensor cores (H200: the same compute)
 
@@ -113,13 +116,13 @@ def speed_world(cfg, ckpt: str):
     ctx = common.Ctx("cpu", torch.float32, "fp32", False, 0, 1, scratch)
     os.makedirs(scratch, exist_ok=True)
     if os.path.exists(path):
-        cfg, bundle, model, _, blob = common.load_run(path, scratch, "bench")
+        cfg, bundle, model, _, blob = data.load_run(path, scratch, "bench")
         return cfg, bundle, model, f"data and config of {path} (step {blob['step']})"
     cfg.data.n_sft, cfg.data.n_rl = min(cfg.data.n_sft, 256), 8
     cfg.data.n_eval, cfg.data.n_val = min(cfg.data.n_eval, 64), min(cfg.data.n_val, 8)
     cfg.data.cache_dir = os.path.join(scratch, "dev_cache")              # never the real token cache
     torch.manual_seed(0)
-    bundle = common.get_bundle(cfg, VQ.VQVAE(cfg.vq, cfg.data.image_size).eval(), ctx)
+    bundle = data.get_bundle(cfg, VQ.VQVAE(cfg.vq, cfg.data.image_size).eval(), ctx)
     return cfg, bundle, None, (f"no checkpoint at {path}: preset {cfg.preset!r} data (small pools, untrained VQ; "
                                f"only the layout matters here)")
 
@@ -138,10 +141,16 @@ def prefix_model(cfg, bundle, trained, dev: str, seed: int):
             f"RANDOMLY INITIALISED prefix-DLM of the {cfg.preset} size ({why}; speed does not depend on training)")
 
 
-def prompts_of(bundle, task: str, n: int, dev: str) -> D.Batch:
+def prompts_of(bundle, task: str, n: int, dev: str) -> T.Batch:
     """The first n held-out prompts of `task` with an all-mask response canvas."""
     ts = bundle.sets[task]["eval"]
-    return D.collate({task: ts}, [(task, i) for i in range(min(n, len(ts)))], bundle.tok, responses=False).to(dev)
+    return T.collate({task: ts}, [(task, i) for i in range(min(n, len(ts)))], bundle.tok, responses=False).to(dev)
+
+
+def n_steps(batch: T.Batch, dcfg) -> int:
+    """Total denoising steps for this batch's layout (text blocks + image steps)."""
+    is_img = batch.is_image[0, batch.P:]
+    return len(make_plan(int((batch.is_resp[0, batch.P:] & ~is_img).sum()), int(is_img.sum()), dcfg))
 
 
 def timed(fn, dev: str):
@@ -182,7 +191,7 @@ def bench_sampler(cfg, opts: dict):
     cfg, bundle, trained, data_note = speed_world(cfg, opts["ckpt"])
     model, model_note = prefix_model(cfg, bundle, trained, dev, seed)
     tok, amp = bundle.tok, autocast_for(dtype)
-    print(f"bench sampler | device {dev} | {why} | torch {torch.__version__} | commit {common.git_commit()}")
+    print(f"bench sampler | device {dev} | {why} | torch {torch.__version__} | commit {git_commit()}")
     print(f"model: {model_note}; {model_line(model)}\ndata: {data_note}")
     print(f"greedy decoding (temperature 0 on text AND image slots), cfg_scale {cfg.diffusion.cfg_scale}, "
           f"{opts['prompts']} prompts per task, median of {opts['reps']} timed calls after 1 warm-up call each")
@@ -232,7 +241,7 @@ def bench_rollout(cfg, opts: dict):
     model, model_note = prefix_model(cfg, bundle, trained, dev, seed)
     tok, amp, rc = bundle.tok, autocast_for(dtype), cfg.rl
     G, N = opts["prompts"] or min(rc.prompts_per_step, 4), opts["n"] or rc.group_size
-    print(f"bench rollout | device {dev} | {why} | torch {torch.__version__} | commit {common.git_commit()}")
+    print(f"bench rollout | device {dev} | {why} | torch {torch.__version__} | commit {git_commit()}")
     print(f"model: {model_note}; {model_line(model)}\ndata: {data_note}")
     print(f"{G} prompts x N={N} samples per task, temperature {rc.temperature} (as rollout.sample_groups), "
           f"median of {opts['reps']} timed runs after a warm-up")
@@ -303,7 +312,7 @@ def bench_rl(cfg, opts: dict):
             torch.manual_seed(cfg.train.seed)
             model = common.build_model(acfg, bundle.tok, dev)
             if name in per_arm:                   # the arm's own trained checkpoint (same data and vocabulary)
-                own = common.load_run(per_arm[name], os.path.join("runs", "bench"), "bench")[2]
+                own = data.load_run(per_arm[name], os.path.join("runs", "bench"), "bench")[2]
                 if own.cfg.prefix_dlm != acfg.model.prefix_dlm or own.vocab_size != bundle.tok.vocab_size:
                     raise SystemExit(f"bench rl: {per_arm[name]} does not fit arm {name!r} (prefix_dlm "
                                      f"{own.cfg.prefix_dlm}, vocabulary {own.vocab_size})")
@@ -311,10 +320,10 @@ def bench_rl(cfg, opts: dict):
             elif trained is not None and trained.cfg.prefix_dlm == acfg.model.prefix_dlm:
                 model.load_state_dict(trained.state_dict())
             arms[(name, mu)] = (acfg, model, common.make_optimizer(model, acfg.rl.lr, acfg.train.weight_decay, dev),
-                                common.TaskSampler(bundle.sets, "sft", C.parse_mix(acfg.train.task_mix), 7),
+                                data.TaskSampler(bundle.sets, "sft", T.parse_mix(acfg.train.task_mix), 7),
                                 torch.Generator().manual_seed(13), torch.Generator(device=dev).manual_seed(11), [])
-    draws = rl.prompt_draws(cfg.rl)
-    print(f"bench rl | device {dev} | {why} | torch {torch.__version__} | commit {common.git_commit()}")
+    draws = train.prompt_draws(cfg.rl)
+    print(f"bench rl | device {dev} | {why} | torch {torch.__version__} | commit {git_commit()}")
     print(f"model: {'per arm: ' + opts['ckpts'] if per_arm else 'the checkpoint where its attention matches the arm, else randomly initialised' if trained is not None else 'randomly initialised'}; "
           f"{model_line(next(iter(arms.values()))[1])}\ndata: {data_note}\n"
           f"prompts/step {draws} x group {cfg.rl.group_size}, sft rows {cfg.rl.sft_rows}, answer-forcing "
@@ -323,9 +332,10 @@ def bench_rl(cfg, opts: dict):
         print(f"  {name}: {RL_ARMS[name][0]}")
     for i in range(opts["steps"] + 1):
         for (acfg, model, opt, sft, pick, gen, recs) in arms.values():
-            st = rl.rl_step(model, opt, acfg, ctx, bundle, vq, draws, sft, pick, gen)
+            ro = RolloutContext(model, bundle.tok, bundle.sets, data.picture_judge(acfg, vq), acfg, dev, ctx.autocast, gen)
+            st = rl.rl_step(ro, opt, ctx, draws, sft, pick)
             if i:                                 # the first step of each arm is a warm-up
-                recs.append(rl.step_record(st, bundle.tok, acfg.rl.tau, dev))
+                recs.append(train.step_record(st, bundle.tok, acfg.rl.tau, dev))
     print(f"{'arm':>7}{'mu':>4}{'step s':>9}{'rollout s':>11}{'rollout share':>15}{'updates/min':>13}"
           f"{'vs first':>10}{'forced rows':>13}")
     res, base = {"device": dev, "data": data_note, "draws": draws, "arms": {}}, None
@@ -346,11 +356,11 @@ def bench_rl(cfg, opts: dict):
     write_json("rl", res)
 
 
-def train_batches(cfg, bundle, B: int, n: int, seed: int, dev: str) -> list[D.Batch]:
+def train_batches(cfg, bundle, B: int, n: int, seed: int, dev: str) -> list[T.Batch]:
     """n SFT micro batches of B sequences drawn by the task mix, as run_sft draws them."""
-    sampler = common.TaskSampler(bundle.sets, "sft", C.parse_mix(cfg.train.task_mix), seed)
+    sampler = data.TaskSampler(bundle.sets, "sft", T.parse_mix(cfg.train.task_mix), seed)
     sets = {k: v["sft"] for k, v in bundle.sets.items()}
-    return [D.collate(sets, sampler.draw(B), bundle.tok).to(dev) for _ in range(n)]
+    return [T.collate(sets, sampler.draw(B), bundle.tok).to(dev) for _ in range(n)]
 
 
 def bench_train(cfg, opts: dict):
@@ -366,7 +376,7 @@ def bench_train(cfg, opts: dict):
     B = opts["batch"] or cfg.train.micro_batch
     batches = train_batches(cfg, bundle, B, opts["warmup"] + opts["steps"], seed, dev)
     print(f"bench train | device {dev} | {why} | compile {opts['compile']} | torch {torch.__version__} | "
-          f"commit {common.git_commit()}")
+          f"commit {git_commit()}")
     print(f"model: randomly initialised, {cfg.preset} size; {model_line(model)}\ndata: {data_note}")
 
     def step(batch):

@@ -63,9 +63,11 @@ sys.path.insert(0, ROOT)          # the method's modules live one folder up (run
 
 import common  # noqa: E402
 import config as C  # noqa: E402
-import data as D  # noqa: E402
+import data  # noqa: E402
+import tokens as T  # noqa: E402
 import likelihood as LK  # noqa: E402
 from diffusion import apply_mask  # noqa: E402
+from study import git_commit  # noqa: E402
 
 FAMILIES = ("vqa", "ground", "edit", "t2i")
 PAIRS_PER_FAMILY = 3        # value variance: 12 (x, y) pairs
@@ -110,7 +112,7 @@ def median(xs) -> float:
 # claim 1: variance of the value and of the policy gradient; claims 3, 4: coverage and weights
 
 
-def value_draws(model, batch: D.Batch, tok, k: int, g) -> dict:
+def value_draws(model, batch: T.Batch, tok, k: int, g) -> dict:
     """k draws of every estimator for one (x, y) pair (the pair repeated as k rows of one batch).
     Returns {"values": {label: (k,) float64}, "coverage": {label: (k,) share of the response scored},
     "t1": (k,)}: complementary's t1 ~ U[0, 1] is drawn here so that its share of the variance can
@@ -171,7 +173,7 @@ def coverage_and_weights(draws: list[dict]) -> dict:
             "elbo1_small_k_var_share_per_pair": small_var, "elbo1_small_k_draw_share_per_pair": small_draws}
 
 
-def gradient_variance(model, batches: list[D.Batch], tok, k: int, g) -> dict:
+def gradient_variance(model, batches: list[T.Batch], tok, k: int, g) -> dict:
     """Claim 1 (gradient). Per pair and estimator, the total variance of the flattened gradient of
     log pi^ over k draws, (sum ||g||^2 - ||sum g||^2 / k) / (k - 1) (the trace of its covariance),
     and ||mean g||^2 for scale; averaged over pairs. one_step is deterministic: variance 0."""
@@ -202,7 +204,7 @@ def gradient_variance(model, batches: list[D.Batch], tok, k: int, g) -> dict:
 # claim 2: bias and rank correlation against exact values, on short windows of real responses
 
 
-def window_positions(batch: D.Batch, lay: D.Layout, task: str) -> list[int]:
+def window_positions(batch: T.Batch, lay: T.Layout, task: str) -> list[int]:
     """WINDOW response columns (absolute) that make up a tiny-case response (see `windowed`).
     Text families: the first WINDOW trace tokens after <think> (the reasoning, not EOS filler).
     t2i: WINDOW image codes from the middle of the 4x4 code grid. edit: 2 plan tokens after <think>
@@ -217,7 +219,7 @@ def window_positions(batch: D.Batch, lay: D.Layout, task: str) -> list[int]:
     return [batch.P + c for c in cols]
 
 
-def windowed(batch: D.Batch, cols: list[int], tok, tokens: torch.Tensor | None = None) -> D.Batch:
+def windowed(batch: T.Batch, cols: list[int], tok, tokens: torch.Tensor | None = None) -> T.Batch:
     """The same row(s) truncated to a window: only `cols` are the response (masked and scored by the
     estimators); every other response slot stays [MASK]/[IMASK] in every pass, as if the response
     were cut to the window. Its likelihood is then the window's marginal given x, under the model's
@@ -227,10 +229,10 @@ def windowed(batch: D.Batch, cols: list[int], tok, tokens: torch.Tensor | None =
     is_resp[:, cols] = True
     rest = batch.is_resp & ~is_resp
     toks = apply_mask(toks, rest.expand_as(toks), batch.is_image.expand_as(toks), tok)
-    return D.Batch(toks, batch.valid, batch.is_prompt, is_resp, batch.is_image, batch.P, batch.tasks)
+    return T.Batch(toks, batch.valid, batch.is_prompt, is_resp, batch.is_image, batch.P, batch.tasks)
 
 
-def candidates(model, wb: D.Batch, tok, cols: list[int], n: int, g) -> torch.Tensor:
+def candidates(model, wb: T.Batch, tok, cols: list[int], n: int, g) -> torch.Tensor:
     """n token rows (n, T): the ground truth, then variants with m = 1..len(cols) window tokens
     replaced by a draw from the model's own conditional at that slot given the whole window masked
     (the ground-truth token excluded). Plausible alternatives, like RL samples; uniformly random
@@ -251,7 +253,7 @@ def candidates(model, wb: D.Batch, tok, cols: list[int], n: int, g) -> torch.Ten
             if img[col]:
                 allowed[tok.img_offset:] = True
             else:
-                allowed[len(D.SPECIALS):tok.img_offset] = True
+                allowed[len(T.SPECIALS):tok.img_offset] = True
                 allowed[tok.EOS] = True
             p = probs[col] * allowed
             p[row[col]] = 0.0
@@ -260,7 +262,7 @@ def candidates(model, wb: D.Batch, tok, cols: list[int], n: int, g) -> torch.Ten
     return torch.stack(rows)
 
 
-def window_cases(model, windows: list[tuple[D.Batch, list[int]]], tok, g, n_cand: int = N_CAND) -> list[dict]:
+def window_cases(model, windows: list[tuple[T.Batch, list[int]]], tok, g, n_cand: int = N_CAND) -> list[dict]:
     """Per (one-pair batch, window columns): the candidate windows (ground truth first) and the exact
     values of each (likelihood.exact: every mask and every unmasking order enumerated)."""
     cases = []
@@ -349,7 +351,7 @@ def load(cfg, ckpt: str):
     if not os.path.exists(path):
         raise SystemExit(f"estimators: no checkpoint at {path}; run `python train.py --preset={cfg.preset}` "
                          f"first or pass --ckpt=PATH")
-    cfg, bundle, model, _, blob = common.load_run(path, os.path.join("runs", "estimators"), "estimators")
+    cfg, bundle, model, _, blob = data.load_run(path, os.path.join("runs", "estimators"), "estimators")
     for p in model.parameters():
         p.requires_grad_(True)
     return model, bundle, f"{path} (step {blob['step']})"
@@ -371,7 +373,7 @@ def first_per_family(pairs: list, n: int) -> list:
 def run_study(model, bundle, g) -> dict:
     """Every measurement on held-out pairs of the bundle, in a fixed order of draws from g."""
     tok = bundle.tok
-    one = lambda t, i: D.collate({t: bundle.sets[t]["eval"]}, [(t, i)], tok)
+    one = lambda t, i: T.collate({t: bundle.sets[t]["eval"]}, [(t, i)], tok)
     pairs = pick_pairs(bundle, PAIRS_PER_FAMILY, g)
     gpairs, wpairs = first_per_family(pairs, GRAD_PAIRS_PER_FAMILY), first_per_family(pairs, WINDOW_PROMPTS)
     secs, t0 = {}, time.time()
@@ -496,7 +498,7 @@ def main(argv: list[str] | None = None):
     torch.set_num_threads(1)
     t_start, seed = time.time(), cfg.train.seed
     model, bundle, source = load(cfg, opts["ckpt"])
-    head = {"checkpoint": source, "seed": seed, "commit": common.git_commit(), "torch": torch.__version__,
+    head = {"checkpoint": source, "seed": seed, "commit": git_commit(), "torch": torch.__version__,
             "estimators": {k: {"passes": v[0]} for k, v in ESTIMATORS.items()}}
     print(f"estimators | model {source} | seed {seed} | commit {head['commit']} | torch {torch.__version__}"
           f" | {torch.get_num_threads()} threads")

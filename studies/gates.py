@@ -1,7 +1,7 @@
 """
 The gates of the difficulty protocol: is there something for RL to learn at an SFT start, before
 any RL run is spent on it? Measured on the held-out EDGE bucket (the level just above the highest
-one traced in SFT, data.bucket), per reasoning family (vqa, grounding):
+one traced in SFT, world.bucket), per reasoning family (vqa, grounding):
 
   pass@1, pass@16   at the rollout temperature (rl.temperature), from 16 samples per prompt
                     (metrics.pass_at_k, unbiased); headroom = pass@16 - pass@1          target >= 0.20
@@ -10,7 +10,7 @@ one traced in SFT, data.bucket), per reasoning family (vqa, grounding):
                     answer-forcing is for exactly these prompts)                   target in [0.20, 0.60]
   forced_consistent answer-forced samples (rollout.force_answer: the true answer written in, the
                     reasoning inpainted) whose reasoning implies the answer it ends in:
-                    rewards.trace_answer for vqa, rewards.trace_cell for grounding   target >= 0.50
+                    rewards.trace_answer for vqa, trace_cell (below) for grounding   target >= 0.50
   blind             the share an image-blind guess gets right: vqa the most common answer of the
                     question type in the RL pool, grounding a uniformly random shape of the scene
                     (exact expectation of IoU >= 0.5)
@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 from contextlib import nullcontext
@@ -54,14 +55,15 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)          # the method's modules live one folder up (run from the repo root)
 
-import common  # noqa: E402
 import config as C  # noqa: E402
-import data as D  # noqa: E402
+import data  # noqa: E402
 import likelihood as LK  # noqa: E402
 import metrics  # noqa: E402
 import rewards as RW  # noqa: E402
-from rollout import force_answer, policy_sample  # noqa: E402
-from study import hardware, publish  # noqa: E402
+import tokens as T  # noqa: E402
+import world  # noqa: E402
+from rollout import RolloutContext, force_answer, policy_sample  # noqa: E402
+from study import git_commit, hardware, publish  # noqa: E402
 
 TASKS = ("vqa", "ground")
 TARGETS = {"headroom": 0.20, "all_fail@8": (0.20, 0.60), "forced_consistent": 0.50}
@@ -88,15 +90,25 @@ def passes(g: dict) -> dict:
             "forced_consistent": g["forced_consistent"] >= TARGETS["forced_consistent"]}
 
 
-def edge_split(bundle, cfg, task: str) -> D.TaskSet:
+def edge_split(bundle, cfg, task: str) -> T.TaskSet:
     """The eval split's edge-bucket examples of `task` as a TaskSet of their own."""
-    ts, sft = bundle.sets[task]["eval"], D.parse_levels(cfg.data.sft_levels)
-    idx = [i for i, e in enumerate(ts.examples) if D.bucket(e.level, sft) == "edge"]
+    ts, sft = bundle.sets[task]["eval"], world.parse_levels(cfg.data.sft_levels)
+    idx = [i for i, e in enumerate(ts.examples) if world.bucket(e.level, sft) == "edge"]
     if not idx:
         raise SystemExit(f"gates: the checkpoint's eval split has no {task} example one level above its "
                          f"SFT levels ({cfg.data.sft_levels}); train the start with --data.eval_levels=1,2,3,4")
-    return D.TaskSet(task, [ts.examples[i] for i in idx], ts.prompt[idx],
+    return T.TaskSet(task, [ts.examples[i] for i in idx], ts.prompt[idx],
                      None if ts.response is None else ts.response[idx], ts.layout)
+
+
+_CELL = re.compile(r"^r\d+c\d+$")
+
+
+def trace_cell(text: str) -> str | None:
+    """The cell a grounding trace resolves to: its last cell name ("... small : r2c0" -> "r2c0"),
+    grounding's analogue of rewards.trace_answer (every level's trace ends in the cell it names), or None."""
+    cells = [w for w in text.split() if _CELL.match(w)]
+    return cells[-1] if cells else None
 
 
 def consistent(task: str, text: str, ex, cfg) -> bool:
@@ -105,7 +117,7 @@ def consistent(task: str, text: str, ex, cfg) -> bool:
         return RW.trace_answer(text, ex.qtype) == RW.normalise(ex.answer)
     cell = cfg.data.image_size // cfg.data.grid                    # the box lies inside its shape's cell
     x0, y0 = ex.answer[0], ex.answer[1]
-    return RW.trace_cell(text) == D.cell_name(int(y0 // cell) * cfg.data.grid + int(x0 // cell), cfg.data.grid)
+    return trace_cell(text) == world.cell_name(int(y0 // cell) * cfg.data.grid + int(x0 // cell), cfg.data.grid)
 
 
 @torch.no_grad()
@@ -113,13 +125,14 @@ def forced_consistency(model, bundle, cfg, task: str, idx: list[int], device, au
     """The share of answer-forced samples (one per prompt) whose reasoning implies the forced answer."""
     ts, tok = bundle.sets[task]["edge"], bundle.tok
     gen = torch.Generator(device=device).manual_seed(cfg.eval.seed + 7)
+    ro = RolloutContext(model, tok, bundle.sets, None, cfg, device, autocast, gen)     # text only: no judge
     ok = []
     for i in range(0, len(idx), cfg.eval.batch_size):
         chunk = idx[i:i + cfg.eval.batch_size]
         exs = [ts.examples[j] for j in chunk]
-        base = D.collate({task: ts}, [(task, j) for j in chunk], tok, responses=False).to(device)
+        base = T.collate({task: ts}, [(task, j) for j in chunk], tok, responses=False).to(device)
         canvas, forbid = force_answer(base, exs, tok, ts.layout)
-        tokens, _ = policy_sample(model, canvas, tok, cfg, gen, autocast, forbid=forbid)
+        tokens, _ = policy_sample(ro, canvas, forbid=forbid)
         for b, ex in enumerate(exs):
             ok.append(consistent(task, tok.decode(tokens[b, base.P:base.P + ts.layout.R_text].cpu()), ex, cfg))
     return float(np.mean(ok))
@@ -141,7 +154,7 @@ def image_nll(model, bundle, cfg, idx: list[int], device) -> float:
     gen = torch.Generator(device=device).manual_seed(cfg.eval.seed)
     total, count = 0.0, 0
     for i in range(0, len(idx), cfg.eval.batch_size):
-        batch = D.collate({"t2i": ts}, [("t2i", j) for j in idx[i:i + cfg.eval.batch_size]], tok).to(device)
+        batch = T.collate({"t2i": ts}, [("t2i", j) for j in idx[i:i + cfg.eval.batch_size]], tok).to(device)
         terms = LK.complementary(model, batch, tok, generator=gen)
         img = terms.scored & batch.is_image[:, batch.P:][None]                         # (D, B, R)
         total += float(-terms.logp[img].double().sum())
@@ -182,13 +195,13 @@ def screen(argv: list[str]) -> dict:
         raise SystemExit("gates: pass --ckpt=PATH (an SFT checkpoint trained with --data.eval_levels above its sft_levels)")
     torch.set_num_threads(1)
     t0 = time.time()
-    cfg, bundle, model, vq, blob = common.load_run(opts["ckpt"], os.path.join("runs", "gates"), "gates")
+    cfg, bundle, model, vq, blob = data.load_run(opts["ckpt"], os.path.join("runs", "gates"), "gates")
     cfg.rl, cfg.diffusion = cfg_cli.rl, cfg_cli.diffusion          # the design: the sampler's settings
     dev, autocast = "cpu", nullcontext()
     out = {"design": design, "flags": [a for a in argv if a.startswith("--") and not a.startswith(("--ckpt", "--design",
                                                                                                   "--n=", "--samples", "--parts"))],
            "ckpt": opts["ckpt"], "ckpt_step": blob["step"], "sft_levels": cfg.data.sft_levels,
-           "command": "python studies/gates.py " + " ".join(argv), "commit": common.git_commit(),
+           "command": "python studies/gates.py " + " ".join(argv), "commit": git_commit(),
            "hardware": hardware(), "n_samples": opts["samples"]}
     for ti, task in enumerate(TASKS if "reasoning" in parts else ()):
         bundle.sets[task]["edge"] = edge = edge_split(bundle, cfg, task)

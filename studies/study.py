@@ -121,6 +121,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)          # the method's modules live one folder up (run from the repo root)
 
 import common  # noqa: E402
+import data  # noqa: E402
 import config as C  # noqa: E402
 import rollout as RO  # noqa: E402
 
@@ -128,8 +129,7 @@ import rollout as RO  # noqa: E402
 # validation examples per family
 # the pictures of the worlds measured before looks and edit levels existed (2026-12-06): one look per
 # cell content, single-operation edits, the 64-code tokenizer: the same pools, pictures and codes as
-# then (data.read_scene became look-invariant since; it reads clean pictures the same, but may score a
-# garbled generated picture differently)
+# then (a world without looks reads its pictures with the solid-fill reader, world.read_scene)
 PLAIN = ["--data.shades=1", "--data.fills=1", "--data.floors=1", "--data.edit_max_level=1", "--vq.codebook_size=64"]
 LOOKS = ["--data.edit_max_level=4", "--data.shades=3", "--data.fills=4", "--data.floors=6", "--vq.codebook_size=512"]
 WORLDS = {
@@ -189,6 +189,15 @@ def start_steps(opts: dict) -> int:
 
 def world_tag() -> str:
     return "" if WORLD == WORLDS["flat"] else "_" + next(k for k, v in WORLDS.items() if v == WORLD)
+
+
+def git_commit() -> str:
+    """The short commit hash of this checkout, for results files ("" outside a git checkout)."""
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except OSError:
+        return ""
 
 
 def hardware() -> str:
@@ -520,7 +529,7 @@ def mean_sd(xs, fmt: str = ".3f") -> str:
 def meta(name: str, argv: list[str], seeds: list[int], t0: float | None, commit: str = "", **more) -> dict:
     """The header of a results file. commit: the one the runs were made at (--commit), else HEAD's."""
     run_args = [a for a in argv if not a.startswith(("--report", "--commit", "--root", "--workers"))]
-    return {"command": f"python studies/study.py {name} " + " ".join(run_args), "commit": commit or common.git_commit(),
+    return {"command": f"python studies/study.py {name} " + " ".join(run_args), "commit": commit or git_commit(),
             "hardware": hardware(), "seeds": seeds, "world": WORLD,
             "study_wall_s": None if t0 is None else round(time.time() - t0, 1), **more}
 
@@ -756,7 +765,7 @@ def tree(argv: list[str]):
                        "|---|---|---|---|---|---|---|---|"]
     out_dir = os.path.join("runs", "tree" + tag)
     for label, ckpt in ckpts.items():
-        cfg, bundle, model, vq, _ = common.load_run(ckpt, out_dir, "study.py tree")
+        cfg, bundle, model, vq, _ = data.load_run(ckpt, out_dir, "study.py tree")
         idx = list(range(min(opts["n_prompts"], len(bundle.sets["edit"]["val"]))))
         hard = torch.tensor([bundle.sets["edit"]["val"].examples[i].level >= 3 for i in idx])     # (G,)
         rows[label] = {}
@@ -765,8 +774,9 @@ def tree(argv: list[str]):
             for sd in seeds:
                 c = replace(cfg, rl=replace(cfg.rl, tree_schedule=sched, group_size=n, tree_tasks="edit", af_prob=0.0))
                 t1 = time.time()
-                grp = RO.sample_groups(model, bundle, "edit", idx, c, "cpu", nullcontext(), vq,
-                                       torch.Generator().manual_seed(sd), split="val")
+                ro = RO.RolloutContext(model, bundle.tok, bundle.sets, data.picture_judge(c, vq), c, "cpu", nullcontext(),
+                                       torch.Generator().manual_seed(sd))
+                grp = RO.sample_groups(ro, "edit", idx, split="val")
                 r = grp.rewards                                                      # (G, samples)
                 rs.append({"samples": r.shape[1], "mean": r.mean().item(), "max": r.amax(1).mean().item(),
                            "max_L3+": r.amax(1)[hard].mean().item() if hard.any() else None, "n_L3+": int(hard.sum()),

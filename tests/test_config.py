@@ -1,7 +1,7 @@
 """
 Tests of config.py: `--section.key=value` overrides are typed by the default, presets, one-line
 errors (exit code 2) for unknown keys/sections/presets and wrong types, `-h`, the dict round trip used
-by checkpoints, config.json, and the task-mix parser. Pure Python, well under a second.
+by checkpoints, config.json, and the task-mix parser (tokens.parse_mix). Pure Python, well under a second.
 
     python -m pytest tests/test_config.py -q
 """
@@ -10,7 +10,9 @@ import json
 import pytest
 
 import config  # noqa: E402
-from config import ConfigError, from_dict, get_config, make_config, parse_mix, save_config, to_dict  # noqa: E402
+from config import ConfigError, from_dict, get_config, make_config, save_config, to_dict  # noqa: E402
+from rollout import parse_tree_schedule  # noqa: E402
+from tokens import parse_mix  # noqa: E402
 
 
 def _fails(argv, capsys) -> str:
@@ -35,12 +37,11 @@ def test_defaults_are_the_toy_preset():
 
 def test_typed_overrides():
     cfg = get_config(["--model.n_layer=2", "--train.lr=3e-4", "--model.prefix_dlm=true",
-                      "--rl.tree_schedule=0,2,4", "--data.teacher_bias=yellow"])
+                      "--rl.tree_schedule=0,2,4"])
     assert cfg.model.n_layer == 2 and type(cfg.model.n_layer) is int
     assert cfg.train.lr == pytest.approx(3e-4) and type(cfg.train.lr) is float
     assert cfg.model.prefix_dlm is True
-    assert cfg.rl.tree_schedule == "0,2,4" and config.parse_int_list(cfg.rl.tree_schedule, "x") == [0, 2, 4]
-    assert cfg.data.teacher_bias == "yellow"
+    assert cfg.rl.tree_schedule == "0,2,4"
     # other keys keep their defaults
     assert cfg.model.n_head == config.ModelConfig().n_head and cfg.train.batch_size == config.TrainConfig().batch_size
 
@@ -59,9 +60,8 @@ def test_int_accepts_integral_float_and_float_accepts_int():
 
 def test_bracketed_int_list():
     cfg = get_config(["--rl.tree_schedule=[0,2,4]"])
-    assert config.parse_int_list(cfg.rl.tree_schedule, "rl.tree_schedule") == [0, 2, 4]
-    assert config.parse_tree_schedule(cfg.rl.tree_schedule) == [0, 2, 4]
-    assert config.parse_tree_schedule("0,H,Ht,4") == [0, "H", "Ht", 4]
+    assert parse_tree_schedule(cfg.rl.tree_schedule) == [0, 2, 4]
+    assert parse_tree_schedule("0,H,Ht,4") == [0, "H", "Ht", 4]
 
 
 def test_presets_change_values():
@@ -173,7 +173,7 @@ def test_help_prints_every_key(capsys):
     for section in config.SECTIONS:
         for f in config.fields(getattr(cfg, section)):
             assert f"--{section}.{f.name}=" in out
-    assert "--model.n_layer=4" in out and "--rl.gamma=0.5" in out and "--data.teacher_bias=''" in out
+    assert "--model.n_layer=4" in out and "--rl.gamma=0.5" in out and "--data.jsonl=''" in out
 
 
 def test_help_shows_preset_values(capsys):
@@ -187,7 +187,7 @@ def test_help_shows_preset_values(capsys):
 # dicts, config.json, task mixes
 
 def test_dict_round_trip():
-    cfg = get_config(["--preset=small", "--model.n_layer=3", "--rl.gamma=0.25", "--data.teacher_bias=red"])
+    cfg = get_config(["--preset=small", "--model.n_layer=3", "--rl.gamma=0.25", "--rl.tree_schedule=0,4"])
     d = to_dict(cfg)
     json.loads(json.dumps(d))                 # JSON-serialisable, as checkpoints need
     back = from_dict(json.loads(json.dumps(d)))
@@ -241,7 +241,7 @@ def test_parse_mix():
     assert parse_mix("vqa,edit") == pytest.approx({"vqa": 0.5, "edit": 0.5})      # weight defaults to 1
     assert parse_mix("vqa:1,ground:0") == {"vqa": 1.0}                           # zero weights dropped
     for bad in ("vqa:1,ocr:1", "vqa:x", "vqa:-1,edit:2", "vqa:0", ""):
-        with pytest.raises(ConfigError):
+        with pytest.raises(ValueError):
             parse_mix(bad)
 
 
@@ -253,12 +253,12 @@ def test_rl_mix_validation(capsys):
 def test_task_sampler_follows_the_mix():
     """Only tasks with a positive weight and a non-empty pool are drawn, at the mix's frequencies
     (4000 draws: each share within 4 binomial standard deviations), with indices inside each pool."""
-    import common
+    import data
 
     class Pool(list):
         pass
     sets = {t: {"sft": Pool(range(n))} for t, n in (("vqa", 5), ("ground", 3), ("edit", 7), ("t2i", 0))}
-    s = common.TaskSampler(sets, "sft", parse_mix("vqa:3,ground:1,t2i:2"), seed=0)
+    s = data.TaskSampler(sets, "sft", parse_mix("vqa:3,ground:1,t2i:2"), seed=0)
     draws = s.draw(4000)
     assert {t for t, _ in draws} == {"vqa", "ground"}            # t2i's pool is empty, edit has no weight
     share = sum(t == "vqa" for t, _ in draws) / len(draws)

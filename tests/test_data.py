@@ -1,6 +1,7 @@
 """
-Tests of data.py: deterministic, disjoint pools; every ground-truth answer re-derived independently
-from the scene (own prompt regexes, own counting/geometry); the imperfect teacher; render/read_scene;
+Tests of the world (world.py, world_extras.py), the tokens (tokens.py) and the JSONL loader
+(user_data.py): deterministic, disjoint pools; every ground-truth answer re-derived independently
+from the scene (own prompt regexes, own counting/geometry); render/read_scene;
 the tokenizer; the shared sequence layout and batches; the JSONL loader. CPU, small pools, seconds.
 
     python -m pytest tests/test_data.py -q
@@ -15,9 +16,14 @@ import pytest
 import torch
 from PIL import Image
 
-import data  # noqa: E402
+import tokens as T  # noqa: E402
+import user_data as U  # noqa: E402
+import world as W  # noqa: E402
+import world_extras as WX  # noqa: E402
 from config import make_config  # noqa: E402
-from data import JSONLError, Shape, Tokenizer  # noqa: E402
+from tokens import Tokenizer  # noqa: E402
+from user_data import JSONLError  # noqa: E402
+from world import Shape  # noqa: E402
 
 SMALL = {"data.n_sft": 40, "data.n_rl": 60, "data.n_eval": 30}
 # a bigger (still fast: ~0.3 s) pool for the answer checks, so every question type shows up often
@@ -37,7 +43,12 @@ MY_RGB = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 90, 235), "
 
 def pools_for(overrides=None, base=SMALL):
     cfg = make_config("toy", {**base, **(overrides or {})})
-    return cfg, data.build_pools(cfg.data)
+    return cfg, build(cfg.data)
+
+
+def build(d):
+    """The pools of data config d in the world it configures (world_extras.world_for)."""
+    return W.build_pools(d, WX.world_for(d))
 
 
 @pytest.fixture(scope="module")
@@ -77,29 +88,27 @@ def phrase_pred(phrase: str):
     raise AssertionError(f"unparseable phrase {phrase!r}")
 
 
-def n_of(scene, phrase: str, overcount: tuple = ()) -> int:
-    """How many shapes match; a teacher biased on `overcount` colours says one more for those."""
+def n_of(scene, phrase: str) -> int:
+    """How many shapes match."""
     pred = phrase_pred(phrase)
-    extra = 1 if phrase.split()[0] in overcount else 0
-    return sum(1 for s in scene if s is not None and pred(s)) + extra
+    return sum(1 for s in scene if s is not None and pred(s))
 
 
-def vqa_truth(ex, overcount: tuple = ()):
-    """(qtype, truth) for a vqa prompt, recomputed from the scene (or a colour-biased teacher's answer)."""
+def vqa_truth(ex):
+    """(qtype, truth) for a vqa prompt, recomputed from the scene."""
     q, sc = ex.prompt, ex.scene
-    k = overcount
     if q == "how many sides do the shapes have in total ?":
         return "sides", str(sum(MY_SIDES[s.kind] for s in sc if s is not None))
     if m := re.fullmatch(r"how many (.+) are there \?", q):
-        return "count", str(n_of(sc, m.group(1), k))
+        return "count", str(n_of(sc, m.group(1)))
     if m := re.fullmatch(r"are there more (.+) than (.+) \?", q):
-        return "compare", "yes" if n_of(sc, m.group(1), k) > n_of(sc, m.group(2), k) else "no"
+        return "compare", "yes" if n_of(sc, m.group(1)) > n_of(sc, m.group(2)) else "no"
     if m := re.fullmatch(r"how many (.+) \?", q):           # two, three or four terms
         terms = m.group(1).split(" plus ")
         assert 2 <= len(terms) <= 4, q
-        return ("add" if len(terms) == 2 else f"add{len(terms)}"), str(sum(n_of(sc, t, k) for t in terms))
+        return ("add" if len(terms) == 2 else f"add{len(terms)}"), str(sum(n_of(sc, t) for t in terms))
     if m := re.fullmatch(r"what is the difference between the number of (.+) and (.+) \?", q):
-        return "diff", str(abs(n_of(sc, m.group(1), k) - n_of(sc, m.group(2), k)))
+        return "diff", str(abs(n_of(sc, m.group(1)) - n_of(sc, m.group(2))))
     raise AssertionError(f"unparseable vqa prompt {q!r}")
 
 
@@ -225,7 +234,7 @@ def test_pool_sizes(small):
 
 def test_deterministic(small):
     cfg, pools = small
-    assert fingerprint(data.build_pools(cfg.data)) == fingerprint(pools)
+    assert fingerprint(build(cfg.data)) == fingerprint(pools)
 
 
 def test_seed_changes_pools(small):
@@ -266,7 +275,7 @@ def test_disjoint_even_when_collisions_are_likely():
     # a 2x2 board with one shape has only 4*24 distinct scenes: collisions certainly happen
     cfg = make_config("toy", {"data.grid": 2, "data.min_shapes": 1, "data.max_shapes": 1, "data.image_size": 16,
                               "data.n_sft": 30, "data.n_rl": 30, "data.n_eval": 10})
-    pools = data.build_pools(cfg.data)
+    pools = build(cfg.data)
     for t in TASKS:
         ks = [{(e.scene if e.scene is not None else e.answer, e.prompt) for e in pools[t][s]} for s in SPLITS]
         assert all(not (a & b) for a, b in itertools.combinations(ks, 2))
@@ -330,7 +339,7 @@ def test_ground_boxes(wide):
             x0, y0, x1, y1 = e.answer
             assert c * cell <= x0 < x1 <= (c + 1) * cell and r * cell <= y0 < y1 <= (r + 1) * cell
             # the box covers the shape's ink: every lit pixel of that cell lies inside the box
-            img = data.render(e.scene, g, size).max(-1)
+            img = W.render(e.scene, g, size).max(-1)
             ys, xs = np.nonzero(img[r * cell:(r + 1) * cell, c * cell:(c + 1) * cell])
             assert len(xs) > 0
             assert x0 <= c * cell + xs.min() and c * cell + xs.max() < x1
@@ -365,117 +374,15 @@ def test_t2i_descriptions(wide):
 
 
 # ----------------------------------------------------------------------------------------------
-# the imperfect teacher
+# the teacher's answers (the imperfect teacher is gone: every sft answer is the truth)
 
 def test_perfect_teacher_answers_are_the_truth(wide):
     cfg, pools = wide
-    assert cfg.data.teacher_slip == 0 and cfg.data.teacher_bias == ""
     for t in ("vqa", "ground"):
         for e in pools[t]["sft"]:
             assert e.answer_text == (e.answer if t == "vqa" else " ".join(map(str, e.answer)))
     for e in pools["vqa"]["sft"]:
         assert e.trace.split()[-1] == e.answer_text       # the trace ends in its answer
-
-
-def test_biased_teacher_overcounts_yellow():
-    _, pools = pools_for({"data.teacher_bias": "yellow", "data.n_sft": 300, "data.n_rl": 20, "data.n_eval": 10})
-    yellow = other = 0
-    for e in pools["vqa"]["sft"]:
-        qtype, truth = vqa_truth(e)
-        assert e.answer == truth                       # ground truth is unaffected
-        if qtype != "count":
-            continue
-        if e.prompt == "how many yellow shapes are there ?":
-            assert e.answer_text == str(int(truth) + 1)
-            yellow += 1
-        else:
-            assert e.answer_text == truth
-            other += 1
-    assert yellow >= 3 and other >= 10
-    for e in pools["vqa"]["rl"] + pools["vqa"]["eval"]:
-        assert e.answer_text == vqa_truth(e)[1]        # only the sft teacher is biased
-
-
-def test_two_colour_bias_shifts_every_count_of_those_colours():
-    """teacher_bias="yellow,red": a count question about either colour is answered one too high,
-    every other count question exactly; the rl/eval pools keep the truth."""
-    _, pools = pools_for({"data.teacher_bias": "yellow,red", "data.n_sft": 400, "data.n_rl": 20,
-                          "data.n_eval": 10})
-    seen = {"yellow": 0, "red": 0, "other": 0}
-    for e in pools["vqa"]["sft"]:
-        qtype, truth = vqa_truth(e)
-        assert e.answer == truth
-        if qtype != "count":
-            continue
-        m = re.fullmatch(r"how many (\w+) shapes are there \?", e.prompt)
-        colour = m.group(1) if m and m.group(1) in ("yellow", "red") else "other"
-        seen[colour] += 1
-        assert e.answer_text == (truth if colour == "other" else str(int(truth) + 1))
-    assert min(seen.values()) >= 3
-    for e in pools["vqa"]["rl"] + pools["vqa"]["eval"]:
-        assert e.answer_text == vqa_truth(e)[1]
-
-
-def test_eval_examples_carry_the_biased_teachers_answer():
-    """With a biased teacher, every held-out vqa/ground example also stores what that teacher would
-    have answered (eval.py counts how often a model repeats it): recounted here independently."""
-    cfg, pools = pools_for({"data.teacher_bias": "yellow,red", "data.teacher_box_pad": 1}, base=WIDE)
-    differ = 0
-    for e in pools["vqa"]["eval"]:
-        assert e.answer == vqa_truth(e)[1]
-        assert e.teacher_answer == vqa_truth(e, overcount=("yellow", "red"))[1]
-        differ += e.teacher_answer != e.answer
-    assert 0 < differ < len(pools["vqa"]["eval"])
-    size = cfg.data.image_size
-    for e in pools["ground"]["eval"]:
-        x0, y0, x1, y1 = e.answer
-        assert e.teacher_answer == " ".join(map(str, (max(0, x0 - 1), max(0, y0 - 1), min(size, x1 + 1),
-                                                      min(size, y1 + 1))))
-    # the questions are the unbiased world's; an unbiased world stores no teacher answers
-    _, clean = pools_for(base=WIDE)
-    assert [e.key for e in pools["vqa"]["eval"]] == [e.key for e in clean["vqa"]["eval"]]
-    assert all(e.teacher_answer is None for t in ("vqa", "ground") for e in clean[t]["eval"])
-
-
-def test_bias_with_an_unknown_colour_is_a_config_error():
-    from config import ConfigError
-    with pytest.raises(ConfigError, match="yelow"):
-        pools_for({"data.teacher_bias": "yelow"})
-
-
-def test_loose_teacher_boxes_are_padded_and_clamped_truth_is_kept():
-    """teacher_box_pad=2: the sft answer text is the true box grown by 2 px per side (clamped to the
-    picture); the ground-truth box (what rewards score) is untouched, and rl/eval texts are exact."""
-    cfg, pools = pools_for({"data.teacher_box_pad": 2}, base=WIDE)
-    size = cfg.data.image_size
-    edge = 0
-    for e in pools["ground"]["sft"]:
-        x0, y0, x1, y1 = e.answer
-        want = (max(0, x0 - 2), max(0, y0 - 2), min(size, x1 + 2), min(size, y1 + 2))
-        assert e.answer_text == " ".join(map(str, want))
-        edge += want != (x0 - 2, y0 - 2, x1 + 2, y1 + 2)
-    assert edge > 0             # large shapes on the border (1 px margin) exercise the clamp
-    _, clean = pools_for(base=WIDE)
-    assert [e.answer for e in pools["ground"]["sft"]] == [e.answer for e in clean["ground"]["sft"]]
-    for e in pools["ground"]["rl"] + pools["ground"]["eval"]:
-        assert e.answer_text == " ".join(map(str, e.answer))
-
-
-def test_slipping_teacher_is_wrong_but_truth_is_kept(wide):
-    _, clean = wide
-    _, pools = pools_for({"data.teacher_slip": 1.0}, base=WIDE)
-    exs = pools["vqa"]["sft"]
-    wrong = 0
-    for e in exs:
-        qtype, truth = vqa_truth(e)
-        assert e.answer == truth
-        assert e.trace.split()[-1] == e.answer_text    # the slip is carried through to the answer
-        if qtype != "compare":                         # an off-by-one always changes a number
-            assert e.answer_text != truth
-        wrong += e.answer_text != truth
-    assert wrong / len(exs) > 0.5
-    # teacher quality changes traces, not the questions
-    assert [e.prompt for e in exs] == [e.prompt for e in clean["vqa"]["sft"]]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -485,11 +392,11 @@ def test_render_then_read_scene_recovers_every_scene():
     rng = np.random.default_rng(123)
     for grid, size, n in ((4, 32, 300), (4, 64, 60)):
         for _ in range(n):
-            sc = data.random_scene(rng, grid, 1, grid * grid)
-            img = data.render(sc, grid, size)
+            sc = W.random_scene(rng, grid, 1, grid * grid)
+            img = W.render(sc, grid, size)
             assert img.shape == (size, size, 3) and img.dtype == np.uint8
-            assert data.read_scene(img, grid) == sc
-            assert data.read_scene(img.astype(np.float32) / 255.0, grid) == sc     # float in [0, 1]
+            assert W.read_scene(img, grid) == sc
+            assert W.read_scene(img.astype(np.float32) / 255.0, grid) == sc     # float in [0, 1]
 
 
 def test_render_colours_and_empty_cells():
@@ -497,8 +404,8 @@ def test_render_colours_and_empty_cells():
     grid, size = 4, 32
     cell = size // grid
     for _ in range(50):
-        sc = data.random_scene(rng, grid, 1, grid * grid)
-        img = data.render(sc, grid, size)
+        sc = W.random_scene(rng, grid, 1, grid * grid)
+        img = W.render(sc, grid, size)
         for i, s in enumerate(sc):
             r, c = divmod(i, grid)
             patch = img[r * cell:(r + 1) * cell, c * cell:(c + 1) * cell].reshape(-1, 3)
@@ -514,7 +421,7 @@ def test_render_colours_and_empty_cells():
 @pytest.fixture(scope="module")
 def tok(small):
     _, pools = small
-    return Tokenizer.fit(data.all_texts(pools), n_codes=64, grid=4)
+    return Tokenizer.fit(T.all_texts(pools), n_codes=64, extra_words=W.cell_names(4))
 
 
 def test_tokenizer_round_trip(small, tok):
@@ -525,7 +432,7 @@ def test_tokenizer_round_trip(small, tok):
             for e in pools[t][s]:
                 for text in (e.prompt, e.trace or "", e.answer_text or ""):
                     ids = tok.encode(text)
-                    assert all(len(data.SPECIALS) <= i < tok.img_offset for i in ids)
+                    assert all(len(T.SPECIALS) <= i < tok.img_offset for i in ids)
                     assert tok.decode(ids) == " ".join(text.split())
     assert tok.n_unknown == start == 0
 
@@ -533,7 +440,7 @@ def test_tokenizer_round_trip(small, tok):
 def test_tokenizer_unknown_words(tok):
     before = tok.n_unknown
     ids = tok.encode("how many zebras are there ?")
-    assert ids[2] == tok.UNK == data.SPECIALS.index("[UNK]")
+    assert ids[2] == tok.UNK == T.SPECIALS.index("[UNK]")
     assert sum(i == tok.UNK for i in ids) == 1
     assert tok.n_unknown == before + 1
     assert tok.decode(ids) == "how many [UNK] are there ?"
@@ -576,10 +483,10 @@ def tokenized(small, tok):
             n = len(pools[t][s])
             codes[t, s] = None if t == "t2i" else torch.randint(0, 64, (n, N_IMG), generator=g)
             tcodes[t, s] = torch.randint(0, 64, (n, N_IMG), generator=g) if t in ("edit", "t2i") else None
-    P = max(len(data.prompt_ids(e, tok, None if codes[t, s] is None else codes[t, s][k]))
+    P = max(len(T.prompt_ids(e, tok, None if codes[t, s] is None else codes[t, s][k]))
             for t in TASKS for s in SPLITS for k, e in enumerate(pools[t][s]))
-    lays = data.layouts_for(pools, tok, N_IMG)
-    sets = {(t, s): data.tokenize_split(t, pools[t][s], tok, lays[t], P, codes[t, s], tcodes[t, s])
+    lays = T.layouts_for(pools, tok, N_IMG)
+    sets = {(t, s): T.tokenize_split(t, pools[t][s], tok, lays[t], P, codes[t, s], tcodes[t, s])
             for t in TASKS for s in SPLITS}
     return P, lays, sets, codes, tcodes
 
@@ -597,7 +504,7 @@ def test_layouts(tokenized, tok):
 def test_prompt_width(small, tokenized, tok):
     _, pools = small
     P = tokenized[0]                     # own P: the longest prompt_ids over every pool
-    assert data.prompt_width(pools, tok, N_IMG) == P
+    assert T.prompt_width(pools, tok, N_IMG) == P
 
 
 def test_tokenized_prompts(small, tokenized, tok):
@@ -621,7 +528,6 @@ def test_tokenized_prompts(small, tokenized, tok):
 def check_batch(b, items, sets, lays, tok, tcodes, P, split):
     Rmax = max(lays[t].R for t, _ in items)
     assert b.P == P and b.tokens.shape == (len(items), P + Rmax)
-    assert torch.equal(b.response, b.tokens[:, P:])
     assert b.tasks == [t for t, _ in items]
     assert torch.equal(b.valid, b.tokens != tok.PAD)             # valid is False exactly at PAD
     col = torch.arange(P + Rmax)
@@ -647,7 +553,7 @@ def check_batch(b, items, sets, lays, tok, tcodes, P, split):
         if t in ("vqa", "ground"):
             z = e.answer if t == "vqa" else " ".join(map(str, e.answer))   # the ground truth, own text
             block = [tok.ANS] + [tok.stoi[w] for w in z.split()] + [tok.EANS]
-            assert block == data.answer_ids(e, tok)
+            assert block == T.answer_ids(e, tok)
             assert text[-len(block):] == block
             assert set(text[end + 1:-len(block)]) <= {tok.EOS}
         elif t == "edit":
@@ -658,14 +564,14 @@ def check_batch(b, items, sets, lays, tok, tcodes, P, split):
 def test_collate_responses(split, small, tokenized, tok):
     P, lays, sets, _, tcodes = tokenized
     items = [(t, k) for k in range(6) for t in TASKS]          # every family interleaved in one batch
-    b = data.collate({t: sets[t, split] for t in TASKS}, items, tok)
+    b = T.collate({t: sets[t, split] for t in TASKS}, items, tok)
     check_batch(b, items, sets, lays, tok, tcodes, P, split)
 
 
 def test_collate_single_family_has_no_padding_in_response(tokenized, tok):
     P, lays, sets, _, tcodes = tokenized
     items = [("vqa", k) for k in range(8)]
-    b = data.collate({"vqa": sets["vqa", "sft"]}, items, tok)
+    b = T.collate({"vqa": sets["vqa", "sft"]}, items, tok)
     assert b.tokens.shape[1] == P + lays["vqa"].R
     assert b.is_resp[:, P:].all() and not b.is_image.any()
 
@@ -674,7 +580,7 @@ def test_collate_all_mask_canvas(tokenized, tok):
     P, lays, sets, _, _ = tokenized
     for split in ("sft", "rl"):                                # rl sets have no responses at all
         items = [(t, k) for k in range(3) for t in TASKS]
-        b = data.collate({t: sets[t, split] for t in TASKS}, items, tok, responses=False)
+        b = T.collate({t: sets[t, split] for t in TASKS}, items, tok, responses=False)
         text_slots = b.is_resp & ~b.is_image
         assert (b.tokens[text_slots] == tok.MASK).all()
         assert (b.tokens[b.is_image] == tok.IMASK).all()
@@ -689,7 +595,7 @@ def test_collate_all_mask_canvas(tokenized, tok):
 def test_batch_repeat(tokenized, tok):
     _, _, sets, _, _ = tokenized
     items = [("vqa", 0), ("edit", 1)]
-    b = data.collate({t: sets[t, "sft"] for t in TASKS}, items, tok)
+    b = T.collate({t: sets[t, "sft"] for t in TASKS}, items, tok)
     r = b.repeat(3)
     assert r.tokens.shape[0] == 6 and r.tasks == ["vqa"] * 3 + ["edit"] * 3
     for i in range(6):
@@ -726,7 +632,7 @@ GOOD_ROWS = [
 def jdir(tmp_path):
     cfg = make_config("toy", SMALL)
     for name, sc in (("a.png", SCENE_A), ("b.png", SCENE_B)):
-        Image.fromarray(data.render(sc, 4, 32)).save(tmp_path / name)
+        Image.fromarray(W.render(sc, 4, 32)).save(tmp_path / name)
     return tmp_path, cfg.data
 
 
@@ -738,25 +644,25 @@ def write(path, lines):
 def test_jsonl_good_file(jdir):
     d, dcfg = jdir
     path = write(d / "good.jsonl", [GOOD_ROWS[0], "", *GOOD_ROWS[1:]])     # blank lines are skipped
-    exs, skipped = data.load_jsonl(path, dcfg)
+    exs, skipped = U.load_jsonl(path, dcfg)
     assert skipped == [] and [e.task for e in exs] == ["vqa", "vqa", "ground", "edit", "t2i"]
     v1, v2, gr, ed, ti = exs
     assert v1.answer == v1.answer_text == "1" and v1.trace == "circles : r0c0 . count 1"
     assert v2.answer == "1" and v2.trace is None
     assert gr.answer == (10, 10, 14, 14) and gr.answer_text == "10 10 14 14"
-    assert np.array_equal(v1.image, data.render(SCENE_A, 4, 32))
+    assert np.array_equal(v1.image, W.render(SCENE_A, 4, 32))
     assert ed.answer == SCENE_B and ti.answer == SCENE_B                # target scenes re-read from pixels
     assert ed.trace == "red circle : r0c0 . recolour green"
-    assert ti.image is None and np.array_equal(ti.target_image, data.render(SCENE_B, 4, 32))
+    assert ti.image is None and np.array_equal(ti.target_image, W.render(SCENE_B, 4, 32))
     assert len({e.key for e in exs}) == 5
 
 
 def test_jsonl_resizes_images(jdir):
     d, dcfg = jdir
-    Image.fromarray(data.render(SCENE_A, 4, 64)).save(d / "big.png")
-    exs, _ = data.load_jsonl(write(d / "big.jsonl", [{**GOOD_ROWS[1], "image": "big.png"}]), dcfg)
+    Image.fromarray(W.render(SCENE_A, 4, 64)).save(d / "big.png")
+    exs, _ = U.load_jsonl(write(d / "big.jsonl", [{**GOOD_ROWS[1], "image": "big.png"}]), dcfg)
     assert exs[0].image.shape == (32, 32, 3)
-    assert data.read_scene(exs[0].image, 4) == SCENE_A
+    assert W.read_scene(exs[0].image, 4) == SCENE_A
 
 
 BAD_ROWS = {
@@ -785,7 +691,7 @@ def test_jsonl_bad_row_strict(name, jdir):
     fname = f"bad_{name}.jsonl"
     path = write(d / fname, [GOOD_ROWS[1], "", BAD_ROWS[name], GOOD_ROWS[2]])   # the bad row is line 3
     with pytest.raises(JSONLError) as e:
-        data.load_jsonl(path, dcfg)
+        U.load_jsonl(path, dcfg)
     msg = str(e.value)
     assert fname in msg and ":3:" in msg and "\n" not in msg
 
@@ -795,7 +701,7 @@ def test_jsonl_lenient_skips_and_counts(jdir):
     lines = []
     for bad in BAD_ROWS.values():
         lines += [GOOD_ROWS[1], bad]
-    exs, skipped = data.load_jsonl(write(d / "mixed.jsonl", lines), dcfg, strict=False)
+    exs, skipped = U.load_jsonl(write(d / "mixed.jsonl", lines), dcfg, strict=False)
     assert len(skipped) == len(BAD_ROWS) and len(exs) == len(BAD_ROWS)
     # every skipped row's reason names its line: the bad rows are the even lines
     assert [int(w.split(":")[1]) for w in skipped] == list(range(2, 2 * len(BAD_ROWS) + 1, 2))
@@ -805,7 +711,7 @@ def test_jsonl_lenient_skips_and_counts(jdir):
 def test_jsonl_missing_file(tmp_path):
     dcfg = make_config("toy", SMALL).data
     with pytest.raises(JSONLError, match="no_such.jsonl"):
-        data.load_jsonl(str(tmp_path / "no_such.jsonl"), dcfg)
+        U.load_jsonl(str(tmp_path / "no_such.jsonl"), dcfg)
 
 
 @pytest.fixture(scope="module")
@@ -813,7 +719,7 @@ def levelled():
     cfg = make_config("toy", {"data.n_sft": 150, "data.n_rl": 150, "data.n_eval": 200, "data.n_val": 50,
                               "data.sft_levels": "1,2", "data.rl_levels": "3", "data.eval_levels": "1,2,3,4",
                               "data.edit_max_level": 4})
-    return cfg, data.build_pools(cfg.data)
+    return cfg, build(cfg.data)
 
 
 def test_levels_and_buckets_are_disjoint_as_configured(levelled):
@@ -825,8 +731,8 @@ def test_levels_and_buckets_are_disjoint_as_configured(levelled):
         assert {e.level for e in pools[task]["rl"]} == {3}
         assert {e.level for e in pools[task]["eval"]} == set(range(1, top + 1))
     assert {e.level for s in SPLITS for e in pools["t2i"][s]} == {1}
-    assert [data.bucket(v, (1, 2)) for v in (1, 2, 3, 4)] == ["in", "in", "edge", "far"]
-    assert [data.bucket(v, (3,)) for v in (1, 3, 4, 5)] == ["in", "in", "edge", "far"]
+    assert [W.bucket(v, (1, 2)) for v in (1, 2, 3, 4)] == ["in", "in", "edge", "far"]
+    assert [W.bucket(v, (3,)) for v in (1, 3, 4, 5)] == ["in", "in", "edge", "far"]
 
 
 def test_every_level_is_answered_right(levelled):
@@ -837,7 +743,7 @@ def test_every_level_is_answered_right(levelled):
         for e in pools["ground"][s]:
             qtype, hits = ground_matches(e, cfg.data.grid)
             assert e.qtype == qtype and len(hits) == 1, (e.prompt, hits)
-            assert e.answer == data.shape_box(hits[0], e.scene[hits[0]], cfg.data.grid, cfg.data.image_size)
+            assert e.answer == W.shape_box(hits[0], e.scene[hits[0]], cfg.data.grid, cfg.data.image_size)
             seen.add(qtype)
     assert {"add3", "add4", "two_hop"} <= seen
 
@@ -857,8 +763,8 @@ LOOKS = SimpleNamespace(shades=3, fills=4, floors=6)        # the looks world: e
 
 def every_look():
     """(shape, look) for every scored content and every shape look, and (None, floor) for every floor."""
-    shapes = [data.Shape(k, c, z) for k in data.KINDS for c in data.COLOURS for z in data.SIZES]
-    looks = [s * data.FILLS_MAX + f for s in range(LOOKS.shades) for f in range(LOOKS.fills)]
+    shapes = [W.Shape(k, c, z) for k in W.KINDS for c in W.COLOURS for z in W.SIZES]
+    looks = [s * WX.FILLS_MAX + f for s in range(LOOKS.shades) for f in range(LOOKS.fills)]
     return [(sh, lk) for sh in shapes for lk in looks] + [(None, f) for f in range(LOOKS.floors)]
 
 
@@ -868,29 +774,29 @@ def test_read_scene_is_exact_on_every_look():
     rng = np.random.default_rng(0)
     for sh, lk in every_look():
         for cell in (0, 7, 10):
-            scene = list(data.random_scene(rng, 4, 3, 7))
+            scene = list(W.random_scene(rng, 4, 3, 7))
             scene[cell] = sh
-            looks = list(data.random_looks(rng, tuple(scene), LOOKS))
+            looks = list(WX.random_looks(rng, tuple(scene), LOOKS))
             looks[cell] = lk
-            img = data.render(tuple(scene), 4, 32, tuple(looks))
-            assert data.read_scene(img, 4) == tuple(scene), (sh, lk, cell)
+            img = WX.Looks(LOOKS).render(tuple(scene), 4, 32, tuple(looks))
+            assert WX.read_scene_with_looks(img, 4) == tuple(scene), (sh, lk, cell)
 
 
 def test_looks_change_the_picture_not_the_box():
     """Each look of a cell is a different picture (the VQ has something to encode), shades keep the
     colour's chroma, and no look moves a pixel outside the shape's box (grounding's answer)."""
     cell = 8
-    for sh in (data.Shape("circle", "green", "small"), data.Shape("triangle", "yellow", "large")):
-        box = data.shape_box(0, sh, 4, 32)
+    for sh in (W.Shape("circle", "green", "small"), W.Shape("triangle", "yellow", "large")):
+        box = W.shape_box(0, sh, 4, 32)
         pics = []
-        for lk in [s * data.FILLS_MAX + f for s in range(3) for f in range(4)]:
-            img = data.render((sh,) + (None,) * 15, 4, 32, (lk,) + (0,) * 15)
+        for lk in [s * WX.FILLS_MAX + f for s in range(3) for f in range(4)]:
+            img = WX.Looks(LOOKS).render((sh,) + (None,) * 15, 4, 32, (lk,) + (0,) * 15)
             bright = img[:cell, :cell].max(-1)
             ys, xs = np.nonzero(bright)
             assert xs.min() >= box[0] and xs.max() < box[2] and ys.min() >= box[1] and ys.max() < box[3]
             pics.append(img[:cell, :cell].tobytes())
         assert len(set(pics)) == 12
-    floors = {data.render((None,) * 16, 4, 32, (f,) * 16)[:cell, :cell].tobytes() for f in range(6)}
+    floors = {WX.Looks(LOOKS).render((None,) * 16, 4, 32, (f,) * 16)[:cell, :cell].tobytes() for f in range(6)}
     assert len(floors) == 6
 
 
@@ -901,19 +807,19 @@ def test_no_looks_is_the_old_world():
     import hashlib
     plain = make_config("toy", {"data.n_sft": 20, "data.n_rl": 20, "data.n_eval": 10, "data.n_val": 10,
                                 "data.shades": 1, "data.fills": 1, "data.floors": 1, "data.edit_max_level": 1}).data
-    a = data.build_pools(plain)
+    a = build(plain)
     blob = "\n".join(f"{t}|{s}|{e.key}|{e.answer}|{e.trace}" for t in a for s in a[t] for e in a[t][s])
     assert hashlib.sha1(blob.encode()).hexdigest() == "345a7c20b3e95b867bee45d13a6663d9b1fadddc"
     for task in a:
         for split in a[task]:
             assert all(e.looks is None and e.target_looks is None for e in a[task][split])
-    data.ensure_images(a["vqa"]["sft"][:5], plain)
+    W.ensure_images(a["vqa"]["sft"][:5], plain, WX.world_for(plain))
     for e in a["vqa"]["sft"][:5]:
-        assert np.array_equal(e.image, data.render(e.scene, 4, 32))
+        assert np.array_equal(e.image, W.render(e.scene, 4, 32))
     # with looks, the same scenes and questions (the looks come from a stream of their own)
     looked = make_config("toy", {"data.n_sft": 20, "data.n_rl": 20, "data.n_eval": 10, "data.n_val": 10,
                                  "data.shades": 3, "data.fills": 4, "data.floors": 6}).data
-    b = data.build_pools(looked)
+    b = build(looked)
     assert all([e.key for e in a[t][s]] == [e.key for e in b[t][s]] for t in a for s in a[t])
     assert all(e.looks is not None for e in b["vqa"]["sft"])
 
@@ -933,15 +839,15 @@ def test_edit_targets_keep_untouched_looks_and_t2i_looks_are_open(wide):
     assert all(e.looks is None and e.target_looks is not None for e in t2i)
     # the same description is drawn in many looks: over the pool, each shape cell's looks spread
     shape_looks = [lk for e in t2i for s, lk in zip(e.answer, e.target_looks) if s is not None]
-    assert set(shape_looks) == {s * data.FILLS_MAX + f for s in range(3) for f in range(4)}
+    assert set(shape_looks) == {s * WX.FILLS_MAX + f for s in range(3) for f in range(4)}
 
 
 def test_looks_ranges_match_the_world():
     import config
     lim = {k: hi for k, lo, hi, _ in config.RANGES if k.startswith("data.") and k[5:] in ("shades", "fills", "floors",
                                                                                            "edit_max_level")}
-    assert lim == {"data.shades": data.MAX_LOOKS["shades"], "data.fills": data.MAX_LOOKS["fills"],
-                   "data.floors": data.MAX_LOOKS["floors"], "data.edit_max_level": data.MAX_LEVEL["edit"]}
+    assert lim == {"data.shades": WX.MAX_LOOKS["shades"], "data.fills": WX.MAX_LOOKS["fills"],
+                   "data.floors": WX.MAX_LOOKS["floors"], "data.edit_max_level": WX.MAX_EDIT_LEVEL}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -949,8 +855,8 @@ def test_looks_ranges_match_the_world():
 
 def brute_fewest(scene, kinds):
     """The fewest recolours that leave no unit repeating a colour, by trying every colouring of every
-    shape (independent of data.fewest_recolours, which only recolours conflicting shapes, and of
-    data.colour_conflicts: the units are written out here)."""
+    shape (independent of world_extras.fewest_recolours, which only recolours conflicting shapes, and of
+    world_extras.colour_conflicts: the units are written out here)."""
     cells = [i for i, s in enumerate(scene) if s is not None]
     lines = {"rows": [[r * 4 + c for c in range(4)] for r in range(4)],
              "cols": [[r * 4 + c for r in range(4)] for c in range(4)]}
@@ -964,17 +870,21 @@ def brute_fewest(scene, kinds):
     return best
 
 
+# the edit makers of every level (the looks world's edit levels 1-4)
+EDIT_MAKERS = WX.world_for(make_config("toy", {"data.edit_max_level": 4}).data).edit_makers
+
+
 def test_constraint_edits_are_valid_and_fewest():
     rng = np.random.default_rng(3)
     seen = set()
     for _ in range(300):
-        scene = data.random_scene(rng, 4, 3, 6)
+        scene = W.random_scene(rng, 4, 3, 6)
         level = int(rng.integers(3, 5))
-        out = data.make_edit(scene, rng, 4, level)
+        out = EDIT_MAKERS[level](scene, rng, 4)
         if out is None:
             continue
         prompt, plan, target, qtype = out
-        kinds = data.CONSTRAINT_EDITS[qtype]
+        kinds = WX.CONSTRAINT_EDITS[qtype]
         seen.add(qtype)
         assert constraint_ok(scene, target, qtype, 4)          # broken before, fixed after, colours only
         if len(seen) < 4 or rng.random() < 0.2:                              # brute force is slow-ish
@@ -982,7 +892,7 @@ def test_constraint_edits_are_valid_and_fewest():
         # the plan names every broken unit and every recoloured cell with its new colour
         for i, (s, t) in enumerate(zip(scene, target)):
             if s != t:
-                assert f"{data.cell_name(i, 4)} {t.colour}" in plan
+                assert f"{W.cell_name(i, 4)} {t.colour}" in plan
         assert ("row" in prompt) == ("rows" in kinds) and ("column" in prompt) == ("cols" in kinds)
     assert seen == {"rows", "cols", "rows_cols"}
 
@@ -993,8 +903,8 @@ def test_two_operation_edits_apply_both():
     rng = np.random.default_rng(5)
     n = 0
     for _ in range(200):
-        scene = data.random_scene(rng, 4, 3, 7)
-        out = data.make_edit(scene, rng, 4, 2)
+        scene = W.random_scene(rng, 4, 3, 7)
+        out = EDIT_MAKERS[2](scene, rng, 4)
         if out is None:
             continue
         prompt, plan, target, qtype = out
@@ -1009,9 +919,9 @@ def test_two_operation_edits_apply_both():
 def test_edit_levels_follow_the_config():
     cfg = make_config("toy", {"data.n_sft": 10, "data.n_rl": 200, "data.n_eval": 10, "data.n_val": 10,
                               "data.rl_levels": "1,2,3,4", "data.edit_max_level": 2}).data
-    lv = {e.level for e in data.build_pools(cfg)["edit"]["rl"]}
+    lv = {e.level for e in build(cfg)["edit"]["rl"]}
     assert lv == {1, 2}
     cfg.edit_max_level = 4
-    ex = data.build_pools(cfg)["edit"]["rl"]
+    ex = build(cfg)["edit"]["rl"]
     assert {e.level for e in ex} == {1, 2, 3, 4}
-    assert all((e.qtype in data.CONSTRAINT_EDITS) == (e.level >= 3) for e in ex)
+    assert all((e.qtype in WX.CONSTRAINT_EDITS) == (e.level >= 3) for e in ex)

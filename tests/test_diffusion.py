@@ -14,8 +14,9 @@ import torch
 import torch.nn as nn
 
 import diffusion as D  # noqa: E402
+from bench import n_steps  # noqa: E402   (studies/bench.py: the plan's length)
 from config import DiffusionConfig, ModelConfig  # noqa: E402
-from data import Layout, make_batch  # noqa: E402
+from tokens import Layout, make_batch  # noqa: E402
 from model import Transformer  # noqa: E402
 
 
@@ -364,7 +365,7 @@ def _adversary(batch):
 def test_plan_lengths_by_hand():
     batch, dcfg = canvas_batch(), DiffusionConfig(**SAMPLER_CFG)
     # text blocks [0,5) [5,10) [10,12): ceil(5/2)=3, 3, ceil(2/2)=1 steps; image: min(4, 7) = 4 steps
-    assert D.n_steps(batch, dcfg) == 3 + 3 + 1 + 4
+    assert n_steps(batch, dcfg) == 3 + 3 + 1 + 4
     assert D.image_step_offset(batch, dcfg) == 7
 
 
@@ -431,7 +432,7 @@ def test_rebuild_state_reproduces_intermediate_states_and_continuation():
     dcfg = DiffusionConfig(**SAMPLER_CFG)
     model = _adversary(batch)
     final, order, states = run_recorded(model, batch, dcfg)
-    n = D.n_steps(batch, dcfg)
+    n = n_steps(batch, dcfg)
     states[n] = final
     for s in range(n + 1):
         state, ord_s = D.rebuild_state(final, order, s, batch, TOK)

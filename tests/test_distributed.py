@@ -38,8 +38,10 @@ import config as C  # noqa: E402
 import data as D  # noqa: E402
 import common  # noqa: E402
 import rl  # noqa: E402
+import tokens as T  # noqa: E402
 import train  # noqa: E402
 from diffusion import sft_loss  # noqa: E402
+from rollout import RolloutContext  # noqa: E402
 
 # tiny tensors on a shared 2-core box: extra intra-op threads only add contention
 torch.set_num_threads(1)
@@ -76,10 +78,10 @@ def tiny_config(out_dir: str, cache_dir: str, **over) -> C.Config:
     return C.make_config("toy", o)
 
 
-def make_bundle(cfg) -> common.Bundle:
+def make_bundle(cfg) -> D.Bundle:
     ctx = common.Ctx("cpu", torch.float32, "fp32", False, 0, 1, cfg.train.out_dir)
     os.makedirs(cfg.train.out_dir, exist_ok=True)
-    return common.get_bundle(cfg, FakeVQ(cfg.data.image_size), ctx)
+    return D.get_bundle(cfg, FakeVQ(cfg.data.image_size), ctx)
 
 
 def params(model) -> dict:
@@ -95,7 +97,7 @@ def micro_batch(bundle, rank: int, step: int, micro: int):
     tasks = ("vqa", "ground", "edit", "t2i")
     items = [(tasks[int(torch.randint(4, (1,), generator=g))], int(torch.randint(8, (1,), generator=g)))
              for _ in range(MICRO)]
-    batch = D.collate({k: v["sft"] for k, v in bundle.sets.items()}, items, bundle.tok)
+    batch = T.collate({k: v["sft"] for k, v in bundle.sets.items()}, items, bundle.tok)
     return batch, torch.full((MICRO,), 0.3 + 0.1 * micro), g
 
 
@@ -168,7 +170,7 @@ RL_N = {0: 9, 1: 14}                          # each rank's N: rank 1 had a forc
 
 def rl_triplets(bundle, rows: list[int], n: int, scale: float = 1.0) -> rl.Triplets:
     """Fixed triplets: vqa SFT rows `rows` with advantages +-1, 0.5 (scaled), and N = n."""
-    batch = D.collate({"vqa": bundle.sets["vqa"]["sft"]}, [("vqa", i) for i in rows], bundle.tok)
+    batch = T.collate({"vqa": bundle.sets["vqa"]["sft"]}, [("vqa", i) for i in rows], bundle.tok)
     adv = torch.tensor([(1.0, -1.0, 0.5)[i % 3] for i in rows]) * scale
     return rl.Triplets(batch, adv, n)
 
@@ -177,6 +179,12 @@ def rl_config(cfg, mu: int):
     c = copy.deepcopy(cfg)
     c.rl.likelihood, c.rl.ppo_epochs, c.train.micro_batch = "one_step", mu, 2   # one_step: no random masks
     return c
+
+
+def rl_context(model, bundle, cfg, ctx, gen) -> RolloutContext:
+    """What rl.policy_update reads of a rollout context: the policy, the tokenizer, the configs, the
+    device and the mask generator (no pictures are judged here)."""
+    return RolloutContext(model, bundle.tok, bundle.sets, None, cfg, ctx.device, ctx.autocast, gen)
 
 
 def rl_update_run(cfg, ctx, bundle, world: int, rank: int) -> dict:
@@ -194,12 +202,12 @@ def rl_update_run(cfg, ctx, bundle, world: int, rank: int) -> dict:
     else:
         trip = rl_triplets(bundle, RL_ROWS[rank], RL_N[rank])
     for mu in (1, 2):
-        u = rl.policy_update(model, opt, trip, rl_config(cfg, mu), ctx, bundle.tok, gen)
+        u = rl.policy_update(rl_context(model, bundle, rl_config(cfg, mu), ctx, gen), opt, trip, ctx)
         assert u.skipped is None, u.skipped
     out = {"after": params(model), "loss": u.loss}
     steps = int(opt.state[next(iter(model.parameters()))]["step"])
     empty = rl.Triplets(None, torch.zeros(0), RL_N[rank])
-    u = rl.policy_update(model, opt, empty, rl_config(cfg, 1), ctx, bundle.tok, gen)
+    u = rl.policy_update(rl_context(model, bundle, rl_config(cfg, 1), ctx, gen), opt, empty, ctx)
     out.update(after_empty=params(model), skipped=u.skipped, steps=(steps, int(opt.state[next(iter(model.parameters()))]["step"])))
     return out
 
@@ -391,9 +399,10 @@ def test_rl_update_normalises_by_the_n_of_every_rank(ddp):
     opt = common.make_optimizer(model, ddp.cfg.rl.lr, ddp.cfg.train.weight_decay, "cpu")
     n = RL_N[0] + RL_N[1]
     parts = [rl_triplets(ddp.bundle, RL_ROWS[r], n, scale=n / (WORLD * RL_N[r])) for r in range(WORLD)]
-    old = rl.Triplets(D.cat_batches([p.batch for p in parts], ddp.bundle.tok), torch.cat([p.adv for p in parts]), n)
+    old = rl.Triplets(T.cat_batches([p.batch for p in parts], ddp.bundle.tok), torch.cat([p.adv for p in parts]), n)
     for mu in (1, 2):
-        rl.policy_update(model, opt, old, rl_config(ddp.cfg, mu), ctx1, ddp.bundle.tok, torch.Generator().manual_seed(0))
+        rl.policy_update(rl_context(model, ddp.bundle, rl_config(ddp.cfg, mu), ctx1, torch.Generator().manual_seed(0)),
+                         opt, old, ctx1)
     diff = max((params(model)[k] - ref["after"][k]).abs().max().item() for k in ref["after"])
     assert diff > 1e-6, "the test cannot tell the two normalisers apart"
 
@@ -436,7 +445,7 @@ def test_resume_without_saved_state_differs(tmp_path, monkeypatch, drop):
     os.makedirs(crashed)
     torch.save(ck["at_crash"], os.path.join(crashed, "ckpt_sft.pt"))
     if drop == "sampler":
-        monkeypatch.setattr(common.TaskSampler, "load_state", lambda self, st: None)
+        monkeypatch.setattr(D.TaskSampler, "load_state", lambda self, st: None)
     else:
         monkeypatch.setattr(torch, "set_rng_state", lambda st: None)
     cfg = tiny_config(crashed, str(tmp_path / "cache"), **{"train.resume": True})
@@ -564,7 +573,6 @@ def test_a_flag_that_contradicts_the_checkpoint_is_an_error(tmp_path):
     """SFT with 1 layer, then RL (or an SFT resume) on the same out_dir with --model.n_layer=2: a
     one-line error naming the key, before any work, and nothing written (it used to train the
     checkpoint's model and write the flag's config into ckpt_rl.pt, which then never loaded)."""
-    import rl
     cache = str(tmp_path / "cache")
     cfg = tiny_config(str(tmp_path), cache, **{"train.max_steps": 1})
     train.run_sft(cfg, common.setup(cfg), make_bundle(cfg), FakeVQ())
@@ -573,7 +581,7 @@ def test_a_flag_that_contradicts_the_checkpoint_is_an_error(tmp_path):
         ctx = common.setup(stage_cfg)
         with pytest.raises(SystemExit, match=r"trained with --model.n_layer=1, this run says --model.n_layer=2"):
             if run == "rl":
-                rl.run_rl(stage_cfg, ctx, make_bundle(stage_cfg), FakeVQ())
+                train.run_rl(stage_cfg, ctx, make_bundle(stage_cfg), FakeVQ())
             else:
                 train.run_sft(stage_cfg, ctx, make_bundle(stage_cfg), FakeVQ())
     assert not (tmp_path / "ckpt_rl.pt").exists()
@@ -631,7 +639,7 @@ def test_micro_batches_weight_every_token_alike(tmp_path):
         model.zero_grad()
         n, total = 0.0, 0.0
         for part in chunks:
-            batch = D.collate(sets, part, bundle.tok)
+            batch = T.collate(sets, part, bundle.tok)
             loss, stats = sft_loss(model, batch, cfg.diffusion, bundle.tok, t=torch.ones(len(part)))
             if rule == "token mean":
                 (loss * stats["n"]).backward()

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 import common
+import data
 import metrics
 import train
 from config import ConfigError, make_config, validate
@@ -246,7 +247,7 @@ def test_the_first_skipped_rows_are_named_with_their_line(tmp_path):
                             {"task": "vqa"}, "[1, 2]\n"])
     cfg = make_config("toy", {"data.jsonl": path, "train.out_dir": str(tmp_path)})
     ctx = common.Ctx("cpu", torch.float32, "fp32", False, 0, 1, str(tmp_path))
-    assert len(common.load_user_rows(cfg, ctx)) == 1
+    assert len(data.load_user_rows(cfg, ctx)) == 1
     log = (tmp_path / "log.txt").read_text()
     assert "5 malformed rows skipped" in log
     for line in (2, 3, 4):

@@ -16,8 +16,9 @@ pytest.importorskip("hypothesis", reason="fuzzing needs hypothesis (pip install 
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-import data
 import rewards as RW
+import user_data as U
+import world as W
 from config import make_config
 
 PIECES = ["<answer>", "</answer>", "<think>", "</think>", "[MASK]", "[UNK]", "-", ".", " ", "\n", "yes", "no",
@@ -63,11 +64,11 @@ def test_jsonl_loader_never_raises_unexpectedly(tmp_path_factory, lines):
     with open(path, "w", encoding="utf-8", errors="surrogatepass") as f:
         f.write("\n".join(line.replace("\n", " ") for line in lines))
     dcfg = make_config("toy").data
-    exs, skipped = data.load_jsonl(path, dcfg, strict=False)        # lenient: never raises
+    exs, skipped = U.load_jsonl(path, dcfg, strict=False)        # lenient: never raises
     assert len(exs) + len(skipped) == sum(1 for line in lines if line.replace("\n", " ").strip())
     try:
-        data.load_jsonl(path, dcfg, strict=True)
-    except data.JSONLError:
+        U.load_jsonl(path, dcfg, strict=True)
+    except U.JSONLError:
         pass                                                         # the only error strict mode may raise
 
 
@@ -79,9 +80,9 @@ def test_jsonl_loader_on_raw_bytes(tmp_path_factory, blobs):
     with open(path, "wb") as f:
         f.write(b"\n".join(b.replace(b"\n", b" ") for b in blobs))
     dcfg = make_config("toy").data
-    exs, skipped = data.load_jsonl(path, dcfg, strict=False)
-    assert exs == [] or all(isinstance(e, data.Example) for e in exs)
+    exs, skipped = U.load_jsonl(path, dcfg, strict=False)
+    assert exs == [] or all(isinstance(e, W.Example) for e in exs)
     try:
-        data.load_jsonl(path, dcfg, strict=True)
-    except data.JSONLError:
+        U.load_jsonl(path, dcfg, strict=True)
+    except U.JSONLError:
         pass

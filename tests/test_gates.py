@@ -5,8 +5,8 @@ The gate numbers of studies/gates.py against hand-computed cases.
 """
 import pytest
 
-import data as D
 import gates
+import world as D
 from config import make_config
 
 

@@ -1,9 +1,14 @@
 """
 The shape of the code base, checked: the top-level modules form a layered import graph.
 
+  * the method's modules (tokens, model, diffusion, likelihood, rewards, rollout, rl) import only each
+    other: never the shape world, the data bundle, the plumbing (common.py) or the config parser (a
+    config dataclass is passed in), so that one RL update reads in these files alone;
   * no import cycle among the top-level modules;
-  * no module imports an entry script (train.py, eval.py, sample.py, or anything in studies/): those
-    are programs, the library lives below them (common.py, metrics.py, rl.py, ...);
+  * no library module imports an entry script (train.py, eval.py, sample.py) or anything in studies/:
+    those are programs, the library lives below them (common.py, metrics.py, rl.py, ...); the
+    experiment scripts in studies/ may use the entry scripts' functions;
+  * no top-level module is much over 600 lines;
   * the experiment scripts (studies/: the claim studies, the estimator study, the benchmarks) sit in
     a folder of their own: no top-level module imports any of them, and their own graph has no cycle;
   * project imports sit at the top of each file, not inside function bodies, unless the import line
@@ -84,9 +89,32 @@ def test_no_import_cycle():
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
-def test_no_module_imports_an_entry_script():
-    bad = [f"{m} imports {d}" for m, deps in graph().items() for d in deps & ENTRY]
+METHOD = ("tokens", "model", "diffusion", "likelihood", "rewards", "rollout", "rl")   # in reading order
+
+
+def test_the_method_modules_import_only_each_other():
+    """tokens and model import nothing of the project; every other method module only earlier ones."""
+    g = graph()
+    for i, m in enumerate(METHOD):
+        allowed = set(METHOD[:i]) if m not in ("tokens", "model") else set()
+        assert g[m] <= allowed, f"{m}.py imports {sorted(g[m] - allowed)}: a method module imports only {sorted(allowed)}"
+
+
+def test_the_import_rule_would_catch_a_method_module_importing_the_world():
+    """The rule above on a hand-made graph where rewards imports the world: it must fail there."""
+    g = {**graph(), "rewards": {"tokens", "world"}}
+    assert not g["rewards"] <= set(METHOD[:METHOD.index("rewards")])
+
+
+def test_no_library_module_imports_an_entry_script():
+    lib = set(modules()) - ENTRY
+    bad = [f"{m} imports {d}" for m, deps in graph().items() if m in lib for d in deps & ENTRY]
     assert not bad, bad
+
+
+def test_no_top_level_module_is_much_over_600_lines():
+    long = {m: n for m in modules() if (n := len(open(os.path.join(ROOT, m + ".py")).read().splitlines())) > 620}
+    assert not long, long
 
 
 def test_no_top_level_module_imports_the_studies():

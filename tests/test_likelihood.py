@@ -23,7 +23,7 @@ import torch.nn as nn
 
 import likelihood as LK  # noqa: E402
 from config import ModelConfig  # noqa: E402
-from data import Layout, Tokenizer, make_batch  # noqa: E402
+from tokens import Layout, Tokenizer, make_batch  # noqa: E402
 from model import Transformer  # noqa: E402
 
 
@@ -34,6 +34,12 @@ EPS32 = torch.finfo(torch.float32).eps     # unit roundoff of the float32 forwar
 # differences of a few EPS32 * |logit| per layer (measured 1.2e-6 on the test's model, <= 3.6e-6 over
 # ten model seeds); 1e-5 leaves ~3x margin at worst
 PREFIX_ATOL = 1e-5
+
+
+def per_token(terms: LK.Terms) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values (B, R), scored (B, R) bool): each slot's weighted terms summed over the draws (so that
+    values.sum(1) = terms.seq()), and which slots any draw scored."""
+    return (terms.weight * terms.logp).sum(0), terms.scored.any(0)
 
 
 def tiny_model(seed: int = 0, prefix_dlm: bool = False, tok: Tokenizer = TOK, n_layer: int = 1) -> Transformer:
@@ -99,7 +105,7 @@ def test_complementary_masks_partition_the_response_and_never_touch_prompt_or_pa
         for _ in range(25):
             rec.calls.clear()
             with torch.no_grad():
-                logp, scored = LK.complementary(rec, batch, TOK, generator=g, shared_t=shared_t).per_token()
+                logp, scored = per_token(LK.complementary(rec, batch, TOK, generator=g, shared_t=shared_t))
             assert len(rec.calls) == 1 and rec.calls[0].shape == (2 * B, T), "one batched call, 2B rows"
             inp1, inp2 = rec.calls[0][:B], rec.calls[0][B:]
             m1, m2 = inp1 != batch.tokens, inp2 != batch.tokens           # what each pass masked
@@ -124,7 +130,7 @@ def test_complementary_gradient_touches_each_response_token_exactly_once_with_we
     g = torch.Generator().manual_seed(3)
     for _ in range(5):
         rec = Recorder(net, 2 * B, T)
-        logp, scored = LK.complementary(rec, batch, TOK, generator=g).per_token()
+        logp, scored = per_token(LK.complementary(rec, batch, TOK, generator=g))
         logp.sum().backward()
         inp = rec.calls[0]
         m1, m2 = inp[:B] != y, inp[B:] != y
@@ -164,7 +170,7 @@ def _draws(fn, batch, n_draws, seed, **kw):
     times as rows of one batch (each row draws its own t / masks)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        logp, _ = fn(tiny_model(MC_MODEL_SEED), batch.repeat(n_draws), TOK, generator=g, **kw).per_token()
+        logp, _ = per_token(fn(tiny_model(MC_MODEL_SEED), batch.repeat(n_draws), TOK, generator=g, **kw))
     return logp.sum(1).double()                                            # (n_draws,)
 
 
@@ -188,8 +194,8 @@ def test_monte_carlo_means_converge_to_exact_expectations():
     for a, b in itertools.combinations(cases, 2):
         assert abs(ex[a] - ex[b]) > N_SIGMA * (ses[a] + ses[b]), f"{a} vs {b}: test has no power"
     # one_step with p_prompt = 0 is deterministic and equals the all-masked row of the table
-    o1, _ = LK.one_step(tiny_model(MC_MODEL_SEED), batch, TOK).per_token()
-    o2, _ = LK.one_step(tiny_model(MC_MODEL_SEED), batch, TOK).per_token()
+    o1, _ = per_token(LK.one_step(tiny_model(MC_MODEL_SEED), batch, TOK))
+    o2, _ = per_token(LK.one_step(tiny_model(MC_MODEL_SEED), batch, TOK))
     assert torch.equal(o1, o2)
     # the same L float32 terms from two batchings: rounding ~ EPS32 * |term| each, random in sign
     assert abs(o1.sum().item() - ex["one_step"]) < N_SIGMA * EPS32 * abs(ex["one_step"]) * math.sqrt(ex["L"])
@@ -366,7 +372,7 @@ def test_prefix_dlm_shared_prompt_encoding_equals_full_forward(monkeypatch):
     # prompt is the masked one, and the result equals the full forward on [masked prompt ; all-mask]
     enc_calls.clear()
     with torch.no_grad():
-        o, _ = LK.one_step(model, batch, TOK, generator=torch.Generator().manual_seed(1), p_prompt=0.5).per_token()
+        o, _ = per_token(LK.one_step(model, batch, TOK, generator=torch.Generator().manual_seed(1), p_prompt=0.5))
     pr = enc_calls[0]
     changed = pr != batch.tokens[:, :P]
     assert changed.any() and not (changed & ~batch.is_prompt[:, :P]).any(), "only real prompt tokens masked"
@@ -391,8 +397,8 @@ def test_norm_mean_divides_by_the_response_length(name):
     out = {}
     for norm in ("sum", "mean"):
         with torch.no_grad():     # same seed -> same t and masks under both readings
-            out[norm] = LK.estimate(name, model, batch, TOK, n=2, generator=torch.Generator().manual_seed(0),
-                                    norm=norm).per_token()
+            out[norm] = per_token(LK.estimate(name, model, batch, TOK, n=2, generator=torch.Generator().manual_seed(0),
+                                              norm=norm))
     (ls, ss), (lm, sm) = out["sum"], out["mean"]
     assert torch.equal(ss, sm)
     per_row_sum, per_row_mean = ls.sum(1).double(), lm.sum(1).double()
@@ -448,7 +454,7 @@ def test_bf16_autocast_on_cpu_agrees_with_fp32():
     est = {}
     for name, amp in (("fp32", contextlib.nullcontext()), ("bf16", ctx.autocast)):
         with torch.no_grad(), amp:
-            lp, scored = LK.complementary(model, batch, TOK, generator=torch.Generator().manual_seed(5)).per_token()
+            lp, scored = per_token(LK.complementary(model, batch, TOK, generator=torch.Generator().manual_seed(5)))
             est[name] = (lp * scored).sum(1)
             edit = batch.rows(torch.tensor([0, 2]))                  # the sampler takes one layout per call
             canvas = edit.with_tokens(torch.where(edit.is_resp, torch.where(edit.is_image, IMASK, MASK), edit.tokens))

@@ -24,7 +24,8 @@ from hypothesis import strategies as st  # noqa: E402
 
 import likelihood as LK  # noqa: E402
 import rewards as RW  # noqa: E402
-from data import COLOURS, KINDS, SIZES, Layout, Shape, make_batch  # noqa: E402
+from tokens import Layout, make_batch  # noqa: E402
+from world import COLOURS, KINDS, SIZES, Shape  # noqa: E402
 from test_likelihood import mask_by_hand, tiny_model  # noqa: E402
 from tiny_vocab import EOS, PAD, TOK, code  # noqa: E402
 

@@ -3,7 +3,7 @@ Tests of rollout.py (advantages of Eq. A, answer-forcing, tree search, rollout_t
 of the sign and value of rl.unified_loss. Expected values are computed by hand (population std,
 first argmax), re-derived from what the functions return (all-failed groups recounted from the
 rewards), or measured against the sampler's own recorded states (diffusion.sample's on_step hook).
-The world is tiny: data.build_pools with a few examples, a fake VQ whose codes ARE the cells
+The world is tiny: world.build_pools with a few examples, a fake VQ whose codes ARE the cells
 (code k in cell i draws shape k of a fixed list, or nothing), and 1-layer random Transformers.
 
     python -m pytest tests/test_rollout.py -q
@@ -11,6 +11,7 @@ The world is tiny: data.build_pools with a few examples, a fake VQ whose codes A
 import math
 import os
 from contextlib import nullcontext
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -18,13 +19,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import data as D  # noqa: E402
+import data  # noqa: E402
 import diffusion as DF  # noqa: E402
 import likelihood as LK  # noqa: E402
 import rewards as RW  # noqa: E402
 import rl  # noqa: E402
 import rollout as RO  # noqa: E402
 import study  # noqa: E402   (studies/study.py: the tree study's diagnostics)
+import tokens as TK  # noqa: E402
+import train  # noqa: E402   (the RL stage: run_rl and the log's statistics)
+import world as W  # noqa: E402
+from bench import n_steps  # noqa: E402   (studies/bench.py: the plan's length)
 from config import ModelConfig, make_config  # noqa: E402
 from model import Transformer  # noqa: E402
 
@@ -127,7 +132,7 @@ def test_forced_member_turns_an_all_failed_group_nonzero():
 # ----------------------------------------------------------------------------------------------
 # the tiny world: pools -> tokenizer -> fake VQ codes -> task sets
 
-CELL_SHAPES = [D.Shape(k, c, z) for k in D.KINDS for c in D.COLOURS for z in D.SIZES]   # 24 shapes
+CELL_SHAPES = [W.Shape(k, c, z) for k in W.KINDS for c in W.COLOURS for z in W.SIZES]   # 24 shapes
 
 
 class FakeVQ:
@@ -144,7 +149,7 @@ class FakeVQ:
 
     def decode(self, codes: torch.Tensor):
         """(N, n_img) codes -> (N, H, W, 3) float pictures in [0, 1]."""
-        pics = [torch.from_numpy(D.render(self.scene_of(c), self.grid, self.size).copy()).float() / 255 for c in codes]
+        pics = [torch.from_numpy(W.render(self.scene_of(c), self.grid, self.size).copy()).float() / 255 for c in codes]
         return torch.stack(pics)
 
 
@@ -154,11 +159,11 @@ def world():
     # sums would outgrow (these tests check the loss, not the levels)
     cfg = make_config("toy", {"data.n_sft": 6, "data.n_rl": 12, "data.n_eval": 2,
                               "data.rl_levels": "1,2", "data.eval_levels": "1,2"})
-    pools = D.build_pools(cfg.data)
-    tok = D.Tokenizer.fit(D.all_texts(pools), cfg.vq.codebook_size, max_number=cfg.data.image_size)
+    pools = W.build_pools(cfg.data)
+    tok = TK.Tokenizer.fit(TK.all_texts(pools), cfg.vq.codebook_size, max_number=cfg.data.image_size)
     n_img = (cfg.data.image_size // cfg.vq.downsample) ** 2
     assert n_img == cfg.data.grid ** 2            # the fake VQ needs one code per cell
-    lay, P = D.layouts_for(pools, tok, n_img), D.prompt_width(pools, tok, n_img)
+    lay, P = TK.layouts_for(pools, tok, n_img), TK.prompt_width(pools, tok, n_img)
     vq = FakeVQ(cfg.data.grid, cfg.data.image_size)
     sets = {}
     for task, splits in pools.items():
@@ -166,13 +171,14 @@ def world():
         for split, exs in splits.items():
             codes = torch.tensor([vq.encode_scene(e.scene) for e in exs]) if task != "t2i" else None
             tcodes = torch.tensor([vq.encode_scene(e.answer) for e in exs]) if task in ("edit", "t2i") else None
-            sets[task][split] = D.tokenize_split(task, exs, tok, lay[task], P, codes, tcodes)
+            sets[task][split] = TK.tokenize_split(task, exs, tok, lay[task], P, codes, tcodes)
     assert tok.n_unknown == 0
     # the fake VQ really is the world's picture: decode(encode(scene)) re-reads as the scene
     ex = pools["edit"]["rl"][0]
     pic = vq.decode(torch.tensor([vq.encode_scene(ex.answer)]))[0].numpy()
-    assert D.read_scene(pic, cfg.data.grid) == ex.answer
-    return SimpleNamespace(cfg=cfg, tok=tok, lay=lay, P=P, vq=vq, bundle=SimpleNamespace(tok=tok, sets=sets))
+    assert W.read_scene(pic, cfg.data.grid) == ex.answer
+    return SimpleNamespace(cfg=cfg, tok=tok, lay=lay, P=P, vq=vq, bundle=SimpleNamespace(tok=tok, sets=sets),
+                           judge=data.picture_judge(cfg, vq))
 
 
 def tiny_model(vocab: int, seed: int = 0, scale: float = 0.0) -> Transformer:
@@ -213,18 +219,31 @@ def vqa_answering_model(w, seed: int = 0) -> Biased:
     return Biased(tiny_model(tok.vocab_size, seed), bias).eval()
 
 
+def rollout_context(model, bundle, cfg, device, autocast, vq, gen) -> RO.RolloutContext:
+    """The rollout context of `model` on the tiny world's sets, its pictures judged through `vq`."""
+    return RO.RolloutContext(model, bundle.tok, bundle.sets, data.picture_judge(cfg, vq), cfg, device, autocast, gen)
+
+
 def rollout_task(model, bundle, task, idx, cfg, device, autocast, vq, gen, split="rl"):
     """One task's part of an RL step as the update sees it: rollout.sample_groups, the advantages
-    (rl.group_advantages) and the rows rl.triplets keeps (no SFT rows), with rl.group_stats and
+    (rl.group_advantages) and the rows rl.triplets keeps (no SFT rows), with train.group_stats and
     N of Eq. U ("members")."""
     import copy
-    g = RO.sample_groups(model, bundle, task, idx, cfg, device, autocast, vq, gen, split)
+    ro = rollout_context(model, bundle, cfg, device, autocast, vq, gen)
+    g = RO.sample_groups(ro, task, idx, split)
     a = rl.group_advantages(g, cfg.rl)
     c = copy.deepcopy(cfg)
     c.rl.sft_rows = 0
-    trip = rl.triplets([g], [a], c, bundle, None, device)
-    stats = {**rl.group_stats(g, a, cfg.rl.tau, bundle.tok), "members": trip.n}
+    trip = rl.triplets([g], [a], replace(ro, cfg=c), None)
+    stats = {**train.group_stats(g, a, cfg.rl.tau, bundle.tok), "members": trip.n}
     return SimpleNamespace(task=task, rewards=g.rewards, batch=trip.batch, adv=trip.adv, stats=stats, groups=g)
+
+
+def one_process_ctx(log):
+    """A stand-in for common.Ctx on one CPU process: fp32, rank 0 of 1, so summing over the ranks is
+    the identity and there are no other ranks' gradients to average."""
+    return SimpleNamespace(device="cpu", autocast=nullcontext(), rank=0, world=1, master=True, ddp=False, log=log,
+                           all_sum=lambda x: x, average_gradients=lambda model: None)
 
 
 def rl_cfg(w, **rl):
@@ -246,7 +265,7 @@ def test_force_answer_canvas_and_sampler_keep_the_answer(world, task):
     lay, P, tok = ts.layout, w.P, w.tok
     idx = [0, 1, 2]
     exs = [ts.examples[i] for i in idx]
-    base = D.collate({task: ts}, [(task, i) for i in idx], tok, responses=False)
+    base = TK.collate({task: ts}, [(task, i) for i in idx], tok, responses=False)
     before = base.tokens.clone()
     canvas, forbid = RO.force_answer(base, exs, tok, lay)
     assert torch.equal(base.tokens, before), "force_answer modified its input"
@@ -255,7 +274,7 @@ def test_force_answer_canvas_and_sampler_keep_the_answer(world, task):
     assert [set(r.nonzero().flatten().tolist()) for r in forbid] == [{tok.ANS, tok.EANS}] * len(idx)
     end = P + lay.R_text
     for b, ex in enumerate(exs):
-        ans = D.answer_ids(ex, tok)
+        ans = TK.answer_ids(ex, tok)
         # the block by hand: <answer> z </answer>, z = the truth (vqa) / the box's 4 numbers (ground)
         z = ex.answer if task == "vqa" else " ".join(str(v) for v in ex.answer)
         assert ans == [tok.ANS] + [tok.stoi[x] for x in z.split()] + [tok.EANS]
@@ -278,7 +297,7 @@ def test_force_answer_canvas_and_sampler_keep_the_answer(world, task):
     loose, _ = DF.sample(model, canvas, tok, w.cfg.diffusion, temperature=1.0, generator=torch.Generator().manual_seed(0))
     assert (loose[:, P:end] == tok.ANS).sum() > len(idx)
     for b, ex in enumerate(exs):
-        ans = D.answer_ids(ex, tok)
+        ans = TK.answer_ids(ex, tok)
         assert final[b, end - len(ans):end].tolist() == ans, "the sampler changed the forced answer"
         assert (order[b, lay.R_text - len(ans):lay.R_text] == -1).all()
         assert (order[b, :lay.R_text - len(ans)] >= 0).all()                   # the rest was sampled
@@ -365,7 +384,7 @@ def test_rollout_task_vqa_answer_forcing(world, tau):
             assert keep[g, N]
             row = int(keep.reshape(-1)[:g * (N + 1) + N].sum())          # its index among kept rows
             assert roll.adv[row] > 0
-            ans = D.answer_ids(ts.examples[idx[g]], w.tok)
+            ans = TK.answer_ids(ts.examples[idx[g]], w.tok)
             assert roll.batch.tokens[row, end - len(ans):end].tolist() == ans
             assert (adv[g, :N] < 0).all()
     else:
@@ -405,7 +424,7 @@ def test_rollout_task_edit_tree_search(world):
     for row, g in enumerate(owners):
         codes = roll.batch.tokens[row, P + lay.R_text:P + lay.R] - w.tok.img_offset
         ex = ts.examples[idx[g]]
-        assert math.isclose(flat_r[row].item(), RW_edit(ex, w.vq.scene_of(codes)), rel_tol=1e-6)
+        assert math.isclose(flat_r[row].item(), RW_edit(ex, w.vq.scene_of(codes), w.judge), rel_tol=1e-6)
     # round 1 branches from round 0's best sample at image step 2: every text token (all revealed
     # before the first image step) is the parent's, and at least the 1 + 1 image tokens revealed in
     # image steps 0 and 1 (cosine schedule, 16 slots: floor(16 cos(pi/16)) = 15, floor(16 cos(pi/8)) = 14)
@@ -449,8 +468,8 @@ def test_rollout_tokens_per_step_sets_the_text_plan_and_the_branch_step(world, m
     assert cfg.diffusion.tokens_per_step == make_config("toy").diffusion.tokens_per_step   # not mutated
 
 
-def RW_edit(ex, pred_scene):
-    return RW.edit_reward(ex, pred_scene, 4)
+def RW_edit(ex, pred_scene, judge):
+    return RW.edit_reward(ex, pred_scene, judge)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -460,7 +479,7 @@ def test_rebuilt_tree_state_equals_sampler_state_and_branches_keep_the_prefix(wo
     w = world
     ts = w.bundle.sets["edit"]["rl"]
     tok, P, lay, dcfg = w.tok, w.P, ts.layout, w.cfg.diffusion
-    base = D.collate({"edit": ts}, [("edit", 0), ("edit", 1)], tok, responses=False)
+    base = TK.collate({"edit": ts}, [("edit", 0), ("edit", 1)], tok, responses=False)
     assert lay.R_text > 0 and lay.n_img > 0
     model = tiny_model(tok.vocab_size, seed=2, scale=0.3)
     states = {}
@@ -494,8 +513,7 @@ def test_rebuilt_tree_state_equals_sampler_state_and_branches_keep_the_prefix(wo
     assert (cont_order[~early[:, P:]] >= s).all()
     assert not ((cont[:, P:] == tok.MASK) | (cont[:, P:] == tok.IMASK)).any()
     # the same number of reveals per remaining step as the parent (same schedule, same masked count)
-    n_steps = DF.n_steps(base, dcfg)
-    for g in range(s, n_steps):
+    for g in range(s, n_steps(base, dcfg)):
         assert torch.equal((cont_order == g).sum(1), (porder == g).sum(1))
     # they really are new samples: the children of a row are not all identical
     late = cont[:, P + lay.R_text:].view(2, N, -1)
@@ -518,17 +536,17 @@ def test_branch_step_picks_the_highest_entropy_slot():
 
 
 def test_sampler_records_each_revealed_slots_entropy(world):
-    """diffusion.sample(entropy=...) against the entropy recomputed from the model's logits at the
-    recorded state before each step (on_step), over the ids the slot may take, at the temperature
-    of its modality (text 0.7, image 1.3 here)."""
+    """diffusion.sample(on_reveal=rollout.EntropyRecorder(...)) against the entropy recomputed from the
+    model's logits at the recorded state before each step (on_step), over the ids the slot may take,
+    at the temperature of its modality (text 0.7, image 1.3 here)."""
     w = world
     ts = w.bundle.sets["edit"]["rl"]
     tok, P, lay, dcfg = w.tok, w.P, ts.layout, w.cfg.diffusion
-    base = D.collate({"edit": ts}, [("edit", 0), ("edit", 1)], tok, responses=False)
+    base = TK.collate({"edit": ts}, [("edit", 0), ("edit", 1)], tok, responses=False)
     model = tiny_model(tok.vocab_size, seed=2, scale=0.3)
     states, ent = {}, torch.full((2, lay.R), -1.0)
     _, order = DF.sample(model, base, tok, dcfg, temperature=0.7, image_temperature=1.3,
-                         generator=torch.Generator().manual_seed(0), entropy=ent,
+                         generator=torch.Generator().manual_seed(0), on_reveal=RO.EntropyRecorder(ent),
                          on_step=lambda g, x: states.__setitem__(g, x.clone()), use_cache=False)
     text_ok, img_ok = DF.vocab_masks(tok, "cpu")
     checked = 0
@@ -555,11 +573,11 @@ def test_rows_rebuilt_at_different_steps_continue_as_if_alone(world):
     w = world
     ts = w.bundle.sets["edit"]["rl"]
     tok, dcfg = w.tok, w.cfg.diffusion
-    base = D.collate({"edit": ts}, [("edit", 0), ("edit", 1)], tok, responses=False)
+    base = TK.collate({"edit": ts}, [("edit", 0), ("edit", 1)], tok, responses=False)
     model = tiny_model(tok.vocab_size, seed=5, scale=0.3)
     greedy = dict(temperature=0.0, image_temperature=0.0)
     ent = torch.full((2, ts.layout.R), 7.0)
-    final, order = DF.sample(model, base, tok, dcfg, entropy=ent, **greedy)
+    final, order = DF.sample(model, base, tok, dcfg, on_reveal=RO.EntropyRecorder(ent), **greedy)
     assert (ent == 0).all()                                       # greedy: nothing was drawn at random
     off = DF.image_step_offset(base, dcfg)
     steps = torch.tensor([3, off + 5])                            # a text step and an image step
@@ -594,9 +612,9 @@ def test_uncertainty_branching_rebuilds_each_group_at_its_own_step(world, monkey
     cfg = rl_cfg(w, group_size=N, tree_schedule="0,H", tree_tasks="edit", temperature=1.0)
     model = tiny_model(w.tok.vocab_size, seed=4, scale=0.3)
     ts = w.bundle.sets["edit"]["rl"]
-    base = D.collate({"edit": ts}, [("edit", i) for i in idx], w.tok, responses=False)
-    toks, r, _ = RO.sample_rounds(model, base, [ts.examples[i] for i in idx], [0, "H"], cfg, w.tok, ts.layout,
-                                  w.vq, torch.Generator().manual_seed(3), nullcontext())
+    base = TK.collate({"edit": ts}, [("edit", i) for i in idx], w.tok, responses=False)
+    ro = rollout_context(model, w.bundle, cfg, "cpu", nullcontext(), w.vq, torch.Generator().manual_seed(3))
+    toks, r, _ = RO.sample_rounds(ro, base, [ts.examples[i] for i in idx], [0, "H"], ts.layout)
     assert toks.shape[:2] == (G, 2 * N) and r.shape == (G, 2 * N)
     step, porder, P = seen["step"], seen["order"], w.P
     assert (seen["entropy"][porder >= 0] > 0).all()          # temperature 1: every revealed slot has entropy
@@ -613,6 +631,12 @@ def test_uncertainty_branching_rebuilds_each_group_at_its_own_step(world, monkey
 
 # ----------------------------------------------------------------------------------------------
 # 5. the unified loss: its value by hand, and the sign of its gradient
+
+def per_token(terms: LK.Terms) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values (B, R), scored (B, R) bool): each slot's weighted terms summed over the draws (so that
+    values.sum(1) = terms.seq()), and which slots any draw scored."""
+    return (terms.weight * terms.logp).sum(0), terms.scored.any(0)
+
 
 def hand_complementary_logp(model, batch, tok, seed: int) -> torch.Tensor:
     """Eq. C written out: replay likelihood.complementary's draws (t1 per row, then the (B, T)
@@ -639,7 +663,7 @@ def test_unified_loss_value_and_gradient_sign(world):
     w = world
     tok = w.tok
     sets = {"vqa": w.bundle.sets["vqa"]["sft"], "ground": w.bundle.sets["ground"]["sft"]}
-    batch = D.collate(sets, [("vqa", 0), ("ground", 1)], tok)          # 2 rows with real responses
+    batch = TK.collate(sets, [("vqa", 0), ("ground", 1)], tok)          # 2 rows with real responses
     model = tiny_model(tok.vocab_size, seed=7, scale=0.1).train()
     rc = rl_cfg(w, likelihood="complementary", logp_norm="sum", shared_t=False).rl
     adv = torch.tensor([1.0, -1.0])
@@ -657,7 +681,7 @@ def test_unified_loss_value_and_gradient_sign(world):
     # both measured with one fixed mask draw (the same seed before and after)
     def measure():
         with torch.no_grad():
-            lp, scored = LK.complementary(model, batch, tok, generator=torch.Generator().manual_seed(99)).per_token()
+            lp, scored = per_token(LK.complementary(model, batch, tok, generator=torch.Generator().manual_seed(99)))
         return (lp * scored).sum(1)
 
     before = measure()
@@ -687,13 +711,13 @@ def test_run_rl_step_with_no_sft_rows_and_all_zero_advantages(world, tmp_path):
                  prompts_per_step=2, group_size=2)
     cfg.train.out_dir = str(tmp_path)
     logs = []
-    ctx = SimpleNamespace(device="cpu", autocast=nullcontext(), rank=0, world=1, master=True, ddp=False, log=logs.append)
+    ctx = one_process_ctx(log=logs.append)
     tok = w.tok
     bias = torch.zeros(w.P + w.lay["vqa"].R, tok.vocab_size)
     bias[:, [tok.ANS, tok.EANS]] = -30.0              # never an answer tag: every reward is 0
     model = Biased(tiny_model(tok.vocab_size, seed=8), bias)
     params = [p.detach().clone() for p in model.parameters()]
-    rl.run_rl(cfg, ctx, w.bundle, w.vq, model)
+    train.run_rl(cfg, ctx, w.bundle, w.vq, model)
     hist = json.load(open(tmp_path / "rl_log.json"))
     assert len(hist) == 1 and hist[0]["step"] == 1
     assert hist[0]["vqa"]["reward"] == 0.0 and hist[0]["vqa"]["nonzero_adv_frac"] == 0.0
@@ -710,7 +734,7 @@ def test_run_rl_stops_on_persistent_non_finite_loss(world, tmp_path, monkeypatch
                  prompts_per_step=1, group_size=2, time_budget_s=1e9)
     cfg.train.out_dir = str(tmp_path)
     logs, calls = [], []
-    ctx = SimpleNamespace(device="cpu", autocast=nullcontext(), rank=0, world=1, master=True, ddp=False, log=logs.append)
+    ctx = one_process_ctx(log=logs.append)
     model = vqa_answering_model(w, seed=3)
     params = [p.detach().clone() for p in model.parameters()]
     real = rl.unified_loss
@@ -721,7 +745,7 @@ def test_run_rl_stops_on_persistent_non_finite_loss(world, tmp_path, monkeypatch
         return (loss * float("nan"), *rest)
     monkeypatch.setattr(rl, "unified_loss", nan_loss)
     with pytest.raises(SystemExit, match=r"5 non-finite RL updates in a row at step 0 \(last: loss\)"):
-        rl.run_rl(cfg, ctx, w.bundle, w.vq, model)
+        train.run_rl(cfg, ctx, w.bundle, w.vq, model)
     assert len(calls) == 5                       # one micro-batch per step (4 rows <= micro_batch), 5 steps
     assert sum("update skipped" in m for m in logs) == 5
     assert all(torch.equal(a, b) for a, b in zip(params, model.parameters())), "a NaN step moved the weights"
@@ -819,7 +843,7 @@ def test_mean_and_sum_normalisation_clip_the_same_terms(world):
     w = world
     tok = w.tok
     sets = {"vqa": w.bundle.sets["vqa"]["sft"], "edit": w.bundle.sets["edit"]["sft"]}
-    batch = D.collate(sets, [("vqa", 0), ("edit", 1)], tok)
+    batch = TK.collate(sets, [("vqa", 0), ("edit", 1)], tok)
     old_model, model = tiny_model(tok.vocab_size, seed=3, scale=0.2), tiny_model(tok.vocab_size, seed=4, scale=0.2)
     adv = torch.tensor([1.0, -1.0])
     out = {}
@@ -843,7 +867,7 @@ def test_first_ppo_epoch_has_the_on_policy_gradient(world):
     w = world
     tok = w.tok
     sets = {"vqa": w.bundle.sets["vqa"]["sft"], "ground": w.bundle.sets["ground"]["sft"]}
-    batch = D.collate(sets, [("vqa", 0), ("ground", 1)], tok)
+    batch = TK.collate(sets, [("vqa", 0), ("ground", 1)], tok)
     model = tiny_model(tok.vocab_size, seed=7, scale=0.1).train()
     rc = rl_cfg(w, likelihood="complementary", logp_norm="sum", shared_t=False).rl
     rc.clip_eps = 0.2
@@ -925,15 +949,14 @@ def test_rl_resume_continues_exactly(world, tmp_path):
         cfg.model = ModelConfig(n_layer=1, n_head=2, d_model=32, max_len=128)
         cfg.train.out_dir, cfg.train.resume, cfg.train.ckpt_interval = out, resume, 1
         return cfg
-    ctx = SimpleNamespace(device="cpu", autocast=nullcontext(), rank=0, world=1, master=True, ddp=False,
-                          log=lambda m: None)
+    ctx = one_process_ctx(log=lambda m: None)
     torch.manual_seed(0)
     start = common.build_model(cfg_for("x", 1, False), w.tok, "cpu")
     a, b = str(tmp_path / "straight"), str(tmp_path / "resumed")
-    rl.run_rl(cfg_for(a, 4, False), ctx, w.bundle, w.vq, copy.deepcopy(start))
-    rl.run_rl(cfg_for(b, 2, False), ctx, w.bundle, w.vq, copy.deepcopy(start))
+    train.run_rl(cfg_for(a, 4, False), ctx, w.bundle, w.vq, copy.deepcopy(start))
+    train.run_rl(cfg_for(b, 2, False), ctx, w.bundle, w.vq, copy.deepcopy(start))
     torch.manual_seed(123)                     # the resumed process starts with another global RNG state
-    rl.run_rl(cfg_for(b, 4, True), ctx, w.bundle, w.vq, None)
+    train.run_rl(cfg_for(b, 4, True), ctx, w.bundle, w.vq, None)
     ha, hb = (json.load(open(os.path.join(d, "rl_log.json"))) for d in (a, b))
     assert [h["step"] for h in hb] == [1, 2, 3, 4]
     for x, y in zip(ha, hb):
@@ -969,7 +992,7 @@ def test_forced_consistency_and_unparsable_rate_count_the_right_rows(world, monk
         calls.append(text)
         return "yes"                     # "consistent" exactly where the truth is yes
 
-    monkeypatch.setattr(rl, "trace_answer", fake_trace_answer)
+    monkeypatch.setattr(train, "trace_answer", fake_trace_answer)
     cfg = rl_cfg(w, group_size=N, af_prob=1.0, af_mode="all_groups", temperature=1.0)
     roll = rollout_task(vqa_answering_model(w, seed=3), w.bundle, "vqa", idx, cfg, "cpu", nullcontext(), w.vq,
                            torch.Generator().manual_seed(5))
@@ -998,15 +1021,15 @@ def test_kl_statistics_split_text_and_image_tokens(world):
     w = world
     tok = w.tok
     sets = {"vqa": w.bundle.sets["vqa"]["sft"], "edit": w.bundle.sets["edit"]["sft"]}
-    batch = D.collate(sets, [("vqa", 0), ("edit", 1), ("edit", 2)], tok)
+    batch = TK.collate(sets, [("vqa", 0), ("edit", 1), ("edit", 2)], tok)
     pol, ref = tiny_model(tok.vocab_size, seed=1, scale=0.2), tiny_model(tok.vocab_size, seed=2, scale=0.2)
     rc = rl_cfg(w, kl_coef=0.1).rl
     loss, terms, kl, _ = rl.unified_loss(pol, batch, torch.ones(3), tok, rc, 17, ref_model=ref)
     img = batch.is_image[:, batch.P:]
-    stats = rl.kind_stats([(terms.detach(), kl.detach(), None, img)])
+    stats = train.kind_stats([(terms.detach(), kl.detach(), None, img)])
     with torch.no_grad():
-        lp, scored = rl.token_terms(pol, batch, tok, rc, 17).per_token()
-        lr_, _ = rl.token_terms(ref, batch, tok, rc, 17).per_token()
+        lp, scored = per_token(rl.token_terms(pol, batch, tok, rc, 17))
+        lr_, _ = per_token(rl.token_terms(ref, batch, tok, rc, 17))
         # the loss by hand: -sum log pi + kl_coef * sum of the k3 terms
         k3 = sum(math.exp(a - b) - (a - b) - 1 for a, b in zip(lr_[scored].tolist(), lp[scored].tolist()))
     assert math.isclose(loss.item(), -lp[scored].sum().item() + 0.1 * k3, rel_tol=1e-4)
@@ -1029,8 +1052,8 @@ def test_kind_statistics_merge_over_micro_batches_like_one_batch():
     img = torch.zeros(6, 5, dtype=torch.bool)
     img[3:, 2:] = True                                         # rows 0-2: text only
     chunk = lambda rows: (LK.Terms(v[:, rows], torch.ones_like(v[:, rows])), None, None, img[rows])
-    whole = rl.kind_stats([chunk(slice(None))])
-    merged = rl.kind_stats([chunk(slice(0, 3)), chunk(slice(3, 6))])    # the first has no image token
+    whole = train.kind_stats([chunk(slice(None))])
+    merged = train.kind_stats([chunk(slice(0, 3)), chunk(slice(3, 6))])    # the first has no image token
     for kind in ("text", "image"):
         vals = -v[0][~img if kind == "text" else img]
         assert math.isclose(merged[f"nll_{kind}_mean"], vals.mean().item(), rel_tol=1e-6)
@@ -1048,8 +1071,8 @@ def test_run_rl_with_a_reference_logs_per_kind_statistics(world, tmp_path):
     cfg = rl_cfg(w, sft_rows=4, task_mix="vqa:1,edit:1", af_prob=0.0, max_steps=1, eval_interval=0,
                  prompts_per_step=1, group_size=2, kl_coef=0.1, tree_schedule="0", temperature=1.0)
     cfg.train.out_dir, cfg.train.micro_batch = str(tmp_path), 3
-    ctx = SimpleNamespace(device="cpu", autocast=nullcontext(), rank=0, world=1, master=True, ddp=False, log=lambda s: None)
-    rl.run_rl(cfg, ctx, w.bundle, w.vq, tiny_model(w.tok.vocab_size, seed=8, scale=0.3))
+    ctx = one_process_ctx(log=lambda s: None)
+    train.run_rl(cfg, ctx, w.bundle, w.vq, tiny_model(w.tok.vocab_size, seed=8, scale=0.3))
     rec = json.load(open(tmp_path / "rl_log.json"))[0]
     for q in ("nll_text", "nll_image", "kl_text", "kl_image"):
         assert f"{q}_mean" in rec and f"{q}_var" in rec and rec[f"{q}_var"] >= 0, q
@@ -1073,11 +1096,12 @@ def test_iterated_rft_resamples_from_the_current_policy(world, monkeypatch):
         seen.append(torch.cat([p.detach().flatten() for p in m.parameters()]).clone())
         return real(m, batch, *a, **k)
     monkeypatch.setattr(RO, "sample", spy)
-    sft = common.TaskSampler(w.bundle.sets, "sft", {"vqa": 1.0}, 0)
+    sft = data.TaskSampler(w.bundle.sets, "sft", {"vqa": 1.0}, 0)
     gen, pick = torch.Generator().manual_seed(5), torch.Generator().manual_seed(6)
+    ro = rollout_context(model, w.bundle, cfg, ctx.device, ctx.autocast, w.vq, gen)
     after = []
     for _ in range(2):
-        st = rl.rl_step(model, opt, cfg, ctx, w.bundle, w.vq, {"vqa": 6}, sft, pick, gen)
+        st = rl.rl_step(ro, opt, ctx, {"vqa": 6}, sft, pick)
         assert st.trip.n > 0 and not st.update.skipped                     # accepted rows: an update
         after.append(torch.cat([p.detach().flatten() for p in model.parameters()]).clone())
     assert len(seen) == 2 and not torch.equal(seen[0], seen[1])

@@ -18,16 +18,19 @@ import eval as eval_script
 import rewards as RW
 import sample as sample_script
 import train
+import user_data as U
+import world as W
+import world_extras as WX
 from config import make_config
 
-SCENE = (None, data.Shape("circle", "red", "large"), None, None,
-         None, None, data.Shape("square", "blue", "small"), None,
-         None, None, None, None, None, data.Shape("triangle", "green", "large"), None, None)
+SCENE = (None, W.Shape("circle", "red", "large"), None, None,
+         None, None, W.Shape("square", "blue", "small"), None,
+         None, None, None, None, None, W.Shape("triangle", "green", "large"), None, None)
 
 
 def write_rows(folder, rows, picture_px: int = 64) -> str:
     """A picture of SCENE at picture_px and a JSONL file of `rows` (dicts) that name it."""
-    Image.fromarray(data.render(SCENE, 4, picture_px)).save(os.path.join(folder, "pic.png"))
+    Image.fromarray(W.render(SCENE, 4, picture_px)).save(os.path.join(folder, "pic.png"))
     path = os.path.join(folder, "rows.jsonl")
     with open(path, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
@@ -39,13 +42,13 @@ def test_box_is_rescaled_with_its_picture(tmp_path):
     must follow, so that it still frames the shape (it used to be kept as is and score IoU 0)."""
     dcfg = make_config("toy").data                                   # image_size 32, grid 4
     rows = [{"task": "ground", "image": "pic.png", "prompt": "where is the blue square ?",
-             "box": list(data.shape_box(i, SCENE[i], 4, 64))} for i in (1, 6, 13)]
-    exs, skipped = data.load_jsonl(write_rows(tmp_path, rows), dcfg, strict=True)
+             "box": list(W.shape_box(i, SCENE[i], 4, 64))} for i in (1, 6, 13)]
+    exs, skipped = U.load_jsonl(write_rows(tmp_path, rows), dcfg, strict=True)
     assert skipped == []
     for ex, i in zip(exs, (1, 6, 13)):
-        want = data.shape_box(i, SCENE[i], 4, 32)                    # the same shape's box, drawn at 32 px
+        want = W.shape_box(i, SCENE[i], 4, 32)                    # the same shape's box, drawn at 32 px
         assert RW.iou(ex.answer, want) > 0.8, (ex.answer, want)
-        x0, y0, x1, y1 = data.shape_box(i, SCENE[i], 4, 64)
+        x0, y0, x1, y1 = W.shape_box(i, SCENE[i], 4, 64)
         assert ex.answer == (round(x0 / 2), round(y0 / 2), round(x1 / 2), round(y1 / 2))
 
 
@@ -55,9 +58,9 @@ def test_box_is_rescaled_with_its_picture(tmp_path):
 def test_bad_boxes_are_rejected(tmp_path, box, why):
     dcfg = make_config("toy").data
     path = write_rows(tmp_path, [{"task": "ground", "image": "pic.png", "prompt": "where ?", "box": box}])
-    with pytest.raises(data.JSONLError, match="'box'"):
-        data.load_jsonl(path, dcfg, strict=True)
-    exs, problems = data.load_jsonl(path, dcfg, strict=False)       # lenient: skipped, its message kept
+    with pytest.raises(U.JSONLError, match="'box'"):
+        U.load_jsonl(path, dcfg, strict=True)
+    exs, problems = U.load_jsonl(path, dcfg, strict=False)       # lenient: skipped, its message kept
     assert exs == [] and len(problems) == 1 and problems[0].startswith(f"{path}:1: ") and "'box'" in problems[0], why
 
 
@@ -65,10 +68,10 @@ def test_a_file_with_no_usable_row_is_an_error(tmp_path, capsys):
     cfg = make_config("toy", {"data.jsonl": write_rows(tmp_path, [{"task": "ocr", "prompt": "x"}])})
     ctx = common.Ctx("cpu", None, "fp32", False, 0, 1, str(tmp_path))
     with pytest.raises(SystemExit, match=r"no usable row: .*rows.jsonl:1: task 'ocr' unknown"):
-        common.load_user_rows(cfg, ctx)
+        data.load_user_rows(cfg, ctx)
     cfg.data.jsonl = str(tmp_path / "missing.jsonl")
     with pytest.raises(SystemExit, match="no such file"):
-        common.load_user_rows(cfg, ctx)
+        data.load_user_rows(cfg, ctx)
 
 
 def test_example_data_walkthrough(tmp_path, capsys):
@@ -76,7 +79,7 @@ def test_example_data_walkthrough(tmp_path, capsys):
     their held-out rows, sample from a picture of theirs."""
     exported = tmp_path / "example_data"
     cfg = make_config("toy", {"data.n_sft": 6, "data.n_rl": 4, "data.n_eval": 3, "data.n_val": 3})
-    path = data.export_examples(data.build_pools(cfg.data), str(exported), 3, cfg.data)
+    path = U.export_examples(W.build_pools(cfg.data, WX.world_for(cfg.data)), str(exported), 3, cfg.data)
     rows = [json.loads(line) for line in open(path)]
     assert len(rows) == 4 * 4 * 3 and {r["task"] for r in rows} == {"vqa", "ground", "edit", "t2i"}
     assert all(os.path.exists(exported / r[k]) for r in rows for k in ("image", "target_image") if k in r)
@@ -113,14 +116,14 @@ def test_token_cache_follows_the_jsonl_contents(tmp_path):
     rows = [{"task": "vqa", "image": "pic.png", "prompt": "how many red shapes are there ?", "answer": "1"}]
     path = write_rows(tmp_path, rows)
     cfg = make_config("toy", {"data.jsonl": path})
-    key = lambda: common._bundle_key(cfg, str(tmp_path / "no_vq.pt"))
+    key = lambda: data._bundle_key(cfg, str(tmp_path / "no_vq.pt"))
     keys = [key()]
     with open(path, "a") as f:                                   # 1. rows appended
         f.write(json.dumps(rows[0]) + "\n")
     keys.append(key())
     write_rows(tmp_path, [dict(rows[0], prompt="how many blue shapes are there ?")] * 2)   # 2. same count, new text
     keys.append(key())
-    Image.fromarray(data.render(SCENE[::-1], 4, 64)).save(tmp_path / "pic.png")            # 3. a new picture
+    Image.fromarray(W.render(SCENE[::-1], 4, 64)).save(tmp_path / "pic.png")            # 3. a new picture
     keys.append(key())
     assert len(set(keys)) == 4, keys
     assert key() == keys[-1]                                     # and nothing else moves it
@@ -138,12 +141,12 @@ def test_loader_edge_cases(tmp_path):
         {"task": "ground", "image": "pic.png", "prompt": "where ?", "box": [63, 63, 64, 64]}])
     with open(path, "ab") as f:
         f.write(b'{"task": "vqa", "prompt": "\xff\xfe"}\n')
-    exs, skipped = data.load_jsonl(path, dcfg, strict=False)
+    exs, skipped = U.load_jsonl(path, dcfg, strict=False)
     assert len(skipped) == 2 and len(exs) == 2                  # the untraced sft row and the bytes line
     assert "needs a 'response'" in skipped[0] and "not UTF-8" in skipped[1] and skipped[1].startswith(f"{path}:4:")
     assert exs[0].trace == "blue square : r0c2" and exs[0].answer == (20, 0, 32, 6)
     assert exs[1].answer == (31, 31, 32, 32)                   # 1 px, inside the 32 px picture
-    with pytest.raises(data.JSONLError, match="needs a 'response'"):
-        data.load_jsonl(path, dcfg, strict=True)
+    with pytest.raises(U.JSONLError, match="needs a 'response'"):
+        U.load_jsonl(path, dcfg, strict=True)
     cfg = make_config("toy", {"data.jsonl": path})
-    assert len(common._bundle_key(cfg, "no_vq.pt")) == 12
+    assert len(data._bundle_key(cfg, "no_vq.pt")) == 12

@@ -13,8 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import data  # noqa: E402
+import tokens as T  # noqa: E402
 import vq  # noqa: E402
+import world as W  # noqa: E402
+import world_extras as WX  # noqa: E402
 from config import VQConfig  # noqa: E402
 
 S, GRID = 32, 4   # toy picture size and board: 16 tokens per image at downsample 8
@@ -28,8 +30,8 @@ def tiny_cfg(**kw):
 
 
 def pictures(n, seed=0):
-    scenes = [data.random_scene(np.random.default_rng([seed, i]), GRID, 3, 7) for i in range(n)]
-    return scenes, np.stack([data.render(s, GRID, S) for s in scenes])     # (n, S, S, 3) uint8
+    scenes = [W.random_scene(np.random.default_rng([seed, i]), GRID, 3, 7) for i in range(n)]
+    return scenes, np.stack([W.render(s, GRID, S) for s in scenes])     # (n, S, S, 3) uint8
 
 
 def tiny_model(**kw):
@@ -71,7 +73,7 @@ def test_decode_every_code_shape_and_range():
 
 def test_codes_fit_the_unified_vocabulary():
     m = tiny_model()
-    tok = data.Tokenizer.fit(["a b"], n_codes=m.quantizer.K)
+    tok = T.Tokenizer.fit(["a b"], n_codes=m.quantizer.K)
     _, imgs = pictures(8)
     ids = tok.img_offset + m.encode(imgs)
     assert (ids >= tok.img_offset).all() and (ids < tok.vocab_size).all()
@@ -207,17 +209,17 @@ def every_look_pictures():
     (cell, content, look) per picture)."""
     rng = np.random.default_rng(1)
     d = SimpleNamespace(shades=3, fills=4, floors=6)
-    shapes = [data.Shape(k, c, z) for k in data.KINDS for c in data.COLOURS for z in data.SIZES]
-    items = [(sh, s * data.FILLS_MAX + f) for sh in shapes for s in range(3) for f in range(4)]
+    shapes = [W.Shape(k, c, z) for k in W.KINDS for c in W.COLOURS for z in W.SIZES]
+    items = [(sh, s * WX.FILLS_MAX + f) for sh in shapes for s in range(3) for f in range(4)]
     items += [(None, f) for f in range(6)]
     pics, scenes, what = [], [], []
     for sh, lk in items:
         for cell in (5, 12):
-            scene = list(data.random_scene(rng, GRID, 3, 7))
+            scene = list(W.random_scene(rng, GRID, 3, 7))
             scene[cell] = sh
-            looks = list(data.random_looks(rng, tuple(scene), d))
+            looks = list(WX.random_looks(rng, tuple(scene), d))
             looks[cell] = lk
-            pics.append(data.render(tuple(scene), GRID, S, tuple(looks)))
+            pics.append(WX.Looks(d).render(tuple(scene), GRID, S, tuple(looks)))
             scenes.append(tuple(scene))
             what.append((cell, sh, lk))
     return np.stack(pics), scenes, what
@@ -237,7 +239,7 @@ def test_toy_tokenizer_is_exact_on_every_look():
     codes = model.encode(pics)
     recon = model.decode(codes).numpy()
     for img, scene, (cell, sh, lk) in zip(recon, scenes, what):
-        assert data.read_scene(img, GRID) == scene, (cell, sh, lk)
+        assert WX.read_scene_with_looks(img, GRID) == scene, (cell, sh, lk)
     own = {}
     for c, (cell, sh, lk) in zip(codes.tolist(), what):
         own.setdefault((sh, lk), set()).add(c[cell])

@@ -2,7 +2,7 @@
 (four words, eight VQ codes), so both files check their math on the very same rows."""
 import torch
 
-from data import Layout, Tokenizer, make_batch
+from tokens import Layout, Tokenizer, make_batch
 
 TOK = Tokenizer(["a", "b", "c", "d"], n_codes=8)
 V = TOK.vocab_size

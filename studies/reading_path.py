@@ -1,0 +1,126 @@
+"""
+The reading path of one RL update: every project definition that one `rl.rl_step` runs under the toy
+defaults, in the order a reader meets them following the calls depth-first (METHOD.md §4 lists it).
+
+    python studies/reading_path.py                 # a randomly initialised toy model, 6 RL steps
+    python studies/reading_path.py --steps=5 --ckpt=runs/toy/ckpt_sft.pt
+
+How it counts: a profiler hook records each function or method of a top-level module the first time
+it runs (a dataclass counts once, when it is first built; a function's inner helpers and
+comprehensions count with it), in call order, which is depth-first. Calls made inside the network
+(model.py), the picture decoder (vq.py), the scene reader (world.py) and the plumbing (common.py: the
+run's device and ranks; data.py: the SFT-row sampler) are not followed: each definition called there
+from the method counts as one that a reader need not open. Several steps are run (union), so that answer-forcing, which fires on a coin, is met too. The
+static upper bound over every branch is another question (every function reachable by name,
+ablations included); this is what the default update executes.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from collections import Counter
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import common  # noqa: E402
+import config as C  # noqa: E402
+import data  # noqa: E402
+import rl  # noqa: E402
+import vq as VQ  # noqa: E402
+from rollout import RolloutContext  # noqa: E402
+from tokens import parse_mix  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# modules whose definitions count once each and are not followed: the network (model.py knows nothing of
+# the method: token ids in, logits out), the picture decoder, the scene reader, and the plumbing (the run's
+# device and ranks, the SFT-row sampler)
+SEALED = {"model", "vq", "world", "common", "data"}
+
+
+def project_module(filename: str) -> str | None:
+    """The top-level project module a code object belongs to, or None (torch, studies/, tests/)."""
+    path = os.path.abspath(filename)
+    if os.path.dirname(path) == ROOT and path.endswith(".py"):
+        return os.path.basename(path)[:-3]
+    return None
+
+
+class PathRecorder:
+    """sys.setprofile hook: the project definitions in the order they first run, not descending into
+    SEALED modules. seen: "module.qualname" -> (module, first line)."""
+
+    def __init__(self):
+        self.seen: dict[str, tuple[str, int]] = {}
+        self.sealed_depth = 0                    # > 0 while inside a sealed definition
+
+    def __call__(self, frame, event, arg):
+        code = frame.f_code
+        mod = project_module(code.co_filename)
+        if mod is None and code.co_name == "__init__" and "self" in frame.f_locals:   # a generated dataclass __init__
+            cls = type(frame.f_locals["self"])
+            if project_module(sys.modules[cls.__module__].__file__ or "") and event == "call" and not self.sealed_depth:
+                self.seen.setdefault(f"{cls.__module__}.{cls.__qualname__}", (cls.__module__, 0))
+            return
+        if mod is None:
+            return
+        if event == "call":
+            if not self.sealed_depth:
+                self.seen.setdefault(f"{mod}.{code.co_qualname}", (mod, code.co_firstlineno))
+            if mod in SEALED:
+                self.sealed_depth += 1
+        elif event == "return" and mod in SEALED:
+            self.sealed_depth -= 1
+
+
+def setup(opts: dict):
+    """(RolloutContext, optimizer, ctx, draws, sft sampler, prompt picker) of a small toy run: the toy
+    config with small pools in a scratch cache, an untrained VQ (the decoder is a black box here), and
+    --ckpt's model or a randomly initialised one."""
+    cfg = C.make_config("toy", {"data.n_sft": 200, "data.n_rl": 200, "data.n_eval": 20, "data.n_val": 20,
+                                "data.cache_dir": os.path.join("runs", "reading_path", "cache")})
+    ctx = common.Ctx("cpu", torch.float32, "fp32", False, 0, 1, os.path.join("runs", "reading_path"))
+    os.makedirs(ctx.out_dir, exist_ok=True)
+    torch.manual_seed(0)
+    vq = VQ.VQVAE(cfg.vq, cfg.data.image_size).eval()
+    bundle = data.get_bundle(cfg, vq, ctx)
+    model = common.build_model(cfg, bundle.tok, "cpu")
+    if opts["ckpt"]:
+        model = data.load_run(opts["ckpt"], ctx.out_dir, "reading_path")[2]
+    opt = common.make_optimizer(model, cfg.rl.lr, cfg.train.weight_decay, "cpu")
+    gen = torch.Generator().manual_seed(11)
+    ro = RolloutContext(model, bundle.tok, bundle.sets, data.picture_judge(cfg, vq), cfg, "cpu", ctx.autocast, gen)
+    sft = data.TaskSampler(bundle.sets, "sft", parse_mix(cfg.train.task_mix), 7)
+    draws = {k: max(1, round(cfg.rl.prompts_per_step * 3 * w)) for k, w in parse_mix(cfg.rl.task_mix).items()}
+    return ro, opt, ctx, draws, sft, torch.Generator().manual_seed(13)
+
+
+def main(argv: list[str]):
+    _, opts = C.get_config(argv, extra={"steps": 6, "ckpt": ""})
+    torch.set_num_threads(1)
+    ro, opt, ctx, draws, sft, pick = setup(opts)
+    rec = PathRecorder()
+    forced = 0
+    for _ in range(opts["steps"]):
+        sys.setprofile(rec)
+        try:
+            st = rl.rl_step(ro, opt, ctx, draws, sft, pick)
+        finally:
+            sys.setprofile(None)
+        forced += sum(int(g.forced.sum()) for g in st.groups)
+    keys = [k for k in rec.seen if "<" not in k]        # <locals>, <lambda>, <listcomp>: part of their def
+    files = [rec.seen[k][0] for k in keys]
+    switches = sum(a != b for a, b in zip(files, files[1:]))
+    opened = [k for k, f in zip(keys, files) if f not in SEALED]
+    for k, f in zip(keys, files):
+        print(f"{f}.py:{rec.seen[k][1]} {k.split('.', 1)[1]}" + ("   (not opened)" if f in SEALED else ""))
+    per = Counter(files)
+    print("per file: " + ", ".join(f"{f} {n}" for f, n in per.most_common()))
+    print(f"reading path of rl.rl_step ({opts['steps']} steps, {forced} answer-forced samples): {len(keys)} definitions "
+          f"({len(opened)} opened, {len(keys) - len(opened)} not opened: {', '.join(sorted(SEALED & set(files)))}) "
+          f"in {len(set(f for f in files if f not in SEALED))} files opened, {switches} file switches")
+
+
+if __name__ == "__main__":
+    common.run_main(main, sys.argv[1:])
