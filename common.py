@@ -91,12 +91,12 @@ class Ctx:
 
 
 def setup(cfg) -> Ctx:
-    t = cfg.train
+    tc = cfg.train
     ddp = int(os.environ.get("RANK", -1)) != -1
-    if t.device == "auto":
+    if tc.device == "auto":
         device = "cuda" if torch.cuda.is_available() else ("mps" if torch.backends.mps.is_available() else "cpu")
     else:
-        device = t.device
+        device = tc.device
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise SystemExit(f"config error: --train.device={device} but torch sees no CUDA device here; "
                              f"use --train.device=cpu (or auto)")
@@ -113,26 +113,26 @@ def setup(cfg) -> Ctx:
             torch.cuda.set_device(device)
         else:   # CPU ranks share the cores: give each its share instead of oversubscribing
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    if t.dtype == "auto":
+    if tc.dtype == "auto":
         if device.startswith("cuda") and torch.cuda.is_bf16_supported():
             dtype, why = torch.bfloat16, f"bf16 autocast ({torch.cuda.get_device_name(device)} supports bf16)"
         else:
             dtype, why = torch.float32, f"fp32 (no bf16 autocast on {device.split(':')[0]})"
     else:
-        dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}.get(t.dtype)
+        dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}.get(tc.dtype)
         if dtype is None:
-            raise SystemExit(f"config error: --train.dtype={t.dtype!r}: expected auto, bfloat16 or float32")
-        why = f"{t.dtype} (requested)"
+            raise SystemExit(f"config error: --train.dtype={tc.dtype!r}: expected auto, bfloat16 or float32")
+        why = f"{tc.dtype} (requested)"
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    torch.manual_seed(t.seed + rank)
+    torch.manual_seed(tc.seed + rank)
     try:
-        os.makedirs(t.out_dir, exist_ok=True)
+        os.makedirs(tc.out_dir, exist_ok=True)
     except OSError as e:
-        raise SystemExit(f"config error: --train.out_dir={t.out_dir!r} cannot be created ({e.strerror}); "
+        raise SystemExit(f"config error: --train.out_dir={tc.out_dir!r} cannot be created ({e.strerror}); "
                          f"pick a writable folder") from None
-    return Ctx(device, dtype, why, ddp, rank, world, t.out_dir)
+    return Ctx(device, dtype, why, ddp, rank, world, tc.out_dir)
 
 
 def sync_grads(model, ctx: Ctx):

@@ -252,22 +252,22 @@ class Denoiser:
         return logits
 
 
-def make_plan(R_text: int, n_img: int, dcfg) -> list[Step]:
+def make_plan(R_text: int, n_img: int, dcfg) -> list[PlanStep]:
     """The whole schedule for a response of R_text text slots then n_img image slots: text blocks
-    first (the reasoning / plan), then the image block. One Step per denoising step, in order."""
+    first (the reasoning / plan), then the image block. One PlanStep per denoising step, in order."""
     plan = []
     for lo in range(0, R_text, dcfg.block_len):
         hi = min(lo + dcfg.block_len, R_text)
         S = math.ceil((hi - lo) / dcfg.tokens_per_step)
-        plan += [Step(lo, hi, j, S, False) for j in range(S)]
+        plan += [PlanStep(lo, hi, j, S, False) for j in range(S)]
     if n_img:
         S = min(dcfg.image_steps, n_img)
-        plan += [Step(R_text, R_text + n_img, j, S, True) for j in range(S)]
+        plan += [PlanStep(R_text, R_text + n_img, j, S, True) for j in range(S)]
     return plan
 
 
 @dataclass
-class Step:
+class PlanStep:
     """One denoising step of the plan: the active block [lo, hi) of the response, the step's index
     j within the block and the block's step count S, and the count schedule."""
     lo: int

@@ -55,14 +55,14 @@ TASKS = {"answer": "vqa", "ground": "ground", "edit": "edit", "draw": "t2i"}
 SCALE = 6                                   # pixels per picture pixel in the PNGs
 
 
-def build_example(task: str, opts: dict, bundle, dcfg) -> world.Example:
+def build_example(task: str, opts: dict, bundle, d) -> world.Example:
     """The example to run: a held-out one (--example) or the user's picture and prompt."""
     if opts["example"] >= 0:
         exs = bundle.sets[task]["eval"].examples
         if opts["example"] >= len(exs):
             raise SystemExit(f"sample: --example={opts['example']} but the held-out {task} set has {len(exs)}")
         ex = exs[opts["example"]]
-        world.ensure_images([ex], dcfg, world_extras.world_for(dcfg))   # synthetic pictures are re-rendered on demand
+        world.ensure_images([ex], d, world_extras.world_for(d))   # synthetic pictures are re-rendered on demand
         return ex
     if not opts["prompt"]:
         raise SystemExit("sample: pass --prompt='...' (or --example=N for a held-out example)")
@@ -71,7 +71,7 @@ def build_example(task: str, opts: dict, bundle, dcfg) -> world.Example:
         if not opts["image"]:
             raise SystemExit(f"sample: {task} needs --image=PNG (or --example=N)")
         try:
-            im = Image.open(opts["image"]).convert("RGB").resize((dcfg.image_size, dcfg.image_size), Image.BOX)
+            im = Image.open(opts["image"]).convert("RGB").resize((d.image_size, d.image_size), Image.BOX)
         except Exception as e:
             raise SystemExit(f"sample: cannot read --image={opts['image']!r} ({type(e).__name__})") from None
         ex.image = np.asarray(im, dtype=np.uint8)
@@ -142,8 +142,8 @@ def run(cfg, opts: dict, verb: str):
     path = opts["ckpt"] or common.latest_checkpoint(cfg.train.out_dir)
     out_dir = opts["out"] or os.path.join(cfg.train.out_dir, "sample")
     run_cfg, bundle, model, vq, blob = load_run(path, os.path.join(cfg.train.out_dir, "sample"), "sample")
-    dcfg, tok, lay = run_cfg.data, bundle.tok, bundle.layouts[task]
-    ex = build_example(task, opts, bundle, dcfg)
+    d, tok, lay = run_cfg.data, bundle.tok, bundle.layouts[task]
+    ex = build_example(task, opts, bundle, d)
     batch, forbid = canvas_batch(ex, task, bundle, vq, opts["force"])
     states = []
     gen = torch.Generator().manual_seed(cfg.train.seed)
@@ -153,7 +153,7 @@ def run(cfg, opts: dict, verb: str):
     final = tokens[0, batch.P:batch.P + lay.R]
     states.append(final)
     text = text_of(final[:lay.R_text], tok)
-    side = dcfg.image_size // run_cfg.vq.downsample
+    side = d.image_size // run_cfg.vq.downsample
     pic_in = ex.image
     pic_out = pics = None
     if lay.n_img:            # every step's picture, decoded once: the last is the output, all go to the strip

@@ -68,18 +68,18 @@ def run_sft(cfg, ctx: Ctx, bundle: Bundle, vq) -> Transformer:
     training seconds, quick evals not counted); writes ckpt_sft.pt (every ckpt_interval steps and at
     the end), sft_curve.json (the quick evals on eval.curve_split) and ckpt_sft_best.pt (the weights
     with the best quick-eval score, metrics.selection_score)."""
-    t, dev = cfg.train, ctx.device
-    accum = t.batch_size // (t.micro_batch * ctx.world)
-    if accum < 1 or t.batch_size % (t.micro_batch * ctx.world):
-        raise SystemExit(f"config error: train.batch_size={t.batch_size} must be a multiple of "
-                         f"micro_batch*world = {t.micro_batch}*{ctx.world}")
-    ckpt_path = os.path.join(t.out_dir, "ckpt_sft.pt")
+    tc, dev = cfg.train, ctx.device
+    accum = tc.batch_size // (tc.micro_batch * ctx.world)
+    if accum < 1 or tc.batch_size % (tc.micro_batch * ctx.world):
+        raise SystemExit(f"config error: train.batch_size={tc.batch_size} must be a multiple of "
+                         f"micro_batch*world = {tc.micro_batch}*{ctx.world}")
+    ckpt_path = os.path.join(tc.out_dir, "ckpt_sft.pt")
     model, opt, sampler, run = sft_start(cfg, ctx, bundle, ckpt_path)
     step, elapsed, history, ema = run["step"], run["elapsed"], run["history"], run["loss_ema"]
     ctx.log(f"SFT: {model.num_params(False) / 1e6:.2f}M params | {ctx.dtype_reason} | device {dev} | "
-            f"world {ctx.world} | global batch {t.batch_size} = micro {t.micro_batch} x accum {accum} x world "
-            f"{ctx.world} | {t.max_steps} steps" + (f" (cap {t.time_budget_s:.0f}s)" if t.time_budget_s > 0 else ""))
-    if t.compile:
+            f"world {ctx.world} | global batch {tc.batch_size} = micro {tc.micro_batch} x accum {accum} x world "
+            f"{ctx.world} | {tc.max_steps} steps" + (f" (cap {tc.time_budget_s:.0f}s)" if tc.time_budget_s > 0 else ""))
+    if tc.compile:
         model = torch.compile(model)
     model.train()
     bad_losses, loss = 0, None
@@ -93,17 +93,17 @@ def run_sft(cfg, ctx: Ctx, bundle: Bundle, vq) -> Transformer:
         if ctx.ddp:      # nobody runs ahead (or exits) while rank 0 is still writing
             dist.barrier()
 
-    loop = StageLoop(cfg, ctx, bundle, vq, "sft", save, t.eval_interval, quick_eval_best(cfg, "sft"), time.time() - elapsed)
+    loop = StageLoop(cfg, ctx, bundle, vq, "sft", save, tc.eval_interval, quick_eval_best(cfg, "sft"), time.time() - elapsed)
 
-    bar = tqdm(total=t.max_steps, initial=step, disable=not ctx.master, desc="sft", dynamic_ncols=True,
+    bar = tqdm(total=tc.max_steps, initial=step, disable=not ctx.master, desc="sft", dynamic_ncols=True,
                mininterval=5)
-    while step < t.max_steps:
+    while step < tc.max_steps:
         # a run cut by its time budget still finishes its schedule (see common.lr_at); rank 0's
         # clock for every rank: one learning rate for all
-        progress = step / t.max_steps
-        if t.time_budget_s > 0:
-            progress = max(progress, from_rank0(time.time() - loop.t_start, ctx) / t.time_budget_s)
-        lr = lr_at(step, progress, t.warmup, t.lr, t.min_lr_frac)
+        progress = step / tc.max_steps
+        if tc.time_budget_s > 0:
+            progress = max(progress, from_rank0(time.time() - loop.t_start, ctx) / tc.time_budget_s)
+        lr = lr_at(step, progress, tc.warmup, tc.lr, tc.min_lr_frac)
         for g in opt.param_groups:
             g["lr"] = lr
         t0 = time.time()
@@ -113,18 +113,18 @@ def run_sft(cfg, ctx: Ctx, bundle: Bundle, vq) -> Transformer:
             ctx.log(f"step {step}: non-finite loss ({loss}); batch skipped ({bad_losses} in a row)")
             if bad_losses >= 5:
                 raise SystemExit(f"training error: 5 non-finite losses in a row at step {step}; lower "
-                                 f"--train.lr (now {t.lr}) and {resume_hint(ckpt_path)}")
+                                 f"--train.lr (now {tc.lr}) and {resume_hint(ckpt_path)}")
             continue
         bad_losses, step = 0, step + 1
         ema = loss if ema is None else 0.95 * ema + 0.05 * loss
         elapsed = time.time() - loop.t_start
         bar.update(1)
         bar.set_postfix(loss=f"{ema:.3f}", lr=f"{lr:.1e}")
-        if step % t.log_interval == 0:
-            ctx.log(f"sft step {step}/{t.max_steps} | loss {ema:.4f} | masked acc {stats['masked_acc']:.3f} | "
+        if step % tc.log_interval == 0:
+            ctx.log(f"sft step {step}/{tc.max_steps} | loss {ema:.4f} | masked acc {stats['masked_acc']:.3f} | "
                     f"lr {lr:.2e} | grad {gnorm:.2f} | {1000 * (time.time() - t0):.0f} ms/step | "
                     f"{elapsed:.0f}s elapsed")
-        done = step >= t.max_steps or stop_together(0 < t.time_budget_s < elapsed or STOP.asked, ctx)
+        done = step >= tc.max_steps or stop_together(0 < tc.time_budget_s < elapsed or STOP.asked, ctx)
         done = loop.end_step(model, step, elapsed, done,
                              on_eval=lambda m: history.append({**m, "step": step, "seconds": round(elapsed, 1)}))
         if done:
@@ -132,22 +132,22 @@ def run_sft(cfg, ctx: Ctx, bundle: Bundle, vq) -> Transformer:
     bar.close()
     ctx.log(f"SFT done: {step} steps in {elapsed:.0f}s -> {ckpt_path}")
     if ctx.master:
-        write_json(os.path.join(t.out_dir, "sft_curve.json"), history)
+        write_json(os.path.join(tc.out_dir, "sft_curve.json"), history)
     return unwrap(model)
 
 
 def sft_start(cfg, ctx: Ctx, bundle: Bundle, ckpt_path: str):
     """(model, optimizer, task sampler, saved run state) for SFT: fresh, from --train.init_from's
     weights, or resumed from ckpt_path with --resume (weights, optimizer, every rank's random state)."""
-    t = cfg.train
+    tc = cfg.train
     # the stage's own seed: whatever ran before it in this process (training the VQ, or loading it
     # from the cache instead) must not change the initial weights or the masks
-    torch.manual_seed(t.seed + ctx.rank)
+    torch.manual_seed(tc.seed + ctx.rank)
     model = build_model(cfg, bundle.tok, ctx.device)
-    opt = make_optimizer(model, t.lr, t.weight_decay, ctx.device)
-    sampler = TaskSampler(bundle.sets, "sft", parse_mix(t.task_mix), t.seed * 1000 + ctx.rank)
+    opt = make_optimizer(model, tc.lr, tc.weight_decay, ctx.device)
+    sampler = TaskSampler(bundle.sets, "sft", parse_mix(tc.task_mix), tc.seed * 1000 + ctx.rank)
     run = {"step": 0, "elapsed": 0.0, "history": [], "loss_ema": None}
-    if t.resume and os.path.exists(ckpt_path):
+    if tc.resume and os.path.exists(ckpt_path):
         blob = load_checkpoint(ckpt_path, bundle.tok.vocab_size)
         check_model_config(blob, cfg, ckpt_path)
         check_vq(blob, cfg, ckpt_path)
@@ -157,13 +157,13 @@ def sft_start(cfg, ctx: Ctx, bundle: Bundle, ckpt_path: str):
                    loss_ema=blob.get("loss_ema"))
         restore_rank_state(blob, ctx, sampler)
         ctx.log(f"resumed SFT from {ckpt_path} at step {run['step']}")
-    elif t.resume:
+    elif tc.resume:
         ctx.log(f"note: --resume, but there is no {ckpt_path} yet: SFT starts from step 0")
-    if not (t.resume and os.path.exists(ckpt_path)) and t.init_from:
-        start = load_checkpoint(t.init_from, bundle.tok.vocab_size)
-        check_model_config(start, cfg, t.init_from)
-        check_vq(start, cfg, t.init_from)
-        load_weights(model, start["model"], t.init_from)
+    if not (tc.resume and os.path.exists(ckpt_path)) and tc.init_from:
+        start = load_checkpoint(tc.init_from, bundle.tok.vocab_size)
+        check_model_config(start, cfg, tc.init_from)
+        check_vq(start, cfg, tc.init_from)
+        load_weights(model, start["model"], tc.init_from)
     broadcast_params(model, ctx)
     return model, opt, sampler, run
 
@@ -173,10 +173,10 @@ def sft_step(model, opt, cfg, ctx: Ctx, bundle: Bundle, sampler: TaskSampler, ac
     loss over every token the step scores, on all micro-batches and ranks alike (common.mean_over_all).
     Returns (that loss, the last micro-batch's stats, the gradient norm); a non-finite loss takes
     no step (gradient norm nan)."""
-    t = cfg.train
+    tc = cfg.train
     loss_sum, n_local, stats = 0.0, 0.0, {}
     for _ in range(accum):
-        batch = collate({k: v["sft"] for k, v in bundle.sets.items()}, sampler.draw(t.micro_batch),
+        batch = collate({k: v["sft"] for k, v in bundle.sets.items()}, sampler.draw(tc.micro_batch),
                           bundle.tok).to(ctx.device)
         with ctx.autocast:
             loss, stats = sft_loss(model, batch, cfg.diffusion, bundle.tok)
@@ -188,7 +188,7 @@ def sft_step(model, opt, cfg, ctx: Ctx, bundle: Bundle, sampler: TaskSampler, ac
     loss_sum = all_reduce_mean(loss_sum, ctx) * ctx.world / max(n, 1.0)
     gnorm = float("nan")
     if math.isfinite(loss_sum):          # never step on a NaN
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip).item()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip).item()
         opt.step()
     opt.zero_grad(set_to_none=True)
     return loss_sum, stats, gnorm
@@ -204,12 +204,12 @@ def run_rl(cfg, ctx: Ctx, bundle: Bundle, vq, model=None):
     the optional cap rl.time_budget_s of training seconds, quick evals not counted). Writes ckpt_rl.pt,
     rl_log.json and, with rl.eval_interval, ckpt_rl_best.pt (the best quick-eval score on
     eval.curve_split)."""
-    rc, t = cfg.rl, cfg.train
-    ckpt_path = os.path.join(t.out_dir, "ckpt_rl.pt")
+    rc, tc = cfg.rl, cfg.train
+    ckpt_path = os.path.join(tc.out_dir, "ckpt_rl.pt")
     run, draws = rl_start(cfg, ctx, bundle, model, ckpt_path), prompt_draws(rc)
     ro = RolloutContext(run.model, bundle.tok, bundle.sets, picture_judge(cfg, vq), cfg, ctx.device, ctx.autocast, run.gen)
     save = lambda: save_rl(ckpt_path, run, cfg, bundle, ctx)
-    ctx.log(describe(rc, draws))
+    ctx.log(describe_rl(rc, draws))
     loop = StageLoop(cfg, ctx, bundle, vq, "rl", save, rc.eval_interval, run.best, time.time() - run.elapsed, run.step)
     bad_steps = 0
     bar = tqdm(total=rc.max_steps, initial=run.step, disable=not ctx.master, desc="rl", dynamic_ncols=True, mininterval=5)
@@ -233,7 +233,7 @@ def run_rl(cfg, ctx: Ctx, bundle: Bundle, vq, model=None):
         bar.update(1)
         rec = {"step": run.step, "seconds": round(run.elapsed, 1), **rec}
         bar.set_postfix({k: f"{rec[k]['reward']:.2f}" for k in draws})
-        if run.step % max(1, t.log_interval // 10) == 0 or run.step == 1:
+        if run.step % max(1, tc.log_interval // 10) == 0 or run.step == 1:
             ctx.log(log_line(rec, list(draws)))
         done = run.step >= rc.max_steps or stop()
         run.history.append(rec)
@@ -246,7 +246,7 @@ def run_rl(cfg, ctx: Ctx, bundle: Bundle, vq, model=None):
         save()
     ctx.log(f"RL done: {run.step} steps in {run.elapsed:.0f}s -> {ckpt_path}")
     if ctx.master:
-        write_json(os.path.join(t.out_dir, "rl_log.json"), run.history)
+        write_json(os.path.join(tc.out_dir, "rl_log.json"), run.history)
     return run.model
 
 
@@ -270,29 +270,29 @@ class RLRun:
 def rl_start(cfg, ctx, bundle, model, ckpt_path: str) -> RLRun:
     """The RL stage's state: --resume continues ckpt_path (weights, optimizer, log and every random
     stream); else the SFT stage's model in memory, else --train.init_from or out_dir/ckpt_sft.pt."""
-    rc, t, dev = cfg.rl, cfg.train, ctx.device
+    rc, tc, dev = cfg.rl, cfg.train, ctx.device
     blob = None
-    if t.resume and os.path.exists(ckpt_path):
+    if tc.resume and os.path.exists(ckpt_path):
         blob = load_checkpoint(ckpt_path, bundle.tok.vocab_size)
         check_model_config(blob, cfg, ckpt_path)
         check_vq(blob, cfg, ckpt_path)
         ctx.log(f"resumed RL from {ckpt_path} at step {blob['step']}")
         model = model_from_checkpoint(blob, dev)
-    elif t.resume:
+    elif tc.resume:
         ctx.log(f"note: --resume, but there is no {ckpt_path} yet: RL starts from step 0")
     if blob is None and model is None:
-        src = t.init_from or os.path.join(t.out_dir, "ckpt_sft.pt")
+        src = tc.init_from or os.path.join(tc.out_dir, "ckpt_sft.pt")
         start = load_checkpoint(src, bundle.tok.vocab_size)
         check_model_config(start, cfg, src)
         check_vq(start, cfg, src)
         ctx.log(f"RL starts from {src}")
         model = model_from_checkpoint(start, dev)
-    opt = make_optimizer(model, rc.lr, t.weight_decay, dev)
+    opt = make_optimizer(model, rc.lr, tc.weight_decay, dev)
     # ablation only (--rl.kl_coef > 0): the paper drops the KL term and the reference model
     ref = copy.deepcopy(model).eval().requires_grad_(False) if rc.kl_coef > 0 else None
-    run = RLRun(model, opt, ref, TaskSampler(bundle.sets, "sft", parse_mix(t.task_mix), t.seed * 1000 + 7 + ctx.rank),
-                torch.Generator(device=dev).manual_seed(t.seed * 1000 + 11 + ctx.rank),
-                torch.Generator().manual_seed(t.seed * 1000 + 13 + ctx.rank))
+    run = RLRun(model, opt, ref, TaskSampler(bundle.sets, "sft", parse_mix(tc.task_mix), tc.seed * 1000 + 7 + ctx.rank),
+                torch.Generator(device=dev).manual_seed(tc.seed * 1000 + 11 + ctx.rank),
+                torch.Generator().manual_seed(tc.seed * 1000 + 13 + ctx.rank))
     run.best = quick_eval_best(cfg, "rl")
     if blob is not None:          # continue every random stream where the checkpoint left it
         opt.load_state_dict(blob["optim"])
@@ -317,7 +317,7 @@ def prompt_draws(rc) -> dict[str, int]:
     return {k: max(1, round(rc.prompts_per_step * len(mix) * w)) for k, w in mix.items()}
 
 
-def describe(rc, draws: dict) -> str:
+def describe_rl(rc, draws: dict) -> str:
     """The RL stage's settings in one log line."""
     return (f"RL: prompts/step {draws} x group {rc.group_size} | sft rows {rc.sft_rows} | likelihood "
             f"{rc.likelihood} | gamma {rc.gamma} | answer-forcing p={rc.af_prob} ({rc.af_mode}) | tree "
@@ -510,14 +510,14 @@ def check_inputs(cfg):
     """The checkpoint a stage starts from must exist before any work (the VQ tokenizer or the data
     would otherwise be built first): --stage=rl needs --train.init_from or out_dir/ckpt_sft.pt (unless
     --resume finds ckpt_rl.pt), --stage=eval a checkpoint in out_dir."""
-    t = cfg.train
-    if t.stage == "rl" and not (t.resume and os.path.exists(os.path.join(t.out_dir, "ckpt_rl.pt"))):
-        src = t.init_from or os.path.join(t.out_dir, "ckpt_sft.pt")
+    tc = cfg.train
+    if tc.stage == "rl" and not (tc.resume and os.path.exists(os.path.join(tc.out_dir, "ckpt_rl.pt"))):
+        src = tc.init_from or os.path.join(tc.out_dir, "ckpt_sft.pt")
         if not os.path.exists(src):
             raise SystemExit(f"checkpoint error: --stage=rl starts from {src}, which does not exist; run "
                              f"--stage=sft first or point --train.init_from at an SFT checkpoint")
-    if t.stage == "eval":
-        latest_checkpoint(t.out_dir)
+    if tc.stage == "eval":
+        latest_checkpoint(tc.out_dir)
 
 
 def final_eval(cfg, ctx: Ctx, model, bundle: Bundle, vq, t0: float):

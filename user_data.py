@@ -34,7 +34,7 @@ JSONL_NEEDS = {"vqa": ("image",), "ground": ("image", "box"), "edit": ("image", 
                "t2i": ("target_image",)}
 
 
-def _jsonl_image(base: str, rel, dcfg, where: str) -> tuple[np.ndarray, tuple[int, int]]:
+def _jsonl_image(base: str, rel, d, where: str) -> tuple[np.ndarray, tuple[int, int]]:
     """(the picture resized to data.image_size as (S, S, 3) uint8, its original (width, height))."""
     try:
         p = os.path.join(base, rel)       # inside the try: a non-string path is a row error too
@@ -43,11 +43,11 @@ def _jsonl_image(base: str, rel, dcfg, where: str) -> tuple[np.ndarray, tuple[in
         raise JSONLError(f"{where}: cannot read image {rel!r} ({type(e).__name__}); "
                          f"fix the path (relative to the JSONL file)") from None
     size = im.size
-    im = im.resize((dcfg.image_size, dcfg.image_size), Image.BOX)
+    im = im.resize((d.image_size, d.image_size), Image.BOX)
     return np.asarray(im, dtype=np.uint8), size
 
 
-def _jsonl_box(b, size: tuple[int, int], dcfg, where: str) -> tuple[int, int, int, int]:
+def _jsonl_box(b, size: tuple[int, int], d, where: str) -> tuple[int, int, int, int]:
     """A ground row's box, checked in the pixels of its image file (0 <= x0 < x1 <= width, the same
     for y) and rescaled with the picture to data.image_size, so that the same box still frames the
     same shape after the resize."""
@@ -58,13 +58,13 @@ def _jsonl_box(b, size: tuple[int, int], dcfg, where: str) -> tuple[int, int, in
     if not (0 <= x0 < x1 <= W and 0 <= y0 < y1 <= H):
         raise JSONLError(f"{where}: 'box' {b} must satisfy 0 <= x0 < x1 <= {W} and 0 <= y0 < y1 <= {H} "
                          f"(pixels of the {W}x{H} image file; x1, y1 exclusive)")
-    S = dcfg.image_size
+    S = d.image_size
     X0, Y0 = min(int(round(x0 * S / W)), S - 1), min(int(round(y0 * S / H)), S - 1)
     X1, Y1 = min(max(int(round(x1 * S / W)), X0 + 1), S), min(max(int(round(y1 * S / H)), Y0 + 1), S)
     return X0, Y0, X1, Y1                 # at least 1 px wide and high, inside the S x S picture
 
 
-def _jsonl_example(row, where: str, base: str, dcfg) -> Example:
+def _jsonl_example(row, where: str, base: str, d) -> Example:
     """One parsed JSONL row -> Example, or JSONLError naming the row, the key and the fix."""
     if not isinstance(row, dict):
         raise JSONLError(f"{where}: expected a JSON object, got {type(row).__name__}")
@@ -78,7 +78,7 @@ def _jsonl_example(row, where: str, base: str, dcfg) -> Example:
             raise JSONLError(f"{where}: task {task} needs key {k!r}")
     if row.get("split", "") not in ("", *SPLITS):
         raise JSONLError(f"{where}: 'split' {row['split']!r} unknown; use one of {', '.join(SPLITS)} (or leave it out)")
-    image, size = _jsonl_image(base, row["image"], dcfg, where) if "image" in row else (None, None)
+    image, size = _jsonl_image(base, row["image"], d, where) if "image" in row else (None, None)
     trace, ans_text, answer = None, None, None
     if task == "vqa":
         if "response" in row:
@@ -93,26 +93,26 @@ def _jsonl_example(row, where: str, base: str, dcfg) -> Example:
             raise JSONLError(f"{where}: vqa needs 'response' or 'answer'")
         answer = ans_text
     elif task == "ground":
-        answer = _jsonl_box(row["box"], size, dcfg, where)
+        answer = _jsonl_box(row["box"], size, d, where)
         ans_text = box_text(answer)
         if "response" in row:            # the reasoning before <answer>; the box itself comes from "box"
             trace = str(row["response"]).split("<answer>")[0].replace("<think>", "").replace("</think>", "").strip()
     else:
         trace = row.get("response", "" if task == "t2i" else None)
     ex = Example(task, "user", row["prompt"].strip(), None, answer, trace, ans_text, image=image)
-    read = world_for(dcfg).read
+    read = world_for(d).read
     if image is not None and task == "edit":     # scored as source-vs-target scenes, like ours
-        ex.scene = read(image, dcfg.grid)
+        ex.scene = read(image, d.grid)
     if "target_image" in row:
-        ex.target_image = _jsonl_image(base, row["target_image"], dcfg, where)[0]
-        ex.answer = read(ex.target_image, dcfg.grid)     # scored like the synthetic sets
+        ex.target_image = _jsonl_image(base, row["target_image"], d, where)[0]
+        ex.answer = read(ex.target_image, d.grid)     # scored like the synthetic sets
     ex.split = row.get("split", "")
     if ex.split == "sft" and ex.trace is None:
         raise JSONLError(f"{where}: a row with \"split\": \"sft\" needs a 'response' (SFT trains on it)")
     return ex
 
 
-def load_jsonl(path: str, dcfg, strict: bool = True) -> tuple[list[Example], int]:
+def load_jsonl(path: str, d, strict: bool = True) -> tuple[list[Example], int]:
     """Read users' examples: one JSON object per line,
         {"task": "vqa"|"ground"|"edit"|"t2i", "image": "a.png", "prompt": "...",
          "response": "<think> ... </think> <answer> 3 </answer>" | "answer": "3" | "box": [x0,y0,x1,y1]
@@ -141,7 +141,7 @@ def load_jsonl(path: str, dcfg, strict: bool = True) -> tuple[list[Example], int
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise JSONLError(f"{where}: not valid JSON ({e.msg}); one object per line") from None
-                ex = _jsonl_example(row, where, base, dcfg)
+                ex = _jsonl_example(row, where, base, d)
                 ex.key = f"user|{lineno}"
                 out.append(ex)
             except JSONLError as e:
@@ -151,16 +151,16 @@ def load_jsonl(path: str, dcfg, strict: bool = True) -> tuple[list[Example], int
     return out, skipped
 
 
-def export_examples(pools, out_dir: str, n: int, dcfg) -> str:
+def export_examples(pools, out_dir: str, n: int, d) -> str:
     """Write n shape-world examples per task and split as PNG files + one data.jsonl in out_dir, in
     the format load_jsonl reads: sft rows with their traces, rl rows answer-only, eval and val rows
     with "split". A starting point for your own data; returns the JSONL path."""
     os.makedirs(out_dir, exist_ok=True)
-    rows, world = [], world_for(dcfg)
+    rows, world = [], world_for(d)
     for task in pools:
         for split in ("sft", "rl", "eval", "val"):
             exs = pools[task][split][:n]
-            ensure_images(exs, dcfg, world)
+            ensure_images(exs, d, world)
             for i, ex in enumerate(exs):
                 name = f"{task}_{split}_{i}"
                 row = {"task": task, "prompt": ex.prompt}
@@ -170,7 +170,7 @@ def export_examples(pools, out_dir: str, n: int, dcfg) -> str:
                     Image.fromarray(ex.image).save(os.path.join(out_dir, name + ".png"))
                     row["image"] = name + ".png"
                 if task in ("edit", "t2i"):
-                    Image.fromarray(world.render(ex.answer, dcfg.grid, dcfg.image_size, ex.target_looks)).save(
+                    Image.fromarray(world.render(ex.answer, d.grid, d.image_size, ex.target_looks)).save(
                         os.path.join(out_dir, name + "_target.png"))
                     row["target_image"] = name + "_target.png"
                 if task == "ground":

@@ -529,17 +529,17 @@ def make_example(task: str, scene: Scene, rng, d, world: World, traced: bool, le
 SPLITS = ("sft", "rl", "eval", "val")   # val: model selection, so that eval stays held out
 
 
-def build_pools(dcfg, world: World = DEFAULT_WORLD) -> dict[str, dict[str, list[Example]]]:
-    """All synthetic examples: pools[task][split]. Deterministic in dcfg (seed and sizes).
+def build_pools(d, world: World = DEFAULT_WORLD) -> dict[str, dict[str, list[Example]]]:
+    """All synthetic examples: pools[task][split]. Deterministic in d (seed and sizes).
 
     Example i of (task, split) is drawn from its own generator seeded by (seed, task, split, i), so
     changing n_rl does not change the sft pool. Disjointness: each split drops the keys seen in the
     splits before it (rl: sft; eval: sft, rl; val: all three), so val (model selection) never
     overlaps the held-out eval split. The scenes are random, so collisions are rare but possible.
     """
-    sizes = {"sft": dcfg.n_sft, "rl": dcfg.n_rl, "eval": dcfg.n_eval, "val": dcfg.n_val}
-    levels = {"sft": parse_levels(dcfg.sft_levels), "rl": parse_levels(dcfg.rl_levels),
-              "eval": parse_levels(dcfg.eval_levels), "val": parse_levels(dcfg.eval_levels)}
+    sizes = {"sft": d.n_sft, "rl": d.n_rl, "eval": d.n_eval, "val": d.n_val}
+    levels = {"sft": parse_levels(d.sft_levels), "rl": parse_levels(d.rl_levels),
+              "eval": parse_levels(d.eval_levels), "val": parse_levels(d.eval_levels)}
     pools: dict[str, dict[str, list[Example]]] = {}
     for ti, task in enumerate(TASKS):   # ti seeds the family's draws: a family removed or added at
         seen: set[str] = set()          # the END of TASKS leaves the others' pools unchanged
@@ -547,14 +547,14 @@ def build_pools(dcfg, world: World = DEFAULT_WORLD) -> dict[str, dict[str, list[
         for si, split in enumerate(SPLITS):
             out, i = [], 0
             while len(out) < sizes[split]:
-                rng = np.random.default_rng([dcfg.seed, ti, si, i])
+                rng = np.random.default_rng([d.seed, ti, si, i])
                 i += 1
-                scene = random_scene(rng, dcfg.grid, dcfg.min_shapes, dcfg.max_shapes)
-                ex = make_example(task, scene, rng, dcfg, world, split == "sft", levels[split])
+                scene = random_scene(rng, d.grid, d.min_shapes, d.max_shapes)
+                ex = make_example(task, scene, rng, d, world, split == "sft", levels[split])
                 if ex is None or ex.key in seen:
                     continue
                 if world.looks is not None:   # the looks from a stream of their own: scenes, questions
-                    world.looks.draw(np.random.default_rng([dcfg.seed, ti, si, i - 1, 1]), ex, dcfg)   # stay
+                    world.looks.draw(np.random.default_rng([d.seed, ti, si, i - 1, 1]), ex, d)   # stay
                 if split != "sft":          # answer-only pools carry no trace (rewards need none)
                     ex.trace = ex.trace if split in ("eval", "val") else None
                 out.append(ex)
@@ -563,13 +563,13 @@ def build_pools(dcfg, world: World = DEFAULT_WORLD) -> dict[str, dict[str, list[
     return pools
 
 
-def ensure_images(examples: list[Example], dcfg, world: World = DEFAULT_WORLD):
+def ensure_images(examples: list[Example], d, world: World = DEFAULT_WORLD):
     """Render input and target pictures that are not user-given (cheap: ~0.1 ms per 32 px image)."""
     for ex in examples:
         if ex.image is None and ex.scene is not None:
-            ex.image = world.render(ex.scene, dcfg.grid, dcfg.image_size, ex.looks)
+            ex.image = world.render(ex.scene, d.grid, d.image_size, ex.looks)
         if ex.target_image is None and ex.task in ("edit", "t2i"):
-            ex.target_image = world.render(ex.answer, dcfg.grid, dcfg.image_size, ex.target_looks)
+            ex.target_image = world.render(ex.answer, d.grid, d.image_size, ex.target_looks)
 
 
 def cell_names(grid: int) -> list[str]:

@@ -4,6 +4,7 @@ defaults, in the order a reader meets them following the calls depth-first (METH
 
     python studies/reading_path.py                 # a randomly initialised toy model, 6 RL steps
     python studies/reading_path.py --steps=5 --ckpt=runs/toy/ckpt_sft.pt
+    python studies/reading_path.py --static        # every definition reachable by name, every branch
 
 How it counts: a profiler hook records each function or method of a top-level module the first time
 it runs (a dataclass counts once, when it is first built; a function's inner helpers and
@@ -11,11 +12,14 @@ comprehensions count with it), in call order, which is depth-first. Calls made i
 (model.py), the picture decoder (vq.py), the scene reader (world.py) and the plumbing (common.py: the
 run's device and ranks; data.py: the SFT-row sampler) are not followed: each definition called there
 from the method counts as one that a reader need not open. Several steps are run (union), so that answer-forcing, which fires on a coin, is met too. The
-static upper bound over every branch is another question (every function reachable by name,
-ablations included); this is what the default update executes.
+static upper bound over every branch is --static: every top-level definition reachable from
+rl.rl_step by name (a call, a type hint, an attribute of an imported module, or a method name only one
+project class defines), ablations included; it runs nothing.
 """
 from __future__ import annotations
 
+import ast
+import glob
 import os
 import sys
 from collections import Counter
@@ -74,6 +78,64 @@ class PathRecorder:
             self.sealed_depth -= 1
 
 
+def static_reach(entry: str = "rl.rl_step") -> list[tuple[str, int, int]]:
+    """(module.qualname, first line, lines) of every definition reachable from `entry` by name, in
+    depth-first order, over the top-level modules (read with ast; nothing is imported). A definition of
+    a SEALED module is listed but not followed, as in the traced count."""
+    trees = {os.path.basename(p)[:-3]: ast.parse(open(p).read()) for p in glob.glob(os.path.join(ROOT, "*.py"))}
+    defs, methods, alias = {}, {}, {}
+    for m, tree in trees.items():
+        for n in tree.body:
+            if isinstance(n, (ast.FunctionDef, ast.ClassDef)):
+                defs[f"{m}.{n.name}"] = n
+                for k in (n.body if isinstance(n, ast.ClassDef) else []):
+                    if isinstance(k, ast.FunctionDef):
+                        defs[f"{m}.{n.name}.{k.name}"] = k
+                        methods.setdefault(k.name, []).append(f"{m}.{n.name}.{k.name}")
+        alias[m] = {}
+        for n in ast.walk(tree):
+            if isinstance(n, ast.Import):
+                alias[m].update({a.asname or a.name: a.name for a in n.names if a.name in trees})
+            elif isinstance(n, ast.ImportFrom) and n.module in trees:
+                alias[m].update({a.asname or a.name: f"{n.module}.{a.name}" for a in n.names})
+
+    def callees(key):
+        m, node = key.split(".")[0], defs[key]
+        cls = key.split(".")[1] if key.count(".") == 2 else None
+        body = [node] if isinstance(node, ast.FunctionDef) else \
+            [k for k in node.body if not isinstance(k, ast.FunctionDef) or k.name in ("__init__", "__post_init__", "forward")]
+        for b in body:
+            for n in ast.walk(b):
+                if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load):
+                    t = f"{m}.{n.id}" if f"{m}.{n.id}" in defs else alias[m].get(n.id)
+                elif isinstance(n, ast.Attribute):
+                    v, t = n.value, None
+                    if isinstance(v, ast.Name) and alias[m].get(v.id) in trees:
+                        t = f"{alias[m][v.id]}.{n.attr}"
+                    elif isinstance(v, ast.Name) and v.id == "self" and cls:
+                        t = f"{m}.{cls}.{n.attr}"
+                    elif len(methods.get(n.attr, [])) == 1:
+                        t = methods[n.attr][0]
+                else:
+                    continue
+                if t in defs and t != key:
+                    yield t
+
+    order, seen = [], set()
+
+    def visit(k):
+        if k not in seen:
+            seen.add(k)
+            order.append(k)
+            if k.split(".")[0] not in SEALED:        # the network, the decoder, the reader, the plumbing
+                for c in callees(k):
+                    visit(c)
+    visit(entry)
+    opened_classes = {k for k in order if isinstance(defs[k], ast.ClassDef)}
+    return [(k, defs[k].lineno, defs[k].end_lineno - defs[k].lineno + 1) for k in order
+            if k.rsplit(".", 1)[0] not in opened_classes]         # a method inside a listed class counts once
+
+
 def setup(opts: dict):
     """(RolloutContext, optimizer, ctx, draws, sft sampler, prompt picker) of a small toy run: the toy
     config with small pools in a scratch cache, an untrained VQ (the decoder is a black box here), and
@@ -97,7 +159,18 @@ def setup(opts: dict):
 
 
 def main(argv: list[str]):
-    _, opts = C.get_config(argv, extra={"steps": 6, "ckpt": ""})
+    _, opts = C.get_config(argv, extra={"steps": 6, "ckpt": "", "static": False})
+    if opts["static"]:
+        rows = static_reach()
+        files = [k.split(".")[0] for k, _, _ in rows]
+        for k, line, n in rows:
+            print(f"{k.split('.')[0]}.py:{line} {k.split('.', 1)[1]} ({n} lines)" + ("   (not opened)" if k.split(".")[0] in SEALED else ""))
+        opened = [(f, n) for f, (_, _, n) in zip(files, rows) if f not in SEALED]
+        of = [f for f, _ in opened]
+        print(f"static reach of rl.rl_step: {len(rows)} definitions ({len(opened)} opened, {sum(n for _, n in opened)} "
+              f"lines) in {len(set(of))} files opened, {sum(a != b for a, b in zip(of, of[1:]))} file switches between "
+              f"opened definitions")
+        return
     torch.set_num_threads(1)
     ro, opt, ctx, draws, sft, pick = setup(opts)
     rec = PathRecorder()
