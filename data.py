@@ -36,7 +36,7 @@ class Bundle:
     tok: T.Tokenizer
     P: int
     layouts: dict
-    sets: dict          # sets[task][split] -> data.TaskSet
+    sets: dict          # sets[task][split] -> tokens.TaskSet
 
 
 def jsonl_files(path: str) -> list[str]:
@@ -72,7 +72,7 @@ def _bundle_key(cfg, vq_file: str) -> str:
 
 
 def load_user_rows(cfg, ctx: Ctx) -> list:
-    """The rows of --data.jsonl (data.load_jsonl): malformed rows are counted and skipped; a missing
+    """The rows of --data.jsonl (user_data.load_jsonl): malformed rows are counted and skipped; a missing
     file, or one that yields no usable row at all, is a one-line error with the first problem."""
     path = cfg.data.jsonl
     try:
@@ -86,7 +86,7 @@ def load_user_rows(cfg, ctx: Ctx) -> list:
     for why in skipped[:3]:                     # the first few reasons, with their line numbers
         ctx.log(f"  skipped {why}")
     if len(skipped) > 3:
-        ctx.log(f"  ... and {len(skipped) - 3} more (python -c \"import data, config; data.load_jsonl('{path}', "
+        ctx.log(f"  ... and {len(skipped) - 3} more (python -c \"import user_data, config; user_data.load_jsonl('{path}', "
                 f"config.Config().data)\" stops at the first)")
     return user
 
@@ -220,11 +220,11 @@ def load_run(path: str, out_dir: str, who: str, device: str = "cpu"):
     bundle = get_bundle(cfg, vq, ctx)
     if blob.get("vocab_size") != bundle.tok.vocab_size:
         raise SystemExit(f"{who}: {path} has vocabulary {blob.get('vocab_size')} but its data now gives "
-                         f"{bundle.tok.vocab_size} (the data or data.py changed since); retrain it")
+                         f"{bundle.tok.vocab_size} (the data or the world's code changed since); retrain it")
     check_vq(blob, cfg, path)
     if blob.get("tok") is not None and blob["tok"] != bundle.tok.state():
         raise SystemExit(f"{who}: the word tokenizer rebuilt from {path}'s data differs from the one it was "
-                         f"trained with (the data or data.py changed since); retrain, or check out that version")
+                         f"trained with (the data or the world's code changed since); retrain, or check out that version")
     return cfg, bundle, model_from_checkpoint(blob, device).eval(), vq, blob
 
 

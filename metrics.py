@@ -10,7 +10,7 @@ Baselines reported by the same call (a trained model must beat them clearly):
   vqa     the most common ground-truth answer of each question type in the RL pool (image-blind)
   ground  the box of a uniformly random shape of the scene (exact expectation over the shapes)
   edit    copy the input picture unchanged (0.5 + partial credit on levels 1-2, rewards.edit_score;
-          0 on the constraint edits, rewards.constraint_score)
+          0 on the constraint edits, world_extras.constraint_score)
   t2i     an empty canvas (cell accuracy = fraction of empty cells; shape accuracy 0)
 
 For grounding it also reports the mean outward offset of the predicted boxes (`box_pad_metric`: a

@@ -46,7 +46,7 @@ from einops import rearrange
 
 class Transformer(nn.Module):
     """The whole network: token ids (B, T) -> logits (B, T, vocab_size), plus the prefix-cache pair
-    encode_prefix / forward_cached. vocab_size is the unified vocabulary's (data.Tokenizer.vocab_size:
+    encode_prefix / forward_cached. vocab_size is the unified vocabulary's (tokens.Tokenizer.vocab_size:
     special tokens, words, then VQ codes)."""
 
     def __init__(self, cfg, vocab_size: int):

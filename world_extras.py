@@ -221,7 +221,7 @@ def fewest_recolours(scene: Scene, kinds: tuple[str, ...], grid: int, rng) -> Sc
 def constraint_edit(scene: Scene, rng, grid: int, kinds: tuple[str, ...]):
     """Levels 3-4: "recolour shapes so that no row (and no column) repeats a colour", posed only on
     scenes that break it. The target is one fewest-recolours solution (any valid picture scores,
-    rewards.constraint_score); the plan names each broken unit with its repeated colours, then the
+    constraint_score); the plan names each broken unit with its repeated colours, then the
     recolours: "row1 red . r1c3 yellow"."""
     if colour_conflicts(scene, kinds, grid) == 0:
         return None

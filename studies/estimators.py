@@ -123,11 +123,10 @@ def value_draws(model, batch: T.Batch, tok, k: int, g) -> dict:
     values, coverage = {}, {}
     with torch.no_grad():
         for name, (_, fn, _) in ESTIMATORS.items():
-            if name == BASE:
-                logp, scored = LK.complementary(model, big, tok, generator=g, t1=t1).per_token()
-            else:
-                logp, scored = fn(model, big, tok, g).per_token()
-            values[name], coverage[name] = logp.sum(1).double(), scored.sum(1).double() / L
+            terms = LK.complementary(model, big, tok, generator=g, t1=t1) if name == BASE else fn(model, big, tok, g)
+            # the sequence estimate, and the share of response tokens that some draw scored
+            per_tok = (terms.weight * terms.logp).sum(0)                                    # (B, R)
+            values[name], coverage[name] = per_tok.sum(1).double(), terms.scored.any(0).sum(1).double() / L
     return {"values": values, "coverage": coverage, "t1": t1}
 
 
@@ -186,8 +185,9 @@ def gradient_variance(model, batches: list[T.Batch], tok, k: int, g) -> dict:
                 continue
             s, ss = None, 0.0
             for _ in range(k):
-                logp, _ = fn(model, batch, tok, g).per_token()
-                flat = torch.cat([x.reshape(-1) for x in torch.autograd.grad(logp.sum(), params)]).double()
+                terms = fn(model, batch, tok, g)
+                total = (terms.weight * terms.logp).sum(0).sum()                       # every term of the estimate
+                flat = torch.cat([x.reshape(-1) for x in torch.autograd.grad(total, params)]).double()
                 s = flat.clone() if s is None else s + flat
                 ss += flat.pow(2).sum().item()
             var[name] = (ss - s.pow(2).sum().item() / k) / (k - 1)

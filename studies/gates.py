@@ -149,7 +149,7 @@ def blind(bundle, task: str, examples, cfg) -> float:
 @torch.no_grad()
 def image_nll(model, bundle, cfg, idx: list[int], device) -> float:
     """Mean per-token NLL (nats) of the image codes of t2i targets idx (eval split) under the
-    complementary estimator (one draw per row, seed eval.seed): what rl.kind_stats logs for images."""
+    complementary estimator (one draw per row, seed eval.seed): what train.kind_stats logs for images."""
     ts, tok = bundle.sets["t2i"]["eval"], bundle.tok
     gen = torch.Generator(device=device).manual_seed(cfg.eval.seed)
     total, count = 0.0, 0

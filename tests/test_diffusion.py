@@ -125,7 +125,7 @@ def test_every_image_step_reveals_something():
     for m, S in ((16, 16), (64, 32), (256, 64)):
         shares = cosine_shares(m, S)
         assert sum(shares) == m and min(shares) >= 1, (m, S, shares)
-        steps = [D.Step(0, m, j, S, True) for j in range(S)]
+        steps = [D.PlanStep(0, m, j, S, True) for j in range(S)]
         cum = [int(s.cum_target(torch.tensor([m]))) for s in steps]
         assert [b - a for a, b in zip([0] + cum, cum)] == shares
 

@@ -12,7 +12,9 @@ import torch
 
 import train
 
-TIMING = ("eval_seconds", "total_seconds", "seconds", "rollout_s", "update_s")
+# what depends on the clock, and the process's peak memory (both runs share this process, so the second
+# can only report the same peak or a higher one): measurements of the machine, not of the run
+TIMING = ("eval_seconds", "total_seconds", "seconds", "rollout_s", "update_s", "peak_mem_mb")
 
 
 def strip_timing(x):
