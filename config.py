@@ -21,14 +21,11 @@ Sections and the parts of METHOD.md they configure:
              the log-likelihood estimator (§7)
   eval       the held-out evaluation (§8)
 
-Presets:
-  toy   -- 2-core CPU, minutes. 32x32 images, 4x4 grid, ~1M-parameter model.
-  small -- one GPU, about an hour. 64x64 images, bigger model, bf16.
-  base  -- several GPUs under torchrun. Same code, bigger numbers.
+Presets: toy (a 2-core CPU, minutes: 32x32 images, 4x4 grid, ~1M parameters), small (one GPU, bf16:
+64x64 images, a bigger model), base (several GPUs under torchrun: the same code, bigger numbers).
 
 Paper unknowns that became config fields are marked "unknown in the paper" below, with the reading
-we took as the default; METHOD.md §9 lists them all, with what else is simplified. The paper is
-LaViDa-R1 (arXiv 2602.14147), on top of LaViDa-O (arXiv 2509.19244) and LaViDa (arXiv 2505.16839).
+we took as the default; METHOD.md §9 lists them all. The paper is LaViDa-R1 (arXiv 2602.14147).
 """
 from __future__ import annotations
 
@@ -77,18 +74,15 @@ class DataConfig:
     n_val: int = 200                 # validation examples per family (quick evals, best checkpoints),
                                      # disjoint from all the other splits
     hard_frac: float = 0.4           # share of level-2 vqa / grounding questions when a split's levels are 1,2
-    # difficulty levels per split (world.draw_level; vqa 1-4 = composition: 1 count/compare, 2 add/diff/sides,
-    # 3-4 sums of 3-4 lists; grounding 1-3 = relation depth; a family keeps the levels it has): traced SFT,
-    # answer-only RL, and held-out eval + val.
-    # Metrics split eval by bucket: in (<= the top SFT level), edge (one above), far (two or more above)
+    # difficulty levels of the traced SFT, answer-only RL and held-out eval + val splits (world.draw_level;
+    # vqa = composition, grounding = relation depth); eval by bucket: in, edge (one above), far (two or more)
     sft_levels: str = "1,2"          # traced: the in-bucket
     rl_levels: str = "1,2,3"         # answer-only prompts reach one level past the traces (the edge)
     eval_levels: str = "1,2,3"       # held out + val: the in and edge buckets (vqa's level 4, the far
                                      # bucket, widens every vqa row by 20 tokens: SFT 1.27x slower per step;
                                      # studies/study.py's levels world adds it)
-    # The looks world (METHOD.md §8; README, "Pictures the prompt does not fix") turns on the next four
-    # with --data.edit_max_level=4 --data.shades=3 --data.fills=4 --data.floors=6 --vq.codebook_size=512.
-    # Off by default: at the main job's 3800 SFT steps it leaves vqa and grounding near their baselines.
+    # the world's options (world_extras.py; off by default); the looks world of METHOD.md §8 turns them on:
+    # --data.edit_max_level=4 --data.shades=3 --data.fills=4 --data.floors=6 --vq.codebook_size=512
     edit_max_level: int = 1          # the highest edit level drawn (world_extras: 1 one operation, 2 two,
                                      # 3 a colour constraint over rows or columns, 4 over both)
     # looks: per-cell nuisance that no prompt names and no reward scores (world_extras.py, "looks"), so a
@@ -158,8 +152,7 @@ class TrainConfig:
     warmup: int = 50
     weight_decay: float = 0.01
     grad_clip: float = 1.0
-    max_steps: int = 3800            # toy: the whole main job (VQ, SFT, a short RL stage, eval) ends in
-                                     # about 10 min on a 2-core CPU (README), the same steps on any machine
+    max_steps: int = 3800            # toy: SFT steps of the main job (the same steps on any machine)
     time_budget_s: float = 0.0       # optional cap on SFT training seconds (quick evals not counted);
                                      # 0 = none: the step count alone decides, so results reproduce
     log_interval: int = 50
@@ -205,15 +198,14 @@ class RLConfig:
     rft_accept: str = "vqa:1,ground:0.5,edit:0.9"   # rft: the reward a sample needs, per task (vqa:
                                      # right, ground: IoU >= 0.5 as P@0.5 counts it, edit: near exact)
     lr: float = 3e-4
-    max_steps: int = 16              # toy: a short RL stage inside the main job: it shows the loop
-                                     # running, far too short to change the metrics (README; RESULTS 4)
+    max_steps: int = 16              # toy: the main job's RL updates (README: what they change; RESULTS 2.0)
     time_budget_s: float = 0.0       # optional cap on RL training seconds (quick evals not counted); 0 = none
     eval_interval: int = 0           # quick eval on eval.curve_split every this many RL steps, and
                                      # ckpt_rl_best.pt (0 = off: the toy job's final eval follows)
     task_mix: str = "vqa:1,ground:1,edit:1"  # RL task mix (t2i is SFT-only, as in the paper)
     temperature: float = 1.0         # rollout sampling temperature (unknown in the paper)
-    tokens_per_step: int = 0         # text tokens revealed per rollout step; 0 = diffusion.tokens_per_step.
-                                     # Unknown in the paper (METHOD.md §9); 4 halves vqa rollout time (RESULTS.md)
+    tokens_per_step: int = 0         # text tokens revealed per rollout step; 0 = diffusion.tokens_per_step
+                                     # (unknown in the paper, METHOD.md §9)
 
 
 @dataclass
@@ -539,13 +531,16 @@ def validate(cfg: Config):
                           f"and 0 < clip_eps < 1")
     if r.advantage not in ("unified", "rft"):
         raise ConfigError(f"--rl.advantage={r.advantage!r}: expected unified or rft")
-    if r.advantage == "rft":
-        try:
-            missing = set(parse_mix(r.task_mix, "rl.task_mix", RL_TASKS)) - set(parse_task_values(r.rft_accept, "rl.rft_accept", RL_TASKS))
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        if missing:
-            raise ConfigError(f"--rl.rft_accept={r.rft_accept!r} has no threshold for {sorted(missing)} (in rl.task_mix)")
+    try:     # the parsers live beside what they parse (tokens: task lists, rollout: the tree schedule)
+        parse_mix(t.task_mix, "train.task_mix")
+        missing = set(parse_mix(r.task_mix, "rl.task_mix", RL_TASKS))
+        if r.advantage == "rft":
+            missing -= set(parse_task_values(r.rft_accept, "rl.rft_accept", RL_TASKS))
+        schedule = parse_tree_schedule(r.tree_schedule)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if r.advantage == "rft" and missing:
+        raise ConfigError(f"--rl.rft_accept={r.rft_accept!r} has no threshold for {sorted(missing)} (in rl.task_mix)")
     splits = {"sft": d.n_sft, "rl": d.n_rl, "eval": d.n_eval, "val": d.n_val}
     if cfg.eval.curve_split not in splits:
         raise ConfigError(f"--eval.curve_split={cfg.eval.curve_split!r}: expected one of {', '.join(splits)} (val: "
@@ -558,12 +553,6 @@ def validate(cfg: Config):
         raise ConfigError(f"--rl.af_mode={r.af_mode!r}: expected failed_groups or all_groups")
     if t.batch_size % t.micro_batch:
         raise ConfigError(f"train.batch_size={t.batch_size} must be a multiple of train.micro_batch={t.micro_batch}")
-    try:     # the parsers live beside what they parse (tokens: task lists, rollout: the tree schedule)
-        parse_mix(t.task_mix, "train.task_mix")
-        parse_mix(r.task_mix, "rl.task_mix", RL_TASKS)
-        schedule = parse_tree_schedule(r.tree_schedule)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
     n_img = (d.image_size // cfg.vq.downsample) ** 2
     img_steps = min(cfg.diffusion.image_steps, n_img)
     for s in schedule[1:]:

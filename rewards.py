@@ -63,7 +63,7 @@ def picture_rewards(task: str, examples, codes, judge) -> tuple[list[float], obj
     each against its example (edit: edit_reward; t2i: scene_accuracy). Returns (rewards, pictures
     (B, H, W, 3) in [0, 1], the re-read scenes)."""
     pics = judge.decode(codes)
-    scenes = [judge.read(p, judge.grid) for p in pics]
+    scenes = [judge.read_scene(p, judge.grid) for p in pics]
     if task == "edit":
         return [edit_reward(ex, s, judge) for ex, s in zip(examples, scenes)], pics, scenes
     return [scene_accuracy(ex.answer, s) for ex, s in zip(examples, scenes)], pics, scenes
@@ -76,7 +76,7 @@ class PictureJudge:
     (world_extras' colour constraints; qtype -> grade(source, target, pred, grid)). data.picture_judge
     builds it from a run's config and VQ tokenizer."""
     decode: Callable               # (B, n_img) codes -> (B, H, W, 3) pictures in [0, 1] (vq.VQVAE.decode)
-    read: Callable                 # (picture, grid) -> the scene: one Shape or None per cell (world.World.read)
+    read_scene: Callable           # (picture, grid) -> the scene: one Shape or None per cell (world.World.read)
     grid: int
     graders: dict = field(default_factory=dict)
 
