@@ -5,6 +5,7 @@ defaults, in the order a reader meets them following the calls depth-first (METH
     python studies/reading_path.py                 # a randomly initialised toy model, 6 RL steps
     python studies/reading_path.py --steps=5 --ckpt=runs/toy/ckpt_sft.pt
     python studies/reading_path.py --static        # every definition reachable by name, every branch
+    python studies/reading_path.py --static --open_all   # ... following into the network and the plumbing too
 
 How it counts: a profiler hook records each function or method of a top-level module the first time
 it runs (a dataclass counts once, when it is first built; a function's inner helpers and
@@ -78,7 +79,7 @@ class PathRecorder:
             self.sealed_depth -= 1
 
 
-def static_reach(entry: str = "rl.rl_step") -> list[tuple[str, int, int]]:
+def static_reach(entry: str = "rl.rl_step", sealed=SEALED) -> list[tuple[str, int, int]]:
     """(module.qualname, first line, lines) of every definition reachable from `entry` by name, in
     depth-first order, over the top-level modules (read with ast; nothing is imported). A definition of
     a SEALED module is listed but not followed, as in the traced count."""
@@ -127,7 +128,7 @@ def static_reach(entry: str = "rl.rl_step") -> list[tuple[str, int, int]]:
         if k not in seen:
             seen.add(k)
             order.append(k)
-            if k.split(".")[0] not in SEALED:        # the network, the decoder, the reader, the plumbing
+            if k.split(".")[0] not in sealed:        # the network, the decoder, the reader, the plumbing
                 for c in callees(k):
                     visit(c)
     visit(entry)
@@ -159,13 +160,13 @@ def setup(opts: dict):
 
 
 def main(argv: list[str]):
-    _, opts = C.get_config(argv, extra={"steps": 6, "ckpt": "", "static": False})
+    _, opts = C.get_config(argv, extra={"steps": 6, "ckpt": "", "static": False, "open_all": False})
     if opts["static"]:
-        rows = static_reach()
+        rows = static_reach(sealed=set() if opts["open_all"] else SEALED)
         files = [k.split(".")[0] for k, _, _ in rows]
         for k, line, n in rows:
             print(f"{k.split('.')[0]}.py:{line} {k.split('.', 1)[1]} ({n} lines)" + ("   (not opened)" if k.split(".")[0] in SEALED else ""))
-        opened = [(f, n) for f, (_, _, n) in zip(files, rows) if f not in SEALED]
+        opened = [(f, n) for f, (_, _, n) in zip(files, rows) if f not in SEALED or opts["open_all"]]
         of = [f for f, _ in opened]
         print(f"static reach of rl.rl_step: {len(rows)} definitions ({len(opened)} opened, {sum(n for _, n in opened)} "
               f"lines) in {len(set(of))} files opened, {sum(a != b for a, b in zip(of, of[1:]))} file switches between "
@@ -190,9 +191,11 @@ def main(argv: list[str]):
         print(f"{f}.py:{rec.seen[k][1]} {k.split('.', 1)[1]}" + ("   (not opened)" if f in SEALED else ""))
     per = Counter(files)
     print("per file: " + ", ".join(f"{f} {n}" for f, n in per.most_common()))
+    of = [f for f in files if f not in SEALED]
     print(f"reading path of rl.rl_step ({opts['steps']} steps, {forced} answer-forced samples): {len(keys)} definitions "
           f"({len(opened)} opened, {len(keys) - len(opened)} not opened: {', '.join(sorted(SEALED & set(files)))}) "
-          f"in {len(set(f for f in files if f not in SEALED))} files opened, {switches} file switches")
+          f"in {len(set(of))} files opened, {sum(a != b for a, b in zip(of, of[1:]))} file switches between opened "
+          f"definitions ({switches} counting the calls not opened)")
 
 
 if __name__ == "__main__":
