@@ -1,27 +1,26 @@
 """
-Shared plumbing of the training loops (train.py, rl.py) and the entry scripts (eval.py, bench.py,
-estimators.py, study.py): nothing here is the method itself, it is what every stage needs around it.
+Shared plumbing of the training loops (train.py) and the entry scripts (eval.py, sample.py and the
+studies): nothing here is the method itself, it is what every stage needs around it.
 
   Ctx, setup()          device (cuda > mps > cpu), dtype (bf16 autocast on CUDA with bf16, or on any
-                        device with --train.dtype=bfloat16; else fp32; the reason is printed), DDP from torchrun's environment (NCCL on GPU, gloo on
-                        CPU), seeds offset by rank, out_dir and log.txt (rank 0 writes files)
+                        device with --train.dtype=bfloat16; else fp32; the reason is printed), DDP from
+                        torchrun's environment (NCCL on GPU, gloo on CPU), seeds offset by rank, out_dir
+                        and log.txt (rank 0 writes files); Ctx.all_sum and Ctx.average_gradients are the
+                        two collectives rl.policy_update needs
   sync_grads, broadcast_params, all_reduce_mean, mean_over_all, from_rank0, stop_together
                         the collectives the training loops need (we do not wrap the model in
                         DistributedDataParallel: see sync_grads)
   STOP                  SIGINT / SIGTERM: stop after the current step with a checkpoint
-  Bundle, get_bundle()  synthetic pools (+ optional JSONL) -> tokenizer -> VQ codes of every picture,
-                        computed ONCE per (data, vq) config and cached in data.cache_dir, so that no
-                        picture is tokenized inside a training loop
   build_model, make_optimizer, lr_at, unwrap
   save_checkpoint, load_checkpoint, load_weights, model_from_checkpoint, latest_checkpoint,
-  load_latest, load_run,
   best_score            atomic checkpoints (tmp + rename) and one-line errors for the usual mistakes
-  TaskSampler, gather_rank_states, restore_rank_state
-                        the task-mix sampler and every rank's random state, so that a resumed run
-                        continues exactly (tests/test_distributed.py)
-  git_commit, write_json
-                        what results files record, and strict JSON for them
+  gather_rank_states, restore_rank_state
+                        every rank's random state, so that a resumed run continues exactly
+                        (tests/test_distributed.py)
+  OutDirLock, run_main, write_json
+                        one run per out_dir, the exit codes, strict JSON
 
+The data bundle (pools -> tokens, cached; the SFT task sampler; a finished run's data) is data.py.
 Like nanochat's common.py: the training scripts read top to bottom because this lives elsewhere.
 """
 from __future__ import annotations

@@ -71,8 +71,7 @@ class DataConfig:
     n_sft: int = 3000                # traced SFT examples per task family ("deliberately limited")
     n_rl: int = 5000                 # answer-only RL prompts per family (no traces: rewards need none)
     n_eval: int = 200                # held-out examples per family, disjoint from both pools
-    n_val: int = 200                 # validation examples per family (quick evals, best checkpoints),
-                                     # disjoint from all the other splits
+    n_val: int = 200                 # validation examples per family (quick evals, best checkpoints)
     hard_frac: float = 0.4           # share of level-2 vqa / grounding questions when a split's levels are 1,2
     # difficulty levels of the traced SFT, answer-only RL and held-out eval + val splits (world.draw_level;
     # vqa = composition, grounding = relation depth); eval by bucket: in, edge (one above), far (two or more)
@@ -105,9 +104,7 @@ class VQConfig:
     batch_size: int = 64
     lr: float = 2e-3
     steps: int = 1500
-    time_budget_s: float = 0.0       # optional cap in seconds (0 = none): stop early if the next step
-                                     # would cross it. Off by default so that the result depends on the
-                                     # steps alone, not on how fast the machine is
+    time_budget_s: float = 0.0       # optional cap in seconds (0 = none, so the result depends on the steps alone)
     beta: float = 0.25               # commitment loss weight (VQ-VAE, arXiv 1711.00937)
     ema_decay: float = 0.9           # EMA codebook updates (the VQ-VAE paper's appendix)
     dead_threshold: float = 0.5      # restart codes used less than this many times per batch (EMA count)
@@ -153,12 +150,10 @@ class TrainConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     max_steps: int = 3800            # toy: SFT steps of the main job (the same steps on any machine)
-    time_budget_s: float = 0.0       # optional cap on SFT training seconds (quick evals not counted);
-                                     # 0 = none: the step count alone decides, so results reproduce
+    time_budget_s: float = 0.0       # optional cap on SFT training seconds (quick evals not counted); 0 = none
     log_interval: int = 50
     eval_interval: int = 1000        # quick eval on eval.curve_split during SFT (the learning curve and
-                                     # ckpt_sft_best.pt; ~10 s each on the toy CPU, not counted in the
-                                     # time budget); 0 = off
+                                     # ckpt_sft_best.pt; not counted in the time budget); 0 = off
     ckpt_interval: int = 500
     task_mix: str = "vqa:4,ground:3,edit:2,t2i:1"   # SFT sampling ratios over the four families
     resume: bool = False             # continue from the latest checkpoint in out_dir
@@ -185,10 +180,8 @@ class RLConfig:
     likelihood: str = "complementary"  # complementary | elbo_mc | mc_unweighted | one_step
     n_mc: int = 2                    # forward passes for the MC estimators (complementary uses 2)
     logp_norm: str = "sum"           # log pi = sum over response tokens (Eq. C as written) | "mean" (unknown)
-    shared_t: bool = False           # one t1 for the whole batch instead of one per sample (unknown);
-                                     # complementary only
-    p_prompt: float = 0.0            # one_step only: mask each prompt token with this probability (Eq. O;
-                                     # d1 uses 0.15); 0 = the prompt stays clean
+    shared_t: bool = False           # one t1 for the batch, not one per sample (unknown); complementary only
+    p_prompt: float = 0.0            # one_step only: mask each prompt token w.p. this (Eq. O; d1: 0.15)
     kl_coef: float = 0.0             # ablation only: KL to a frozen reference copy (paper: none)
     ppo_epochs: int = 1              # mu: optimizer steps per batch of rollouts; 1 = the paper's on-policy
                                      # update (no ratio); > 1: ratio on the same masks, clipped (d1)
@@ -472,25 +465,25 @@ def check_ranges(cfg: Config):
 def validate(cfg: Config):
     """Ranges (RANGES) and the cross-field checks a type check cannot do, the device and the paths.
     Each failure is one line with the fix."""
-    d, m, t, r = cfg.data, cfg.model, cfg.train, cfg.rl
+    d, m, tc, rc = cfg.data, cfg.model, cfg.train, cfg.rl
     check_ranges(cfg)
     if d.jsonl and os.path.isdir(d.jsonl):
         raise ConfigError(f"--data.jsonl={d.jsonl!r} is a folder; pass the .jsonl file inside it "
                           f"(python user_data.py --export=DIR writes DIR/data.jsonl)")
     if d.jsonl and not os.path.isfile(d.jsonl):
         raise ConfigError(f"--data.jsonl={d.jsonl!r}: no such file (python user_data.py --export=DIR writes an example)")
-    if t.init_from and not os.path.isfile(t.init_from):
-        raise ConfigError(f"--train.init_from={t.init_from!r}: no such checkpoint file")
-    if os.path.exists(t.out_dir) and not os.path.isdir(t.out_dir):
-        raise ConfigError(f"--train.out_dir={t.out_dir!r} is a file, not a folder; pick another --out_dir")
-    for key, folder in (("data.cache_dir", d.cache_dir), ("train.out_dir", t.out_dir)):
+    if tc.init_from and not os.path.isfile(tc.init_from):
+        raise ConfigError(f"--train.init_from={tc.init_from!r}: no such checkpoint file")
+    if os.path.exists(tc.out_dir) and not os.path.isdir(tc.out_dir):
+        raise ConfigError(f"--train.out_dir={tc.out_dir!r} is a file, not a folder; pick another --out_dir")
+    for key, folder in (("data.cache_dir", d.cache_dir), ("train.out_dir", tc.out_dir)):
         if not writable(folder):
             raise ConfigError(f"--{key}={folder!r}: cannot write there (read-only, a file, or no permission); "
                               f"pick another --{key}")
-    if t.device != "auto" and t.device.split(":")[0] not in ("cpu", "cuda", "mps"):
-        raise ConfigError(f"--train.device={t.device!r}: expected auto, cpu, cuda, cuda:N or mps")
+    if tc.device != "auto" and tc.device.split(":")[0] not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"--train.device={tc.device!r}: expected auto, cpu, cuda, cuda:N or mps")
     if cfg.train.stage not in ("vq", "sft", "rl", "eval", "all"):
-        raise ConfigError(f"--train.stage={t.stage!r}: expected one of vq, sft, rl, eval, all")
+        raise ConfigError(f"--train.stage={tc.stage!r}: expected one of vq, sft, rl, eval, all")
     for key in ("sft_levels", "rl_levels", "eval_levels"):
         v = getattr(d, key)
         parts = [p.strip() for p in v.split(",") if p.strip()]
@@ -509,60 +502,63 @@ def validate(cfg: Config):
         raise ConfigError(f"--diffusion.loss_weight={cfg.diffusion.loss_weight!r}: expected mean or elbo")
     if cfg.diffusion.remask not in ("low_confidence", "random"):
         raise ConfigError(f"--diffusion.remask={cfg.diffusion.remask!r}: expected low_confidence or random")
-    if r.likelihood not in ("complementary", "elbo_mc", "mc_unweighted", "one_step"):
-        raise ConfigError(f"--rl.likelihood={r.likelihood!r}: expected complementary, elbo_mc, "
+    if rc.likelihood not in ("complementary", "elbo_mc", "mc_unweighted", "one_step"):
+        raise ConfigError(f"--rl.likelihood={rc.likelihood!r}: expected complementary, elbo_mc, "
                           f"mc_unweighted or one_step")
-    if r.logp_norm not in ("sum", "mean"):
-        raise ConfigError(f"--rl.logp_norm={r.logp_norm!r}: expected sum or mean")
-    if r.shared_t and r.likelihood != "complementary":
+    if rc.logp_norm not in ("sum", "mean"):
+        raise ConfigError(f"--rl.logp_norm={rc.logp_norm!r}: expected sum or mean")
+    if rc.shared_t and rc.likelihood != "complementary":
         raise ConfigError(f"--rl.shared_t=true applies to --rl.likelihood=complementary only (its t1), not "
-                          f"{r.likelihood}: drop --rl.shared_t")
-    if not 0 <= r.p_prompt < 1:
-        raise ConfigError(f"--rl.p_prompt={r.p_prompt!r}: a probability, must be in [0, 1)")
-    if r.p_prompt and r.likelihood != "one_step":
-        raise ConfigError(f"--rl.p_prompt={r.p_prompt} masks the prompt of --rl.likelihood=one_step only, not "
-                          f"{r.likelihood}: set --rl.likelihood=one_step or drop --rl.p_prompt")
-    for key, v in (("vq.time_budget_s", cfg.vq.time_budget_s), ("train.time_budget_s", t.time_budget_s),
-                   ("rl.time_budget_s", r.time_budget_s)):
+                          f"{rc.likelihood}: drop --rl.shared_t")
+    if not 0 <= rc.p_prompt < 1:
+        raise ConfigError(f"--rl.p_prompt={rc.p_prompt!r}: a probability, must be in [0, 1)")
+    if rc.p_prompt and rc.likelihood != "one_step":
+        raise ConfigError(f"--rl.p_prompt={rc.p_prompt} masks the prompt of --rl.likelihood=one_step only, not "
+                          f"{rc.likelihood}: set --rl.likelihood=one_step or drop --rl.p_prompt")
+    for key, v in (("vq.time_budget_s", cfg.vq.time_budget_s), ("train.time_budget_s", tc.time_budget_s),
+                   ("rl.time_budget_s", rc.time_budget_s)):
         if v < 0:
             raise ConfigError(f"--{key}={v}: a cap in seconds, >= 0 (0 = no cap)")
-    if r.ppo_epochs < 1 or not 0 < r.clip_eps < 1:
-        raise ConfigError(f"--rl.ppo_epochs={r.ppo_epochs} / --rl.clip_eps={r.clip_eps}: need ppo_epochs >= 1 "
+    if rc.ppo_epochs < 1 or not 0 < rc.clip_eps < 1:
+        raise ConfigError(f"--rl.ppo_epochs={rc.ppo_epochs} / --rl.clip_eps={rc.clip_eps}: need ppo_epochs >= 1 "
                           f"and 0 < clip_eps < 1")
-    if r.advantage not in ("unified", "rft"):
-        raise ConfigError(f"--rl.advantage={r.advantage!r}: expected unified or rft")
+    if rc.advantage not in ("unified", "rft"):
+        raise ConfigError(f"--rl.advantage={rc.advantage!r}: expected unified or rft")
     try:     # the parsers live beside what they parse (tokens: task lists, rollout: the tree schedule)
-        parse_mix(t.task_mix, "train.task_mix")
-        missing = set(parse_mix(r.task_mix, "rl.task_mix", RL_TASKS))
-        if r.advantage == "rft":
-            missing -= set(parse_task_values(r.rft_accept, "rl.rft_accept", RL_TASKS))
-        schedule = parse_tree_schedule(r.tree_schedule)
+        parse_mix(tc.task_mix, "train.task_mix")
+        missing = set(parse_mix(rc.task_mix, "rl.task_mix", RL_TASKS))
+        if rc.advantage == "rft":
+            missing -= set(parse_task_values(rc.rft_accept, "rl.rft_accept", RL_TASKS))
+        schedule = parse_tree_schedule(rc.tree_schedule)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if r.advantage == "rft" and missing:
-        raise ConfigError(f"--rl.rft_accept={r.rft_accept!r} has no threshold for {sorted(missing)} (in rl.task_mix)")
+    if rc.advantage == "rft" and missing:
+        raise ConfigError(f"--rl.rft_accept={rc.rft_accept!r} has no threshold for {sorted(missing)} (in rl.task_mix)")
     splits = {"sft": d.n_sft, "rl": d.n_rl, "eval": d.n_eval, "val": d.n_val}
     if cfg.eval.curve_split not in splits:
         raise ConfigError(f"--eval.curve_split={cfg.eval.curve_split!r}: expected one of {', '.join(splits)} (val: "
                           f"the validation split; eval is the held-out split, keep it for final numbers)")
-    if (t.eval_interval or r.eval_interval) and not (splits[cfg.eval.curve_split] and cfg.eval.curve_n > 0):
+    if (tc.eval_interval or rc.eval_interval) and not (splits[cfg.eval.curve_split] and cfg.eval.curve_n > 0):
         raise ConfigError(f"quick evals are on (train/rl.eval_interval) but split {cfg.eval.curve_split!r} or "
                           f"eval.curve_n is empty: set --data.n_{cfg.eval.curve_split} / --eval.curve_n > 0 or "
                           f"--train.eval_interval=0 --rl.eval_interval=0")
-    if r.af_mode not in ("failed_groups", "all_groups"):
-        raise ConfigError(f"--rl.af_mode={r.af_mode!r}: expected failed_groups or all_groups")
-    if t.batch_size % t.micro_batch:
-        raise ConfigError(f"train.batch_size={t.batch_size} must be a multiple of train.micro_batch={t.micro_batch}")
+    if rc.af_mode not in ("failed_groups", "all_groups"):
+        raise ConfigError(f"--rl.af_mode={rc.af_mode!r}: expected failed_groups or all_groups")
+    if tc.batch_size % tc.micro_batch:
+        raise ConfigError(f"train.batch_size={tc.batch_size} must be a multiple of train.micro_batch={tc.micro_batch}")
     n_img = (d.image_size // cfg.vq.downsample) ** 2
     img_steps = min(cfg.diffusion.image_steps, n_img)
     for s in schedule[1:]:
         if isinstance(s, int) and not 0 < s < img_steps:
-            raise ConfigError(f"--rl.tree_schedule={r.tree_schedule!r}: branch step {s} must lie in "
+            raise ConfigError(f"--rl.tree_schedule={rc.tree_schedule!r}: branch step {s} must lie in "
                               f"1..{img_steps - 1} (the image has {img_steps} denoising steps)")
 
 
 def to_dict(cfg: Config) -> dict:
     return asdict(cfg)
+
+
+REMOVED = {"data.teacher_slip": 0.0, "data.teacher_bias": "", "data.teacher_box_pad": 0}   # option -> its old default
 
 
 def from_dict(d: dict, source: str = "") -> Config:
@@ -571,6 +567,11 @@ def from_dict(d: dict, source: str = "") -> Config:
     missing model.* key is a ConfigError (today's default may describe another architecture than
     the one the weights were trained as), any other missing key takes today's default with a
     warning on stderr that names the keys."""
+    given = {k: d.get(k.split(".")[0], {}).get(k.split(".")[1], v) for k, v in REMOVED.items()}
+    set_removed = [f"{k}={v!r}" for k, v in given.items() if v != REMOVED[k]]
+    if set_removed:
+        raise ConfigError(f"{source or 'the config'} sets {', '.join(set_removed)}: options removed since bfc48d4 "
+                          f"(RESULTS.md, removed switches); check out bfc48d4 to use it")
     cfg = Config(preset=d.get("preset", "toy"))
     missing = []
     for section in SECTIONS:

@@ -60,11 +60,13 @@ def jsonl_files(path: str) -> list[str]:
 
 
 def _bundle_key(cfg, vq_file: str) -> str:
-    # the key covers everything the tokens depend on: the data and VQ configs, the VQ weights' file,
+    # the key covers everything the tokens depend on: the data and VQ configs, the VQ weights' contents,
     # the source of the world and the tokens (edit a task generator and the stale cache is not reused),
     # and the contents of --data.jsonl and of the pictures it names, not just its file name
     blob = json.dumps(C.to_dict(cfg)["data"], sort_keys=True) + json.dumps(C.to_dict(cfg)["vq"], sort_keys=True)
-    blob += str(os.path.getmtime(vq_file)) if os.path.exists(vq_file) else ""
+    if os.path.exists(vq_file):               # its contents, so that a copied cache/ is still found
+        with open(vq_file, "rb") as f:
+            blob += hashlib.sha1(f.read()).hexdigest()
     for path in [m.__file__ for m in (T, world, world_extras, user_data)] + jsonl_files(cfg.data.jsonl):
         with open(path, "rb") as f:
             blob += hashlib.sha1(f.read()).hexdigest()
@@ -231,7 +233,7 @@ def load_run(path: str, out_dir: str, who: str, device: str = "cpu"):
 
 def picture_judge(cfg, vq) -> PictureJudge:
     """What the rewards need to score generated pictures in this config's world (rewards.score_rows):
-    the VQ decoder (vq None: no decoder, for scoring scenes alone), the world's scene reader and
-    graders (world_extras.world_for)."""
+    the VQ decoder (vq None: no decoder, for scoring scenes alone), the scene reader (world.read_scene)
+    and the world's graders (world_extras.world_for)."""
     w = world_extras.world_for(cfg.data)
-    return PictureJudge(None if vq is None else vq.decode, w.read, cfg.data.grid, w.graders)
+    return PictureJudge(None if vq is None else vq.decode, world.read_scene, cfg.data.grid, w.graders)

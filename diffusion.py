@@ -220,6 +220,17 @@ def allowed_ids(batch: Batch, tok: Tokenizer, forbid: torch.Tensor | None = None
     return allowed if forbid is None else allowed & ~forbid[:, None, :]
 
 
+def vocab_masks(tok: Tokenizer, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which ids a text slot and an image slot may take: (V,) bool each."""
+    V = tok.vocab_size
+    img = torch.zeros(V, dtype=torch.bool, device=device)
+    img[tok.img_offset:] = True
+    text = ~img
+    for bad in (tok.PAD, tok.MASK, tok.IMASK, tok.UNK, tok.BOI, tok.EOI, *tok.TASK.values()):
+        text[bad] = False
+    return text, img
+
+
 class Denoiser:
     """The model as the sampler calls it: the logits of a block of the response given the current
     canvas (B, R). With a prefix-DLM the prompt is encoded once for every step (model.encode_prefix);
@@ -250,6 +261,54 @@ class Denoiser:
             g = self.cfg_scale
             logits = torch.where(self.is_img[:, blk, None], (1 + g) * logits - g * ul, logits)
         return logits
+
+
+def uses_prefix_cache(model) -> bool:
+    """Whether `model` is a prefix-DLM whose prompt can be encoded once (model.encode_prefix /
+    forward_cached, METHOD.md §3). A model without `cfg` (a test stub) has none. A wrapper (DDP's
+    .module, a compiled model's ._orig_mod) that hides a prefix-DLM's methods is a ValueError, not a
+    silent fall-back to the slow full pass: pass common.unwrap(model) instead."""
+    cfg = getattr(model, "cfg", None)
+    if cfg is None:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if getattr(getattr(inner, "cfg", None), "prefix_dlm", False):
+            raise ValueError(f"{type(model).__name__} wraps a prefix-DLM model but hides its prefix cache "
+                             f"(encode_prefix); pass the unwrapped model (common.unwrap)")
+        return False
+    return bool(cfg.prefix_dlm) and hasattr(model, "encode_prefix")
+
+
+def encode_prompts(model, prompt: torch.Tensor, valid: torch.Tensor):
+    """model.encode_prefix (B, P) with each DISTINCT prompt row encoded once and its keys/values
+    indexed back to every row that holds it: a group's N rollouts, and the rollout rows of one prompt
+    in the update, share one encoding. Same values as encoding every row (up to float rounding)."""
+    P = prompt.shape[1]
+    uniq, inv = torch.unique(torch.cat([prompt, valid.long()], 1), dim=0, return_inverse=True)
+    if len(uniq) == len(prompt):
+        return model.encode_prefix(prompt, valid)
+    cache = model.encode_prefix(uniq[:, :P], uniq[:, P:].bool())                  # (U, ...) -> (B, ...)
+    return cache.rows(inv)
+
+
+def _response_logits(model, batch: Batch, resp: torch.Tensor, cache, dedupe: bool = True) -> torch.Tensor:
+    """Logits at the response positions (B, R, V); with a prefix cache only the response runs.
+    Rows whose whole canvas (prompt and response) is identical get identical logits, so each
+    distinct canvas runs once: the N samples of a group start from one all-[M] canvas, a tree
+    branch's N children from one rebuilt state, and a confident policy's samples stay equal for many
+    steps. What is sampled does not change (the noise is drawn per row afterwards). dedupe=False
+    (--diffusion.dedupe=false) runs every row."""
+    P = batch.P
+    uniq, inv = torch.unique(torch.cat([batch.tokens[:, :P], resp], 1), dim=0, return_inverse=True) \
+        if dedupe else (resp, None)
+    if len(uniq) < len(resp):
+        first = torch.full((len(uniq),), len(resp), dtype=torch.long, device=resp.device)
+        first = first.scatter_reduce(0, inv, torch.arange(len(resp), device=resp.device), "amin")   # (U,)
+        sub = None if cache is None else cache.rows(first)
+        return _response_logits(model, batch.rows(first), resp[first], sub)[inv]                   # (U,...) -> (B,...)
+    if cache is not None:
+        return model.forward_cached(resp, cache, batch.valid[:, P:])
+    tokens = torch.cat([batch.tokens[:, :P], resp], 1)
+    return model(tokens, batch.valid, batch.is_prompt)[:, P:]
 
 
 def make_plan(R_text: int, n_img: int, dcfg) -> list[PlanStep]:
@@ -305,65 +364,6 @@ def gumbel_argmax(logits: torch.Tensor, temperature: float, generator: torch.Gen
     u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=torch.float64)
     g = -torch.log(-torch.log(u.clamp_min(1e-20)))
     return (logits.double() / temperature + g).argmax(-1)
-
-
-def vocab_masks(tok: Tokenizer, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Which ids a text slot and an image slot may take: (V,) bool each."""
-    V = tok.vocab_size
-    img = torch.zeros(V, dtype=torch.bool, device=device)
-    img[tok.img_offset:] = True
-    text = ~img
-    for bad in (tok.PAD, tok.MASK, tok.IMASK, tok.UNK, tok.BOI, tok.EOI, *tok.TASK.values()):
-        text[bad] = False
-    return text, img
-
-
-def uses_prefix_cache(model) -> bool:
-    """Whether `model` is a prefix-DLM whose prompt can be encoded once (model.encode_prefix /
-    forward_cached, METHOD.md §3). A model without `cfg` (a test stub) has none. A wrapper (DDP's
-    .module, a compiled model's ._orig_mod) that hides a prefix-DLM's methods is a ValueError, not a
-    silent fall-back to the slow full pass: pass common.unwrap(model) instead."""
-    cfg = getattr(model, "cfg", None)
-    if cfg is None:
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if getattr(getattr(inner, "cfg", None), "prefix_dlm", False):
-            raise ValueError(f"{type(model).__name__} wraps a prefix-DLM model but hides its prefix cache "
-                             f"(encode_prefix); pass the unwrapped model (common.unwrap)")
-        return False
-    return bool(cfg.prefix_dlm) and hasattr(model, "encode_prefix")
-
-
-def encode_prompts(model, prompt: torch.Tensor, valid: torch.Tensor):
-    """model.encode_prefix (B, P) with each DISTINCT prompt row encoded once and its keys/values
-    indexed back to every row that holds it: a group's N rollouts, and the rollout rows of one prompt
-    in the update, share one encoding. Same values as encoding every row (up to float rounding)."""
-    P = prompt.shape[1]
-    uniq, inv = torch.unique(torch.cat([prompt, valid.long()], 1), dim=0, return_inverse=True)
-    if len(uniq) == len(prompt):
-        return model.encode_prefix(prompt, valid)
-    cache = model.encode_prefix(uniq[:, :P], uniq[:, P:].bool())                  # (U, ...) -> (B, ...)
-    return cache.rows(inv)
-
-
-def _response_logits(model, batch: Batch, resp: torch.Tensor, cache, dedupe: bool = True) -> torch.Tensor:
-    """Logits at the response positions (B, R, V); with a prefix cache only the response runs.
-    Rows whose whole canvas (prompt and response) is identical get identical logits, so each
-    distinct canvas runs once: the N samples of a group start from one all-[M] canvas, a tree
-    branch's N children from one rebuilt state, and a confident policy's samples stay equal for many
-    steps. What is sampled does not change (the noise is drawn per row afterwards). dedupe=False
-    (--diffusion.dedupe=false) runs every row."""
-    P = batch.P
-    uniq, inv = torch.unique(torch.cat([batch.tokens[:, :P], resp], 1), dim=0, return_inverse=True) \
-        if dedupe else (resp, None)
-    if len(uniq) < len(resp):
-        first = torch.full((len(uniq),), len(resp), dtype=torch.long, device=resp.device)
-        first = first.scatter_reduce(0, inv, torch.arange(len(resp), device=resp.device), "amin")   # (U,)
-        sub = None if cache is None else cache.rows(first)
-        return _response_logits(model, batch.rows(first), resp[first], sub)[inv]                   # (U,...) -> (B,...)
-    if cache is not None:
-        return model.forward_cached(resp, cache, batch.valid[:, P:])
-    tokens = torch.cat([batch.tokens[:, :P], resp], 1)
-    return model(tokens, batch.valid, batch.is_prompt)[:, P:]
 
 
 # ----------------------------------------------------------------------------------------------

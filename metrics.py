@@ -269,7 +269,7 @@ def evaluate(model, bundle, vq, cfg, device, autocast, split: str = "eval", n: i
 
 def level_metrics(name: str, exs, r, sft_levels: str) -> dict:
     """The mean reward `r` per difficulty level ({name}_L1, ...) and per bucket relative to the SFT
-    levels ({name}_in / _edge / _far, data.bucket), for the buckets the examples fill; plus the
+    levels ({name}_in / _edge / _far, world.bucket), for the buckets the examples fill; plus the
     example counts under "{name}_n" so that a reader can weigh each number."""
     by_level, by_bucket = defaultdict(list), defaultdict(list)
     for e, x in zip(exs, r):

@@ -20,8 +20,7 @@ reason is returned so callers can count failures by reason in their logs. score_
 right reward to a batch of sampled rows (rollouts and held-out evaluation both call it).
 
 The file reads top-down: score_rows, the picture rewards, the vqa reward and its parser, the grounding
-reward, then
-trace_answer (whether a reasoning trace implies its answer: the check of answer-forcing's traces).
+reward, then trace_answer (whether a reasoning trace implies its answer: answer-forcing's check).
 
 Exercise: python -m pytest tests/test_rewards.py -q
 """
@@ -76,7 +75,7 @@ class PictureJudge:
     (world_extras' colour constraints; qtype -> grade(source, target, pred, grid)). data.picture_judge
     builds it from a run's config and VQ tokenizer."""
     decode: Callable               # (B, n_img) codes -> (B, H, W, 3) pictures in [0, 1] (vq.VQVAE.decode)
-    read_scene: Callable           # (picture, grid) -> the scene: one Shape or None per cell (world.World.read)
+    read_scene: Callable           # (picture, grid) -> the scene: one Shape or None per cell (world.read_scene)
     grid: int
     graders: dict = field(default_factory=dict)
 

@@ -148,7 +148,7 @@ def triplets(groups: list[Groups], advs: list[torch.Tensor], ro: RolloutContext,
     for g, a in zip(groups, advs):
         keep = (a.reshape(-1) != 0).nonzero().squeeze(1)                   # prompt-major slots with A != 0
         if len(keep):
-            parts.append(g.rows().rows(keep.to(dev)))
+            parts.append(g.as_batch().rows(keep.to(dev)))
             kept.append(a.reshape(-1)[keep].to(dev))
     n = rc.sft_rows + sum(int(g.member.sum()) for g in groups)
     if not parts:

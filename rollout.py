@@ -42,7 +42,6 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
-from typing import Callable
 
 import torch
 from einops import rearrange
@@ -60,7 +59,7 @@ class RolloutContext:
     model: torch.nn.Module
     tok: object                    # tokens.Tokenizer
     sets: dict                     # sets[task][split] -> tokens.TaskSet (data.Bundle.sets)
-    judge: Callable                # the reward of pictures: judge(task, examples, codes) (world.PictureJudge)
+    judge: object                  # how the rewards see pictures (rewards.PictureJudge: decoder, reader, graders)
     cfg: object                    # config.Config: cfg.rl (the rollout settings), cfg.diffusion (the sampler)
     device: str
     autocast: object               # a context manager: bf16 autocast or a no-op
@@ -115,7 +114,7 @@ class Groups:
         """On-policy slots per group: N * rounds."""
         return self.tokens.shape[1] - int(self.forcing)
 
-    def rows(self) -> Batch:
+    def as_batch(self) -> Batch:
         """All G * n slots as one batch, prompt-major (row g * n + j is slot j of prompt g)."""
         n = self.tokens.shape[1]
         return self.base.repeat(n).with_tokens(rearrange(self.tokens, "g n t -> (g n) t"))
@@ -123,6 +122,29 @@ class Groups:
 
 # ----------------------------------------------------------------------------------------------
 # tree search (METHOD.md §6)
+
+
+UNCERTAIN_BRANCHES = ("H", "Ht", "Hi")   # branch at the most uncertain slot of all / text / image
+
+
+def parse_tree_schedule(text: str) -> list:
+    """'0,2,H' -> [0, 2, 'H']: rl.tree_schedule's rounds. The first is 0 (fresh samples); each later
+    one is an image step (int) or one of UNCERTAIN_BRANCHES. ValueError (one line) otherwise;
+    config.validate turns it into a config error before any work."""
+    out = []
+    for x in (p.strip() for p in text.strip("[]").split(",") if p.strip()):
+        if x in UNCERTAIN_BRANCHES:
+            out.append(x)
+            continue
+        try:
+            out.append(int(x))
+        except ValueError:
+            raise ValueError(f"--rl.tree_schedule={text!r}: {x!r} is neither an image step nor one of "
+                             f"{', '.join(UNCERTAIN_BRANCHES)}; e.g. 0,2 or 0,H") from None
+    if not out or out[0] != 0 or 0 in out[1:]:
+        raise ValueError(f"--rl.tree_schedule={text!r}: the first round is 0 (fresh samples) and only the first, "
+                         f"e.g. 0,2 or 0,H")
+    return out
 
 
 def sample_rounds(ro: RolloutContext, base: Batch, exs: list, schedule: list, lay) -> tuple[torch.Tensor, torch.Tensor, Counter]:
@@ -159,29 +181,6 @@ def sample_rounds(ro: RolloutContext, base: Batch, exs: list, schedule: list, la
         rews.append(r.view(G, N))
         why += w
     return torch.cat(toks, 1), torch.cat(rews, 1), why
-
-
-UNCERTAIN_BRANCHES = ("H", "Ht", "Hi")   # branch at the most uncertain slot of all / text / image
-
-
-def parse_tree_schedule(text: str) -> list:
-    """'0,2,H' -> [0, 2, 'H']: rl.tree_schedule's rounds. The first is 0 (fresh samples); each later
-    one is an image step (int) or one of UNCERTAIN_BRANCHES. ValueError (one line) otherwise;
-    config.validate turns it into a config error before any work."""
-    out = []
-    for x in (p.strip() for p in text.strip("[]").split(",") if p.strip()):
-        if x in UNCERTAIN_BRANCHES:
-            out.append(x)
-            continue
-        try:
-            out.append(int(x))
-        except ValueError:
-            raise ValueError(f"--rl.tree_schedule={text!r}: {x!r} is neither an image step nor one of "
-                             f"{', '.join(UNCERTAIN_BRANCHES)}; e.g. 0,2 or 0,H") from None
-    if not out or out[0] != 0 or 0 in out[1:]:
-        raise ValueError(f"--rl.tree_schedule={text!r}: the first round is 0 (fresh samples) and only the first, "
-                         f"e.g. 0,2 or 0,H")
-    return out
 
 
 def uncertainty_span(letter: str, base: Batch, offset: int) -> tuple[torch.Tensor, int]:

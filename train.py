@@ -210,7 +210,8 @@ def run_rl(cfg, ctx: Ctx, bundle: Bundle, vq, model=None):
     ro = RolloutContext(run.model, bundle.tok, bundle.sets, picture_judge(cfg, vq), cfg, ctx.device, ctx.autocast, run.gen)
     save = lambda: save_rl(ckpt_path, run, cfg, bundle, ctx)
     ctx.log(describe_rl(rc, draws))
-    loop = StageLoop(cfg, ctx, bundle, vq, "rl", save, rc.eval_interval, run.best, time.time() - run.elapsed, run.step)
+    loop = StageLoop(cfg, ctx, bundle, vq, "rl", save, rc.eval_interval, quick_eval_best(cfg, "rl"),
+                     time.time() - run.elapsed, run.step)
     bad_steps = 0
     bar = tqdm(total=rc.max_steps, initial=run.step, disable=not ctx.master, desc="rl", dynamic_ncols=True, mininterval=5)
     while run.step < rc.max_steps:
@@ -264,7 +265,6 @@ class RLRun:
     step: int = 0
     elapsed: float = 0.0
     history: list = field(default_factory=list)
-    best: float = -math.inf        # the best quick-eval score so far (ckpt_rl_best.pt)
 
 
 def rl_start(cfg, ctx, bundle, model, ckpt_path: str) -> RLRun:
@@ -293,7 +293,6 @@ def rl_start(cfg, ctx, bundle, model, ckpt_path: str) -> RLRun:
     run = RLRun(model, opt, ref, TaskSampler(bundle.sets, "sft", parse_mix(tc.task_mix), tc.seed * 1000 + 7 + ctx.rank),
                 torch.Generator(device=dev).manual_seed(tc.seed * 1000 + 11 + ctx.rank),
                 torch.Generator().manual_seed(tc.seed * 1000 + 13 + ctx.rank))
-    run.best = quick_eval_best(cfg, "rl")
     if blob is not None:          # continue every random stream where the checkpoint left it
         opt.load_state_dict(blob["optim"])
         run.step, run.elapsed, run.history = blob["step"], blob.get("elapsed", 0.0), blob.get("history", [])

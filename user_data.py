@@ -23,7 +23,7 @@ from PIL import Image
 
 from config import get_config
 from tokens import box_text
-from world import SPLITS, Example, build_pools, ensure_images
+from world import SPLITS, Example, build_pools, ensure_images, read_scene
 from world_extras import world_for
 
 class JSONLError(ValueError):
@@ -100,12 +100,11 @@ def _jsonl_example(row, where: str, base: str, d) -> Example:
     else:
         trace = row.get("response", "" if task == "t2i" else None)
     ex = Example(task, "user", row["prompt"].strip(), None, answer, trace, ans_text, image=image)
-    read = world_for(d).read
     if image is not None and task == "edit":     # scored as source-vs-target scenes, like ours
-        ex.scene = read(image, d.grid)
+        ex.scene = read_scene(image, d.grid)
     if "target_image" in row:
         ex.target_image = _jsonl_image(base, row["target_image"], d, where)[0]
-        ex.answer = read(ex.target_image, d.grid)     # scored like the synthetic sets
+        ex.answer = read_scene(ex.target_image, d.grid)     # scored like the synthetic sets
     ex.split = row.get("split", "")
     if ex.split == "sft" and ex.trace is None:
         raise JSONLError(f"{where}: a row with \"split\": \"sft\" needs a 'response' (SFT trains on it)")

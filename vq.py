@@ -344,13 +344,13 @@ def _train_vq(vcfg: VQConfig, images_uint8: np.ndarray, device, seed: int):
 # ----------------------------------------------------------------------------------------------
 # evaluation and pictures
 
-def evaluate_vq(model: VQVAE, images_uint8: np.ndarray, scenes, grid: int, read=world.read_scene) -> dict:
+def evaluate_vq(model: VQVAE, images_uint8: np.ndarray, scenes, grid: int) -> dict:
     """Reconstruction MSE, codebook usage and attribute recovery on these pictures.
 
     Attribute recovery is the number that matters downstream: every edit and text-to-image answer
     is scored by reading the *decoded* picture with world.read_scene, so the decoder must draw each
     cell's kind, colour and size (or nothing) clearly enough to be re-read exactly.
-    images_uint8 (N, H, W, 3); scenes: the N scenes drawn in them; read: the world's reader. Returns a dict: recon_mse (mean
+    images_uint8 (N, H, W, 3); scenes: the N scenes drawn in them. Returns a dict: recon_mse (mean
     squared error per pixel channel, on the [0, 1] scale), codes_used / codebook_size / usage_frac /
     perplexity (codebook use), cell_acc / image_acc (share of cells / whole pictures re-read
     exactly), n_images.
@@ -364,7 +364,7 @@ def evaluate_vq(model: VQVAE, images_uint8: np.ndarray, scenes, grid: int, read=
     n_cells = 0
     recon_np = recon.numpy()
     for img, scene in zip(recon_np, scenes):
-        got = read(img, grid)
+        got = world.read_scene(img, grid)
         ok = [a == b for a, b in zip(got, scene)]                    # Shape is a frozen dataclass: ==
         cells_ok += sum(ok)
         n_cells += len(ok)
@@ -477,7 +477,7 @@ def run_vq_stage(cfg, out_dir: str, device):
     print(f"vq: rendered {len(train_imgs)} training + {len(eval_imgs)} eval pictures "
           f"({d.image_size}px) in {time.time() - t0:.1f}s; training on {device}")
     model, stats = train_vq(v, train_imgs, device, seed=d.seed)
-    ev = evaluate_vq(model, eval_imgs, eval_scenes, d.grid, world_extras.world_for(d).read)
+    ev = evaluate_vq(model, eval_imgs, eval_scenes, d.grid)
     metrics = {"train": stats, "eval": ev, "wall_s": time.time() - t0,
                "tokens_per_image": model.tokens_per_image}
     print(f"vq: {stats['steps']} steps in {stats['seconds']:.1f}s | train mse {stats['recon_mse']:.5f} | "

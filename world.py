@@ -153,15 +153,29 @@ def _chroma(rgb: np.ndarray) -> np.ndarray:
     return rgb / np.maximum(rgb.max(-1, keepdims=True), 1e-6)
 
 
-def read_scene(img: np.ndarray, grid: int, unfill: np.ndarray | None = None) -> Scene:
+DIM = 0.55               # a fill pattern's dimmed pixels keep this share of their brightness
+FILLS_MAX = 4            # fill patterns the reader undoes (world_extras draws them as part of a shape's look)
+
+
+def fill_map(fill: int, cell: int) -> np.ndarray:
+    """(cell, cell) brightness factors of fill pattern `fill`: 0 solid, 1 horizontal stripes,
+    2 vertical stripes, 3 checker (the odd rows / columns / squares dimmed to DIM)."""
+    y, x = np.mgrid[:cell, :cell]
+    odd = [np.zeros_like(y, dtype=bool), y % 2 == 1, x % 2 == 1, (x + y) % 2 == 1][fill]
+    return np.where(odd, DIM, 1.0).astype(np.float32)
+
+
+def read_scene(img: np.ndarray, grid: int) -> Scene:
     """Re-read every cell's (kind, colour, size) from a picture: (H, W, 3) uint8 or float in [0, 1].
 
     This is the scorer for edits and text-to-image, and the attribute-recovery check of the VQ
     tokenizer. Per cell: brightness = max over RGB; empty if the brightest pixel is below
-    EMPTY_PEAK; colour = the palette entry nearest in chroma (colour / its brightest channel) to the
-    mean of the bright pixels; kind and size = the template with the highest cosine similarity to
-    the brightness map. unfill (F, c*c): brightness factors that undo F fill patterns, the best over
-    all of them is taken (world_extras.read_scene_with_looks; None = solid shapes only).
+    EMPTY_PEAK; colour = the palette entry nearest in chroma (colour / its brightest channel, which no
+    shade changes) to the mean of the bright pixels; kind and size = the template with the highest
+    cosine similarity to the brightness map divided by a fill pattern, the best over every pattern
+    (the right pattern undoes a fill exactly; on a solid shape the solid one wins). It reads every
+    look of world_extras; in a world without looks it is as robust to an imperfectly drawn picture
+    as it has always been, which is what every measured reward was scored with.
     """
     img = np.asarray(img)
     if img.dtype != np.uint8:
@@ -169,7 +183,7 @@ def read_scene(img: np.ndarray, grid: int, unfill: np.ndarray | None = None) -> 
     image_size = img.shape[0]
     cell = image_size // grid
     shapes, maps = _templates(grid, image_size)
-    unfill = np.ones((1, cell * cell), dtype=np.float32) if unfill is None else unfill     # (F, c*c)
+    unfill = np.stack([1.0 / fill_map(f, cell).ravel() for f in range(FILLS_MAX)])    # (F, c*c)
     palette = _chroma(np.array(list(COLOURS.values()), dtype=np.float32))
     out = []
     for i in range(grid * grid):
@@ -212,12 +226,18 @@ def _list(cells: list[int], grid: int) -> str:
 
 
 def _count(cells: list[int], rng, traced: bool) -> int:
-    """The count a trace writes down. A traced example draws one number of its stream per count:
-    the stream every pool was built with (an imperfect-teacher option drew its miscounts there); the
-    draw keeps the pools, and so every measured number, what they were."""
+    """The count a trace writes down: len(cells). A traced example also draws one number of its stream
+    per count (keep_stream): the stream every pool was built with."""
+    keep_stream(rng, traced)
+    return len(cells)
+
+
+def keep_stream(rng, traced: bool):
+    """One draw of a traced example's stream per count its trace writes. An imperfect-teacher option
+    (removed) drew its miscounts there; drawing still keeps every pool, and with it every measured
+    number, what it was."""
     if traced:
         rng.random()
-    return len(cells)
 
 
 # question types by difficulty level: how many lists the answer combines (composition), with the
@@ -237,8 +257,7 @@ def make_vqa(scene: Scene, rng, grid: int, level: int, traced: bool):
         cells = [i for i, s in enumerate(scene) if s is not None]
         # the trace lists each shape's sides and adds them
         terms = [SIDES[scene[i].kind] for i in cells]
-        if traced:
-            rng.random()              # the traced stream's draw (_count)
+        keep_stream(rng, traced)
         total = sum(terms)
         trace = "sides : " + " ".join(f"{cell_name(i, grid)} {t}" for i, t in zip(cells, terms))
         trace += " . " + " + ".join(str(t) for t in terms) + f" = {total}"
@@ -431,7 +450,7 @@ class World:
       levels       task -> the difficulty levels it can pose (a split's levels are clipped to them)
       edit_makers  edit level -> maker(scene, rng, grid) -> (prompt, plan, target, qtype) or None
       looks        None (one look per cell content) or world_extras.Looks: draws each example's
-                   per-cell looks, renders them, and undoes the fills when reading
+                   per-cell looks and renders them (read_scene reads every look)
       graders      edit qtype -> grade(source, target, pred, grid) for edits with many right
                    pictures (world_extras' colour constraints); any other edit is graded by
                    rewards.edit_score"""
@@ -445,10 +464,6 @@ class World:
         if looks is None or self.looks is None:
             return render(scene, grid, image_size)
         return self.looks.render(scene, grid, image_size, looks)
-
-    def read(self, img: np.ndarray, grid: int) -> Scene:
-        """read_scene, undoing every fill pattern this world draws."""
-        return read_scene(img, grid, None if self.looks is None else self.looks.unfill(img.shape[0] // grid))
 
 
 DEFAULT_WORLD = World(levels={"vqa": tuple(VQA_LEVELS), "ground": tuple(GROUND_LEVELS), "edit": (1,), "t2i": (1,)},
@@ -529,7 +544,7 @@ def make_example(task: str, scene: Scene, rng, d, world: World, traced: bool, le
 SPLITS = ("sft", "rl", "eval", "val")   # val: model selection, so that eval stays held out
 
 
-def build_pools(d, world: World = DEFAULT_WORLD) -> dict[str, dict[str, list[Example]]]:
+def build_pools(d, world: World) -> dict[str, dict[str, list[Example]]]:
     """All synthetic examples: pools[task][split]. Deterministic in d (seed and sizes).
 
     Example i of (task, split) is drawn from its own generator seeded by (seed, task, split, i), so
@@ -563,7 +578,7 @@ def build_pools(d, world: World = DEFAULT_WORLD) -> dict[str, dict[str, list[Exa
     return pools
 
 
-def ensure_images(examples: list[Example], d, world: World = DEFAULT_WORLD):
+def ensure_images(examples: list[Example], d, world: World):
     """Render input and target pictures that are not user-given (cheap: ~0.1 ms per 32 px image)."""
     for ex in examples:
         if ex.image is None and ex.scene is not None:

@@ -8,8 +8,9 @@ the one place they join the world (world.World):
   edit levels  2: two operations in one instruction; 3: "recolour shapes so that no row (or column)
                repeats a colour", 4: over rows and columns, with many right pictures graded by
                constraint_score (--data.edit_max_level)
-  vqa level 4  the sum of four lists, the far bucket of the difficulty protocol (a split's levels
-               naming 4: --data.eval_levels=1,2,3,4)
+  vqa level 4  the sum of four lists (world.make_vqa poses any level k >= 3 as a sum of k lists; this
+               file allows 4 when a split's levels name it: --data.eval_levels=1,2,3,4, the far
+               bucket of the difficulty protocol)
 
 The looks world of the studies is --data.edit_max_level=4 --data.shades=3 --data.fills=4
 --data.floors=6 --vq.codebook_size=512 (README; RESULTS.md 2.0b).
@@ -23,8 +24,8 @@ from dataclasses import replace
 
 import numpy as np
 
-from world import (COLOURS, DEFAULT_WORLD, EDIT_TYPES, Scene, Shape, World, cell_name, one_edit, parse_levels,
-                   read_scene, render)
+from world import (COLOURS, DEFAULT_WORLD, EDIT_TYPES, FILLS_MAX, Scene, Shape, World, cell_name, fill_map, one_edit,
+                   parse_levels, render)
 
 # ----------------------------------------------------------------------------------------------
 # looks: what a picture shows that no prompt names and no reward scores (METHOD.md §8)
@@ -43,16 +44,7 @@ from world import (COLOURS, DEFAULT_WORLD, EDIT_TYPES, Scene, Shape, World, cell
 # data.shades = data.fills = data.floors = 1 (the default) is the world without nuisance (one look per
 # content).
 SHADES = (1.0, 0.82, 0.66)                       # brightness factors of the palette colour
-DIM = 0.55                                       # a fill pattern's dimmed pixels keep this share
 FLOOR_GREY = (0, 52, 40, 48, 44, 52)             # peak grey level of each floor (0 = black)
-
-
-def _fill_map(fill: int, cell: int) -> np.ndarray:
-    """(cell, cell) brightness factors of fill pattern `fill`: 0 solid, 1 horizontal stripes,
-    2 vertical stripes, 3 checker (the odd rows / columns / squares dimmed to DIM)."""
-    y, x = np.mgrid[:cell, :cell]
-    odd = [np.zeros_like(y, dtype=bool), y % 2 == 1, x % 2 == 1, (x + y) % 2 == 1][fill]
-    return np.where(odd, DIM, 1.0).astype(np.float32)
 
 
 def _floor_map(floor: int, cell: int) -> np.ndarray:
@@ -73,7 +65,6 @@ def _floor_map(floor: int, cell: int) -> np.ndarray:
     return f * FLOOR_GREY[floor]
 
 
-FILLS_MAX = 4
 MAX_LOOKS = {"shades": len(SHADES), "fills": FILLS_MAX, "floors": len(FLOOR_GREY)}   # config ranges (validate)
 
 
@@ -102,11 +93,9 @@ def edited_looks(source: Scene, target: Scene, looks: tuple | None, rng: np.rand
 
 
 class Looks:
-    """The looks of a data config (d.shades, d.fills, d.floors): drawn per example (draw), drawn into
-    the picture (render) and undone when reading it (unfill). world_for builds it when any is > 1."""
-
-    def __init__(self, d):
-        self.d = d
+    """The looks of a data config (d.shades, d.fills, d.floors): drawn per example (draw) and into the
+    picture (render); world.read_scene reads the content under every one. world_for builds it when any
+    of the three is > 1."""
 
     def draw(self, rng: np.random.Generator, ex, d):
         """Set ex.looks (the input picture's) and ex.target_looks (an edit's or t2i's target) from rng."""
@@ -130,18 +119,8 @@ class Looks:
                 patch += _floor_map(lk, cell)[..., None]
             else:
                 shade, fill = divmod(lk, FILLS_MAX)
-                patch *= (SHADES[shade] * _fill_map(fill, cell))[..., None]
+                patch *= (SHADES[shade] * fill_map(fill, cell))[..., None]
         return np.clip(out.round(), 0, 255).astype(np.uint8)
-
-    @staticmethod
-    def unfill(cell: int) -> np.ndarray:
-        """(FILLS_MAX, cell * cell) factors that undo every fill pattern: world.read_scene takes the best."""
-        return np.stack([1.0 / _fill_map(f, cell).ravel() for f in range(FILLS_MAX)])
-
-
-def read_scene_with_looks(img: np.ndarray, grid: int) -> Scene:
-    """world.read_scene under every look (the fill patterns undone): what the looks world's judge reads."""
-    return read_scene(img, grid, Looks.unfill(np.asarray(img).shape[0] // grid))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -293,7 +272,7 @@ def world_for(d) -> World:
         levels["edit"] = tuple(range(1, min(MAX_EDIT_LEVEL, d.edit_max_level) + 1))
         graders.update({q: (lambda s, t, p, g, kinds=kinds: constraint_score(s, t, p, g, kinds))
                         for q, kinds in CONSTRAINT_EDITS.items()})
-    looks = Looks(d) if (d.shades * d.fills > 1 or d.floors > 1) else None
+    looks = Looks() if (d.shades * d.fills > 1 or d.floors > 1) else None
     if levels == DEFAULT_WORLD.levels and looks is None and graders == DEFAULT_WORLD.graders:
         return DEFAULT_WORLD
     return replace(DEFAULT_WORLD, levels=levels, edit_makers=makers, looks=looks, graders=graders)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ast
 import glob
+import inspect
 import os
 import sys
 from collections import Counter
@@ -66,7 +67,9 @@ class PathRecorder:
         if mod is None and code.co_name == "__init__" and "self" in frame.f_locals:   # a generated dataclass __init__
             cls = type(frame.f_locals["self"])
             if project_module(sys.modules[cls.__module__].__file__ or "") and event == "call" and not self.sealed_depth:
-                self.seen.setdefault(f"{cls.__module__}.{cls.__qualname__}", (cls.__module__, 0))
+                key = f"{cls.__module__}.{cls.__qualname__}"
+                if key not in self.seen:
+                    self.seen[key] = (cls.__module__, inspect.getsourcelines(cls)[1])
             return
         if mod is None:
             return

@@ -381,3 +381,14 @@ def test_unusable_device_and_out_dir_are_one_line_errors(tmp_path, capsys):
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="no CUDA device"):
             common.setup(make_config("toy", {"train.out_dir": str(tmp_path / "r"), "train.device": "cuda"}))
+
+
+def test_a_checkpoint_that_set_a_removed_option_is_a_one_line_error():
+    """An old checkpoint trained with the imperfect teacher on must not load silently without it; one
+    with the removed options at their old defaults loads."""
+    d = to_dict(make_config("toy"))
+    d["data"]["teacher_bias"] = "red"
+    with pytest.raises(ConfigError, match="teacher_bias='red'.*bfc48d4"):
+        from_dict(d, "old.pt")
+    d["data"].update(teacher_bias="", teacher_slip=0.0, teacher_box_pad=0)
+    assert from_dict(d, "old.pt").data.n_sft == make_config("toy").data.n_sft

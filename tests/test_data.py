@@ -376,7 +376,7 @@ def test_t2i_descriptions(wide):
 # ----------------------------------------------------------------------------------------------
 # the teacher's answers (the imperfect teacher is gone: every sft answer is the truth)
 
-def test_perfect_teacher_answers_are_the_truth(wide):
+def test_traced_answers_are_the_truth(wide):
     cfg, pools = wide
     for t in ("vqa", "ground"):
         for e in pools[t]["sft"]:
@@ -778,8 +778,8 @@ def test_read_scene_is_exact_on_every_look():
             scene[cell] = sh
             looks = list(WX.random_looks(rng, tuple(scene), LOOKS))
             looks[cell] = lk
-            img = WX.Looks(LOOKS).render(tuple(scene), 4, 32, tuple(looks))
-            assert WX.read_scene_with_looks(img, 4) == tuple(scene), (sh, lk, cell)
+            img = WX.Looks().render(tuple(scene), 4, 32, tuple(looks))
+            assert W.read_scene(img, 4) == tuple(scene), (sh, lk, cell)
 
 
 def test_looks_change_the_picture_not_the_box():
@@ -790,13 +790,13 @@ def test_looks_change_the_picture_not_the_box():
         box = W.shape_box(0, sh, 4, 32)
         pics = []
         for lk in [s * WX.FILLS_MAX + f for s in range(3) for f in range(4)]:
-            img = WX.Looks(LOOKS).render((sh,) + (None,) * 15, 4, 32, (lk,) + (0,) * 15)
+            img = WX.Looks().render((sh,) + (None,) * 15, 4, 32, (lk,) + (0,) * 15)
             bright = img[:cell, :cell].max(-1)
             ys, xs = np.nonzero(bright)
             assert xs.min() >= box[0] and xs.max() < box[2] and ys.min() >= box[1] and ys.max() < box[3]
             pics.append(img[:cell, :cell].tobytes())
         assert len(set(pics)) == 12
-    floors = {WX.Looks(LOOKS).render((None,) * 16, 4, 32, (f,) * 16)[:cell, :cell].tobytes() for f in range(6)}
+    floors = {WX.Looks().render((None,) * 16, 4, 32, (f,) * 16)[:cell, :cell].tobytes() for f in range(6)}
     assert len(floors) == 6
 
 

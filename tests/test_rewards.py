@@ -396,7 +396,7 @@ def constraint_world(**looks):
     judge the rewards grade its pictures with (no VQ decoder: the tests hand it scenes)."""
     d = DataConfig(edit_max_level=4, **looks)
     w = WX.world_for(d)
-    return d, w, RW.PictureJudge(None, w.read, 4, w.graders)
+    return d, w, RW.PictureJudge(None, read_scene, 4, w.graders)
 
 
 def test_edit_reward_dispatches_on_the_question():
@@ -423,6 +423,6 @@ def test_generated_constraint_edits_score_through_pictures():
         _, _, target, qtype = out
         ex = SimpleNamespace(qtype=qtype, scene=scene, answer=target)
         looks = data_random_looks(rng, target, d)
-        assert RW.edit_reward(ex, WX.read_scene_with_looks(w.render(target, 4, 32, looks), 4), judge) == 1.0
-        assert RW.edit_reward(ex, WX.read_scene_with_looks(w.render(scene, 4, 32, looks), 4), judge) == 0.0
+        assert RW.edit_reward(ex, read_scene(w.render(target, 4, 32, looks), 4), judge) == 1.0
+        assert RW.edit_reward(ex, read_scene(w.render(scene, 4, 32, looks), 4), judge) == 0.0
         n += 1

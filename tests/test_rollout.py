@@ -159,7 +159,7 @@ def world():
     # sums would outgrow (these tests check the loss, not the levels)
     cfg = make_config("toy", {"data.n_sft": 6, "data.n_rl": 12, "data.n_eval": 2,
                               "data.rl_levels": "1,2", "data.eval_levels": "1,2"})
-    pools = W.build_pools(cfg.data)
+    pools = W.build_pools(cfg.data, W.DEFAULT_WORLD)
     tok = TK.Tokenizer.fit(TK.all_texts(pools), cfg.vq.codebook_size, max_number=cfg.data.image_size)
     n_img = (cfg.data.image_size // cfg.vq.downsample) ** 2
     assert n_img == cfg.data.grid ** 2            # the fake VQ needs one code per cell

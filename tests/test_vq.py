@@ -219,7 +219,7 @@ def every_look_pictures():
             scene[cell] = sh
             looks = list(WX.random_looks(rng, tuple(scene), d))
             looks[cell] = lk
-            pics.append(WX.Looks(d).render(tuple(scene), GRID, S, tuple(looks)))
+            pics.append(WX.Looks().render(tuple(scene), GRID, S, tuple(looks)))
             scenes.append(tuple(scene))
             what.append((cell, sh, lk))
     return np.stack(pics), scenes, what
@@ -239,7 +239,7 @@ def test_toy_tokenizer_is_exact_on_every_look():
     codes = model.encode(pics)
     recon = model.decode(codes).numpy()
     for img, scene, (cell, sh, lk) in zip(recon, scenes, what):
-        assert WX.read_scene_with_looks(img, GRID) == scene, (cell, sh, lk)
+        assert W.read_scene(img, GRID) == scene, (cell, sh, lk)
     own = {}
     for c, (cell, sh, lk) in zip(codes.tolist(), what):
         own.setdefault((sh, lk), set()).add(c[cell])
