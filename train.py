@@ -50,7 +50,7 @@ import vq as VQ
 from common import (STOP, OutDirLock, Stopped, Ctx, best_score, broadcast_params, build_model, check_model_config,
                     check_vq, from_rank0, gather_rank_states, latest_checkpoint, load_checkpoint, load_weights, lr_at,
                     make_optimizer, mean_over_all, model_from_checkpoint, peak_memory_mb, restore_rank_state,
-                    resume_hint, run_main, save_checkpoint, setup, stop_together, unwrap, write_json, all_reduce_mean)
+                    resume_hint, run_main, save_checkpoint, setup, stop_together, unwrap, write_json)
 from data import Bundle, TaskSampler, get_bundle, load_latest, picture_judge
 from diffusion import sft_loss
 from model import Transformer
@@ -185,7 +185,7 @@ def sft_step(model, opt, cfg, ctx: Ctx, bundle: Bundle, sampler: TaskSampler, ac
     n = mean_over_all(model, n_local, ctx)
     # the same number on every rank, so every rank takes the same skip-or-step decision (a NaN on one
     # rank has already spread to every rank's gradients through the all-reduce)
-    loss_sum = all_reduce_mean(loss_sum, ctx) * ctx.world / max(n, 1.0)
+    loss_sum = ctx.all_sum(loss_sum) / max(n, 1.0)
     gnorm = float("nan")
     if math.isfinite(loss_sum):          # never step on a NaN
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip).item()

@@ -34,6 +34,7 @@ import common  # noqa: E402
 import config as C  # noqa: E402
 import data  # noqa: E402
 import rl  # noqa: E402
+import train  # noqa: E402   (the RL stage's prompts per task)
 import vq as VQ  # noqa: E402
 from rollout import RolloutContext  # noqa: E402
 from tokens import parse_mix  # noqa: E402
@@ -158,8 +159,7 @@ def setup(opts: dict):
     gen = torch.Generator().manual_seed(11)
     ro = RolloutContext(model, bundle.tok, bundle.sets, data.picture_judge(cfg, vq), cfg, "cpu", ctx.autocast, gen)
     sft = data.TaskSampler(bundle.sets, "sft", parse_mix(cfg.train.task_mix), 7)
-    draws = {k: max(1, round(cfg.rl.prompts_per_step * 3 * w)) for k, w in parse_mix(cfg.rl.task_mix).items()}
-    return ro, opt, ctx, draws, sft, torch.Generator().manual_seed(13)
+    return ro, opt, ctx, train.prompt_draws(cfg.rl), sft, torch.Generator().manual_seed(13)
 
 
 def main(argv: list[str]):
