@@ -8,7 +8,11 @@ Speed benchmarks. One function per benchmark, picked by the first argument:
     python studies/bench.py train   [--batch=16] [--warmup=2] [--steps=5] [--peak=989e12] [--compile] [--device=cuda]
     python studies/bench.py -h                      # this list; `python studies/bench.py NAME -h`: every option and key
 
-Every config key (--preset=small, --section.key=value, --seed, --device) works as in train.py.
+The config keys a benchmark reads (KEYS: --preset=small, --section.key=value, --seed, --device, as in
+train.py; `NAME -h` lists them) work as in train.py; with a checkpoint they are set on top of its
+config, except its data, VQ and model. A key the benchmark does not read, or sets itself (FIXED: the
+arms' attention, --mu's rl.ppo_epochs, the sampling temperature, ...), is a one-line error, as are
+options that set the same number twice (--n and --rl.group_size, --ckpt and --ckpts, ...).
 Results are printed and written to runs/bench_<name>.json. On CPU one thread (a second intra-op
 thread only contends on a shared 2-core box); --device=cuda (the default `auto` picks it when there
 is one) uses bf16 autocast as train.py does.
@@ -80,7 +84,7 @@ import train  # noqa: E402   (the RL stage's log record and prompt draws)
 import vq as VQ  # noqa: E402
 from diffusion import make_plan, sample, sft_loss  # noqa: E402
 from rollout import RolloutContext  # noqa: E402
-from study import git_commit  # noqa: E402
+from study import git_commit, parse_options  # noqa: E402
 
 H100_BF16_DENSE = 989e12    # FLOP/s, H100 SXM bf16 dense tensor cores (H200: the same compute)
 
@@ -106,17 +110,29 @@ def autocast_for(dtype: torch.dtype):
     return torch.autocast("cuda", dtype=dtype) if dtype == torch.bfloat16 else nullcontext()
 
 
-def speed_world(cfg, ckpt: str):
+def speed_world(cfg, ckpt: str, given=()):
     """(cfg, bundle, trained model or None, note). With the checkpoint: its config, data and model
-    (on CPU). Without it, and quietly (time does not depend on the weights or the VQ): the preset's
-    config, small pools (256 SFT / 64 eval examples per family, enough for the layouts), tokenized
-    by an untrained VQ in a scratch cache, and no model."""
+    (on CPU), with the config keys of the command line (`given`, "section.key") set on top; a data,
+    VQ or model key is then a one-line error (the checkpoint fixes them). Without it, and quietly
+    (time does not depend on the weights or the VQ): the preset's config, small pools (256 SFT / 64
+    eval examples per family, enough for the layouts), tokenized by an untrained VQ in a scratch
+    cache, and no model."""
     path = ckpt or os.path.join(cfg.train.out_dir, "ckpt_sft.pt")
     scratch = os.path.join("runs", "bench")
     ctx = common.Ctx("cpu", torch.float32, "fp32", False, 0, 1, scratch)
     os.makedirs(scratch, exist_ok=True)
     if os.path.exists(path):
+        fixed = sorted(k for k in given if k.split(".")[0] in ("data", "vq", "model") or
+                       (ckpt and k in ("preset", "train.out_dir")))
+        if fixed:
+            raise SystemExit(f"bench: --{fixed[0]}: the checkpoint {path} fixes it (its data, VQ and model are "
+                             f"benched); drop it, or pass --ckpt=<a missing path> to bench the preset's config")
+        cli = cfg
         cfg, bundle, model, _, blob = data.load_run(path, scratch, "bench")
+        for key in given:                         # the command line's other keys (rl.*, diffusion.*, train.*)
+            if "." in key:
+                section, name = key.split(".")
+                setattr(getattr(cfg, section), name, getattr(getattr(cli, section), name))
         return cfg, bundle, model, f"data and config of {path} (step {blob['step']})"
     cfg.data.n_sft, cfg.data.n_rl = min(cfg.data.n_sft, 256), 8
     cfg.data.n_eval, cfg.data.n_val = min(cfg.data.n_eval, 64), min(cfg.data.n_val, 8)
@@ -188,7 +204,7 @@ def bench_sampler(cfg, opts: dict):
     """Prefix-cache sampler vs the LLaDA-style loop that re-encodes prompt + response every step."""
     dev, dtype, why = speed_device(cfg.train.device)
     seed = cfg.train.seed
-    cfg, bundle, trained, data_note = speed_world(cfg, opts["ckpt"])
+    cfg, bundle, trained, data_note = speed_world(cfg, opts["ckpt"], opts["keys"])
     model, model_note = prefix_model(cfg, bundle, trained, dev, seed)
     tok, amp = bundle.tok, autocast_for(dtype)
     print(f"bench sampler | device {dev} | {why} | torch {torch.__version__} | commit {git_commit()}")
@@ -237,7 +253,7 @@ def bench_rollout(cfg, opts: dict):
     """One batched sampler call for a whole group vs N sequential calls of one sample per prompt."""
     dev, dtype, why = speed_device(cfg.train.device)
     seed = cfg.train.seed
-    cfg, bundle, trained, data_note = speed_world(cfg, opts["ckpt"])
+    cfg, bundle, trained, data_note = speed_world(cfg, opts["ckpt"], opts["keys"])
     model, model_note = prefix_model(cfg, bundle, trained, dev, seed)
     tok, amp, rc = bundle.tok, autocast_for(dtype), cfg.rl
     G, N = opts["prompts"] or min(rc.prompts_per_step, 4), opts["n"] or rc.group_size
@@ -293,7 +309,7 @@ def bench_rl(cfg, opts: dict):
     """Whole RL steps (rl.rl_step: rollouts + update) per arm of --arms (RL_ARMS) x --mu, interleaved."""
     dev, dtype, why = speed_device(cfg.train.device)
     per_arm = dict(kv.split("=", 1) for kv in opts["ckpts"].split(",") if kv)     # arm -> its own checkpoint
-    cfg, bundle, trained, data_note = speed_world(cfg, next(iter(per_arm.values()), opts["ckpt"]))
+    cfg, bundle, trained, data_note = speed_world(cfg, next(iter(per_arm.values()), opts["ckpt"]), opts["keys"])
     ctx = common.Ctx(dev, dtype, why, False, 0, 1, os.path.join("runs", "bench"))
     # the edit reward decodes pictures: the run's own VQ, else an untrained one (same time, no meaning)
     vq = VQ.get_vq(cfg, dev, ctx.out_dir) if trained is not None else VQ.VQVAE(cfg.vq, cfg.data.image_size).eval()
@@ -367,7 +383,7 @@ def bench_train(cfg, opts: dict):
     """SFT training-step throughput and model FLOPs utilisation."""
     dev, dtype, why = speed_device(cfg.train.device)
     seed = cfg.train.seed
-    cfg, bundle, _, data_note = speed_world(cfg, opts["ckpt"])
+    cfg, bundle, _, data_note = speed_world(cfg, opts["ckpt"], opts["keys"])
     tok, amp = bundle.tok, autocast_for(dtype)
     torch.manual_seed(seed)
     model = common.build_model(cfg, tok, dev).train()
@@ -430,6 +446,36 @@ BENCHMARKS = {
     "train": (bench_train, {"ckpt": "", "batch": 0, "warmup": 2, "steps": 5, "peak": 0.0, "compile": False},
               "SFT step throughput (tokens/s) and MFU (--peak=0: 989e12 on an H100/H200 under bf16, else n/a)"),
 }
+# the config keys each benchmark reads ("section." = every key of the section; the checkpoint, when
+# there is one, fixes data., vq. and model.), and those it sets itself (a one-line error: which option
+# sets it). Any other key would change nothing, so it is refused too.
+_COMMON = ("preset", "train.seed", "train.device", "train.out_dir", "data.", "vq.", "model.")
+_SAMPLER = ("diffusion.tokens_per_step", "diffusion.block_len", "diffusion.image_steps", "diffusion.cfg_scale",
+            "diffusion.remask", "diffusion.dedupe")
+KEYS = {
+    "sampler": _COMMON + _SAMPLER,
+    "rollout": _COMMON + _SAMPLER + ("rl.temperature", "rl.prompts_per_step", "rl.group_size"),
+    "rl": _COMMON + ("train.weight_decay", "train.task_mix", "diffusion.", "rl."),
+    "train": _COMMON + ("train.micro_batch", "train.lr", "train.weight_decay", "train.grad_clip", "train.task_mix",
+                        "diffusion.eps", "diffusion.loss_weight", "diffusion.complementary",
+                        "diffusion.full_mask_frac", "diffusion.prompt_drop"),
+}
+_TEMPERATURE = "the benchmark sets the sampling temperature itself"
+FIXED = {
+    "sampler": {"model.prefix_dlm": "the cache needs prefix-DLM attention: the benchmark always uses it",
+                "diffusion.temperature": _TEMPERATURE + " (greedy)", "diffusion.image_temperature": _TEMPERATURE + " (greedy)"},
+    "rollout": {"model.prefix_dlm": "the cache needs prefix-DLM attention: the benchmark always uses it",
+                "diffusion.temperature": _TEMPERATURE + " (--rl.temperature)",
+                "diffusion.image_temperature": _TEMPERATURE + " (--rl.temperature)"},
+    "rl": {"model.prefix_dlm": "each arm of --arms sets it (RL_ARMS)", "diffusion.dedupe": "each arm of --arms sets it (RL_ARMS)",
+           "rl.ppo_epochs": "set by --mu (a comma list: one run per value)",
+           "rl.max_steps": "the benchmark runs --steps RL steps", "rl.time_budget_s": "the benchmark runs --steps RL steps",
+           "rl.eval_interval": "the benchmark runs no evaluation",
+           "diffusion.temperature": "the rollouts sample at --rl.temperature",
+           "diffusion.image_temperature": "the rollouts sample at --rl.temperature",
+           "diffusion.cfg_scale": "the rollouts never use guidance (rollout.rollout_diffusion)"},
+    "train": {"train.compile": "use --compile", "train.batch_size": "set by --batch (sequences per step)"},
+}
 
 
 def usage() -> str:
@@ -440,6 +486,43 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+def bench_usage(name: str) -> str:
+    _, extra, what = BENCHMARKS[name]
+    return (f"usage: python studies/bench.py {name} [--option=value ...] [--section.key=value ...]\n{what}\n"
+            "options: " + " ".join(f"[--{k}={v!r}]" for k, v in extra.items()) + "\n"
+            "config keys it reads (section. = every key of the section): " + ", ".join(KEYS[name]))
+
+
+def check(name: str, opts: dict, given: set):
+    """One-line errors for option values out of range and for options that would cancel another."""
+    script = f"bench.py {name}"
+    for k, lo in (("prompts", 1 if name == "sampler" else 0), ("n", 0), ("reps", 1), ("steps", 1), ("warmup", 0),
+                  ("batch", 0), ("peak", 0)):
+        if k in opts and opts[k] < lo:
+            raise SystemExit(f"{script}: --{k}={opts[k]}: must be >= {lo}")
+    for opt, key in (("prompts", "rl.prompts_per_step"), ("n", "rl.group_size"), ("batch", "train.micro_batch")):
+        if opt in given and key in given and name in ("rollout", "train"):
+            raise SystemExit(f"{script}: --{key} and --{opt} set the same number; pass one of them")
+    if name == "rl":
+        try:
+            mus = [int(m) for m in opts["mu"].split(",")]
+        except ValueError:
+            mus = []
+        if not mus or min(mus) < 1:
+            raise SystemExit(f"{script}: --mu={opts['mu']}: expected rl.ppo_epochs values >= 1, comma-separated")
+        arms = [a for a in opts["arms"].split(",") if a]
+        if not arms or set(arms) - set(RL_ARMS):
+            raise SystemExit(f"{script}: --arms={opts['arms']}: expected a comma list of {', '.join(RL_ARMS)}")
+        if opts["ckpts"]:
+            if "ckpt" in given:
+                raise SystemExit(f"{script}: --ckpt={opts['ckpt']}: --ckpts gives every arm its checkpoint; pass one of them")
+            pairs = [kv.split("=", 1) for kv in opts["ckpts"].split(",")]
+            bad = [kv for kv in pairs if len(kv) != 2 or kv[0] not in arms or not kv[1]]
+            if bad:
+                raise SystemExit(f"{script}: --ckpts={opts['ckpts']}: expected ARM=PATH, comma-separated, for arms of "
+                                 f"--arms ({', '.join(arms)})")
+
+
 def main(argv: list[str]):
     name = argv[0] if argv else ""
     if name not in BENCHMARKS:
@@ -448,12 +531,12 @@ def main(argv: list[str]):
         print(usage())
         raise SystemExit(0 if name in ("-h", "--help") else 2)
     fn, extra, what = BENCHMARKS[name]
-    if "-h" in argv or "--help" in argv:
-        print(f"bench.py {name}: {what}")
-    cfg, opts = C.get_config(argv[1:], extra=extra)
+    cfg, opts, given = parse_options(f"bench.py {name}", argv[1:], extra, bench_usage(name), KEYS[name], FIXED[name])
+    check(name, opts, given)
+    opts["keys"] = sorted(k for k in given if k not in extra)      # the config keys given (speed_world)
     torch.set_num_threads(1)
     fn(cfg, opts)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    common.run_main(main, sys.argv[1:])

@@ -8,6 +8,8 @@ Needs a trained checkpoint and the VQ tokenizer it was trained with (`python tra
 writes both); without --ckpt it reads ckpt_sft.pt in the out_dir of --preset (or of --out_dir).
 CPU, one thread, fixed seeds: about 2 minutes on a 2-core CPU shared with other jobs (under 5).
 Prints four tables and a [claims] block, and writes every number to runs/estimators.json (--out).
+The checkpoint's own config decides the data and the model: any other config key, or --out_dir /
+--preset beside --ckpt, is a one-line error.
 
 The estimators, at 2 forward passes per (x, y) pair (the 1-pass ones for reference):
     complementary      LaViDa-R1: one complementary pair (t1, t2 = 1 - t1), w = 1       2 passes
@@ -62,12 +64,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)          # the method's modules live one folder up (run from the repo root)
 
 import common  # noqa: E402
-import config as C  # noqa: E402
 import data  # noqa: E402
 import tokens as T  # noqa: E402
 import likelihood as LK  # noqa: E402
 from diffusion import apply_mask  # noqa: E402
-from study import git_commit  # noqa: E402
+from study import git_commit, parse_options  # noqa: E402
 
 FAMILIES = ("vqa", "ground", "edit", "t2i")
 PAIRS_PER_FAMILY = 3        # value variance: 12 (x, y) pairs
@@ -492,7 +493,14 @@ def to_json(s: dict, head: dict) -> dict:
 
 
 def main(argv: list[str] | None = None):
-    cfg, opts = C.get_config(argv, extra={"ckpt": "", "out": os.path.join("runs", "estimators.json")})
+    argv = sys.argv[1:] if argv is None else argv
+    # the checkpoint's own config decides the data and the model (load): the command line picks the
+    # checkpoint (--ckpt, else ckpt_sft.pt in --out_dir / the --preset's out_dir) and the seed
+    cfg, opts, given = parse_options("estimators.py", argv, {"ckpt": "", "out": os.path.join("runs", "estimators.json")},
+                                     __doc__.strip(), ("train.seed", "train.out_dir", "preset"))
+    if opts["ckpt"] and given & {"train.out_dir", "preset"}:
+        raise SystemExit(f"estimators.py: --{sorted(given & {'train.out_dir', 'preset'})[0]} only says where to find "
+                         f"ckpt_sft.pt, and --ckpt={opts['ckpt']} names it; drop one of them")
     # one thread: on a shared 2-core box a second intra-op thread spin-waits on a busy core and makes
     # these small matmuls ~10x slower (measured: 2 threads 1.2 s vs 1 thread 0.02 s per fwd+bwd)
     torch.set_num_threads(1)
@@ -516,4 +524,4 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    common.run_main(main, sys.argv[1:])

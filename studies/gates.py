@@ -37,7 +37,9 @@ checkpoint's own.
     python studies/gates.py --ckpt=runs/looks/ckpt_sft.pt --design=looks     # the looks world's main job (README)
     python studies/gates.py --report                      # the table again from results/gates.json
 
---n=100 edge prompts per family (default), --samples=16. About 4-7 min per design on one thread of a
+--n=100 edge prompts per family (default), --samples=16, --parts=reasoning,pictures. A design's flags are
+the sampler settings the gates read (KEYS: --rl.temperature, --rl.tokens_per_step, --diffusion.remask,
+...); any other key, or --report with another option, is a one-line error. About 4-7 min per design on one thread of a
 2-core CPU at the toy preset.
 """
 from __future__ import annotations
@@ -55,7 +57,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)          # the method's modules live one folder up (run from the repo root)
 
-import config as C  # noqa: E402
+import common  # noqa: E402
 import data  # noqa: E402
 import likelihood as LK  # noqa: E402
 import metrics  # noqa: E402
@@ -63,13 +65,21 @@ import rewards as RW  # noqa: E402
 import tokens as T  # noqa: E402
 import world  # noqa: E402
 from rollout import RolloutContext, force_answer, policy_sample  # noqa: E402
-from study import git_commit, hardware, publish  # noqa: E402
+from study import git_commit, hardware, parse_options, publish  # noqa: E402
 
 TASKS = ("vqa", "ground")
 TARGETS = {"headroom": 0.20, "all_fail@8": (0.20, 0.60), "forced_consistent": 0.50}
 PICTURE_TARGETS = {"t2i_image_nll": 1.5, "edit_mean": 0.8, "edit_gap": 0.15}
 PARTS = ("reasoning", "pictures")
 RESULTS = os.path.join("results", "gates.json")
+OPTIONS = {"ckpt": "", "design": "base", "n": 100, "samples": 16, "parts": ",".join(PARTS), "report": False}
+# the design's flags: the sampler settings the gates' sampling reads (rollout.rollout_diffusion at
+# rl.temperature); the rest of the config is the checkpoint's, so any other key is a one-line error
+KEYS = ("rl.temperature", "rl.tokens_per_step", "diffusion.tokens_per_step", "diffusion.block_len",
+        "diffusion.image_steps", "diffusion.remask", "diffusion.dedupe")
+FIXED = {"diffusion.temperature": "the gates sample at --rl.temperature (text and image)",
+         "diffusion.image_temperature": "the gates sample at --rl.temperature (text and image)",
+         "diffusion.cfg_scale": "the gates sample the RL policy, which never uses guidance"}
 
 
 def gate_numbers(correct: list[int], n: int) -> dict:
@@ -184,22 +194,37 @@ def picture_gates(model, bundle, vq, cfg, n: int, samples: int, device, autocast
     return out
 
 
-def screen(argv: list[str]) -> dict:
-    cfg_cli, opts = C.get_config([a for a in argv if not a.startswith("--design")],
-                                 extra={"ckpt": "", "n": 100, "samples": 16, "parts": ",".join(PARTS)})
+def options(argv: list[str]) -> tuple:
+    """(the command line's config, its options, the names given), with one-line errors for a key the
+    gates do not read, --report with anything else (it only rebuilds the table) and bad values."""
+    cfg_cli, opts, given = parse_options("gates.py", argv, OPTIONS, __doc__.strip(), KEYS, FIXED)
+    if opts["report"] and given - {"report"}:
+        raise SystemExit(f"gates.py: --report rebuilds the table from {RESULTS} and screens nothing, so "
+                         f"--{sorted(given - {'report'})[0]} would change nothing; drop it or --report")
+    if opts["report"]:
+        return cfg_cli, opts, given
     parts = opts["parts"].split(",")
     if set(parts) - set(PARTS) or not parts:
-        raise SystemExit(f"gates: --parts={opts['parts']}: expected a comma list of {', '.join(PARTS)}")
-    design = next((a.split("=", 1)[1] for a in argv if a.startswith("--design=")), "base")
+        raise SystemExit(f"gates.py: --parts={opts['parts']}: expected a comma list of {', '.join(PARTS)}")
+    for k in ("n", "samples"):
+        if opts[k] < 1:
+            raise SystemExit(f"gates.py: --{k}={opts[k]}: must be >= 1")
+    if not opts["design"]:
+        raise SystemExit("gates.py: --design=: name the design (--design=base)")
     if not opts["ckpt"]:
-        raise SystemExit("gates: pass --ckpt=PATH (an SFT checkpoint trained with --data.eval_levels above its sft_levels)")
+        raise SystemExit("gates.py: pass --ckpt=PATH (an SFT checkpoint trained with --data.eval_levels above its sft_levels)")
+    return cfg_cli, opts, given
+
+
+def screen(argv: list[str]) -> dict:
+    cfg_cli, opts, _ = options(argv)
+    parts, design = opts["parts"].split(","), opts["design"]
     torch.set_num_threads(1)
     t0 = time.time()
     cfg, bundle, model, vq, blob = data.load_run(opts["ckpt"], os.path.join("runs", "gates"), "gates")
     cfg.rl, cfg.diffusion = cfg_cli.rl, cfg_cli.diffusion          # the design: the sampler's settings
     dev, autocast = "cpu", nullcontext()
-    out = {"design": design, "flags": [a for a in argv if a.startswith("--") and not a.startswith(("--ckpt", "--design",
-                                                                                                  "--n=", "--samples", "--parts"))],
+    out = {"design": design, "flags": [a for a in argv if a.partition("=")[0][2:] not in OPTIONS],
            "ckpt": opts["ckpt"], "ckpt_step": blob["step"], "sft_levels": cfg.data.sft_levels,
            "command": "python studies/gates.py " + " ".join(argv), "commit": git_commit(),
            "hardware": hardware(), "n_samples": opts["samples"]}
@@ -246,8 +271,9 @@ def table(designs: list[dict]) -> str:
 
 
 def main(argv: list[str]):
+    report = options(argv)[1]["report"]
     designs = json.load(open(RESULTS))["designs"] if os.path.exists(RESULTS) else []
-    if "--report" not in argv:
+    if not report:
         new = screen(argv)
         designs = [d for d in designs if d["design"] != new["design"]] + [new]
     if not designs:
@@ -263,4 +289,4 @@ def main(argv: list[str]):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    common.run_main(main, sys.argv[1:])

@@ -15,7 +15,8 @@ run's device and ranks; data.py: the SFT-row sampler) are not followed: each def
 from the method counts as one that a reader need not open. Several steps are run (union), so that answer-forcing, which fires on a coin, is met too. The
 static upper bound over every branch is --static: every top-level definition reachable from
 rl.rl_step by name (a call, a type hint, an attribute of an imported module, or a method name only one
-project class defines), ablations included; it runs nothing.
+project class defines), ablations included; it runs nothing. The toy config is fixed (no config
+keys); --steps and --ckpt with --static, or --open_all without it, are one-line errors.
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ import rl  # noqa: E402
 import train  # noqa: E402   (the RL stage's prompts per task)
 import vq as VQ  # noqa: E402
 from rollout import RolloutContext  # noqa: E402
+from study import parse_options  # noqa: E402
 from tokens import parse_mix  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -162,8 +164,27 @@ def setup(opts: dict):
     return ro, opt, ctx, train.prompt_draws(cfg.rl), sft, torch.Generator().manual_seed(13)
 
 
+OPTIONS = {"steps": 6, "ckpt": "", "static": False, "open_all": False}
+
+
+def options(argv: list[str]) -> dict:
+    """The options (OPTIONS; the toy config is fixed: no config keys), with one-line errors for those
+    the chosen mode does not read: --static runs nothing (--steps, --ckpt), --open_all is --static's."""
+    _, opts, given = parse_options("reading_path.py", argv, OPTIONS, __doc__.strip())
+    if opts["static"] and given & {"steps", "ckpt"}:
+        k = sorted(given & {"steps", "ckpt"})[0]
+        raise SystemExit(f"reading_path.py: --{k}={opts[k]}: --static runs nothing, so it would change nothing; "
+                         f"drop --{k} or --static")
+    if opts["open_all"] and not opts["static"]:
+        raise SystemExit("reading_path.py: --open_all: only --static follows every definition; add --static "
+                         "(the traced path always marks the calls not opened)")
+    if opts["steps"] < 1:
+        raise SystemExit(f"reading_path.py: --steps={opts['steps']}: must be >= 1")
+    return opts
+
+
 def main(argv: list[str]):
-    _, opts = C.get_config(argv, extra={"steps": 6, "ckpt": "", "static": False, "open_all": False})
+    opts = options(argv)
     if opts["static"]:
         rows = static_reach(sealed=set() if opts["open_all"] else SEALED)
         files = [k.split(".")[0] for k, _, _ in rows]

@@ -27,11 +27,29 @@ Studies: one named experiment, several seeds, one table, one plot, one results f
 Options: --seeds=0,1,2; --arm_s (training seconds per run); --start_steps (SFT steps of the shared
 start; 0 = the world's, START_STEPS: 6000 flat, 8000 levels, 3800 looks); --start=PATH (adopt an SFT
 checkpoint of the same world and length as the shared start instead of training one: one-line error
-otherwise); --world=flat|levels|looks (rl_vs_sft, the four ablations and tree; flat and levels keep
-the pictures they were measured on, PLAIN; looks is the main job with LOOKS); --root (where the runs go: rl_vs_sft, the ablations, estimator_variance);
---workers (runs side by side, the ablations; rl_vs_sft always runs two); --report and --commit
-(rl_vs_sft and the ablations); --arms (rl_vs_sft); --n_prompts and --early_steps (tree; 0 = no
-early checkpoint).
+otherwise); --world=flat|levels|looks (flat and levels keep the pictures they were measured on, PLAIN;
+looks is the main job with LOOKS); --root (where the runs go); --workers (runs side by side; rl_vs_sft
+always runs two); --report (rebuild the table from finished runs, train nothing) and --commit (the
+commit the runs were made at); --arms (rl_vs_sft); --n_prompts and --early_steps (tree; 0 = no early
+checkpoint). Which study takes which (OPTIONS; x = used, r = also with --report):
+
+    option         rl_vs_sft  ablations (af_ratio, objective,  tree  estimator_variance
+                              gamma, estimator)
+    --seeds        r          r                                x     x
+    --arm_s        r          r (it names the runs)            -     -
+    --start_steps  x          r (it names the runs)            x     x
+    --start        x          x                                x     -
+    --world        r          r                                x     -
+    --root         r          r                                -     x
+    --workers      -          x                                -     -
+    --report       r          r                                -     -
+    --commit       r          r                                -     x
+    --arms         r          -                                -     -
+    --n_prompts    -          -                                x     -
+    --early_steps  -          -                                x     -
+
+Any other option, a config key (--section.key=...: WORLDS, ARMS and ABLATIONS fix those), or a "-"
+above is a one-line error naming it, as is an option that --report would ignore; -h lists them.
 
 Every study writes results/<name>.json (every number, commands, commit, hardware, wall time),
 results/<name>.md (the table), results/<name>.png (needs matplotlib: skipped with a note without
@@ -170,6 +188,74 @@ METRICS = ("vqa_acc", "ground_miou", "edit_score")
 BUCKETS = tuple(f"{m}_{b}" for m in ("vqa_acc", "ground_miou", "edit_score") for b in ("in", "edge", "far"))   # where present
 START_ROOT = os.path.join("runs", "rl_vs_sft")        # the shared start lives in its start/ folder
 
+# each study's options and their defaults (the table in the module docstring); an option a study does
+# not list is a one-line error, not ignored
+OPTIONS = {
+    "rl_vs_sft": {"seeds": "0,1,2", "arm_s": 600.0, "start_steps": 0, "start": "", "root": "", "report": False,
+                  "commit": "", "arms": ",".join(DEFAULT_ARMS), "world": "flat"},
+    "ablations": {"seeds": "0,1,2", "arm_s": 240.0, "start_steps": 0, "start": "", "workers": 2, "root": "",
+                  "report": False, "commit": "", "world": "flat"},
+    "tree": {"seeds": "0,1,2", "n_prompts": 32, "start_steps": 0, "start": "", "early_steps": 1000, "world": "flat"},
+    "estimator_variance": {"seeds": "0,1,2", "start_steps": 0, "root": "", "commit": ""},
+}
+# the options that only matter when the study trains: with --report (read the finished runs) they are
+# refused. The ablations' --arm_s and --start_steps stay: they name the runs to read (run_key)
+RUN_ONLY = {"rl_vs_sft": ("start_steps", "start"), "ablations": ("start", "workers")}
+
+
+def parse_options(script: str, argv: list[str], options: dict, usage: str, keys: tuple[str, ...] = (),
+                  fixed: dict | None = None):
+    """The command line of a study script: its own options (`options`, {name: default}) and the config
+    keys in `keys` ("section.key", a whole "section.", or "preset"; the shortcuts --seed, --device, ...
+    count as their keys), except those in `fixed` ({key: why the script sets it itself}). -h / --help
+    prints `usage` and exits 0; any other argument is a one-line error naming it (never silently
+    ignored). Returns (the preset's config with those keys, {option:
+    value}, the option names and config keys given on the command line)."""
+    if "-h" in argv or "--help" in argv:
+        print(usage)
+        raise SystemExit(0)
+    given = set()
+    for arg in argv:
+        name = arg[2:].partition("=")[0] if arg.startswith("--") else arg
+        key = C.SHORTCUTS.get(name, name)
+        if name in options:
+            given.add(name)
+        elif key in (fixed or {}):
+            raise SystemExit(f"{script}: {arg}: {fixed[key]}")
+        elif any(key == k or (k.endswith(".") and key.startswith(k)) for k in keys):
+            given.add(key)
+        else:
+            takes = ", ".join([*("--" + o for o in options), *("--" + k + ("*" if k.endswith(".") else "") for k in keys)])
+            raise SystemExit(f"{script}: {arg}: not an option of {script}; it takes {takes or 'no options'} (-h: usage)")
+    cfg, opts = C.get_config(argv, extra=options)
+    return cfg, opts, given
+
+
+def study_options(study: str, argv: list[str], label: str = "") -> dict:
+    """Parse one study's options (OPTIONS[study]) with one-line errors for an option it does not take,
+    an option --report would ignore (RUN_ONLY) and a value out of range; -h lists its options."""
+    script = f"study.py {label or study}"
+    usage = (f"usage: python studies/study.py {label or study} [--option=value ...]; its options and defaults:\n" +
+             "\n".join(f"  --{k}={v!r}" for k, v in OPTIONS[study].items()) +
+             "\n(python studies/study.py -h: every study and what each option does)")
+    _, opts, given = parse_options(script, argv, OPTIONS[study], usage)
+    if opts.get("report"):
+        for k in RUN_ONLY.get(study, ()):
+            if k in given:
+                raise SystemExit(f"{script}: --{k}={opts[k]}: only used when training, and --report trains nothing; "
+                                 f"drop --{k} or --report")
+    try:
+        seeds = [int(x) for x in opts["seeds"].split(",")]
+    except ValueError:
+        seeds = []
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise SystemExit(f"{script}: --seeds={opts['seeds']}: expected distinct seeds >= 0, comma-separated (--seeds=0,1,2)")
+    for k, lo in (("arm_s", 1e-9), ("start_steps", 0), ("workers", 1), ("n_prompts", 1), ("early_steps", 0)):
+        if k in opts and opts[k] < lo:
+            raise SystemExit(f"{script}: --{k}={opts[k]}: must be {'> 0' if k == 'arm_s' else f'>= {lo}'}")
+    set_world(opts.get("world", "flat"))             # a study without --world runs on the flat one
+    return opts
+
 
 def set_world(world: str) -> str:
     """Switch WORLD to WORLDS[world] for this study (a one-line error for an unknown name); returns the
@@ -184,7 +270,7 @@ def set_world(world: str) -> str:
 
 def start_steps(opts: dict) -> int:
     """The SFT steps of the shared start: --start_steps, or the world's (START_STEPS) when it is 0."""
-    return opts["start_steps"] or START_STEPS[opts["world"]]
+    return opts["start_steps"] or START_STEPS[opts.get("world", "flat")]
 
 
 def world_tag() -> str:
@@ -452,10 +538,8 @@ def plot(root: str, jobs: list[dict]):
 
 
 def rl_vs_sft(argv: list[str]):
-    _, opts = C.get_config(argv, extra={"seeds": "0,1,2", "arm_s": 600.0, "start_steps": 0, "start": "",
-                                        "root": "", "report": False, "commit": "",
-                                        "arms": ",".join(DEFAULT_ARMS), "world": "flat"})
-    root = opts["root"] or START_ROOT + set_world(opts["world"])       # runs/rl_vs_sft, runs/rl_vs_sft_levels
+    opts = study_options("rl_vs_sft", argv)
+    root = opts["root"] or START_ROOT + world_tag()       # runs/rl_vs_sft, runs/rl_vs_sft_levels
     seeds = [int(s) for s in opts["seeds"].split(",")]
     arms = opts["arms"].split(",")
     if set(arms) - set(ARMS):
@@ -465,6 +549,9 @@ def rl_vs_sft(argv: list[str]):
     specs = [(arm, s) for s in seeds for arm in arms]
     start = start_path(root)
     held = os.path.join(root, "start", "heldout.json")
+    if opts["report"] and not os.path.exists(held):
+        raise SystemExit(f"study.py rl_vs_sft: --report: {held} is missing (no finished start under --root={root}); "
+                         f"run the study without --report first, or pass the --root / --world it ran with")
     if opts["report"]:                      # only read what the runs wrote
         jobs = [{"arm": a, "seed": s, "dir": os.path.join(root, f"seed{s}", a), "wall_s": None,
                  "command": " ".join(arm_commands(root, start, a, s, opts["arm_s"])[0][1:]), "eval_command": ""}
@@ -672,9 +759,8 @@ def pyplot():
 def ablation(names: list[str], argv: list[str]):
     """Train every run the named ablations need (each distinct config once per seed; --workers of
     them side by side, one thread each), then write each study's table, plot and results."""
-    _, opts = C.get_config(argv, extra={"seeds": "0,1,2", "arm_s": 240.0, "start_steps": 0, "start": "", "workers": 2,
-                                        "root": "", "report": False, "commit": "", "world": "flat"})
-    tag = set_world(opts["world"])       # the levels world: its own runs, start (rl_vs_sft --world=levels') and names
+    opts = study_options("ablations", argv, ",".join(names))
+    tag = world_tag()       # the levels world: its own runs, start (rl_vs_sft --world=levels') and names
     root, seeds, t0 = opts["root"] or os.path.join("runs", "ablations" + tag), [int(x) for x in opts["seeds"].split(",")], time.time()
     start, steps = start_path(START_ROOT + tag), start_steps(opts)
     if not opts["report"]:
@@ -750,9 +836,8 @@ def tree(argv: list[str]):
     """Mean and max reward per group and the pictures' diversity for each schedule of TREE on
     --n_prompts validation edit prompts, on the shared start and on an early SFT checkpoint
     (--early_steps) where edit has headroom."""
-    _, opts = C.get_config(argv, extra={"seeds": "0,1,2", "n_prompts": 32, "start_steps": 0, "start": "",
-                                        "early_steps": 1000, "commit": "", "world": "flat"})
-    tag = set_world(opts["world"])
+    opts = study_options("tree", argv)
+    tag = world_tag()
     root = START_ROOT + tag
     seeds, t0 = [int(x) for x in opts["seeds"].split(",")], time.time()
     torch.set_num_threads(1)
@@ -793,7 +878,7 @@ def tree(argv: list[str]):
             f"level 3 or 4, where any of many pictures is right), temperature {cfg.rl.temperature}; a branched round "
             "continues the best picture so far from the given image step, or from the step of its most uncertain "
             "slot (H: any slot, Ht: plan text, Hi: image).")
-    res = {**meta("tree", argv, seeds, t0, opts["commit"], ckpts=ckpts, n_prompts=opts["n_prompts"], schedules=TREE),
+    res = {**meta("tree", argv, seeds, t0, ckpts=ckpts, n_prompts=opts["n_prompts"], schedules=TREE),
            "rows": rows}
     plt = pyplot()
     if plt is not None:
@@ -814,15 +899,15 @@ def tree(argv: list[str]):
 # the estimator study of estimators.py, one run per seed
 
 def estimator_variance(argv: list[str]):
-    _, opts = C.get_config(argv, extra={"seeds": "0,1,2", "start_steps": START_STEPS["flat"], "root": os.path.join("runs", "estimators"),
-                                        "commit": ""})
+    opts = study_options("estimator_variance", argv)
+    opts["root"] = opts["root"] or os.path.join("runs", "estimators")
     seeds, t0 = [int(x) for x in opts["seeds"].split(",")], time.time()
-    start, _ = shared_start(START_ROOT, opts["start_steps"])
+    start, _ = shared_start(START_ROOT, start_steps(opts))
     os.makedirs(opts["root"], exist_ok=True)
     outs, cmds, ran = [], [], False
     for sd in seeds:
         out = os.path.join(opts["root"], f"seed{sd}.json")
-        cmd = [sys.executable, os.path.join("studies", "estimators.py"), *WORLD, f"--ckpt={start}", f"--seed={sd}", f"--out={out}"]
+        cmd = [sys.executable, os.path.join("studies", "estimators.py"), f"--ckpt={start}", f"--seed={sd}", f"--out={out}"]
         cmds.append(" ".join(cmd[1:]))
         if not os.path.exists(out):
             run(cmd, out.replace(".json", ".log"))
@@ -872,6 +957,9 @@ STUDIES = {"rl_vs_sft": rl_vs_sft, "tree": tree, "estimator_variance": estimator
 def main(argv: list[str]):
     """python studies/study.py NAME [--key=value ...]; NAME may list several ablations (af_ratio,gamma):
     they are trained together, so a run they share (the default variant) is trained once per seed."""
+    if argv[:1] in (["-h"], ["--help"]):
+        print(__doc__.strip())
+        raise SystemExit(0)
     names = argv[0].split(",") if argv else []
     if names and all(n in ABLATIONS for n in names):
         return ablation(names, argv[1:])
@@ -882,4 +970,4 @@ def main(argv: list[str]):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    common.run_main(main, sys.argv[1:])

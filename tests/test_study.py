@@ -191,3 +191,254 @@ def test_the_command_line_names_one_study_or_several_ablations(monkeypatch):
     for bad in (["rl_vs_sft,gamma"], ["nope"], []):
         with pytest.raises(SystemExit, match="usage: python studies/study.py NAME"):
             study.main(bad)
+
+
+# ------------------------------------------------------------------------------------------------
+# every option of the study scripts changes what the study runs or is a one-line error. The studies
+# run with a runner that records each command instead of running it (no training): a study's record
+# with an option must differ from its record without it where the table in study.py's docstring
+# says the option is used, and the option's value must show up where it should.
+
+class _Stop(Exception):
+    """Raised by a fake where the recording has seen enough (a study that would go on to sample)."""
+
+
+FAKE_ESTIMATES = {"value_var_ratio": {"elbo_mc n=2": 2.0, "mc_unweighted n=2": 1.5},
+                  "grad_var_ratio": {"elbo_mc n=2": 2.0, "mc_unweighted n=2": 1.5},
+                  "bias": {k: {"minus_any_order": 0.1} for k in ("complementary", "elbo_mc n=2", "one_step")},
+                  "spearman": {k: {"any_order": 0.9} for k in ("complementary", "elbo_mc n=2", "one_step")},
+                  "coverage": {"complementary": 1.0, "elbo_mc n=1": 0.5}, "wall_s": 1.0}
+
+
+def record(argv, tmp_path, monkeypatch):
+    """Run study.main(argv) in tmp_path with every side effect recorded: the commands it would run
+    (study.run), the workers of its pools, its publish / report calls, and for tree the checkpoints it
+    loads and the first sampling call (then _Stop). Returns the record, commands sorted (the pools
+    run them in any order)."""
+    import threading
+    tmp_path.mkdir(exist_ok=True)
+    monkeypatch.chdir(tmp_path)
+    rec = {"cmds": [], "workers": [], "published": {}, "report": None, "loaded": [], "sampled": None}
+    lock = threading.Lock()
+
+    def fake_run(cmd, log):
+        with lock:
+            rec["cmds"].append(" ".join(cmd[1:]))
+        out = next((a.split("=", 1)[1] for a in cmd if a.startswith("--out=")), None)
+        if out and cmd[1] == "eval.py" and os.path.basename(os.path.dirname(out)) == "start":
+            open(out, "w").write("{}")                     # the start's held-out metrics
+        if out and cmd[1].endswith("estimators.py"):
+            open(out, "w").write(json.dumps(FAKE_ESTIMATES))
+        return 0.0
+
+    class Pool(study.ThreadPoolExecutor):
+        def __init__(self, max_workers):
+            rec["workers"].append(max_workers)
+            super().__init__(max_workers=max_workers)
+
+    def fake_load(ckpt, out_dir, who):
+        import types
+        rec["loaded"].append(ckpt)
+        ex = types.SimpleNamespace(level=1)
+        sets = {"edit": {"val": type("S", (), {"examples": [ex] * 100, "__len__": lambda self: 100})()}}
+        return C.get_config(list(study.WORLD)), types.SimpleNamespace(sets=sets, tok=None), None, None, None
+
+    def fake_sample(ro, task, idx, split):
+        rec["sampled"] = {"n_prompts": len(idx), "seed": ro[-1].initial_seed(), "schedule": ro[4].rl.tree_schedule}
+        raise _Stop
+
+    monkeypatch.setattr(study, "run", fake_run)
+    monkeypatch.setattr(study, "ThreadPoolExecutor", Pool)
+    monkeypatch.setattr(study, "pyplot", lambda: None)
+    monkeypatch.setattr(study, "publish", lambda name, res, *a, **k: rec["published"].__setitem__(name, res))
+    monkeypatch.setattr(study, "report", lambda root, jobs, start_eval, meta: rec.__setitem__(
+        "report", {"root": root, "jobs": sorted((j["arm"], j["seed"], j["command"]) for j in jobs), "meta": meta}))
+    monkeypatch.setattr(study.data, "load_run", fake_load)
+    monkeypatch.setattr(study.RO, "RolloutContext", lambda *a: a)
+    monkeypatch.setattr(study.RO, "sample_groups", fake_sample)
+    try:
+        study.main(argv)
+    except _Stop:
+        pass
+    finally:
+        study.set_world("flat")
+    rec["cmds"].sort()
+    return rec
+
+
+def adoptable_start(tmp_path, world="flat", steps=None):
+    """A file --start accepts: the config of `world` with its start's SFT steps (adopt_start reads
+    only the config)."""
+    import torch
+    try:
+        study.set_world(world)
+        ours = C.to_dict(C.get_config(list(study.WORLD)))
+    finally:
+        study.set_world("flat")
+    tmp_path.mkdir(exist_ok=True)
+    path = tmp_path / f"given_{world}.pt"
+    torch.save({"config": {**ours, "train": {**ours["train"], "max_steps": steps or study.START_STEPS[world]}}}, path)
+    return str(path)
+
+
+def cmds_with(rec, *parts):
+    return [c for c in rec["cmds"] if all(p in c for p in parts)]
+
+
+# (study, option, what the record shows): each used option of the docstring's table. `given` is a
+# placeholder for the adoptable start file.
+USED = [
+    ("rl_vs_sft", "--seeds=4", lambda r: {s for _, s, _ in r["report"]["jobs"]} == {4}
+     and cmds_with(r, "train.py", "--seed=4", "seed4/rl")),
+    ("rl_vs_sft", "--arm_s=77", lambda r: len(cmds_with(r, "--rl.time_budget_s=77.0")) == 4 * 3
+     and len(cmds_with(r, "--train.time_budget_s=77.0")) == 3),
+    ("rl_vs_sft", "--start_steps=123", lambda r: cmds_with(r, "--stage=sft", "--train.max_steps=123", "start")),
+    ("rl_vs_sft", "--start=given", lambda r: not cmds_with(r, "rl_vs_sft/start", "--stage=sft")
+     and len(cmds_with(r, "--train.init_from=" + os.path.abspath("given_flat.pt"))) == 15),
+    ("rl_vs_sft", "--world=levels", lambda r: cmds_with(r, "--data.rl_levels=1,2,3", "rl_vs_sft_levels/seed0/sft")
+     and cmds_with(r, "--train.max_steps=8000", "rl_vs_sft_levels/start")),
+    ("rl_vs_sft", "--root=elsewhere", lambda r: r["report"]["root"] == "elsewhere" and cmds_with(r, "elsewhere/seed0/rft")
+     and cmds_with(r, "elsewhere/start")),
+    ("rl_vs_sft", "--commit=abc1234", lambda r: r["report"]["meta"]["commit"] == "abc1234"),
+    ("rl_vs_sft", "--arms=sft", lambda r: {a for a, _, _ in r["report"]["jobs"]} == {"sft"}
+     and not cmds_with(r, "--stage=rl")),
+    ("rl_vs_sft", "--report", lambda r: r["cmds"] == [] and r["report"]["meta"]["study_wall_s"] is None),
+    ("af_ratio", "--seeds=4", lambda r: set(r["published"]["af_ratio"]["commands"]) == {f"{v}_seed4" for v in study.ABLATIONS["af_ratio"]}
+     and len(cmds_with(r, "train.py", "--seed=4")) == 4),
+    ("af_ratio", "--arm_s=77", lambda r: len(cmds_with(r, "--rl.time_budget_s=77.0")) == 12),
+    ("af_ratio", "--start_steps=123", lambda r: cmds_with(r, "--stage=sft", "--train.max_steps=123")),
+    ("af_ratio", "--start=given", lambda r: not cmds_with(r, "--stage=sft")
+     and len(cmds_with(r, "--train.init_from=" + os.path.abspath("given_flat.pt"))) == 12),
+    ("af_ratio", "--world=levels", lambda r: "af_ratio_levels" in r["published"]
+     and len(cmds_with(r, "train.py", "--data.rl_levels=1,2,3", "ablations_levels/seed")) == 12),
+    ("af_ratio", "--root=elsewhere", lambda r: len(cmds_with(r, "--out_dir=elsewhere/seed")) == 2 * 12),   # train + eval
+    ("af_ratio", "--workers=5", lambda r: r["workers"] == [5]),
+    ("af_ratio", "--commit=abc1234", lambda r: r["published"]["af_ratio"]["commit"] == "abc1234"),
+    ("af_ratio", "--report", lambda r: r["cmds"] == [] and r["published"]["af_ratio"]["not_run"]),
+    ("ablations", "--seeds=4", lambda r: set(r["published"]) == set(study.ABLATIONS)
+     and all(k.endswith("_seed4") for res in r["published"].values() for k in res["commands"])),
+    ("tree", "--seeds=4", lambda r: r["sampled"]["seed"] == 4),
+    ("tree", "--n_prompts=5", lambda r: r["sampled"]["n_prompts"] == 5),
+    ("tree", "--start_steps=123", lambda r: cmds_with(r, "--stage=sft", "--train.max_steps=123", "rl_vs_sft/start")),
+    ("tree", "--start=given", lambda r: r["loaded"][0] == os.path.abspath("given_flat.pt")),
+    ("tree", "--early_steps=77", lambda r: cmds_with(r, "--train.max_steps=77", "rl_vs_sft/early77")),
+    ("tree", "--early_steps=0", lambda r: not cmds_with(r, "early")),
+    ("tree", "--world=levels", lambda r: cmds_with(r, "--data.rl_levels=1,2,3", "rl_vs_sft_levels/start")),
+    ("estimator_variance", "--seeds=4", lambda r: r["published"]["estimator_variance"]["commands"] ==
+     ["studies/estimators.py --ckpt=runs/rl_vs_sft/start/ckpt_sft.pt --seed=4 --out=runs/estimators/seed4.json"]),
+    ("estimator_variance", "--start_steps=123", lambda r: cmds_with(r, "--stage=sft", "--train.max_steps=123")),
+    ("estimator_variance", "--root=elsewhere", lambda r: len(cmds_with(r, "estimators.py", "--out=elsewhere/seed")) == 3),
+    ("estimator_variance", "--commit=abc1234", lambda r: r["published"]["estimator_variance"]["commit"] == "abc1234"),
+]
+
+
+@pytest.mark.parametrize("name,option,shows", USED, ids=[f"{n} {o}" for n, o, _ in USED])
+def test_every_option_a_study_takes_changes_what_it_runs(name, option, shows, tmp_path, monkeypatch):
+    """The record with the option differs from the record without it, in the way the option says."""
+    base = record([name], tmp_path / "base", monkeypatch)
+    opt = tmp_path / "opt"
+    if option == "--start=given":
+        option = "--start=" + adoptable_start(opt)
+    if option == "--report":            # the runs to read: a start that finished (the table needs its metrics)
+        (opt / "runs" / "rl_vs_sft" / "start").mkdir(parents=True)
+        (opt / "runs" / "rl_vs_sft" / "start" / "heldout.json").write_text("{}")
+    got = record([name, option], opt, monkeypatch)
+    strip = lambda r: {**r, "published": {k: {**v, "command": None, "study_wall_s": None} for k, v in r["published"].items()},
+                       "report": r["report"] and {**r["report"], "meta": {**r["report"]["meta"], "command": None,
+                                                                           "study_wall_s": None}}}
+    assert strip(got) != strip(base)
+    assert shows(got), got
+
+
+# (the command line, the option its one-line error must name): every "-" of the docstring's table,
+# an option --report would ignore, a config key, a value out of range
+REFUSED = [
+    (["rl_vs_sft", "--workers=3"], "--workers=3"), (["rl_vs_sft", "--n_prompts=5"], "--n_prompts=5"),
+    (["rl_vs_sft", "--early_steps=5"], "--early_steps=5"), (["rl_vs_sft", "--rl.af_prob=0.3"], "--rl.af_prob=0.3"),
+    (["rl_vs_sft", "--preset=small"], "--preset=small"), (["rl_vs_sft", "--seed=3"], "--seed=3"),
+    (["rl_vs_sft", "--report", "--start_steps=100"], "--start_steps=100"),
+    (["rl_vs_sft", "--report", "--start=x.pt"], "--start=x.pt"), (["rl_vs_sft", "--arms=rl,nope"], "--arms=rl,nope"),
+    (["rl_vs_sft", "--report"], "--report"),            # no finished start to read
+    (["af_ratio", "--arms=rl"], "--arms=rl"), (["af_ratio", "--early_steps=0"], "--early_steps=0"),
+    (["af_ratio,gamma", "--n_prompts=4"], "--n_prompts=4"), (["ablations", "--report", "--workers=1"], "--workers=1"),
+    (["objective", "--report", "--start=x.pt"], "--start=x.pt"), (["gamma", "--workers=0"], "--workers=0"),
+    (["estimator", "--arm_s=0"], "--arm_s=0"), (["af_ratio", "--rl.gamma=1"], "--rl.gamma=1"),
+    (["tree", "--arm_s=60"], "--arm_s=60"), (["tree", "--root=x"], "--root=x"), (["tree", "--report"], "--report"),
+    (["tree", "--commit=abc"], "--commit=abc"), (["tree", "--workers=2"], "--workers=2"), (["tree", "--arms=rl"], "--arms=rl"),
+    (["tree", "--n_prompts=0"], "--n_prompts=0"), (["tree", "--world=nope"], "--world=nope"),
+    (["tree", "--seeds=1,1"], "--seeds=1,1"), (["tree", "--seeds=a"], "--seeds=a"),
+    (["estimator_variance", "--world=levels"], "--world=levels"), (["estimator_variance", "--start=x.pt"], "--start=x.pt"),
+    (["estimator_variance", "--arm_s=60"], "--arm_s=60"), (["estimator_variance", "--report"], "--report"),
+    (["estimator_variance", "--early_steps=0"], "--early_steps=0"), (["estimator_variance", "--start_steps=-1"], "--start_steps=-1"),
+    (["estimator_variance", "extra"], "extra"),
+]
+
+
+@pytest.mark.parametrize("argv,named", REFUSED, ids=[" ".join(a) for a, _ in REFUSED])
+def test_an_option_a_study_would_ignore_is_a_one_line_error(argv, named, tmp_path, monkeypatch):
+    """Refused before any work (the runner is never called), in one line that names the option, with
+    exit code 2 through common.run_main (the entry point)."""
+    import common
+    rec = []
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(study, "run", lambda cmd, log: rec.append(cmd))
+    try:
+        with pytest.raises(SystemExit) as e:
+            study.main(argv)
+        msg = str(e.value.code)
+        assert named in msg and "\n" not in msg and not rec, msg
+        with pytest.raises(SystemExit) as e:
+            common.run_main(study.main, argv)
+        assert e.value.code == 2
+    finally:
+        study.set_world("flat")
+
+
+@pytest.mark.parametrize("argv", [["-h"], ["--help"], ["rl_vs_sft", "-h"], ["af_ratio,gamma", "--help"], ["tree", "-h"],
+                                  ["estimator_variance", "--seeds=0", "-h"]])
+def test_help_prints_the_usage_and_exits_0(argv, capsys):
+    import common
+    with pytest.raises(SystemExit) as e:
+        common.run_main(study.main, argv)
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage" in out.lower() or "python studies/study.py" in out
+    if len(argv) > 1 and "," not in argv[0]:      # a study's own list: exactly its options
+        assert {line.split("=")[0].strip() for line in out.splitlines() if line.startswith("  --")} == \
+            {"--" + k for k in study.OPTIONS[argv[0]]}
+
+
+def test_study_py_answers_help_with_exit_0_as_a_script():
+    """The script itself, as a user runs it (it exited 1 once: -h was read as a study name)."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p = subprocess.run([sys.executable, os.path.join("studies", "study.py"), "-h"], cwd=root, capture_output=True, text=True)
+    assert p.returncode == 0 and "usage" in p.stdout.lower() and not p.stderr, (p.returncode, p.stderr[-300:])
+
+
+@pytest.mark.slow
+def test_every_script_in_studies_answers_help_with_exit_0():
+    """Every script as a user runs it, -h with no checkpoint and no other argument (~8 s each)."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for script, args in (("study.py", ["tree", "-h"]), ("gates.py", ["--help"]), ("estimators.py", ["-h"]),
+                         ("reading_path.py", ["-h"]), ("bench.py", ["-h"]), ("bench.py", ["rl", "-h"])):
+        p = subprocess.run([sys.executable, os.path.join("studies", script), *args], cwd=root, capture_output=True, text=True)
+        assert p.returncode == 0 and p.stdout.strip(), (script, p.returncode, p.stderr[-300:])
+
+
+def test_the_options_table_in_the_docstring_matches_what_each_study_takes():
+    """The docstring's table (x / r = taken) lists exactly OPTIONS per study, and r exactly the options
+    --report keeps (not in RUN_ONLY)."""
+    table = study.__doc__[study.__doc__.index("    option "):].split("\n\n")[0].splitlines()[2:]
+    cols = ["rl_vs_sft", "ablations", "tree", "estimator_variance"]
+    for line in table:
+        opt, *marks = line.split()
+        marks = [m for m in marks if m in ("x", "r", "-")]
+        for study_name, m in zip(cols, marks):
+            assert (m != "-") == (opt[2:] in study.OPTIONS[study_name]), (opt, study_name)
+            if m != "-" and "report" in study.OPTIONS[study_name]:
+                assert (m == "r") == (opt[2:] not in study.RUN_ONLY[study_name]), (opt, study_name)
+    assert {line.split()[0][2:] for line in table} == set().union(*map(set, study.OPTIONS.values()))
