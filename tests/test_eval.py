@@ -126,3 +126,86 @@ def test_the_main_job_reports_buckets_before_and_after_rl(tmp_path):
     assert "vqa_acc_far" in m                                          # vqa has a level 4; grounding stops at 3
     log = (out / "log.txt").read_text()
     assert "vqa_acc by bucket, SFT -> RL: in " in log and "edge" in log
+
+
+# ----------------------------------------------------------------------------------------------
+# eval.py --pass_k end to end: pass@k recomputed here with 1 - C(n-c, k) / C(n, k)
+
+def hand_pass_at_k(n: int, c: int, k: int) -> float:
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory):
+    """A tiny SFT checkpoint (2 steps) to evaluate."""
+    import train
+    tmp = tmp_path_factory.mktemp("passk")
+    train.main([f"--out_dir={tmp / 'run'}", f"--data.cache_dir={tmp / 'cache'}", "--data.n_sft=8", "--data.n_rl=4",
+                "--data.n_eval=4", "--data.n_val=2", "--model.n_layer=1", "--model.n_head=2", "--model.d_model=32",
+                "--vq.steps=10", "--vq.n_images=32", "--train.max_steps=2", "--train.batch_size=4",
+                "--train.micro_batch=2", "--train.eval_interval=0", "--train.time_budget_s=0", "--stage=sft"])
+    return tmp
+
+
+def eval_pass_k(tmp, k: int, name: str) -> dict:
+    import json
+
+    import eval as EV
+    EV.main([f"--out_dir={tmp / 'run'}", f"--pass_k={k}", f"--out={tmp / name}", "--eval.n_per_task=3",
+             "--eval.batch_size=8", "--eval.grid_rows=1"])
+    return json.load(open(tmp / name))
+
+
+def test_eval_py_pass_k_from_the_sampled_scores_by_hand(sft_run, monkeypatch):
+    """eval.py --pass_k=4 on a real checkpoint: the per-prompt scores its sampler returns give, by the
+    formula here, vqa/ground pass@1 and pass@4 (right: reward 1 / IoU >= 0.5) and edit best@1 (the
+    mean score) and best@4 (the mean of each prompt's best); pass@1 of vqa is the mean reward; k = 8
+    is more than the 4 samples and is left out."""
+    real, seen = E.sample_scores, {}
+
+    def spy(model, bundle, vq, cfg, device, autocast, task, *a, **k):
+        seen[task] = real(model, bundle, vq, cfg, device, autocast, task, *a, **k)
+        return seen[task]
+    monkeypatch.setattr(E, "sample_scores", spy)
+    m = eval_pass_k(sft_run, 4, "passk_real.json")
+    assert set(seen) == {"vqa", "ground", "edit"}
+    for task, scores in seen.items():
+        assert len(scores) == 3 and all(len(s) == 4 for s in scores)         # 3 prompts x 4 samples
+    for task, right in (("vqa", 1.0), ("ground", 0.5)):
+        counts = [sum(x >= right for x in s) for s in seen[task]]
+        for k in (1, 4):
+            assert m[f"{task}_pass@{k}"] == pytest.approx(sum(hand_pass_at_k(4, c, k) for c in counts) / 3)
+    assert m["vqa_pass@1"] == pytest.approx(sum(map(sum, seen["vqa"])) / 12)
+    assert m["edit_best@1"] == pytest.approx(sum(map(sum, seen["edit"])) / 12)
+    assert m["edit_best@4"] == pytest.approx(sum(max(s) for s in seen["edit"]) / 3)
+    assert not any(k.endswith("@8") for k in m)
+
+
+def test_eval_py_pass_k_with_known_per_prompt_counts(sft_run, monkeypatch):
+    """The rewards of the pass@k samples are rigged: prompt p of the held-out vqa set gets c_p = 0, 2, 3
+    right of 4 (the first c_p rows of its group), so eval.py's vqa_pass@k must be the formula's mean
+    over those counts: pass@1 = (0 + 2 + 3) / 12, pass@4 = (0 + 1 + 1) / 3. This
+    also checks that sample_scores cuts its batch into prompt-major groups (two prompts per sampler
+    call here: eval.batch_size 8 // 4 samples)."""
+    import rewards as RW
+    real_metrics, known = E.pass_at_k_metrics, {}
+
+    def rigged_rows(task, exs, resp, layout, tok, judge):
+        out = []
+        for i, e in enumerate(exs):
+            out.append(float(task == "vqa" and i % 4 < known[id(e)]))
+        return out, ["ok"] * len(out), None, None
+
+    def rigged(model, bundle, *a, **k):
+        known.update({id(e): c for e, c in zip(bundle.sets["vqa"]["eval"].examples, (0, 2, 3))})
+        with pytest.MonkeyPatch.context() as mp:         # the rigged rewards for the pass@k samples only
+            mp.setattr(RW, "score_rows", rigged_rows)
+            return real_metrics(model, bundle, *a, **k)
+    monkeypatch.setattr(E, "pass_at_k_metrics", rigged)
+    m = eval_pass_k(sft_run, 4, "passk_rigged.json")
+    counts = (0, 2, 3)
+    assert m["vqa_pass@1"] == pytest.approx(5 / 12)
+    assert m["vqa_pass@4"] == pytest.approx(2 / 3)
+    for k in (1, 4):
+        assert m[f"vqa_pass@{k}"] == pytest.approx(sum(hand_pass_at_k(4, c, k) for c in counts) / 3)
+    assert m["ground_pass@1"] == 0.0 and m["edit_best@4"] == 0.0
