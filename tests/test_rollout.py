@@ -731,7 +731,7 @@ def test_run_rl_stops_on_persistent_non_finite_loss(world, tmp_path, monkeypatch
     loss term (the same guard as SFT's)."""
     w = world
     cfg = rl_cfg(w, sft_rows=2, task_mix="vqa:1", af_prob=0.0, max_steps=1000, eval_interval=0,
-                 prompts_per_step=1, group_size=2, time_budget_s=1e9)
+                 prompts_per_step=1, group_size=2, time_budget_s=0.0)
     cfg.train.out_dir = str(tmp_path)
     logs, calls = [], []
     ctx = one_process_ctx(log=logs.append)

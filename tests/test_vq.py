@@ -1,7 +1,8 @@
 """
 Tests of vq.py: the tokenizer contract (shapes, dtypes, code ranges, unified-vocabulary offsets),
 the quantiser's math (nearest code vs. a brute-force argmin, straight-through gradients, EMA and
-dead-code restarts), checkpoint round trips and their one-line errors. CPU, tiny models, seconds.
+dead-code restarts), checkpoint round trips and their one-line errors. CPU, tiny models, seconds;
+test_toy_tokenizer_is_exact_on_every_look (slow tier) trains the toy VQ in full: 30-60 s.
 
     python -m pytest tests/test_vq.py -q
 """
@@ -24,7 +25,7 @@ S, GRID = 32, 4   # toy picture size and board: 16 tokens per image at downsampl
 
 def tiny_cfg(**kw):
     base = dict(codebook_size=16, code_dim=8, hidden=16, downsample=8, batch_size=16, lr=2e-3,
-                steps=20, time_budget_s=30.0, beta=0.25, ema_decay=0.9, dead_threshold=0.5, n_images=64)
+                steps=20, time_budget_s=0.0, beta=0.25, ema_decay=0.9, dead_threshold=0.5, n_images=64)
     base.update(kw)
     return VQConfig(**base)
 
@@ -225,6 +226,7 @@ def every_look_pictures():
     return np.stack(pics), scenes, what
 
 
+@pytest.mark.slow          # trains the toy VQ for its full step count: 30-60 s on one CPU thread
 def test_toy_tokenizer_is_exact_on_every_look():
     """The toy VQ of the looks world (512 codes, trained as its main job trains it) reconstructs every
     scored attribute exactly under every look: read_scene of the decoded picture is the scene, for
