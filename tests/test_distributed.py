@@ -72,7 +72,7 @@ def tiny_config(out_dir: str, cache_dir: str, **over) -> C.Config:
     o = {"data.n_sft": 8, "data.n_rl": 2, "data.n_eval": 2, "data.cache_dir": cache_dir,
          "model.n_layer": 1, "model.n_head": 2, "model.d_model": 32, "model.max_len": 128,
          "train.out_dir": out_dir, "train.device": "cpu", "train.batch_size": 4, "train.micro_batch": 2,
-         "train.max_steps": N_RESUME + 1, "train.time_budget_s": 1e9, "train.eval_interval": 0,
+         "train.max_steps": N_RESUME + 1, "train.time_budget_s": 0.0, "train.eval_interval": 0,
          "train.ckpt_interval": 1, "train.log_interval": 1, "train.warmup": 1, "train.lr": 1e-2}
     o.update(over)
     return C.make_config("toy", o)
