@@ -692,3 +692,269 @@ def test_a_vq_tokenizer_is_never_shared_or_swapped_under_a_checkpoint(tmp_path):
     os.remove(VQ.vq_path(a))
     with pytest.raises(SystemExit, match="VQ tokenizer .* that ckpt.pt needs is missing"):
         common.check_vq(blob, a, "ckpt.pt")
+
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. the RL stage on 2 processes. One rl.rl_step per rank against one process on the union of the
+#    ranks' rows, and rl.shared_t's one masking rate for all ranks (a launch of 2 ranks, rl_step_worker);
+#    a stop request (mid-step, and in a quick eval) then --resume, bit-identical to an uninterrupted
+#    2-process run (slow: another launch, rl_stop_worker, six short train.main runs).
+
+RL_STEP = {"rl.likelihood": "one_step", "rl.af_prob": 1.0, "rl.af_mode": "all_groups", "rl.prompts_per_step": 2,
+           "rl.group_size": 2, "rl.sft_rows": 2, "rl.task_mix": "vqa:1,ground:1", "train.micro_batch": 2,
+           "train.grad_clip": 1e6}
+# one_step: no random masks, so any split of the rows scores them alike; af_prob 1 on all groups: each
+# group gets a forced sample that scores 1, so every rank has rollout rows with A != 0; no clipping,
+# which would hide a wrong scale of the gradient
+RL_LR = 0.1
+
+
+class PlainSGD:
+    """SGD written out (p -= lr * grad) with the optimizer interface policy_update uses. The rank
+    processes never build a torch optimizer: the first one imports torch's compiler (seconds)."""
+
+    def __init__(self, params, lr: float):
+        self.params, self.lr = list(params), lr
+
+    def step(self):
+        with torch.no_grad():
+            for p in self.params:
+                if p.grad is not None:
+                    p.sub_(self.lr * p.grad)
+
+    def zero_grad(self, set_to_none=True):
+        for p in self.params:
+            p.grad = None
+
+
+def rl_step_worker(tmp: str, cache: str):
+    """One rl.rl_step on this rank (its own prompts, samples and SFT rows, from rank 0's weights);
+    then a policy_update of the same rows with rl.shared_t whose masking rates are recorded (the
+    ranks' mask generators are seeded apart, so rates drawn per rank would differ)."""
+    import data as Dd
+    import likelihood as LK
+    from tokens import parse_mix
+    cfg = tiny_config(os.path.join(tmp, "rl_step"), cache, **RL_STEP)
+    ctx = common.setup(cfg)                               # seeds seed + rank: the inits differ ...
+    torch.set_num_threads(1)
+    bundle = make_bundle(cfg)
+    model = common.build_model(cfg, bundle.tok, "cpu")
+    common.broadcast_params(model, ctx)                   # ... until rank 0's are broadcast
+    ro = RolloutContext(model, bundle.tok, bundle.sets, Dd.picture_judge(cfg, FakeVQ()), cfg, "cpu", ctx.autocast,
+                        torch.Generator().manual_seed(100 + ctx.rank))
+    sft = Dd.TaskSampler(bundle.sets, "sft", parse_mix(cfg.train.task_mix), 7 + ctx.rank)
+    out = {"init": params(model)}
+    st = rl.rl_step(ro, PlainSGD(model.parameters(), RL_LR), ctx, train.prompt_draws(cfg.rl), sft,
+                    torch.Generator().manual_seed(50 + ctx.rank))
+    out.update(after=params(model), loss=st.update.loss, skipped=st.update.skipped,
+               trip=(st.trip.batch, st.trip.adv, st.trip.n))
+    shared = copy.deepcopy(cfg)
+    shared.rl.likelihood, shared.rl.shared_t = "complementary", True
+    rates, real = [], LK.complementary
+
+    def spy(model, batch, tok, generator=None, norm="sum", shared_t=False, t1=None):
+        rates.append(None if t1 is None else t1.tolist())
+        return real(model, batch, tok, generator, norm, shared_t, t1)
+    LK.complementary = spy
+    try:
+        rl.policy_update(RolloutContext(model, ro.tok, ro.sets, None, shared, "cpu", ctx.autocast,
+                                        torch.Generator().manual_seed(200 + ctx.rank)),
+                         PlainSGD(model.parameters(), RL_LR), st.trip, ctx)
+    finally:
+        LK.complementary = real
+    out["rates"] = rates
+    torch.save(out, os.path.join(tmp, f"rl_step_rank{ctx.rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+def launch(mode: str, *args, timeout: int = 180) -> None:
+    """Start this file as `mode` on WORLD ranks the way torchrun does and wait for both."""
+    procs = []
+    for rank in range(WORLD):
+        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args[-1]) if mode == "rl_step_worker" else "0",
+                   RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1",
+                   PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), mode, *map(str, args)],
+                                      env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    logs = []
+    for p in procs:
+        try:
+            logs.append(p.communicate(timeout=timeout)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail(f"{mode} ranks hung (> {timeout} s)")
+    for rank, (p, log) in enumerate(zip(procs, logs)):
+        assert p.returncode == 0, f"{mode} rank {rank} failed:\n{log[-3000:]}"
+
+
+@pytest.fixture(scope="module")
+def ddp_rl_step(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ddp_rl_step")
+    cache = str(tmp / "cache")
+    cfg = tiny_config(str(tmp / "rl_step"), cache, **RL_STEP)
+    bundle = make_bundle(cfg)                            # the token cache, written before the ranks read it
+    launch("rl_step_worker", tmp, cache, free_port())
+    res = [torch.load(tmp / f"rl_step_rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return SimpleNamespace(res=res, cfg=cfg, bundle=bundle)
+
+
+def test_rl_step_on_two_processes_equals_one_process_on_the_union_of_rows(ddp_rl_step):
+    """One rl.rl_step per rank (each its own prompts, samples and SFT rows) ends with the weights of
+    ONE process that runs policy_update on both ranks' rows together with N = N_0 + N_1, from the
+    same start. A control: rank 0's rows alone give other weights, so rank 1's rows reached rank 0."""
+    r0, r1 = ddp_rl_step.res
+    assert r0["skipped"] is None and r1["skipped"] is None
+    assert_close(r0["init"], r1["init"], 0.0, "the ranks' starts:")
+    (b0, a0, n0), (b1, a1, n1) = r0["trip"], r1["trip"]
+    sft = ddp_rl_step.cfg.rl.sft_rows
+    assert len(a0) > sft and len(a1) > sft                                # rollout rows beside the SFT rows
+    assert not torch.equal(b0.tokens, b1.tokens)                          # the ranks drew different rows
+    tok = ddp_rl_step.bundle.tok
+    ctx1 = common.Ctx("cpu", torch.float32, "fp32", False, 0, 1, "unused")
+
+    def one_process(trip):
+        model = common.build_model(ddp_rl_step.cfg, tok, "cpu")
+        model.load_state_dict(r0["init"])
+        model.train()
+        u = rl.policy_update(RolloutContext(model, tok, None, None, ddp_rl_step.cfg, "cpu", ctx1.autocast,
+                                            torch.Generator()), PlainSGD(model.parameters(), RL_LR), trip, ctx1)
+        return params(model), u.loss
+    ref, loss = one_process(rl.Triplets(T.cat_batches([b0, b1], tok), torch.cat([a0, a1]), n0 + n1))
+    assert max((ref[k] - r0["init"][k]).abs().max().item() for k in ref) > 1e-3       # the step moved
+    for rank, r in enumerate((r0, r1)):
+        assert_close(r["after"], ref, 1e-6, f"rank {rank} after rl_step:")
+        assert abs(r["loss"] - loss) < 1e-5
+    alone, _ = one_process(rl.Triplets(b0, a0, n0))
+    assert max((alone[k] - ref[k]).abs().max().item() for k in ref) > 1e-4
+
+
+def test_shared_t_is_one_masking_rate_on_every_rank(ddp_rl_step):
+    """rl.shared_t under DDP: every row of every micro-batch of both ranks is masked at ONE rate t1,
+    though the ranks' mask generators are seeded apart."""
+    r0, r1 = ddp_rl_step.res
+    assert len(r0["rates"]) >= 2 and len(r1["rates"]) >= 2               # several micro-batches per rank
+    rates = {x for r in (r0, r1) for call in r["rates"] for x in call}
+    assert len(rates) == 1 and 0 < rates.pop() < 1
+
+
+RL_STOP_RUNS = [   # (out folder, extra flags, where the SIGTERM arrives: None, "step 2" or "eval 1")
+    ("straight", [], None), ("stopped", [], "step 2"), ("stopped", ["--resume"], None),
+    ("straight_eval", ["--rl.eval_interval=1"], None), ("stopped_eval", ["--rl.eval_interval=1"], "eval 1"),
+    ("stopped_eval", ["--rl.eval_interval=1", "--resume"], None)]
+
+
+def rl_stage_flags(cache: str, out: str, *extra) -> list[str]:
+    """train.py flags of a run of seconds: 1 layer, d 32, 2 SFT steps, 3 RL steps of vqa + ground
+    with answer-forcing and 2 SFT rows per step."""
+    return [f"--out_dir={out}", f"--data.cache_dir={cache}", "--data.n_sft=8", "--data.n_rl=4", "--data.n_eval=4",
+            "--data.n_val=2", "--model.n_layer=1", "--model.n_head=2", "--model.d_model=32", "--vq.steps=10",
+            "--vq.n_images=32", "--train.max_steps=2", "--train.batch_size=4", "--train.micro_batch=2",
+            "--train.eval_interval=0", "--train.ckpt_interval=100", "--rl.max_steps=3", "--rl.prompts_per_step=1",
+            "--rl.group_size=2", "--rl.sft_rows=2", "--rl.task_mix=vqa:1,ground:1", "--rl.af_prob=0.5",
+            "--rl.time_budget_s=0", "--eval.curve_n=2", "--eval.n_per_task=4", "--eval.batch_size=2",
+            "--eval.grid_rows=1", *extra]
+
+
+def rl_stop_run(tmp: str, cache: str, init: str, out: str, extra: list, stop) -> dict:
+    """train.main --stage=rl on this rank for one of RL_STOP_RUNS: SIGTERM to this process in the
+    middle of RL step 2, or during the quick eval after step 1 (rank 0 in its first sampling batch;
+    rank 1, which does not evaluate, as it enters the eval's collective), as torchrun signals every
+    rank. Returns the exit code, the patched calls, and (rank 0) the step in ckpt_rl.pt."""
+    import signal
+    import metrics
+    real_step, real_sample, real_keep = rl.rl_step, metrics.sample, metrics.eval_and_keep_best
+    calls = []
+
+    def signalling(name, real, nth):
+        def call(*a, **k):
+            calls.append(name)
+            if calls.count(name) == nth:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return real(*a, **k)
+        return call
+    if stop == "step 2":
+        rl.rl_step = signalling("step", real_step, 2)
+    elif stop == "eval 1" and int(os.environ["RANK"]) == 0:
+        metrics.sample = signalling("sample", real_sample, 1)
+    elif stop == "eval 1":
+        metrics.eval_and_keep_best = signalling("eval", real_keep, 1)
+    code = 0
+    try:
+        train.main(rl_stage_flags(cache, os.path.join(tmp, out), "--stage=rl", f"--train.init_from={init}", *extra))
+    except SystemExit as e:
+        code = e.code
+    finally:
+        rl.rl_step, metrics.sample, metrics.eval_and_keep_best = real_step, real_sample, real_keep
+    res = {"code": code, "calls": calls}
+    if int(os.environ["RANK"]) == 0:
+        res["step"] = torch.load(os.path.join(tmp, out, "ckpt_rl.pt"), weights_only=False)["step"]
+    return res
+
+
+def rl_stop_worker(tmp: str, cache: str, init: str, ports: str):
+    """The runs of RL_STOP_RUNS in order, each with its own rendezvous port: train.main closes the
+    process group when it ends."""
+    res = []
+    for port, (out, extra, stop) in zip(ports.split(","), RL_STOP_RUNS):
+        os.environ["MASTER_PORT"] = port
+        res.append(rl_stop_run(tmp, cache, init, out, extra, stop))
+    torch.save(res, os.path.join(tmp, f"rl_stop_rank{os.environ['RANK']}.pt"))
+
+
+@pytest.fixture(scope="module")
+def ddp_rl_stop(tmp_path_factory):
+    """An SFT checkpoint (one process), then the 2 ranks of rl_stop_worker."""
+    tmp = tmp_path_factory.mktemp("ddp_rl_stop")
+    cache, sft = str(tmp / "cache"), str(tmp / "sft")
+    train.main(rl_stage_flags(cache, sft, "--stage=sft"))        # the tokenizer and the data cache, once
+    ports = ",".join(str(free_port()) for _ in RL_STOP_RUNS)
+    launch("rl_stop_worker", tmp, cache, os.path.join(sft, "ckpt_sft.pt"), ports, timeout=400)
+    res = [torch.load(tmp / f"rl_stop_rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return SimpleNamespace(res=res, tmp=tmp)
+
+
+def strip_timings(x):
+    """rl_log.json without its wall-clock fields (they differ between any two runs)."""
+    if isinstance(x, dict):
+        return {k: strip_timings(v) for k, v in x.items()
+                if k not in ("seconds", "rollout_s", "update_s", "peak_mem_mb", "eval_seconds")}
+    if isinstance(x, list):
+        return [strip_timings(v) for v in x]
+    return x
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("straight,stopped,at,cut_eval", [(0, 1, 2, False), (3, 4, 1, True)])
+def test_rl_stopped_by_sigterm_on_two_processes_resumes_bit_identical(ddp_rl_stop, straight, stopped, at, cut_eval):
+    """SIGTERM on both ranks in the middle of RL step 2 (or in the quick eval after step 1, which
+    rank 0 runs while rank 1 waits): both ranks exit 143, ckpt_rl.pt holds that step, and --resume on
+    2 processes ends with the uninterrupted 2-process run's weights, every rank's random streams
+    and rl_log.json (timings aside; the eval the stop cut short is missing from the log)."""
+    import json
+    for rank in range(WORLD):
+        runs = ddp_rl_stop.res[rank]
+        assert runs[straight]["code"] == 0 and runs[stopped + 1]["code"] == 0
+        assert runs[stopped]["code"] == 143, (rank, runs[stopped])
+    assert ddp_rl_stop.res[0][stopped]["step"] == at
+    if not cut_eval:
+        assert ddp_rl_stop.res[0][stopped]["calls"] == ["step", "step"]     # no third step after the stop
+    a, b = (str(ddp_rl_stop.tmp / RL_STOP_RUNS[i][0]) for i in (straight, stopped))
+    ca, cb = (torch.load(os.path.join(d, "ckpt_rl.pt"), weights_only=False) for d in (a, b))
+    assert ca["step"] == cb["step"] == 3
+    assert all(torch.equal(ca["model"][k], cb["model"][k]) for k in ca["model"])
+    assert len(ca["rank_states"]) == len(cb["rank_states"]) == WORLD
+    for sa, sb in zip(ca["rank_states"], cb["rank_states"]):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa), "a rank's random stream ended elsewhere"
+    la, lb = (strip_timings(json.load(open(os.path.join(d, "rl_log.json")))) for d in (a, b))
+    if cut_eval:
+        assert "eval" in la[at - 1] and "eval" not in lb[at - 1]
+        la[at - 1].pop("eval")
+    assert la == lb
+
+
+if __name__ == "__main__" and len(sys.argv) >= 2 and sys.argv[1] == "rl_step_worker":
+    rl_step_worker(*sys.argv[2:4])
+if __name__ == "__main__" and len(sys.argv) >= 2 and sys.argv[1] == "rl_stop_worker":
+    rl_stop_worker(*sys.argv[2:])

@@ -290,11 +290,15 @@ DRAWS = {"vqa": 4}
 
 
 def test_rl_step_twice_from_the_same_state_is_identical(world):
+    """The same weights, optimizer and generators give the same rollouts, triplets, loss and new
+    weights, bit for bit, whatever the global torch RNG holds (every draw comes from the step's own
+    generators, which the RL checkpoint saves)."""
     w = world
     outs = []
-    for _ in range(2):
+    for run in range(2):
         model = vqa_answering_model(w, seed=4)
         ro, opt, sft, pick = rl_step_setup(w, model, "adamw")
+        torch.manual_seed(1000 + run)
         st = rl.rl_step(ro, opt, one_process_ctx(lambda m: None), DRAWS, sft, pick)
         outs.append((st, [p.detach().clone() for p in model.parameters()]))
     (a, wa), (b, wb) = outs
