@@ -1,6 +1,8 @@
 """
 Tests of metrics.py's diagnostic metrics (box padding, reading vs reasoning): hand-made examples and responses,
-expected values counted by hand.
+expected values counted by hand. pass@k and best-of-k against enumeration of every k-subset, and
+eval.py --pass_k end to end against 1 - C(n-c, k) / C(n, k) written out here, on the sampled scores
+and on rigged per-prompt counts.
 
     python -m pytest tests/test_eval.py -q
 """

@@ -106,11 +106,17 @@ def job(tmp_path_factory):
                            rl_best=load("ckpt_rl_best.pt"))
 
 
-def run_eval_py(job, ckpt: str, name: str) -> dict:
-    """eval.py on one of the job's checkpoints with the job's own --eval.* flags; its metrics file."""
+def run_eval_py(job, ckpt: str, name: str) -> tuple[dict, np.ndarray]:
+    """eval.py on one of the job's checkpoints with the job's own --eval.* flags: its metrics file and
+    its sample grid (responses as text: they tell two models apart where every number is the same)."""
     dst = job.tmp / name
     E.main([f"--out_dir={job.out}", f"--ckpt={job.out / ckpt}", f"--out={dst}", *EVAL_FLAGS])
-    return json.load(open(dst))
+    return json.load(open(dst)), grid(job.out / "samples_eval.png")
+
+
+def grid(path) -> np.ndarray:
+    from PIL import Image
+    return np.asarray(Image.open(path).convert("RGB"))
 
 
 TIMING = ("eval_seconds", "total_seconds")
@@ -125,16 +131,20 @@ def test_rl_starts_from_the_sft_checkpoint_and_moves_away_from_it(job):
 
 
 def test_final_metrics_equal_eval_py_on_the_rl_checkpoint(job):
-    """metrics.json (timings aside, and without the SFT block) == eval.py --ckpt=ckpt_rl.pt."""
+    """metrics.json (timings aside, and without the SFT block) == eval.py --ckpt=ckpt_rl.pt, and the
+    job's samples.png == eval.py's sample grid, pixel for pixel."""
     final = {k: v for k, v in job.metrics.items() if k not in TIMING + ("sft_checkpoint",)}
-    again = {k: v for k, v in run_eval_py(job, "ckpt_rl.pt", "rl_eval.json").items() if k not in TIMING}
-    assert final == again
+    again, pic = run_eval_py(job, "ckpt_rl.pt", "rl_eval.json")
+    assert final == {k: v for k, v in again.items() if k not in TIMING}
+    assert np.array_equal(pic, grid(job.out / "samples.png"))
 
 
 def test_the_sft_block_equals_eval_py_on_the_sft_checkpoint(job):
     """metrics.json's sft_checkpoint block == eval.py --ckpt=ckpt_sft.pt's vqa/ground/edit numbers."""
     block = job.metrics["sft_checkpoint"]
-    sft = run_eval_py(job, "ckpt_sft.pt", "sft_eval.json")
+    sft, pic = run_eval_py(job, "ckpt_sft.pt", "sft_eval.json")
+    # the SFT model writes other responses than the RL model (the numbers alone are alike at this size)
+    assert not np.array_equal(pic, grid(job.out / "samples.png"))
     want = {k: v for k, v in sft.items() if k.startswith(("vqa_acc", "ground_miou", "edit_score"))}
     assert block == want
     assert {"vqa_acc_in", "vqa_acc_edge", "ground_miou_in", "edit_score"} <= set(block)
