@@ -751,12 +751,20 @@ def test_run_rl_stops_on_persistent_non_finite_loss(world, tmp_path, monkeypatch
     assert all(torch.equal(a, b) for a, b in zip(params, model.parameters())), "a NaN step moved the weights"
 
 
-def test_pass_at_k_metrics_on_a_model_that_answers_at_random(world):
+def test_pass_at_k_metrics_on_a_model_that_answers_at_random(world, monkeypatch):
     """The answering model writes one of six answers at random in the answer slot (about 1 in 6 is
-    right): pass@k must rise with k, stay in [0, 1], and pass@1 must match the mean reward of the
-    same samples (checked loosely: 6 prompts x 8 samples)."""
+    right): pass@k must rise with k, stay in [0, 1], and pass@1 must equal the mean reward of the
+    same samples (recorded from the scorer: 6 prompts x 8 samples, rewards 0 / 1); the rate itself is
+    checked loosely."""
     import metrics
     w = world
+    rewards, score_rows = [], metrics.RW.score_rows
+
+    def recording(*a, **k):
+        out = score_rows(*a, **k)
+        rewards.extend(out[0])
+        return out
+    monkeypatch.setattr(metrics.RW, "score_rows", recording)
     cfg = rl_cfg(w)
     cfg.eval.n_per_task, cfg.eval.batch_size = 6, 48
     model = vqa_answering_model(w, seed=1)
@@ -766,6 +774,9 @@ def test_pass_at_k_metrics_on_a_model_that_answers_at_random(world):
     assert set(m) == {"vqa_pass@1", "vqa_pass@4", "vqa_pass@8"}          # k = 16 > 8 samples: skipped
     assert 0 <= m["vqa_pass@1"] <= m["vqa_pass@4"] <= m["vqa_pass@8"] <= 1
     assert 0.02 < m["vqa_pass@1"] < 0.5 and m["vqa_pass@8"] > m["vqa_pass@1"]
+    # every prompt has the same 8 samples, so the mean over prompts of c/8 is the mean reward
+    assert len(rewards) == 6 * 8 and set(rewards) <= {0.0, 1.0}
+    assert m["vqa_pass@1"] == pytest.approx(sum(rewards) / len(rewards), abs=1e-12)
 
 
 # ----------------------------------------------------------------------------------------------
