@@ -958,7 +958,7 @@ def main(argv: list[str]):
     """python studies/study.py NAME [--key=value ...]; NAME may list several ablations (af_ratio,gamma):
     they are trained together, so a run they share (the default variant) is trained once per seed."""
     if argv[:1] in (["-h"], ["--help"]):
-        print(__doc__.strip())
+        print(f"usage: python studies/study.py NAME [--option=value ...]  (NAME -h: its options)\n\n{__doc__.strip()}")
         raise SystemExit(0)
     names = argv[0].split(",") if argv else []
     if names and all(n in ABLATIONS for n in names):

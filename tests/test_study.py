@@ -408,13 +408,24 @@ def test_help_prints_the_usage_and_exits_0(argv, capsys):
             {"--" + k for k in study.OPTIONS[argv[0]]}
 
 
-def test_study_py_answers_help_with_exit_0_as_a_script():
-    """The script itself, as a user runs it (it exited 1 once: -h was read as a study name)."""
+def test_study_py_answers_help_with_exit_0_and_a_refused_option_with_2_as_a_script():
+    """The script itself, as a user runs it (-h exited 1 once: it was read as a study name)."""
     import subprocess
     import sys
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     p = subprocess.run([sys.executable, os.path.join("studies", "study.py"), "-h"], cwd=root, capture_output=True, text=True)
     assert p.returncode == 0 and "usage" in p.stdout.lower() and not p.stderr, (p.returncode, p.stderr[-300:])
+    p = subprocess.run([sys.executable, os.path.join("studies", "study.py"), "tree", "--arms=rl"], cwd=root,
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == [p.stderr.strip()] and "--arms=rl" in p.stderr
+
+
+def test_rl_vs_sft_keeps_the_world_when_the_root_is_given(tmp_path, monkeypatch):
+    """--root moves the runs; --world still picks the world of every command (it was dropped once)."""
+    rec = record(["rl_vs_sft", "--root=elsewhere", "--world=levels", "--seeds=0", "--arms=sft"], tmp_path, monkeypatch)
+    train = [c for c in rec["cmds"] if c.startswith("train.py")]
+    assert len(train) == 2 and all("--data.rl_levels=1,2,3" in c for c in train)
+    assert any("--train.max_steps=8000" in c and "elsewhere/start" in c for c in train)
 
 
 @pytest.mark.slow
@@ -442,3 +453,127 @@ def test_the_options_table_in_the_docstring_matches_what_each_study_takes():
             if m != "-" and "report" in study.OPTIONS[study_name]:
                 assert (m == "r") == (opt[2:] not in study.RUN_ONLY[study_name]), (opt, study_name)
     assert {line.split()[0][2:] for line in table} == set().union(*map(set, study.OPTIONS.values()))
+
+
+# ------------------------------------------------------------------------------------------------
+# the other scripts of studies/: estimators.py, reading_path.py, bench.py
+
+def test_estimators_options_pick_the_checkpoint_the_seed_and_the_output(tmp_path, monkeypatch):
+    """--ckpt / --out_dir choose the checkpoint, --seed seeds the draws, --out names the file."""
+    import estimators as E
+    seen = {}
+    monkeypatch.setattr(E, "load", lambda cfg, ckpt: seen.update(path=ckpt or cfg.train.out_dir) or (None, None, "src"))
+
+    def study_(model, bundle, g):
+        seen["seed"] = g.initial_seed()
+        return {"secs": {"value": 0, "gradient": 0, "exact": 0}, "per_pair": [], "per_grad_pair": [],
+                "bias_windows": [], "by_family": {}}
+    monkeypatch.setattr(E, "run_study", study_)
+    for f in ("print_variance", "print_exact", "print_families"):
+        monkeypatch.setattr(E, f, lambda *a: None)
+    monkeypatch.setattr(E, "claims", lambda s: [])
+    monkeypatch.setattr(E, "to_json", lambda s, head: dict(head))
+    monkeypatch.setattr(E.common, "write_json", lambda path, obj: seen.update(out=path, written=obj))
+    E.main(["--ckpt=a.pt", "--seed=5", f"--out={tmp_path}/x.json"])
+    assert (seen["path"], seen["seed"], seen["out"], seen["written"]["seed"]) == ("a.pt", 5, f"{tmp_path}/x.json", 5)
+    E.main(["--out_dir=elsewhere"])
+    assert (seen["path"], seen["seed"], seen["out"]) == ("elsewhere", 0, os.path.join("runs", "estimators.json"))
+
+
+@pytest.mark.parametrize("argv,named", [
+    (["--data.n_eval=50"], "--data.n_eval=50"), (["--rl.af_prob=1"], "--rl.af_prob=1"), (["--ckpt=a.pt", "--out_dir=b"], "--train.out_dir"),
+    (["--ckpt=a.pt", "--preset=small"], "--preset"), (["--report"], "--report"),
+])
+def test_an_estimators_option_the_checkpoint_overrides_is_a_one_line_error(argv, named, capsys, monkeypatch):
+    import common
+    import estimators as E
+    monkeypatch.setattr(E, "load", lambda *a: pytest.fail("loaded a checkpoint"))
+    with pytest.raises(SystemExit) as e:
+        common.run_main(E.main, argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and named in err and "\n" not in err, err
+
+
+def test_reading_path_options_reach_the_mode_they_belong_to(monkeypatch, capsys):
+    """--static and --open_all choose the sealed files of the static reach; --steps the RL steps
+    traced; --ckpt the model loaded by setup."""
+    import types
+    import reading_path as RP
+    seen = {"sealed": [], "steps": 0, "setup": []}
+    monkeypatch.setattr(RP, "static_reach", lambda sealed: seen["sealed"].append(set(sealed)) or [])
+    monkeypatch.setattr(RP, "setup", lambda opts: seen["setup"].append(opts["ckpt"]) or (None,) * 6)
+    monkeypatch.setattr(RP.rl, "rl_step", lambda *a: seen.update(steps=seen["steps"] + 1) or types.SimpleNamespace(groups=[]))
+    RP.main(["--static"])
+    RP.main(["--static", "--open_all"])
+    assert seen["sealed"] == [set(RP.SEALED), set()] and RP.SEALED
+    RP.main(["--steps=3", "--ckpt=m.pt"])
+    assert seen["steps"] == 3 and seen["setup"] == ["m.pt"]
+    RP.main([])
+    assert seen["steps"] == 3 + RP.OPTIONS["steps"] and seen["setup"] == ["m.pt", ""]
+
+
+@pytest.mark.parametrize("argv,named", [
+    (["--static", "--steps=3"], "--steps=3"), (["--static", "--ckpt=m.pt"], "--ckpt=m.pt"), (["--open_all"], "--open_all"),
+    (["--steps=0"], "--steps=0"), (["--rl.af_prob=1"], "--rl.af_prob=1"), (["--preset=small"], "--preset=small"),
+])
+def test_a_reading_path_option_its_mode_ignores_is_a_one_line_error(argv, named, capsys, monkeypatch):
+    import common
+    import reading_path as RP
+    monkeypatch.setattr(RP, "setup", lambda opts: pytest.fail("set up a run"))
+    monkeypatch.setattr(RP, "static_reach", lambda sealed: pytest.fail("ran the static reach"))
+    with pytest.raises(SystemExit) as e:
+        common.run_main(RP.main, argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and named in err and "\n" not in err, err
+
+
+def test_bench_config_keys_reach_the_benchmark_and_sit_on_top_of_a_checkpoint(tmp_path, monkeypatch):
+    """Without a checkpoint the preset's config takes the keys; with one, speed_world sets the keys
+    on top of the checkpoint's config (rl.*, diffusion.*) and refuses its data / model keys."""
+    import bench
+    got = {}
+    monkeypatch.setitem(bench.BENCHMARKS, "rl", (lambda cfg, opts: got.update(cfg=cfg, opts=opts), *bench.BENCHMARKS["rl"][1:]))
+    bench.main(["rl", "--rl.group_size=3", "--mu=1,2", "--steps=2"])
+    assert got["cfg"].rl.group_size == 3 and got["opts"]["mu"] == "1,2" and got["opts"]["steps"] == 2
+    assert got["opts"]["keys"] == ["rl.group_size"]
+    ckpt = tmp_path / "ck.pt"
+    ckpt.write_bytes(b"")
+    theirs = C.make_config("toy")
+    theirs.rl.group_size, theirs.rl.temperature, theirs.model.n_layer = 6, 0.3, 1
+    monkeypatch.setattr(bench.data, "load_run", lambda path, out, who: (theirs, None, None, None, {"step": 9}))
+    monkeypatch.chdir(tmp_path)
+    cli = C.get_config(["--rl.group_size=3"])
+    cfg = bench.speed_world(cli, str(ckpt), ["rl.group_size"])[0]
+    assert (cfg.rl.group_size, cfg.rl.temperature, cfg.model.n_layer) == (3, 0.3, 1)   # the key, else the checkpoint's
+    with pytest.raises(SystemExit, match="--model.n_layer: the checkpoint"):
+        bench.speed_world(C.get_config(["--model.n_layer=2"]), str(ckpt), ["model.n_layer"])
+
+
+@pytest.mark.parametrize("argv,named", [
+    (["rl", "--rl.ppo_epochs=2"], "--rl.ppo_epochs=2"), (["rl", "--model.prefix_dlm=false"], "--model.prefix_dlm=false"),
+    (["rl", "--ckpt=a.pt", "--ckpts=after=b.pt"], "--ckpt=a.pt"), (["rl", "--ckpts=nope=b.pt"], "--ckpts=nope=b.pt"),
+    (["rl", "--arms=after,middle"], "--arms=after,middle"), (["rl", "--mu=0"], "--mu=0"), (["rl", "--eval.seed=3"], "--eval.seed=3"),
+    (["sampler", "--rl.temperature=0.5"], "--rl.temperature=0.5"), (["sampler", "--diffusion.temperature=1"], "--diffusion.temperature=1"),
+    (["sampler", "--n=3"], "--n=3"), (["sampler", "--prompts=0"], "--prompts=0"),
+    (["rollout", "--n=3", "--rl.group_size=4"], "--rl.group_size"), (["rollout", "--prompts=2", "--rl.prompts_per_step=2"], "--prompts"),
+    (["train", "--batch=4", "--train.micro_batch=4"], "--batch"), (["train", "--train.compile=true"], "--train.compile=true"),
+    (["train", "--rl.lr=1"], "--rl.lr=1"), (["train", "--steps=0"], "--steps=0"), (["rollout", "--reps=0"], "--reps=0"),
+])
+def test_a_bench_option_that_would_change_nothing_is_a_one_line_error(argv, named, capsys, monkeypatch):
+    import bench
+    import common
+    monkeypatch.setattr(bench, "speed_world", lambda *a: pytest.fail("built a world"))
+    with pytest.raises(SystemExit) as e:
+        common.run_main(bench.main, argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and named in err and "\n" not in err, err
+
+
+@pytest.mark.parametrize("script,argv", [("estimators", ["-h"]), ("reading_path", ["--help"]), ("bench", ["-h"]),
+                                         ("bench", ["train", "-h"]), ("gates", ["-h"])])
+def test_every_other_script_answers_help_with_exit_0(script, argv, capsys):
+    import importlib
+    import common
+    with pytest.raises(SystemExit) as e:
+        common.run_main(importlib.import_module(script).main, argv)
+    assert e.value.code == 0 and "python studies/" in capsys.readouterr().out
