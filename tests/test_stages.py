@@ -218,7 +218,7 @@ def test_lr_at_warms_up_linearly_then_follows_the_cosine_by_hand():
     assert common.lr_at(9, 0.5, 4, lr, frac) == pytest.approx(5.5e-4)           # midpoint: the mean of both
     # a quarter of the way: 0.1 + 0.9 * (1 + cos(pi / 4)) / 2 = 0.868198 of lr
     assert common.lr_at(9, 0.25, 4, lr, frac) == pytest.approx(8.68198052e-4)
-    assert common.lr_at(9, 3.0, 4, lr, frac) == pytest.approx(1e-4)             # past the end: stays at the floor
+    assert common.lr_at(9, 1.5, 4, lr, frac) == pytest.approx(1e-4)             # past the end: stays at the floor
     for step, p in ((0, 0.3), (5, 0.1), (7, 0.6), (100, 0.99)):
         assert common.lr_at(step, p, 4, lr, frac) == pytest.approx(hand_lr(step, p, 4, lr, frac))
 
@@ -310,11 +310,11 @@ class Scripted(nn.Module):
     input's codes sit at prompt columns 2.. after the task tag and <boi>), t2i an empty canvas; every
     other text slot [EOS]. One logit of +50 per position, so greedy decoding writes exactly that."""
 
-    def __init__(self, tok, lay: dict, P: int):
+    def __init__(self, tok, lay: dict, P: int, box: str = "0 0 32 32"):
         super().__init__()
         self.tok, self.lay, self.P = tok, lay, P
         self.task_of = {v: k for k, v in tok.TASK.items()}
-        self.answers = {"vqa": ["<answer>", "2", "</answer>"], "ground": ["<answer>", "0", "0", "32", "32", "</answer>"]}
+        self.answers = {"vqa": ["<answer>", "2", "</answer>"], "ground": ["<answer>", *box.split(), "</answer>"]}
 
     def forward(self, idx, valid=None, is_prompt=None):
         tok, P = self.tok, self.P
@@ -336,7 +336,8 @@ class Scripted(nn.Module):
 def level1():
     """Level-1 pools of every family (12 RL prompts and 12 held-out examples each), tokenized with the
     cell VQ: the edits are single operations, so copying the input has a known score per type."""
-    cfg = C.make_config("toy", {"data.n_sft": 4, "data.n_rl": 12, "data.n_eval": 12, "data.n_val": 2,
+    # 20 RL prompts: enough that the RL pool's most common answers differ from the held-out set's own
+    cfg = C.make_config("toy", {"data.n_sft": 4, "data.n_rl": 20, "data.n_eval": 12, "data.n_val": 2,
                                 "data.sft_levels": "1", "data.rl_levels": "1", "data.eval_levels": "1",
                                 "eval.n_per_task": 12, "eval.batch_size": 6})
     d = cfg.data
@@ -353,7 +354,7 @@ def level1():
     bundle = SimpleNamespace(tok=tok, sets=sets)
     m = metrics.evaluate(Scripted(tok, lay, P), bundle, vq, cfg, "cpu", nullcontext())
     return SimpleNamespace(cfg=cfg, bundle=bundle, ev={t: pools[t]["eval"] for t in pools}, rl=pools["vqa"]["rl"],
-                           m=m, base=metrics.baselines(bundle, cfg))
+                           m=m, base=metrics.baselines(bundle, cfg), vq=vq, tok=tok, lay=lay, P=P)
 
 
 def test_evaluate_scores_a_fixed_vqa_answer_by_hand(level1):
@@ -377,6 +378,22 @@ def test_evaluate_scores_the_whole_picture_box_by_hand(level1):
     assert m["ground_p50"] == 0.0 and m["ground_parse_fail"] == {}
     pads = [(x0 + y0 + (32 - x1) + (32 - y1)) / 4 for x0, y0, x1, y1 in (e.answer for e in exs)]
     assert m["ground_box_pad_px"] == pytest.approx(np.mean(pads))
+
+
+def test_evaluate_scores_a_one_cell_box_on_both_sides_of_iou_one_half(level1):
+    """The box of the cell holding the most targets (8 x 8 px): a target inside it scores
+    area / 64 (a large shape's 6 x 6 box 0.5625: right at IoU >= 0.5; a small one's 4 x 4 box 0.25:
+    wrong), a target elsewhere 0 (boxes of different cells do not overlap)."""
+    exs = level1.ev["ground"]
+    cell_of = [(y0 // 8, x0 // 8) for x0, y0, _, _ in (e.answer for e in exs)]
+    r, c = max(set(cell_of), key=cell_of.count)
+    model = Scripted(level1.tok, level1.lay, level1.P, box=f"{8 * c} {8 * r} {8 * c + 8} {8 * r + 8}")
+    m = metrics.evaluate(model, level1.bundle, level1.vq, level1.cfg, "cpu", nullcontext(), tasks=["ground"])
+    ious = [(x1 - x0) * (y1 - y0) / 64 if cell == (r, c) else 0.0
+            for (x0, y0, x1, y1), cell in zip((e.answer for e in exs), cell_of)]
+    assert 0 < sum(v >= 0.5 for v in ious) < sum(v > 0 for v in ious)      # both sides of 0.5 occur
+    assert m["ground_miou"] == pytest.approx(np.mean(ious))
+    assert m["ground_p50"] == pytest.approx(np.mean([v >= 0.5 for v in ious]))
 
 
 # copying the input: the changed cells earn nothing for add / remove / move (a shape where none should be,
@@ -410,6 +427,10 @@ def test_baselines_by_hand(level1):
     prior = {q: max(c, key=lambda a: (c[a], -first[(q, a)])) for q, c in counts.items()}
     hits = [prior.get(e.qtype) == e.answer for e in level1.ev["vqa"]]
     assert base["vqa_prior_acc"] == pytest.approx(np.mean(hits))
+    # the guess is the RL pool's: the held-out set's own most common answers would score otherwise
+    own = {q: max(sorted({e.answer for e in level1.ev["vqa"] if e.qtype == q}),
+                  key=lambda a: sum(e.qtype == q and e.answer == a for e in level1.ev["vqa"])) for q in prior}
+    assert np.mean([own.get(e.qtype) == e.answer for e in level1.ev["vqa"]]) != pytest.approx(np.mean(hits))
     for q, v in base["vqa_prior_by_type"].items():
         assert v == pytest.approx(np.mean([h for e, h in zip(level1.ev["vqa"], hits) if e.qtype == q]))
     n_shapes = [sum(s is not None for s in e.scene) for e in level1.ev["ground"]]
