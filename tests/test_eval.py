@@ -184,7 +184,7 @@ def test_eval_py_pass_k_from_the_sampled_scores_by_hand(sft_run, monkeypatch):
 
 
 def test_eval_py_pass_k_with_known_per_prompt_counts(sft_run, monkeypatch):
-    """The rewards of the pass@k samples are rigged: prompt p of the held-out vqa set gets c_p = 0, 2, 3
+    """The rewards of the pass@k samples are rigged (edit: each group scores 0.25, 1, 0.5, 0): prompt p of the held-out vqa set gets c_p = 0, 2, 3
     right of 4 (the first c_p rows of its group), so eval.py's vqa_pass@k must be the formula's mean
     over those counts: pass@1 = (0 + 2 + 3) / 12, pass@4 = (0 + 1 + 1) / 3. This
     also checks that sample_scores cuts its batch into prompt-major groups (two prompts per sampler
@@ -193,9 +193,10 @@ def test_eval_py_pass_k_with_known_per_prompt_counts(sft_run, monkeypatch):
     real_metrics, known = E.pass_at_k_metrics, {}
 
     def rigged_rows(task, exs, resp, layout, tok, judge):
-        out = []
-        for i, e in enumerate(exs):
-            out.append(float(task == "vqa" and i % 4 < known[id(e)]))
+        if task == "edit":                      # every group scores 0.25, 1, 0.5, 0
+            out = [(0.25, 1.0, 0.5, 0.0)[i % 4] for i in range(len(exs))]
+        else:
+            out = [float(task == "vqa" and i % 4 < known[id(e)]) for i, e in enumerate(exs)]
         return out, ["ok"] * len(out), None, None
 
     def rigged(model, bundle, *a, **k):
@@ -210,4 +211,6 @@ def test_eval_py_pass_k_with_known_per_prompt_counts(sft_run, monkeypatch):
     assert m["vqa_pass@4"] == pytest.approx(2 / 3)
     for k in (1, 4):
         assert m[f"vqa_pass@{k}"] == pytest.approx(sum(hand_pass_at_k(4, c, k) for c in counts) / 3)
-    assert m["ground_pass@1"] == 0.0 and m["edit_best@4"] == 0.0
+    assert m["ground_pass@1"] == 0.0
+    # best-of-k of the scores 0.25, 1, 0.5, 0: one sample scores their mean, four always hold the 1
+    assert m["edit_best@1"] == pytest.approx(1.75 / 4) and m["edit_best@4"] == 1.0
