@@ -13,11 +13,17 @@ Tests of the multi-process and checkpoint machinery (common.py, train.run_sft):
      without the sampler state or without the torch RNG state the step-3 loss differs.
   3. Checkpoints: load with map_location="cpu" (tensors on the CPU), atomic write, and one-line
      SystemExit messages for a missing, corrupted, truncated or foreign file and a wrong vocabulary.
+  4. The RL stage (rl.py, train.run_rl) on 2 processes: one rl.rl_step per rank (own prompts,
+     samples, SFT rows) ends with the weights of ONE process running rl.policy_update on the union
+     of the ranks' rows with N = N_0 + N_1; rl.shared_t masks every micro-batch of every rank at one
+     rate; and (slow) SIGTERM mid-RL-step or during an RL quick eval exits 143 on both ranks with
+     ckpt_rl.pt at that step, and --resume ends bit-identical to an uninterrupted 2-process run.
 
 The world is tiny: a few synthetic examples per family, a fake VQ (one code per 8x8 patch from its
 mean colour), a 1-layer d_model=32 Transformer. The two processes are started the way torchrun
 starts them (MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE/LOCAL_RANK in the environment, this file run as
-a script), so common.setup's DDP detection is what is tested. One launch serves every DDP test.
+a script), so common.setup's DDP detection is what is tested. One launch serves the DDP tests of
+1-3 (worker), one those of 4 but the stop (rl_step_worker), one the RL stop (rl_stop_worker).
 
     python -m pytest tests/test_distributed.py -q
 """
@@ -768,12 +774,12 @@ def rl_step_worker(tmp: str, cache: str):
     torch.distributed.destroy_process_group()
 
 
-def launch(mode: str, *args, timeout: int = 180) -> None:
-    """Start this file as `mode` on WORLD ranks the way torchrun does and wait for both."""
+def launch(mode: str, *args, port: int = 0, timeout: int = 180) -> None:
+    """Start this file as `mode` on WORLD ranks the way torchrun does and wait for both. port: the
+    rendezvous port (0: the worker sets MASTER_PORT itself)."""
     procs = []
     for rank in range(WORLD):
-        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args[-1]) if mode == "rl_step_worker" else "0",
-                   RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1",
+        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1",
                    PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
         procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), mode, *map(str, args)],
                                       env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
@@ -795,7 +801,7 @@ def ddp_rl_step(tmp_path_factory):
     cache = str(tmp / "cache")
     cfg = tiny_config(str(tmp / "rl_step"), cache, **RL_STEP)
     bundle = make_bundle(cfg)                            # the token cache, written before the ranks read it
-    launch("rl_step_worker", tmp, cache, free_port())
+    launch("rl_step_worker", tmp, cache, port=free_port())
     res = [torch.load(tmp / f"rl_step_rank{r}.pt", weights_only=False) for r in range(WORLD)]
     return SimpleNamespace(res=res, cfg=cfg, bundle=bundle)
 
@@ -955,6 +961,6 @@ def test_rl_stopped_by_sigterm_on_two_processes_resumes_bit_identical(ddp_rl_sto
 
 
 if __name__ == "__main__" and len(sys.argv) >= 2 and sys.argv[1] == "rl_step_worker":
-    rl_step_worker(*sys.argv[2:4])
+    rl_step_worker(*sys.argv[2:])
 if __name__ == "__main__" and len(sys.argv) >= 2 and sys.argv[1] == "rl_stop_worker":
     rl_stop_worker(*sys.argv[2:])

@@ -26,7 +26,6 @@ The world and the tiny models are tests/test_rollout.py's (a fake VQ whose codes
 
     python -m pytest tests/test_rl.py -q
 """
-import copy
 import json
 import math
 import os
