@@ -35,8 +35,10 @@ import os
 import sys
 from dataclasses import dataclass, field, fields, asdict
 
-from rollout import parse_tree_schedule
+from rollout import parse_tree_schedule, parse_tree_tasks
 from tokens import RL_TASKS, parse_mix, parse_task_values
+from world import parse_levels
+from world_extras import world_for
 
 
 class ConfigError(ValueError):
@@ -59,7 +61,8 @@ class ModelConfig:
     rope_base: float = 10000.0
     abs_pos: bool = True             # + learned absolute positions (toy: fast image-cell lookup; see model.py)
     max_len: int = 512               # longest prompt+response the rotary table covers
-    dropout: float = 0.0             # toy runs are short; dropout only slows them down
+    dropout: float = 0.0             # toy runs are short; dropout only slows them down (RL with
+                                     # ppo_epochs > 1 or kl_coef > 0 refuses it: rho, KL would see 2 masks)
 
 
 @dataclass
@@ -126,7 +129,8 @@ class DiffusionConfig:
     image_steps: int = 16            # image region: denoising steps (cosine); 16 tokens -> ~1 per step
     temperature: float = 0.0         # text sampling temperature (0 = greedy) for eval
     image_temperature: float = 1.0   # image token sampling temperature
-    cfg_scale: float = 0.0           # image CFG: logits = (1+g) cond - g uncond; 0 = off
+    cfg_scale: float = 0.0           # image CFG: logits = (1+g) cond - g uncond; 0 = off. Evaluation
+                                     # only: RL rollouts sample the unguided policy, the one log pi scores
     remask: str = "low_confidence"   # which masked tokens to reveal: "low_confidence" | "random"
     dedupe: bool = True              # run each distinct canvas once per step (a group's N samples start
                                      # from one canvas; a confident policy's stay equal for many steps);
@@ -176,11 +180,13 @@ class RLConfig:
                                      # steps -> 2); H = branch where the policy was most uncertain: at
                                      # the step that revealed the best sample's highest-entropy slot
                                      # (LATR, arXiv 2510.24302), Ht / Hi: among its plan-text / image slots
-    tree_tasks: str = "edit"         # tasks that use tree search (real-valued rewards)
+    tree_tasks: str = "edit"         # tasks that use tree search (real-valued rewards); vqa / ground
+                                     # have no image: only H / Ht rounds (rollout.parse_tree_tasks)
     likelihood: str = "complementary"  # complementary | elbo_mc | mc_unweighted | one_step
     n_mc: int = 2                    # forward passes for the MC estimators (complementary uses 2)
     logp_norm: str = "sum"           # log pi = sum over response tokens (Eq. C as written) | "mean" (unknown)
-    shared_t: bool = False           # one t1 for the batch, not one per sample (unknown); complementary only
+    shared_t: bool = False           # one t1 for the whole step (every micro-batch and rank), not one
+                                     # per sample (unknown); complementary only
     p_prompt: float = 0.0            # one_step only: mask each prompt token w.p. this (Eq. O; d1: 0.15)
     kl_coef: float = 0.0             # ablation only: KL to a frozen reference copy (paper: none)
     ppo_epochs: int = 1              # mu: optimizer steps per batch of rollouts; 1 = the paper's on-policy
@@ -490,6 +496,12 @@ def validate(cfg: Config):
         if not parts or not all(p.isdigit() and 1 <= int(p) <= 4 for p in parts):
             raise ConfigError(f"--data.{key}={v!r}: expected a comma list of levels 1..4 (vqa and edit have 1-4, "
                               f"grounding 1-3), e.g. 1,2")
+    for key in ("sft_levels", "rl_levels", "eval_levels"):    # a split's levels are clipped to the
+        v = getattr(d, key)                                    # family's; none left would swap one in
+        for task, have in world_for(d).levels.items():
+            if len(have) > 1 and not set(parse_levels(v)) & set(have):
+                raise ConfigError(f"--data.{key}={v!r}: {task} has levels {','.join(map(str, have))} only, "
+                                  f"none of them asked for; add one, e.g. --data.{key}={v},{have[-1]}")
     if d.image_size % cfg.vq.downsample:
         raise ConfigError(f"data.image_size={d.image_size} must be divisible by vq.downsample={cfg.vq.downsample}")
     if d.image_size % d.grid:
@@ -530,6 +542,7 @@ def validate(cfg: Config):
         if rc.advantage == "rft":
             missing -= set(parse_task_values(rc.rft_accept, "rl.rft_accept", RL_TASKS))
         schedule = parse_tree_schedule(rc.tree_schedule)
+        parse_tree_tasks(rc.tree_tasks, rc.tree_schedule)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if rc.advantage == "rft" and missing:
@@ -542,6 +555,10 @@ def validate(cfg: Config):
         raise ConfigError(f"quick evals are on (train/rl.eval_interval) but split {cfg.eval.curve_split!r} or "
                           f"eval.curve_n is empty: set --data.n_{cfg.eval.curve_split} / --eval.curve_n > 0 or "
                           f"--train.eval_interval=0 --rl.eval_interval=0")
+    if m.dropout > 0 and (rc.ppo_epochs > 1 or rc.kl_coef > 0):
+        raise ConfigError(f"--model.dropout={m.dropout} with --rl.ppo_epochs={rc.ppo_epochs} / --rl.kl_coef={rc.kl_coef}: "
+                          f"the old policy and the reference are scored without the policy's dropout, so rho != 1 "
+                          f"and KL != 0 at the start; set --model.dropout=0 for these RL runs")
     if rc.af_mode not in ("failed_groups", "all_groups"):
         raise ConfigError(f"--rl.af_mode={rc.af_mode!r}: expected failed_groups or all_groups")
     if tc.batch_size % tc.micro_batch:

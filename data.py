@@ -84,7 +84,7 @@ def load_user_rows(cfg, ctx: Ctx) -> list:
             raise user_data.JSONLError(f"{path}: the file holds no rows")
     except user_data.JSONLError as e:
         raise SystemExit(f"data error: --data.jsonl={path} gives no usable row: {e}") from None
-    ctx.log(f"jsonl: {len(user)} rows from {path} ({len(skipped)} malformed rows skipped)")
+    ctx.log(f"jsonl: {len(user)} rows from {path} ({len(skipped)} skipped: malformed, or held-out rows that repeat a training row)")
     for why in skipped[:3]:                     # the first few reasons, with their line numbers
         ctx.log(f"  skipped {why}")
     if len(skipped) > 3:
@@ -125,7 +125,7 @@ def get_bundle(cfg, vq, ctx: Ctx) -> Bundle:
     pools = world.build_pools(cfg.data, w)
     if cfg.data.jsonl:
         for ex in load_user_rows(cfg, ctx):     # by "split", else traced rows -> sft, answer-only -> rl
-            pools[ex.task][ex.split or ("sft" if ex.trace is not None else "rl")].append(ex)
+            pools[ex.task][user_data.split_of(ex)].append(ex)
     path = os.path.join(cfg.data.cache_dir, f"tokens_{_bundle_key(cfg, VQ.vq_path(cfg))}.pt")
     if os.path.exists(path):
         blob = torch.load(path, map_location="cpu", weights_only=False)

@@ -83,11 +83,18 @@ def sft_loss(model, batch: Batch, dcfg, tok: Tokenizer, generator: torch.Generat
         ts.append((1 - t).clamp(min=dcfg.eps))      # the complement's rate, for the 1/t weight
     mask, t_row = torch.cat(masks), torch.cat(ts)                              # (kB, T), (kB,)
     rows = repeat(torch.arange(B, device=dev), "b -> (k b)", k=len(masks))      # (kB,) each row's example
+    # a t = 1 row has no complement (nothing is left to mask): drop that empty row, and under "elbo"
+    # let the full-mask row carry its example's whole weight, so that every example weighs alike (with
+    # the empty row kept, a full-mask example would weigh half). Any other row stays even when its draw
+    # came out empty: a legitimate draw of the estimator, worth 0. Under "mean" an empty row adds 0 to
+    # both sums of the plain mean: every one is left out of the forward (same loss, fewer rows).
+    full = t >= 1                                                               # (B,)
+    keep = torch.cat([torch.ones_like(full), ~full]) if dcfg.complementary else torch.ones_like(full)
     if dcfg.loss_weight == "mean":
-        # rows with nothing masked (the complement of a t = 1 row) add 0 to both sums of the plain
-        # mean: leave them out of the forward (same loss, fewer rows)
         keep = mask.any(1)                                                      # (kB,)
-        rows, mask, t_row = rows[keep], mask[keep], t_row[keep]
+    rows, mask, t_row = rows[keep], mask[keep], t_row[keep]
+    # each row's share of its example: 1 / (its example's kept rows), so the weights sum to B
+    row_weight = 1.0 / torch.bincount(rows, minlength=B).float()[rows]          # (kB',)
     big = batch.rows(rows)
     inp = apply_mask(big.tokens, mask, big.is_image, tok)                       # y_t, (kB, T)
     if dcfg.prompt_drop > 0:
@@ -96,12 +103,12 @@ def sft_loss(model, batch: Batch, dcfg, tok: Tokenizer, generator: torch.Generat
         drop = (torch.rand(mask.shape[0], generator=generator, device=dev) < dcfg.prompt_drop) & gen_rows
         inp = drop_prompt_text(big.with_tokens(inp), drop, tok)
     logits = model(inp, big.valid, big.is_prompt)                                # (kB, T, V)
-    loss = masked_ce(logits, big.tokens, mask, t_row, dcfg.loss_weight, big.is_resp.sum(1))
+    loss = masked_ce(logits, big.tokens, mask, t_row, dcfg.loss_weight, big.is_resp.sum(1), row_weight)
     with torch.no_grad():
         acc = ((logits.argmax(-1) == big.tokens) & mask).sum() / mask.sum().clamp(min=1)
-    # n: what the loss is a mean over (masked tokens; rows under "elbo"), so that callers can weight
-    # micro-batches by it and get the mean over all of them (train.sft_step)
-    n = mask.sum() if dcfg.loss_weight == "mean" else mask.shape[0]
+    # n: what the loss is a mean over (masked tokens; examples under "elbo"), so that callers can
+    # weight micro-batches by it and get the mean over all of them (train.sft_step)
+    n = mask.sum() if dcfg.loss_weight == "mean" else B
     return loss, {"loss": loss.item(), "masked_acc": acc.item(), "mask_frac": (mask.sum() / big.is_resp.sum()).item(),
                   "n": float(n)}
 
@@ -137,20 +144,24 @@ def drop_prompt_text(batch: Batch, rows: torch.Tensor, tok: Tokenizer) -> torch.
 
 
 def masked_ce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, t_row: torch.Tensor,
-              weighting: str, n_resp: torch.Tensor) -> torch.Tensor:
+              weighting: str, n_resp: torch.Tensor, row_weight: torch.Tensor | None = None) -> torch.Tensor:
     """The SFT objective from logits. Only positions with mask=True contribute, so the logits at
     every other position can be anything (tests check exactly that).
 
-      mean:  L = sum_{b,k in M} CE_bk / |M|                     (LaViDa-O: plain mean, no 1/t)
-      elbo:  L = mean_b [ (1/t_b) * sum_{k in M_b} CE_bk / R_b ]  (LLaDA SFT: 1/t, per-answer length)
-    logits (B, T, V); targets, mask (B, T); t_row, n_resp (B,). Returns a scalar in nats per token
-    ("mean") or per response position ("elbo").
+      mean:  L = sum_{b,k in M} CE_bk / |M|                           (LaViDa-O: plain mean, no 1/t)
+      elbo:  L = sum_b w_b (1/t_b) sum_{k in M_b} CE_bk / R_b / sum_b w_b   (LLaDA SFT: 1/t, per-answer
+             length; w_b = row_weight, a row's share of its example: 1/2 for a complementary pair,
+             1 for a full-mask row; None = 1 each, the plain mean over rows)
+    logits (B, T, V); targets, mask (B, T); t_row, n_resp, row_weight (B,). Returns a scalar in nats
+    per token ("mean") or per response position ("elbo").
     """
     ce = F.cross_entropy(rearrange(logits.float(), "b t v -> b v t"), targets, reduction="none")   # (B, T)
     ce = torch.where(mask, ce, torch.zeros_like(ce))     # where, not *: junk logits elsewhere stay out
     if weighting == "mean":
         return ce.sum() / mask.sum().clamp(min=1)
-    return (ce.sum(1) / t_row / n_resp.clamp(min=1)).mean()
+    per_row = ce.sum(1) / t_row / n_resp.clamp(min=1)                                          # (B,)
+    w = torch.ones_like(per_row) if row_weight is None else row_weight
+    return (w * per_row).sum() / w.sum()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -64,10 +64,12 @@ from tokens import Batch, Tokenizer
 
 
 def estimate(name: str, model, batch: Batch, tok: Tokenizer, n: int = 2, generator=None,
-             norm: str = "sum", shared_t: bool = False, p_prompt: float = 0.0) -> Terms:
+             norm: str = "sum", shared_t: bool = False, p_prompt: float = 0.0, t1: float | None = None) -> Terms:
     """Dispatch by name (rl.likelihood: a key of ESTIMATORS). n is the pass budget of the MC
     estimators; shared_t applies to complementary only and p_prompt to one_step only (ValueError
-    otherwise: config.validate makes both one-line config errors first). Returns Terms."""
+    otherwise: config.validate makes both one-line config errors first). t1: with shared_t, the
+    masking rate to share (rl.policy_update draws one per step), else one is drawn for this batch.
+    Returns Terms."""
     if name not in ESTIMATORS:
         raise ValueError(f"unknown estimator {name!r}; expected one of {', '.join(ESTIMATORS)}")
     if shared_t and name != "complementary":
@@ -75,7 +77,8 @@ def estimate(name: str, model, batch: Batch, tok: Tokenizer, n: int = 2, generat
     if p_prompt and name != "one_step":
         raise ValueError(f"p_prompt applies to the one_step estimator only, not {name}")
     if name == "complementary":
-        return complementary(model, batch, tok, generator, norm, shared_t)
+        rate = None if t1 is None or not shared_t else torch.full((len(batch.tokens),), t1, device=batch.tokens.device)
+        return complementary(model, batch, tok, generator, norm, shared_t, rate)
     if name == "one_step":
         return one_step(model, batch, tok, generator, norm, p_prompt)
     return ESTIMATORS[name](model, batch, tok, n=n, generator=generator, norm=norm)

@@ -119,10 +119,22 @@ def scene_accuracy(target: tuple, pred: tuple) -> float:
 
 
 def vqa_reward(text: str, truth: str) -> tuple[float, str]:
+    """1 when the answer block matches `truth`, else 0, with the reason (rewards.REASONS). A number or
+    yes/no truth is matched by normalise (exact numbers); any other truth (a user's word answer:
+    "red", "dark blue") by its words, case and spacing aside."""
+    want = normalise(truth)
+    if want is None:                                    # a word answer
+        inner, why = extract_answer(text)
+        return (0.0, why) if inner is None else (float(words(inner) == words(truth)), "ok")
     v, why = parse_vqa(text)
     if v is None:
         return 0.0, why
-    return float(v == normalise(truth)), "ok"
+    return float(v == want), "ok"
+
+
+def words(text: str) -> str:
+    """' Dark  Blue ' -> 'dark blue': a word answer as compared."""
+    return " ".join(text.lower().split())
 
 
 def parse_vqa(text: str) -> tuple[str | None, str]:

@@ -20,7 +20,8 @@ Readings of the paper's unknowns (METHOD.md §9), config fields or fixed choices
   * N in Eq. U counts every triplet of the step (SFT rows + all group members) on every rank, so
     zero-advantage rows dilute the step exactly as the formula says; they are not run through the model
   * SFT rows per step (--rl.sft_rows) and the task mix (--rl.task_mix) are ours to choose
-  * sum over tokens for log pi (--rl.logp_norm=sum | mean); one t1 per sample (--rl.shared_t)
+  * sum over tokens for log pi (--rl.logp_norm=sum | mean); one t1 per sample, or one for the whole
+    step with --rl.shared_t (every micro-batch and rank)
 
 The file reads top-down: rl_step (ONE step, whole: prompts -> groups -> advantages -> triplets ->
 update), the advantages (Eq. G, D, A), the triplets with their N, and policy_update (-J with the 1/N
@@ -132,7 +133,9 @@ def rft_advantages(r: torch.Tensor, member: torch.Tensor, accept: float) -> torc
 @dataclass
 class Triplets:
     """The step's (x, y, A) triplets of Eq. (U) on this rank. Only rows with A != 0 are kept (the
-    others add nothing to J and are never run through the model), but N counts them all."""
+    others add nothing to J and are never run through the model), but N counts them all. Under the
+    KL ablation (rl.kl_coef > 0) every group member is kept: the KL penalises every sampled row,
+    whatever its advantage."""
     batch: Batch | None          # (M, T) the kept rows: SFT rows first, then rollout rows; None if M = 0
     adv: torch.Tensor              # (M,) their advantages (1 for SFT rows)
     n: int                         # N of Eq. U on this rank: SFT rows + every group member of the step
@@ -140,13 +143,15 @@ class Triplets:
 
 def triplets(groups: list[Groups], advs: list[torch.Tensor], ro: RolloutContext, sft) -> Triplets:
     """rl.sft_rows SFT rows with A = 1, then every group member with A != 0 (advs[i]: (G, n) of
-    groups[i]). N counts every triplet of the step, zero-advantage group members included."""
+    groups[i]), or every group member when rl.kl_coef > 0 (the KL term needs them all). N counts
+    every triplet of the step, zero-advantage group members included."""
     rc, tok, dev, parts, kept = ro.cfg.rl, ro.tok, ro.device, [], []
     if rc.sft_rows:
         parts.append(collate({k: v["sft"] for k, v in ro.sets.items()}, sft.draw(rc.sft_rows), tok).to(dev))
         kept.append(torch.ones(rc.sft_rows, device=dev))
     for g, a in zip(groups, advs):
-        keep = (a.reshape(-1) != 0).nonzero().squeeze(1)                   # prompt-major slots with A != 0
+        keep = ((a.reshape(-1) != 0) | (rc.kl_coef > 0) & g.member.reshape(-1).to(a.device)
+                ).nonzero().squeeze(1)                                     # prompt-major slots kept
         if len(keep):
             parts.append(g.as_batch().rows(keep.to(dev)))
             kept.append(a.reshape(-1)[keep].to(dev))
@@ -172,19 +177,23 @@ def policy_update(ro: RolloutContext, opt, trip: Triplets, ctx, ref=None) -> Upd
     if ctx.all_sum(float(len(trip.adv))) == 0:
         return Update(skipped="no rows")
     N = ctx.all_sum(float(trip.n))                                         # N of Eq. U, every rank's
+    t1 = None
+    if rc.shared_t:       # one t1 for the whole step: drawn on every rank (same streams), rank 0's kept
+        t = float(torch.rand(1, generator=gen, device=gen.device))
+        t1 = ctx.all_sum(t if ctx.rank == 0 else 0.0)
     micro = [(torch.arange(lo, min(lo + mb_size, len(trip.adv)), device=ro.device),
               int(torch.randint(2**62, (1,), generator=gen, device=gen.device)))     # (rows, mask seed)
              for lo in range(0, len(trip.adv), mb_size)]
     olds = [None] * len(micro)
     if rc.ppo_epochs > 1:
         with torch.no_grad(), ctx.autocast:
-            olds = [token_terms(model, trip.batch.rows(rows), ro.tok, rc, seed).logp for rows, seed in micro]
+            olds = [token_terms(model, trip.batch.rows(rows), ro.tok, rc, seed, t1).logp for rows, seed in micro]
     for _ in range(rc.ppo_epochs):
         out = Update()
         for (rows, seed), old in zip(micro, olds):
             mb = trip.batch.rows(rows)
             with ctx.autocast:
-                loss, terms, kl, clipped = unified_loss(model, mb, trip.adv[rows], ro.tok, rc, seed, old, ref)
+                loss, terms, kl, clipped = unified_loss(model, mb, trip.adv[rows], ro.tok, rc, seed, old, ref, t1)
             loss.backward()                                                 # the numerator of -J
             out.loss += loss.item()
             out.parts.append((terms.detach(), None if kl is None else kl.detach(), clipped,
@@ -219,13 +228,14 @@ class Update:
 
 
 def unified_loss(model, batch: Batch, adv: torch.Tensor, tok, rc, seed: int, logp_old: torch.Tensor | None = None,
-                 ref_model=None) -> tuple[torch.Tensor, LK.Terms, torch.Tensor | None, torch.Tensor | None]:
+                 ref_model=None, t1: float | None = None) -> tuple[torch.Tensor, LK.Terms, torch.Tensor | None, torch.Tensor | None]:
     """-(sum_i A_i log pi^(y_i|x_i)) on the rows of `batch` (A: (M,)), the numerator of -J (Eq. U):
     policy_update divides by N once, over every micro-batch and rank. With logp_old (D, M, R), the
     old policy's raw terms on the same masks (rl.ppo_epochs > 1), the clipped surrogate replaces
     A_i log pi_i. With ref_model, + rl.kl_coef * sum_i KL_i (k3 per term, weighted like log pi).
-    Returns (loss, the policy's terms, the k3 terms or None, the active-clip mask or None)."""
-    terms = token_terms(model, batch, tok, rc, seed)                                # (D, M, R)
+    t1: the step's shared masking rate (rl.shared_t), else None. Returns (loss, the policy's terms,
+    the k3 terms or None, the active-clip mask or None)."""
+    terms = token_terms(model, batch, tok, rc, seed, t1)                            # (D, M, R)
     if logp_old is None:
         J, clipped = (adv * terms.seq()).sum(), None                                # Eq. U, numerator
     else:
@@ -233,19 +243,19 @@ def unified_loss(model, batch: Batch, adv: torch.Tensor, tok, rc, seed: int, log
     loss, kl = -J, None
     if ref_model is not None:
         with torch.no_grad():
-            ref = token_terms(ref_model, batch, tok, rc, seed)                      # the same masks
+            ref = token_terms(ref_model, batch, tok, rc, seed, t1)                  # the same masks
         kl = k3_kl(terms, ref)
         loss = loss + rc.kl_coef * (terms.weight * kl).sum()
     return loss, terms, kl, clipped
 
 
-def token_terms(model, batch: Batch, tok, rc, seed: int) -> LK.Terms:
+def token_terms(model, batch: Batch, tok, rc, seed: int, t1: float | None = None) -> LK.Terms:
     """log pi^(y|x) of every row as rl.likelihood's per-token terms (METHOD.md §7). The masks come
-    from `seed` alone, so two calls with the same seed (old and new policy, or the policy and a
-    reference) score the same masked slots."""
+    from `seed` (and the step's shared masking rate t1 under rl.shared_t) alone, so two calls with the
+    same seed (old and new policy, or the policy and a reference) score the same masked slots."""
     g = torch.Generator(device=batch.tokens.device).manual_seed(seed)
     return LK.estimate(rc.likelihood, model, batch, tok, n=rc.n_mc, generator=g, norm=rc.logp_norm,
-                       shared_t=rc.shared_t, p_prompt=rc.p_prompt)
+                       shared_t=rc.shared_t, p_prompt=rc.p_prompt, t1=t1)
 
 
 def clipped_objective(terms: LK.Terms, logp_old: torch.Tensor, adv: torch.Tensor, eps: float

@@ -48,7 +48,7 @@ from einops import rearrange
 
 from diffusion import image_step_offset, rebuild_state, sample
 from rewards import score_rows
-from tokens import Batch, answer_ids, collate
+from tokens import RL_TASKS, Batch, answer_ids, collate
 
 FORCING_TASKS = ("vqa", "ground")        # the tasks with a ground-truth answer block
 
@@ -78,7 +78,7 @@ def sample_groups(ro: RolloutContext, task: str, idx: list[int], split: str = "r
     ts = ro.sets[task][split]
     lay, exs = ts.layout, [ts.examples[i] for i in idx]
     base = collate({task: ts}, [(task, i) for i in idx], ro.tok, responses=False).to(ro.device)    # (G, T)
-    schedule = parse_tree_schedule(rc.tree_schedule) if task in rc.tree_tasks.split(",") else [0]
+    schedule = parse_tree_schedule(rc.tree_schedule) if task in parse_tree_tasks(rc.tree_tasks, rc.tree_schedule) else [0]
     t_on, r_on, why = sample_rounds(ro, base, exs, schedule, lay)
     member = torch.ones_like(r_on, dtype=torch.bool)
     joins, why_f = torch.zeros(len(idx), dtype=torch.bool), Counter()
@@ -145,6 +145,27 @@ def parse_tree_schedule(text: str) -> list:
         raise ValueError(f"--rl.tree_schedule={text!r}: the first round is 0 (fresh samples) and only the first, "
                          f"e.g. 0,2 or 0,H")
     return out
+
+
+def parse_tree_tasks(tasks: str, schedule: str) -> tuple[str, ...]:
+    """rl.tree_tasks -> the tasks that use tree search (spaces allowed: "edit, vqa"). ValueError (one
+    line; config.validate makes it a config error) for a name outside RL_TASKS, or for a text-only task
+    (vqa, ground) with an image-step or "Hi" round in `schedule`: with no image in the response, such a
+    branch point lies past the whole plan, so the round would be N copies of its parent. Text-only
+    tasks branch with "H" / "Ht" only."""
+    names = tuple(t.strip() for t in tasks.split(",") if t.strip())
+    bad = sorted(set(names) - set(RL_TASKS))
+    if bad:
+        raise ValueError(f"--rl.tree_tasks={tasks!r}: {', '.join(bad)} is not an RL task; expected a comma "
+                         f"list of {', '.join(RL_TASKS)} (or empty: no tree search)")
+    image_rounds = [s for s in parse_tree_schedule(schedule)[1:] if s == "Hi" or isinstance(s, int)]
+    text_only = [t for t in names if t in FORCING_TASKS]
+    if text_only and image_rounds:
+        raise ValueError(f"--rl.tree_tasks={tasks!r} with --rl.tree_schedule={schedule!r}: {', '.join(text_only)} "
+                         f"{'has' if len(text_only) == 1 else 'have'} no image to branch in (rounds "
+                         f"{', '.join(map(str, image_rounds))}); branch text-only tasks with H or Ht, e.g. "
+                         f"--rl.tree_schedule=0,H, or drop them from --rl.tree_tasks")
+    return names
 
 
 def sample_rounds(ro: RolloutContext, base: Batch, exs: list, schedule: list, lay) -> tuple[torch.Tensor, torch.Tensor, Counter]:
@@ -277,9 +298,13 @@ def policy_sample(ro: RolloutContext, canvas: Batch, order=None, start: int = 0,
 
 def rollout_diffusion(cfg):
     """The sampler settings of the RL policy: cfg.diffusion with rl.tokens_per_step text tokens per
-    step when that is set (> 0). The rollouts and pass@k (metrics.pass_at_k_metrics) sample with it."""
-    rc = cfg.rl
-    return cfg.diffusion if rc.tokens_per_step <= 0 else replace(cfg.diffusion, tokens_per_step=rc.tokens_per_step)
+    step when that is set (> 0), and never classifier-free guidance: the rollouts must come from
+    pi_theta itself, the model that log pi (likelihood.py) scores, or the update of Eq. U would be
+    off-policy with no correction. diffusion.cfg_scale guides evaluation only. The rollouts and pass@k
+    (metrics.pass_at_k_metrics: what RL could reach by sharpening this policy) sample with it."""
+    rc, dcfg = cfg.rl, cfg.diffusion
+    return replace(dcfg, tokens_per_step=rc.tokens_per_step if rc.tokens_per_step > 0 else dcfg.tokens_per_step,
+                   cfg_scale=0.0)
 
 
 def score(ro: RolloutContext, tokens: torch.Tensor, P: int, exs: list, lay) -> tuple[torch.Tensor, Counter]:

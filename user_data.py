@@ -14,6 +14,7 @@ Exercise it: python -m pytest tests/test_user_data.py tests/test_fuzz.py -q
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -91,6 +92,8 @@ def _jsonl_example(row, where: str, base: str, d) -> Example:
             ans_text = str(row["answer"]).strip()
         else:
             raise JSONLError(f"{where}: vqa needs 'response' or 'answer'")
+        if not ans_text or "<" in ans_text:
+            raise JSONLError(f"{where}: the vqa answer {ans_text!r} must be a number, yes/no or words (no tags)")
         answer = ans_text
     elif task == "ground":
         answer = _jsonl_box(row["box"], size, d, where)
@@ -147,7 +150,36 @@ def load_jsonl(path: str, d, strict: bool = True) -> tuple[list[Example], int]:
                 if strict:
                     raise
                 skipped.append(str(e))
-    return out, skipped
+    out, repeats = held_out_repeats(out, path)
+    return out, skipped + repeats
+
+
+def split_of(ex: Example) -> str:
+    """A user row's split: its "split", else sft for a traced row and rl for an answer-only one."""
+    return ex.split or ("sft" if ex.trace is not None else "rl")
+
+
+def held_out_repeats(rows: list[Example], path: str) -> tuple[list[Example], list[str]]:
+    """Keep the held-out splits held out: a row of eval that repeats a row of sft or rl (same task,
+    prompt and picture), or a row of val that repeats one of sft, rl or eval, is dropped, as
+    world.build_pools drops a split's keys seen in the splits before it. Returns (the rows kept, one
+    message per dropped row, counted with the skipped rows)."""
+    order = {s: i for i, s in enumerate(SPLITS)}          # sft, rl, eval, val
+    first: dict[tuple, tuple[int, str]] = {}               # content -> (rank of its earliest split, line)
+    content = lambda e: (e.task, " ".join(e.prompt.split()),
+                         None if e.image is None else hashlib.sha1(e.image.tobytes()).hexdigest())
+    for e in sorted(rows, key=lambda e: order[split_of(e)]):
+        first.setdefault(content(e), (order[split_of(e)], e.key.split("|")[1]))
+    kept, dropped = [], []
+    for e in rows:
+        rank, line = first[content(e)]
+        if split_of(e) in ("eval", "val") and rank < order[split_of(e)]:
+            dropped.append(f"{path}:{e.key.split('|')[1]}: {split_of(e)} row repeats line {line} "
+                           f"({SPLITS[rank]}: same task, prompt and picture); dropped from {split_of(e)}, "
+                           f"which must stay held out")
+        else:
+            kept.append(e)
+    return kept, dropped
 
 
 def export_examples(pools, out_dir: str, n: int, d) -> str:

@@ -499,12 +499,13 @@ def parse_levels(text: str) -> tuple[int, ...]:
 
 
 def draw_level(rng, levels: tuple[int, ...], hard_frac: float, top: int) -> int:
-    """The level of one example, from the split's `levels` clipped to the family's `top` (the top
-    level when none is left). Levels (1, 2) draw level 2 with probability hard_frac; any other set is
-    drawn uniformly."""
-    levels = tuple(v for v in levels if v <= top) or (top,)
+    """The level of one example, from the split's `levels` clipped to the family's `top`
+    (config.validate refuses a split that leaves a family no level). The split's levels (1, 2), as
+    configured, draw level 2 with probability hard_frac; any other set, clipped or not, is drawn
+    uniformly (so --data.edit_max_level=2 under eval_levels 1,2,3 gives edit 1 and 2 half each)."""
+    given, levels = levels, tuple(v for v in levels if v <= top) or (top,)
     hard = rng.random() < hard_frac           # always drawn: every level set uses the same streams
-    if levels == (1, 2):
+    if levels == given == (1, 2):
         return 2 if hard else 1
     return levels[int(rng.integers(len(levels)))] if len(levels) > 1 else levels[0]
 
@@ -515,10 +516,9 @@ def bucket(level: int, sft_levels: tuple[int, ...]) -> str:
     return "in" if level <= top else "edge" if level == top + 1 else "far"
 
 
-def make_example(task: str, scene: Scene, rng, d, world: World, traced: bool, levels: tuple[int, ...]) -> Example | None:
-    """One example of `task` on `scene` at a level drawn from `levels` (None: the scene cannot pose
-    the drawn question). d: the data config; traced: the sft split (its examples carry traces)."""
-    level = draw_level(rng, levels, d.hard_frac, max(world.levels.get(task, (1,))))   # every family draws
+def make_example(task: str, scene: Scene, rng, d, world: World, traced: bool, level: int) -> Example | None:
+    """One example of `task` on `scene` at difficulty `level` (None: the scene cannot pose such a
+    question). d: the data config; traced: the sft split (its examples carry traces)."""
     if task == "vqa":
         q, trace, ans_text, truth, qtype = make_vqa(scene, rng, d.grid, level, traced)
         ex = Example(task, qtype, q, scene, truth, trace, ans_text)
@@ -542,6 +542,7 @@ def make_example(task: str, scene: Scene, rng, d, world: World, traced: bool, le
 
 
 SPLITS = ("sft", "rl", "eval", "val")   # val: model selection, so that eval stays held out
+MAX_REDRAWS = 2000    # scenes tried for one example slot before the level is called unposable here
 
 
 def build_pools(d, world: World) -> dict[str, dict[str, list[Example]]]:
@@ -560,14 +561,25 @@ def build_pools(d, world: World) -> dict[str, dict[str, list[Example]]]:
         seen: set[str] = set()          # the END of TASKS leaves the others' pools unchanged
         pools[task] = {}
         for si, split in enumerate(SPLITS):
-            out, i = [], 0
+            out, i, level, tries = [], 0, None, 0
             while len(out) < sizes[split]:
                 rng = np.random.default_rng([d.seed, ti, si, i])
-                i += 1
+                i, tries = i + 1, tries + 1
+                if tries > MAX_REDRAWS:
+                    raise SystemExit(f"data error: {task} found no new {split} example at level {level} in "
+                                     f"{MAX_REDRAWS} scenes (--data.grid={d.grid}, --data.min_shapes={d.min_shapes}, "
+                                     f"--data.max_shapes={d.max_shapes}); allow more shapes, or drop level {level} "
+                                     f"from --data.{'eval' if split == 'val' else split}_levels, or ask for fewer examples")
                 scene = random_scene(rng, d.grid, d.min_shapes, d.max_shapes)
-                ex = make_example(task, scene, rng, d, world, split == "sft", levels[split])
+                drawn = draw_level(rng, levels[split], d.hard_frac, max(world.levels.get(task, (1,))))
+                # a redraw (the scene cannot pose the level, or the example is a duplicate) keeps the
+                # level drawn for this slot: otherwise hard levels, unposable more often, would come
+                # out rarer than the split's shares say (grounding's level 2: 30 %, not 40 %)
+                level = drawn if level is None else level
+                ex = make_example(task, scene, rng, d, world, split == "sft", level)
                 if ex is None or ex.key in seen:
                     continue
+                level, tries = None, 0
                 if world.looks is not None:   # the looks from a stream of their own: scenes, questions
                     world.looks.draw(np.random.default_rng([d.seed, ti, si, i - 1, 1]), ex, d)   # stay
                 if split != "sft":          # answer-only pools carry no trace (rewards need none)

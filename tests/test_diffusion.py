@@ -311,18 +311,23 @@ def test_sft_loss_complementary_mean_is_every_response_token_once():
 
 
 def test_sft_loss_full_mask_frac():
-    """full_mask_frac=1: every row's whole response is masked and its complement is empty. Under
-    the ELBO weight the empty complements still count (as zeros in the mean over rows); under the
-    plain mean they add nothing to either sum, so they are not run at all, and the loss is still the
-    mean CE over every response token. full_mask_frac=0.5 over many rows: about half the rows are
-    fully masked (a binomial check)."""
+    """full_mask_frac=1: every row's whole response is masked and its complement is empty. The empty
+    complements are not run under either weight. Under the ELBO weight each full-mask example weighs
+    as much as any other: the loss is mean_b (1/t = 1) sum_k CE_bk / R_b by hand (keeping the empty
+    complement as a zero row would halve it, which is what a test of exactly 0.5 x caught). Under the
+    plain mean the loss is the mean CE over every response token. full_mask_frac=0.5 over many rows:
+    about half the rows are fully masked (a binomial check)."""
     batch, L = _sft_setup()
     B, P = batch.tokens.shape[0], batch.P
     mock = FixedLogits(L)
-    D.sft_loss(mock, batch, DiffusionConfig(loss_weight="elbo", complementary=True, prompt_drop=0.0,
-                                            full_mask_frac=1.0), TOK, generator=torch.Generator().manual_seed(6))
+    loss, _ = D.sft_loss(mock, batch, DiffusionConfig(loss_weight="elbo", complementary=True, prompt_drop=0.0,
+                                                      full_mask_frac=1.0), TOK, generator=torch.Generator().manual_seed(6))
     is_m = (mock.calls[0] == MASK) | (mock.calls[0] == IMASK)
-    assert is_m.shape[0] == 2 * B and torch.equal(is_m[:B], batch.is_resp) and not is_m[B:].any()
+    assert torch.equal(is_m, batch.is_resp)                      # B rows, each fully masked
+    T = batch.tokens.shape[1]
+    per_example = [sum(ce_by_hand(L[k], int(batch.tokens[b, k])) for k in range(T) if batch.is_resp[b, k])
+                   / int(batch.is_resp[b].sum()) for b in range(B)]
+    assert math.isclose(loss.item(), sum(per_example) / B, rel_tol=1e-5)
     mock = FixedLogits(L)
     loss, _ = D.sft_loss(mock, batch, DiffusionConfig(loss_weight="mean", complementary=True, prompt_drop=0.0,
                                                       full_mask_frac=1.0), TOK, generator=torch.Generator().manual_seed(6))

@@ -40,12 +40,15 @@ TAGGED = re.compile(r"(?s)(?:(?!</?answer>).)*<answer>((?:(?!</?answer>).)*)</an
 
 
 def ref_vqa(text: str, truth: str) -> float:
-    """The answer contract, independently: exactly one <answer> ... </answer> block in that order;
-    its stripped text is yes/no (any case) or a decimal number, equal to the truth by value."""
+    """The answer contract, independently: exactly one <answer> ... </answer> block in that order.
+    A truth that is yes/no (any case) or a decimal number is matched by value; any other truth (a
+    user's word answer, e.g. "red" or "1e3") by its words, case and spacing aside."""
     m = TAGGED.fullmatch(text)
     if not m:
         return 0.0
     a, t = m.group(1).strip().lower(), truth.strip().lower()
+    if not (t in ("yes", "no") or NUM.fullmatch(t)):                   # a word truth
+        return float(a != "" and a.split() == t.split())
     if a in ("yes", "no"):
         return float(a == t)
     if NUM.fullmatch(a) and NUM.fullmatch(t):
@@ -64,14 +67,14 @@ wrap = st.sampled_from(["<answer> {} </answer>", "<think> x . </think> <answer>{
 
 
 @FAST
-@given(answers, wrap, numbers | st.sampled_from(["yes", "no"]))
+@given(answers, wrap, numbers | st.sampled_from(["yes", "no", "red", " Dark  Blue", "three"]))
 @example("99999999999999999999", "<answer> {} </answer>", "100000000000000000000")   # equal as floats
 @example("1000000000000000000000000000.50", "<answer>{}</answer>", "1000000000000000000000000000")  # 28 digits
 def test_vqa_reward_matches_the_contract_at_every_size_and_form(ans, form, truth):
     text = form.format(ans)
     assert RW.vqa_reward(text, truth)[0] == ref_vqa(text, truth), (text, truth)
     if TAGGED.fullmatch(text) and ans.strip():
-        assert RW.vqa_reward(text, ans)[0] == float(RW.normalise(ans) is not None)    # an answer equals itself
+        assert RW.vqa_reward(text, ans)[0] == 1.0    # an answer equals itself, a number or words
 
 
 def pixels(box) -> set:
