@@ -244,8 +244,17 @@ def mean_over_all(model, n_local: float, ctx: Ctx) -> float:
 
 
 def stop_together(flag: bool, ctx: Ctx) -> bool:
-    """Rank 0's stop decision for every rank (from_rank0)."""
-    return bool(from_rank0(float(flag), ctx))
+    """One stop decision for every rank: stop when ANY rank asks (a signal may reach one process
+    only, e.g. a kill of one worker), and every rank adopts the signal (STOP.signum) so that all exit
+    with the same code (143 for SIGTERM, not 130). Collective under DDP."""
+    if not ctx.ddp:
+        return bool(flag)
+    t = torch.tensor([float(flag), float(STOP.signum)], dtype=torch.float64,
+                     device=ctx.device if ctx.device.startswith("cuda") else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    if t[1] > 0 and not STOP.signum:
+        STOP.signum = int(t[1])
+    return bool(t[0])
 
 
 def best_score(path: str) -> float:

@@ -487,7 +487,7 @@ def run_stages(cfg, ctx: Ctx, argv):
     with STOP:                  # Ctrl-C / SIGTERM: finish the step, write the checkpoint, then stop
         if stage in ("sft", "all"):
             model = run_sft(cfg, ctx, bundle, vq)
-        stopped = stop_together(STOP.asked, ctx)        # rank 0's word: every rank goes on, or none
+        stopped = stop_together(STOP.asked, ctx)        # one word for all ranks: every rank goes on, or none
         if (stage == "rl" or (stage == "all" and cfg.rl.max_steps > 0)) and not stopped:
             model = run_rl(cfg, ctx, bundle, vq, model)
         stopped = stop_together(STOP.asked, ctx)
