@@ -249,7 +249,7 @@ def test_the_first_skipped_rows_are_named_with_their_line(tmp_path):
     ctx = common.Ctx("cpu", torch.float32, "fp32", False, 0, 1, str(tmp_path))
     assert len(data.load_user_rows(cfg, ctx)) == 1
     log = (tmp_path / "log.txt").read_text()
-    assert "5 malformed rows skipped" in log
+    assert "(5 skipped: malformed, or held-out rows that repeat a training row)" in log
     for line in (2, 3, 4):
         assert f"  skipped {path}:{line}: " in log
     assert "... and 2 more" in log
