@@ -300,3 +300,15 @@ def test_held_out_rows_that_repeat_training_rows_are_dropped(tmp_path):
     exs, skipped = U.load_jsonl(write_rows(tmp_path, rows), C.make_config("toy").data)
     assert [e.key for e in exs] == ["user|1", "user|3", "user|5"]
     assert len(skipped) == 2 and ":2: eval row repeats line 1" in skipped[0] and ":4: val row repeats line 3" in skipped[1]
+
+
+@pytest.mark.parametrize("answer", ["", "  ", "<answer> 3 </answer>"])
+def test_a_vqa_answer_that_cannot_be_matched_is_refused(tmp_path, answer):
+    """An empty answer, or one holding a tag, could never be written back inside one answer block:
+    the row is an error naming its line (skipped in lenient mode) instead of a prompt that scores 0."""
+    rows = [{"task": "vqa", "image": "pic.png", "prompt": "what colour ?", "answer": answer}]
+    path = write_rows(tmp_path, rows)
+    with pytest.raises(U.JSONLError, match=r"rows.jsonl:1: the vqa answer"):
+        U.load_jsonl(path, C.make_config("toy").data, strict=True)
+    exs, skipped = U.load_jsonl(path, C.make_config("toy").data, strict=False)
+    assert exs == [] and len(skipped) == 1
