@@ -17,7 +17,9 @@ Tests of the multi-process and checkpoint machinery (common.py, train.run_sft):
      samples, SFT rows) ends with the weights of ONE process running rl.policy_update on the union
      of the ranks' rows with N = N_0 + N_1; rl.shared_t masks every micro-batch of every rank at one
      rate; and (slow) SIGTERM mid-RL-step or during an RL quick eval exits 143 on both ranks with
-     ckpt_rl.pt at that step, and --resume ends bit-identical to an uninterrupted 2-process run.
+     ckpt_rl.pt at that step, and --resume ends bit-identical to an uninterrupted 2-process run;
+     a SIGTERM that reaches ONE rank only stops both ranks the same way (common.stop_together takes
+     any rank's request and its signal: a quick check in the first launch, the full run slow).
 
 The world is tiny: a few synthetic examples per family, a fake VQ (one code per 8x8 patch from its
 mean colour), a 1-layer d_model=32 Transformer. The two processes are started the way torchrun
@@ -293,6 +295,10 @@ def worker(out_dir: str, cache_dir: str):
     # every rank reports its own final weights (run_sft's checkpoints are rank 0's alone)
     res["resume"] = {k: {kk: v[kk] for kk in ("step", "loss", "rank_states")} for k, v in ck.items()}
     res["resume_model"] = {k: v["model"] for k, v in ck.items()} if ctx.master else None
+    # the ranks' stop decision when a SIGTERM reached rank 1 alone, then when no rank was signalled
+    common.STOP.signum = 15 if ctx.rank == 1 else 0          # SIGTERM: exit code 128 + 15
+    res["stop"] = (common.stop_together(ctx.rank == 1, ctx), common.STOP.exit_code, common.stop_together(False, ctx))
+    common.STOP.signum = 0
     torch.save(res, os.path.join(out_dir, f"rank{ctx.rank}.pt"))
     torch.distributed.destroy_process_group()
 
@@ -416,6 +422,13 @@ def test_rl_update_normalises_by_the_n_of_every_rank(ddp):
 def params_init(ddp) -> dict:
     torch.manual_seed(ddp.cfg.train.seed)
     return params(common.build_model(ddp.cfg, ddp.bundle.tok, "cpu"))
+
+
+def test_one_ranks_stop_request_stops_every_rank_with_its_signal(ddp):
+    """common.stop_together with a SIGTERM on rank 1 only: both ranks stop and both exit 143 (rank
+    0 adopts the signal); with no request no rank stops."""
+    for rank in range(WORLD):
+        assert ddp.res[rank]["stop"] == (True, 143, False), (rank, ddp.res[rank]["stop"])
 
 
 def test_a_step_without_rows_is_skipped_alike_on_one_process_and_on_two(ddp):
@@ -845,10 +858,13 @@ def test_shared_t_is_one_masking_rate_on_every_rank(ddp_rl_step):
     assert len(rates) == 1 and 0 < rates.pop() < 1
 
 
-RL_STOP_RUNS = [   # (out folder, extra flags, where the SIGTERM arrives: None, "step 2" or "eval 1")
+RL_STOP_RUNS = [   # (out folder, extra flags, where the SIGTERM arrives: None, "step 2" or "eval 1" on
+    # both ranks, "step 2 on rank R" on rank R alone)
     ("straight", [], None), ("stopped", [], "step 2"), ("stopped", ["--resume"], None),
     ("straight_eval", ["--rl.eval_interval=1"], None), ("stopped_eval", ["--rl.eval_interval=1"], "eval 1"),
-    ("stopped_eval", ["--rl.eval_interval=1", "--resume"], None)]
+    ("stopped_eval", ["--rl.eval_interval=1", "--resume"], None),
+    ("stopped_r1", [], "step 2 on rank 1"), ("stopped_r1", ["--resume"], None),
+    ("stopped_r0", [], "step 2 on rank 0"), ("stopped_r0", ["--resume"], None)]
 
 
 def rl_stage_flags(cache: str, out: str, *extra) -> list[str]:
@@ -867,16 +883,19 @@ def rl_stop_run(tmp: str, cache: str, init: str, out: str, extra: list, stop) ->
     """train.main --stage=rl on this rank for one of RL_STOP_RUNS: SIGTERM to this process in the
     middle of RL step 2, or during the quick eval after step 1 (rank 0 in its first sampling batch;
     rank 1, which does not evaluate, as it enters the eval's collective), as torchrun signals every
-    rank. Returns the exit code, the patched calls, and (rank 0) the step in ckpt_rl.pt."""
+    rank; "... on rank R": to rank R alone (the other rank's calls are still counted), as when one
+    worker is killed. Returns the exit code, the patched calls, and (rank 0) the step in ckpt_rl.pt."""
     import signal
     import metrics
     real_step, real_sample, real_keep = rl.rl_step, metrics.sample, metrics.eval_and_keep_best
     calls = []
+    stop, _, only = (stop or "").partition(" on rank ")
+    signalled = not only or int(only) == int(os.environ["RANK"])
 
     def signalling(name, real, nth):
         def call(*a, **k):
             calls.append(name)
-            if calls.count(name) == nth:
+            if calls.count(name) == nth and signalled:
                 os.kill(os.getpid(), signal.SIGTERM)
             return real(*a, **k)
         return call
@@ -958,6 +977,20 @@ def test_rl_stopped_by_sigterm_on_two_processes_resumes_bit_identical(ddp_rl_sto
         assert "eval" in la[at - 1] and "eval" not in lb[at - 1]
         la[at - 1].pop("eval")
     assert la == lb
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stopped,rank", [(6, 1), (8, 0)])
+def test_a_sigterm_to_one_rank_stops_both_with_143(ddp_rl_stop, stopped, rank):
+    """SIGTERM to ONE rank only, in the middle of RL step 2 (a kill of one worker): the other rank
+    stops too, after the same step, and both exit 143 (the signal's code, not SIGINT's 130);
+    ckpt_rl.pt holds step 2 and --resume ends bit-identical to the uninterrupted run, as when both
+    ranks are signalled."""
+    assert RL_STOP_RUNS[stopped][2] == f"step 2 on rank {rank}"
+    for r in range(WORLD):
+        assert ddp_rl_stop.res[r][stopped]["calls"] == ["step", "step"], (r, ddp_rl_stop.res[r][stopped])
+    # the claims of the both-ranks stop: 143 on each rank, the checkpoint's step, the resumed end
+    test_rl_stopped_by_sigterm_on_two_processes_resumes_bit_identical(ddp_rl_stop, 0, stopped, 2, False)
 
 
 if __name__ == "__main__" and len(sys.argv) >= 2 and sys.argv[1] == "rl_step_worker":
