@@ -61,8 +61,8 @@ class ModelConfig:
     rope_base: float = 10000.0
     abs_pos: bool = True             # + learned absolute positions (toy: fast image-cell lookup; see model.py)
     max_len: int = 512               # longest prompt+response the rotary table covers
-    dropout: float = 0.0             # toy runs are short; dropout only slows them down (RL with
-                                     # ppo_epochs > 1 or kl_coef > 0 refuses it: rho, KL would see 2 masks)
+    dropout: float = 0.0             # toy runs are short; dropout only slows them down. SFT only: the
+                                     # RL update scores the policy in eval mode, as it sampled
 
 
 @dataclass
@@ -555,10 +555,6 @@ def validate(cfg: Config):
         raise ConfigError(f"quick evals are on (train/rl.eval_interval) but split {cfg.eval.curve_split!r} or "
                           f"eval.curve_n is empty: set --data.n_{cfg.eval.curve_split} / --eval.curve_n > 0 or "
                           f"--train.eval_interval=0 --rl.eval_interval=0")
-    if m.dropout > 0 and (rc.ppo_epochs > 1 or rc.kl_coef > 0):
-        raise ConfigError(f"--model.dropout={m.dropout} with --rl.ppo_epochs={rc.ppo_epochs} / --rl.kl_coef={rc.kl_coef}: "
-                          f"the old policy and the reference are scored without the policy's dropout, so rho != 1 "
-                          f"and KL != 0 at the start; set --model.dropout=0 for these RL runs")
     if rc.af_mode not in ("failed_groups", "all_groups"):
         raise ConfigError(f"--rl.af_mode={rc.af_mode!r}: expected failed_groups or all_groups")
     if tc.batch_size % tc.micro_batch:

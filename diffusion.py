@@ -66,7 +66,7 @@ def sft_loss(model, batch: Batch, dcfg, tok: Tokenizer, generator: torch.Generat
     t: (B,) masking rates to use instead of drawing them (tests). Returns (loss, a scalar tensor with
     grad, in nats as masked_ce defines it; stats: floats "loss", "masked_acc" (share of masked tokens
     predicted exactly by argmax), "mask_frac" (masked share of the response positions) and "n" (the
-    count the loss is a mean over: masked tokens, or rows under "elbo")).
+    count the loss is a mean over: masked tokens, or examples under "elbo")).
     """
     B, dev = batch.tokens.shape[0], batch.tokens.device
     if t is None:
@@ -93,8 +93,8 @@ def sft_loss(model, batch: Batch, dcfg, tok: Tokenizer, generator: torch.Generat
     if dcfg.loss_weight == "mean":
         keep = mask.any(1)                                                      # (kB,)
     rows, mask, t_row = rows[keep], mask[keep], t_row[keep]
-    # each row's share of its example: 1 / (its example's kept rows), so the weights sum to B
-    row_weight = 1.0 / torch.bincount(rows, minlength=B).float()[rows]          # (kB',)
+    # under "elbo", each row's share of its example: 1 / (its example's kept rows), summing to B
+    row_weight = 1.0 / torch.bincount(rows, minlength=B).float()[rows] if dcfg.loss_weight == "elbo" else None
     big = batch.rows(rows)
     inp = apply_mask(big.tokens, mask, big.is_image, tok)                       # y_t, (kB, T)
     if dcfg.prompt_drop > 0:

@@ -18,7 +18,8 @@ Readings of the paper's unknowns (METHOD.md §9), config fields or fixed choices
     (--rl.ppo_epochs=1); --rl.ppo_epochs > 1 takes more steps per batch with the PPO-clipped ratio
     on the same masks (Eq. PPO, --rl.clip_eps), formed on the raw per-token log-probs
   * N in Eq. U counts every triplet of the step (SFT rows + all group members) on every rank, so
-    zero-advantage rows dilute the step exactly as the formula says; they are not run through the model
+    zero-advantage rows dilute the step exactly as the formula says; they are not run through the
+    model (except under --rl.kl_coef > 0, whose KL covers every sampled row)
   * SFT rows per step (--rl.sft_rows) and the task mix (--rl.task_mix) are ours to choose
   * sum over tokens for log pi (--rl.logp_norm=sum | mean); one t1 per sample, or one for the whole
     step with --rl.shared_t (every micro-batch and rank)
@@ -53,7 +54,7 @@ def rl_step(ro: RolloutContext, opt, ctx, draws: dict, sft, pick: torch.Generato
     sft: the sampler of the SFT rows (A = 1; data.TaskSampler); pick: the prompt picker's generator;
     ref: the frozen reference of the KL ablation (None: the paper's objective)."""
     t0 = time.time()
-    ro.model.eval()                                                      # sampling: no dropout
+    ro.model.eval()                              # no dropout, in sampling and in the update alike
     groups = []
     for task, k in draws.items():
         idx = torch.randperm(len(ro.sets[task]["rl"]), generator=pick)[:k].tolist()      # prompts
@@ -62,7 +63,6 @@ def rl_step(ro: RolloutContext, opt, ctx, draws: dict, sft, pick: torch.Generato
     advs = [group_advantages(g, ro.cfg.rl) for g in groups]              # Eq. G, D, A
     trip = triplets(groups, advs, ro, sft)                               # (x, y, A) and N of Eq. U
     t_roll = time.time() - t0
-    ro.model.train()
     upd = policy_update(ro, opt, trip, ctx, ref)                         # -J -> mu optimizer steps
     return Step(groups, advs, trip, upd, t_roll, time.time() - t0 - t_roll)
 
@@ -133,7 +133,7 @@ def rft_advantages(r: torch.Tensor, member: torch.Tensor, accept: float) -> torc
 @dataclass
 class Triplets:
     """The step's (x, y, A) triplets of Eq. (U) on this rank. Only rows with A != 0 are kept (the
-    others add nothing to J and are never run through the model), but N counts them all. Under the
+    others add nothing to J and are not run through the model), but N counts them all. Under the
     KL ablation (rl.kl_coef > 0) every group member is kept: the KL penalises every sampled row,
     whatever its advantage."""
     batch: Batch | None          # (M, T) the kept rows: SFT rows first, then rollout rows; None if M = 0
@@ -174,11 +174,16 @@ def policy_update(ro: RolloutContext, opt, trip: Triplets, ctx, ref=None) -> Upd
     update (no AdamW momentum or weight-decay step), on one process and under DDP alike; a
     non-finite gradient norm skips the update and the remaining epochs."""
     model, rc, mb_size, gen = ro.model, ro.cfg.rl, ro.cfg.train.micro_batch, ro.generator
+    # the policy is scored as it sampled, in eval mode: with --model.dropout > 0 (an SFT regulariser)
+    # a train-mode pass would score another network than the one that drew the rollouts, and the old
+    # policy, the new one and the reference would each see other dropout masks (rho != 1, KL != 0)
+    model.eval()
     if ctx.all_sum(float(len(trip.adv))) == 0:
         return Update(skipped="no rows")
     N = ctx.all_sum(float(trip.n))                                         # N of Eq. U, every rank's
     t1 = None
-    if rc.shared_t:       # one t1 for the whole step: drawn on every rank (same streams), rank 0's kept
+    if rc.shared_t:       # one t1 for the whole step: each rank draws one (its stream stays aligned
+                          # with the run's), rank 0's is used on every rank
         t = float(torch.rand(1, generator=gen, device=gen.device))
         t1 = ctx.all_sum(t if ctx.rank == 0 else 0.0)
     micro = [(torch.arange(lo, min(lo + mb_size, len(trip.adv)), device=ro.device),

@@ -366,7 +366,8 @@ def group_stats(g: Groups, adv: torch.Tensor, tau: float, tok) -> dict:
         if g.task == "vqa":
             P, exs = g.base.P, [g.examples[i] for i in f]
             texts = [tok.decode(g.tokens[i, -1, P:P + g.layout.R_text].cpu()) for i in f]
-            out["forced_consistent"] = sum(trace_answer(x, e.qtype) == normalise(e.answer)
+            # a word answer (a user's row) has no trace to recompute it from: never counted consistent
+            out["forced_consistent"] = sum(normalise(e.answer) is not None and trace_answer(x, e.qtype) == normalise(e.answer)
                                            for x, e in zip(texts, exs)) / len(f)
     return out
 

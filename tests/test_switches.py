@@ -3,14 +3,15 @@ Every documented switch does what METHOD.md says, or is refused with a one-line 
 
 Each test below takes one switch outside the toy defaults and checks the reading METHOD.md states,
 against a reference built in the test (a count by hand, a binomial bound, a second run with the
-switch off). Each would have failed before the switch was fixed; the docstrings say how.
+switch off). Each test of a fix failed on the code before it (the docstrings say how); the cases that
+accept a configuration and test_dropout_would_break_rho_one (why the fix is needed) pass on both.
 
   KL ablation       rl.triplets keeps every group member when rl.kl_coef > 0 (METHOD.md §4)
   tree search       rollout.parse_tree_tasks: text-only tasks take only H / Ht rounds (§6)
   shared_t          one t1 per RL step, over micro-batches and epochs (§7)
   difficulty draws  realised level shares, clipped sets, a split with no level of a family (§8)
   CFG in RL         the rollouts sample the unguided policy (§3)
-  dropout           refused with rl.ppo_epochs > 1 or rl.kl_coef > 0 (§4)
+  dropout           the RL update scores the policy in eval mode, as it sampled (§4)
   users' data       word answers score; held-out rows that repeat training rows are dropped (§8)
 (the ELBO weight of full-mask SFT rows is checked in test_diffusion.py::test_sft_loss_full_mask_frac)
 
@@ -116,7 +117,7 @@ def test_the_kl_ablation_keeps_every_group_member(tiny):
 def test_tree_tasks_are_parsed_strictly(tasks, schedule, ok):
     if ok is not None:
         assert RO.parse_tree_tasks(tasks, schedule) == ok
-        C.make_config("toy", {"rl.tree_tasks": tasks, "rl.tree_schedule": schedule})
+        C.validate(C.make_config("toy", {"rl.tree_tasks": tasks, "rl.tree_schedule": schedule}))
         return
     with pytest.raises(ValueError, match="tree_tasks"):
         RO.parse_tree_tasks(tasks, schedule)
@@ -228,23 +229,34 @@ def test_rollouts_sample_the_unguided_policy(tiny):
 
 
 # ----------------------------------------------------------------------------------------------
-# 7. dropout with the PPO ratio or the KL
+# 7. dropout: the update scores the policy in eval mode, as it sampled
 
 
-@pytest.mark.parametrize("rl_flags,ok", [({}, True), ({"rl.ppo_epochs": 2}, False), ({"rl.kl_coef": 0.05}, False)])
-def test_dropout_is_refused_where_it_breaks_rho_or_the_kl(rl_flags, ok):
-    cfg = C.make_config("toy", {"model.dropout": 0.1, **rl_flags})
-    if ok:
-        C.validate(cfg)
-        return
-    with pytest.raises(C.ConfigError, match="model.dropout"):
-        C.validate(cfg)
+def test_with_dropout_rho_starts_at_one_and_the_kl_at_zero(tiny):
+    """--model.dropout=0.3, mu = 2 with a clip band of 0.001, the KL ablation, and a learning rate of 0
+    so that the weights never move: the second epoch's ratio is exactly 1 (no term clipped) and every
+    KL term is 0, as for a model without dropout. Before, the update ran in train mode: the old
+    policy, the new one and the reference each saw other dropout masks (rho != 1, KL > 0)."""
+    cfg = copy.deepcopy(tiny.cfg)
+    cfg.model.dropout = 0.3
+    cfg.rl.likelihood, cfg.rl.ppo_epochs, cfg.rl.clip_eps, cfg.rl.kl_coef = "complementary", 2, 1e-3, 0.1
+    torch.manual_seed(0)
+    model = common.build_model(cfg, tiny.bundle.tok, "cpu")
+    ref = copy.deepcopy(model).eval()
+    model.train()                                     # as a caller may hand it over
+    batch = T.collate({"vqa": tiny.bundle.sets["vqa"]["sft"]}, [("vqa", i) for i in range(4)], tiny.bundle.tok)
+    trip = rl.Triplets(batch, torch.tensor([1.0, -1.0, 0.5, -0.5]), 4)
+    upd = rl.policy_update(rl_context(model, tiny.bundle, cfg, one_process(), torch.Generator().manual_seed(1)),
+                           torch.optim.SGD(model.parameters(), lr=0.0), trip, one_process(), ref)
+    assert upd.skipped is None and upd.parts
+    for terms, kl, clipped, _ in upd.parts:
+        assert clipped is not None and not clipped.any()
+        assert torch.equal(kl, torch.zeros_like(kl))
 
 
 def test_dropout_would_break_rho_one(tiny):
-    """Why the refusal: under dropout the policy in train mode scores the same rows on the same masks
-    differently from one pass to the next (the old policy's pass vs the first epoch's: rho != 1); in
-    eval mode the two passes agree."""
+    """Why eval mode: under dropout the policy in train mode scores the same rows on the same masks
+    differently from one pass to the next; in eval mode the two passes agree."""
     cfg = copy.deepcopy(tiny.cfg)
     cfg.model.dropout, cfg.rl.likelihood = 0.3, "one_step"
     torch.manual_seed(0)
