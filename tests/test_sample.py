@@ -1,9 +1,10 @@
 """
 sample.py's verbs on a tiny finished run, checked for WHAT they write, against references built here:
 
-  answer --force   the printed response ends in the forced answer block, once; the steps strip has one
-                   frame per denoising step of the text plan (blocks of block_len, tokens_per_step per
-                   step: the count is worked out here from the layout)
+  answer --force   the printed response ends in the forced answer block, once; the printed step count
+                   is that of the text plan (blocks of block_len, tokens_per_step per step: worked out
+                   here from the layout); the steps strip and the GIF are written (the GIF with at
+                   least that many frames)
   ground --force   the output picture is the input picture, resized, with the forced box's outline in
                    magenta at exactly the pixels the box names (drawn here with numpy)
   edit, draw       the input picture as given; the film of the picture starts all grey (every cell
