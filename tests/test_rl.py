@@ -44,6 +44,7 @@ import rl
 import rollout as RO
 import tokens as TK
 import train
+from test_distributed import rl_stage_flags  # noqa: E402
 from test_rollout import one_process_ctx, rl_cfg, tiny_model, vqa_answering_model, world  # noqa: F401  (world: a fixture)
 
 
@@ -428,15 +429,9 @@ def test_answer_forcing_coin_lands_at_rate_af_prob(world, monkeypatch, p, mode):
 # 4. a stop request in the RL stage, then --resume
 
 
-def flags(cache, out: str, *extra) -> list[str]:
-    """A run of seconds: 1 layer, d 32, 2 SFT steps, 3 RL steps of vqa + ground with answer-forcing."""
-    return [f"--out_dir={out}", f"--data.cache_dir={cache}", "--data.n_sft=8", "--data.n_rl=4", "--data.n_eval=4",
-            "--data.n_val=2", "--model.n_layer=1", "--model.n_head=2", "--model.d_model=32", "--vq.steps=10",
-            "--vq.n_images=32", "--train.max_steps=2", "--train.batch_size=4", "--train.micro_batch=2",
-            "--train.eval_interval=0", "--train.ckpt_interval=100", "--rl.max_steps=3", "--rl.prompts_per_step=1",
-            "--rl.group_size=2", "--rl.sft_rows=2", "--rl.task_mix=vqa:1,ground:1", "--rl.af_prob=0.5",
-            "--rl.time_budget_s=0", "--eval.curve_n=2", "--eval.n_per_task=4", "--eval.batch_size=2",
-            "--eval.grid_rows=1", *extra]
+# a run of seconds: 1 layer, d 32, 2 SFT steps, 3 RL steps of vqa + ground with answer-forcing (the
+# flags the 2-process stop tests of test_distributed.py use too)
+flags = rl_stage_flags
 
 
 TIMING = ("seconds", "rollout_s", "update_s", "peak_mem_mb", "eval_seconds")
