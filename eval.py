@@ -11,12 +11,14 @@ reused), so a run made with other --data.* flags needs none of them here; --eval
 from the command line. --pass_k=N (0 = off, else 1..64) adds pass@k for vqa and grounding and best-of-k for edit (k in 1, 4, 8 up to N), from N
 samples per prompt at the rollout temperature (rl.temperature): how much RL could gain by
 sharpening alone (metrics.pass_at_k_metrics). Writes metrics_eval.json and samples_eval.png into
-out_dir (or --out=FILE for the json).
+out_dir (or --out=FILE for the json), and out_dir/report.md from them (report.py) when the json is
+in out_dir and out_dir holds the run's config.json.
 """
 import os
 
 import common
 import metrics
+import report
 from config import get_config
 from data import load_run
 
@@ -44,6 +46,13 @@ def main(argv=None):
     common.write_json(out, m)
     print(metrics.headline(m) + "".join(f" | {k} {v:.3f}" for k, v in m.items() if "@" in k))
     print(f"wrote {cfg.train.out_dir}/samples_eval.png")
+    if os.path.dirname(os.path.abspath(out)) == os.path.abspath(cfg.train.out_dir):
+        try:                   # the report card of the folder, from this evaluation's numbers
+            print(f"wrote {report.write(cfg.train.out_dir, os.path.basename(out))}")
+        except FileNotFoundError:
+            pass               # a folder without the run's config.json: nothing to report against
+        except Exception as e:                                          # noqa: BLE001
+            print(f"note: report.md not written ({type(e).__name__}: {e})")
 
 
 if __name__ == "__main__":

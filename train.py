@@ -45,6 +45,7 @@ from tqdm import tqdm
 
 import config as C
 import metrics
+import report
 import rl
 import vq as VQ
 from common import (STOP, OutDirLock, Stopped, Ctx, best_score, broadcast_params, build_model, check_model_config,
@@ -545,6 +546,10 @@ def final_eval(cfg, ctx: Ctx, model, bundle: Bundle, vq, t0: float):
             f"P@0.5 {m['ground_random_p50']:.3f} | edit copy-input {m['edit_copy_score']:.3f} | "
             f"t2i empty-canvas cell acc {m['t2i_empty_cell_acc']:.3f}")
     ctx.log(f"wrote {out}/metrics.json and {out}/samples.png ({m['total_seconds']:.0f}s in all)")
+    try:              # the report card is a view of the files above: it must never cost the run
+        ctx.log(f"wrote {report.write(out)}: the run's report card")
+    except Exception as e:                                              # noqa: BLE001
+        ctx.log(f"note: report.md not written ({type(e).__name__}: {e}); python report.py --out_dir={out} retries")
 
 
 if __name__ == "__main__":

@@ -89,7 +89,7 @@ def test_pass_at_k_rejects_impossible_counts():
             E.pass_at_k(n, c, k)
 
 
-@pytest.mark.parametrize("script", ["train.py", "eval.py", "sample.py"])
+@pytest.mark.parametrize("script", ["train.py", "eval.py", "sample.py", "report.py"])
 def test_every_entry_script_answers_help_with_exit_0(script):
     """`python X.py -h` prints its usage and exits 0 (sample.py exited 1 before)."""
     import subprocess

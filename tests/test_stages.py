@@ -439,3 +439,72 @@ def test_baselines_by_hand(level1):
     assert base["edit_copy_score"] == pytest.approx(np.mean([COPY_SCORE[e.qtype] for e in level1.ev["edit"]]))
     assert base["edit_copy_score"] == pytest.approx(m["edit_score"])
     assert base["t2i_empty_cell_acc"] == pytest.approx(m["t2i_cell_acc"]) and base["t2i_empty_shape_acc"] == 0.0
+
+
+# ----------------------------------------------------------------------------------------------
+# the report card
+
+
+def test_the_report_card_copies_metrics_json_and_names_what_differs_from_the_preset(job):
+    """report.md, written at the end of the main job: every held-out number of its table is the one in
+    metrics.json (this checkpoint and the SFT block, per bucket and overall, three decimals), the
+    baselines beside them; the settings that differ from the toy preset are listed with both values;
+    the RL stage's row counts the steps the log holds; the sample grid is linked."""
+    text = (job.out / "report.md").read_text()
+    m, sft = job.metrics, job.metrics["sft_checkpoint"]
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 5 and cells[0] in ("vqa accuracy", "grounding mIoU", "edit score"):
+            rows[(cells[0], cells[1].split(" ")[0])] = cells[2:]
+    names = {"vqa_acc": "vqa accuracy", "ground_miou": "grounding mIoU", "edit_score": "edit score"}
+    checked = 0
+    for key, name in names.items():
+        for b in ("in", "edge", "far", "all"):
+            k = key if b == "all" else f"{key}_{b}"
+            if k not in m:
+                assert (name, b) not in rows
+                continue
+            got_sft, got, base = rows[(name, b)]
+            assert got == f"{m[k]:.3f}" and got_sft == f"{sft[k]:.3f}", (name, b)
+            checked += 1
+    assert checked >= 7                                  # all and in for each, edge where levels reach it
+    assert rows[("vqa accuracy", "all")][2].startswith(f"{m['vqa_prior_acc']:.3f}")
+    assert rows[("edit score", "all")][2].startswith(f"{m['edit_copy_score']:.3f}")
+    assert "`model.n_layer: 4 -> 1`" in text and "`model.d_model: 128 -> 32`" in text
+    rl_log = json.load(open(job.out / "rl_log.json"))
+    assert f"| RL ({len(rl_log)} steps) |" in text
+    assert "![samples.png](samples.png)" in text
+
+
+def test_the_report_card_keeps_the_sft_and_rl_columns_apart(tmp_path):
+    """A hand-made run folder whose SFT and RL numbers all differ (at the tiny size above they can
+    coincide): each lands in its own column and bucket; a run without RL has no SFT column values
+    ('-') and no RL curve; a folder without metrics is a one-line report error."""
+    import config as C
+    import report
+    cfg = C.to_dict(C.make_config("toy", {"rl.max_steps": 7}))
+    cfg["argv"] = ["train.py", "--preset=toy", "--rl.max_steps=7"]
+    m = {"vqa_acc": 0.5, "vqa_acc_in": 0.6, "vqa_acc_edge": 0.3, "vqa_acc_n": {"in": 10, "edge": 5},
+         "ground_miou": 0.7, "ground_miou_in": 0.8, "ground_miou_edge": 0.45, "vqa_prior_acc": 0.27,
+         "ground_random_miou": 0.2, "total_seconds": 99.0,
+         "sft_checkpoint": {"vqa_acc": 0.41, "vqa_acc_in": 0.62, "vqa_acc_edge": 0.11, "ground_miou": 0.69,
+                            "ground_miou_in": 0.81, "ground_miou_edge": 0.33}}
+    for name, obj in (("config.json", cfg), ("metrics.json", m),
+                      ("rl_log.json", [{"step": s, "seconds": 2.0 * s, "vqa": {"reward": 0.1 * s}} for s in (1, 2)])):
+        (tmp_path / name).write_text(json.dumps(obj))
+    text = report.build(str(tmp_path))
+    assert "| vqa accuracy | in (10) | 0.620 | 0.600 | |" in text
+    assert "| vqa accuracy | edge (5) | 0.110 | 0.300 | |" in text
+    assert "| vqa accuracy | all | 0.410 | 0.500 | 0.270 (image-blind prior) |" in text
+    assert "| grounding mIoU | edge (?) | 0.330 | 0.450 | |" in text
+    assert "`rl.max_steps: 16 -> 7`" in text and "    python train.py --preset=toy --rl.max_steps=7" in text
+    assert "| RL (2 steps) | 4 |" in text and "| 2 | 0.200 |" in text
+    del m["sft_checkpoint"]
+    (tmp_path / "metrics.json").write_text(json.dumps(m))
+    (tmp_path / "rl_log.json").unlink()
+    text = report.build(str(tmp_path))
+    assert "| vqa accuracy | all | - | 0.500 |" in text and "RL training reward" not in text
+    (tmp_path / "metrics.json").unlink()
+    with pytest.raises(SystemExit, match="^report error: .*needs metrics.json and config.json"):
+        report.main([f"--out_dir={tmp_path}"])
