@@ -16,6 +16,7 @@
 import copy
 import math
 import os
+import subprocess
 import sys
 import tempfile
 
@@ -26,7 +27,6 @@ import likelihood as LK
 import rl
 import rollout as RO
 import tokens as T
-import train
 from data import TaskSampler, load_run, picture_judge
 from diffusion import sample
 from rewards import score_rows
@@ -48,7 +48,9 @@ if TINY:
              "--data.n_eval=20", "--data.n_val=10", "--model.n_layer=1", "--model.d_model=64", "--vq.steps=200",
              "--vq.n_images=500", "--train.max_steps=300", "--train.eval_interval=0", "--train.log_interval=100",
              "--rl.max_steps=0", "--stage=sft"]
-    train.main(flags)
+    # the same command a user runs (the walkthrough is a reader of the library, not a part of it)
+    subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"), *flags],
+                   check=True, stdout=subprocess.DEVNULL)
     ckpt = os.path.join(out, "ckpt_sft.pt")
 else:
     out, ckpt = "runs/toy", "runs/toy/ckpt_rl.pt"

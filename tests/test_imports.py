@@ -24,7 +24,7 @@ import glob
 import os
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
-ENTRY = {"train", "eval", "sample", "walkthrough"}
+ENTRY = {"train", "eval", "sample", "walkthrough"}   # programs: nothing imports them
 
 
 def modules(folder: str = "") -> dict[str, ast.Module]:
