@@ -37,8 +37,7 @@ from dataclasses import dataclass, field, fields, asdict
 
 from rollout import parse_tree_schedule, parse_tree_tasks
 from tokens import RL_TASKS, parse_mix, parse_task_values
-from world import parse_levels
-from world_extras import world_for
+from world_extras import check_split_levels
 
 
 class ConfigError(ValueError):
@@ -496,12 +495,6 @@ def validate(cfg: Config):
         if not parts or not all(p.isdigit() and 1 <= int(p) <= 4 for p in parts):
             raise ConfigError(f"--data.{key}={v!r}: expected a comma list of levels 1..4 (vqa and edit have 1-4, "
                               f"grounding 1-3), e.g. 1,2")
-    for key in ("sft_levels", "rl_levels", "eval_levels"):    # a split's levels are clipped to the
-        v = getattr(d, key)                                    # family's; none left would swap one in
-        for task, have in world_for(d).levels.items():
-            if len(have) > 1 and not set(parse_levels(v)) & set(have):
-                raise ConfigError(f"--data.{key}={v!r}: {task} has levels {','.join(map(str, have))} only, "
-                                  f"none of them asked for; add one, e.g. --data.{key}={v},{have[-1]}")
     if d.image_size % cfg.vq.downsample:
         raise ConfigError(f"data.image_size={d.image_size} must be divisible by vq.downsample={cfg.vq.downsample}")
     if d.image_size % d.grid:
@@ -536,13 +529,15 @@ def validate(cfg: Config):
                           f"and 0 < clip_eps < 1")
     if rc.advantage not in ("unified", "rft"):
         raise ConfigError(f"--rl.advantage={rc.advantage!r}: expected unified or rft")
-    try:     # the parsers live beside what they parse (tokens: task lists, rollout: the tree schedule)
+    try:     # the parsers live beside what they parse (tokens: task lists, rollout: the tree schedule,
+             # world_extras: the levels each family has)
         parse_mix(tc.task_mix, "train.task_mix")
         missing = set(parse_mix(rc.task_mix, "rl.task_mix", RL_TASKS))
         if rc.advantage == "rft":
             missing -= set(parse_task_values(rc.rft_accept, "rl.rft_accept", RL_TASKS))
         schedule = parse_tree_schedule(rc.tree_schedule)
         parse_tree_tasks(rc.tree_tasks, rc.tree_schedule)
+        check_split_levels(d)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if rc.advantage == "rft" and missing:

@@ -259,6 +259,18 @@ def constraint_score(source: Scene, target: Scene, pred: Scene, grid: int, kinds
 MAX_EDIT_LEVEL = 4
 
 
+def check_split_levels(d):
+    """ValueError (one line; config.validate makes it a config error) for a split whose levels name
+    none of a multi-level family's: its levels are clipped to the family's, and with none left the
+    family would pose another level than the split asks for (grounding has 1-3: --data.eval_levels=4)."""
+    for key in ("sft_levels", "rl_levels", "eval_levels"):
+        v = getattr(d, key)
+        for task, have in world_for(d).levels.items():
+            if len(have) > 1 and not set(parse_levels(v)) & set(have):
+                raise ValueError(f"--data.{key}={v!r}: {task} has levels {','.join(map(str, have))} only, "
+                                 f"none of them asked for; add one, e.g. --data.{key}={v},{have[-1]}")
+
+
 def world_for(d) -> World:
     """The world of data config `d`: DEFAULT_WORLD, plus looks when any of d.shades / fills / floors
     is above 1, edit levels 2..d.edit_max_level (levels 3-4 graded by constraint_score), and vqa
