@@ -5,8 +5,8 @@ studies): nothing here is the method itself, it is what every stage needs around
   Ctx, setup()          device (cuda > mps > cpu), dtype (bf16 autocast on CUDA with bf16, or on any
                         device with --train.dtype=bfloat16; else fp32; the reason is printed), DDP from
                         torchrun's environment (NCCL on GPU, gloo on CPU), seeds offset by rank, out_dir
-                        and log.txt (rank 0 writes files); Ctx.all_sum and Ctx.average_gradients are the
-                        two collectives rl.policy_update needs
+                        and log.txt (rank 0 writes files); Ctx.all_sum, Ctx.from_rank0 and
+                        Ctx.average_gradients are the collectives rl.policy_update needs
   sync_grads, broadcast_params, all_reduce_mean, mean_over_all, from_rank0, stop_together
                         the collectives the training loops need (we do not wrap the model in
                         DistributedDataParallel: see sync_grads)
@@ -75,6 +75,10 @@ class Ctx:
     def all_sum(self, x: float) -> float:
         """x summed over the ranks (x itself on one process). Collective under DDP."""
         return all_reduce_mean(x, self) * self.world
+
+    def from_rank0(self, x: float) -> float:
+        """Rank 0's value of x on every rank (x itself on one process). Collective under DDP."""
+        return from_rank0(x, self)
 
     def average_gradients(self, model):
         """Every gradient averaged over the ranks (sync_grads; nothing on one process). Collective."""
@@ -217,14 +221,19 @@ def check_stop():
 
 
 
+def comm_device(ctx: Ctx) -> str:
+    """Where a collective's tensor lives: NCCL only moves CUDA tensors, gloo CPU ones."""
+    return ctx.device if ctx.device.startswith("cuda") else "cpu"
+
+
 def from_rank0(x: float, ctx: Ctx) -> float:
     """Rank 0's value of x on every rank. Wall-clock quantities (elapsed training time, the time
     budget's verdict) differ from rank to rank; whatever decides the learning rate or when to stop
     must be one number for all, or the ranks' weights drift apart or the next all-reduce hangs."""
     if not ctx.ddp:
         return x
-    t = torch.tensor([float(x)], dtype=torch.float64, device=ctx.device if ctx.device.startswith("cuda") else "cpu")
-    dist.broadcast(t, 0)      # NCCL only moves CUDA tensors, gloo CPU ones
+    t = torch.tensor([float(x)], dtype=torch.float64, device=comm_device(ctx))
+    dist.broadcast(t, 0)
     return t.item()
 
 
@@ -250,7 +259,7 @@ def stop_together(flag: bool, ctx: Ctx) -> bool:
     if not ctx.ddp:
         return bool(flag)
     t = torch.tensor([float(flag), float(STOP.signum)], dtype=torch.float64,
-                     device=ctx.device if ctx.device.startswith("cuda") else "cpu")
+                     device=comm_device(ctx))
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     if t[1] > 0 and not STOP.signum:
         STOP.signum = int(t[1])
@@ -269,7 +278,7 @@ def best_score(path: str) -> float:
 def all_reduce_mean(x: float, ctx: Ctx) -> float:
     if not ctx.ddp:
         return x
-    t = torch.tensor([x], dtype=torch.float64, device=ctx.device if ctx.device.startswith("cuda") else "cpu")
+    t = torch.tensor([x], dtype=torch.float64, device=comm_device(ctx))
     dist.all_reduce(t)
     return t.item() / ctx.world
 

@@ -88,10 +88,11 @@ def sft_loss(model, batch: Batch, dcfg, tok: Tokenizer, generator: torch.Generat
     # the empty row kept, a full-mask example would weigh half). Any other row stays even when its draw
     # came out empty: a legitimate draw of the estimator, worth 0. Under "mean" an empty row adds 0 to
     # both sums of the plain mean: every one is left out of the forward (same loss, fewer rows).
-    full = t >= 1                                                               # (B,)
-    keep = torch.cat([torch.ones_like(full), ~full]) if dcfg.complementary else torch.ones_like(full)
     if dcfg.loss_weight == "mean":
         keep = mask.any(1)                                                      # (kB,)
+    else:
+        full = t >= 1                                                           # (B,) its complement is empty
+        keep = torch.cat([torch.ones_like(full), ~full]) if dcfg.complementary else torch.ones_like(full)
     rows, mask, t_row = rows[keep], mask[keep], t_row[keep]
     # under "elbo", each row's share of its example: 1 / (its example's kept rows), summing to B
     row_weight = 1.0 / torch.bincount(rows, minlength=B).float()[rows] if dcfg.loss_weight == "elbo" else None

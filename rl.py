@@ -184,8 +184,7 @@ def policy_update(ro: RolloutContext, opt, trip: Triplets, ctx, ref=None) -> Upd
     t1 = None
     if rc.shared_t:       # one t1 for the whole step: each rank draws one (its stream stays aligned
                           # with the run's), rank 0's is used on every rank
-        t = float(torch.rand(1, generator=gen, device=gen.device))
-        t1 = ctx.all_sum(t if ctx.rank == 0 else 0.0)
+        t1 = ctx.from_rank0(float(torch.rand(1, generator=gen, device=gen.device)))
     micro = [(torch.arange(lo, min(lo + mb_size, len(trip.adv)), device=ro.device),
               int(torch.randint(2**62, (1,), generator=gen, device=gen.device)))     # (rows, mask seed)
              for lo in range(0, len(trip.adv), mb_size)]

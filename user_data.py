@@ -165,17 +165,18 @@ def held_out_repeats(rows: list[Example], path: str) -> tuple[list[Example], lis
     world.build_pools drops a split's keys seen in the splits before it. Returns (the rows kept, one
     message per dropped row, counted with the skipped rows)."""
     order = {s: i for i, s in enumerate(SPLITS)}          # sft, rl, eval, val
-    first: dict[tuple, tuple[int, str]] = {}               # content -> (rank of its earliest split, line)
-    content = lambda e: (e.task, " ".join(e.prompt.split()),
-                         None if e.image is None else hashlib.sha1(e.image.tobytes()).hexdigest())
-    for e in sorted(rows, key=lambda e: order[split_of(e)]):
-        first.setdefault(content(e), (order[split_of(e)], e.key.split("|")[1]))
+    rank = [order[split_of(e)] for e in rows]
+    content = [(e.task, " ".join(e.prompt.split()), None if e.image is None else hashlib.sha1(e.image.tobytes()).hexdigest())
+               for e in rows]
+    first: dict[tuple, int] = {}                           # content -> the row of its earliest split
+    for i in sorted(range(len(rows)), key=rank.__getitem__):
+        first.setdefault(content[i], i)
     kept, dropped = [], []
-    for e in rows:
-        rank, line = first[content(e)]
-        if split_of(e) in ("eval", "val") and rank < order[split_of(e)]:
-            dropped.append(f"{path}:{e.key.split('|')[1]}: {split_of(e)} row repeats line {line} "
-                           f"({SPLITS[rank]}: same task, prompt and picture); dropped from {split_of(e)}, "
+    for i, e in enumerate(rows):
+        j = first[content[i]]
+        if SPLITS[rank[i]] in ("eval", "val") and rank[j] < rank[i]:
+            dropped.append(f"{path}:{e.key.split('|')[1]}: {SPLITS[rank[i]]} row repeats line {rows[j].key.split('|')[1]} "
+                           f"({SPLITS[rank[j]]}: same task, prompt and picture); dropped from {SPLITS[rank[i]]}, "
                            f"which must stay held out")
         else:
             kept.append(e)

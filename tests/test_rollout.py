@@ -243,7 +243,7 @@ def one_process_ctx(log):
     """A stand-in for common.Ctx on one CPU process: fp32, rank 0 of 1, so summing over the ranks is
     the identity and there are no other ranks' gradients to average."""
     return SimpleNamespace(device="cpu", autocast=nullcontext(), rank=0, world=1, master=True, ddp=False, log=log,
-                           all_sum=lambda x: x, average_gradients=lambda model: None)
+                           all_sum=lambda x: x, from_rank0=lambda x: x, average_gradients=lambda model: None)
 
 
 def rl_cfg(w, **rl):
