@@ -72,7 +72,8 @@ class DataConfig:
     max_shapes: int = 7
     n_sft: int = 3000                # traced SFT examples per task family ("deliberately limited")
     n_rl: int = 5000                 # answer-only RL prompts per family (no traces: rewards need none)
-    n_eval: int = 200                # held-out examples per family, disjoint from both pools
+    n_eval: int = 320                # held-out examples per family, disjoint from both pools (320: over
+                                     # 100 per edge bucket, so a 10-point change is beyond its standard error)
     n_val: int = 200                 # validation examples per family (quick evals, best checkpoints)
     hard_frac: float = 0.4           # share of level-2 vqa / grounding questions when a split's levels are 1,2
     # difficulty levels of the traced SFT, answer-only RL and held-out eval + val splits (world.draw_level;
@@ -152,7 +153,7 @@ class TrainConfig:
     warmup: int = 50
     weight_decay: float = 0.01
     grad_clip: float = 1.0
-    max_steps: int = 3800            # toy: SFT steps of the main job (the same steps on any machine)
+    max_steps: int = 3600            # toy: SFT steps of the main job (the same steps on any machine)
     time_budget_s: float = 0.0       # optional cap on SFT training seconds (quick evals not counted); 0 = none
     log_interval: int = 50
     eval_interval: int = 1000        # quick eval on eval.curve_split during SFT (the learning curve and
@@ -196,7 +197,7 @@ class RLConfig:
     rft_accept: str = "vqa:1,ground:0.5,edit:0.9"   # rft: the reward a sample needs, per task (vqa:
                                      # right, ground: IoU >= 0.5 as P@0.5 counts it, edit: near exact)
     lr: float = 3e-4
-    max_steps: int = 16              # toy: the main job's RL updates (README: what they change; RESULTS 2.0)
+    max_steps: int = 64              # toy: the main job's RL updates (what they change: RESULTS 2.0)
     time_budget_s: float = 0.0       # optional cap on RL training seconds (quick evals not counted); 0 = none
     eval_interval: int = 0           # quick eval on eval.curve_split every this many RL steps, and
                                      # ckpt_rl_best.pt (0 = off: the toy job's final eval follows)
@@ -208,7 +209,7 @@ class RLConfig:
 
 @dataclass
 class EvalConfig:
-    n_per_task: int = 200            # held-out examples per family (capped by data.n_eval)
+    n_per_task: int = 320            # held-out examples per family (capped by data.n_eval)
     batch_size: int = 100
     seed: int = 1234                 # fixed sampling seed: eval numbers are reproducible
     grid_rows: int = 4               # rows per task in the PNG sample grid

@@ -163,9 +163,10 @@ WORLDS = {
     # the main job's world with pictures that have looks (a prompt no longer fixes its picture's
     # codes) and edits with levels (two operations; colour constraints with many right pictures,
     # graded), where the claims about image tokens (C5, C6) and tree search (C9) can show. Its start
-    # is the SFT checkpoint of the main job run in it, `python train.py --preset=toy <LOOKS>
-    # --out_dir=runs/looks` (3800 steps): --start=runs/looks/ckpt_sft.pt adopts it
-    "looks": ["--preset=toy", *LOOKS],
+    # is the SFT checkpoint of the main job run in it as it was measured (3800 SFT steps, 200 held-out
+    # examples), `python train.py --preset=toy <LOOKS> --train.max_steps=3800 --data.n_eval=200
+    # --out_dir=runs/looks`: --start=runs/looks/ckpt_sft.pt adopts it
+    "looks": ["--preset=toy", *LOOKS, "--data.n_eval=200", "--eval.n_per_task=200"],
 }
 WORLD = WORLDS["flat"]           # --world=levels switches it (set_world)
 # SFT steps of each world's shared start (--start_steps=0 picks these): long enough that continued SFT
