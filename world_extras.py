@@ -10,7 +10,7 @@ the one place they join the world (world.World):
                constraint_score (--data.edit_max_level)
   vqa level 4  the sum of four lists (world.make_vqa poses any level k >= 3 as a sum of k lists; this
                file allows 4 when a split's levels name it: --data.eval_levels=1,2,3,4, the far
-               bucket of the difficulty protocol)
+               bucket of the levels world)
 
 The looks world of the studies is --data.edit_max_level=4 --data.shades=3 --data.fills=4
 --data.floors=6 --vq.codebook_size=512 (README; RESULTS.md 2.0b).

@@ -1,5 +1,5 @@
 """
-The gates of the difficulty protocol: is there something for RL to learn at an SFT start, before
+The gates of the levels world: is there something for RL to learn at an SFT start, before
 any RL run is spent on it? Measured on the held-out EDGE bucket (the level just above the highest
 one traced in SFT, world.bucket), per reasoning family (vqa, grounding):
 

@@ -13,7 +13,7 @@ Studies: one named experiment, several seeds, one table, one plot, one results f
     python studies/study.py ablations                          # all four, 33 runs of ~5 min, two at a time: ~1 h 25 min
     python studies/study.py af_ratio,gamma --world=levels --arm_s=600   # several at once: the runs they share
                                                        # (the default variant) are trained once per seed
-    python studies/study.py af_ratio --world=levels --arm_s=600   # on the difficulty protocol, from
+    python studies/study.py af_ratio --world=levels --arm_s=600   # in the levels world, from
                                                        # rl_vs_sft --world=levels' start
     python studies/study.py tree                               # tree search at equal sample count (rollouts only, ~18 min)
     python studies/study.py objective --world=looks --start=runs/looks/ckpt_sft.pt   # C5, C6 on pictures with
@@ -110,7 +110,7 @@ studies share is trained once per seed:
   estimator_variance  estimators.py (variance, bias and rank correlation against exact
              enumeration) on the start checkpoint, one run per seed
 With --world=levels one of the four RL ablations (af_ratio, objective, gamma, estimator) runs on the
-difficulty protocol instead: from rl_vs_sft --world=levels'
+levels world instead: from rl_vs_sft --world=levels'
 start (runs/rl_vs_sft_levels/start), into runs/ablations_levels, written as results/<name>_levels.*,
 its table with the held-out in / edge / far buckets.
 
@@ -153,7 +153,7 @@ LOOKS = ["--data.edit_max_level=4", "--data.shades=3", "--data.fills=4", "--data
 WORLDS = {
     "flat": ["--preset=toy", "--data.rl_levels=1,2", "--data.eval_levels=1,2", "--data.n_sft=1000", "--data.n_rl=5000",
              "--data.n_eval=200", "--data.n_val=200", *PLAIN],
-    # the difficulty protocol: traces for levels 1-2 (the toy's 3000 per family), answer-only RL prompts
+    # the levels world: traces for levels 1-2 (the toy's 3000 per family), answer-only RL prompts
     # over levels 1-3 (the edge level 3 and the traced ones: with level 3 alone, RL's in-level vqa fell
     # 6.8 points behind continued SFT; RESULTS.md 4.6), held-out and validation sets over every level
     # (800 held-out: ~200 per vqa level; 368 / 245 / 187 grounding examples at levels 1 / 2 / 3, since
@@ -260,7 +260,7 @@ def study_options(study: str, argv: list[str], label: str = "") -> dict:
 
 def set_world(world: str) -> str:
     """Switch WORLD to WORLDS[world] for this study (a one-line error for an unknown name); returns the
-    suffix of its folders and results names: "" for flat, "_levels" for the difficulty protocol,
+    suffix of its folders and results names: "" for flat, "_levels" for the levels world,
     "_looks" for the looks world."""
     global WORLD
     if world not in WORLDS:
