@@ -86,17 +86,30 @@ def stage_times(out_dir: str, m: dict, rl_log, sft_curve) -> list[str]:
     return rows
 
 
+def reward_windows(rl_log, max_rows: int = 8) -> list[tuple[int, int, dict]]:
+    """The RL log cut into at most max_rows consecutive windows of (nearly) equal length:
+    (first step, last step, {task: mean reward over the window's steps}). One step's reward is the
+    mean over a few prompts' groups, too noisy to read alone; a window's mean shows the trend."""
+    tasks = [t for t in ("vqa", "ground", "edit") if isinstance(rl_log[0].get(t), dict)] if rl_log else []
+    k = min(max_rows, len(rl_log))
+    cuts = [round(i * len(rl_log) / k) for i in range(k + 1)] if k else []
+    return [(rl_log[a]["step"], rl_log[b - 1]["step"],
+             {t: sum(r[t]["reward"] for r in rl_log[a:b]) / (b - a) for t in tasks}) for a, b in zip(cuts, cuts[1:])]
+
+
 def curves(rl_log, sft_curve, max_rows: int = 12) -> list[str]:
-    """The RL reward per task per step and the SFT quick-eval scores, as small tables (at most
-    max_rows rows each, evenly spaced, the last always kept)."""
+    """The RL reward per task (window means, reward_windows) and the SFT quick-eval scores (at most
+    max_rows rows, evenly spaced, the last always kept), as small tables."""
     pick = lambda xs: [xs[i] for i in sorted({round(j * (len(xs) - 1) / max(max_rows - 1, 1)) for j in range(max_rows)})] \
         if len(xs) > max_rows else xs
     out = []
     if rl_log:
-        tasks = [t for t in ("vqa", "ground", "edit") if isinstance(rl_log[0].get(t), dict)]
-        out += ["**RL training reward** (mean over the step's group members, per task)", "",
-                "| step | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
-        out += [f"| {r['step']} | " + " | ".join(f"{r[t]['reward']:.3f}" for t in tasks) + " |" for r in pick(rl_log)]
+        windows = reward_windows(rl_log)
+        tasks = list(windows[0][2])
+        out += ["**RL training reward** (mean over the window's steps of each step's group members, per task)", "",
+                "| steps | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+        out += [f"| {a if a == b else f'{a}-{b}'} | " + " | ".join(f"{means[t]:.3f}" for t in tasks) + " |"
+                for a, b, means in windows]
         out.append("")
     if sft_curve:
         keys = [k for k, *_ in METRICS if k in sft_curve[0]]

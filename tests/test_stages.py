@@ -498,8 +498,19 @@ def test_the_report_card_keeps_the_sft_and_rl_columns_apart(tmp_path):
     assert "| vqa accuracy | edge (5) | 0.110 | 0.300 | |" in text
     assert "| vqa accuracy | all | 0.410 | 0.500 | 0.270 (image-blind prior) |" in text
     assert "| grounding mIoU | edge (?) | 0.330 | 0.450 | |" in text
-    assert "`rl.max_steps: 16 -> 7`" in text and "    python train.py --preset=toy --rl.max_steps=7" in text
+    assert "`rl.max_steps: 64 -> 7`" in text and "    python train.py --preset=toy --rl.max_steps=7" in text
     assert "| RL (2 steps) | 4 |" in text and "| 2 | 0.200 |" in text
+    # a longer RL log: its reward table holds window means (20 steps -> 8 windows of 2-3 steps)
+    (tmp_path / "rl_log.json").write_text(json.dumps(
+        [{"step": s, "seconds": 2.0 * s, "vqa": {"reward": 0.05 * s}, "ground": {"reward": 1.0}} for s in range(1, 21)]))
+    windows = report.reward_windows(json.loads((tmp_path / "rl_log.json").read_text()))
+    assert [b - a + 1 for a, b, _ in windows] in ([2, 3, 3, 2, 2, 3, 3, 2], [3, 2, 3, 2, 3, 2, 3, 2])
+    assert [s for a, b, _ in windows for s in range(a, b + 1)] == list(range(1, 21))      # each step once
+    for a, b, means in windows:                 # the mean of 0.05 s over s = a..b is 0.05 (a + b) / 2
+        assert means["vqa"] == pytest.approx(0.05 * (a + b) / 2) and means["ground"] == 1.0
+    text = report.build(str(tmp_path))
+    a, b, means = windows[0]
+    assert f"| {a}-{b} | {means['vqa']:.3f} | 1.000 |" in text and "| 19-20 | 0.975 | 1.000 |" in text
     del m["sft_checkpoint"]
     (tmp_path / "metrics.json").write_text(json.dumps(m))
     (tmp_path / "rl_log.json").unlink()
