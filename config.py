@@ -21,7 +21,7 @@ Sections and the parts of METHOD.md they configure:
              the log-likelihood estimator (§7)
   eval       the held-out evaluation (§8)
 
-Presets: toy (a 2-core CPU, minutes: 32x32 images, 4x4 grid, ~1M parameters), small (one GPU, bf16:
+Presets: toy (a 2-core CPU, minutes: 32x32 images, 4x4 grid, 0.9M parameters), small (one GPU, bf16:
 64x64 images, a bigger model), base (several GPUs under torchrun: the same code, bigger numbers).
 
 Paper unknowns that became config fields are marked "unknown in the paper" below, with the reading
@@ -72,8 +72,9 @@ class DataConfig:
     max_shapes: int = 7
     n_sft: int = 3000                # traced SFT examples per task family ("deliberately limited")
     n_rl: int = 5000                 # answer-only RL prompts per family (no traces: rewards need none)
-    n_eval: int = 320                # held-out examples per family, disjoint from both pools (320: over
-                                     # 100 per edge bucket, so a 10-point change is beyond its standard error)
+    n_eval: int = 320                # held-out examples per family, disjoint from both pools (320: 110 vqa
+                                     # and 103 grounding at the edge level; a score in [0, 1] has sd <= 0.5,
+                                     # so a bucket's standard error is <= 5 points, below a 10-point change)
     n_val: int = 200                 # validation examples per family (quick evals, best checkpoints)
     hard_frac: float = 0.4           # share of level-2 vqa / grounding questions when a split's levels are 1,2
     # difficulty levels of the traced SFT, answer-only RL and held-out eval + val splits (world.draw_level;
@@ -81,8 +82,8 @@ class DataConfig:
     sft_levels: str = "1,2"          # traced: the in-bucket
     rl_levels: str = "1,2,3"         # answer-only prompts reach one level past the traces (the edge)
     eval_levels: str = "1,2,3"       # held out + val: the in and edge buckets (vqa's level 4, the far
-                                     # bucket, widens every vqa row by 20 tokens: SFT 1.27x slower per step;
-                                     # studies/study.py's levels world adds it)
+                                     # bucket, widens vqa rows to 59 tokens, 47 at levels 1-3: SFT 1.27x
+                                     # slower per step, RESULTS 2.0c; studies/study.py's levels world adds it)
     # the world's options (world_extras.py; off by default); the looks world of METHOD.md §8 turns them on:
     # --data.edit_max_level=4 --data.shades=3 --data.fills=4 --data.floors=6 --vq.codebook_size=512
     edit_max_level: int = 1          # the highest edit level drawn (world_extras: 1 one operation, 2 two,
@@ -153,7 +154,8 @@ class TrainConfig:
     warmup: int = 50
     weight_decay: float = 0.01
     grad_clip: float = 1.0
-    max_steps: int = 3600            # toy: SFT steps of the main job (the same steps on any machine)
+    max_steps: int = 3600            # toy: SFT steps of the main job (the same steps on any machine; 3800
+                                     # before 44cea31: 200 steps traded for RL's 64 updates, RESULTS 2.0)
     time_budget_s: float = 0.0       # optional cap on SFT training seconds (quick evals not counted); 0 = none
     log_interval: int = 50
     eval_interval: int = 1000        # quick eval on eval.curve_split during SFT (the learning curve and
@@ -197,7 +199,8 @@ class RLConfig:
     rft_accept: str = "vqa:1,ground:0.5,edit:0.9"   # rft: the reward a sample needs, per task (vqa:
                                      # right, ground: IoU >= 0.5 as P@0.5 counts it, edit: near exact)
     lr: float = 3e-4
-    max_steps: int = 64              # toy: the main job's RL updates (what they change: RESULTS 2.0)
+    max_steps: int = 64              # toy: the main job's RL updates: enough to lift grounding's edge
+                                     # beyond its standard error (RESULTS 2.0; 16 before 44cea31, 2.0c)
     time_budget_s: float = 0.0       # optional cap on RL training seconds (quick evals not counted); 0 = none
     eval_interval: int = 0           # quick eval on eval.curve_split every this many RL steps, and
                                      # ckpt_rl_best.pt (0 = off: the toy job's final eval follows)

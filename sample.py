@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import textwrap
 
@@ -246,8 +247,8 @@ def save_steps(states: list[torch.Tensor], pics: np.ndarray | None, lay, tok, st
 
 
 def assets(cfg, opts: dict):
-    """The README's pictures from a finished main job (out_dir) into assets/: the sample grid, the
-    VQ reconstructions, a denoising strip of each kind (text, picture), where the run's world has
+    """The README's pictures from a finished main job (out_dir) into assets/: the sample grid and the
+    run's report card (report.md, its curves when drawn), the VQ reconstructions, a denoising strip of each kind (text, picture), where the run's world has
     looks or constraint edits 8 pictures of one prompt (variety.png), and the learning curves (the
     curves need matplotlib; without it they are skipped with a note). --out=DIR writes elsewhere."""
     run_dir, dst = cfg.train.out_dir, opts["out"] or "assets"
@@ -256,6 +257,10 @@ def assets(cfg, opts: dict):
     if not os.path.exists(src):
         raise SystemExit(f"sample assets: {src} is missing; run `python train.py --preset={cfg.preset}` first")
     Image.open(src).save(os.path.join(dst, "samples.png"), optimize=True)
+    # the run's report card beside its sample grid (its links are relative: they hold in dst too)
+    for name in ("report.md", "report_curves.png"):
+        if os.path.exists(os.path.join(run_dir, name)):
+            shutil.copyfile(os.path.join(run_dir, name), os.path.join(dst, name))
     # the VQ reconstructions of 16 fresh scenes (a run that found its VQ in the cache has no vq_recon.png)
     run_cfg, bundle, _, vq, _ = load_run(opts["ckpt"] or common.latest_checkpoint(run_dir),
                                                 os.path.join(run_dir, "sample"), "sample assets")
@@ -280,7 +285,7 @@ def assets(cfg, opts: dict):
         print(f"wrote {dst}/variety.png")
     else:       # one look per cell content, one right picture per edit: 8 draws would be 8 copies
         print("sample assets: no variety.png: this run's pictures have no looks and its edits one right picture "
-              "(the looks world has both: README, 'Pictures the prompt does not fix')")
+              "(the looks world has both: METHOD.md §8)")
     try:
         import matplotlib
         matplotlib.use("Agg")

@@ -13,7 +13,8 @@ the one place they join the world (world.World):
                bucket of the levels world)
 
 The looks world of the studies is --data.edit_max_level=4 --data.shades=3 --data.fills=4
---data.floors=6 --vq.codebook_size=512 (README; RESULTS.md 2.0b).
+--data.floors=6 --vq.codebook_size=512, with the start it was measured from: 3800 SFT steps, 200
+held-out examples (studies/study.py WORLDS["looks"]; RESULTS.md 2.0b).
 
 Exercise it: python -m pytest tests/test_data.py -q -k "look or constraint or level"
 """

@@ -34,7 +34,7 @@ checkpoint's own.
     python studies/gates.py --ckpt=runs/levels/start/ckpt_sft.pt --design=base
     python studies/gates.py --ckpt=runs/levels/start/ckpt_sft.pt --design=t0.7 --rl.temperature=0.7
     python studies/gates.py --ckpt=runs/levels/start/ckpt_sft.pt --design=random_order --diffusion.remask=random
-    python studies/gates.py --ckpt=runs/looks/ckpt_sft.pt --design=looks     # the looks world's main job (README)
+    python studies/gates.py --ckpt=runs/looks/ckpt_sft.pt --design=looks     # the looks world's start (RESULTS.md 2.0b)
     python studies/gates.py --report                      # the table again from results/gates.json
 
 --n=100 edge prompts per family (default), --samples=16, --parts=reasoning,pictures. A design's flags are

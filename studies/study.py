@@ -1,12 +1,13 @@
 """
 Studies: one named experiment, several seeds, one table, one plot, one results file.
 
-    python studies/study.py rl_vs_sft                          # RL vs continued SFT vs RFT (about 2 h 20 min on 2 cores)
+    python studies/study.py rl_vs_sft                          # RL vs continued SFT vs RFT in the flat world
+                                                       # (start ~17 min, arms ~1 h 40 min on 2 cores; RESULTS 4.0)
     python studies/study.py rl_vs_sft --seeds=0 --arm_s=120    # a quick look
-    python studies/study.py rl_vs_sft --world=levels --arms=rl,sft,rft,rft_af0.5   # the same on the difficulty
-                                                       # protocol: traces for levels 1-2, RL prompts at levels 1-3,
-                                                       # metrics per bucket, an 8000-step start (~43 min at 2
-                                                       # threads) then 12 runs of ~12 min, two at a time
+    python studies/study.py rl_vs_sft --world=levels --arms=rl,sft,rft,rft_af0.5   # the same in the levels
+                                                       # world: traces for levels 1-2, RL prompts at levels 1-3,
+                                                       # metrics per bucket, an 8000-step start (33-43 min at 2
+                                                       # threads) then 12 runs two at a time (~1 h 40 min; RESULTS 4.6)
     python studies/study.py rl_vs_sft --report                 # rebuild the table and plot from finished runs
                                                        # (--commit=HASH: the commit the runs were made at)
     python studies/study.py af_ratio | objective | gamma | estimator    # one RL ablation (--arm_s each run)
@@ -18,7 +19,7 @@ Studies: one named experiment, several seeds, one table, one plot, one results f
     python studies/study.py tree                               # tree search at equal sample count (rollouts only, ~18 min)
     python studies/study.py objective --world=looks --start=runs/looks/ckpt_sft.pt   # C5, C6 on pictures with
                                                        # looks (a prompt leaves the image codes open), from the
-                                                       # main job's SFT checkpoint
+                                                       # looks world's start (WORLDS["looks"] has its command)
     python studies/study.py tree --world=looks --start=runs/looks/ckpt_sft.pt --early_steps=0 --n_prompts=64
                                                        # C9 where edits have many graded answers (colour
                                                        # constraints), uncertainty branching included
@@ -28,7 +29,7 @@ Options: --seeds=0,1,2; --arm_s (training seconds per run); --start_steps (SFT s
 start; 0 = the world's, START_STEPS: 6000 flat, 8000 levels, 3800 looks); --start=PATH (adopt an SFT
 checkpoint of the same world and length as the shared start instead of training one: one-line error
 otherwise); --world=flat|levels|looks (flat and levels keep the pictures they were measured on, PLAIN;
-looks is the main job with LOOKS); --root (where the runs go); --workers (runs side by side; rl_vs_sft
+looks is the main job with LOOKS as it was measured: 3800 SFT steps, 200 held-out); --root (where the runs go); --workers (runs side by side; rl_vs_sft
 always runs two); --report (rebuild the table from finished runs, train nothing) and --commit (the
 commit the runs were made at); --arms (rl_vs_sft); --n_prompts and --early_steps (tree; 0 = no early
 checkpoint). Which study takes which (OPTIONS; x = used, r = also with --report):
@@ -54,13 +55,13 @@ above is a one-line error naming it, as is an option that --report would ignore;
 Every study writes results/<name>.json (every number, commands, commit, hardware, wall time),
 results/<name>.md (the table), results/<name>.png (needs matplotlib: skipped with a note without
 it) and replaces its own block in RESULTS.md (between `<!-- study:<name> -->` markers), so the page
-always shows the last run. All studies start from the same checkpoint: rl_vs_sft's start (below),
+always shows the last run. The studies of one world share that world's start: rl_vs_sft's (below),
 trained once.
 
 `rl_vs_sft` asks the question LaViDa-R1 (arXiv 2602.14147) exists to answer: after SFT has taken
 all it can from the traced data, does the unified RL stage (METHOD.md §4-§6) still improve the
 model, and by more than the simple alternatives? The toy mirrors the paper's situation: traces
-are scarce (--data.n_sft, a few hundred to a thousand traced examples per family), answers are cheap
+are scarce (--data.n_sft: 1000 traced examples per family in the flat world, 3000 in the levels world), answers are cheap
 (5000 answer-only RL prompts per family, rewards need no trace).
 
   start  one SFT checkpoint trained on the traced pool for --start_steps steps (START_STEPS: chosen
@@ -143,21 +144,21 @@ import data  # noqa: E402
 import config as C  # noqa: E402
 import rollout as RO  # noqa: E402
 
-# the world of the protocol: scarce traces, a large answer-only pool, 200 held-out and 200
-# validation examples per family
 # the pictures of the worlds measured before looks and edit levels existed (2026-12-06): one look per
 # cell content, single-operation edits, the 64-code tokenizer: the same pools, pictures and codes as
 # then (a world without looks reads its pictures with the solid-fill reader, world.read_scene)
 PLAIN = ["--data.shades=1", "--data.fills=1", "--data.floors=1", "--data.edit_max_level=1", "--vq.codebook_size=64"]
 LOOKS = ["--data.edit_max_level=4", "--data.shades=3", "--data.fills=4", "--data.floors=6", "--vq.codebook_size=512"]
 WORLDS = {
+    # the flat world: scarce traces (1000 per family), a large answer-only pool, levels 1-2 everywhere,
+    # 200 held-out and 200 validation examples per family
     "flat": ["--preset=toy", "--data.rl_levels=1,2", "--data.eval_levels=1,2", "--data.n_sft=1000", "--data.n_rl=5000",
              "--data.n_eval=200", "--data.n_val=200", *PLAIN],
     # the levels world: traces for levels 1-2 (the toy's 3000 per family), answer-only RL prompts
     # over levels 1-3 (the edge level 3 and the traced ones: with level 3 alone, RL's in-level vqa fell
     # 6.8 points behind continued SFT; RESULTS.md 4.6), held-out and validation sets over every level
-    # (800 held-out: ~200 per vqa level; 368 / 245 / 187 grounding examples at levels 1 / 2 / 3, since
-    # deeper relations are rejected more often when drawn)
+    # (800 held-out: ~200 per vqa level, about a third per grounding level since 8e5f3b1; 368 / 245 / 187 before,
+    # when a redraw could change the level: RESULTS.md 4.6, 7.1)
     "levels": ["--preset=toy", "--data.rl_levels=1,2,3", "--data.eval_levels=1,2,3,4", "--data.n_eval=800",
                "--eval.n_per_task=800", *PLAIN],
     # the main job's world with pictures that have looks (a prompt no longer fixes its picture's
@@ -356,13 +357,15 @@ def train_and_eval(out: str, start: str, flags: list[str], seed: int, arm_s: flo
 
 def adopt_start(path: str, out: str, steps: int) -> str:
     """--start=PATH: an SFT checkpoint trained elsewhere serves as the shared start instead of one
-    trained into `out` (the looks world's start is runs/looks/ckpt_sft.pt, the SFT checkpoint of the
-    main job run with LOOKS: the same command's checkpoint). It must come from this world and length: the same data, VQ and model config
+    trained into `out` (the looks world's start is runs/looks/ckpt_sft.pt, the SFT checkpoint of
+    `python train.py --preset=toy <LOOKS> --train.max_steps=3800 --data.n_eval=200 --out_dir=runs/looks`). It must come from this world and length: the same data, VQ and model config
     as WORLD's (the arms rebuild the world's pools and tokenizer from it) and `steps` SFT steps, else a
     one-line error naming the first differing key. `out` records which file it is (given.json); a
     folder that holds another start, trained or adopted, is refused, as in sft_checkpoint."""
     if not os.path.exists(path):
-        raise SystemExit(f"--start={path}: no such file; train it first (python train.py --preset=toy) or drop --start")
+        raise SystemExit(f"--start={path}: no such file; train it first (the looks world's start: python train.py "
+                         f"--preset=toy {' '.join(LOOKS)} --train.max_steps=3800 --data.n_eval=200 --out_dir=runs/looks) "
+                         f"or drop --start")
     theirs = torch.load(path, map_location="cpu", weights_only=False)["config"]
     ours = C.to_dict(C.get_config(list(WORLD)))
     for sec in ("data", "vq", "model"):

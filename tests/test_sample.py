@@ -169,6 +169,7 @@ def test_assets_copies_the_grid_and_writes_the_readme_pictures(run, capsys):
     dst = tmp / "assets"
     text = sample_main(capsys, "assets", f"--out_dir={out}", f"--out={dst}")
     assert np.array_equal(png(dst / "samples.png"), png(out / "samples.png"))
+    assert (dst / "report.md").read_text() == (out / "report.md").read_text()     # the report card beside it
     # 16 scenes over their reconstructions, 32 px each with 2 px gaps, x4
     assert png(dst / "vq_recon.png").shape[:2] == ((2 + 2 * 34) * 4, (2 + 16 * 34) * 4)
     for name in ("answer.png", "answer_steps.png", "answer_steps.gif", "draw.png", "draw_steps.png",
