@@ -154,8 +154,8 @@ class TrainConfig:
     warmup: int = 50
     weight_decay: float = 0.01
     grad_clip: float = 1.0
-    max_steps: int = 3600            # toy: SFT steps of the main job (the same steps on any machine; 3800
-                                     # before 44cea31: 200 steps traded for RL's 64 updates, RESULTS 2.0)
+    max_steps: int = 3800            # toy: SFT steps of the main job (the same steps on any machine; 3600
+                                     # gave a start RL could not lift further on grounding's edge, RESULTS 2.0)
     time_budget_s: float = 0.0       # optional cap on SFT training seconds (quick evals not counted); 0 = none
     log_interval: int = 50
     eval_interval: int = 1000        # quick eval on eval.curve_split during SFT (the learning curve and
