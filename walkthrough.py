@@ -6,9 +6,9 @@
 # log pi against its exact value, answer-forcing, one tree-search round, and one RL step with
 # every intermediate printed. Each cell asserts what it prints.
 #
-#     python walkthrough.py            # uses runs/toy's checkpoint when the main job has run, else
-#                                      # trains a tiny model first (about a minute on a CPU)
-#     python walkthrough.py --tiny     # always the tiny model (what CI runs, < 60 s)
+#     python walkthrough.py            # uses runs/toy's checkpoint when the main job has run (81 s on a
+#                                      # busy 2-core CPU), else trains a tiny model first
+#     python walkthrough.py --tiny     # always the tiny model (what CI runs: 25-60 s on 2 cores)
 #
 # The file is in percent-cell format: editors that read `# %%` open it as a notebook.
 
