@@ -11,8 +11,8 @@ reused), so a run made with other --data.* flags needs none of them here; --eval
 from the command line. --pass_k=N (0 = off, else 1..64) adds pass@k for vqa and grounding and best-of-k for edit (k in 1, 4, 8 up to N), from N
 samples per prompt at the rollout temperature (rl.temperature): how much RL could gain by
 sharpening alone (metrics.pass_at_k_metrics). Writes metrics_eval.json and samples_eval.png into
-out_dir (or --out=FILE for the json), and out_dir/report.md from them (report.py) when the json is
-in out_dir and out_dir holds the run's config.json.
+out_dir (or --out=FILE for the json), and out_dir/report_eval.md from them (report.py; beside the
+run's report.md, never over it) when the json is in out_dir and out_dir holds the run's config.json.
 """
 import os
 
@@ -52,7 +52,7 @@ def main(argv=None):
         except FileNotFoundError:
             pass               # a folder without the run's config.json: nothing to report against
         except Exception as e:                                          # noqa: BLE001
-            print(f"note: report.md not written ({type(e).__name__}: {e})")
+            print(f"note: report_eval.md not written ({type(e).__name__}: {e})")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """
-The run's report card: <out_dir>/report.md, written at the end of the main job (train.final_eval) and by
-eval.py, rebuilt from the files the run left in its folder, so it can also be written again later:
+The run's report card: <out_dir>/report.md, written at the end of the main job (train.final_eval), and
+report_eval.md beside it from eval.py's metrics_eval.json; rebuilt from the files the run left in its
+folder, so it can also be written again later:
 
-    python report.py --out_dir=runs/toy          # from metrics.json (or --metrics=metrics_eval.json)
+    python report.py --out_dir=runs/toy          # from metrics.json (--metrics=metrics_eval.json: report_eval.md)
 
 What it holds: the command and every setting that differs from its preset; the wall time of each stage;
 the held-out table SFT -> RL per bucket (in, edge, far) with the baselines beside it; the RL stage's
@@ -172,9 +173,17 @@ def build(out_dir: str, metrics_file: str = "metrics.json") -> str:
     return "\n".join(lines)
 
 
+def report_name(metrics_file: str) -> str:
+    """The report of a metrics file: metrics.json -> report.md (the run's), metrics_eval.json ->
+    report_eval.md (eval.py's), so an evaluation never overwrites the run's own report card."""
+    stem = os.path.splitext(os.path.basename(metrics_file))[0]
+    return "report" + stem[len("metrics"):] + ".md" if stem.startswith("metrics") else f"report_{stem}.md"
+
+
 def write(out_dir: str, metrics_file: str = "metrics.json") -> str:
-    """Write out_dir/report.md (see build); returns its path."""
-    path = os.path.join(out_dir, "report.md")
+    """Write out_dir/report.md, or the report named after another metrics file (report_name; see
+    build); returns its path."""
+    path = os.path.join(out_dir, report_name(metrics_file))
     text = build(out_dir, metrics_file)
     with open(path, "w") as f:
         f.write(text + "\n")

@@ -128,6 +128,15 @@ def test_the_main_job_reports_buckets_before_and_after_rl(tmp_path):
     assert "vqa_acc_far" in m                                          # vqa has a level 4; grounding stops at 3
     log = (out / "log.txt").read_text()
     assert "vqa_acc by bucket, SFT -> RL: in " in log and "edge" in log
+    # eval.py on the same folder writes its own report card beside the run's, never over it
+    import eval as E
+    import report
+    card = (out / "report.md").read_text()
+    E.main([f"--out_dir={out}", "--eval.n_per_task=4", "--eval.grid_rows=1"])
+    assert (out / "report.md").read_text() == card and "| edge (" in card
+    ev = json.load(open(out / "metrics_eval.json"))
+    assert (out / "report_eval.md").exists() and f"| {ev['vqa_acc']:.3f} |" in (out / "report_eval.md").read_text()
+    assert report.report_name("metrics.json") == "report.md" and report.report_name("x/metrics_eval.json") == "report_eval.md"
 
 
 # ----------------------------------------------------------------------------------------------
