@@ -71,18 +71,24 @@ def heldout_table(m: dict) -> list[str]:
 
 def stage_times(out_dir: str, m: dict, rl_log, sft_curve) -> list[str]:
     """Seconds per stage, from what each stage wrote: the VQ's vq_metrics.json, the SFT curve's last
-    quick eval (when it is the last step), the RL log's last step, the final evaluation."""
+    quick eval (when it is the last step), the RL log's last step, the final evaluation of this
+    checkpoint; the rest of the command's time (building the data, loading, the SFT checkpoint's
+    evaluation) is its own row, so the rows add up to the whole."""
     vq = _load(os.path.join(out_dir, "vq_metrics.json"))
-    rows = ["| stage | seconds |", "|---|---|"]
+    rows, parts = ["| stage | seconds |", "|---|---|"], []
     if vq and "wall_s" in vq:
-        rows.append(f"| VQ tokenizer | {vq['wall_s']:.0f} |")
+        parts.append(("VQ tokenizer", vq["wall_s"]))
     if sft_curve:
-        rows.append(f"| SFT (to step {sft_curve[-1]['step']}, its last quick eval) | {sft_curve[-1]['seconds']:.0f} |")
+        parts.append((f"SFT (to step {sft_curve[-1]['step']}, its last quick eval)", sft_curve[-1]["seconds"]))
     if rl_log:
-        rows.append(f"| RL ({rl_log[-1]['step']} steps) | {rl_log[-1]['seconds']:.0f} |")
+        parts.append((f"RL ({rl_log[-1]['step']} steps)", rl_log[-1]["seconds"]))
     if "eval_seconds" in m:
-        rows.append(f"| held-out evaluation | {m['eval_seconds']:.0f} |")
+        parts.append(("held-out evaluation of this checkpoint", m["eval_seconds"]))
+    rows += [f"| {name} | {s:.0f} |" for name, s in parts]
     if "total_seconds" in m:
+        rest = m["total_seconds"] - sum(s for _, s in parts)
+        if rest >= 0.5:
+            rows.append(f"| the rest (data, loading, the SFT checkpoint's evaluation) | {rest:.0f} |")
         rows.append(f"| the whole command | {m['total_seconds']:.0f} |")
     return rows
 

@@ -500,6 +500,7 @@ def test_the_report_card_keeps_the_sft_and_rl_columns_apart(tmp_path):
     assert "| grounding mIoU | edge (?) | 0.330 | 0.450 | |" in text
     assert "`rl.max_steps: 64 -> 7`" in text and "    python train.py --preset=toy --rl.max_steps=7" in text
     assert "| RL (2 steps) | 4 |" in text and "| 2 | 0.200 |" in text
+    assert "| the rest (data, loading, the SFT checkpoint's evaluation) | 95 |" in text     # 99 s - 4 s of RL
     # a longer RL log: its reward table holds window means (20 steps -> 8 windows of 2-3 steps)
     (tmp_path / "rl_log.json").write_text(json.dumps(
         [{"step": s, "seconds": 2.0 * s, "vqa": {"reward": 0.05 * s}, "ground": {"reward": 1.0}} for s in range(1, 21)]))
