@@ -149,6 +149,8 @@ import rollout as RO  # noqa: E402
 # then (a world without looks reads its pictures with the solid-fill reader, world.read_scene)
 PLAIN = ["--data.shades=1", "--data.fills=1", "--data.floors=1", "--data.edit_max_level=1", "--vq.codebook_size=64"]
 LOOKS = ["--data.edit_max_level=4", "--data.shades=3", "--data.fills=4", "--data.floors=6", "--vq.codebook_size=512"]
+# the looks world's start, as it was measured (3800 SFT steps, 200 held-out): --start=runs/looks/ckpt_sft.pt
+LOOKS_START = f"python train.py --preset=toy {' '.join(LOOKS)} --train.max_steps=3800 --data.n_eval=200 --out_dir=runs/looks"
 WORLDS = {
     # the flat world: scarce traces (1000 per family), a large answer-only pool, levels 1-2 everywhere,
     # 200 held-out and 200 validation examples per family
@@ -164,9 +166,7 @@ WORLDS = {
     # the main job's world with pictures that have looks (a prompt no longer fixes its picture's
     # codes) and edits with levels (two operations; colour constraints with many right pictures,
     # graded), where the claims about image tokens (C5, C6) and tree search (C9) can show. Its start
-    # is the SFT checkpoint of the main job run in it as it was measured (3800 SFT steps, 200 held-out
-    # examples), `python train.py --preset=toy <LOOKS> --train.max_steps=3800 --data.n_eval=200
-    # --out_dir=runs/looks`: --start=runs/looks/ckpt_sft.pt adopts it
+    # is LOOKS_START's SFT checkpoint: --start=runs/looks/ckpt_sft.pt adopts it
     "looks": ["--preset=toy", *LOOKS, "--data.n_eval=200", "--eval.n_per_task=200"],
 }
 WORLD = WORLDS["flat"]           # --world=levels switches it (set_world)
@@ -357,14 +357,12 @@ def train_and_eval(out: str, start: str, flags: list[str], seed: int, arm_s: flo
 
 def adopt_start(path: str, out: str, steps: int) -> str:
     """--start=PATH: an SFT checkpoint trained elsewhere serves as the shared start instead of one
-    trained into `out` (the looks world's start is runs/looks/ckpt_sft.pt, the SFT checkpoint of
-    `python train.py --preset=toy <LOOKS> --train.max_steps=3800 --data.n_eval=200 --out_dir=runs/looks`). It must come from this world and length: the same data, VQ and model config
+    trained into `out` (the looks world's start is runs/looks/ckpt_sft.pt, LOOKS_START's). It must come from this world and length: the same data, VQ and model config
     as WORLD's (the arms rebuild the world's pools and tokenizer from it) and `steps` SFT steps, else a
     one-line error naming the first differing key. `out` records which file it is (given.json); a
     folder that holds another start, trained or adopted, is refused, as in sft_checkpoint."""
     if not os.path.exists(path):
-        raise SystemExit(f"--start={path}: no such file; train it first (the looks world's start: python train.py "
-                         f"--preset=toy {' '.join(LOOKS)} --train.max_steps=3800 --data.n_eval=200 --out_dir=runs/looks) "
+        raise SystemExit(f"--start={path}: no such file; train it first (the looks world's start: {LOOKS_START}) "
                          f"or drop --start")
     theirs = torch.load(path, map_location="cpu", weights_only=False)["config"]
     ours = C.to_dict(C.get_config(list(WORLD)))
